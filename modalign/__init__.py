@@ -1,0 +1,17 @@
+"""modalign: modular multimodal LLMs on one shared core."""
+
+from modalign.config import ConnectorConfig, LLMConfig, MLLMConfig, VisionConfig
+from modalign.models.mllm import MLLM, MLLMOutput, PlaceholderMismatch
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MLLM",
+    "ConnectorConfig",
+    "LLMConfig",
+    "MLLMConfig",
+    "MLLMOutput",
+    "PlaceholderMismatch",
+    "VisionConfig",
+    "__version__",
+]

@@ -1,0 +1,151 @@
+"""Reading and writing tensors: safetensors only (single file or sharded with an index),
+strict state-dict loading with errors that name the tensor, atomic directory saves."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is unreadable, unsupported, or does not fit the model."""
+
+
+def read_config(path: str | Path) -> dict:
+    f = Path(path) / "config.json"
+    if not f.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a model directory?)")
+    try:
+        return json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON: {e}") from None
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a checkpoint directory (single file or an index's shards)."""
+    d = Path(path)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
+        files = sorted({d / name for name in weight_map.values()})
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+        return files
+    single = d / "model.safetensors"
+    if single.is_file():
+        return [single]
+    others = sorted(d.glob("*.safetensors"))
+    if others:
+        return others
+    pickled = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt*"))
+    if pickled:
+        raise CheckpointError(
+            f"{path}: only pickle weights found ({', '.join(pickled)}); modalign reads safetensors "
+            "only. Convert them once in a trusted environment (e.g. transformers' "
+            "save_pretrained(..., safe_serialization=True))."
+        )
+    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+
+
+def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
+    for f in safetensors_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                yield k, fh.get_tensor(k)
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    return dict(iter_tensors(path))
+
+
+def load_state_strict(
+    model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
+) -> None:
+    """Copy ``state`` into ``model``. Every parameter/persistent buffer must be present with
+    the right shape and nothing may be left over; errors name the tensors and shapes."""
+    expected = model.state_dict()
+    tied = _tied_aliases(model)
+    want = {k: v for k, v in expected.items() if k not in tied}
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(want[k].shape)}"
+        for k in sorted(set(want) & set(state))
+        if tuple(state[k].shape) != tuple(want[k].shape)
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s): {_short(missing)}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s): {_short(unexpected)}")
+    if wrong:
+        problems.append(f"shape mismatch: {_short(wrong)}")
+    if problems:
+        raise CheckpointError(f"{source}: checkpoint does not fit the model: " + "; ".join(problems))
+    with torch.no_grad():
+        for k, v in state.items():
+            if k in tied:
+                continue
+            target = expected[k]
+            target.copy_(v.to(target.dtype if dtype is None else dtype))
+
+
+def _tied_aliases(model: nn.Module) -> set[str]:
+    """State-dict names that alias an earlier tensor (tied embeddings): optional in files."""
+    seen, aliases = {}, set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        key = t.data_ptr() if t.device.type != "meta" else id(t)
+        if key in seen and t.numel():
+            aliases.add(name)
+        else:
+            seen[key] = name
+    return aliases
+
+
+def _short(items: list[str], n: int = 12) -> str:
+    head = ", ".join(items[:n])
+    return head + (f" ... and {len(items) - n} more" if len(items) > n else "")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path):
+    """Yield a temporary directory next to ``path``; on success it replaces ``path``.
+
+    An interrupted write leaves the previous ``path`` untouched (the temp dir is removed)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None) -> None:
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file), metadata)

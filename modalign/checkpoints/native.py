@@ -1,0 +1,35 @@
+"""The native format: ``config.json`` ({"modalign": MLLMConfig}) + ``model.safetensors`` with
+modalign's own parameter names. Saves are atomic (temp dir, then rename)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from torch import nn
+
+from modalign.checkpoints.io import _tied_aliases, atomic_dir, save_tensors
+
+FORMAT_VERSION = 1
+
+
+def model_state(model: nn.Module) -> dict:
+    """Persistent tensors, without tied aliases (safetensors stores no shared tensors)."""
+    tied = _tied_aliases(model)
+    return {k: v for k, v in model.state_dict().items() if k not in tied}
+
+
+def save_native(model: nn.Module, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
+    cfg = model.config
+    with atomic_dir(path) as tmp:
+        doc = {"modalign": cfg.to_dict(), "format_version": FORMAT_VERSION}
+        (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
+        save_tensors(model_state(model), tmp / "model.safetensors", {"format": "pt"})
+        src = Path(path)
+        # keep tokenizer files that live beside the weights
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if src.is_dir():
+            for f in src.glob("tokenizer*.json"):
+                if not (tmp / f.name).exists():
+                    (tmp / f.name).write_bytes(f.read_bytes())

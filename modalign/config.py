@@ -1,0 +1,260 @@
+"""Model configuration: nested dataclasses, presets by name, (de)serialisation to config.json.
+
+A model is ``MLLMConfig(vision, connector, llm)``. ``vision``/``connector`` are ``None`` for a
+text-only model. Every design (LLaVA projector, abstractor, MAM, Partial LoRA ...) is a choice
+of fields here, never a subclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class ConfigError(ValueError):
+    """A configuration is malformed; the message names the offending key."""
+
+
+@dataclass
+class VisionConfig:
+    """A ViT covering CLIP (class token, pre-LN, quick-GELU) and SigLIP (no class token,
+    tanh-GELU, post-LN) by flags."""
+
+    model_type: str = "clip"  # family name used when exporting (clip | siglip | mplug_owl2)
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_layers: int = 24
+    num_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    class_token: bool = True
+    pre_layernorm: bool = True
+    post_layernorm: bool = True
+    patch_bias: bool = False
+    hidden_act: str = "quick_gelu"  # quick_gelu | gelu | gelu_pytorch_tanh
+    layer_norm_eps: float = 1e-5
+    # Which hidden state feeds the connector: index into (embeddings, layer_1 ... layer_L);
+    # -2 is the second-to-last layer (LLaVA). A list concatenates several along channels.
+    feature_layer: int | list[int] = -2
+    feature_select: str = "patch"  # "patch": drop the class token; "full": keep it
+    feature_post_norm: bool = False  # apply post_layernorm to the selected features (mPLUG-Owl2)
+    image_mean: tuple[float, ...] = CLIP_MEAN
+    image_std: tuple[float, ...] = CLIP_STD
+    resize_mode: str = "pad"  # "pad" (LLaVA-1.5 pad-to-square, mean colour) | "crop" | "squash"
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_positions(self) -> int:
+        return self.grid**2 + int(self.class_token)
+
+    @property
+    def feature_dim(self) -> int:
+        n = 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
+        return n * self.hidden_size
+
+    @property
+    def num_features(self) -> int:
+        """Tokens per image that reach the connector."""
+        return self.grid**2 + int(self.class_token and self.feature_select == "full")
+
+
+@dataclass
+class ConnectorConfig:
+    """Maps [N, L_in, D_vis] -> [N, L_out, D_llm]. ``type`` picks from the registry in
+    ``modalign.models.connectors``; other fields apply to the types that use them."""
+
+    type: str = "mlp2x_gelu"  # linear | mlpNx_gelu | abstractor | resampler | qformer
+    hidden_act: str = "gelu"
+    bias: bool = True
+    # query-based connectors (abstractor, resampler, qformer)
+    num_queries: int = 64
+    num_layers: int = 6
+    num_heads: int = 16
+    hidden_size: int = 1024
+    intermediate_size: int = 2816
+    layer_norm_eps: float = 1e-6
+    pos_embed: bool = False  # abstractor: mPLUG-Owl2 sin-cos position tables on queries/keys
+    eos_token: bool = True  # abstractor: append the learned ``vit_eos`` token
+
+
+@dataclass
+class PLoRAConfig:
+    """Partial LoRA: low-rank update applied only at image rows (InternLM-XComposer2)."""
+
+    rank: int = 256
+    alpha: float = 256.0
+    dropout: float = 0.0
+    targets: list[str] = field(
+        default_factory=lambda: [
+            "q_proj", "k_proj", "v_proj", "qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"
+        ]
+    )  # fmt: skip
+
+
+@dataclass
+class LoRAConfig:
+    """Plain LoRA on chosen linear layers, every modality."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class AdapterConfig:
+    """LLaMA-Adapter: learnable prompts on the top ``num_layers`` layers, zero-init gate."""
+
+    num_layers: int = 8
+    prompt_len: int = 10
+
+
+@dataclass
+class LLMConfig:
+    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, InternLM2)."""
+
+    model_type: str = "llama"  # family name used when exporting (llama | mistral | qwen2 | internlm2)
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None  # {"rope_type": linear|dynamic|llama3, ...}
+    max_position_embeddings: int = 4096
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    fused_qkv: bool = False  # one ``qkv_proj`` (InternLM2 ``wqkv``) instead of q/k/v
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    layer_types: list[str] | None = None  # per layer "full" | "sliding"; None: all full
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    # modality-aware parts (switched on by config, applied in modalign.models.modality)
+    mam: bool = False
+    plora: PLoRAConfig | None = None
+    lora: LoRAConfig | None = None
+    adapter: AdapterConfig | None = None
+
+    @property
+    def dim_head(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_heads
+
+
+@dataclass
+class MLLMConfig:
+    llm: LLMConfig = field(default_factory=LLMConfig)
+    vision: VisionConfig | None = None
+    connector: ConnectorConfig | None = None
+    # id of the image placeholder token in ``input_ids``
+    image_token_id: int | None = None
+    # "per_token": one placeholder per visual token (transformers LLaVA);
+    # "per_image": one placeholder per image, expanded by the splice (mPLUG-Owl2's -200)
+    placeholder: str = "per_token"
+    # the format the checkpoint came from (informational; e.g. "hf-llava", "mplug_owl2")
+    source_format: str | None = None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MLLMConfig:
+        return _build(cls, d, "config")
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps({"modalign": self.to_dict()}, indent=2) + "\n")
+
+    @classmethod
+    def from_name(cls, name: str) -> MLLMConfig:
+        from modalign.presets import PRESETS
+
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return PRESETS[name]()
+
+
+def _build(cls: type, d: Any, path: str) -> Any:
+    """Build dataclass ``cls`` from dict ``d``, naming the bad key on error."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in d.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: must not be null")
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, path)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{path}: {value!r} fits none of {tp}")
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (inner, *_) = typing.get_args(tp) or (Any,)
+        out = [_coerce(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if origin is dict or tp is Any:
+        if origin is dict and not isinstance(value, dict):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value

@@ -1,0 +1,316 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, InternLM2) with a preallocated KV cache.
+
+Pure PyTorch. Names follow transformers' Llama (``embed_tokens``, ``layers.N.self_attn.q_proj``,
+``mlp.gate_proj``, ``norm``, ``lm_head``). Every layer receives ``img`` [B, T] (True at image
+rows, from the splice's modality ids); base layers ignore it, modality-routed parts
+(``modalign.models.modality``) use it.
+
+    x = embed(ids) | inputs_embeds
+    for layer:  x = x + o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)))   n1 = input_layernorm
+                x = x + down(silu(gate(n2 x)) * up(n2 x))                   n2 = post_attention_layernorm
+    logits = lm_head(norm(x))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.config import LLMConfig
+from modalign.models.modality import ALinear, apply_lora, apply_mam, apply_plora, routed
+from modalign.models.vision import activation
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # fp32 inside, weight applied after casting back (as the reference implementations do)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# ------------------------------------------------------------------------------------ RoPE
+
+
+def rope_params(cfg: LLMConfig) -> tuple[str, dict]:
+    rs = dict(cfg.rope_scaling or {})
+    kind = rs.get("rope_type", rs.get("type", "default")) or "default"
+    return kind, rs
+
+
+class Rotary(nn.Module):
+    """Rotate-half RoPE with linear / dynamic (NTK) / llama3 scaling, computed from positions."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.dim = cfg.dim_head
+        self.base = cfg.rope_theta
+        self.kind, rs = rope_params(cfg)
+        if self.kind not in ("default", "linear", "dynamic", "llama3"):
+            raise ValueError(
+                f"rope_scaling type {self.kind!r} is not supported; supported: linear, dynamic, llama3"
+            )
+        self.factor = float(rs.get("factor", 1.0))
+        self.max_pos = int(rs.get("original_max_position_embeddings") or cfg.max_position_embeddings)
+        if self.kind == "dynamic":
+            # transformers uses the config's max_position_embeddings as the threshold
+            self.max_pos = cfg.max_position_embeddings
+        self.rs = rs
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Compute ``inv_freq``: a plain fp32 tensor, not a buffer, so that ``model.to(bf16)``
+        cannot lower its precision; it follows the positions' device in ``forward``."""
+        inv = self._inv_freq(self.base)
+        if self.kind == "linear":
+            inv = inv / self.factor
+        elif self.kind == "llama3":
+            inv = _llama3_inv_freq(inv, self.rs)
+        self.inv_freq = inv
+
+    def _inv_freq(self, base: float) -> torch.Tensor:
+        return 1.0 / (base ** (torch.arange(0, self.dim, 2, dtype=torch.int64).float() / self.dim))
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        """position_ids [B, T] -> cos, sin [B, T, head_dim] in ``dtype``."""
+        if self.inv_freq.device != position_ids.device:
+            self.inv_freq = self.inv_freq.to(position_ids.device)
+        inv = self.inv_freq
+        if self.kind == "dynamic":
+            seq_len = int(position_ids.max()) + 1
+            if seq_len > self.max_pos:
+                f = self.factor
+                base = self.base * ((f * seq_len / self.max_pos) - (f - 1)) ** (self.dim / (self.dim - 2))
+                inv = self._inv_freq(base).to(inv.device)
+        freqs = position_ids[..., None].float() * inv.float()
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _llama3_inv_freq(inv: torch.Tensor, rs: dict) -> torch.Tensor:
+    factor = rs["factor"]
+    low, high = rs.get("low_freq_factor", 1.0), rs.get("high_freq_factor", 4.0)
+    old_len = rs["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv
+    out = torch.where(wavelen > low_wavelen, inv / factor, inv)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * out / factor + smooth * out
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, out)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+# ------------------------------------------------------------------------------------ cache
+
+
+class KVCache:
+    """Preallocated keys/values ``[layers][B, H_kv, max_len, D]``, written by position."""
+
+    def __init__(self, cfg: LLMConfig, batch: int, max_len: int, dtype=torch.float32, device=None):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.dim_head)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len = max_len
+        self.length = 0  # filled positions; advanced by the decoder after each forward
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
+        end = start + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache full: need {end} positions, allocated {self.max_len}")
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only the batch rows ``rows`` (e.g. finished requests removed)."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+
+
+# ------------------------------------------------------------------------------------ layers
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        h, hd = cfg.hidden_size, cfg.dim_head
+        self.nh, self.nkv, self.hd = cfg.num_heads, cfg.num_kv_heads, hd
+        self.layer_idx = layer_idx
+        if cfg.fused_qkv:
+            self.qkv_proj = ALinear(h, (self.nh + 2 * self.nkv) * hd, bias=cfg.qkv_bias)
+        else:
+            self.q_proj = ALinear(h, self.nh * hd, bias=cfg.qkv_bias)
+            self.k_proj = ALinear(h, self.nkv * hd, bias=cfg.qkv_bias)
+            self.v_proj = ALinear(h, self.nkv * hd, bias=cfg.qkv_bias)
+        self.o_proj = ALinear(self.nh * hd, h, bias=cfg.o_bias)
+        self.sliding = (cfg.layer_types or ["full"] * (layer_idx + 1))[layer_idx] == "sliding"
+
+    def forward(self, x, img, cos, sin, mask, cache: KVCache | None, start: int):
+        b, t, _ = x.shape
+        if hasattr(self, "qkv_proj"):
+            qkv = routed(self.qkv_proj, x, img)
+            q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+        else:
+            q = routed(self.q_proj, x, img)
+            k = routed(self.k_proj, x, img)
+            v = routed(self.v_proj, x, img)
+        q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
+        k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)
+        v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v, start)
+        m = mask["sliding" if self.sliding else "full"]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=m, is_causal=m is None and t > 1, enable_gqa=self.nkv != self.nh
+        )
+        return routed(self.o_proj, o.transpose(1, 2).reshape(b, t, self.nh * self.hd), img)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = ALinear(h, i, bias=cfg.mlp_bias)
+        self.up_proj = ALinear(h, i, bias=cfg.mlp_bias)
+        self.down_proj = ALinear(i, h, bias=cfg.mlp_bias)
+        self.act = activation(cfg.hidden_act)
+
+    def forward(self, x, img):
+        h = self.act(routed(self.gate_proj, x, img)) * routed(self.up_proj, x, img)
+        return routed(self.down_proj, h, img)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: LLMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, img, cos, sin, mask, cache, start):
+        h = routed(self.input_layernorm, x, img)
+        x = x + self.self_attn(h, img, cos, sin, mask, cache, start)
+        h = routed(self.post_attention_layernorm, x, img)
+        return x + self.mlp(h, img)
+
+
+class LLM(nn.Module):
+    """The decoder. ``forward`` returns logits [B, T, V] (or hidden states)."""
+
+    def __init__(self, cfg: LLMConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.tie_weights()
+        self.rotary = Rotary(cfg)
+        self.gradient_checkpointing = False
+        if cfg.mam:
+            apply_mam(self)
+        if cfg.plora is not None:
+            p = cfg.plora
+            apply_plora(self, p.rank, p.alpha, p.dropout, p.targets)
+        if cfg.lora is not None:
+            lo = cfg.lora
+            apply_lora(self, lo.rank, lo.alpha, lo.dropout, lo.targets)
+
+    def tie_weights(self) -> None:
+        if self.cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def new_cache(self, batch: int, max_len: int, dtype=None, device=None) -> KVCache:
+        w = self.embed_tokens.weight
+        return KVCache(self.cfg, batch, max_len, dtype or w.dtype, device or w.device)
+
+    def _masks(self, attention_mask, b, t, start, device):
+        """Boolean masks [B, 1, T, S] (True = attend), or None where plain causal suffices."""
+        s = start + t
+        windowed = self.cfg.sliding_window is not None and any(
+            layer.self_attn.sliding for layer in self.layers
+        )
+        if attention_mask is None and not windowed and (start == 0 or t == 1):
+            return {"full": None, "sliding": None}
+        q_pos = torch.arange(start, s, device=device)[:, None]
+        k_pos = torch.arange(s, device=device)[None, :]
+        causal = k_pos <= q_pos  # [T, S]
+        full = causal[None, None].expand(b, 1, t, s)
+        if attention_mask is not None:
+            if attention_mask.shape != (b, s):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(b, s)} "
+                    f"(cached {start} + new {t} positions)"
+                )
+            full = full & attention_mask[:, None, None, :].bool()
+        # a query row with nothing to attend to (left padding) attends to itself: no NaNs
+        diag = (k_pos == q_pos)[None, None]
+        masks = {"full": full | diag, "sliding": None}
+        if windowed:
+            w = self.cfg.sliding_window
+            masks["sliding"] = (full & (q_pos - k_pos < w)[None, None]) | diag
+        return masks
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+        logits_to_keep: int = 0,
+    ) -> torch.Tensor:
+        """input_ids [B, T] or inputs_embeds [B, T, D]; modality_ids [B, T] (0 text / 1 image);
+        attention_mask [B, cached + T] (1 = real token). Returns logits [B, T, V]."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        b, t, _ = x.shape
+        start = cache.length if cache is not None else 0
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, start, t, x.device)
+        if position_ids.shape[0] != b:
+            position_ids = position_ids.expand(b, -1)
+        img = None if modality_ids is None else modality_ids == 1
+        cos, sin = self.rotary(position_ids, x.dtype)
+        masks = self._masks(attention_mask, b, t, start, x.device)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(
+                    layer, x, img, cos, sin, masks, None, 0, use_reentrant=False
+                )
+            else:
+                x = layer(x, img, cos, sin, masks, cache, start)
+        if cache is not None:
+            cache.length = start + t
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return x if return_hidden else self.lm_head(x)
+
+
+def positions_from_mask(attention_mask, start: int, t: int, device) -> torch.Tensor:
+    """Positions [B|1, T]: cumulative count of real tokens (left padding aware), else arange."""
+    if attention_mask is None:
+        return torch.arange(start, start + t, device=device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.clamp(min=0)[:, start : start + t]

@@ -1,0 +1,264 @@
+"""The one model class for every design: vision -> connector -> splice -> decoder.
+
+    pixel_values [N,3,S,S] --VisionTower--> [N, L_in, D_vis] --connector--> [N, L_out, D]
+    input_ids [B,T] --embed--> [B,T,D] --splice(visual tokens at placeholders)--> decoder
+                                         modality_ids [B,T]: 0 text, 1 image
+
+A text-only LLM is an ``MLLM`` whose config has no vision part.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.config import MLLMConfig
+from modalign.models.connectors import build_connector
+from modalign.models.decoder import LLM, KVCache
+from modalign.models.vision import VisionTower
+
+IGNORE_INDEX = -100
+
+
+class PlaceholderMismatch(ValueError):
+    """The number of image placeholders does not match the number of visual tokens."""
+
+
+@dataclass
+class MLLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+    modality_ids: torch.Tensor | None = None
+    attention_mask: torch.Tensor | None = None  # after the splice (per-image placeholders grow it)
+    num_tokens: int | None = None  # supervised tokens behind ``loss``
+
+
+@dataclass
+class Spliced:
+    inputs_embeds: torch.Tensor
+    modality_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor | None
+
+
+def splice(
+    embed: nn.Embedding,
+    input_ids: torch.Tensor,
+    image_tokens: torch.Tensor | None,
+    image_token_id: int | None,
+    placeholder: str = "per_token",
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> Spliced:
+    """Put visual tokens [N_img, L, D] into the text embeddings at the placeholders.
+
+    ``per_token``: ``input_ids`` already holds one placeholder per visual token (N_img * L).
+    ``per_image``: one placeholder per image, each replaced by that image's L rows; the
+    sequence grows and rows are right-padded to the longest. Images are consumed in order,
+    batch row by row, left to right. A count mismatch raises ``PlaceholderMismatch``.
+    """
+    is_ph = (
+        input_ids == image_token_id
+        if image_token_id is not None
+        else torch.zeros_like(input_ids, dtype=torch.bool)
+    )
+    n_ph = int(is_ph.sum())
+    if image_tokens is None:
+        if n_ph:
+            raise PlaceholderMismatch(
+                f"input_ids hold {n_ph} image placeholder(s) (id {image_token_id}) but no images were given"
+            )
+        emb = embed(input_ids)
+        return Spliced(emb, torch.zeros_like(input_ids), attention_mask, labels)
+    n_img, n_tok, _ = image_tokens.shape
+    if placeholder == "per_token":
+        if n_ph != n_img * n_tok:
+            raise PlaceholderMismatch(
+                f"input_ids hold {n_ph} image placeholder tokens but {n_img} image(s) x {n_tok} "
+                f"visual tokens = {n_img * n_tok}; expand each image placeholder to {n_tok} tokens"
+            )
+        emb = embed(input_ids.masked_fill(is_ph, 0))
+        emb = emb.masked_scatter(is_ph.unsqueeze(-1), image_tokens.to(emb.dtype))
+        if labels is not None:
+            labels = labels.masked_fill(is_ph, IGNORE_INDEX)
+        return Spliced(emb, is_ph.long(), attention_mask, labels)
+    if placeholder != "per_image":
+        raise ValueError(f"unknown placeholder mode {placeholder!r}; use per_token or per_image")
+    if n_ph != n_img:
+        raise PlaceholderMismatch(
+            f"input_ids hold {n_ph} image placeholder(s) (id {image_token_id}) but {n_img} image(s) "
+            f"were given; each image needs exactly one placeholder"
+        )
+    return _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, labels)
+
+
+def _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, labels) -> Spliced:
+    b, t = input_ids.shape
+    n_tok = image_tokens.shape[1]
+    text = embed(input_ids.masked_fill(is_ph, 0))
+    mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
+    rows, k = [], 0
+    for r in range(b):
+        emb_parts, mod_parts, mask_parts, lab_parts = [], [], [], []
+        cut = 0
+        for p in is_ph[r].nonzero().flatten().tolist():
+            emb_parts += [text[r, cut:p], image_tokens[k].to(text.dtype)]
+            mod_parts += [torch.zeros(p - cut, dtype=torch.long), torch.ones(n_tok, dtype=torch.long)]
+            mask_parts += [mask[r, cut:p], mask[r, p].expand(n_tok)]
+            if labels is not None:
+                lab_parts += [labels[r, cut:p], torch.full((n_tok,), IGNORE_INDEX, dtype=labels.dtype)]
+            cut, k = p + 1, k + 1
+        emb_parts.append(text[r, cut:])
+        mod_parts.append(torch.zeros(t - cut, dtype=torch.long))
+        mask_parts.append(mask[r, cut:])
+        if labels is not None:
+            lab_parts.append(labels[r, cut:])
+        rows.append((emb_parts, mod_parts, mask_parts, lab_parts))
+    lengths = [sum(e.shape[0] for e in row[0]) for row in rows]
+    n = max(lengths)
+    dev = input_ids.device
+    out_emb = text.new_zeros(b, n, text.shape[-1])
+    out_mod = torch.zeros(b, n, dtype=torch.long, device=dev)
+    out_mask = torch.zeros(b, n, dtype=mask.dtype, device=dev)
+    out_lab = None if labels is None else torch.full((b, n), IGNORE_INDEX, dtype=labels.dtype, device=dev)
+    for r, (e, m, a, lab) in enumerate(rows):
+        ln = lengths[r]
+        out_emb[r, :ln] = torch.cat(e)
+        out_mod[r, :ln] = torch.cat(m).to(dev)
+        out_mask[r, :ln] = torch.cat(a)
+        if out_lab is not None:
+            out_lab[r, :ln] = torch.cat(lab).to(dev)
+    keep_mask = attention_mask is not None or min(lengths) != n
+    return Spliced(out_emb, out_mod, out_mask if keep_mask else None, out_lab)
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labels != -100 (computed in fp32)."""
+    shift_logits = logits[:, :-1].float()
+    shift_labels = labels[:, 1:].to(logits.device)
+    n = int((shift_labels != IGNORE_INDEX).sum())
+    loss = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+    return loss / max(n, 1), n
+
+
+class MLLM(nn.Module):
+    """Vision encoder + connector + Llama-family decoder, configured by ``MLLMConfig``."""
+
+    def __init__(self, config: MLLMConfig):
+        super().__init__()
+        self.config = config
+        if config.vision is not None:
+            if config.connector is None:
+                raise ValueError("a model with a vision tower needs a connector config")
+            self.vision = VisionTower(config.vision)
+            self.connector = build_connector(
+                config.connector,
+                config.vision.feature_dim,
+                config.llm.hidden_size,
+                config.vision.num_features,
+            )
+        self.llm = LLM(config.llm)
+
+    # ------------------------------------------------------------------ images
+
+    @property
+    def has_vision(self) -> bool:
+        return self.config.vision is not None
+
+    def num_image_tokens(self) -> int:
+        """Visual tokens each image contributes to the LLM sequence."""
+        if not self.has_vision:
+            return 0
+        return self.connector.num_output_tokens(self.config.vision.num_features)
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, S, S] -> visual tokens [N, L_out, D_llm]."""
+        if not self.has_vision:
+            raise ValueError("this model has no vision tower; it cannot take pixel_values")
+        return self.connector(self.vision(pixel_values))
+
+    def embed(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+    ) -> Spliced:
+        """Token embeddings with the visual tokens spliced in, plus modality ids."""
+        if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
+            image_tokens = self.encode_images(pixel_values)
+        return splice(
+            self.llm.embed_tokens,
+            input_ids,
+            image_tokens,
+            self.config.image_token_id,
+            self.config.placeholder,
+            attention_mask,
+            labels,
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        modality_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        logits_to_keep: int = 0,
+    ) -> MLLMOutput:
+        """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
+        reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
+        ``modality_ids`` [B, T]. With a ``cache`` holding a prompt, ``input_ids`` are new text."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds")
+            decoding = cache is not None and cache.length > 0
+            if decoding and pixel_values is not None:
+                raise ValueError("pixel_values belong to the prompt, not to decode steps")
+            sp = self.embed(input_ids, pixel_values, attention_mask, labels)
+            inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels
+            # all-text inputs skip the image branches (bit-identical to the base model)
+            if modality_ids is None and pixel_values is not None:
+                modality_ids = sp.modality_ids
+        logits = self.llm(
+            inputs_embeds=inputs_embeds,
+            modality_ids=modality_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            logits_to_keep=logits_to_keep,
+        )
+        out = MLLMOutput(logits=logits, modality_ids=modality_ids, attention_mask=attention_mask)
+        if labels is not None:
+            out.loss, out.num_tokens = causal_lm_loss(logits, labels)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> MLLM:
+        """Load a native modalign directory or any supported external format."""
+        from modalign.checkpoints import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str | Path) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (native format), atomically."""
+        from modalign.checkpoints.native import save_native
+
+        save_native(self, path)

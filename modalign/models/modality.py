@@ -1,0 +1,158 @@
+"""Modality-routed parts of the decoder: Partial LoRA, LoRA, the Modality-Adaptive Module.
+
+Every decoder linear is an ``ALinear`` (a plain ``nn.Linear`` until an adapter is applied), and
+every routed call receives ``img`` — a bool mask [B, T] that is True at image rows, or ``None``
+when the input is known to be all text (decode steps, text-only inference)::
+
+    ALinear(x, img):   y = W x + b                                   base
+                         + s_lora  * B_l A_l x                         LoRA (every row)
+                         + s_plora * B_p A_p x * img[..., None]        Partial LoRA (image rows)
+
+    Multiway(x, img):  where(img, part[1](x), part[0](x))              MAM norms and K/V
+
+Routing is vectorised: both branches are computed for every row and selected with a mask, so
+no per-modality Python loop or host sync happens, and every parameter stays in the autograd
+graph when a batch has no image rows (DDP/FSDP rely on that). ``img=None`` skips the image
+branch entirely, which makes a text-only forward bit-identical to the base model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class ALinear(nn.Linear):
+    """``nn.Linear`` with optional LoRA (all rows) and Partial LoRA (image rows)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lora_A: nn.Linear | None = None
+        self.plora_A: nn.Linear | None = None
+
+    def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_scaling = alpha / rank
+        self.lora_dropout = nn.Dropout(dropout)
+        self.lora_merged = False
+        self.to(self.weight.device)
+
+    def add_plora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
+        dev, dt = self.weight.device, self.weight.dtype
+        self.plora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
+        self.plora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
+        nn.init.kaiming_uniform_(self.plora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.plora_B.weight)
+        self.plora_scaling = alpha / rank
+        self.plora_dropout = nn.Dropout(dropout)
+
+    def lora_delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.lora_scaling
+
+    @torch.no_grad()
+    def merge_lora(self) -> None:
+        if self.lora_A is not None and not self.lora_merged:
+            self.weight += self.lora_delta_weight().to(self.weight.dtype)
+            self.lora_merged = True
+
+    @torch.no_grad()
+    def unmerge_lora(self) -> None:
+        if self.lora_A is not None and self.lora_merged:
+            self.weight -= self.lora_delta_weight().to(self.weight.dtype)
+            self.lora_merged = False
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_A is not None and not self.lora_merged:
+            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
+        if self.plora_A is not None and img is not None:
+            delta = self.plora_B(self.plora_A(self.plora_dropout(x))) * self.plora_scaling
+            y = y + delta * img.unsqueeze(-1).to(delta.dtype)
+        return y
+
+
+class Multiway(nn.Module):
+    """One copy of a module per modality (0 text, 1 image); rows pick their modality's copy."""
+
+    def __init__(self, text_module: nn.Module, image_module: nn.Module | None = None):
+        super().__init__()
+        if image_module is None:
+            image_module = copy.deepcopy(text_module)
+        self.multiway = nn.ModuleList([text_module, image_module])
+
+    def forward(self, x: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
+        text = _call(self.multiway[0], x, None)
+        if img is None:
+            return text
+        image = _call(self.multiway[1], x, img)
+        return torch.where(img.unsqueeze(-1), image, text)
+
+
+def _call(module: nn.Module, x: torch.Tensor, img: torch.Tensor | None) -> torch.Tensor:
+    return module(x, img) if isinstance(module, (ALinear, Multiway)) else module(x)
+
+
+def routed(module: nn.Module, x: torch.Tensor, img: torch.Tensor | None) -> torch.Tensor:
+    """Call a decoder sub-module with the image mask if it is modality-aware."""
+    return _call(module, x, img)
+
+
+def apply_mam(llm: nn.Module) -> None:
+    """Turn every decoder layer's norms and K/V projections into per-modality copies.
+
+    The image copies start as exact copies of the text weights, so the converted model's
+    outputs equal the original's until the image copies are trained.
+    """
+    for layer in llm.layers:
+        attn = layer.self_attn
+        if getattr(attn, "qkv_proj", None) is not None:
+            raise ValueError("MAM needs separate q/k/v projections; this model has a fused qkv_proj")
+        for name in ("k_proj", "v_proj"):
+            if not isinstance(getattr(attn, name), Multiway):
+                setattr(attn, name, Multiway(getattr(attn, name)))
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if not isinstance(getattr(layer, name), Multiway):
+                setattr(layer, name, Multiway(getattr(layer, name)))
+
+
+def _target_linears(llm: nn.Module, targets: list[str]):
+    for name, module in llm.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        if isinstance(module, ALinear) and name.startswith("layers.") and leaf in targets:
+            yield name, module
+        if isinstance(module, ALinear) and leaf.isdigit() and name.split(".")[-3] in targets:
+            # per-modality copies of a MAM projection (``k_proj.multiway.N``)
+            yield name, module
+
+
+def apply_plora(llm: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> int:
+    """Add Partial LoRA to every targeted decoder linear; returns how many got one."""
+    n = 0
+    for _, lin in _target_linears(llm, targets):
+        if lin.plora_A is None:
+            lin.add_plora(rank, alpha, dropout)
+            n += 1
+    return n
+
+
+def apply_lora(llm: nn.Module, rank: int, alpha: float, dropout: float, targets: list[str]) -> int:
+    """Add LoRA to every targeted decoder linear; returns how many got one."""
+    n = 0
+    for _, lin in _target_linears(llm, targets):
+        if lin.lora_A is None:
+            lin.add_lora(rank, alpha, dropout)
+            n += 1
+    return n
+
+
+def set_lora_merged(model: nn.Module, merged: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, ALinear) and m.lora_A is not None:
+            m.merge_lora() if merged else m.unmerge_lora()

@@ -1,0 +1,90 @@
+"""Named model configurations (``MLLMConfig.from_name``): the papers' full-scale shapes and tiny
+ones for tests and the quickstart. Each is a function so callers get a fresh object."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from modalign.config import ConnectorConfig, LLMConfig, MLLMConfig, PLoRAConfig, VisionConfig
+
+LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                 num_kv_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096)  # fmt: skip
+CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
+                    patch_size=14)  # fmt: skip
+
+
+def llava_15_7b() -> MLLMConfig:
+    return MLLMConfig(
+        llm=LLMConfig(**LLAMA2_7B, pad_token_id=0),
+        vision=VisionConfig(**CLIP_L14_336, feature_layer=-2, feature_select="patch"),
+        connector=ConnectorConfig(type="mlp2x_gelu"),
+        image_token_id=32000,
+    )
+
+
+def mplug_owl_7b() -> MLLMConfig:
+    return MLLMConfig(
+        llm=LLMConfig(**(LLAMA2_7B | dict(max_position_embeddings=2048, rms_norm_eps=1e-6))),
+        vision=VisionConfig(**(CLIP_L14_336 | dict(image_size=224)), feature_layer=-1, feature_select="full",
+                            feature_post_norm=True, resize_mode="squash", layer_norm_eps=1e-6),  # fmt: skip
+        connector=ConnectorConfig(type="abstractor", num_queries=64, num_layers=6, num_heads=16, hidden_size=1024,
+                                  intermediate_size=2816),  # fmt: skip
+        image_token_id=32000,
+        placeholder="per_image",
+    )
+
+
+def mplug_owl2_7b() -> MLLMConfig:
+    cfg = mplug_owl_7b()
+    cfg.llm = LLMConfig(**LLAMA2_7B, mam=True)
+    cfg.vision.image_size = 448
+    cfg.connector.pos_embed = True
+    cfg.image_token_id = -200
+    return cfg
+
+
+def xcomposer2_vl_7b() -> MLLMConfig:
+    return MLLMConfig(
+        llm=LLMConfig(model_type="internlm2", vocab_size=92544, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768,
+                      fused_qkv=True, plora=PLoRAConfig(rank=256, alpha=256)),  # fmt: skip
+        vision=VisionConfig(**(CLIP_L14_336 | dict(image_size=490)), feature_layer=-1, feature_select="patch"),
+        connector=ConnectorConfig(type="mlp2x_gelu"),
+        image_token_id=92544 - 1,
+        placeholder="per_image",
+    )
+
+
+def blip2_style_7b() -> MLLMConfig:
+    return MLLMConfig(
+        llm=LLMConfig(**LLAMA2_7B),
+        vision=VisionConfig(**(CLIP_L14_336 | dict(image_size=224)), feature_layer=-2, feature_select="full"),
+        connector=ConnectorConfig(type="resampler", num_queries=32, num_layers=6, num_heads=16, hidden_size=1024,
+                                  intermediate_size=4096),  # fmt: skip
+        image_token_id=32000,
+        placeholder="per_image",
+    )
+
+
+def tiny_llava() -> MLLMConfig:
+    """A few-hundred-thousand-parameter LLaVA shape for tests and CPU demos."""
+    return MLLMConfig(
+        llm=LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
+                      num_kv_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0),  # fmt: skip
+        vision=VisionConfig(hidden_size=96, intermediate_size=256, num_layers=4, num_heads=4, image_size=64,
+                            patch_size=8, feature_layer=-2, feature_select="patch"),  # fmt: skip
+        connector=ConnectorConfig(type="mlp2x_gelu"),
+        image_token_id=3,
+        placeholder="per_image",
+    )
+
+
+PRESETS: dict[str, Callable[[], MLLMConfig]] = {
+    "llava-1.5-7b": llava_15_7b,
+    "mplug-owl-7b": mplug_owl_7b,
+    "mplug-owl2-7b": mplug_owl2_7b,
+    "xcomposer2-vl-7b": xcomposer2_vl_7b,
+    "blip2-style-7b": blip2_style_7b,
+    "tiny-llava": tiny_llava,
+}
