@@ -25,10 +25,22 @@ def llava_15_7b() -> MLLMConfig:
 def mplug_owl_7b() -> MLLMConfig:
     return MLLMConfig(
         llm=LLMConfig(**(LLAMA2_7B | dict(max_position_embeddings=2048, rms_norm_eps=1e-6))),
-        vision=VisionConfig(**(CLIP_L14_336 | dict(image_size=224)), feature_layer=-1, feature_select="full",
-                            feature_post_norm=True, resize_mode="squash", layer_norm_eps=1e-6),  # fmt: skip
-        connector=ConnectorConfig(type="abstractor", num_queries=64, num_layers=6, num_heads=16, hidden_size=1024,
-                                  intermediate_size=2816),  # fmt: skip
+        vision=VisionConfig(
+            **(CLIP_L14_336 | dict(image_size=224)),
+            feature_layer=-1,
+            feature_select="full",
+            feature_post_norm=True,
+            resize_mode="squash",
+            layer_norm_eps=1e-6,
+        ),  # fmt: skip
+        connector=ConnectorConfig(
+            type="abstractor",
+            num_queries=64,
+            num_layers=6,
+            num_heads=16,
+            hidden_size=1024,
+            intermediate_size=2816,
+        ),  # fmt: skip
         image_token_id=32000,
         placeholder="per_image",
     )
@@ -45,10 +57,22 @@ def mplug_owl2_7b() -> MLLMConfig:
 
 def xcomposer2_vl_7b() -> MLLMConfig:
     return MLLMConfig(
-        llm=LLMConfig(model_type="internlm2", vocab_size=92544, hidden_size=4096, intermediate_size=14336,
-                      num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=1e6, max_position_embeddings=32768,
-                      fused_qkv=True, plora=PLoRAConfig(rank=256, alpha=256)),  # fmt: skip
-        vision=VisionConfig(**(CLIP_L14_336 | dict(image_size=490)), feature_layer=-1, feature_select="patch"),
+        llm=LLMConfig(
+            model_type="internlm2",
+            vocab_size=92544,
+            hidden_size=4096,
+            intermediate_size=14336,
+            num_layers=32,
+            num_heads=32,
+            num_kv_heads=8,
+            rope_theta=1e6,
+            max_position_embeddings=32768,
+            fused_qkv=True,
+            plora=PLoRAConfig(rank=256, alpha=256),
+        ),  # fmt: skip
+        vision=VisionConfig(
+            **(CLIP_L14_336 | dict(image_size=490)), feature_layer=-1, feature_select="patch"
+        ),
         connector=ConnectorConfig(type="mlp2x_gelu"),
         image_token_id=92544 - 1,
         placeholder="per_image",
@@ -59,8 +83,14 @@ def blip2_style_7b() -> MLLMConfig:
     return MLLMConfig(
         llm=LLMConfig(**LLAMA2_7B),
         vision=VisionConfig(**(CLIP_L14_336 | dict(image_size=224)), feature_layer=-2, feature_select="full"),
-        connector=ConnectorConfig(type="resampler", num_queries=32, num_layers=6, num_heads=16, hidden_size=1024,
-                                  intermediate_size=4096),  # fmt: skip
+        connector=ConnectorConfig(
+            type="resampler",
+            num_queries=32,
+            num_layers=6,
+            num_heads=16,
+            hidden_size=1024,
+            intermediate_size=4096,
+        ),  # fmt: skip
         image_token_id=32000,
         placeholder="per_image",
     )
@@ -69,11 +99,28 @@ def blip2_style_7b() -> MLLMConfig:
 def tiny_llava() -> MLLMConfig:
     """A few-hundred-thousand-parameter LLaVA shape for tests and CPU demos."""
     return MLLMConfig(
-        llm=LLMConfig(vocab_size=512, hidden_size=128, intermediate_size=344, num_layers=4, num_heads=4,
-                      num_kv_heads=2, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
-                      pad_token_id=0),  # fmt: skip
-        vision=VisionConfig(hidden_size=96, intermediate_size=256, num_layers=4, num_heads=4, image_size=64,
-                            patch_size=8, feature_layer=-2, feature_select="patch"),  # fmt: skip
+        llm=LLMConfig(
+            vocab_size=512,
+            hidden_size=128,
+            intermediate_size=344,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),  # fmt: skip
+        vision=VisionConfig(
+            hidden_size=96,
+            intermediate_size=256,
+            num_layers=4,
+            num_heads=4,
+            image_size=64,
+            patch_size=8,
+            feature_layer=-2,
+            feature_select="patch",
+        ),  # fmt: skip
         connector=ConnectorConfig(type="mlp2x_gelu"),
         image_token_id=3,
         placeholder="per_image",

@@ -41,10 +41,23 @@ def test_config_errors_name_the_key():
         ("linear", {}, 17),
         ("mlp2x_gelu", {}, 17),
         ("mlp3x_gelu", {}, 17),
-        ("abstractor", dict(num_queries=5, num_layers=2, num_heads=4, hidden_size=32, intermediate_size=48), 6),
-        ("abstractor", dict(num_queries=5, num_layers=1, num_heads=4, hidden_size=32, intermediate_size=48,
-                            pos_embed=True), 6),  # fmt: skip
-        ("resampler", dict(num_queries=7, num_layers=2, num_heads=4, hidden_size=24, intermediate_size=48), 7),
+        (
+            "abstractor",
+            dict(num_queries=5, num_layers=2, num_heads=4, hidden_size=32, intermediate_size=48),
+            6,
+        ),
+        (
+            "abstractor",
+            dict(
+                num_queries=5, num_layers=1, num_heads=4, hidden_size=32, intermediate_size=48, pos_embed=True
+            ),
+            6,
+        ),  # fmt: skip
+        (
+            "resampler",
+            dict(num_queries=7, num_layers=2, num_heads=4, hidden_size=24, intermediate_size=48),
+            7,
+        ),
     ],
 )
 def test_connector_contract(ctype, extra, l_out):
@@ -85,7 +98,9 @@ def test_per_image_splice_equals_expanded_per_token():
         assert out.attention_mask[0].sum() == 4 + n and out.attention_mask[1].sum() == 3 + 2 * n
         # the same model fed the expanded ids per token gives the same logits
         model.config.placeholder = "per_token"
-        exp = torch.tensor([[1] + [ph] * n + [9, 10, 11] + [0] * (n - 1), [1, 12] + [ph] * n + [13] + [ph] * n])
+        exp = torch.tensor(
+            [[1] + [ph] * n + [9, 10, 11] + [0] * (n - 1), [1, 12] + [ph] * n + [13] + [ph] * n]
+        )
         mask = torch.tensor([[1] * (4 + n) + [0] * (n - 1), [1] * (3 + 2 * n)])
         ref = model(exp, pixel_values=px, attention_mask=mask)
     m = out.attention_mask.bool()

@@ -157,6 +157,29 @@ class Attention(nn.Module):
             self.v_proj = ALinear(h, self.nkv * hd, bias=cfg.qkv_bias)
         self.o_proj = ALinear(self.nh * hd, h, bias=cfg.o_bias)
         self.sliding = (cfg.layer_types or ["full"] * (layer_idx + 1))[layer_idx] == "sliding"
+        self.adapter_prompt = None
+        if cfg.adapter is not None and layer_idx >= cfg.num_layers - cfg.adapter.num_layers:
+            self.add_adapter(cfg.adapter.prompt_len, h)
+
+    def add_adapter(self, prompt_len: int, hidden: int) -> None:
+        """LLaMA-Adapter: learnable prompt whose attention output is scaled by a per-head gate
+        that starts at zero, so the layer's output is unchanged at initialisation."""
+        dev = self.o_proj.weight.device
+        self.adapter_prompt = nn.Parameter(torch.randn(prompt_len, hidden, device=dev) * 0.02)
+        self.adapter_gate = nn.Parameter(torch.zeros(self.nh, device=dev))
+
+    def _adapter(self, q_BHTD: torch.Tensor) -> torch.Tensor:
+        """Gated attention of every query over the adaptation prompt (no RoPE, no mask)."""
+        b = q_BHTD.shape[0]
+        p = self.adapter_prompt.to(q_BHTD.dtype)[None]
+        if hasattr(self, "qkv_proj"):
+            _, k, v = self.qkv_proj(p).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+        else:
+            k, v = routed(self.k_proj, p, None), routed(self.v_proj, p, None)
+        k = k.view(1, -1, self.nkv, self.hd).transpose(1, 2).expand(b, -1, -1, -1)
+        v = v.view(1, -1, self.nkv, self.hd).transpose(1, 2).expand(b, -1, -1, -1)
+        o = F.scaled_dot_product_attention(q_BHTD, k, v, enable_gqa=self.nkv != self.nh)
+        return o * self.adapter_gate.to(o.dtype)[None, :, None, None]
 
     def forward(self, x, img, cos, sin, mask, cache: KVCache | None, start: int):
         b, t, _ = x.shape
@@ -179,6 +202,8 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=m, is_causal=m is None and t > 1, enable_gqa=self.nkv != self.nh
         )
+        if self.adapter_prompt is not None:
+            o = o + self._adapter(q)
         return routed(self.o_proj, o.transpose(1, 2).reshape(b, t, self.nh * self.hd), img)
 
 

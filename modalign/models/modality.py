@@ -35,14 +35,15 @@ class ALinear(nn.Linear):
         self.plora_A: nn.Linear | None = None
 
     def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
-        self.lora_A = nn.Linear(self.in_features, rank, bias=False)
-        self.lora_B = nn.Linear(rank, self.out_features, bias=False)
+        dev, dt = self.weight.device, self.weight.dtype
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=dev, dtype=dt)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=dev, dtype=dt)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_scaling = alpha / rank
         self.lora_dropout = nn.Dropout(dropout)
         self.lora_merged = False
-        self.to(self.weight.device)
+        self.train(self.training)
 
     def add_plora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
         dev, dt = self.weight.device, self.weight.dtype
@@ -52,6 +53,7 @@ class ALinear(nn.Linear):
         nn.init.zeros_(self.plora_B.weight)
         self.plora_scaling = alpha / rank
         self.plora_dropout = nn.Dropout(dropout)
+        self.train(self.training)  # new sub-modules follow the layer's train/eval mode
 
     def lora_delta_weight(self) -> torch.Tensor:
         return (self.lora_B.weight @ self.lora_A.weight) * self.lora_scaling
@@ -156,3 +158,37 @@ def set_lora_merged(model: nn.Module, merged: bool) -> None:
     for m in model.modules():
         if isinstance(m, ALinear) and m.lora_A is not None:
             m.merge_lora() if merged else m.unmerge_lora()
+
+
+# --------------------------------------------------------------------------- on a whole model
+# Each ``enable_*`` records the part in the model's config (so save/load round-trips) and
+# applies it. ``model`` is an ``MLLM``.
+
+
+def enable_mam(model) -> None:
+    """Convert the decoder to the Modality-Adaptive Module (image copies = text weights)."""
+    model.config.llm.mam = True
+    apply_mam(model.llm)
+
+
+def enable_plora(model, cfg) -> int:
+    """Add Partial LoRA (``PLoRAConfig``) to the decoder; W_B starts at zero."""
+    model.config.llm.plora = cfg
+    return apply_plora(model.llm, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets)
+
+
+def enable_lora(model, cfg) -> int:
+    """Add LoRA (``LoRAConfig``) to the decoder; B starts at zero."""
+    model.config.llm.lora = cfg
+    return apply_lora(model.llm, cfg.rank, cfg.alpha, cfg.dropout, cfg.targets)
+
+
+def enable_adapter(model, cfg) -> int:
+    """Add LLaMA-Adapter prompts with zero-init gates to the top ``cfg.num_layers`` layers."""
+    model.config.llm.adapter = cfg
+    layers = model.llm.layers
+    first = max(len(layers) - cfg.num_layers, 0)
+    for layer in layers[first:]:
+        if layer.self_attn.adapter_prompt is None:
+            layer.self_attn.add_adapter(cfg.prompt_len, model.config.llm.hidden_size)
+    return len(layers) - first

@@ -1,0 +1,228 @@
+"""Modality-aware parts: Partial LoRA, MAM, LoRA (+PEFT), zero-init adapters, freezing."""
+
+import copy
+
+import pytest
+import torch
+
+from modalign import MLLM, MLLMConfig
+from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
+from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora, set_lora_merged
+from modalign.train.freeze import apply_trainable, param_groups
+
+
+def tiny(seed=0, **llm):
+    torch.manual_seed(seed)
+    cfg = MLLMConfig.from_name("tiny-llava")
+    cfg.llm.num_layers, cfg.vision.num_layers = 2, 2
+    cfg.vision.image_size, cfg.vision.patch_size = 32, 8  # 16 visual tokens
+    for k, v in llm.items():
+        setattr(cfg.llm, k, v)
+    return MLLM(cfg).eval()
+
+
+def inputs(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ph = model.config.image_token_id
+    ids = torch.randint(4, 500, (2, 9), generator=g)
+    ids[:, 0] = 1
+    ids[0, 2] = ph
+    ids[1, 5] = ph
+    return ids, torch.randn(2, 3, 32, 32, generator=g)
+
+
+def perturb(params, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+# ------------------------------------------------------------------------- Partial LoRA
+
+
+def test_plora_text_and_zero_init_bit_identical_then_only_image_rows_change():
+    base = tiny()
+    model = copy.deepcopy(base)
+    n = enable_plora(model, PLoRAConfig(rank=8, alpha=16))
+    assert n == 2 * 7  # q k v o gate up down per layer
+    ids, px = inputs(model)
+    text = ids.masked_fill(ids == model.config.image_token_id, 7)
+    with torch.no_grad():
+        assert torch.equal(model(text).logits, base(text).logits)
+        # the text-only path with explicit all-text modality ids (as training passes them)
+        mod0 = torch.zeros_like(text)
+        assert torch.equal(model(text, modality_ids=mod0).logits, base(text).logits)
+        assert torch.equal(model(ids, pixel_values=px).logits, base(ids, pixel_values=px).logits)
+    perturb([p for n, p in model.named_parameters() if "plora_B" in n])
+    outs, logits = {}, {}
+    for name, m in (("base", base), ("plora", model)):
+        # the first layer's projections: PLoRA changes exactly the image rows
+        hook = m.llm.layers[0].self_attn.k_proj.register_forward_hook(
+            lambda mod, a, o, name=name: outs.__setitem__(name, o)
+        )
+        with torch.no_grad():
+            out = m(ids, pixel_values=px)
+        logits[name] = out.logits
+        hook.remove()
+    img = out.modality_ids.bool()
+    diff = (outs["plora"] - outs["base"]).abs().amax(-1)
+    assert (diff[~img] == 0).all() and (diff[img] > 1e-3).all()
+    # text rows before the first image (causal) see no change at all, down to the logits
+    first = img.float().argmax(-1)
+    for r in range(2):
+        assert torch.equal(logits["plora"][r, : first[r]], logits["base"][r, : first[r]])
+        assert (logits["plora"][r, first[r] :] - logits["base"][r, first[r] :]).abs().max() > 1e-3
+
+
+def test_plora_on_fused_qkv_and_params_stay_in_graph_without_images():
+    model = tiny(fused_qkv=True)
+    enable_plora(model, PLoRAConfig(rank=4, alpha=4, targets=["qkv_proj", "o_proj"]))
+    assert model.llm.layers[0].self_attn.qkv_proj.plora_A is not None
+    apply_trainable(model, ["llm.**.plora_*"])
+    ids = torch.randint(4, 500, (2, 6))
+    model.train()
+    loss = model(ids, modality_ids=torch.zeros_like(ids), labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in model.named_parameters() if "plora" in n]
+    assert len(grads) == 8 and all(g is not None for g in grads)
+    assert all(p.grad is None for n, p in model.named_parameters() if "plora" not in n)
+
+
+# ------------------------------------------------------------------------- MAM
+
+
+def test_mam_conversion_preserves_outputs_and_routes_by_modality():
+    base = tiny()
+    model = copy.deepcopy(base)
+    enable_mam(model)
+    ids, px = inputs(model)
+    text = ids.masked_fill(ids == model.config.image_token_id, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pixel_values=px).logits, base(ids, pixel_values=px).logits,
+                                   atol=1e-5, rtol=0)  # fmt: skip
+    perturb([p for n, p in model.named_parameters() if ".multiway.1." in n])
+    with torch.no_grad():
+        assert torch.equal(model(text).logits, base(text).logits)
+        assert torch.equal(model(text, modality_ids=torch.zeros_like(text)).logits, base(text).logits)
+        assert (model(ids, pixel_values=px).logits - base(ids, pixel_values=px).logits).abs().max() > 1e-2
+    names = [n for n, _ in model.named_parameters()]
+    assert "llm.layers.0.self_attn.k_proj.multiway.1.weight" in names
+    assert "llm.layers.1.post_attention_layernorm.multiway.0.weight" in names
+    assert not any("q_proj.multiway" in n or "mlp.gate_proj.multiway" in n for n in names)
+
+
+@pytest.mark.parametrize("part", ["mam", "plora", "mam+plora", "adapter"])
+def test_kv_cache_decoding_equals_full_forward_with_images(part):
+    model = tiny()
+    if "mam" in part:
+        enable_mam(model)
+    if "plora" in part:
+        enable_plora(model, PLoRAConfig(rank=4, alpha=8))
+    if part == "adapter":
+        enable_adapter(model, AdapterConfig(num_layers=1, prompt_len=3))
+    perturb(
+        [p for n, p in model.named_parameters() if "multiway.1" in n or "plora_B" in n or "adapter_gate" in n]
+    )
+    ids, px = inputs(model)
+    ids, px = ids[:1], px[:1]
+    steps = 6
+    with torch.no_grad():
+        cache = model.llm.new_cache(1, 64)
+        logits = model(ids, pixel_values=px, cache=cache).logits
+        cached = []
+        for _ in range(steps):
+            nxt = logits[:, -1:].argmax(-1)
+            cached.append(nxt.item())
+            logits = model(nxt, cache=cache).logits
+        seq, full, full_logits = ids, [], None
+        for _ in range(steps):
+            full_logits = model(seq, pixel_values=px).logits
+            nxt = full_logits[:, -1:].argmax(-1)
+            full.append(nxt.item())
+            seq = torch.cat([seq, nxt], 1)
+    assert cached == full
+
+
+# ------------------------------------------------------------------------- adapters, LoRA
+
+
+def test_zero_init_adapter_is_identity_until_gate_moves():
+    base = tiny()
+    model = copy.deepcopy(base)
+    assert enable_adapter(model, AdapterConfig(num_layers=1, prompt_len=4)) == 1
+    assert model.llm.layers[0].self_attn.adapter_prompt is None
+    ids, px = inputs(model)
+    with torch.no_grad():
+        assert torch.equal(model(ids, pixel_values=px).logits, base(ids, pixel_values=px).logits)
+        model.llm.layers[1].self_attn.adapter_gate.fill_(0.5)
+        assert (model(ids, pixel_values=px).logits - base(ids, pixel_values=px).logits).abs().max() > 1e-3
+
+
+def test_lora_merge_unmerge():
+    model = tiny()
+    enable_lora(model, LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "down_proj"]))
+    perturb([p for n, p in model.named_parameters() if "lora_B" in n])
+    ids, px = inputs(model)
+    w0 = model.llm.layers[0].self_attn.q_proj.weight.clone()
+    with torch.no_grad():
+        a = model(ids, pixel_values=px).logits
+        set_lora_merged(model, True)
+        b = model(ids, pixel_values=px).logits
+        set_lora_merged(model, False)
+        c = model(ids, pixel_values=px).logits
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # unmerging subtracts the same delta: equal up to float rounding of W + d - d
+    torch.testing.assert_close(a, c, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model.llm.layers[0].self_attn.q_proj.weight, w0, atol=1e-6, rtol=0)
+
+
+def test_all_parts_survive_save_and_load(tmp_path):
+    model = tiny()
+    enable_mam(model)
+    enable_plora(model, PLoRAConfig(rank=4, alpha=8, dropout=0.1))
+    enable_lora(model, LoRAConfig(rank=2, alpha=2, targets=["o_proj"]))
+    enable_adapter(model, AdapterConfig(num_layers=2, prompt_len=3))
+    perturb([p for n, p in model.named_parameters() if "multiway.1" in n or "_B" in n or "gate" in n])
+    model.save_pretrained(tmp_path / "m")
+    again = MLLM.from_pretrained(tmp_path / "m")
+    assert again.config == model.config and again.config.llm.plora.dropout == 0.1
+    ids, px = inputs(model)
+    with torch.no_grad():
+        assert torch.equal(again(ids, pixel_values=px).logits, model(ids, pixel_values=px).logits)
+
+
+# ------------------------------------------------------------------------- freezing
+
+
+def test_gradients_reach_exactly_the_trainable_patterns():
+    model = tiny()
+    enable_mam(model)
+    table = apply_trainable(model, ["connector.*", "llm.**.multiway.1.*"])
+    rows = {r.group: r for r in table}
+    assert rows["connector"].frozen == 0 and rows["vision"].trainable == 0
+    assert rows["llm.layers (mam image)"].frozen == 0 and rows["llm.layers (mam text)"].trainable == 0
+    assert rows["llm.layers"].trainable == 0
+    model.train()
+    ids, px = inputs(model)
+    model(ids, pixel_values=px, labels=ids).loss.backward()
+    for n, p in model.named_parameters():
+        trainable = n.startswith("connector.") or ".multiway.1." in n
+        assert p.requires_grad == trainable, n
+        assert (p.grad is not None) == trainable, n
+    with pytest.raises(ValueError, match=r"match no parameter: llm\.\*\*\.plora_"):
+        apply_trainable(model, ["llm.**.plora_*"])
+
+
+def test_param_groups_lr_and_no_decay():
+    model = tiny()
+    apply_trainable(model, ["connector", "llm"])
+    groups = param_groups(model, lr=1e-4, weight_decay=0.1, lr_groups={"connector.*": 1e-3})
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["connector.*"]["lr"] == 1e-3 and by_name["connector.*"]["weight_decay"] == 0.1
+    assert "connector.linear_1.bias" in by_name["connector.* (no decay)"]["param_names"]
+    nd = by_name["default (no decay)"]["param_names"]
+    assert "llm.embed_tokens.weight" in nd and "llm.norm.weight" in nd
+    assert "llm.layers.0.self_attn.q_proj.weight" in by_name["default"]["param_names"]
+    total = sum(len(g["params"]) for g in groups)
+    assert total == sum(1 for p in model.parameters() if p.requires_grad)
