@@ -50,6 +50,9 @@ class VisionConfig:
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
     resize_mode: str = "pad"  # "pad" (LLaVA-1.5 pad-to-square, mean colour) | "crop" | "squash"
+    # "ixc": InternLM-XComposer2-4KHD/2.5 high-resolution layout — a global view plus
+    # image_size tiles, 2x2 patch merge (4x width), learned row-end / separator tokens
+    hd_layout: str | None = None
 
     @property
     def grid(self) -> int:
@@ -62,7 +65,7 @@ class VisionConfig:
     @property
     def feature_dim(self) -> int:
         n = 1 if isinstance(self.feature_layer, int) else len(self.feature_layer)
-        return n * self.hidden_size
+        return n * self.hidden_size * (4 if self.hd_layout == "ixc" else 1)
 
     @property
     def num_features(self) -> int:

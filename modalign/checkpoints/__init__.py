@@ -11,18 +11,19 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import hf
+from modalign.checkpoints import hf, internlm2, mplug_owl2
 from modalign.checkpoints.io import (
     CheckpointError,
     atomic_dir,
     load_state_strict,
     read_config,
+    read_shapes,
     read_tensors,
     save_tensors,
 )
 from modalign.config import ConfigError, MLLMConfig, VisionConfig
 
-SUPPORTED = ("modalign (native)", "llava", *hf.LLM_TYPES)
+SUPPORTED = ("modalign (native)", "llava", *hf.LLM_TYPES, "mplug_owl2", "internlm2 (incl. XComposer2)")
 
 
 def build(cfg: MLLMConfig, dtype: torch.dtype | None = None, device=None):
@@ -62,6 +63,10 @@ def config_from_dir(path: str | Path) -> tuple[MLLMConfig, str]:
         except ConfigError as e:
             raise CheckpointError(f"{path}/config.json: {e}") from None
     mt = d.get("model_type")
+    if mt == "mplug_owl2":
+        return mplug_owl2.config_from_owl2(d), "mplug_owl2"
+    if mt == "internlm2":
+        return internlm2.config_from_internlm2(d, Path(path), read_shapes(path)), "internlm2"
     if mt == "llava":
         return hf.llava_config_from_hf(d), "llava"
     if mt in hf.LLM_TYPES:
@@ -77,7 +82,11 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     """Any supported directory -> MLLM (float tensors keep the file's dtype unless ``dtype``)."""
     cfg, fmt = config_from_dir(path)
     tensors = read_tensors(path)
-    if fmt == "llava":
+    if fmt == "mplug_owl2":
+        tensors = mplug_owl2.state_from_owl2(tensors, cfg)
+    elif fmt == "internlm2":
+        tensors = internlm2.state_from_internlm2(tensors, cfg)
+    elif fmt == "llava":
         tensors = hf.remap(tensors, hf.map_llava_key)
     elif fmt in hf.LLM_TYPES:
         tensors = hf.remap(tensors, hf.map_llm_key)

@@ -72,6 +72,16 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     return dict(iter_tensors(path))
 
 
+def read_shapes(path: str | Path) -> dict[str, torch.Size]:
+    """Tensor names and shapes of a checkpoint, without reading the data."""
+    out = {}
+    for f in safetensors_files(path):
+        with safe_open(str(f), framework="pt") as fh:
+            for k in fh.keys():
+                out[k] = torch.Size(fh.get_slice(k).get_shape())
+    return out
+
+
 def load_state_strict(
     model: nn.Module, state: dict[str, torch.Tensor], source: str, dtype: torch.dtype | None = None
 ) -> None:

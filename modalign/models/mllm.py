@@ -54,7 +54,8 @@ def splice(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
 ) -> Spliced:
-    """Put visual tokens [N_img, L, D] into the text embeddings at the placeholders.
+    """Put visual tokens [N_img, L, D] (or a list of [L_i, D]) into the text embeddings at the
+    placeholders.
 
     ``per_token``: ``input_ids`` already holds one placeholder per visual token (N_img * L).
     ``per_image``: one placeholder per image, each replaced by that image's L rows; the
@@ -74,15 +75,21 @@ def splice(
             )
         emb = embed(input_ids)
         return Spliced(emb, torch.zeros_like(input_ids), attention_mask, labels)
-    n_img, n_tok, _ = image_tokens.shape
+    n_img = len(image_tokens)
+    lengths = [int(x.shape[0]) for x in image_tokens]
     if placeholder == "per_token":
-        if n_ph != n_img * n_tok:
-            raise PlaceholderMismatch(
-                f"input_ids hold {n_ph} image placeholder tokens but {n_img} image(s) x {n_tok} "
-                f"visual tokens = {n_img * n_tok}; expand each image placeholder to {n_tok} tokens"
+        total = sum(lengths)
+        if n_ph != total:
+            per = (
+                f"x {lengths[0]} visual tokens" if len(set(lengths)) == 1 else f"with {lengths} visual tokens"
             )
+            raise PlaceholderMismatch(
+                f"input_ids hold {n_ph} image placeholder tokens but {n_img} image(s) {per} = {total}; "
+                f"each image needs one placeholder per visual token"
+            )
+        flat = image_tokens.flatten(0, 1) if torch.is_tensor(image_tokens) else torch.cat(list(image_tokens))
         emb = embed(input_ids.masked_fill(is_ph, 0))
-        emb = emb.masked_scatter(is_ph.unsqueeze(-1), image_tokens.to(emb.dtype))
+        emb = emb.masked_scatter(is_ph.unsqueeze(-1), flat.to(emb.dtype))
         if labels is not None:
             labels = labels.masked_fill(is_ph, IGNORE_INDEX)
         return Spliced(emb, is_ph.long(), attention_mask, labels)
@@ -98,7 +105,6 @@ def splice(
 
 def _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, labels) -> Spliced:
     b, t = input_ids.shape
-    n_tok = image_tokens.shape[1]
     text = embed(input_ids.masked_fill(is_ph, 0))
     mask = attention_mask if attention_mask is not None else torch.ones_like(input_ids)
     rows, k = [], 0
@@ -106,6 +112,7 @@ def _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, lab
         emb_parts, mod_parts, mask_parts, lab_parts = [], [], [], []
         cut = 0
         for p in is_ph[r].nonzero().flatten().tolist():
+            n_tok = image_tokens[k].shape[0]
             emb_parts += [text[r, cut:p], image_tokens[k].to(text.dtype)]
             mod_parts += [torch.zeros(p - cut, dtype=torch.long), torch.ones(n_tok, dtype=torch.long)]
             mask_parts += [mask[r, cut:p], mask[r, p].expand(n_tok)]
@@ -174,16 +181,24 @@ class MLLM(nn.Module):
     def has_vision(self) -> bool:
         return self.config.vision is not None
 
-    def num_image_tokens(self) -> int:
-        """Visual tokens each image contributes to the LLM sequence."""
+    def num_image_tokens(self, image_hw: tuple[int, int] | None = None) -> int:
+        """Visual tokens one image contributes to the LLM sequence (for the HD layout this
+        depends on the image's height and width in pixels)."""
         if not self.has_vision:
             return 0
+        if self.config.vision.hd_layout:
+            t = self.config.vision.image_size
+            h, w = image_hw or (t, t)
+            return self.vision.hd_num_tokens(h // t, w // t)
         return self.connector.num_output_tokens(self.config.vision.num_features)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, S, S] -> visual tokens [N, L_out, D_llm]."""
+    def encode_images(self, pixel_values) -> torch.Tensor | list[torch.Tensor]:
+        """[N, 3, S, S] -> visual tokens [N, L_out, D_llm]. HD layouts take a list of
+        [3, H_i, W_i] (or one [N, 3, H, W] tensor) and return a list of [L_i, D_llm]."""
         if not self.has_vision:
             raise ValueError("this model has no vision tower; it cannot take pixel_values")
+        if self.config.vision.hd_layout:
+            return [self.connector(self.vision.encode_hd(im)[None])[0] for im in pixel_values]
         return self.connector(self.vision(pixel_values))
 
     def embed(
@@ -195,7 +210,7 @@ class MLLM(nn.Module):
         image_tokens: torch.Tensor | None = None,
     ) -> Spliced:
         """Token embeddings with the visual tokens spliced in, plus modality ids."""
-        if image_tokens is None and pixel_values is not None and pixel_values.shape[0] > 0:
+        if image_tokens is None and pixel_values is not None and len(pixel_values) > 0:
             image_tokens = self.encode_images(pixel_values)
         return splice(
             self.llm.embed_tokens,

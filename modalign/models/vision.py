@@ -120,6 +120,12 @@ class VisionTower(nn.Module):
         if cfg.post_layernorm:
             self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.gradient_checkpointing = False
+        if cfg.hd_layout == "ixc":
+            c4 = 4 * cfg.hidden_size
+            self.glb_GN = nn.Parameter(torch.zeros(1, 1, c4))  # separator after the global view
+            self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, c4))  # row-end ("newline") token
+        elif cfg.hd_layout is not None:
+            raise ValueError(f"unknown hd_layout {cfg.hd_layout!r}; known: ixc")
 
     def _layer_indices(self) -> list[int]:
         n = self.cfg.num_layers + 1
@@ -161,3 +167,36 @@ class VisionTower(nn.Module):
                 h = h[:, 1:]
             feats.append(h)
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
+
+    # ------------------------------------------------------------ high-resolution layout (IXC)
+    #   image [3, h*t, w*t] -> crops [global (resized to t x t), tile(0,0) ... tile(h-1,w-1)]
+    #   each crop: n x n patches -> 2x2 merge -> (n/2) x (n/2) cells of width 4C
+    #   tokens = global rows (+sub_GN each) | glb_GN | big tile grid rows (+sub_GN each)
+
+    def hd_num_tokens(self, h: int, w: int) -> int:
+        half = self.cfg.grid // 2
+        return (h * w + 1) * half * half + 1 + half * (h + 1)
+
+    def encode_hd(self, image: torch.Tensor) -> torch.Tensor:
+        """One image [3, h*t, w*t] -> tokens [L, 4C] in the IXC-2.5 layout."""
+        t = self.cfg.image_size
+        _, height, width = image.shape
+        if height % t or width % t:
+            raise ValueError(
+                f"HD image is {height}x{width}; both sides must be multiples of the tile size {t}"
+            )
+        h, w = height // t, width // t
+        x = image[None]
+        glb = x if h == w == 1 else F.interpolate(x, size=(t, t), mode="bicubic", align_corners=False)
+        tiles = x.view(1, 3, h, t, w, t).permute(0, 2, 4, 1, 3, 5).reshape(h * w, 3, t, t)
+        feats = self(torch.cat([glb, tiles]))  # [1 + h*w, n*n, C]
+        n, c = self.cfg.grid, feats.shape[-1]
+        half = n // 2
+        cells = feats.view(-1, half, 2, half, 2, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, half, half, 4 * c)
+        sub = self.sub_GN.to(cells.dtype).view(1, 1, 4 * c)
+        g = torch.cat([cells[0], sub.expand(half, 1, -1)], dim=1).reshape(-1, 4 * c)
+        big = (
+            cells[1:].view(h, w, half, half, 4 * c).permute(0, 2, 1, 3, 4).reshape(h * half, w * half, 4 * c)
+        )
+        s = torch.cat([big, sub.expand(h * half, 1, -1)], dim=1).reshape(-1, 4 * c)
+        return torch.cat([g, self.glb_GN.to(cells.dtype).view(1, 4 * c), s])
