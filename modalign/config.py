@@ -90,6 +90,7 @@ class ConnectorConfig:
     layer_norm_eps: float = 1e-6
     pos_embed: bool = False  # abstractor: mPLUG-Owl2 sin-cos position tables on queries/keys
     eos_token: bool = True  # abstractor: append the learned ``vit_eos`` token
+    cross_attention_every: int = 2  # qformer: a cross-attention block every N layers
 
 
 @dataclass

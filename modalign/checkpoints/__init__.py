@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import hf, internlm2, mplug_owl2
+from modalign.checkpoints import blip2, hf, internlm2, mplug_owl2
 from modalign.checkpoints.io import (
     CheckpointError,
     atomic_dir,
@@ -23,7 +23,14 @@ from modalign.checkpoints.io import (
 )
 from modalign.config import ConfigError, MLLMConfig, VisionConfig
 
-SUPPORTED = ("modalign (native)", "llava", *hf.LLM_TYPES, "mplug_owl2", "internlm2 (incl. XComposer2)")
+SUPPORTED = (
+    "modalign (native)",
+    "llava",
+    *hf.LLM_TYPES,
+    "mplug_owl2",
+    "internlm2 (incl. XComposer2)",
+    "blip-2",
+)
 
 
 def build(cfg: MLLMConfig, dtype: torch.dtype | None = None, device=None):
@@ -65,6 +72,8 @@ def config_from_dir(path: str | Path) -> tuple[MLLMConfig, str]:
     mt = d.get("model_type")
     if mt == "mplug_owl2":
         return mplug_owl2.config_from_owl2(d), "mplug_owl2"
+    if mt == "blip-2":
+        return blip2.config_from_blip2(d), "blip-2"
     if mt == "internlm2":
         return internlm2.config_from_internlm2(d, Path(path), read_shapes(path)), "internlm2"
     if mt == "llava":
@@ -84,6 +93,8 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     tensors = read_tensors(path)
     if fmt == "mplug_owl2":
         tensors = mplug_owl2.state_from_owl2(tensors, cfg)
+    elif fmt == "blip-2":
+        tensors = blip2.state_from_blip2(tensors, cfg)
     elif fmt == "internlm2":
         tensors = internlm2.state_from_internlm2(tensors, cfg)
     elif fmt == "llava":

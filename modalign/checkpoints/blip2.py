@@ -1,0 +1,118 @@
+"""transformers BLIP-2 (``model_type: blip-2``, ``Blip2ForConditionalGeneration``) with a
+Llama-family language model.
+
+| file key | modalign |
+|---|---|
+| ``vision_model.embeddings.class_embedding`` [1,1,C] | ``vision.embeddings.class_embedding`` [C] |
+| ``vision_model.embeddings.position_embedding`` [1,P,C] | ``vision.embeddings.position_embedding.weight`` [P,C] |
+| ``vision_model.encoder.layers.j.self_attn.qkv`` (+ ``q_bias``/``v_bias`` in older files) | ``self_attn.{q,k,v}_proj`` |
+| ``vision_model.encoder.layers.j.self_attn.projection`` | ``self_attn.out_proj`` |
+| ``vision_model.<rest>`` | ``vision.<rest>`` (features: last layer after post-LN, class token kept) |
+| ``query_tokens``, ``qformer.*``, ``language_projection.*`` | ``connector.*`` (``type: qformer``) |
+| ``language_model.*`` | ``llm.*`` (as for LLaVA) |
+
+The Q-Former's text branch (``qformer.embeddings.*``, ``encoder.layer.N.intermediate`` /
+``output``), used only for BLIP-2's image-text matching stage, is not read.
+Images are spliced at ``image_token_index``: one placeholder per query token.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from modalign.checkpoints.hf import llm_config_from_hf, map_llava_key
+from modalign.checkpoints.io import CheckpointError
+from modalign.config import ConnectorConfig, MLLMConfig, VisionConfig
+
+
+def config_from_blip2(d: dict) -> MLLMConfig:
+    text = dict(d.get("text_config") or {})
+    if text.get("model_type", "opt") not in ("llama", "mistral", "qwen2"):
+        raise CheckpointError(
+            f"BLIP-2 with a {text.get('model_type', 'opt')!r} language model is not supported; "
+            "supported: llama, mistral, qwen2"
+        )
+    token = d.get("image_token_index", d.get("image_token_id"))
+    if token is None:
+        raise CheckpointError(
+            "BLIP-2 config.json has no image_token_index (re-save it with a current transformers)"
+        )
+    v, q = d.get("vision_config") or {}, d.get("qformer_config") or {}
+    vision = VisionConfig(
+        model_type="blip2",
+        hidden_size=v.get("hidden_size", 1408),
+        intermediate_size=v.get("intermediate_size", 6144),
+        num_layers=v.get("num_hidden_layers", 39),
+        num_heads=v.get("num_attention_heads", 16),
+        image_size=v.get("image_size", 224),
+        patch_size=v.get("patch_size", 14),
+        class_token=True,
+        pre_layernorm=False,
+        post_layernorm=True,
+        patch_bias=True,
+        hidden_act=v.get("hidden_act", "gelu"),
+        layer_norm_eps=v.get("layer_norm_eps", 1e-6),
+        feature_layer=-1,
+        feature_select="full",
+        feature_post_norm=True,
+        resize_mode="squash",
+    )
+    conn = ConnectorConfig(
+        type="qformer",
+        hidden_act=q.get("hidden_act", "gelu"),
+        num_queries=d.get("num_query_tokens", 32),
+        num_layers=q.get("num_hidden_layers", 12),
+        num_heads=q.get("num_attention_heads", 12),
+        hidden_size=q.get("hidden_size", 768),
+        intermediate_size=q.get("intermediate_size", 3072),
+        layer_norm_eps=q.get("layer_norm_eps", 1e-12),
+        cross_attention_every=q.get("cross_attention_frequency", 2),
+    )
+    if q.get("encoder_hidden_size", vision.hidden_size) != vision.hidden_size:
+        raise CheckpointError("qformer_config.encoder_hidden_size must equal vision_config.hidden_size")
+    return MLLMConfig(llm=llm_config_from_hf(text), vision=vision, connector=conn, image_token_id=token,
+                      placeholder="per_token", source_format="blip-2")  # fmt: skip
+
+
+def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    biases: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        parts = k.split(".")
+        if k.startswith("qformer.embeddings.") or (
+            k.startswith("qformer.encoder.layer.") and parts[4] in ("intermediate", "output")
+        ):
+            continue  # the Q-Former text branch
+        if k == "query_tokens" or k.startswith(("qformer.", "language_projection.")):
+            out["connector." + k] = v
+        elif k.startswith("vision_model."):
+            rest = k[len("vision_model.") :]
+            if rest == "embeddings.class_embedding":
+                out["vision." + rest] = v.reshape(-1)
+            elif rest == "embeddings.position_embedding":
+                out["vision.embeddings.position_embedding.weight"] = v.reshape(v.shape[-2], v.shape[-1])
+            elif ".self_attn.qkv.weight" in rest:
+                stem = rest.split(".self_attn.")[0]
+                for proj, w in zip(("q_proj", "k_proj", "v_proj"), v.chunk(3), strict=True):
+                    out[f"vision.{stem}.self_attn.{proj}.weight"] = w
+            elif ".self_attn." in rest and rest.endswith(("qkv.bias", "q_bias", "v_bias")):
+                stem = rest.split(".self_attn.")[0]
+                biases.setdefault(stem, {})[rest.rsplit(".", 1)[1]] = v
+            else:
+                out["vision." + rest.replace(".self_attn.projection.", ".self_attn.out_proj.")] = v
+        else:
+            name = map_llava_key(k)
+            if name is None:
+                continue
+            if not name.startswith("llm."):
+                raise CheckpointError(f"unexpected tensor {k!r} in a BLIP-2 checkpoint")
+            out[name] = v
+    for stem, b in biases.items():
+        if "bias" in b:
+            q, kb, vb = b["bias"].chunk(3)
+        else:
+            q, vb = b["q_bias"], b["v_bias"]
+            kb = torch.zeros_like(q)
+        for proj, t in zip(("q_proj", "k_proj", "v_proj"), (q, kb, vb), strict=True):
+            out[f"vision.{stem}.self_attn.{proj}.bias"] = t
+    return out
