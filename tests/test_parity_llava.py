@@ -209,3 +209,26 @@ def test_unsupported_model_type_and_pickle_only(tmp_path):
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
     with pytest.raises(CheckpointError, match="only pickle weights"):
         MLLM.from_pretrained(d)
+
+
+def test_position_table_resize_matches_clip_interpolation(tmp_path):
+    """The IXC2-VL loader resizes CLIP-336's table to the 490-px grid; the same bicubic
+    resize is what transformers' CLIP does with interpolate_pos_encoding."""
+    from modalign.checkpoints.internlm2 import resize_position_table
+    from modalign.config import VisionConfig
+    from modalign.models.vision import VisionTower
+
+    ref = randomize(transformers.CLIPVisionModel(clip_vision_config())).eval()  # 28 px, grid 4
+    px = torch.randn(1, 3, 42, 42)  # grid 6
+    sd = {k.removeprefix("vision_model."): v for k, v in ref.state_dict().items() if "position_ids" not in k}
+    sd["embeddings.position_embedding.weight"] = resize_position_table(
+        sd["embeddings.position_embedding.weight"], 6
+    )
+    tower = VisionTower(VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=4, image_size=42,
+                                     patch_size=7, feature_layer=-1, feature_select="full"))  # fmt: skip
+    tower.load_state_dict(sd)
+    with torch.no_grad():
+        want = ref(pixel_values=px, output_hidden_states=True, interpolate_pos_encoding=True).hidden_states[
+            -1
+        ]
+        torch.testing.assert_close(tower.eval()(px), want, atol=1e-4, rtol=1e-4)
