@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 
 def _convert(args) -> int:
@@ -19,15 +21,88 @@ def _convert(args) -> int:
     return 0
 
 
+def _data_shapes(args) -> int:
+    from modalign.data import shapes
+
+    meta = shapes.generate(args.out, num_train=args.train, num_eval=args.eval, seed=args.seed,
+                           image_size=args.image_size, num_text=args.text)  # fmt: skip
+    print(json.dumps(meta, indent=2))
+    return 0
+
+
+def _data_inspect(args) -> int:
+    from modalign.data.conversation import get_template
+    from modalign.data.datasets import load_samples
+    from modalign.data.images import ImageProcessor
+    from modalign.data.inspect import inspect_file
+    from modalign.data.tokenizer import Tokenizer
+
+    image_token_id, image_tokens, proc = args.image_token_id, args.image_tokens, None
+    if args.model:
+        from modalign import MLLM
+
+        model = MLLM.from_pretrained(args.model)
+        tok = Tokenizer.from_dir(args.model)
+        if model.has_vision:
+            image_token_id = model.config.image_token_id
+            image_tokens = 1 if model.config.placeholder == "per_image" else model.num_image_tokens()
+            proc = ImageProcessor(model.config.vision)
+    elif args.tokenizer:
+        tok = Tokenizer.from_dir(args.tokenizer)
+    else:
+        texts = []
+        for s in load_samples(args.file):
+            texts += [m.content for m in getattr(s, "messages", [])] + (
+                [s.text] if hasattr(s, "text") else []
+            )
+        tok = Tokenizer.train_bpe(texts, vocab_size=2048)
+        print("(no --model/--tokenizer: token counts use a byte-level BPE trained on this file)")
+    if image_token_id is None:
+        image_token_id = tok.token_id(tok.image_token) if tok.image_token else -200
+    if proc is None:
+        from modalign.config import VisionConfig
+
+        proc = ImageProcessor(VisionConfig(image_size=args.image_size))
+    images = args.images or str(Path(args.file).parent)
+    report, text = inspect_file(args.file, tok, get_template(args.template, tok), images, proc, image_token_id,
+                                image_tokens, args.max_length, color=not args.no_color and sys.stdout.isatty())  # fmt: skip
+    print(json.dumps(report, indent=2) if args.json else text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modalign", description="Modular multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a checkpoint between formats")
-    c.add_argument("src", help="checkpoint directory (native, transformers LLaVA/Llama/Mistral/Qwen2)")
+    c.add_argument("src", help="checkpoint directory (native, transformers LLaVA/Llama/Mistral/Qwen2, ...)")
     c.add_argument("dst", help="output directory")
     c.add_argument("--to", choices=["native", "hf-llava"], default="native")
     c.set_defaults(func=_convert)
+
+    d = sub.add_parser("data", help="data sets: generate ShapesWorld, inspect a data file")
+    dsub = d.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("shapes", help="write the embedded ShapesWorld data set (LLaVA JSON + PNG)")
+    s.add_argument("out")
+    s.add_argument("--train", type=int, default=4000, help="training scenes")
+    s.add_argument("--eval", type=int, default=400, help="held-out scenes")
+    s.add_argument("--text", type=int, default=4000, help="text-only documents")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--image-size", type=int, default=96)
+    s.set_defaults(func=_data_shapes)
+    i = dsub.add_parser("inspect", help="counts, lengths, supervision and rejected samples of a data file")
+    i.add_argument("file")
+    i.add_argument("--images", help="image root (default: the file's folder)")
+    i.add_argument("--model", help="model directory (its tokenizer, template inputs and image size)")
+    i.add_argument("--tokenizer", help="tokenizer directory (tokenizer.json)")
+    i.add_argument("--template", default="vicuna_v1")
+    i.add_argument("--image-tokens", type=int, default=1, help="placeholder ids per image")
+    i.add_argument("--image-token-id", type=int, default=None)
+    i.add_argument("--image-size", type=int, default=224)
+    i.add_argument("--max-length", type=int, default=2048)
+    i.add_argument("--json", action="store_true", help="print the report as JSON")
+    i.add_argument("--no-color", action="store_true")
+    i.set_defaults(func=_data_inspect)
 
     q = sub.add_parser("quickstart", help="train a miniature multimodal LLM end to end on CPU")
     q.add_argument("--out", default="runs/quickstart")
@@ -49,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-if __name__ == "__main__":
+def main_entry() -> None:
     sys.exit(main())
 
 
-def main_entry() -> None:
+if __name__ == "__main__":
     sys.exit(main())

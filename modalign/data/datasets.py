@@ -1,0 +1,362 @@
+"""Datasets: LLaVA JSON, JSONL of OpenAI-style ``messages``, plain-text corpora, and weighted
+mixtures; every sample is either turned into an ``Example`` or rejected with a reason.
+
+Formats read:
+- LLaVA JSON: ``[{"id", "image": path | [paths], "conversations": [{"from": "human"|"gpt"|"system",
+  "value": "...<image>..."}]}]`` (``.json``, or one object a line in ``.jsonl``).
+- Messages JSONL: ``{"id", "messages": [{"role", "content": str | [{"type": "text", "text"},
+  {"type": "image", "image": path} | {"type": "image_url", "image_url": {"url": path}}]}]}``.
+- Text JSONL: ``{"id"?, "text": "..."}`` (language-model pretraining: loss on every token).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from modalign.data.conversation import (
+    IGNORE_INDEX,
+    IMAGE_MARK,
+    BadSample,
+    Conversation,
+    Message,
+    Template,
+    render,
+)
+from modalign.data.images import ImageProcessor, resolve_image_path
+from modalign.data.tokenizer import Tokenizer
+
+LLAVA_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+}
+
+
+@dataclass
+class TextSample:
+    """A plain-text document for language modelling (loss on every token)."""
+
+    text: str
+    id: str = ""
+    source: str = ""
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def _records(path: Path) -> list[tuple[int, Any]]:
+    """(line or index, record) pairs from a .json list or a .jsonl file."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        out = []
+        with path.open(encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        out.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+        return out
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of samples, got {type(data).__name__}")
+    return list(enumerate(data))
+
+
+def parse_record(rec: Any, where: str, source: str) -> Conversation | TextSample | BadSample:
+    """One record of any supported format -> Conversation / TextSample, or the reason it is bad."""
+    if not isinstance(rec, dict):
+        return BadSample("malformed record", f"{where}: expected an object, got {type(rec).__name__}")
+    sid = str(rec.get("id", where))
+    try:
+        if "conversations" in rec:
+            return _from_llava(rec, sid, source)
+        if "messages" in rec:
+            return _from_messages(rec, sid, source)
+        if "text" in rec:
+            if not isinstance(rec["text"], str) or not rec["text"].strip():
+                raise BadSample("empty conversation", "field 'text' is empty", sid)
+            return TextSample(rec["text"], sid, source)
+        raise BadSample("malformed record", f"{where}: needs 'conversations', 'messages' or 'text'", sid)
+    except BadSample as e:
+        return e
+
+
+def _from_llava(rec: dict, sid: str, source: str) -> Conversation:
+    img = rec.get("image")
+    images = [] if img is None else ([img] if isinstance(img, str) else list(img))
+    msgs = []
+    convs = rec["conversations"]
+    if not isinstance(convs, list):
+        raise BadSample("malformed record", "field 'conversations' must be a list", sid)
+    for i, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise BadSample("malformed record", f"conversations[{i}] needs 'from' and 'value'", sid)
+        role = LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise BadSample("unknown role", f"conversations[{i}] has unknown role {turn['from']!r}", sid)
+        value = turn["value"]
+        if not isinstance(value, str):
+            raise BadSample("malformed record", f"conversations[{i}].value must be a string", sid)
+        msgs.append(Message(role, value.replace("<image>", IMAGE_MARK)))
+    conv = Conversation(msgs, images, sid, source)
+    conv.validate()
+    return conv
+
+
+def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
+    msgs, images = [], []
+    if not isinstance(rec["messages"], list):
+        raise BadSample("malformed record", "field 'messages' must be a list", sid)
+    for i, m in enumerate(rec["messages"]):
+        if not isinstance(m, dict) or "role" not in m:
+            raise BadSample("malformed record", f"messages[{i}] needs 'role' and 'content'", sid)
+        content = m.get("content")
+        if isinstance(content, str):
+            text = content.replace("<image>", IMAGE_MARK)
+            images += [None] * text.count(IMAGE_MARK)  # needs an "images" list
+        elif isinstance(content, list):
+            pieces = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    pieces.append(str(part.get("text", "")))
+                elif kind in ("image", "image_url"):
+                    ref = part.get("image") if kind == "image" else (part.get("image_url") or {}).get("url")
+                    if not isinstance(ref, str):
+                        raise BadSample(
+                            "malformed record", f"messages[{i}].content[{j}] has no image path", sid
+                        )
+                    pieces.append(IMAGE_MARK)
+                    images.append(ref)
+                else:
+                    raise BadSample(
+                        "malformed record", f"messages[{i}].content[{j}] has unknown type {kind!r}", sid
+                    )
+            text = "".join(pieces)
+        else:
+            raise BadSample("malformed record", f"messages[{i}].content must be a string or a list", sid)
+        msgs.append(Message(m["role"], text))
+    if None in images:
+        listed = rec.get("images") or []
+        if len(listed) != len(images):
+            raise BadSample("image count mismatch",
+                            f"has {len(images)} <image> placeholder(s) but {len(listed)} entries in 'images'", sid)  # fmt: skip
+        images = list(listed)
+    conv = Conversation(msgs, images, sid, source)
+    conv.validate()
+    return conv
+
+
+def load_samples(path: str | Path, source: str | None = None) -> list[Conversation | TextSample | BadSample]:
+    """Read every record of a data file; malformed ones come back as ``BadSample``s."""
+    path = Path(path)
+    src = source or path.stem
+    return [parse_record(rec, f"{path.name}:{n}", src) for n, rec in _records(path)]
+
+
+# ------------------------------------------------------------------------------ processing
+
+
+@dataclass
+class Example:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    pixel_values: list[torch.Tensor] = field(default_factory=list)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class SampleProcessor:
+    """Conversation -> Example: render with the template, load and preprocess the images."""
+
+    def __init__(
+        self,
+        tok: Tokenizer,
+        template: Template,
+        image_root: str | Path | None = None,
+        image_processor: ImageProcessor | None = None,
+        image_token_id: int | None = None,
+        image_tokens: int = 1,
+        max_length: int | None = 2048,
+    ):
+        self.tok, self.template = tok, template
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.images, self.image_token_id, self.image_tokens = image_processor, image_token_id, image_tokens
+        self.max_length = max_length
+
+    def __call__(self, s: Conversation | TextSample | BadSample) -> Example:
+        if isinstance(s, BadSample):
+            raise s
+        if isinstance(s, TextSample):
+            bos, eos = self.tok.bos_id, self.tok.eos_id
+            ids = (
+                ([bos] if bos is not None else [])
+                + self.tok.encode(s.text)
+                + ([eos] if eos is not None else [])
+            )
+            ids = ids[: self.max_length] if self.max_length else ids
+            return Example(s.id, ids, list(ids), [], s.source)
+        if s.images and self.images is None:
+            raise BadSample(
+                "image count mismatch", f"has {len(s.images)} image(s) but the model takes none", s.id
+            )
+        r = render(s, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length)
+        pixels = [self._image(ref, s.id) for ref in s.images[: r.num_images]]
+        return Example(s.id, r.input_ids, r.labels, pixels, s.source)
+
+    def _image(self, ref, sid):
+        if isinstance(ref, str):
+            if self.image_root is None:
+                raise BadSample("missing image", f"image {ref!r} given but no image root configured", sid)
+            ref = resolve_image_path(self.image_root, ref, sid)
+        return self.images(ref, sid)
+
+
+class SkipBudgetExceeded(RuntimeError):
+    pass
+
+
+@dataclass
+class BadSamplePolicy:
+    """``error``: stop at the first bad sample. ``skip``: count it by reason; stop once more
+    than ``max_skip_fraction`` of the samples seen were skipped (after ``min_seen``)."""
+
+    mode: str = "skip"
+    max_skip_fraction: float = 0.05
+    min_seen: int = 20
+    seen: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)  # reason -> first message
+
+    def __post_init__(self):
+        if self.mode not in ("error", "skip"):
+            raise ValueError(f"bad-sample policy must be 'error' or 'skip', got {self.mode!r}")
+
+    def ok(self) -> None:
+        self.seen += 1
+
+    def bad(self, e: BadSample) -> None:
+        self.seen += 1
+        if self.mode == "error":
+            raise e
+        self.skipped[e.reason] += 1
+        self.examples.setdefault(e.reason, str(e))
+        self.check()
+
+    def check(self, final: bool = False) -> None:
+        """Raise once the skipped share is over budget (``final``: ignore ``min_seen``)."""
+        total = sum(self.skipped.values())
+        if (final or self.seen >= self.min_seen) and self.seen and total / self.seen > self.max_skip_fraction:
+            raise SkipBudgetExceeded(
+                f"skipped {total} of {self.seen} samples ({total / self.seen:.1%} > "
+                f"{self.max_skip_fraction:.1%}): {self.report()}"
+            )
+
+    def report(self) -> str:
+        if not self.skipped:
+            return "no samples skipped"
+        parts = [f"{r}: {n} (e.g. {self.examples[r]})" for r, n in self.skipped.most_common()]
+        return "skipped " + "; ".join(parts)
+
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """Samples of one or more sources processed lazily. ``__getitem__`` returns an ``Example`` or
+    the ``BadSample`` that rejected it (the collator/trainer applies the policy)."""
+
+    def __init__(self, samples: list, processor: SampleProcessor):
+        self.samples, self.processor = samples, processor
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Example | BadSample:
+        try:
+            return self.processor(self.samples[i])
+        except BadSample as e:
+            return e
+
+    def length(self, i: int) -> int:
+        """Cheap length estimate for length-grouped batching (characters / 4 + images)."""
+        s = self.samples[i]
+        if isinstance(s, TextSample):
+            return len(s.text) // 4
+        if isinstance(s, Conversation):
+            return sum(len(m.content) for m in s.messages) // 4 + len(s.images) * self.processor.image_tokens
+        return 1
+
+    def is_text_only(self, i: int) -> bool:
+        s = self.samples[i]
+        return not isinstance(s, Conversation) or s.is_text_only
+
+
+def mixture_indices(
+    sizes: list[int], weights: list[float], total: int, seed: int = 0
+) -> list[tuple[int, int]]:
+    """(source, index) pairs: ``total`` draws where source k appears in proportion to weights[k];
+    within a source, indices cycle through a shuffled order (every sample before any repeat)."""
+    if len(sizes) != len(weights) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"mixture weights {weights} must be non-negative, one per source, not all zero")
+    rng = random.Random(seed)
+    wsum = sum(weights)
+    counts = [int(total * w / wsum) for w in weights]
+    for k in sorted(range(len(weights)), key=lambda k: -weights[k])[: total - sum(counts)]:
+        counts[k] += 1
+    pairs = []
+    for k, (n, size) in enumerate(zip(counts, sizes, strict=True)):
+        if n and not size:
+            raise ValueError(f"mixture source {k} is empty but has weight {weights[k]}")
+        order: list[int] = []
+        while len(order) < n:
+            block = list(range(size))
+            rng.shuffle(block)
+            order += block
+        pairs += [(k, i) for i in order[:n]]
+    rng.shuffle(pairs)
+    return pairs
+
+
+class MixtureDataset(torch.utils.data.Dataset):
+    """A weighted mixture of ``ConversationDataset``s (e.g. 90% multimodal, 10% text-only)."""
+
+    def __init__(
+        self, datasets: list[ConversationDataset], weights: list[float], total: int | None = None, seed=0
+    ):
+        self.datasets = datasets
+        total = total or sum(len(d) for d in datasets)
+        self.pairs = mixture_indices([len(d) for d in datasets], weights, total, seed)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        k, j = self.pairs[i]
+        return self.datasets[k][j]
+
+    def length(self, i: int) -> int:
+        k, j = self.pairs[i]
+        return self.datasets[k].length(j)
+
+    def is_text_only(self, i: int) -> bool:
+        k, j = self.pairs[i]
+        return self.datasets[k].is_text_only(j)
+
+
+def supervised_fraction(ex: Example) -> float:
+    return sum(1 for x in ex.labels if x != IGNORE_INDEX) / max(len(ex.labels), 1)

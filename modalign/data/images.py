@@ -1,0 +1,152 @@
+"""Safe image loading and the vision encoders' preprocessing.
+
+- Paths resolve inside an image root: absolute paths and ``..`` escapes are refused.
+- The pixel count is checked from the header before decoding (decompression bombs).
+- Decoding errors (truncated, empty, not an image) become ``BadSample`` with a reason.
+- RGB conversion composites alpha over a background colour.
+- Resize policies: ``crop`` (shortest side, centre crop: CLIP), ``pad`` (pad to square with the
+  mean colour, then resize: LLaVA-1.5), ``squash`` (resize to S x S: mPLUG-Owl).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from modalign.config import VisionConfig
+from modalign.data.conversation import BadSample
+
+DEFAULT_MAX_PIXELS = 40_000_000
+Image.MAX_IMAGE_PIXELS = None  # modalign checks the size itself, before decoding
+
+
+def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None) -> Path:
+    """``rel`` inside ``root``; refuses absolute paths and escapes through ``..`` or links."""
+    if not isinstance(rel, str) or not rel:
+        raise BadSample("bad image path", f"image path {rel!r} is not a non-empty string", sample_id)
+    p = Path(rel)
+    if p.is_absolute():
+        raise BadSample("bad image path", f"absolute image path {rel!r} is not allowed", sample_id)
+    root = Path(root).resolve()
+    full = (root / p).resolve()
+    if full != root and root not in full.parents:
+        raise BadSample("bad image path", f"image path {rel!r} escapes the image root {root}", sample_id)
+    return full
+
+
+def open_image(
+    src: str | Path | bytes | Image.Image,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    background: tuple[int, int, int] = (255, 255, 255),
+    sample_id: str | None = None,
+) -> Image.Image:
+    """Decode to an RGB ``PIL.Image``; every failure is a ``BadSample`` naming the file."""
+    if isinstance(src, Image.Image):
+        return to_rgb(src, background)
+    name = "<bytes>" if isinstance(src, bytes) else str(src)
+    try:
+        fh = io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb")  # noqa: SIM115
+    except FileNotFoundError:
+        raise BadSample("missing image", f"image file {name} does not exist", sample_id) from None
+    except OSError as e:
+        raise BadSample("missing image", f"image file {name} cannot be opened: {e}", sample_id) from None
+    with fh:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                img = Image.open(fh)
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise BadSample(
+                        "image too large",
+                        f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
+                        sample_id,
+                    )
+                if w == 0 or h == 0:
+                    raise BadSample("corrupt image", f"image {name} has no pixels", sample_id)
+                img.load()
+        except BadSample:
+            raise
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+            kind = "empty file" if fh.seek(0, 2) == 0 else "corrupt or not an image"
+            raise BadSample(
+                "corrupt image", f"image {name}: {kind} ({e.__class__.__name__}: {e})", sample_id
+            ) from None
+    return to_rgb(img, background)
+
+
+def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "RGBa"):
+        rgba = img.convert("RGBA")
+        bg = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(bg, rgba).convert("RGB")
+    return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def resize(img: Image.Image, size: int, mode: str, mean: tuple[float, ...]) -> Image.Image:
+    if mode == "pad":
+        w, h = img.size
+        if w != h:
+            s = max(w, h)
+            canvas = Image.new("RGB", (s, s), tuple(int(m * 255) for m in mean))
+            canvas.paste(img, ((s - w) // 2, (s - h) // 2))
+            img = canvas
+        return img.resize((size, size), Image.BICUBIC)
+    if mode == "squash":
+        return img.resize((size, size), Image.BICUBIC)
+    if mode == "crop":
+        w, h = img.size
+        scale = size / min(w, h)
+        nw, nh = max(size, int(w * scale)), max(size, int(h * scale))  # truncation, as CLIP does
+        img = img.resize((nw, nh), Image.BICUBIC)
+        left, top = (nw - size) // 2, (nh - size) // 2
+        return img.crop((left, top, left + size, top + size))
+    raise ValueError(f"unknown resize mode {mode!r}; known: pad, crop, squash")
+
+
+def normalize(img: Image.Image, mean, std) -> torch.Tensor:
+    """RGB image -> float tensor [3, H, W], (x/255 - mean) / std."""
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+
+
+class ImageProcessor:
+    """The vision encoder's preprocessing: safe load -> RGB -> resize policy -> normalise."""
+
+    def __init__(self, vcfg: VisionConfig, max_pixels: int = DEFAULT_MAX_PIXELS, background=(255, 255, 255)):
+        self.cfg, self.max_pixels, self.background = vcfg, max_pixels, background
+
+    def __call__(self, src, sample_id: str | None = None) -> torch.Tensor:
+        img = open_image(src, self.max_pixels, self.background, sample_id)
+        c = self.cfg
+        if c.hd_layout == "ixc":
+            return self._hd(img)
+        return normalize(resize(img, c.image_size, c.resize_mode, c.image_mean), c.image_mean, c.image_std)
+
+    def _hd(self, img: Image.Image, max_tiles: int = 6) -> torch.Tensor:
+        """XComposer2.5: fit into at most ``max_tiles`` tiles (width-major), pad bottom white."""
+        t = self.cfg.image_size
+        w, h = img.size
+        transposed = h > w
+        if transposed:
+            img, (w, h) = img.transpose(Image.TRANSPOSE), (h, w)
+        aspect = w / h
+        scale = 1
+        while (scale + 1) * -(-(scale + 1) // aspect) <= max_tiles:
+            scale += 1
+        scale = min(scale, max(1, -(-w // t)))
+        nw, nh = scale * t, max(1, round(scale * t / aspect))
+        img = img.resize((nw, nh), Image.BICUBIC)
+        ph = -(-nh // t) * t
+        canvas = Image.new("RGB", (nw, ph), (255, 255, 255))
+        canvas.paste(img, (0, 0))
+        if transposed:
+            canvas = canvas.transpose(Image.TRANSPOSE)
+        return normalize(canvas, self.cfg.image_mean, self.cfg.image_std)

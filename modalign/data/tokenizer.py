@@ -1,0 +1,132 @@
+"""Tokenizers via the ``tokenizers`` library: load a checkpoint's ``tokenizer.json`` (+
+``tokenizer_config.json`` special tokens and chat template), or train a byte-level BPE for
+from-scratch models. Encoding never adds special tokens by itself: templates write them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer as _HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+# special tokens of the byte-level BPE that modalign trains (ids in this order)
+DEFAULT_SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
+
+
+def _token_str(v) -> str | None:
+    if v is None:
+        return None
+    return v["content"] if isinstance(v, dict) else str(v)
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus the special tokens and chat template of a checkpoint."""
+
+    def __init__(
+        self,
+        tk: _HFTokenizer,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        pad_token: str | None = None,
+        image_token: str | None = None,
+        chat_template: str | None = None,
+    ):
+        self.tk = tk
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.pad_token, self.image_token = pad_token, image_token
+        self.chat_template = chat_template
+        self.special_ids = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+
+    # ------------------------------------------------------------------ ids
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tk.token_to_id(token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_id(self.bos_token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int:
+        pid = self.token_id(self.pad_token)
+        return pid if pid is not None else (self.eos_id or 0)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tk.encode(text, add_special_tokens=False).ids
+
+    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        enc = self.tk.encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        ids = [i for i in ids if i >= 0]  # negative ids are image placeholders
+        return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    # ------------------------------------------------------------------ files
+
+    @classmethod
+    def from_dir(cls, path: str | Path) -> Tokenizer:
+        path = Path(path)
+        f = path / "tokenizer.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"{path}: no tokenizer.json (modalign reads tokenizers in that format)")
+        tk = _HFTokenizer.from_file(str(f))
+        cfg = {}
+        if (path / "tokenizer_config.json").is_file():
+            cfg = json.loads((path / "tokenizer_config.json").read_text())
+        template = cfg.get("chat_template")
+        if (path / "chat_template.jinja").is_file():
+            template = (path / "chat_template.jinja").read_text()
+        if isinstance(template, list):  # named templates: take the default one
+            template = next(
+                (t["template"] for t in template if t.get("name") == "default"), template[0]["template"]
+            )
+        return cls(
+            tk,
+            bos_token=_token_str(cfg.get("bos_token")),
+            eos_token=_token_str(cfg.get("eos_token")),
+            pad_token=_token_str(cfg.get("pad_token")),
+            image_token=_token_str(cfg.get("image_token")),
+            chat_template=template,
+        )
+
+    def save(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.tk.save(str(path / "tokenizer.json"))
+        cfg = {
+            "bos_token": self.bos_token,
+            "eos_token": self.eos_token,
+            "pad_token": self.pad_token,
+            "image_token": self.image_token,
+            "chat_template": self.chat_template,
+        }
+        (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+
+    @classmethod
+    def train_bpe(
+        cls, texts: Iterable[str], vocab_size: int = 1024, special_tokens: list[str] | None = None
+    ) -> Tokenizer:
+        """Train a byte-level BPE (GPT-2 style) on ``texts``; specials get the first ids."""
+        specials = list(special_tokens or DEFAULT_SPECIALS)
+        tk = _HFTokenizer(models.BPE())
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator(texts, trainer=trainer)
+        return cls(tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>", image_token="<image>")

@@ -1,0 +1,111 @@
+"""ShapesWorld: deterministic, answers correct against the scene, unseen pairs held out."""
+
+import json
+
+import pytest
+
+from modalign.data import shapes
+from modalign.data.datasets import load_samples
+from modalign.data.shapes import POSITIONS, UNSEEN_PAIRS, Scene
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sw")
+    shapes.generate(out, num_train=300, num_eval=60, seed=3, num_text=100)
+    return out
+
+
+def test_deterministic_for_a_seed(world, tmp_path):
+    shapes.generate(tmp_path, num_train=300, num_eval=60, seed=3, num_text=100)
+    for name in ["captions.json", "instruct.json", "eval.json", "text.jsonl", "scenes.jsonl"]:
+        assert (world / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    for img in ["images/train_00007.png", "images/eval_00011.png"]:
+        assert (world / img).read_bytes() == (tmp_path / img).read_bytes()
+    other = tmp_path / "other"
+    shapes.generate(other, num_train=30, num_eval=6, seed=4, num_text=10)
+    assert (
+        json.loads((other / "captions.json").read_text())[0]
+        != json.loads((world / "captions.json").read_text())[0]
+    )
+
+
+def answer(scene: Scene, q: str) -> str:
+    """An independent reading of the question against the scene description."""
+    objs = scene.objects
+    words = q.rstrip("?").split()
+    if q.startswith("What colour is the"):
+        return next(o.colour for o in objs if o.shape == words[-1])
+    if q.startswith("What shape is the"):
+        return next(o.shape for o in objs if o.colour == words[4])
+    if q.startswith("How many"):
+        return shapes.NUMBERS[len(objs)]
+    if q.startswith("Where is the"):
+        return next(POSITIONS[o.cell] for o in objs if o.colour == words[3] and o.shape == words[4])
+    if q.startswith("Is there a"):
+        return "yes" if any(o.colour == words[3] and o.shape == words[4] for o in objs) else "no"
+    if q.startswith("What word"):
+        return scene.word
+    if q.startswith("Is the"):
+        a = next(o for o in objs if o.colour == words[2] and o.shape == words[3])
+        rel = " ".join(words[4:-3])
+        b = next(o for o in objs if o.colour == words[-2] and o.shape == words[-1])
+        (ra, ca), (rb, cb) = a.row_col, b.row_col
+        return (
+            "yes"
+            if {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+            else "no"
+        )
+    raise AssertionError(q)
+
+
+def test_answers_match_the_scenes(world):
+    evals = json.loads((world / "eval.json").read_text())
+    assert {e["type"] for e in evals} == set(shapes.QUESTION_TYPES)
+    for e in evals:
+        q = e["conversations"][0]["value"].removeprefix("<image>\n")
+        assert answer(Scene.from_dict(e["scene"]), q) == e["answer"] == e["conversations"][1]["value"]
+    scenes = {
+        json.loads(line)["id"]: json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()
+    }
+    for rec in json.loads((world / "instruct.json").read_text()):
+        scene = Scene.from_dict(scenes[rec["id"]]["scene"])
+        conv = rec["conversations"]
+        for h, g in zip(conv[::2], conv[1::2], strict=True):
+            q = h["value"].removeprefix("<image>\n")
+            expected = shapes.describe(scene) if q == "Describe the image." else answer(scene, q)
+            assert g["value"] == expected
+
+
+def test_unseen_pairs_only_in_heldout(world):
+    for line in (world / "scenes.jsonl").read_text().splitlines():
+        for o in json.loads(line)["scene"]["objects"]:
+            assert (o["colour"], o["shape"]) not in UNSEEN_PAIRS
+    for t in (world / "text.jsonl").read_text().splitlines():
+        assert not any(f"{c} {s}" in t for c, s in UNSEEN_PAIRS)
+    evals = json.loads((world / "eval.json").read_text())
+    unseen = [e for e in evals if e["unseen"]]
+    assert len(unseen) > len(evals) / 10
+    for e in evals:
+        assert e["unseen"] == any(p in UNSEEN_PAIRS for p in referenced(Scene.from_dict(e["scene"]), e))
+
+
+def referenced(scene: Scene, e: dict) -> list[tuple[str, str]]:
+    """(colour, shape) pairs a question is about, read from its text and the scene."""
+    q = e["conversations"][0]["value"].removeprefix("<image>\n").rstrip("?")
+    words = q.split()
+    if e["type"] == "colour":
+        return [(o.colour, o.shape) for o in scene.objects if o.shape == words[-1]]
+    if e["type"] == "shape":
+        return [(o.colour, o.shape) for o in scene.objects if o.colour == words[4]]
+    pairs = [
+        (a, b) for a, b in zip(words, words[1:], strict=False) if a in shapes.COLOURS and b in shapes.SHAPES
+    ]
+    return pairs
+
+
+def test_files_load_with_the_llava_loader(world):
+    for name in ["captions.json", "instruct.json", "eval.json", "text_instruct.json"]:
+        samples = load_samples(world / name)
+        assert samples and all(not isinstance(s, ValueError) for s in samples), name
+    assert len(load_samples(world / "text.jsonl")) == 100
