@@ -208,8 +208,10 @@ class MLLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
+        placeholder: str | None = None,
     ) -> Spliced:
-        """Token embeddings with the visual tokens spliced in, plus modality ids."""
+        """Token embeddings with the visual tokens spliced in, plus modality ids.
+        ``placeholder`` overrides the config's mode (the engine pre-expands per-image ids)."""
         if image_tokens is None and pixel_values is not None and len(pixel_values) > 0:
             image_tokens = self.encode_images(pixel_values)
         return splice(
@@ -217,7 +219,7 @@ class MLLM(nn.Module):
             input_ids,
             image_tokens,
             self.config.image_token_id,
-            self.config.placeholder,
+            placeholder or self.config.placeholder,
             attention_mask,
             labels,
         )
@@ -235,6 +237,7 @@ class MLLM(nn.Module):
         modality_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
+        placeholder: str | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
@@ -245,10 +248,11 @@ class MLLM(nn.Module):
             decoding = cache is not None and cache.length > 0
             if decoding and pixel_values is not None:
                 raise ValueError("pixel_values belong to the prompt, not to decode steps")
-            sp = self.embed(input_ids, pixel_values, attention_mask, labels)
+            sp = self.embed(input_ids, pixel_values, attention_mask, labels, placeholder=placeholder)
             inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels
-            # all-text inputs skip the image branches (bit-identical to the base model)
-            if modality_ids is None and pixel_values is not None:
+            # all-text inference skips the image branches (bit-identical to the base model); in
+            # training the ids are always passed so routed parameters stay in the graph (DDP)
+            if modality_ids is None and (pixel_values is not None or self.training):
                 modality_ids = sp.modality_ids
         logits = self.llm(
             inputs_embeds=inputs_embeds,

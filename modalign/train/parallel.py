@@ -1,0 +1,82 @@
+"""Distributed training, applied from outside the model: ``torchrun`` process groups, DDP, and
+FSDP2 (``fully_shard`` per block, then the root). The model code never imports this."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+
+def init_distributed() -> Dist:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        return Dist(device=dev)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+        backend, dev = "nccl", torch.device("cuda", local)
+    else:
+        backend, dev = "gloo", torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend)
+    return Dist(rank, world, local, dev)
+
+
+def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
+    """DDP or FSDP2 around ``model`` (a no-op in a single process)."""
+    if not d.enabled or strategy == "none":
+        return model
+    if strategy == "ddp":
+        ids = [d.local_rank] if d.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        blocks = []
+        if hasattr(model, "vision"):
+            blocks += list(model.vision.encoder.layers)
+        blocks += list(model.llm.layers)
+        for block in blocks:
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    raise ValueError(f"unknown parallel strategy {strategy!r}; known: none, ddp, fsdp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def all_mean(x: float, d: Dist) -> float:
+    if not d.enabled:
+        return x
+    t = torch.tensor([x], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+    dist.all_reduce(t)
+    return float(t.item()) / d.world
+
+
+def barrier(d: Dist) -> None:
+    if d.enabled:
+        dist.barrier()

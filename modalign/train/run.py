@@ -1,0 +1,189 @@
+"""Run a recipe: build the model, then each stage (init, enable parts, freeze, data, train, save).
+
+OUT/resolved_recipe.json
+OUT/<stage>/checkpoints/step-*/   resumable training state
+OUT/<stage>/metrics.jsonl, loss.png, tb/
+OUT/<stage>/model/                native model + tokenizer (the stage's result)
+OUT/model -> the last stage's model (copied)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from modalign.checkpoints import CheckpointError, build, load_pretrained
+from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
+from modalign.data.collate import Collator
+from modalign.data.conversation import get_template
+from modalign.data.datasets import ConversationDataset, MixtureDataset, SampleProcessor, load_samples
+from modalign.data.images import ImageProcessor
+from modalign.data.tokenizer import Tokenizer
+from modalign.models.mllm import MLLM
+from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
+from modalign.train.freeze import apply_trainable, format_table
+from modalign.train.parallel import Dist, barrier, wrap
+from modalign.train.recipe import Recipe, Stage
+from modalign.train.trainer import StageResult, Trainer, lm_loss
+
+log = logging.getLogger("modalign")
+PARTS = ("llm", "vision", "connector")
+
+
+def enable_parts(model: MLLM, spec: dict) -> None:
+    """Switch on modality-aware parts named in a recipe (``mam``, ``plora``, ``lora``, ``adapter``)."""
+    for name, value in spec.items():
+        if name == "mam":
+            if value and not model.config.llm.mam:
+                enable_mam(model)
+        elif name == "plora" and model.config.llm.plora is None:
+            enable_plora(model, PLoRAConfig(**(value or {})))
+        elif name == "lora" and model.config.llm.lora is None:
+            enable_lora(model, LoRAConfig(**(value or {})))
+        elif name == "adapter" and model.config.llm.adapter is None:
+            enable_adapter(model, AdapterConfig(**(value or {})))
+        elif name not in ("mam", "plora", "lora", "adapter"):
+            raise ValueError(f"unknown part to enable {name!r}; known: mam, plora, lora, adapter")
+
+
+def init_parts(model: MLLM, init: dict[str, str]) -> None:
+    """Copy pretrained weights into parts of ``model`` (``all`` or llm / vision / connector)."""
+    for part, path in init.items():
+        src = load_pretrained(path, dtype=torch.float32)
+        names = PARTS if part == "all" else (part,)
+        for name in names:
+            if name not in PARTS:
+                raise ValueError(f"recipe.model.init: unknown part {name!r}; known: all, {', '.join(PARTS)}")
+            if not hasattr(src, name) or not hasattr(model, name):
+                if part == "all":
+                    continue
+                raise CheckpointError(f"{path} has no {name} part to initialise from")
+            missing, unexpected = getattr(model, name).load_state_dict(
+                getattr(src, name).state_dict(), strict=False
+            )
+            if missing or unexpected:
+                raise CheckpointError(
+                    f"{path}: {name} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
+                )
+        if part in ("all", "llm"):
+            model.llm.tie_weights()
+
+
+def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None):
+    cfg = model.config
+    sets, weights = [], []
+    for src in stage.data:
+        path = Path(src.path)
+        root = Path(src.images) if src.images else path.parent
+        if processor_cls is not None:
+            proc = processor_cls(tok, root, ImageProcessor(cfg.vision), stage.max_length)
+        else:
+            per_token = cfg.placeholder == "per_token"
+            proc = SampleProcessor(
+                tok,
+                get_template(stage.template, tok),
+                root,
+                ImageProcessor(cfg.vision) if cfg.vision else None,
+                cfg.image_token_id,
+                model.num_image_tokens() if per_token and model.has_vision else 1,
+                stage.max_length,
+            )
+        sets.append(ConversationDataset(load_samples(path), proc))
+        weights.append(src.weight)
+    if len(sets) == 1 and stage.samples is None:
+        return sets[0]
+    return MixtureDataset(sets, weights, stage.samples)
+
+
+def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress: bool = True,
+               stages: list[str] | None = None) -> dict[str, StageResult]:  # fmt: skip
+    """Run every stage (or the named ones), resuming finished stages and checkpoints."""
+    d = d or Dist()
+    out = Path(out)
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "resolved_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    tok_dir = recipe.model.tokenizer
+    if tok_dir is None:
+        raise ValueError("recipe.model.tokenizer: a tokenizer directory is needed for training")
+    tok = Tokenizer.from_dir(tok_dir)
+    results: dict[str, StageResult] = {}
+    prev_model: Path | None = None
+    for i, stage in enumerate(recipe.stages):
+        sdir = out / stage.name
+        done = sdir / "model" / "config.json"
+        if stages is not None and stage.name not in stages:
+            prev_model = sdir / "model" if done.is_file() else prev_model
+            continue
+        if done.is_file() and (sdir / "result.json").is_file():
+            if d.main:
+                log.info("stage %s: already finished (%s)", stage.name, done.parent)
+            results[stage.name] = StageResult(**json.loads((sdir / "result.json").read_text()))
+            prev_model = done.parent
+            continue
+        model = _stage_model(recipe, stage, i, prev_model, tok)
+        enable_parts(model, stage.enable)
+        model.to(d.device)
+        loss_fn, collator, target = lm_loss, Collator(tok.pad_id), model
+        if stage.objective == "contrastive":
+            from modalign.train.contrastive import CaptionProcessor, ContrastiveModel, contrastive_loss
+
+            target = ContrastiveModel(model).to(d.device)
+            dataset = build_dataset(stage, model, tok, CaptionProcessor)
+            loss_fn = contrastive_loss
+        else:
+            dataset = build_dataset(stage, model, tok)
+        table = apply_trainable(target, stage.trainable)
+        if d.main:
+            print(f"stage {stage.name}: {len(dataset)} samples\n{format_table(table)}", flush=True)
+        wrapped = wrap(target, recipe.parallel.strategy, d)
+        trainer = Trainer(wrapped, stage, dataset, collator, sdir, recipe.seed, d, loss_fn, progress=progress)
+        res = trainer.run()
+        results[stage.name] = res
+        if d.main:
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.save_pretrained(sdir / "model")
+            tok.save(sdir / "model")
+            (sdir / "result.json").write_text(json.dumps(asdict(res), indent=2) + "\n")
+        barrier(d)
+        prev_model = sdir / "model"
+    if d.main and prev_model is not None:
+        final = out / "model"
+        if final.exists():
+            shutil.rmtree(final)
+        shutil.copytree(prev_model, final)
+    return results
+
+
+def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: Tokenizer) -> MLLM:
+    src = stage.init_from
+    if src == "previous" and i > 0:
+        if prev is None:
+            raise ValueError(f"stage {stage.name}: init_from previous, but the previous stage has no model")
+        return load_pretrained(prev, dtype=torch.float32)
+    if src not in (None, "none", "previous"):
+        return load_pretrained(src, dtype=torch.float32)
+    cfg = recipe.model.build_config()
+    torch.manual_seed(recipe.seed)
+    model = MLLM(cfg) if not recipe.model.init else build_initialised(cfg, recipe)
+    enable_parts(model, recipe.model.enable)
+    if model.config.llm.vocab_size < tok.vocab_size:
+        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+                         f"{model.config.llm.vocab_size}")  # fmt: skip
+    return model
+
+
+def build_initialised(cfg, recipe: Recipe) -> MLLM:
+    torch.manual_seed(recipe.seed)
+    model = MLLM(cfg)  # random init for the parts that are not loaded
+    init_parts(model, recipe.model.init)
+    return model
+
+
+__all__ = ["build", "run_recipe"]

@@ -1,0 +1,280 @@
+"""The trainer: one stage of a recipe, resumable exactly.
+
+Per optimiser step: ``grad_accum`` micro-batches (forward under autocast for bf16, backward),
+non-finite check per parameter group, clipping, AdamW, LR from the schedule (a pure function of
+the step, so nothing but the step needs saving). Logs to a progress bar (loss, LR, tokens/s,
+ETA), ``metrics.jsonl`` and TensorBoard; saves atomically every ``save_every`` steps; draws the
+loss curve at the end. Data order is a pure function of (seed, epoch), so the data position is
+(epoch, micro-batch index) and a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from modalign.data.collate import LengthGroupedSampler
+from modalign.data.datasets import BadSamplePolicy
+from modalign.train import state as st
+from modalign.train.freeze import param_groups
+from modalign.train.parallel import Dist, all_mean, barrier, unwrap
+from modalign.train.recipe import Stage
+
+log = logging.getLogger("modalign")
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or gradients became NaN/inf; the last good checkpoint is kept."""
+
+
+def lr_factor(step: int, total: int, warmup: float, decay: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimiser step ``step`` (0-based)."""
+    w = int(warmup if warmup >= 1 else round(warmup * total))
+    if w and step < w:
+        return (step + 1) / w
+    if decay == "constant" or total <= w:
+        return 1.0
+    p = min((step - w) / max(total - w, 1), 1.0)
+    f = 0.5 * (1 + math.cos(math.pi * p)) if decay == "cosine" else 1 - p
+    return min_ratio + (1 - min_ratio) * f
+
+
+def lm_loss(model: nn.Module, batch: dict, device) -> tuple[torch.Tensor, int]:
+    px = batch["pixel_values"]
+    if isinstance(px, torch.Tensor):
+        px = px.to(device)
+    elif isinstance(px, list):
+        px = [p.to(device) for p in px]
+    out = model(
+        input_ids=batch["input_ids"].to(device),
+        pixel_values=px,
+        attention_mask=batch["attention_mask"].to(device),
+        labels=batch["labels"].to(device),
+    )
+    return out.loss, out.num_tokens
+
+
+@dataclass
+class StageResult:
+    steps: int
+    final_loss: float
+    seconds: float
+    tokens: int
+    skipped: dict
+
+
+class Trainer:
+    def __init__(
+        self,
+        model: nn.Module,  # possibly DDP-wrapped
+        stage: Stage,
+        dataset,
+        collator: Callable,
+        out: Path,
+        seed: int = 0,
+        dist: Dist | None = None,
+        loss_fn: Callable = lm_loss,
+        eval_fn: Callable | None = None,
+        progress: bool = True,
+    ):
+        self.model, self.stage, self.dataset, self.collator = model, stage, dataset, collator
+        self.out, self.seed, self.d = Path(out), seed, dist or Dist()
+        self.loss_fn, self.eval_fn, self.progress = loss_fn, eval_fn, progress
+        core = unwrap(model)
+        self.groups = param_groups(core, stage.lr, stage.weight_decay, stage.lr_groups)
+        if not self.groups:
+            raise ValueError(f"stage {stage.name}: no trainable parameters")
+        for g in self.groups:
+            g["initial_lr"] = g["lr"]
+        self.opt = torch.optim.AdamW(self.groups, lr=stage.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
+        self.sampler = LengthGroupedSampler(
+            dataset, stage.batch_size * self.d.world, seed, stage.group_by_modality
+        )
+        self.micro_per_epoch = len(self.sampler.batches())
+        if stage.max_steps is not None:
+            self.total = stage.max_steps
+        else:
+            self.total = max(1, math.ceil(stage.epochs * self.micro_per_epoch / stage.grad_accum))
+        self.policy = BadSamplePolicy(stage.bad_samples.mode, stage.bad_samples.max_fraction)
+        self.ckpt_dir = self.out / "checkpoints"
+
+    # ------------------------------------------------------------------ data
+
+    def _micro_batches(self, epoch: int, start: int):
+        """Micro-batches from (epoch, index) on, forever; yields (epoch, index, batch)."""
+        while True:
+            self.sampler.set_epoch(epoch)
+            batches = self.sampler.batches()
+            for i in range(start, len(batches)):
+                rows = batches[i][self.d.rank :: self.d.world]
+                yield epoch, i, self.collator([self.dataset[j] for j in rows])
+            epoch, start = epoch + 1, 0
+
+    # ------------------------------------------------------------------ run
+
+    def run(self, resume: bool = True) -> StageResult:
+        s = self.stage
+        step, epoch, micro, tokens_total = 0, 0, 0, 0
+        core = unwrap(self.model)
+        prev = st.checkpoints(self.ckpt_dir)
+        if resume and prev:
+            info = st.load_training_state(prev[-1], core, self.opt)
+            step, epoch, micro, tokens_total = info["step"], info["epoch"], info["micro"], info["tokens"]
+            self.policy.seen = info["seen"]
+            self.policy.skipped.update(info["skipped"])
+            if self.d.main:
+                log.info("stage %s: resumed from %s (step %d)", s.name, prev[-1].name, step)
+        else:
+            torch.manual_seed(self.seed * 7919 + 17)
+        metrics_f = self.out / "metrics.jsonl"
+        if self.d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            _truncate_metrics(metrics_f, step)
+        tb = _tensorboard(self.out / "tb") if self.d.main else None
+        self.model.train()
+        if s.gradient_checkpointing:
+            core.llm.gradient_checkpointing = True
+            if hasattr(core, "vision"):
+                core.vision.gradient_checkpointing = True
+        autocast = torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+        data = self._micro_batches(epoch, micro)
+        bar = tqdm(total=self.total, initial=step, desc=s.name, disable=not (self.d.main and self.progress),
+                   dynamic_ncols=True, leave=True)  # fmt: skip
+        t0, loss_val = time.perf_counter(), float("nan")
+        while step < self.total:
+            ts = time.perf_counter()
+            for g in self.opt.param_groups:
+                g["lr"] = g["initial_lr"] * lr_factor(step, self.total, s.schedule.warmup, s.schedule.decay,
+                                                      s.schedule.min_lr_ratio)  # fmt: skip
+            losses, ntok = [], 0
+            for _ in range(s.grad_accum):
+                epoch, micro, batch = next(data)
+                micro += 1
+                for bad in batch["bad"]:
+                    self.policy.bad(bad)
+                for _ in batch["ids"]:
+                    self.policy.ok()
+                if not batch["ids"]:
+                    continue
+                with autocast:
+                    loss, n = self.loss_fn(self.model, batch, self.d.device)
+                if not torch.isfinite(loss):
+                    raise NonFiniteError(
+                        f"stage {s.name}, step {step}: loss is {loss.item()} (batch {batch['ids'][:4]}...); "
+                        f"the last good checkpoint is kept in {self.ckpt_dir}; lower the LR or use fp32"
+                    )
+                (loss / s.grad_accum).backward()
+                losses.append(loss.item())
+                ntok += int(batch["attention_mask"].sum())
+            self._check_grads(step)
+            gnorm = None
+            if s.clip:
+                params = [p for g in self.opt.param_groups for p in g["params"]]
+                gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.clip))
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+            step += 1
+            loss_val = all_mean(sum(losses) / max(len(losses), 1), self.d)
+            tokens_total += ntok * self.d.world
+            dt = time.perf_counter() - ts
+            rec = {"stage": s.name, "step": step, "loss": loss_val, "lr": self.opt.param_groups[0]["lr"],
+                   "grad_norm": gnorm, "tokens": tokens_total, "tok_per_s": ntok * self.d.world / max(dt, 1e-9),
+                   "epoch": epoch, "skipped": sum(self.policy.skipped.values())}  # fmt: skip
+            if self.d.main:
+                with metrics_f.open("a") as f:
+                    f.write(json.dumps(rec) + "\n")
+                if tb is not None:
+                    for k in ("loss", "lr", "grad_norm", "tok_per_s"):
+                        if rec[k] is not None:
+                            tb.add_scalar(f"{s.name}/{k}", rec[k], step)
+                bar.set_postfix(
+                    loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}"
+                )
+                bar.update(1)
+            if self.eval_fn and s.eval_every and step % s.eval_every == 0:
+                res = self.eval_fn(core, step)
+                if self.d.main and res:
+                    with metrics_f.open("a") as f:
+                        f.write(json.dumps({"stage": s.name, "step": step, "eval": res}) + "\n")
+            if (s.save_every and step % s.save_every == 0) or step == self.total:
+                self._save(core, step, epoch, micro, tokens_total)
+        bar.close()
+        if tb is not None:
+            tb.close()
+        self.policy.check(final=True)
+        if self.d.main:
+            plot_loss(metrics_f, self.out / "loss.png", s.name)
+        core.llm.gradient_checkpointing = False
+        return StageResult(step, loss_val, time.perf_counter() - t0, tokens_total, dict(self.policy.skipped))
+
+    def _check_grads(self, step: int) -> None:
+        for g in self.opt.param_groups:
+            grads = [p.grad for p in g["params"] if p.grad is not None]
+            if grads and not all(torch.isfinite(x).all() for x in grads):
+                raise NonFiniteError(
+                    f"stage {self.stage.name}, step {step}: non-finite gradients in parameter group "
+                    f"{g['name']!r}; the last good checkpoint is kept in {self.ckpt_dir}"
+                )
+
+    def _save(self, core, step, epoch, micro, tokens) -> None:
+        if self.d.main:
+            info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
+                    "seen": self.policy.seen, "skipped": dict(self.policy.skipped)}  # fmt: skip
+            st.save_training_state(self.ckpt_dir / f"step-{step:06d}", core, self.opt, info)
+            st.prune(self.ckpt_dir, self.stage.keep_last)
+        barrier(self.d)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """On resume, drop records logged after the checkpoint (they will be logged again)."""
+    if not path.is_file():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(path))
+
+
+def plot_loss(metrics: Path, png: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+    recs = [r for r in recs if "loss" in r]
+    if not recs:
+        return
+    steps, losses = [r["step"] for r in recs], [r["loss"] for r in recs]
+    k = max(1, len(losses) // 20)
+    smooth = [
+        sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1])
+        for i in range(len(losses))
+    ]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=110)
+    ax.plot(steps, losses, alpha=0.3, label="loss")
+    ax.plot(steps, smooth, label=f"mean of {k}")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
