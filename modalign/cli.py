@@ -104,14 +104,81 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-color", action="store_true")
     i.set_defaults(func=_data_inspect)
 
+    t = sub.add_parser("train", help="run a training recipe (YAML) stage by stage; resumes automatically")
+    t.add_argument("recipe", help="recipe file or the name of a shipped recipe (recipes/*.yaml)")
+    t.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
+    t.add_argument("--data", default="data", help="value of ${data} in the recipe")
+    t.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="other ${NAME} values")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    t.add_argument("--stage", action="append", default=None, help="run only these stages")
+    t.add_argument(
+        "--plan", action="store_true", help="print parameters, memory and tokens per stage; train nothing"
+    )
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=_train)
+
     q = sub.add_parser("quickstart", help="train a miniature multimodal LLM end to end on CPU")
+    q.add_argument("--method", default="llava", help="llava | mplug-owl | mplug-owl2 | xcomposer2 | all")
     q.add_argument("--out", default="runs/quickstart")
-    q.set_defaults(func=_not_yet)
+    q.add_argument("--scale", type=float, default=1.0, help="data size multiplier (1.0: 4000 train scenes)")
+    q.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a recipe key, e.g. stages.instruct.max_steps=100 (stage0.* for stage 0)",
+    )
+    q.add_argument("--no-progress", action="store_true")
+    q.set_defaults(func=_quickstart)
     return p
 
 
-def _not_yet(args) -> int:
-    print(f"modalign {args.command}: not yet available in this version")
+def _train(args) -> int:
+    import logging
+
+    from modalign.train.recipe import load_recipe
+
+    variables = {"data": args.data}
+    for v in args.var:
+        name, _, value = v.partition("=")
+        variables[name] = value
+    out = args.out
+    recipe = load_recipe(args.recipe, variables | {"out": out or "runs"}, args.set)
+    if args.plan:
+        from modalign.train.plan import format_plan, plan
+
+        print(format_plan(recipe, plan(recipe)))
+        return 0
+    from modalign.train.parallel import init_distributed
+    from modalign.train.run import run_recipe
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    d = init_distributed()
+    torch_threads_for_workers(d)
+    run_recipe(recipe, out or f"runs/{recipe.name}", d, progress=not args.no_progress, stages=args.stage)
+    if d.enabled:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def torch_threads_for_workers(d) -> None:
+    """Split the CPU cores between local processes (torchrun on CPU)."""
+    import os
+
+    import torch
+
+    if d.enabled and d.device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(
+            max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", d.world)))
+        )
+
+
+def _quickstart(args) -> int:
+    from modalign.quickstart import quickstart
+
+    quickstart(args.method, args.out, args.scale, args.set, progress=not args.no_progress)
     return 0
 
 

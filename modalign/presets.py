@@ -127,7 +127,41 @@ def tiny_llava() -> MLLMConfig:
     )
 
 
+def tiny_shapes() -> MLLMConfig:
+    """The quickstart's miniature LLaVA-shaped model for ShapesWorld (96-px images, 16-px
+    patches: 36 visual tokens; a 4-layer 128-wide decoder over a 1024-token BPE)."""
+    return MLLMConfig(
+        llm=LLMConfig(
+            vocab_size=1024,
+            hidden_size=128,
+            intermediate_size=352,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        ),  # fmt: skip
+        vision=VisionConfig(
+            hidden_size=96,
+            intermediate_size=256,
+            num_layers=4,
+            num_heads=4,
+            image_size=96,
+            patch_size=32,
+            feature_layer=-2,
+            feature_select="patch",
+            resize_mode="squash",
+        ),  # fmt: skip
+        connector=ConnectorConfig(type="mlp2x_gelu"),
+        image_token_id=3,
+        placeholder="per_token",
+    )
+
+
 PRESETS: dict[str, Callable[[], MLLMConfig]] = {
+    "tiny-shapes": tiny_shapes,
     "llava-1.5-7b": llava_15_7b,
     "mplug-owl-7b": mplug_owl_7b,
     "mplug-owl2-7b": mplug_owl2_7b,

@@ -1,7 +1,8 @@
 """CLIP-style pretraining of the vision tower on image-caption pairs (quickstart stage 0).
 
 The text side is the (frozen) language model: mean of its last hidden states over the caption.
-Image side: mean of the tower's patch features. Both are projected to a shared space and
+Image side: the class token after the post-LayerNorm (as CLIP; mean-pooling the patches does not
+learn here: it throws away where things are). Both are projected to a shared space and
 trained with the symmetric InfoNCE loss and a learned temperature.
 """
 
@@ -28,7 +29,11 @@ class ContrastiveModel(nn.Module):
         self.clip_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def forward(self, pixel_values, input_ids, attention_mask):
-        img = self.vision.hidden_states(pixel_values)[-1].mean(1)
+        h = self.vision.hidden_states(pixel_values)[-1]
+        if self.vision.cfg.class_token:  # CLIP: the class token after the post-LayerNorm
+            img = self.vision.post_layernorm(h[:, 0]) if self.vision.cfg.post_layernorm else h[:, 0]
+        else:  # no class token (SigLIP-style towers): mean of the patches
+            img = h.mean(1)
         h = self.llm(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         txt = (h * m).sum(1) / m.sum(1).clamp(min=1)

@@ -66,6 +66,7 @@ class Stage:
     enable: dict[str, Any] = field(default_factory=dict)  # parts added at this stage (e.g. lora: {...})
     max_length: int = 2048
     group_by_modality: bool = False
+    group_by_length: bool = True  # off for contrastive stages: similar-length batches are all hard negatives
     bad_samples: BadSamples = field(default_factory=BadSamples)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import CheckpointError, build, load_pretrained
+from modalign.checkpoints import CheckpointError, load_pretrained
 from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 from modalign.data.collate import Collator
 from modalign.data.conversation import get_template
@@ -141,6 +141,10 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
         table = apply_trainable(target, stage.trainable)
         if d.main:
             print(f"stage {stage.name}: {len(dataset)} samples\n{format_table(table)}", flush=True)
+            sdir.mkdir(parents=True, exist_ok=True)
+            counts = {"trainable": sum(r.trainable for r in table), "frozen": sum(r.frozen for r in table),
+                      "groups": [asdict(r) for r in table]}  # fmt: skip
+            (sdir / "trainable.json").write_text(json.dumps(counts, indent=2) + "\n")
         wrapped = wrap(target, recipe.parallel.strategy, d)
         trainer = Trainer(wrapped, stage, dataset, collator, sdir, recipe.seed, d, loss_fn, progress=progress)
         res = trainer.run()
@@ -169,9 +173,9 @@ def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: T
         return load_pretrained(prev, dtype=torch.float32)
     if src not in (None, "none", "previous"):
         return load_pretrained(src, dtype=torch.float32)
-    cfg = recipe.model.build_config()
     torch.manual_seed(recipe.seed)
-    model = MLLM(cfg) if not recipe.model.init else build_initialised(cfg, recipe)
+    model = MLLM(recipe.model.build_config())  # random init for the parts that are not loaded
+    init_parts(model, recipe.model.init)
     enable_parts(model, recipe.model.enable)
     if model.config.llm.vocab_size < tok.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -179,11 +183,4 @@ def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: T
     return model
 
 
-def build_initialised(cfg, recipe: Recipe) -> MLLM:
-    torch.manual_seed(recipe.seed)
-    model = MLLM(cfg)  # random init for the parts that are not loaded
-    init_parts(model, recipe.model.init)
-    return model
-
-
-__all__ = ["build", "run_recipe"]
+__all__ = ["run_recipe"]

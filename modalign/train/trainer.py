@@ -97,8 +97,9 @@ class Trainer:
             g["initial_lr"] = g["lr"]
         self.opt = torch.optim.AdamW(self.groups, lr=stage.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
         self.sampler = LengthGroupedSampler(
-            dataset, stage.batch_size * self.d.world, seed, stage.group_by_modality
-        )
+            dataset, stage.batch_size * self.d.world, seed, stage.group_by_modality,
+            mega=32 if stage.group_by_length else 1,
+        )  # fmt: skip
         self.micro_per_epoch = len(self.sampler.batches())
         if stage.max_steps is not None:
             self.total = stage.max_steps

@@ -1,0 +1,211 @@
+"""Training: recipes validate and plan on the meta device, frozen parameters stay bit-identical,
+a SIGKILLed run resumes to the same losses (also DDP with 2 gloo processes), NaN stops cleanly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modalign import MLLM
+from modalign.config import ConfigError
+from modalign.data import shapes
+from modalign.data.datasets import load_samples
+from modalign.data.tokenizer import Tokenizer
+from modalign.train.plan import plan
+from modalign.train.recipe import RECIPES_DIR, load_recipe
+from modalign.train.run import run_recipe
+from modalign.train.state import checkpoints
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+TINY = {
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2},
+    "llm": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    shapes.generate(d, num_train=48, num_eval=4, seed=0, num_text=48)
+    texts = [m.content for s in load_samples(d / "instruct.json") for m in s.messages]
+    Tokenizer.train_bpe(texts + [s.text for s in load_samples(d / "text.jsonl")], vocab_size=400).save(
+        d / "tokenizer"
+    )
+    return d
+
+
+def recipe_doc(data: Path, strategy="none", steps=6, save_every=2) -> dict:
+    stage = {"batch_size": 8, "max_steps": steps, "save_every": save_every, "keep_last": 2, "lr": 1e-2,
+             "max_length": 96, "schedule": {"warmup": 2, "decay": "cosine"}}  # fmt: skip
+    return {
+        "name": "tiny-test",
+        "seed": 1,
+        "parallel": {"strategy": strategy},
+        "model": {"preset": "tiny-shapes", "overrides": TINY, "tokenizer": str(data / "tokenizer")},
+        "stages": [
+            {"name": "align", "data": [{"path": str(data / "captions.json")}], "template": "plain",
+             "trainable": ["connector.*"], **stage},
+            {"name": "instruct", "data": [{"path": str(data / "instruct.json"), "weight": 0.8},
+                                          {"path": str(data / "text_instruct.json"), "weight": 0.2}],
+             "template": "chatml", "trainable": ["connector.*", "llm.*"], **stage},
+        ],
+    }  # fmt: skip
+
+
+def losses(run: Path) -> list[tuple]:
+    out = []
+    for stage in ("align", "instruct"):
+        for line in (run / stage / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "loss" in r:
+                out.append((stage, r["step"], r["loss"]))
+    return out
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates_and_plans_on_meta(path):
+    recipe = load_recipe(path, {"data": "data", "stage0": "runs/stage0"})
+    rows = plan(recipe)
+    assert len(rows) == len(recipe.stages)
+    for r in rows:
+        assert r["trainable"] > 0 and r["memory_total_gib"] > 0
+
+
+def test_recipe_errors_name_the_key(data):
+    doc = recipe_doc(data)
+    doc["stages"][0]["learning_rate"] = 1
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]: unknown key\(s\) learning_rate"):
+        load_recipe(doc)
+    doc = recipe_doc(data)
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[1\]\.lr: expected a number"):
+        load_recipe(doc, sets=["stages.instruct.lr=fast"])
+    with pytest.raises(ConfigError, match="give exactly one of max_steps and epochs"):
+        load_recipe(doc, sets=["stages.0.epochs=1"])
+    assert load_recipe(doc, sets=["stages.align.lr=3e-4"]).stages[0].lr == 3e-4
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_each_stage_changes_exactly_its_trainable_parameters(data, tmp_path):
+    recipe = load_recipe(recipe_doc(data, steps=3, save_every=0))
+    torch.manual_seed(recipe.seed)
+    init = MLLM(recipe.model.build_config()).state_dict()
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    after1 = MLLM.from_pretrained(tmp_path / "run" / "align" / "model").state_dict()
+    after2 = MLLM.from_pretrained(tmp_path / "run" / "instruct" / "model").state_dict()
+    for name in init:
+        assert torch.equal(init[name], after1[name]) != name.startswith("connector."), name
+        assert torch.equal(after1[name], after2[name]) == name.startswith("vision."), name
+    counts = json.loads((tmp_path / "run" / "align" / "trainable.json").read_text())
+    assert counts["trainable"] == sum(v.numel() for k, v in init.items() if k.startswith("connector."))
+    assert (tmp_path / "run" / "instruct" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+
+
+def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:
+    base = [
+        "-m",
+        "modalign.cli",
+        "train",
+        str(recipe),
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--no-progress",
+    ]
+    if ddp:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", *base]  # fmt: skip
+    return [sys.executable, *base]
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp-gloo-2"])
+def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, ddp):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_doc(data, "ddp" if ddp else "none")))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(_train_cmd(recipe, full, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(_train_cmd(recipe, cut, data, ddp), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 300
+    while not checkpoints(cut / "instruct" / "checkpoints") and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: step 2 is saved, the next save has not happened
+    proc.wait()
+    assert not (cut / "instruct" / "result.json").exists(), "the run finished before it could be killed"
+    subprocess.run(_train_cmd(recipe, cut, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
+    assert losses(cut) == losses(full)
+    assert len(losses(full)) == 12
+    a, b = MLLM.from_pretrained(full / "model"), MLLM.from_pretrained(cut / "model")
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_interrupted_save_is_ignored_and_nan_stops_with_checkpoint(data, tmp_path):
+    from modalign.train import trainer as tr
+
+    recipe = load_recipe(recipe_doc(data, steps=6, save_every=1), sets=["stages.0.max_steps=2"])
+    run_recipe(recipe, tmp_path / "run", progress=False, stages=["align"])
+    ckdir = tmp_path / "run" / "instruct" / "checkpoints"
+
+    calls = {"n": 0}
+    real = tr.lm_loss
+
+    def poisoned(model, batch, device):
+        loss, n = real(model, batch, device)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), n
+
+    orig = tr.lm_loss
+    tr.lm_loss = poisoned
+    import modalign.train.run as run_mod
+
+    run_mod.lm_loss = poisoned
+    try:
+        with pytest.raises(tr.NonFiniteError, match=r"stage instruct, step 3: loss is nan"):
+            run_recipe(recipe, tmp_path / "run", progress=False)
+    finally:
+        tr.lm_loss = run_mod.lm_loss = orig
+    done = checkpoints(ckdir)
+    assert [p.name for p in done] == ["step-000002", "step-000003"]
+    # a save killed halfway: a temp dir and a step dir without state.json; both are ignored
+    (ckdir / ".step-000004.tmp-abc").mkdir()
+    (ckdir / "step-000005").mkdir()
+    assert checkpoints(ckdir)[-1].name == "step-000003"
+    res = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert res["instruct"].steps == 6
+
+
+def test_nonfinite_gradients_name_the_group(data, tmp_path):
+    from modalign.train import trainer as tr
+
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0))
+    model = MLLM(recipe.model.build_config())
+    from modalign.data.collate import Collator
+    from modalign.train.freeze import apply_trainable
+    from modalign.train.run import build_dataset
+
+    tok = Tokenizer.from_dir(data / "tokenizer")
+    stage = recipe.stages[1]
+    apply_trainable(model, stage.trainable)
+    model.llm.norm.weight.register_hook(lambda g: g * float("inf"))
+    t = tr.Trainer(
+        model, stage, build_dataset(stage, model, tok), Collator(tok.pad_id), tmp_path / "s", progress=False
+    )
+    with pytest.raises(
+        tr.NonFiniteError, match=r"step 0: non-finite gradients in parameter group 'default \(no decay\)'"
+    ):
+        t.run()
