@@ -74,7 +74,7 @@ def losses(run: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_recipe_validates_and_plans_on_meta(path):
-    recipe = load_recipe(path, {"data": "data", "stage0": "runs/stage0"})
+    recipe = load_recipe(path, {"data": "data", "stage0": "runs/stage0", "llm": "llm", "vision": "vision"})
     rows = plan(recipe)
     assert len(rows) == len(recipe.stages)
     for r in rows:

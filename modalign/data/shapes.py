@@ -1,6 +1,6 @@
 """ShapesWorld: the embedded, seeded data set (images drawn with PIL, written as LLaVA JSON).
 
-A scene is a 3x3 grid; 1-4 cells hold a shape (circle, square, triangle, star, hexagon) of a
+A scene is a 3x3 grid; 1-5 cells hold a shape (circle, square, triangle, star, hexagon) of a
 colour and size; sometimes another cell holds a short word. From each scene come a caption
 (stage-1 alignment), a multi-turn instruction conversation (colour, shape, count, position,
 relation, existence incl. absent objects, reading, description) and, for the held-out split,
@@ -84,7 +84,7 @@ class Scene:
 
 
 def random_scene(rng: random.Random, allow_unseen: bool, force_unseen: bool = False) -> Scene:
-    n = rng.randint(1, 4)
+    n = rng.randint(1, 5)
     cells = rng.sample(range(9), n + 1)
     objs, used = [], set()
     for k in range(n):
