@@ -91,6 +91,9 @@ class ConnectorConfig:
     pos_embed: bool = False  # abstractor: mPLUG-Owl2 sin-cos position tables on queries/keys
     eos_token: bool = True  # abstractor: append the learned ``vit_eos`` token
     cross_attention_every: int = 2  # qformer: a cross-attention block every N layers
+    # qformer: InstructBLIP's instruction-aware Q-Former (the prompt's ids enter the Q-Former)
+    text_vocab_size: int | None = None
+    text_max_positions: int = 512
 
 
 @dataclass

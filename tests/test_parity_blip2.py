@@ -54,3 +54,37 @@ def test_blip2_save_load_identical(tmp_path):
     px = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
         assert torch.equal(again(ids, pixel_values=px).logits, ours(ids, pixel_values=px).logits)
+
+
+def test_instructblip_logits_parity(tmp_path):
+    vc = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=28,
+        patch_size=7,
+    )
+    qc = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, encoder_hidden_size=32,
+              cross_attention_frequency=2, vocab_size=90, max_position_embeddings=40)  # fmt: skip
+    tc = transformers.LlamaConfig(**tiny_llama_config())
+    cfg = transformers.InstructBlipConfig(vision_config=vc, qformer_config=qc, text_config=tc.to_dict(),
+                                          num_query_tokens=5, image_token_index=IMAGE_TOKEN)  # fmt: skip
+    torch.manual_seed(0)
+    ref = randomize(transformers.InstructBlipForConditionalGeneration(cfg)).eval()
+    ref.save_pretrained(tmp_path / "ib")
+    ours = MLLM.from_pretrained(tmp_path / "ib")
+    ids, mask = llava_inputs(5, lengths=(7, 5))
+    px = torch.randn(2, 3, 28, 28)
+    q_ids = torch.randint(1, 90, (2, 6))
+    q_mask = torch.ones_like(q_ids)
+    q_mask[1, 4:] = 0
+    with torch.no_grad():
+        want = ref(input_ids=ids, pixel_values=px, attention_mask=mask, qformer_input_ids=q_ids,
+                   qformer_attention_mask=q_mask).logits  # fmt: skip
+        got = ours(
+            ids, pixel_values=px, attention_mask=mask, qformer_input_ids=q_ids, qformer_attention_mask=q_mask
+        ).logits
+        other = ours(ids, pixel_values=px, attention_mask=mask, qformer_input_ids=q_ids.flip(1)).logits
+    assert_close_where(got, want, mask)
+    assert (other - got).abs().max() > 1e-3  # the instruction changes the visual tokens

@@ -74,6 +74,8 @@ def config_from_dir(path: str | Path) -> tuple[MLLMConfig, str]:
         return mplug_owl2.config_from_owl2(d), "mplug_owl2"
     if mt == "blip-2":
         return blip2.config_from_blip2(d), "blip-2"
+    if mt == "instructblip":
+        return blip2.config_from_instructblip(d), "blip-2"
     if mt == "internlm2":
         return internlm2.config_from_internlm2(d, Path(path), read_shapes(path)), "internlm2"
     if mt == "llava":

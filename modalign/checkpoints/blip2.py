@@ -11,8 +11,11 @@ Llama-family language model.
 | ``query_tokens``, ``qformer.*``, ``language_projection.*`` | ``connector.*`` (``type: qformer``) |
 | ``language_model.*`` | ``llm.*`` (as for LLaVA) |
 
-The Q-Former's text branch (``qformer.embeddings.*``, ``encoder.layer.N.intermediate`` /
-``output``), used only for BLIP-2's image-text matching stage, is not read.
+BLIP-2's Q-Former text branch (``qformer.embeddings.*``, ``encoder.layer.N.intermediate`` /
+``output``), used only for its image-text matching stage, is not read. InstructBLIP
+(``model_type: instructblip``) reads it: the instruction's ids (``qformer_input_ids``, one row
+per image) enter the Q-Former beside the queries, and ``model(..., qformer_input_ids=...,
+qformer_attention_mask=...)`` passes them on.
 Images are spliced at ``image_token_index``: one placeholder per query token.
 """
 
@@ -23,6 +26,16 @@ import torch
 from modalign.checkpoints.hf import llm_config_from_hf, map_llava_key
 from modalign.checkpoints.io import CheckpointError
 from modalign.config import ConnectorConfig, MLLMConfig, VisionConfig
+
+
+def config_from_instructblip(d: dict) -> MLLMConfig:
+    """InstructBLIP: BLIP-2 whose Q-Former also reads the instruction (``qformer_input_ids``)."""
+    cfg = config_from_blip2(d)
+    q = d.get("qformer_config") or {}
+    cfg.connector.text_vocab_size = q.get("vocab_size", 30523)
+    cfg.connector.text_max_positions = q.get("max_position_embeddings", 512)
+    cfg.source_format = "instructblip"
+    return cfg
 
 
 def config_from_blip2(d: dict) -> MLLMConfig:
@@ -79,10 +92,13 @@ def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[
     biases: dict[str, dict[str, torch.Tensor]] = {}
     for k, v in tensors.items():
         parts = k.split(".")
-        if k.startswith("qformer.embeddings.") or (
+        text_branch = k.startswith("qformer.embeddings.") or (
             k.startswith("qformer.encoder.layer.") and parts[4] in ("intermediate", "output")
-        ):
-            continue  # the Q-Former text branch
+        )
+        if text_branch and not cfg.connector.text_vocab_size:
+            continue  # BLIP-2's Q-Former text branch (image-text matching only)
+        if k == "qformer.embeddings.position_ids":
+            continue
         if k == "query_tokens" or k.startswith(("qformer.", "language_projection.")):
             out["connector." + k] = v
         elif k.startswith("vision_model."):

@@ -192,14 +192,16 @@ class MLLM(nn.Module):
             return self.vision.hd_num_tokens(h // t, w // t)
         return self.connector.num_output_tokens(self.config.vision.num_features)
 
-    def encode_images(self, pixel_values) -> torch.Tensor | list[torch.Tensor]:
+    def encode_images(self, pixel_values, **connector_inputs) -> torch.Tensor | list[torch.Tensor]:
         """[N, 3, S, S] -> visual tokens [N, L_out, D_llm]. HD layouts take a list of
-        [3, H_i, W_i] (or one [N, 3, H, W] tensor) and return a list of [L_i, D_llm]."""
+        [3, H_i, W_i] (or one [N, 3, H, W] tensor) and return a list of [L_i, D_llm].
+        ``connector_inputs``: e.g. InstructBLIP's ``qformer_input_ids`` (one row per image)."""
         if not self.has_vision:
             raise ValueError("this model has no vision tower; it cannot take pixel_values")
         if self.config.vision.hd_layout:
             return [self.connector(self.vision.encode_hd(im)[None])[0] for im in pixel_values]
-        return self.connector(self.vision(pixel_values))
+        extra = {k: v for k, v in connector_inputs.items() if v is not None}
+        return self.connector(self.vision(pixel_values), **extra)
 
     def embed(
         self,
@@ -209,11 +211,12 @@ class MLLM(nn.Module):
         labels: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         placeholder: str | None = None,
+        **connector_inputs,
     ) -> Spliced:
         """Token embeddings with the visual tokens spliced in, plus modality ids.
         ``placeholder`` overrides the config's mode (the engine pre-expands per-image ids)."""
         if image_tokens is None and pixel_values is not None and len(pixel_values) > 0:
-            image_tokens = self.encode_images(pixel_values)
+            image_tokens = self.encode_images(pixel_values, **connector_inputs)
         return splice(
             self.llm.embed_tokens,
             input_ids,
@@ -238,6 +241,8 @@ class MLLM(nn.Module):
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
         placeholder: str | None = None,
+        qformer_input_ids: torch.Tensor | None = None,
+        qformer_attention_mask: torch.Tensor | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
@@ -248,7 +253,8 @@ class MLLM(nn.Module):
             decoding = cache is not None and cache.length > 0
             if decoding and pixel_values is not None:
                 raise ValueError("pixel_values belong to the prompt, not to decode steps")
-            sp = self.embed(input_ids, pixel_values, attention_mask, labels, placeholder=placeholder)
+            sp = self.embed(input_ids, pixel_values, attention_mask, labels, placeholder=placeholder,
+                            qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)  # fmt: skip
             inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels
             # all-text inference skips the image branches (bit-identical to the base model); in
             # training the ids are always passed so routed parameters stay in the graph (DDP)
