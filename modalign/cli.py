@@ -104,6 +104,27 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-color", action="store_true")
     i.set_defaults(func=_data_inspect)
 
+    g = sub.add_parser("generate", help="answer one prompt (optionally about images)")
+    g.add_argument("--model", required=True, help="model directory (with its tokenizer)")
+    g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--template", default=None, help="chat template (default: the model's own)")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--json", action="store_true", help="print text, finish reason and token counts as JSON")
+    g.set_defaults(func=_generate)
+
+    ch = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)")
+    ch.add_argument("--model", required=True)
+    ch.add_argument("--image", action="append", default=[])
+    ch.add_argument("--template", default=None)
+    ch.add_argument("--max-new-tokens", type=int, default=256)
+    ch.add_argument("--temperature", type=float, default=0.0)
+    ch.set_defaults(func=_chat)
+
     t = sub.add_parser("train", help="run a training recipe (YAML) stage by stage; resumes automatically")
     t.add_argument("recipe", help="recipe file or the name of a shipped recipe (recipes/*.yaml)")
     t.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
@@ -131,6 +152,71 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_quickstart)
     return p
+
+
+def _generate(args) -> int:
+    from modalign.chat import ChatModel, user_message
+
+    cm = ChatModel.load(args.model, args.template)
+    params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                       top_k=args.top_k, seed=args.seed)  # fmt: skip
+    msgs = [user_message(args.prompt, len(args.image))]
+    if args.json:
+        r = cm.reply(msgs, args.image, params)
+        print(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
+                          "completion_tokens": r.completion_tokens}))  # fmt: skip
+        return 0
+    for piece in cm.stream(msgs, args.image, params):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
+def _chat(args) -> int:
+    from modalign.chat import ChatModel, user_message
+    from modalign.data.conversation import Message
+
+    cm = ChatModel.load(args.model, args.template)
+    params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    history, images, pending = [], [], list(args.image)
+    print("modalign chat: /image PATH adds an image to your next message, /reset clears, /quit exits")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            return 0
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            history, images, pending = [], [], []
+            print("(conversation cleared)")
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image") :].strip()
+            if not Path(path).is_file():
+                print(f"(no such file: {path})")
+            else:
+                pending.append(path)
+                print(f"(image {path} attached to your next message)")
+            continue
+        history.append(user_message(line, len(pending)))
+        images += pending
+        pending = []
+        print("assistant> ", end="", flush=True)
+        reply = ""
+        try:
+            for piece in cm.stream(history, images, params):
+                reply += piece
+                print(piece, end="", flush=True)
+        except ValueError as e:
+            print(f"(error: {e})")
+            history.pop()
+            continue
+        print()
+        history.append(Message("assistant", reply))
 
 
 def _train(args) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from modalign.models.decoder import decode_step, fast_decode_ok
 from modalign.models.mllm import MLLM
 
 
@@ -105,37 +106,51 @@ class Engine:
             same = all(x.shape == images[0].shape for x in images)
             pixels = torch.stack(images).to(dev) if same else [x.to(dev) for x in images]
         ids, mask = ids.to(dev), mask.to(dev)
+        padded = min(lengths) != t
+        pos = (mask.sum(1, keepdim=True) - 1) if padded else None  # last position per row
         cache = self.model.llm.new_cache(b, t + params.max_new_tokens + 1)
         gen = torch.Generator(device=dev)
         if params.seed is not None:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
-        out = self.model(ids, pixel_values=pixels, attention_mask=mask, cache=cache, logits_to_keep=1,
-                         placeholder="per_token")  # fmt: skip
+        out = self.model(ids, pixel_values=pixels, attention_mask=mask if padded else None, cache=cache,
+                         logits_to_keep=1, placeholder="per_token")  # fmt: skip
         logits = out.logits[:, -1].float()
-        done = torch.zeros(b, dtype=torch.bool, device=dev)
         finish = ["length"] * b
         seen = ids.clone() if params.repetition_penalty != 1.0 else None
-        stop_ids = torch.tensor(params.stop_token_ids or [-1], device=dev)
+        stops = set(params.stop_token_ids)
+        done_l = [False] * b
+        fast = fast_decode_ok(self.model.llm, cache)
         for step in range(params.max_new_tokens):
             adj = process_logits(logits, seen, params)
             if params.temperature > 0:
                 nxt = torch.multinomial(adj.softmax(-1), 1, generator=gen).squeeze(1)
             else:
                 nxt = adj.argmax(-1)
-            hit = torch.isin(nxt, stop_ids) & ~done
-            row = [None if done[i] else int(nxt[i]) for i in range(b)]
-            for i in hit.nonzero().flatten().tolist():
-                finish[i] = "stop"
-            done |= hit
+            toks = nxt.tolist()
+            row = [None if done_l[i] else t for i, t in enumerate(toks)]
+            for i, t in enumerate(row):
+                if t is not None and t in stops:
+                    finish[i], done_l[i] = "stop", True
             yield row
-            if bool(done.all()) or step == params.max_new_tokens - 1:
+            if all(done_l) or step == params.max_new_tokens - 1:
                 break
             if seen is not None:
                 seen = torch.cat([seen, nxt[:, None]], 1)
-            mask = torch.cat([mask, (~done).long()[:, None]], 1)
-            logits = self.model(nxt[:, None], attention_mask=mask, cache=cache).logits[:, -1].float()
+            step_ids = nxt[:, None]
+            if padded:  # rows keep their own positions; finished rows stop attending to new tokens
+                done = torch.tensor(done_l, device=dev)
+                mask = torch.cat([mask, (~done).long()[:, None]], 1)
+                pos = pos + 1
+            if fast and fast_decode_ok(self.model.llm, cache):
+                logits = decode_step(
+                    self.model.llm, step_ids, cache, pos if padded else None, mask if padded else None
+                )
+            else:
+                kw = {"attention_mask": mask, "position_ids": pos} if padded else {}
+                logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
+            logits = logits.float()
         self.last_finish = finish
 
     def _expand(self, p: Prompt) -> Prompt:

@@ -32,8 +32,10 @@ class Tokenizer:
         pad_token: str | None = None,
         image_token: str | None = None,
         chat_template: str | None = None,
+        template_name: str | None = None,
     ):
         self.tk = tk
+        self.template_name = template_name  # the built-in template a model was trained with
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.image_token = pad_token, image_token
         self.chat_template = chat_template
@@ -98,6 +100,7 @@ class Tokenizer:
             pad_token=_token_str(cfg.get("pad_token")),
             image_token=_token_str(cfg.get("image_token")),
             chat_template=template,
+            template_name=cfg.get("modalign_template"),
         )
 
     def save(self, path: str | Path) -> None:
@@ -110,6 +113,7 @@ class Tokenizer:
             "pad_token": self.pad_token,
             "image_token": self.image_token,
             "chat_template": self.chat_template,
+            "modalign_template": self.template_name,
         }
         (path / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
 

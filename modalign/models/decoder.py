@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one kernel; same maths as below in fp32
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # fp32 inside, weight applied after casting back (as the reference implementations do)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -92,7 +94,11 @@ class Rotary(nn.Module):
                 inv = self._inv_freq(base).to(inv.device)
         freqs = position_ids[..., None].float() * inv.float()
         emb = torch.cat([freqs, freqs], dim=-1)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        sin = emb.sin()
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2]: one roll instead of chunk/neg/cat
+        half = sin.shape[-1] // 2
+        signed = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return emb.cos().to(dtype), signed.to(dtype)
 
 
 def _llama3_inv_freq(inv: torch.Tensor, rs: dict) -> torch.Tensor:
@@ -108,11 +114,6 @@ def _llama3_inv_freq(inv: torch.Tensor, rs: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, out)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 # ------------------------------------------------------------------------------------ cache
 
 
@@ -125,6 +126,7 @@ class KVCache:
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len = max_len
         self.length = 0  # filled positions; advanced by the decoder after each forward
+        self.prefill_length = 0  # length after the first (prompt) forward
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         end = start + k.shape[2]
@@ -193,9 +195,10 @@ class Attention(nn.Module):
         q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
         k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # sin carries the rotate-half signs
+        h = self.hd // 2
+        q = q * cos + q.roll(h, -1) * sin
+        k = k * cos + k.roll(h, -1) * sin
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, start)
         m = mask["sliding" if self.sliding else "full"]
@@ -249,6 +252,7 @@ class LLM(nn.Module):
         self.tie_weights()
         self.rotary = Rotary(cfg)
         self.gradient_checkpointing = False
+        self._decode_plan = None
         if cfg.mam:
             apply_mam(self)
         if cfg.plora is not None:
@@ -327,10 +331,106 @@ class LLM(nn.Module):
                 x = layer(x, img, cos, sin, masks, cache, start)
         if cache is not None:
             cache.length = start + t
+            if start == 0:
+                cache.prefill_length = cache.length
         x = self.norm(x)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return x if return_hidden else self.lm_head(x)
+
+
+class _DecodePlan:
+    """Per-layer tensors for one text decode step. q/k/v and gate/up are concatenated so that a
+    step makes two matmuls fewer per block; ``stale`` notices in-place updates (training)."""
+
+    def __init__(self, llm: LLM):
+        def text(m):  # MAM: a decode step is text, so the text copy
+            return m.multiway[0] if hasattr(m, "multiway") else m
+
+        def cat(mods):
+            w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
+            bs = [m.bias for m in mods]
+            b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
+            return w.detach(), None if b is None else b.detach()
+
+        self.sources, self.layers = [], []
+        for layer in llm.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            qkv = [a.qkv_proj] if hasattr(a, "qkv_proj") else [text(a.q_proj), text(a.k_proj), text(a.v_proj)]
+            self.sources += [
+                p for m in [*qkv, mlp.gate_proj, mlp.up_proj] for p in m.parameters(recurse=False)
+            ]
+            self.layers.append((
+                text(layer.input_layernorm).weight, cat(qkv), (a.o_proj.weight, a.o_proj.bias),
+                text(layer.post_attention_layernorm).weight, cat([mlp.gate_proj, mlp.up_proj]),
+                (mlp.down_proj.weight, mlp.down_proj.bias),
+            ))  # fmt: skip
+        self.versions = self._versions()
+
+    def _versions(self):
+        return [(p.data_ptr(), p._version) for p in self.sources]
+
+    def stale(self) -> bool:
+        return self._versions() != self.versions
+
+
+def fast_decode_ok(llm: LLM, cache: KVCache) -> bool:
+    """The raw-tensor decode step covers base layers, MAM (text copy) and Partial LoRA (off
+    for text); LoRA (unmerged), adapters, non-SiLU MLPs and active sliding windows take the
+    module path."""
+    c = llm.cfg
+    if c.hidden_act != "silu" or c.adapter is not None or llm.training:
+        return False
+    if c.lora is not None and any(
+        isinstance(m, ALinear) and m.lora_A is not None and not m.lora_merged for m in llm.modules()
+    ):
+        return False
+    if c.sliding_window is not None and cache.length + 1 > c.sliding_window:
+        return False
+    return True
+
+
+def _rms(x, w, eps):
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, w.shape, w, eps)
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@torch.no_grad()
+def decode_step(
+    llm: LLM, ids: torch.Tensor, cache: KVCache, position_ids=None, attention_mask=None
+) -> torch.Tensor:
+    """One text token per row ([B, 1]) through the cached decoder -> last logits [B, V]."""
+    plan = getattr(llm, "_decode_plan", None)
+    if plan is None or (cache.length == cache.prefill_length and plan.stale()):  # checked once per generation
+        plan = llm._decode_plan = _DecodePlan(llm)
+    c = llm.cfg
+    b, eps, nh, nkv, hd = ids.shape[0], c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.dim_head
+    x = F.embedding(ids, llm.embed_tokens.weight)
+    start = cache.length
+    if position_ids is None:
+        position_ids = torch.full((b, 1), start, dtype=torch.long, device=ids.device)
+    cos, sin = llm.rotary(position_ids, x.dtype)  # [B, 1, hd]: broadcast over heads
+    mask = None
+    if attention_mask is not None:
+        mask = attention_mask[:, None, None, :].bool()
+    gqa, h2, inter = nkv != nh, hd // 2, c.intermediate_size
+    for i, (w_in, qkv, o, w_post, gu, d) in enumerate(plan.layers):
+        h = _rms(x, w_in, eps)
+        heads = F.linear(h, *qkv).view(b, nh + 2 * nkv, hd)  # [q heads, k heads, v heads]
+        qk = heads[:, : nh + nkv]
+        qk = qk * cos + qk.roll(h2, -1) * sin  # RoPE on q and k at once
+        q = qk[:, :nh, None]
+        k = qk[:, nh:, None]
+        v = heads[:, nh + nkv :, None]
+        k, v = cache.write(i, k, v, start)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        x = x + F.linear(a.reshape(b, 1, nh * hd), *o)
+        gate, up = F.linear(_rms(x, w_post, eps), *gu).split(inter, -1)
+        x = x + F.linear(F.silu(gate) * up, *d)
+    cache.length = start + 1
+    return F.linear(_rms(x[:, -1], llm.norm.weight, eps), llm.lm_head.weight)
 
 
 def positions_from_mask(attention_mask, start: int, t: int, device) -> torch.Tensor:

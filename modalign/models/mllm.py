@@ -253,6 +253,10 @@ class MLLM(nn.Module):
             decoding = cache is not None and cache.length > 0
             if decoding and pixel_values is not None:
                 raise ValueError("pixel_values belong to the prompt, not to decode steps")
+            if decoding and labels is None and modality_ids is None:  # new text tokens: no splice
+                logits = self.llm(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                  cache=cache, logits_to_keep=logits_to_keep)  # fmt: skip
+                return MLLMOutput(logits=logits, attention_mask=attention_mask)
             sp = self.embed(input_ids, pixel_values, attention_mask, labels, placeholder=placeholder,
                             qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)  # fmt: skip
             inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels

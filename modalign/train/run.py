@@ -153,6 +153,8 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
             for p in model.parameters():
                 p.requires_grad_(True)
             model.save_pretrained(sdir / "model")
+            if stage.objective == "lm":
+                tok.template_name = stage.template  # what chat/serve render prompts with
             tok.save(sdir / "model")
             (sdir / "result.json").write_text(json.dumps(asdict(res), indent=2) + "\n")
         barrier(d)

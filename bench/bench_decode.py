@@ -1,0 +1,81 @@
+"""Decode speed: transformers' LlavaForConditionalGeneration.generate vs modalign's Engine on the
+same tiny random LLaVA checkpoint, in one run. Prints tokens/s and the ratio.
+
+    python bench/bench_decode.py [--new-tokens 128] [--threads 2]
+
+Decode tokens/s = new tokens / (time(N new tokens) - time(1 new token)), i.e. prefill excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+import transformers
+
+from modalign import MLLM
+from modalign.generate import Engine, Prompt, SamplingParams
+
+IMAGE = 500
+
+
+def build(tmp: str):
+    vc = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=64, patch_size=16)  # fmt: skip
+    tc = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)  # fmt: skip
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE)
+    torch.manual_seed(0)
+    ref = transformers.LlavaForConditionalGeneration(cfg).eval()
+    ref.save_pretrained(tmp)
+    return ref, MLLM.from_pretrained(tmp).eval()
+
+
+def timed(fn, repeat=3):
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, ours = build(tmp)
+        n_img = ours.num_image_tokens()
+        eng = Engine(ours)
+        for batch in (1, 8):
+            g = torch.Generator().manual_seed(batch)
+            ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),
+                             torch.randint(3, 400, (batch, 20), generator=g)], 1)  # fmt: skip
+            px = torch.randn(batch, 3, 64, 64, generator=g)
+            mask = torch.ones_like(ids)
+
+            def hf(n):
+                with torch.inference_mode():
+                    return ref.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=n,
+                                        min_new_tokens=n, do_sample=False)  # fmt: skip
+
+            def me(n):
+                prompts = [Prompt(ids[i].tolist(), [px[i]]) for i in range(batch)]
+                return eng.generate(prompts, SamplingParams(max_new_tokens=n))
+
+            same = hf(16)[:, ids.shape[1] :].tolist() == [r.token_ids for r in me(16)]
+            n = args.new_tokens
+            t_hf = timed(lambda: hf(n)) - timed(lambda: hf(1))
+            t_me = timed(lambda: me(n)) - timed(lambda: me(1))
+            hf_tps, me_tps = batch * (n - 1) / t_hf, batch * (n - 1) / t_me
+            print(f"batch {batch}: transformers {hf_tps:8.1f} tok/s | modalign {me_tps:8.1f} tok/s | "
+                  f"ratio {me_tps / hf_tps:5.2f}x | same greedy tokens: {same}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
