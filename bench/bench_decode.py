@@ -59,19 +59,19 @@ def main():
             px = torch.randn(batch, 3, 64, 64, generator=g)
             mask = torch.ones_like(ids)
 
-            def hf(n):
+            def hf(n, ids=ids, px=px, mask=mask):
                 with torch.inference_mode():
                     return ref.generate(input_ids=ids, pixel_values=px, attention_mask=mask, max_new_tokens=n,
                                         min_new_tokens=n, do_sample=False)  # fmt: skip
 
-            def me(n):
+            def me(n, ids=ids, px=px, batch=batch):
                 prompts = [Prompt(ids[i].tolist(), [px[i]]) for i in range(batch)]
                 return eng.generate(prompts, SamplingParams(max_new_tokens=n))
 
             same = hf(16)[:, ids.shape[1] :].tolist() == [r.token_ids for r in me(16)]
             n = args.new_tokens
-            t_hf = timed(lambda: hf(n)) - timed(lambda: hf(1))
-            t_me = timed(lambda: me(n)) - timed(lambda: me(1))
+            t_hf = timed(lambda: hf(n)) - timed(lambda: hf(1))  # noqa: B023
+            t_me = timed(lambda: me(n)) - timed(lambda: me(1))  # noqa: B023
             hf_tps, me_tps = batch * (n - 1) / t_hf, batch * (n - 1) / t_me
             print(f"batch {batch}: transformers {hf_tps:8.1f} tok/s | modalign {me_tps:8.1f} tok/s | "
                   f"ratio {me_tps / hf_tps:5.2f}x | same greedy tokens: {same}")  # fmt: skip
