@@ -125,6 +125,26 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--temperature", type=float, default=0.0)
     ch.set_defaults(func=_chat)
 
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    sv.add_argument("--model", required=True)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--template", default=None)
+    sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
+    sv.add_argument("--max-batch", type=int, default=8)
+    sv.add_argument("--max-images", type=int, default=8)
+    sv.add_argument("--max-body-mb", type=float, default=20)
+    sv.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
+    sv.add_argument(
+        "--allow-http-images",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="fetch http(s) images from this domain (repeatable); off by default",
+    )
+    sv.set_defaults(func=_serve)
+
     t = sub.add_parser("train", help="run a training recipe (YAML) stage by stage; resumes automatically")
     t.add_argument("recipe", help="recipe file or the name of a shipped recipe (recipes/*.yaml)")
     t.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
@@ -217,6 +237,23 @@ def _chat(args) -> int:
             continue
         print()
         history.append(Message("assistant", reply))
+
+
+def _serve(args) -> int:
+    import uvicorn
+
+    from modalign.chat import ChatModel
+    from modalign.serve.app import ServeConfig, create_app
+    from modalign.serve.images import ImagePolicy
+
+    cm = ChatModel.load(args.model, args.template)
+    policy = ImagePolicy(local_dir=args.image_dir, allow_http=bool(args.allow_http_images),
+                         allowed_domains=[d.lower() for d in args.allow_http_images])  # fmt: skip
+    cfg = ServeConfig(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
+                      max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                      max_batch=args.max_batch, images=policy)  # fmt: skip
+    uvicorn.run(create_app(cm, cfg), host=args.host, port=args.port, log_level="warning")
+    return 0
 
 
 def _train(args) -> int:

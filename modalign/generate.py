@@ -85,9 +85,12 @@ class Engine:
         return self.model.llm.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def stream(self, prompts: list[Prompt], params: SamplingParams) -> Iterator[list[int | None]]:
+    def stream(
+        self, prompts: list[Prompt], params: SamplingParams, cancelled=None
+    ) -> Iterator[list[int | None]]:
         """Yield, per decode step, the new token of every row (None once a row has finished).
-        The last yield is followed by ``self.last_finish`` holding each row's finish reason."""
+        The last yield is followed by ``self.last_finish`` holding each row's finish reason.
+        ``cancelled(i)`` (checked after each step) ends row ``i`` early."""
         params.validate()
         dev = self._device()
         prompts = [self._expand(p) for p in prompts]
@@ -134,6 +137,10 @@ class Engine:
                 if t is not None and t in stops:
                     finish[i], done_l[i] = "stop", True
             yield row
+            if cancelled is not None:  # e.g. a client that went away, or a row at its own limit
+                for i in range(b):
+                    if not done_l[i] and cancelled(i):
+                        finish[i], done_l[i] = "cancelled", True
             if all(done_l) or step == params.max_new_tokens - 1:
                 break
             if seen is not None:

@@ -1,0 +1,126 @@
+"""Where a request's ``image_url`` may come from: ``data:`` URLs (base64), local files inside an
+allowed directory, and - only when enabled - http(s) from allowed domains, refusing private,
+loopback and link-local addresses on every redirect hop."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urljoin, urlparse
+
+
+class RequestError(ValueError):
+    """A bad request: ``status`` (400/401/413/422), OpenAI-style ``param`` and ``code``."""
+
+    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+@dataclass
+class ImagePolicy:
+    local_dir: str | None = None  # local paths / file:// URLs allowed only inside this directory
+    allow_http: bool = False
+    allowed_domains: list[str] = field(default_factory=list)
+    max_bytes: int = 10 * 1024 * 1024
+    max_redirects: int = 3
+    timeout_s: float = 10.0
+
+
+def _public(host: str) -> None:
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except socket.gaierror:
+        raise RequestError(f"cannot resolve image host {host!r}", code="invalid_image_url") from None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0])
+        if (
+            ip.is_private
+            or ip.is_loopback
+            or ip.is_link_local
+            or ip.is_reserved
+            or ip.is_multicast
+            or ip.is_unspecified
+        ):
+            raise RequestError(
+                f"image host {host!r} resolves to a non-public address", code="invalid_image_url"
+            )
+
+
+def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
+    import httpx
+
+    for _ in range(policy.max_redirects + 1):
+        u = urlparse(url)
+        host = (u.hostname or "").lower()
+        if u.scheme not in ("http", "https") or not host:
+            raise RequestError(f"unsupported image URL {url[:80]!r}", param=param, code="invalid_image_url")
+        if not any(host == d or host.endswith("." + d) for d in policy.allowed_domains):
+            raise RequestError(
+                f"image host {host!r} is not an allowed domain", param=param, code="invalid_image_url"
+            )
+        _public(host)
+        with httpx.Client(timeout=policy.timeout_s, follow_redirects=False) as client:
+            with client.stream("GET", url) as r:
+                if r.is_redirect:
+                    url = urljoin(url, r.headers.get("location", ""))
+                    continue
+                if r.status_code != 200:
+                    raise RequestError(
+                        f"image URL answered {r.status_code}", param=param, code="invalid_image_url"
+                    )
+                data = b""
+                for chunk in r.iter_bytes():
+                    data += chunk
+                    if len(data) > policy.max_bytes:
+                        raise RequestError(
+                            f"image over {policy.max_bytes} bytes", 413, param, "image_too_large"
+                        )
+                return data
+    raise RequestError("too many redirects fetching an image", param=param, code="invalid_image_url")
+
+
+def load_image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
+    """The bytes an ``image_url`` names, or a ``RequestError`` saying why not."""
+    if not isinstance(url, str) or not url:
+        raise RequestError("image_url.url must be a non-empty string", param=param, code="invalid_image_url")
+    if url.startswith("data:"):
+        head, _, payload = url.partition(",")
+        if ";base64" not in head or not payload:
+            raise RequestError(
+                "data: image URLs must be base64 encoded", param=param, code="invalid_image_url"
+            )
+        if len(payload) * 3 // 4 > policy.max_bytes:
+            raise RequestError(f"image over {policy.max_bytes} bytes", 413, param, "image_too_large")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError):
+            raise RequestError(
+                "invalid base64 in data: image URL", param=param, code="invalid_image_url"
+            ) from None
+    if url.startswith(("http://", "https://")):
+        if not policy.allow_http:
+            raise RequestError(
+                "remote image URLs are disabled on this server", param=param, code="invalid_image_url"
+            )
+        return _fetch_http(url, policy, param)
+    path = url[len("file://") :] if url.startswith("file://") else url
+    if policy.local_dir is None:
+        raise RequestError(
+            "local image paths are disabled on this server", param=param, code="invalid_image_url"
+        )
+    root = Path(policy.local_dir).resolve()
+    full = (root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+    if full != root and root not in full.parents:
+        raise RequestError(
+            "local image path is outside the allowed directory", param=param, code="invalid_image_url"
+        )
+    if not full.is_file():
+        raise RequestError(f"no image file {path!r}", param=param, code="invalid_image_url")
+    if full.stat().st_size > policy.max_bytes:
+        raise RequestError(f"image over {policy.max_bytes} bytes", 413, param, "image_too_large")
+    return full.read_bytes()
