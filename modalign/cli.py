@@ -145,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sv.set_defaults(func=_serve)
 
+    ev = sub.add_parser("eval", help="evaluate a model on a benchmark file (or compare result files)")
+    ev.add_argument("--model", help="model directory")
+    ev.add_argument("--task", help="shapes | vqa | exact | mc | pope | mme | caption")
+    ev.add_argument("--data", help="benchmark file")
+    ev.add_argument("--images", default=None, help="image root (default: the data file's folder)")
+    ev.add_argument("--limit", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--max-new-tokens", type=int, default=32)
+    ev.add_argument("--circular", action="store_true", help="MMBench circular evaluation (task mc)")
+    ev.add_argument("--bad-samples", choices=["skip", "error"], default="skip")
+    ev.add_argument("--template", default=None)
+    ev.add_argument("--out", default=None, help="output directory (samples.jsonl, results.json, report.md)")
+    ev.add_argument(
+        "--compare", nargs="+", metavar="RESULTS", help="print a side-by-side table of results.json files"
+    )
+    ev.set_defaults(func=_eval)
+
     t = sub.add_parser("train", help="run a training recipe (YAML) stage by stage; resumes automatically")
     t.add_argument("recipe", help="recipe file or the name of a shipped recipe (recipes/*.yaml)")
     t.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
@@ -253,6 +270,26 @@ def _serve(args) -> int:
                       max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                       max_batch=args.max_batch, images=policy)  # fmt: skip
     uvicorn.run(create_app(cm, cfg), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _eval(args) -> int:
+    from modalign.eval import tasks
+
+    if args.compare:
+        print(tasks.compare(args.compare))
+        return 0
+    for name in ("model", "task", "data", "out"):
+        if getattr(args, name) is None:
+            raise ValueError(f"--{name} is required (or use --compare RESULTS...)")
+    from modalign.chat import ChatModel
+
+    cm = ChatModel.load(args.model, args.template)
+    cm.path = args.model
+    res = tasks.evaluate(cm, args.task, Path(args.data), args.images, Path(args.out), args.limit, args.batch_size,
+                         args.max_new_tokens, args.circular, args.bad_samples)  # fmt: skip
+    shown = {k: v for k, v in res.items() if k not in ("generation",)}
+    print(json.dumps(shown, indent=2, default=str))
     return 0
 
 

@@ -1,0 +1,285 @@
+"""The field's metrics, written from their official definitions.
+
+- VQA accuracy: the VQA challenge's answer normalisation (punctuation, number words, articles,
+  contractions) and min(#matching humans / 3, 1), averaged over the ten leave-one-out subsets.
+- exact match (TextVQA/GQA-style single answers) after the same normalisation.
+- multiple choice: option-letter extraction and MMBench's circular evaluation.
+- POPE: accuracy, precision, recall, F1 and yes-ratio of yes/no answers.
+- MME: accuracy and accuracy+ (both questions of an image right) per subtask; perception and
+  cognition scores (sum over subtasks of (acc + acc+) x 100).
+- BLEU-4 (corpus level, brevity penalty) and CIDEr-D (n = 1..4, sigma 6, clipped, x10).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, defaultdict
+
+# --------------------------------------------------------------------------- VQA normalisation
+
+CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't", "dont": "don't",
+    "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't", "havent": "haven't",
+    "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's", "howd": "how'd", "howll": "how'll",
+    "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm", "Ive": "I've", "isnt": "isn't", "itd": "it'd",
+    "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll", "let's": "let's", "maam": "ma'am", "mightnt": "mightn't",
+    "mightnt've": "mightn't've", "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't",
+    "mustve": "must've", "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't", "shed've": "she'd've",
+    "she'dve": "she'd've", "she's": "she's", "shouldve": "should've", "shouldnt": "shouldn't",
+    "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've", "somebody'd": "somebodyd",
+    "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've", "somebodyll": "somebody'll",
+    "somebodys": "somebody's", "someoned": "someone'd", "someoned've": "someone'd've", "someone'dve": "someone'd've",
+    "someonell": "someone'll", "someones": "someone's", "somethingd": "something'd",
+    "somethingd've": "something'd've", "something'dve": "something'd've", "somethingll": "something'll",
+    "thats": "that's", "thered": "there'd", "thered've": "there'd've", "there'dve": "there'd've",
+    "therere": "there're", "theres": "there's", "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've",
+    "theyll": "they'll", "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
+    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
+    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's", "wont": "won't",
+    "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've", "wouldn'tve": "wouldn't've",
+    "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll", "yall'd've": "y'all'd've",
+    "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd", "youd've": "you'd've",
+    "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}  # fmt: skip
+NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+                "seven": "7", "eight": "8", "nine": "9", "ten": "10"}  # fmt: skip
+ARTICLES = {"a", "an", "the"}
+PUNCT = [
+    ";",
+    "/",
+    "[",
+    "]",
+    '"',
+    "{",
+    "}",
+    "(",
+    ")",
+    "=",
+    "+",
+    "\\",
+    "_",
+    "-",
+    ">",
+    "<",
+    "@",
+    "`",
+    ",",
+    "?",
+    "!",
+]
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def _punctuation(text: str) -> str:
+    out = text
+    for p in PUNCT:
+        if (p + " " in text or " " + p in text) or re.search(_COMMA_STRIP, text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, re.UNICODE)
+
+
+def _digits_articles(text: str) -> str:
+    words = []
+    for w in text.lower().split():
+        w = NUMBER_WORDS.get(w, w)
+        if w not in ARTICLES:
+            words.append(w)
+    return " ".join(CONTRACTIONS.get(w, w) for w in words)
+
+
+def normalize_vqa(answer: str) -> str:
+    a = answer.replace("\n", " ").replace("\t", " ").strip()
+    return _digits_articles(_punctuation(a))
+
+
+def vqa_accuracy(prediction: str, answers: list[str]) -> float:
+    """Official VQA accuracy against (usually ten) human answers."""
+    pred = normalize_vqa(prediction)
+    gts = [normalize_vqa(a) for a in answers]
+    scores = []
+    for i in range(len(gts)):
+        others = gts[:i] + gts[i + 1 :]
+        scores.append(min(1.0, sum(g == pred for g in others) / 3))
+    return sum(scores) / len(scores) if scores else 0.0
+
+
+def exact_match(prediction: str, answer: str) -> float:
+    return float(normalize_vqa(prediction) == normalize_vqa(answer))
+
+
+# --------------------------------------------------------------------------- multiple choice
+
+_LETTER = re.compile(r"(?:^|[\s(\[])([A-Z])(?:[).\]:,]|\s|$)")
+
+
+def extract_choice(text: str, options: dict[str, str]) -> str | None:
+    """The option letter a reply picks: a leading/isolated letter ("B", "(B)", "B.", "Answer: B"),
+    else the option whose text the reply contains (the longest match), else None."""
+    t = text.strip()
+    m = re.match(r"^\(?([A-Z])(?:[).:,\]]|\s|$)", t)
+    if m and m.group(1) in options:
+        return m.group(1)
+    m = re.search(r"answer(?: is)?[:\s]*\(?([A-Z])\b", t, re.IGNORECASE)
+    if m and m.group(1).upper() in options:
+        return m.group(1).upper()
+    letters = [x for x in _LETTER.findall(t) if x in options]
+    if len(set(letters)) == 1:
+        return letters[0]
+    low = t.lower()
+    hits = [(len(v), k) for k, v in options.items() if v and v.lower() in low]
+    return max(hits)[1] if hits else None
+
+
+def circular_options(options: dict[str, str], answer: str) -> list[tuple[dict[str, str], str]]:
+    """MMBench circular evaluation: the k rotations of the options and the answer letter in each."""
+    letters = sorted(options)
+    texts = [options[k] for k in letters]
+    gold = texts[letters.index(answer)]
+    out = []
+    for r in range(len(letters)):
+        rot = texts[r:] + texts[:r]
+        out.append((dict(zip(letters, rot, strict=True)), letters[rot.index(gold)]))
+    return out
+
+
+# --------------------------------------------------------------------------- POPE / MME
+
+
+def yes_no(text: str) -> str | None:
+    words = re.findall(r"[a-z]+", text.lower())
+    if not words:
+        return None
+    if words[0] in ("yes", "no"):
+        return words[0]
+    if "yes" in words and "no" not in words:
+        return "yes"
+    if "no" in words and "yes" not in words:
+        return "no"
+    return None
+
+
+def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict:
+    """Positive class is "yes"; an unparsable prediction counts as "no" (the POPE script's rule)."""
+    tp = fp = tn = fn = 0
+    for p, y in zip(predictions, labels, strict=True):
+        p = "yes" if p == "yes" else "no"
+        if p == "yes" and y == "yes":
+            tp += 1
+        elif p == "yes":
+            fp += 1
+        elif y == "no":
+            tn += 1
+        else:
+            fn += 1
+    n = max(tp + fp + tn + fn, 1)
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {"accuracy": (tp + tn) / n, "precision": precision, "recall": recall, "f1": f1,
+            "yes_ratio": (tp + fp) / n, "tp": tp, "fp": fp, "tn": tn, "fn": fn}  # fmt: skip
+
+
+MME_PERCEPTION = (
+    "existence",
+    "count",
+    "position",
+    "color",
+    "posters",
+    "celebrity",
+    "scene",
+    "landmark",
+    "artwork",
+    "OCR",
+)
+MME_COGNITION = ("commonsense_reasoning", "numerical_calculation", "text_translation", "code_reasoning")
+
+
+def mme_scores(records: list[dict]) -> dict:
+    """``records``: {"subtask", "image", "prediction" (yes/no/None), "answer"}."""
+    by_task: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        by_task[r["subtask"]][r["image"]].append(r["prediction"] == r["answer"].lower())
+    out = {}
+    for task, images in by_task.items():
+        flat = [x for v in images.values() for x in v]
+        acc = sum(flat) / len(flat)
+        acc_plus = sum(all(v) for v in images.values()) / len(images)
+        out[task] = {"accuracy": acc, "accuracy_plus": acc_plus, "score": 100 * (acc + acc_plus)}
+    perception = sum(v["score"] for k, v in out.items() if k in MME_PERCEPTION)
+    cognition = sum(v["score"] for k, v in out.items() if k in MME_COGNITION)
+    return {"subtasks": out, "perception": perception, "cognition": cognition}
+
+
+# --------------------------------------------------------------------------- captioning
+
+
+def _ngrams(words: list[str], n: int) -> Counter:
+    return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+
+
+def caption_tokens(text: str) -> list[str]:
+    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+
+
+def bleu4(candidates: list[str], references: list[list[str]]) -> float:
+    """Corpus BLEU-4 with the closest-reference brevity penalty (as coco-caption)."""
+    match, total = [0] * 4, [0] * 4
+    cand_len = ref_len = 0
+    for cand, refs in zip(candidates, references, strict=True):
+        c = caption_tokens(cand)
+        rs = [caption_tokens(r) for r in refs]
+        cand_len += len(c)
+        ref_len += min((abs(len(r) - len(c)), len(r)) for r in rs)[1]
+        for n in range(1, 5):
+            cn = _ngrams(c, n)
+            mx: Counter = Counter()
+            for r in rs:
+                mx |= _ngrams(r, n)
+            match[n - 1] += sum(min(v, mx[g]) for g, v in cn.items())
+            total[n - 1] += max(len(c) - n + 1, 0)
+    logs = [math.log((m + 1e-15) / (t + 1e-9)) for m, t in zip(match, total, strict=True)]
+    bp = 1.0 if cand_len > ref_len else math.exp(1 - ref_len / max(cand_len, 1))
+    return bp * math.exp(sum(logs) / 4)
+
+
+def cider_d(candidates: list[str], references: list[list[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D: tf-idf n-gram cosine (n = 1..4) with a length penalty and clipping, x10."""
+    refs_tok = [[caption_tokens(r) for r in refs] for refs in references]
+    cands_tok = [caption_tokens(c) for c in candidates]
+    df: Counter = Counter()
+    for refs in refs_tok:
+        df.update({g for r in refs for n in range(1, 5) for g in _ngrams(r, n)})
+    log_n = math.log(float(len(references)))
+
+    def vec(words):
+        vs, norms = [], []
+        for n in range(1, 5):
+            tf = _ngrams(words, n)
+            v = {g: c * (log_n - math.log(max(1.0, df[g]))) for g, c in tf.items()}
+            vs.append(v)
+            norms.append(math.sqrt(sum(x * x for x in v.values())))
+        return vs, norms, len(words)
+
+    scores = []
+    for cand, refs in zip(cands_tok, refs_tok, strict=True):
+        cv, cn, cl = vec(cand)
+        acc = [0.0] * 4
+        for r in refs:
+            rv, rn, rl = vec(r)
+            for n in range(4):
+                val = sum(min(cv[n][g], rv[n][g]) * rv[n][g] for g in cv[n] if g in rv[n])
+                if cn[n] and rn[n]:
+                    val /= cn[n] * rn[n]
+                else:
+                    val = 0.0
+                acc[n] += val * math.exp(-((cl - rl) ** 2) / (2 * sigma**2))
+        scores.append(sum(acc) / 4 / len(refs) * 10)
+    return sum(scores) / len(scores)

@@ -1,0 +1,114 @@
+"""modalign eval: task files in their public formats, outputs, bad input, and the end-to-end
+agreement with the quickstart's own ShapesWorld evaluation."""
+
+import base64
+import io
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from modalign import MLLM, MLLMConfig
+from modalign.chat import ChatModel
+from modalign.cli import main
+from modalign.data import shapes
+from modalign.data.tokenizer import Tokenizer
+from modalign.eval.shapes import evaluate_shapes
+from modalign.eval.tasks import evaluate, read_records
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ev")
+    shapes.generate(d / "sw", num_train=10, num_eval=6, seed=0, num_text=10)
+    torch.manual_seed(0)
+    cfg = MLLMConfig.from_name("tiny-shapes")
+    cfg.llm.num_layers = cfg.vision.num_layers = 1
+    model = MLLM(cfg).eval()
+    tok = Tokenizer.train_bpe(["yes no red blue what colour is it a b c"] * 20, vocab_size=300)
+    tok.template_name = "chatml"
+    model.save_pretrained(d / "model")
+    tok.save(d / "model")
+    Image.new("RGB", (50, 40), (255, 0, 0)).save(d / "red.png")
+    return d
+
+
+def test_shapes_task_equals_quickstart_evaluation(setup):
+    d = setup
+    cm = ChatModel.load(d / "model")
+    res = evaluate(
+        cm, "shapes", d / "sw" / "eval.json", None, d / "out", batch_size=8, max_new_tokens=8, progress=False
+    )
+    ref = evaluate_shapes(MLLM.from_pretrained(d / "model"), Tokenizer.from_dir(d / "model"), d / "sw" / "eval.json",
+                          progress=False)  # fmt: skip
+    assert res["accuracy"] == ref["accuracy"] and res["samples"] == ref["questions"]
+    assert res["accuracy_by_category"] == ref["accuracy_by_type"]
+    assert res["unseen_pairs_accuracy"] == ref["unseen_pairs_accuracy"]
+    for f in ("samples.jsonl", "results.json", "report.md", "accuracy_by_category.png"):
+        assert (d / "out" / f).is_file()
+    line = json.loads((d / "out" / "samples.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "raw", "answer", "score"} <= set(line)
+    assert len(res["data_sha256"]) == 64 and res["prompt_version"] == "shapes-v1"
+
+
+def test_formats_metrics_and_missing_images(setup, tmp_path):
+    d = setup
+    cm = ChatModel.load(d / "model")
+    (tmp_path / "red.png").write_bytes((d / "red.png").read_bytes())
+    pope = tmp_path / "pope.jsonl"
+    pope.write_text("\n".join(json.dumps({"question_id": i, "image": "red.png" if i != 3 else "gone.png",
+                                          "text": "Is there a dog?", "label": ["yes", "no"][i % 2]}) for i in range(5)))  # fmt: skip
+    res = evaluate(cm, "pope", pope, None, tmp_path / "pope", progress=False, max_new_tokens=3)
+    assert res["samples"] == 4 and res["skipped"] == 1 and res["skipped_by_reason"] == {"missing image": 1}
+    assert res["tp"] + res["fp"] + res["tn"] + res["fn"] == 4 and 0 <= res["f1"] <= 1
+    with pytest.raises(Exception, match="gone.png"):
+        evaluate(
+            cm, "pope", pope, None, tmp_path / "p2", progress=False, bad_samples="error", max_new_tokens=2
+        )
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (0, 0, 255)).save(buf, format="PNG")
+    tsv = tmp_path / "mmb.tsv"
+    img = base64.b64encode(buf.getvalue()).decode()
+    tsv.write_text("index\tquestion\tA\tB\tC\tanswer\tcategory\timage\n"
+                   f"0\tWhat colour?\tred\tblue\tgreen\tB\tcolour\t{img}\n")  # fmt: skip
+    res = evaluate(cm, "mc", tsv, None, tmp_path / "mmb", circular=True, progress=False, max_new_tokens=3)
+    assert res["samples"] == 3 and res["circular_accuracy"] in (0.0, 1.0)
+    cap = tmp_path / "cap.json"
+    cap.write_text(json.dumps([{"id": 1, "image": "red.png", "captions": ["a red image", "red"]}]))
+    res = evaluate(cm, "caption", cap, None, tmp_path / "cap", progress=False, max_new_tokens=4)
+    assert res["bleu4"] is not None and res["cider"] is not None
+
+
+def test_bad_benchmark_files_name_the_record(tmp_path):
+    f = tmp_path / "v.json"
+    f.write_text(
+        json.dumps(
+            [{"image": "a.png", "question": "q", "answers": ["x"] * 10}, {"image": "b.png", "answers": []}]
+        )
+    )
+    with pytest.raises(ValueError, match=r"v.json record 1: missing field\(s\) question"):
+        read_records("vqa", f)
+    t = tmp_path / "m.tsv"
+    t.write_text("index\tquestion\tA\tB\tanswer\n7\tq\tx\ty\tE\n")
+    with pytest.raises(ValueError, match=r"m.tsv:2: answer key 'E' is not one of the options"):
+        read_records("mc", t)
+    sq = tmp_path / "s.json"
+    sq.write_text(json.dumps([{"question": "q", "choices": ["a", "b"], "answer": 5}]))
+    with pytest.raises(ValueError, match="answer 5 is not an index"):
+        read_records("mc", sq)
+
+
+def test_cli_eval_and_compare(setup, tmp_path, capsys):
+    d = setup
+    args = ["eval", "--model", str(d / "model"), "--task", "shapes", "--data", str(d / "sw" / "eval.json"),
+            "--limit", "10", "--out", str(tmp_path / "a")]  # fmt: skip
+    assert main(args) == 0
+    assert (
+        main(
+            ["eval", "--compare", str(tmp_path / "a" / "results.json"), str(tmp_path / "a" / "results.json")]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert out.count("results.json") == 2 and "| run" in out
