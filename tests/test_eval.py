@@ -112,3 +112,43 @@ def test_cli_eval_and_compare(setup, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert out.count("results.json") == 2 and "| run" in out
+
+
+def test_llm_judge_llava_bench_and_owleval_with_cache(setup, tmp_path):
+    from modalign.llm_client import LLMClient
+    from tests.fake_llm import FakeLLM
+
+    d = setup
+    (tmp_path / "red.png").write_bytes((d / "red.png").read_bytes())
+    q = tmp_path / "questions.jsonl"
+    q.write_text("\n".join(json.dumps({"question_id": i, "image": "red.png", "text": f"Describe {i}",
+                                       "category": ["conv", "detail"][i % 2]}) for i in range(4)))  # fmt: skip
+    refs = tmp_path / "answers.jsonl"
+    refs.write_text("\n".join(json.dumps({"question_id": i, "text": f"reference {i}"}) for i in range(4)))
+
+    def reply(body):
+        user = body["messages"][-1]["content"]
+        if "[Assistant 1]" in user:
+            return "8 6\nAssistant 1 is better." if "Describe 3" not in user else "unparsable"
+        return "B\nminor issues"
+
+    cm = ChatModel.load(d / "model")
+    cache = tmp_path / "cache.jsonl"
+    with FakeLLM(reply, fail_first=1) as fake:
+        judge = LLMClient(fake.url, "judge-1", backoff_s=0.01)
+        res = evaluate(cm, "llava-bench", q, None, tmp_path / "lb", judge=judge, references=refs, judge_cache=cache,
+                       progress=False, max_new_tokens=4)  # fmt: skip
+        assert res["judge_retries"] == 1 and res["judge_unparsed"] == 1
+        assert res["relative_score"] == pytest.approx(100 * 18 / 24)
+        assert res["relative_score_by_category"]["conv"] == pytest.approx(75.0)
+        n = len(fake.requests)
+        again = evaluate(cm, "llava-bench", q, None, tmp_path / "lb2", judge=LLMClient(fake.url, "judge-1"),
+                         references=refs, judge_cache=cache, progress=False, max_new_tokens=4)  # fmt: skip
+        assert len(fake.requests) == n and again["judge_cache_hits"] == 4  # re-run costs nothing
+        sample = json.loads((tmp_path / "lb" / "samples.jsonl").read_text().splitlines()[0])
+        assert sample["judge_output"].startswith("8 6") and sample["judge"] == [8.0, 6.0]
+        o = tmp_path / "owl.json"
+        o.write_text(json.dumps([{"id": i, "image": "red.png", "question": f"what {i}?"} for i in range(3)]))
+        res = evaluate(cm, "owleval", o, None, tmp_path / "owl", judge=LLMClient(fake.url, "judge-1"),
+                       judge_cache=cache, progress=False, max_new_tokens=4)  # fmt: skip
+        assert res["grades"] == {"A": 0, "B": 3, "C": 0, "D": 0}

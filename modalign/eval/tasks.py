@@ -34,7 +34,8 @@ from modalign.eval import metrics as M
 from modalign.eval.shapes import normalize_answer
 
 PROMPT_VERSION = "v1"
-TASKS = ("shapes", "vqa", "exact", "mc", "pope", "mme", "caption")
+TASKS = ("shapes", "vqa", "exact", "mc", "pope", "mme", "caption", "llava-bench", "owleval")
+JUDGED = ("llava-bench", "owleval")
 SUFFIX = {
     "vqa": "\nAnswer the question using a single word or phrase.",
     "exact": "\nAnswer the question using a single word or phrase.",
@@ -43,6 +44,8 @@ SUFFIX = {
     "mme": "\nPlease answer yes or no.",
     "caption": "\nDescribe the image briefly.",
     "shapes": "",
+    "llava-bench": "",
+    "owleval": "",
 }
 
 
@@ -103,6 +106,14 @@ def read_records(task: str, path: Path) -> list[dict]:
                 raise ValueError(f"{where}: answer {r['answer']!r} is not Yes/No")
             out.append({"id": f"{r['subtask']}/{r['image']}/{r['question'][:20]}", "image": r["image"],
                         "question": r["question"], "gold": r["answer"], "category": r["subtask"]})  # fmt: skip
+        elif task == "llava-bench":
+            _need(r, ("question_id", "image", "text"), where)
+            out.append({"id": r["question_id"], "image": r["image"], "question": r["text"], "gold": None,
+                        "category": r.get("category", "all")})  # fmt: skip
+        elif task == "owleval":
+            _need(r, ("image", "question"), where)
+            out.append({"id": r.get("id", r.get("question_id")), "image": r["image"], "question": r["question"],
+                        "gold": None, "category": r.get("category", "all")})  # fmt: skip
         elif task == "caption":
             _need(r, ("image", "captions"), where)
             out.append(
@@ -145,9 +156,24 @@ def _prompt_text(task: str, rec: dict, options: dict | None = None) -> str:
 
 def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Path, limit: int | None = None,
              batch_size: int = 16, max_new_tokens: int = 32, circular: bool = False, bad_samples: str = "skip",
-             progress: bool = True) -> dict:  # fmt: skip
+             progress: bool = True, judge=None, references: Path | None = None, judge_cache: Path | None = None) -> dict:  # fmt: skip
     data = Path(data)
     recs = read_records(task, data)[:limit]
+    if task in JUDGED and judge is None:
+        raise ValueError(f"task {task} needs a judge: --judge-endpoint URL --judge-model NAME")
+    if task == "llava-bench":
+        if references is None:
+            raise ValueError("task llava-bench needs --references (the reference answers JSONL)")
+        refs = {}
+        for n, line in enumerate(Path(references).read_text().splitlines(), 1):
+            if line.strip():
+                r = json.loads(line)
+                _need(r, ("question_id", "text"), f"{Path(references).name}:{n}")
+                refs[r["question_id"]] = r["text"]
+        for r in recs:
+            if r["id"] not in refs:
+                raise ValueError(f"{Path(references).name}: no reference answer for question_id {r['id']!r}")
+            r["gold"] = refs[r["id"]]
     root = Path(images) if images else data.parent
     policy = BadSamplePolicy(bad_samples, max_skip_fraction=1.0)
     params = cm.params(max_new_tokens=max_new_tokens)
@@ -184,7 +210,20 @@ def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Pat
             samples.append(_score(task, r, opts, gold, text, res.text))
         bar.update(len(jobs[s : s + batch_size]))
     bar.close()
-    results = aggregate(task, samples, circular)
+    judged = {}
+    if task in JUDGED:
+        from modalign.eval import judge as J
+
+        cache = J.JudgeCache(judge_cache)
+        rows = [{"id": s["id"], "question": s["prompt"], "answer": s["answer"], "reference": s["gold"],
+                 "category": s["category"]} for s in samples]  # fmt: skip
+        rows, judged = (J.llava_bench if task == "llava-bench" else J.owleval)(rows, judge, cache)
+        for s, row in zip(samples, rows, strict=True):
+            s["judge_output"] = row["judge_output"]
+            s["judge"] = row.get("scores") or row.get("grade")
+        judged |= {"judge_model": judge.model, "judge_cache_hits": cache.hits, "judge_requests": judge.usage.requests,
+                   "judge_retries": judge.usage.retries}  # fmt: skip
+    results = aggregate(task, samples, circular) | judged
     results |= {
         "task": task, "model": str(getattr(cm, "path", "")), "data": str(data),
         "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "prompt_version": f"{task}-{PROMPT_VERSION}",
@@ -213,7 +252,7 @@ def _score(task, r, opts, gold, prompt, raw) -> dict:
         s["answer"] = M.yes_no(raw)
         s["score"] = float(s["answer"] == gold.lower())
         s["image"] = r["image"] if isinstance(r["image"], str) else None
-    elif task == "caption":
+    elif task in ("caption", "llava-bench", "owleval"):
         s["answer"], s["score"] = raw.strip(), None
     return s
 
@@ -260,7 +299,7 @@ def write_outputs(out: Path, samples: list[dict], skipped: list[dict], results: 
              f"- prompt version: {results['prompt_version']}", f"- samples: {results['samples']}, skipped: {results['skipped']}",
              ""]  # fmt: skip
     for k in ("accuracy", "circular_accuracy", "unseen_pairs_accuracy", "f1", "precision", "recall", "yes_ratio",
-              "perception", "cognition", "bleu4", "cider"):  # fmt: skip
+              "perception", "cognition", "bleu4", "cider", "relative_score"):  # fmt: skip
         if results.get(k) is not None:
             lines.append(f"- **{k}**: {results[k]:.4f}")
     if results["accuracy_by_category"]:
