@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="evaluate a model on a benchmark file (or compare result files)")
     ev.add_argument("--model", help="model directory")
-    ev.add_argument("--task", help="shapes | vqa | exact | mc | pope | mme | caption")
+    ev.add_argument("--task", help="shapes | vqa | exact | mc | pope | mme | caption | llava-bench | owleval")
     ev.add_argument("--data", help="benchmark file")
     ev.add_argument("--images", default=None, help="image root (default: the data file's folder)")
     ev.add_argument("--limit", type=int, default=None)
@@ -160,6 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--compare", nargs="+", metavar="RESULTS", help="print a side-by-side table of results.json files"
     )
+    ev.add_argument("--references", default=None, help="llava-bench: reference answers JSONL")
+    ev.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible base URL of the judge (.../v1)")
+    ev.add_argument("--judge-model", default=None)
+    ev.add_argument(
+        "--judge-api-key-env", default=None, help="environment variable holding the judge's API key"
+    )
+    ev.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "modalign" / "judge_cache.jsonl"))
     ev.set_defaults(func=_eval)
 
     t = sub.add_parser("train", help="run a training recipe (YAML) stage by stage; resumes automatically")
@@ -286,8 +293,14 @@ def _eval(args) -> int:
 
     cm = ChatModel.load(args.model, args.template)
     cm.path = args.model
+    judge = None
+    if args.judge_endpoint:
+        from modalign.llm_client import LLMClient
+
+        judge = LLMClient.from_env(args.judge_endpoint, args.judge_model or "judge", args.judge_api_key_env)
     res = tasks.evaluate(cm, args.task, Path(args.data), args.images, Path(args.out), args.limit, args.batch_size,
-                         args.max_new_tokens, args.circular, args.bad_samples)  # fmt: skip
+                         args.max_new_tokens, args.circular, args.bad_samples, judge=judge,
+                         references=args.references, judge_cache=Path(args.judge_cache))  # fmt: skip
     shown = {k: v for k, v in res.items() if k not in ("generation",)}
     print(json.dumps(shown, indent=2, default=str))
     return 0
