@@ -152,3 +152,39 @@ def test_llm_judge_llava_bench_and_owleval_with_cache(setup, tmp_path):
         res = evaluate(cm, "owleval", o, None, tmp_path / "owl", judge=LLMClient(fake.url, "judge-1"),
                        judge_cache=cache, progress=False, max_new_tokens=4)  # fmt: skip
         assert res["grades"] == {"A": 0, "B": 3, "C": 0, "D": 0}
+
+
+def test_official_layouts(setup, tmp_path):
+    d = setup
+    img = Image.new("RGB", (20, 20), (0, 255, 0))
+    # VQAv2: questions + annotations files, COCO image names
+    img.save(tmp_path / "COCO_val2014_000000000042.jpg")
+    (tmp_path / "q.json").write_text(json.dumps({"data_subtype": "val2014", "questions": [
+        {"image_id": 42, "question": "What colour?", "question_id": 420}]}))  # fmt: skip
+    (tmp_path / "a.json").write_text(json.dumps({"annotations": [
+        {"question_id": 420, "answer_type": "other", "answers": [{"answer": "green"}] * 10}]}))  # fmt: skip
+    recs = read_records("vqa", tmp_path / "q.json", tmp_path / "a.json")
+    assert recs[0]["image"] == "COCO_val2014_000000000042.jpg" and recs[0]["gold"] == ["green"] * 10
+    # ScienceQA problems.json (text-only problems are skipped)
+    (tmp_path / "test" / "7").mkdir(parents=True)
+    img.save(tmp_path / "test" / "7" / "image.png")
+    (tmp_path / "problems.json").write_text(json.dumps({
+        "7": {"question": "Which?", "choices": ["x", "y"], "answer": 1, "image": "image.png", "split": "test",
+              "subject": "natural science", "hint": ""},
+        "8": {"question": "No image", "choices": ["x", "y"], "answer": 0, "image": None}}))  # fmt: skip
+    recs = read_records("mc", tmp_path / "problems.json")
+    assert [r["gold"] for r in recs] == ["B"] and recs[0]["image"] == "test/7/image.png"
+    # MME release folders
+    sub = tmp_path / "mme" / "color"
+    (sub / "images").mkdir(parents=True)
+    (sub / "questions_answers_YN").mkdir()
+    img.save(sub / "images" / "001.jpg")
+    (sub / "questions_answers_YN" / "001.txt").write_text("Is it green?\tYes\nIs it red?\tNo\n")
+    cm = ChatModel.load(d / "model")
+    res = evaluate(cm, "mme", tmp_path / "mme", None, tmp_path / "mme_out", progress=False, max_new_tokens=2)
+    assert res["samples"] == 2 and set(res["subtasks"]) == {"color"} and res["perception"] >= 0
+    # COCO captions annotations
+    (tmp_path / "caps.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "COCO_val2014_000000000042.jpg"}],
+                                                    "annotations": [{"image_id": 1, "caption": "a green square"},
+                                                                    {"image_id": 1, "caption": "green"}]}))  # fmt: skip
+    assert read_records("caption", tmp_path / "caps.json")[0]["gold"] == ["a green square", "green"]

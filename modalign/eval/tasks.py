@@ -3,14 +3,20 @@ extract answers, score, and write ``samples.jsonl``, ``results.json`` and a repo
 
 Formats (users bring the files; fixtures in tests use the same formats):
 - ``shapes``: ShapesWorld ``eval.json`` (built in).
-- ``vqa``: JSON list of ``{"question_id"|"id", "image", "question", "answers": [10 strings]}``.
+- ``vqa``: VQAv2's questions JSON with ``--references`` annotations JSON (COCO image names), or a
+  JSON list of ``{"question_id"|"id", "image", "question", "answers": [10 strings]}``.
 - ``exact``: JSON list of ``{"id", "image", "question", "answer"}`` (TextVQA/GQA style).
-- ``mc``: ScienceQA-style JSON ``{"id", "image", "question", "choices": [...], "answer": index}``,
+- ``mc``: ScienceQA's ``problems.json`` (images at ``<split>/<id>/<image>``), a JSON list of
+  ``{"id", "image", "question", "choices": [...], "answer": index}``,
   or an MMBench ``.tsv`` (``index, question, A..D, answer, category, image`` base64); ``--circular``
   runs MMBench's circular evaluation.
 - ``pope``: JSONL ``{"question_id", "image", "text", "label": yes|no}``.
-- ``mme``: JSONL ``{"subtask", "image", "question", "answer": Yes|No}``.
-- ``caption``: JSON list of ``{"id", "image", "captions": [...]}`` (BLEU-4, CIDEr-D).
+- ``mme``: the MME release folder (``<subtask>/images`` + ``questions_answers_YN/*.txt``), or JSONL
+  ``{"subtask", "image", "question", "answer": Yes|No}``.
+- ``caption``: COCO captions annotations JSON, or a JSON list of ``{"id", "image", "captions": [...]}``
+  (BLEU-4, CIDEr-D).
+- ``llava-bench``: questions JSONL ``{"question_id", "image", "text", "category"}`` + ``--references``
+  answers JSONL; ``owleval``: ``{"id", "image", "question"}``. Both need a judge endpoint.
 """
 
 from __future__ import annotations
@@ -55,10 +61,20 @@ def _need(rec: dict, keys: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
 
 
-def read_records(task: str, path: Path) -> list[dict]:
+def read_records(task: str, path: Path, references: Path | None = None) -> list[dict]:
     """Task file -> records {id, image, prompt, gold, category, ...}; errors name the record."""
     if task == "mc" and path.suffix == ".tsv":
         return _mmbench(path)
+    if task == "mme" and path.is_dir():
+        return _mme_dir(path)
+    if path.suffix != ".jsonl":
+        doc = json.loads(path.read_text())
+        if task == "vqa" and isinstance(doc, dict) and "questions" in doc:
+            return _vqa_official(path, doc, references)
+        if task == "mc" and isinstance(doc, dict):  # ScienceQA problems.json: {id: problem}
+            return _scienceqa(path, doc)
+        if task == "caption" and isinstance(doc, dict) and "annotations" in doc:
+            return _coco_captions(path, doc)
     if path.suffix == ".jsonl":
         rows = [
             (f"{path.name}:{n}", json.loads(line))
@@ -130,6 +146,77 @@ def read_records(task: str, path: Path) -> list[dict]:
     return out
 
 
+def _vqa_official(path: Path, doc: dict, references: Path | None) -> list[dict]:
+    """VQAv2 questions JSON + annotations JSON (``--references``); COCO image names."""
+    if references is None:
+        raise ValueError(f"{path.name} holds VQA questions only; pass the annotations file with --references")
+    anns = {a["question_id"]: a for a in json.loads(Path(references).read_text())["annotations"]}
+    split = doc.get("data_subtype", "val2014")
+    out = []
+    for i, q in enumerate(doc["questions"]):
+        _need(q, ("image_id", "question", "question_id"), f"{path.name} question {i}")
+        a = anns.get(q["question_id"])
+        if a is None:
+            raise ValueError(f"{Path(references).name}: no annotation for question_id {q['question_id']}")
+        out.append({"id": q["question_id"], "image": f"COCO_{split}_{q['image_id']:012d}.jpg", "question": q["question"],
+                    "gold": [x["answer"] for x in a["answers"]], "category": a.get("answer_type", "all")})  # fmt: skip
+    return out
+
+
+def _scienceqa(path: Path, doc: dict) -> list[dict]:
+    """ScienceQA ``problems.json``; images at ``<split>/<id>/<image>``; text-only problems skipped."""
+    out = []
+    for pid, p in doc.items():
+        _need(p, ("question", "choices", "answer"), f"{path.name} problem {pid}")
+        if not p.get("image"):
+            continue
+        letters = [chr(65 + i) for i in range(len(p["choices"]))]
+        if not isinstance(p["answer"], int) or not 0 <= p["answer"] < len(letters):
+            raise ValueError(
+                f"{path.name} problem {pid}: answer {p['answer']!r} is not an index into its choices"
+            )
+        q = (f"Context: {p['hint']}\n" if p.get("hint") else "") + p["question"]
+        out.append({"id": pid, "image": f"{p.get('split', 'test')}/{pid}/{p['image']}", "question": q,
+                    "options": dict(zip(letters, p["choices"], strict=True)), "gold": letters[p["answer"]],
+                    "category": p.get("subject", "all")})  # fmt: skip
+    return out
+
+
+def _coco_captions(path: Path, doc: dict) -> list[dict]:
+    files = {im["id"]: im["file_name"] for im in doc.get("images", [])}
+    caps = defaultdict(list)
+    for a in doc["annotations"]:
+        caps[a["image_id"]].append(a["caption"])
+    return [{"id": i, "image": files.get(i, f"{i}.jpg"), "question": "", "gold": c, "category": "all"}
+            for i, c in caps.items()]  # fmt: skip
+
+
+def _mme_dir(root: Path) -> list[dict]:
+    """MME release layout: ``<subtask>/images/*`` + ``<subtask>/questions_answers_YN/*.txt``, or
+    image files beside same-named ``.txt`` files; each txt line is ``question<TAB>answer``."""
+    out = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        qa = sub / "questions_answers_YN"
+        txts = sorted(qa.glob("*.txt")) if qa.is_dir() else sorted(sub.glob("*.txt"))
+        img_dir = sub / "images" if (sub / "images").is_dir() else sub
+        for t in txts:
+            img = next(
+                (p for p in img_dir.glob(t.stem + ".*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
+                None,
+            )
+            if img is None:
+                raise ValueError(f"{t}: no image named {t.stem}.* in {img_dir}")
+            for n, line in enumerate(t.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                q, _, a = line.rpartition("\t")
+                if a.strip().lower() not in ("yes", "no"):
+                    raise ValueError(f"{t}:{n}: answer {a.strip()!r} is not Yes/No")
+                out.append({"id": f"{sub.name}/{t.stem}/{n}", "image": str(img.relative_to(root)), "question": q.strip(),
+                            "gold": a.strip(), "category": sub.name})  # fmt: skip
+    return out
+
+
 def _mmbench(path: Path) -> list[dict]:
     csv.field_size_limit(sys.maxsize)
     out = []
@@ -158,7 +245,7 @@ def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Pat
              batch_size: int = 16, max_new_tokens: int = 32, circular: bool = False, bad_samples: str = "skip",
              progress: bool = True, judge=None, references: Path | None = None, judge_cache: Path | None = None) -> dict:  # fmt: skip
     data = Path(data)
-    recs = read_records(task, data)[:limit]
+    recs = read_records(task, data, references)[:limit]
     if task in JUDGED and judge is None:
         raise ValueError(f"task {task} needs a judge: --judge-endpoint URL --judge-model NAME")
     if task == "llava-bench":
@@ -174,7 +261,7 @@ def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Pat
             if r["id"] not in refs:
                 raise ValueError(f"{Path(references).name}: no reference answer for question_id {r['id']!r}")
             r["gold"] = refs[r["id"]]
-    root = Path(images) if images else data.parent
+    root = Path(images) if images else (data if data.is_dir() else data.parent)
     policy = BadSamplePolicy(bad_samples, max_skip_fraction=1.0)
     params = cm.params(max_new_tokens=max_new_tokens)
     jobs = []  # (record, options or None, gold for this job)
@@ -226,12 +313,21 @@ def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Pat
     results = aggregate(task, samples, circular) | judged
     results |= {
         "task": task, "model": str(getattr(cm, "path", "")), "data": str(data),
-        "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(), "prompt_version": f"{task}-{PROMPT_VERSION}",
+        "data_sha256": _sha256(data), "prompt_version": f"{task}-{PROMPT_VERSION}",
         "generation": asdict(params), "samples": len(samples), "skipped": len(skipped),
         "skipped_by_reason": dict(policy.skipped),
     }  # fmt: skip
     write_outputs(out, samples, skipped, results)
     return results
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")) if path.is_dir() else [path]:
+        if f.is_file() and f.suffix in (".txt", ".json", ".jsonl", ".tsv"):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
 
 
 def _score(task, r, opts, gold, prompt, raw) -> dict:
