@@ -6,10 +6,9 @@ import io
 import json
 
 import pytest
-import torch
 from PIL import Image
 
-from modalign import MLLM, MLLMConfig
+from modalign import MLLM
 from modalign.chat import ChatModel
 from modalign.cli import main
 from modalign.data import shapes
@@ -20,16 +19,18 @@ from modalign.eval.tasks import evaluate, read_records
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    """A tiny ShapesWorld model trained for a few steps with the real recipe machinery."""
+    from modalign.data.datasets import load_samples
+    from modalign.train.recipe import load_recipe
+    from modalign.train.run import run_recipe
+    from tests.test_train import recipe_doc
+
     d = tmp_path_factory.mktemp("ev")
-    shapes.generate(d / "sw", num_train=10, num_eval=6, seed=0, num_text=10)
-    torch.manual_seed(0)
-    cfg = MLLMConfig.from_name("tiny-shapes")
-    cfg.llm.num_layers = cfg.vision.num_layers = 1
-    model = MLLM(cfg).eval()
-    tok = Tokenizer.train_bpe(["yes no red blue what colour is it a b c"] * 20, vocab_size=300)
-    tok.template_name = "chatml"
-    model.save_pretrained(d / "model")
-    tok.save(d / "model")
+    shapes.generate(d / "sw", num_train=48, num_eval=6, seed=0, num_text=48)
+    texts = [m.content for s in load_samples(d / "sw" / "instruct.json") for m in s.messages]
+    Tokenizer.train_bpe(texts, vocab_size=400).save(d / "sw" / "tokenizer")
+    run_recipe(load_recipe(recipe_doc(d / "sw", steps=3, save_every=0)), d / "run", progress=False)
+    (d / "model").symlink_to(d / "run" / "model")
     Image.new("RGB", (50, 40), (255, 0, 0)).save(d / "red.png")
     return d
 
