@@ -30,6 +30,18 @@ def _data_shapes(args) -> int:
     return 0
 
 
+def _data_synthesize(args) -> int:
+    from modalign.data.synthesize import synthesize
+    from modalign.llm_client import LLMClient
+
+    client = LLMClient.from_env(args.endpoint, args.model, args.api_key_env, timeout_s=args.timeout,
+                                max_retries=args.retries)  # fmt: skip
+    summary = synthesize(args.annotations, args.kind, client, args.out, args.concurrency, args.limit, args.prompts,
+                         args.captions, progress=not args.no_progress)  # fmt: skip
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _data_inspect(args) -> int:
     from modalign.data.conversation import get_template
     from modalign.data.datasets import load_samples
@@ -90,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=96)
     s.set_defaults(func=_data_shapes)
+    sy = dsub.add_parser(
+        "synthesize", help="write LLaVA-style instruction data with an OpenAI-compatible LLM"
+    )
+    sy.add_argument("--annotations", required=True, help="JSONL of captions + boxes, or COCO instances JSON")
+    sy.add_argument("--captions", default=None, help="COCO captions JSON (with COCO instances)")
+    sy.add_argument("--kind", required=True, choices=["conversation", "detail", "reasoning"])
+    sy.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL (.../v1)")
+    sy.add_argument("--model", required=True)
+    sy.add_argument("--api-key-env", default=None, help="environment variable holding the API key")
+    sy.add_argument("--out", required=True, help="output LLaVA JSON")
+    sy.add_argument("--concurrency", type=int, default=8)
+    sy.add_argument("--limit", type=int, default=None)
+    sy.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
+    sy.add_argument("--retries", type=int, default=5)
+    sy.add_argument("--prompts", default=None, help="directory of <kind>.json prompt files")
+    sy.add_argument("--no-progress", action="store_true")
+    sy.set_defaults(func=_data_synthesize)
+
     i = dsub.add_parser("inspect", help="counts, lengths, supervision and rejected samples of a data file")
     i.add_argument("file")
     i.add_argument("--images", help="image root (default: the file's folder)")
