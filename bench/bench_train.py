@@ -1,0 +1,87 @@
+"""Training throughput: transformers' LlavaForConditionalGeneration vs modalign's MLLM on the same
+tiny LLaVA config and weights, same batch, in one run (forward + backward + AdamW step).
+
+    python bench/bench_train.py [--steps 20] [--batch 8] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+import transformers
+
+from modalign import MLLM
+
+IMAGE = 500
+
+
+def build(tmp: str):
+    vc = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                       image_size=64, patch_size=16)  # fmt: skip
+    tc = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)  # fmt: skip
+    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE)
+    torch.manual_seed(0)
+    ref = transformers.LlavaForConditionalGeneration(cfg)
+    ref.save_pretrained(tmp)
+    return ref, MLLM.from_pretrained(tmp)
+
+
+def run(model, batch, steps, precision, hf):
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+    def step():
+        with ctx:
+            if hf:
+                loss = model(input_ids=batch["ids"], pixel_values=batch["px"], attention_mask=batch["mask"],
+                             labels=batch["labels"]).loss  # fmt: skip
+            else:
+                loss = model(
+                    batch["ids"],
+                    pixel_values=batch["px"],
+                    attention_mask=batch["mask"],
+                    labels=batch["labels"],
+                ).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    for _ in range(3):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * batch["ids"].shape[0] / (time.perf_counter() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        ref, ours = build(tmp)
+        n = ours.num_image_tokens()
+        g = torch.Generator().manual_seed(0)
+        ids = torch.cat([torch.ones(args.batch, 1, dtype=torch.long), torch.full((args.batch, n), IMAGE),
+                         torch.randint(3, 400, (args.batch, 100), generator=g)], 1)  # fmt: skip
+        labels = ids.masked_fill(ids == IMAGE, -100)
+        batch = {"ids": ids, "px": torch.randn(args.batch, 3, 64, 64, generator=g), "mask": torch.ones_like(ids),
+                 "labels": labels}  # fmt: skip
+        for precision in ("fp32", "bf16"):
+            a = run(ref, batch, args.steps, precision, hf=True)
+            b = run(ours, batch, args.steps, precision, hf=False)
+            print(f"{precision}: transformers {a:7.1f} samples/s | modalign {b:7.1f} samples/s | ratio {b / a:4.2f}x "
+                  f"(batch {args.batch}, {ids.shape[1]} tokens)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
