@@ -197,3 +197,36 @@ def test_client_disconnect_frees_its_slot(server):
     metrics = httpx.get(url + "/metrics").text
     assert "modalign_requests_total" in metrics and "modalign_in_flight" in metrics
     json.loads(httpx.get(url + "/health").text)
+
+
+def test_web_page_in_headless_chromium(server, tmp_path):
+    """Upload a ShapesWorld image in the page, ask, and see the streamed answer appear."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed")
+    from modalign.data import shapes
+
+    url, app, _ = server
+    shapes.generate(tmp_path / "sw", num_train=1, num_eval=1, seed=0, num_text=1)
+    image = tmp_path / "sw" / "images" / "train_00000.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])  # fmt: skip
+        page = browser.new_page()
+        page.route("**/v1/chat/completions", lambda route: route.continue_(
+            headers={**route.request.headers, "authorization": f"Bearer {KEY}"}))  # fmt: skip
+        page.goto(url + "/")
+        page.set_input_files("#img", str(image))
+        page.fill("#q", "How many shapes are there?")
+        page.click("#send")
+        page.wait_for_selector("#answer-1[data-done='1']", timeout=30000)
+        answer = page.inner_text("#answer-1")
+        assert page.locator("img.thumb").count() == 1  # the uploaded image is shown
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        browser.close()
+    assert answer.startswith("assistant: ") and len(answer) > len("assistant: ")
+    assert (tmp_path / "chat.png").stat().st_size > 5000
