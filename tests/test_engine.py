@@ -89,3 +89,17 @@ def test_engine_on_per_image_model_matches_golden():
     rs = Engine(model).generate([Prompt(text), Prompt(ids, list(px))], SamplingParams(max_new_tokens=8))
     assert rs[0].token_ids == exp["text.generated_ids"][0].tolist()
     assert rs[1].token_ids == exp["multi.generated_ids"][0].tolist()
+
+
+def test_decode_plan_follows_weight_updates():
+    """The fast path caches fused weights; an in-place update (training) must be seen."""
+    model = tiny()
+    eng = Engine(model)
+    p = prompts(model, 1)[0]
+    a = eng.generate([p], SamplingParams(max_new_tokens=6))[0].token_ids
+    with torch.no_grad():
+        for layer in model.llm.layers:
+            layer.self_attn.q_proj.weight.mul_(-3.0)
+            layer.mlp.up_proj.weight.add_(0.5)
+    b = eng.generate([p], SamplingParams(max_new_tokens=6))[0].token_ids
+    assert b == full_forward_greedy(model, p, 6) and b != a

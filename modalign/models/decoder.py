@@ -339,6 +339,11 @@ class LLM(nn.Module):
         return x if return_hidden else self.lm_head(x)
 
 
+def _d(t):
+    """A view without autograd (cheaper dispatch); shares storage, so in-place updates show."""
+    return None if t is None else t.detach()
+
+
 class _DecodePlan:
     """Per-layer tensors for one text decode step. q/k/v and gate/up are concatenated so that a
     step makes two matmuls fewer per block; ``stale`` notices in-place updates (training)."""
@@ -361,10 +366,12 @@ class _DecodePlan:
                 p for m in [*qkv, mlp.gate_proj, mlp.up_proj] for p in m.parameters(recurse=False)
             ]
             self.layers.append((
-                text(layer.input_layernorm).weight, cat(qkv), (a.o_proj.weight, a.o_proj.bias),
-                text(layer.post_attention_layernorm).weight, cat([mlp.gate_proj, mlp.up_proj]),
-                (mlp.down_proj.weight, mlp.down_proj.bias),
+                _d(text(layer.input_layernorm).weight), cat(qkv), (_d(a.o_proj.weight), _d(a.o_proj.bias)),
+                _d(text(layer.post_attention_layernorm).weight), cat([mlp.gate_proj, mlp.up_proj]),
+                (_d(mlp.down_proj.weight), _d(mlp.down_proj.bias)),
             ))  # fmt: skip
+        self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
+        self.head = _d(llm.lm_head.weight)
         self.versions = self._versions()
 
     def _versions(self):
@@ -407,7 +414,7 @@ def decode_step(
         plan = llm._decode_plan = _DecodePlan(llm)
     c = llm.cfg
     b, eps, nh, nkv, hd = ids.shape[0], c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.dim_head
-    x = F.embedding(ids, llm.embed_tokens.weight)
+    x = F.embedding(ids, plan.embed)
     start = cache.length
     if position_ids is None:
         position_ids = torch.full((b, 1), start, dtype=torch.long, device=ids.device)
@@ -430,7 +437,7 @@ def decode_step(
         gate, up = F.linear(_rms(x, w_post, eps), *gu).split(inter, -1)
         x = x + F.linear(F.silu(gate) * up, *d)
     cache.length = start + 1
-    return F.linear(_rms(x[:, -1], llm.norm.weight, eps), llm.lm_head.weight)
+    return F.linear(_rms(x[:, -1], plan.norm, eps), plan.head)
 
 
 def positions_from_mask(attention_mask, start: int, t: int, device) -> torch.Tensor:
