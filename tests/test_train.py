@@ -131,10 +131,11 @@ def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:
     return [sys.executable, *base]
 
 
-@pytest.mark.parametrize("ddp", [False, True], ids=["single", "ddp-gloo-2"])
-def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, ddp):
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp"], ids=["single", "ddp-gloo-2", "fsdp-gloo-2"])
+def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
+    ddp = strategy != "none"  # launched as two torchrun processes
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_doc(data, "ddp" if ddp else "none")))
+    recipe.write_text(yaml.safe_dump(recipe_doc(data, strategy)))
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_train_cmd(recipe, full, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
     proc = subprocess.Popen(_train_cmd(recipe, cut, data, ddp), env=ENV, start_new_session=True,

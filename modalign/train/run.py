@@ -29,6 +29,7 @@ from modalign.models.modality import enable_adapter, enable_lora, enable_mam, en
 from modalign.train.freeze import apply_trainable, format_table
 from modalign.train.parallel import Dist, barrier, wrap
 from modalign.train.recipe import Recipe, Stage
+from modalign.train.state import full_model_state, is_sharded
 from modalign.train.trainer import StageResult, Trainer, lm_loss
 
 log = logging.getLogger("modalign")
@@ -149,7 +150,14 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
         trainer = Trainer(wrapped, stage, dataset, collator, sdir, recipe.seed, d, loss_fn, progress=progress)
         res = trainer.run()
         results[stage.name] = res
+        full = None
+        if is_sharded(model):  # FSDP: gather the full weights (collective) before rank 0 saves
+            full = full_model_state(target)
+            if stage.objective == "contrastive":
+                full = {k: v for k, v in full.items() if not k.startswith("clip_")}
         if d.main:
+            if full is not None:
+                model = _unsharded(model.config, full)
             for p in model.parameters():
                 p.requires_grad_(True)
             model.save_pretrained(sdir / "model")
@@ -182,6 +190,16 @@ def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: T
     if model.config.llm.vocab_size < tok.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.llm.vocab_size}")  # fmt: skip
+    return model
+
+
+def _unsharded(cfg, state: dict) -> MLLM:
+    """A plain CPU model filled from a gathered FSDP state dict (for saving)."""
+    from modalign.checkpoints import build
+    from modalign.checkpoints.io import load_state_strict
+
+    model = build(cfg, torch.float32)
+    load_state_strict(model, state, "gathered FSDP state")
     return model
 
 

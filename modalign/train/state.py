@@ -123,3 +123,64 @@ def checkpoints(root: Path) -> list[Path]:
 def prune(root: Path, keep: int) -> None:
     for p in checkpoints(root)[:-keep] if keep > 0 else []:
         shutil.rmtree(p, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ FSDP (sharded parameters)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+
+
+def _opts():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_model_state(model: nn.Module) -> dict:
+    """Every rank must call this; rank 0 receives the full (unsharded) tensors."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_opts())
+
+
+def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, main: bool) -> None:
+    """FSDP: gather full model and optimiser states (collective), rank 0 writes the same files as
+    ``save_training_state`` (optimiser tensors keyed by parameter name)."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt, options=_opts())
+    if not main:
+        return
+    tensors, scalars = {}, {}
+    for name, fields in osd["state"].items():
+        for k, v in fields.items():
+            (tensors if torch.is_tensor(v) else scalars)[f"{name}/{k}"] = v
+    groups = [dict(g) for g in osd["param_groups"]]
+    with atomic_dir(path) as tmp:
+        save_tensors(msd, tmp / "model.safetensors")
+        save_tensors(tensors, tmp / "optimizer.safetensors")
+        rt, rj = rng_state()
+        save_tensors(rt, tmp / "rng.safetensors")
+        doc = {"info": info, "optimizer": {"groups": groups, "scalars": scalars}, "rng": rj}
+        (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
+
+
+def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    doc = json.loads((path / "state.json").read_text())
+    msd = load_file(str(path / "model.safetensors"))
+    state: dict = {}
+    for key, t in load_file(str(path / "optimizer.safetensors")).items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(name, {})[field] = t
+    for key, v in doc["optimizer"]["scalars"].items():
+        name, field = key.rsplit("/", 1)
+        state.setdefault(name, {})[field] = v
+    osd = {"state": state, "param_groups": doc["optimizer"]["groups"]}
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
+                   options=StateDictOptions(full_state_dict=True))  # fmt: skip
+    set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
+    return doc["info"]

@@ -128,7 +128,8 @@ class Trainer:
         core = unwrap(self.model)
         prev = st.checkpoints(self.ckpt_dir)
         if resume and prev:
-            info = st.load_training_state(prev[-1], core, self.opt)
+            load = st.load_training_state_sharded if st.is_sharded(core) else st.load_training_state
+            info = load(prev[-1], core, self.opt)
             step, epoch, micro, tokens_total = info["step"], info["epoch"], info["micro"], info["tokens"]
             self.policy.seen = info["seen"]
             self.policy.skipped.update(info["skipped"])
@@ -227,10 +228,14 @@ class Trainer:
                 )
 
     def _save(self, core, step, epoch, micro, tokens) -> None:
+        info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
+                "seen": self.policy.seen, "skipped": dict(self.policy.skipped)}  # fmt: skip
+        path = self.ckpt_dir / f"step-{step:06d}"
+        if st.is_sharded(core):  # FSDP: a collective gather, then rank 0 writes
+            st.save_training_state_sharded(path, core, self.opt, info, self.d.main)
+        elif self.d.main:
+            st.save_training_state(path, core, self.opt, info)
         if self.d.main:
-            info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
-                    "seen": self.policy.seen, "skipped": dict(self.policy.skipped)}  # fmt: skip
-            st.save_training_state(self.ckpt_dir / f"step-{step:06d}", core, self.opt, info)
             st.prune(self.ckpt_dir, self.stage.keep_last)
         barrier(self.d)
 
