@@ -11,23 +11,7 @@ import tempfile
 import time
 
 import torch
-import transformers
-
-from modalign import MLLM
-
-IMAGE = 500
-
-
-def build(tmp: str):
-    vc = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                       image_size=64, patch_size=16)  # fmt: skip
-    tc = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)  # fmt: skip
-    cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE)
-    torch.manual_seed(0)
-    ref = transformers.LlavaForConditionalGeneration(cfg)
-    ref.save_pretrained(tmp)
-    return ref, MLLM.from_pretrained(tmp)
+from bench_decode import IMAGE, build  # the same tiny LLaVA as the decode benchmark
 
 
 def run(model, batch, steps, precision, hf):

@@ -85,6 +85,23 @@ class LLMClient:
         except (KeyError, IndexError, TypeError):
             raise LLMError(f"malformed response from {self._url()}: {str(doc)[:200]}") from None
 
+    def _outcome(self, attempt: int, r: httpx.Response | None = None, exc: Exception | None = None):
+        """(text, 0, "") on success; (None, delay, why) when the attempt should be retried."""
+        if exc is not None:
+            self.usage.add_retry("timeout" if isinstance(exc, httpx.TimeoutException) else "connection")
+            return None, self._delay(attempt, None), type(exc).__name__
+        if r.status_code == 429 or r.status_code >= 500:
+            self.usage.add_retry(str(r.status_code))
+            return None, self._delay(attempt, r.headers.get("retry-after")), f"HTTP {r.status_code}"
+        if r.status_code != 200:
+            self.usage.failures += 1
+            raise LLMError(f"{self._url()} answered {r.status_code}: {r.text[:200]}")
+        return self._handle(r), 0.0, ""
+
+    def _give_up(self, last: str) -> LLMError:
+        self.usage.failures += 1
+        return LLMError(f"{self._url()}: gave up after {self.max_retries + 1} attempts (last: {last})")
+
     def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 512) -> str:
         """One completion; retries transient failures; raises ``LLMError`` when out of retries."""
         last = ""
@@ -92,27 +109,15 @@ class LLMClient:
             for attempt in range(self.max_retries + 1):
                 self.usage.requests += 1
                 try:
-                    r = client.post(
-                        self._url(),
-                        json=self._payload(messages, temperature, max_tokens),
-                        headers=self._headers(),
-                    )
+                    r = client.post(self._url(), json=self._payload(messages, temperature, max_tokens),
+                                    headers=self._headers())  # fmt: skip
+                    text, delay, last = self._outcome(attempt, r=r)
                 except (httpx.TimeoutException, httpx.TransportError) as e:
-                    last = f"{type(e).__name__}"
-                    self.usage.add_retry("timeout" if isinstance(e, httpx.TimeoutException) else "connection")
-                    time.sleep(self._delay(attempt, None))
-                    continue
-                if r.status_code == 429 or r.status_code >= 500:
-                    last = f"HTTP {r.status_code}"
-                    self.usage.add_retry(str(r.status_code))
-                    time.sleep(self._delay(attempt, r.headers.get("retry-after")))
-                    continue
-                if r.status_code != 200:
-                    self.usage.failures += 1
-                    raise LLMError(f"{self._url()} answered {r.status_code}: {r.text[:200]}")
-                return self._handle(r)
-        self.usage.failures += 1
-        raise LLMError(f"{self._url()}: gave up after {self.max_retries + 1} attempts (last: {last})")
+                    text, delay, last = self._outcome(attempt, exc=e)
+                if text is not None:
+                    return text
+                time.sleep(delay)
+        raise self._give_up(last)
 
     async def achat(self, client: httpx.AsyncClient, messages: list[dict], temperature: float = 0.0,
                     max_tokens: int = 512) -> str:  # fmt: skip
@@ -123,19 +128,10 @@ class LLMClient:
             try:
                 r = await client.post(self._url(), json=self._payload(messages, temperature, max_tokens),
                                       headers=self._headers(), timeout=self.timeout_s)  # fmt: skip
+                text, delay, last = self._outcome(attempt, r=r)
             except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = type(e).__name__
-                self.usage.add_retry("timeout" if isinstance(e, httpx.TimeoutException) else "connection")
-                await asyncio.sleep(self._delay(attempt, None))
-                continue
-            if r.status_code == 429 or r.status_code >= 500:
-                last = f"HTTP {r.status_code}"
-                self.usage.add_retry(str(r.status_code))
-                await asyncio.sleep(self._delay(attempt, r.headers.get("retry-after")))
-                continue
-            if r.status_code != 200:
-                self.usage.failures += 1
-                raise LLMError(f"{self._url()} answered {r.status_code}: {r.text[:200]}")
-            return self._handle(r)
-        self.usage.failures += 1
-        raise LLMError(f"{self._url()}: gave up after {self.max_retries + 1} attempts (last: {last})")
+                text, delay, last = self._outcome(attempt, exc=e)
+            if text is not None:
+                return text
+            await asyncio.sleep(delay)
+        raise self._give_up(last)

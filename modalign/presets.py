@@ -96,40 +96,10 @@ def blip2_style_7b() -> MLLMConfig:
     )
 
 
-def tiny_llava() -> MLLMConfig:
-    """A few-hundred-thousand-parameter LLaVA shape for tests and CPU demos."""
-    return MLLMConfig(
-        llm=LLMConfig(
-            vocab_size=512,
-            hidden_size=128,
-            intermediate_size=344,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        ),  # fmt: skip
-        vision=VisionConfig(
-            hidden_size=96,
-            intermediate_size=256,
-            num_layers=4,
-            num_heads=4,
-            image_size=64,
-            patch_size=8,
-            feature_layer=-2,
-            feature_select="patch",
-        ),  # fmt: skip
-        connector=ConnectorConfig(type="mlp2x_gelu"),
-        image_token_id=3,
-        placeholder="per_image",
-    )
-
-
 def tiny_shapes() -> MLLMConfig:
-    """The quickstart's miniature LLaVA-shaped model for ShapesWorld (96-px images, 16-px
-    patches: 36 visual tokens; a 4-layer 128-wide decoder over a 1024-token BPE)."""
+    """The quickstart's miniature LLaVA-shaped model for ShapesWorld (96-px images, 32-px
+    patches: one visual token per grid cell, 9 per image; a 4-layer 128-wide decoder over a
+    1024-token BPE)."""
     return MLLMConfig(
         llm=LLMConfig(
             vocab_size=1024,
@@ -158,6 +128,16 @@ def tiny_shapes() -> MLLMConfig:
         image_token_id=3,
         placeholder="per_token",
     )
+
+
+def tiny_llava() -> MLLMConfig:
+    """A small LLaVA shape for tests and CPU demos: 64-px images, 8-px patches (64 visual
+    tokens), one placeholder per image."""
+    cfg = tiny_shapes()
+    cfg.llm.vocab_size, cfg.llm.intermediate_size = 512, 344
+    cfg.vision.image_size, cfg.vision.patch_size, cfg.vision.resize_mode = 64, 8, "pad"
+    cfg.placeholder = "per_image"
+    return cfg
 
 
 PRESETS: dict[str, Callable[[], MLLMConfig]] = {
