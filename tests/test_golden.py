@@ -133,3 +133,34 @@ def test_golden_save_load_identical(tmp_path, name):
     ids = inp["text.input_ids"]
     with torch.no_grad():
         assert torch.equal(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("rows", [577, 1226])
+def test_ixc2_vl_490_layout_from_either_position_table(tmp_path, rows):
+    """IXC2-VL (no GN tokens): the tower runs at 490 px whether the file holds CLIP-336's
+    577-row table (resized on load) or the already resized 1226-row one."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = GOLDEN / "internlm2_plora"
+    tensors = load_file(str(src / "model.safetensors"))
+    for k in ("plora_glb_GN", "plora_sub_GN"):
+        tensors.pop(k)
+    c = tensors["vit.vision_tower.vision_model.embeddings.class_embedding"].shape[0]
+    tensors["vision_proj.0.weight"] = torch.randn(tensors["vision_proj.0.weight"].shape[0], c) * 0.1
+    g = int((rows - 1) ** 0.5)
+    tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"] = torch.randn(g * g + 1, c)
+    out = tmp_path / "ixc2vl"
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    shutil.copy(src / "config.json", out / "config.json")
+    sub = json.loads((src / "IXC2d5_clip_l_560" / "config.json").read_text()) | {"image_size": 336}
+    (out / "clip").mkdir()
+    (out / "clip" / "config.json").write_text(json.dumps(sub))
+    model = MLLM.from_pretrained(out)
+    assert model.config.vision.image_size == 490 and model.config.vision.hd_layout is None
+    assert model.num_image_tokens() == 35 * 35
+    with torch.no_grad():
+        assert model.encode_images(torch.randn(1, 3, 490, 490)).shape == (1, 1225, 64)

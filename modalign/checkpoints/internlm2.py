@@ -117,9 +117,10 @@ def config_from_internlm2(d: dict, path: Path, tensors: dict) -> MLLMConfig:
     if "plora_glb_GN" in tensors:
         vision.hd_layout, vision.resize_mode = "ixc", "squash"
     else:
-        pos = tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"]
-        if pos[0] == 577:  # IXC2-VL: CLIP-L/14-336 resized to 490 px at build time
-            vision.image_size = 490
+        rows = tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"][0]
+        # IXC2-VL: a CLIP-L/14-336 table (577 rows) is resized to 490 px when loaded; a table
+        # that is already resized (1226 rows) is taken as it is, whatever the sub-config says
+        vision.image_size = 490 if rows == 577 else math.isqrt(rows - 1) * vision.patch_size
     return MLLMConfig(llm=llm, vision=vision, connector=ConnectorConfig(type="mlp2x_gelu"),
                       image_token_id=IMAGE_TOKEN_INDEX, placeholder="per_image",
                       source_format="internlm-xcomposer2")  # fmt: skip
