@@ -52,14 +52,19 @@ class ChatModel:
 
     def prompt(self, messages: list[Message], images: list) -> Prompt:
         """Render with the generation prompt; ``images`` are paths, bytes or PIL images."""
-        pixels = [self.images(im) for im in images] if images else []
-        if pixels and self.images is None:
+        if images and self.images is None:
             raise ValueError("this model takes no images")
+        pixels = [self.images(im) for im in images] if images else []
+        return Prompt(self.prompt_ids(messages), pixels)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The rendered prompt (with the generation prompt); image marks become placeholders."""
         cfg = self.model.config
         per = self.model.num_image_tokens() if cfg.placeholder == "per_token" else 1
-        conv = Conversation(messages, list(images))
-        r = render(conv, self.tok, self.template, cfg.image_token_id, per, add_generation_prompt=True)
-        return Prompt(r.input_ids, pixels)
+        conv = Conversation(messages, [None] * sum(m.num_images for m in messages))
+        return render(
+            conv, self.tok, self.template, cfg.image_token_id, per, add_generation_prompt=True
+        ).input_ids
 
     def params(self, **kw) -> SamplingParams:
         p = SamplingParams(**kw)

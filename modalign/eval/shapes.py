@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from modalign.data.conversation import IMAGE_MARK, Conversation, Message, get_template, render
+from modalign.chat import ChatModel, user_message
 from modalign.data.datasets import load_samples
-from modalign.data.images import ImageProcessor, resolve_image_path
+from modalign.data.images import resolve_image_path
 from modalign.data.tokenizer import Tokenizer
-from modalign.generate import Engine, Prompt, SamplingParams
+from modalign.generate import Prompt
 from modalign.models.mllm import MLLM
 
 PROMPT_VERSION = "shapes-v1"
@@ -23,20 +23,6 @@ PROMPT_VERSION = "shapes-v1"
 
 def normalize_answer(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
-
-
-def prompt_ids(model: MLLM, tok: Tokenizer, template: str, question: str, n_images: int) -> list[int]:
-    conv = Conversation([Message("user", IMAGE_MARK * n_images + "\n" + question)], ["img"] * n_images)
-    per = model.num_image_tokens() if model.config.placeholder == "per_token" else 1
-    r = render(
-        conv, tok, get_template(template, tok), model.config.image_token_id, per, add_generation_prompt=True
-    )
-    return r.input_ids
-
-
-def stop_ids(tok: Tokenizer) -> list[int]:
-    ids = {tok.eos_id, tok.token_id("<|im_end|>"), tok.token_id("<|eot_id|>")}
-    return sorted(i for i in ids if i is not None)
 
 
 def evaluate_shapes(
@@ -52,9 +38,8 @@ def evaluate_shapes(
     """Greedy answers to the held-out questions; exact match after normalisation."""
     path = Path(eval_file)
     records = json.loads(path.read_text())[:limit]
-    proc = ImageProcessor(model.config.vision)
-    engine = Engine(model, tok)
-    params = SamplingParams(max_new_tokens=max_new_tokens, stop_token_ids=stop_ids(tok))
+    cm = ChatModel(model, tok, template)
+    params = cm.params(max_new_tokens=max_new_tokens)
     by_type, unseen, samples = defaultdict(lambda: [0, 0]), [0, 0], []
     cache: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(records), desc="eval", disable=not progress, dynamic_ncols=True)
@@ -65,9 +50,9 @@ def evaluate_shapes(
             q = rec["conversations"][0]["value"].replace("<image>", "").strip()
             img = rec["image"]
             if img not in cache:
-                cache[img] = proc(resolve_image_path(path.parent, img, rec["id"]), rec["id"])
-            prompts.append(Prompt(prompt_ids(model, tok, template, q, 1), [cache[img]]))
-        for rec, r in zip(chunk, engine.generate(prompts, params), strict=True):
+                cache[img] = cm.images(resolve_image_path(path.parent, img, rec["id"]), rec["id"])
+            prompts.append(Prompt(cm.prompt_ids([user_message(q, 1)]), [cache[img]]))
+        for rec, r in zip(chunk, cm.engine.generate(prompts, params), strict=True):
             pred = normalize_answer(r.text)
             ok = pred == normalize_answer(rec["answer"])
             by_type[rec["type"]][0] += ok
