@@ -31,12 +31,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one kernel; same maths as below in fp32
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # fp32 inside, weight applied after casting back (as the reference implementations do)
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return _rms(x, self.weight, self.eps)
+
+
+def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one kernel; same maths as below in fp32
+        return F.rms_norm(x, w.shape, w, eps)
+    # fp32 inside, weight applied after casting back (as the reference implementations do)
+    xf = x.float()
+    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 # ------------------------------------------------------------------------------------ RoPE
@@ -358,13 +361,10 @@ class _DecodePlan:
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
             return w.detach(), None if b is None else b.detach()
 
-        self.sources, self.layers = [], []
+        self.layers = []
         for layer in llm.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv = [a.qkv_proj] if hasattr(a, "qkv_proj") else [text(a.q_proj), text(a.k_proj), text(a.v_proj)]
-            self.sources += [
-                p for m in [*qkv, mlp.gate_proj, mlp.up_proj] for p in m.parameters(recurse=False)
-            ]
             self.layers.append((
                 _d(text(layer.input_layernorm).weight), cat(qkv), (_d(a.o_proj.weight), _d(a.o_proj.bias)),
                 _d(text(layer.post_attention_layernorm).weight), cat([mlp.gate_proj, mlp.up_proj]),
@@ -372,6 +372,7 @@ class _DecodePlan:
             ))  # fmt: skip
         self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
         self.head = _d(llm.lm_head.weight)
+        self.sources = list(llm.parameters())  # a replaced or updated tensor makes the plan stale
         self.versions = self._versions()
 
     def _versions(self):
@@ -395,13 +396,6 @@ def fast_decode_ok(llm: LLM, cache: KVCache) -> bool:
     if c.sliding_window is not None and cache.length + 1 > c.sliding_window:
         return False
     return True
-
-
-def _rms(x, w, eps):
-    if x.dtype == torch.float32:
-        return F.rms_norm(x, w.shape, w, eps)
-    xf = x.float()
-    return w * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @torch.no_grad()
