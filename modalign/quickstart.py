@@ -89,7 +89,6 @@ def _trainable_params(mdir: Path) -> dict:
 def quickstart(method: str = "llava", out: str | Path = "runs/quickstart", scale: float = 1.0,
                sets: list[str] | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(out)
     data = out / "data"
     prepare_data(data, scale)

@@ -26,6 +26,7 @@ from prometheus_client import (
 
 from modalign.chat import ChatModel, TextDelta
 from modalign.data.conversation import IMAGE_MARK, BadSample, Message
+from modalign.data.images import open_image
 from modalign.serve.batcher import Batcher, Job
 from modalign.serve.images import ImagePolicy, RequestError, load_image_bytes
 
@@ -99,6 +100,16 @@ def parse_messages(body: dict, cfg: ServeConfig) -> tuple[list[Message], list[by
     return out, images
 
 
+def build_prompt(cm: ChatModel, msgs: list[Message], images: list[bytes], cfg: ServeConfig):
+    """Decode the images (pixel limit checked before decoding) and render the prompt; runs in a
+    worker thread so that decoding never blocks the event loop."""
+    pil = [
+        open_image(data, max_pixels=cfg.max_image_pixels, sample_id=f"image {k}")
+        for k, data in enumerate(images)
+    ]
+    return cm.prompt(msgs, pil)
+
+
 def sampling_args(body: dict, cfg: ServeConfig) -> dict:
     def num(name, lo, hi, default, kind=float):
         v = body.get(name, default)
@@ -110,13 +121,8 @@ def sampling_args(body: dict, cfg: ServeConfig) -> dict:
 
     if body.get("n", 1) != 1:
         raise RequestError("only n=1 is supported", param="n")
-    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = (
-        num("max_tokens", 1, 1 << 20, cfg.max_tokens_default, int)
-        if max_tokens is not None
-        else cfg.max_tokens_default
-    )
-    if "max_completion_tokens" in body:
+    max_tokens = num("max_tokens", 1, 1 << 20, cfg.max_tokens_default, int)
+    if "max_completion_tokens" in body:  # the newer name wins
         max_tokens = num("max_completion_tokens", 1, 1 << 20, cfg.max_tokens_default, int)
     stop = body.get("stop") or []
     stop = [stop] if isinstance(stop, str) else stop
@@ -199,12 +205,7 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
                 raise RequestError("the request body must be a JSON object")
             msgs, images = await asyncio.to_thread(parse_messages, body, cfg)
             args = sampling_args(body, cfg)
-            pil = []
-            for k, data in enumerate(images):
-                from modalign.data.images import open_image
-
-                pil.append(open_image(data, max_pixels=cfg.max_image_pixels, sample_id=f"image {k}"))
-            prompt = await asyncio.to_thread(cm.prompt, msgs, pil)
+            prompt = await asyncio.to_thread(build_prompt, cm, msgs, images, cfg)
         except json.JSONDecodeError as e:
             metrics.requests.labels("chat", "400").inc()
             return _err(400, f"invalid JSON body: {e.msg}")
