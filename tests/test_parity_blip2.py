@@ -13,24 +13,26 @@ from tests.helpers import (
 )
 
 
-def make_blip2(tmp_path, layers=3, every=2):
-    vc = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=7,
-    )
+def make_blip2(tmp_path, layers=3, every=2, instruct=False, qformer_vocab=100, qformer_positions=32):
+    """A tiny random BLIP-2 (or InstructBLIP) with a Llama LM, saved and loaded by modalign."""
+    vc = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=28,
+              patch_size=7)  # fmt: skip
     qc = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-              encoder_hidden_size=32, cross_attention_frequency=every, vocab_size=100, max_position_embeddings=32)  # fmt: skip
+              encoder_hidden_size=32, cross_attention_frequency=every, vocab_size=qformer_vocab,
+              max_position_embeddings=qformer_positions)  # fmt: skip
     tc = transformers.LlamaConfig(**tiny_llama_config())
-    cfg = transformers.Blip2Config(vision_config=vc, qformer_config=qc, text_config=tc.to_dict(), num_query_tokens=5,
-                                   image_token_index=IMAGE_TOKEN)  # fmt: skip
+    config_cls = transformers.InstructBlipConfig if instruct else transformers.Blip2Config
+    model_cls = (
+        transformers.InstructBlipForConditionalGeneration
+        if instruct
+        else transformers.Blip2ForConditionalGeneration
+    )
+    cfg = config_cls(vision_config=vc, qformer_config=qc, text_config=tc.to_dict(), num_query_tokens=5,
+                     image_token_index=IMAGE_TOKEN)  # fmt: skip
     torch.manual_seed(0)
-    ref = randomize(transformers.Blip2ForConditionalGeneration(cfg)).eval()
-    ref.save_pretrained(tmp_path / "blip2")
-    return ref, MLLM.from_pretrained(tmp_path / "blip2")
+    ref = randomize(model_cls(cfg)).eval()
+    ref.save_pretrained(tmp_path / "ref")
+    return ref, MLLM.from_pretrained(tmp_path / "ref")
 
 
 def test_blip2_logits_parity(tmp_path):
@@ -57,23 +59,7 @@ def test_blip2_save_load_identical(tmp_path):
 
 
 def test_instructblip_logits_parity(tmp_path):
-    vc = dict(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        image_size=28,
-        patch_size=7,
-    )
-    qc = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, encoder_hidden_size=32,
-              cross_attention_frequency=2, vocab_size=90, max_position_embeddings=40)  # fmt: skip
-    tc = transformers.LlamaConfig(**tiny_llama_config())
-    cfg = transformers.InstructBlipConfig(vision_config=vc, qformer_config=qc, text_config=tc.to_dict(),
-                                          num_query_tokens=5, image_token_index=IMAGE_TOKEN)  # fmt: skip
-    torch.manual_seed(0)
-    ref = randomize(transformers.InstructBlipForConditionalGeneration(cfg)).eval()
-    ref.save_pretrained(tmp_path / "ib")
-    ours = MLLM.from_pretrained(tmp_path / "ib")
+    ref, ours = make_blip2(tmp_path, instruct=True, qformer_vocab=90, qformer_positions=40)
     ids, mask = llava_inputs(5, lengths=(7, 5))
     px = torch.randn(2, 3, 28, 28)
     q_ids = torch.randint(1, 90, (2, 6))
