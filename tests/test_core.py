@@ -141,3 +141,28 @@ def test_build_skips_init_and_loads_dtype(tmp_path):
     assert again.llm.rotary.inv_freq.dtype == torch.float32  # rope stays fp32
     m = build(MLLMConfig.from_name("tiny-llava"))
     assert m.llm.rotary.inv_freq.device.type == "cpu"
+
+
+def test_feature_whitening_fit_and_round_trip(tmp_path):
+    from modalign.models.vision import fit_feature_whitening
+
+    model = _tiny_per_image().eval()
+    torch.manual_seed(1)
+    px = torch.randn(24, 3, model.config.vision.image_size, model.config.vision.image_size)
+    raw = model.vision(px)
+    stats = fit_feature_whitening(model.vision, [px[:10], px[10:]])
+    assert model.config.vision.feature_whitening and stats["tokens"] == raw.shape[0] * raw.shape[1]
+    white = model.vision(px).flatten(0, 1).double()
+    # the fitted images come out zero-mean with identity covariance (up to the eigenvalue floor)
+    assert white.mean(0).abs().max() < 1e-4
+    cov = torch.cov(white.T)
+    assert torch.allclose(cov, torch.eye(cov.shape[0], dtype=cov.dtype), atol=1e-3)
+    assert torch.allclose(
+        white.float(),
+        ((raw - raw.flatten(0, 1).mean(0)) @ model.vision.feature_whitening).flatten(0, 1),
+        atol=1e-4,
+    )
+    model.save_pretrained(tmp_path / "m")
+    again = MLLM.from_pretrained(tmp_path / "m").eval()
+    assert again.config.vision.feature_whitening
+    assert torch.equal(again.vision(px), model.vision(px))

@@ -67,6 +67,9 @@ class Stage:
     max_length: int = 2048
     group_by_modality: bool = False
     group_by_length: bool = True  # off for contrastive stages: similar-length batches are all hard negatives
+    # after training: fit the vision tower's feature whitening on up to this many of the stage's
+    # images (0: off); see VisionConfig.feature_whitening
+    whiten_vision_features: int = 0
     bad_samples: BadSamples = field(default_factory=BadSamples)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
@@ -88,6 +91,8 @@ class Stage:
             raise ConfigError(f"{where}.data: a stage needs at least one data source")
         if not self.trainable:
             raise ConfigError(f"{where}.trainable: a stage needs at least one trainable pattern")
+        if self.whiten_vision_features < 0:
+            raise ConfigError(f"{where}.whiten_vision_features: expected an image count >= 0")
 
 
 @dataclass

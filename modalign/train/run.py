@@ -22,7 +22,7 @@ from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 from modalign.data.collate import Collator
 from modalign.data.conversation import get_template
 from modalign.data.datasets import ConversationDataset, MixtureDataset, SampleProcessor, load_samples
-from modalign.data.images import ImageProcessor
+from modalign.data.images import ImageProcessor, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
 from modalign.models.mllm import MLLM
 from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
@@ -64,6 +64,12 @@ def init_parts(model: MLLM, init: dict[str, str]) -> None:
                 if part == "all":
                     continue
                 raise CheckpointError(f"{path} has no {name} part to initialise from")
+            if (
+                name == "vision"
+                and src.config.vision.feature_whitening
+                and not model.config.vision.feature_whitening
+            ):
+                model.vision.enable_feature_whitening()  # the tower was whitened after its training
             missing, unexpected = getattr(model, name).load_state_dict(
                 getattr(src, name).state_dict(), strict=False
             )
@@ -160,6 +166,8 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
                 model = _unsharded(model.config, full)
             for p in model.parameters():
                 p.requires_grad_(True)
+            if stage.whiten_vision_features:
+                whiten_vision(model, stage, stage.whiten_vision_features)
             model.save_pretrained(sdir / "model")
             if stage.objective == "lm":
                 tok.template_name = stage.template  # what chat/serve render prompts with
@@ -173,6 +181,38 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
             shutil.rmtree(final)
         shutil.copytree(prev_model, final)
     return results
+
+
+def whiten_vision(model: MLLM, stage: Stage, limit: int, batch_size: int = 128) -> dict:
+    """Fit the vision tower's feature whitening on up to ``limit`` distinct images of the stage's
+    data sources (in file order), and switch it on in the model's config."""
+    from modalign.models.vision import fit_feature_whitening
+
+    if not model.has_vision:
+        raise ValueError(f"stage {stage.name}: whiten_vision_features needs a model with a vision tower")
+    paths: list[Path] = []
+    seen: set[Path] = set()
+    for src in stage.data:
+        root = Path(src.images) if src.images else Path(src.path).parent
+        for sample in load_samples(Path(src.path)):
+            for ref in getattr(sample, "images", None) or []:
+                path = resolve_image_path(root, ref, sample.id)
+                if path not in seen and len(paths) < limit:
+                    seen.add(path)
+                    paths.append(path)
+    if not paths:
+        raise ValueError(f"stage {stage.name}: whiten_vision_features found no images in its data")
+    proc = ImageProcessor(model.config.vision)
+    dev = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    batches = (torch.stack([proc(p) for p in paths[i : i + batch_size]]).to(dev)
+               for i in range(0, len(paths), batch_size))  # fmt: skip
+    stats = fit_feature_whitening(model.vision, batches)
+    model.train(was_training)
+    log.info("stage %s: vision feature whitening fitted on %d images (%d tokens; eigenvalues %.3g..%.3g)",
+             stage.name, len(paths), stats["tokens"], stats["eig_min"], stats["eig_max"])  # fmt: skip
+    return stats
 
 
 def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: Tokenizer) -> MLLM:
