@@ -38,17 +38,20 @@ class TextDelta:
 class ChatModel:
     """A loaded model with its tokenizer, template and image preprocessing."""
 
-    def __init__(self, model: MLLM, tok: Tokenizer, template: str | None = None):
+    def __init__(self, model: MLLM, tok: Tokenizer, template: str | None = None, compile: bool = False):
         self.model, self.tok = model.eval(), tok
         name = template or tok.template_name or ("jinja" if tok.chat_template else "vicuna_v1")
         self.template = get_template(name, tok)
-        self.engine = Engine(model, tok)
+        self.engine = Engine(model, tok, compile=compile)
         self.images = ImageProcessor(model.config.vision) if model.has_vision else None
 
     @classmethod
-    def load(cls, path: str | Path, template: str | None = None, device=None) -> ChatModel:
+    def load(
+        cls, path: str | Path, template: str | None = None, device=None, compile: bool = False
+    ) -> ChatModel:
+        """``compile``: torch.compile the decode step (see ``Engine``)."""
         model = MLLM.from_pretrained(path, dtype=torch.float32, device=device)
-        return cls(model, Tokenizer.from_dir(path), template)
+        return cls(model, Tokenizer.from_dir(path), template, compile=compile)
 
     def prompt(self, messages: list[Message], images: list) -> Prompt:
         """Render with the generation prompt; ``images`` are paths, bytes or PIL images."""

@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print text, finish reason and token counts as JSON")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)",
+    )
     g.set_defaults(func=_generate)
 
     ch = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)")
@@ -153,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--template", default=None)
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
+    ch.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)",
+    )
     ch.set_defaults(func=_chat)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
@@ -172,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DOMAIN",
         help="fetch http(s) images from this domain (repeatable); off by default",
+    )
+    sv.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)",
     )
     sv.set_defaults(func=_serve)
 
@@ -231,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _generate(args) -> int:
     from modalign.chat import ChatModel, user_message
 
-    cm = ChatModel.load(args.model, args.template)
+    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, seed=args.seed)  # fmt: skip
     msgs = [user_message(args.prompt, len(args.image))]
@@ -250,7 +265,7 @@ def _chat(args) -> int:
     from modalign.chat import ChatModel, user_message
     from modalign.data.conversation import Message
 
-    cm = ChatModel.load(args.model, args.template)
+    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     history, images, pending = [], [], list(args.image)
     print("modalign chat: /image PATH adds an image to your next message, /reset clears, /quit exits")
@@ -300,7 +315,7 @@ def _serve(args) -> int:
     from modalign.serve.app import ServeConfig, create_app
     from modalign.serve.images import ImagePolicy
 
-    cm = ChatModel.load(args.model, args.template)
+    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     policy = ImagePolicy(local_dir=args.image_dir, allow_http=bool(args.allow_http_images),
                          allowed_domains=[d.lower() for d in args.allow_http_images])  # fmt: skip
     cfg = ServeConfig(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
@@ -321,7 +336,7 @@ def _eval(args) -> int:
             raise ValueError(f"--{name} is required (or use --compare RESULTS...)")
     from modalign.chat import ChatModel
 
-    cm = ChatModel.load(args.model, args.template)
+    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     cm.path = args.model
     judge = None
     if args.judge_endpoint:

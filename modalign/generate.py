@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modalign.models.decoder import decode_step, fast_decode_ok
+from modalign.models.decoder import CompiledDecoder, decode_step, fast_decode_ok
 from modalign.models.mllm import MLLM
 
 
@@ -78,8 +78,11 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingP
 class Engine:
     """Batched generation for any ``MLLM`` design."""
 
-    def __init__(self, model: MLLM, tokenizer=None):
+    def __init__(self, model: MLLM, tokenizer=None, compile: bool = False):
+        """``compile``: decode steps run through ``torch.compile`` (a one-off compile per batch
+        size and cache-length bucket, then several times fewer dispatched ops per token)."""
         self.model, self.tok = model.eval(), tokenizer
+        self.compiled = CompiledDecoder() if compile else None
 
     def _device(self):
         return self.model.llm.embed_tokens.weight.device
@@ -111,7 +114,9 @@ class Engine:
         ids, mask = ids.to(dev), mask.to(dev)
         padded = min(lengths) != t
         pos = (mask.sum(1, keepdim=True) - 1) if padded else None  # last position per row
-        cache = self.model.llm.new_cache(b, t + params.max_new_tokens + 1)
+        need = t + params.max_new_tokens + 1
+        compiled = self.compiled if self.compiled is not None and self.compiled.failed is None else None
+        cache = self.model.llm.new_cache(b, compiled.round_cache_len(need) if compiled else need)
         gen = torch.Generator(device=dev)
         if params.seed is not None:
             gen.manual_seed(params.seed)
@@ -125,6 +130,10 @@ class Engine:
         stops = set(params.stop_token_ids)
         done_l = [False] * b
         fast = fast_decode_ok(self.model.llm, cache)
+        valid = None
+        if compiled is not None and fast:  # slots the compiled step attends to: prompt, then new tokens
+            valid = torch.zeros(b, cache.max_len, dtype=torch.bool, device=dev)
+            valid[:, :t] = mask.bool()
         for step in range(params.max_new_tokens):
             adj = process_logits(logits, seen, params)
             if params.temperature > 0:
@@ -150,11 +159,17 @@ class Engine:
                 done = torch.tensor(done_l, device=dev)
                 mask = torch.cat([mask, (~done).long()[:, None]], 1)
                 pos = pos + 1
-            if fast and fast_decode_ok(self.model.llm, cache):
+            fast = fast and fast_decode_ok(self.model.llm, cache)
+            logits = None
+            if valid is not None and fast:
+                valid[:, cache.length] = ~done if padded else True
+                step_pos = pos if padded else torch.full((b, 1), cache.length, dtype=torch.long, device=dev)
+                logits = compiled.step(self.model.llm, step_ids, cache, step_pos, valid)
+            if logits is None and fast:
                 logits = decode_step(
                     self.model.llm, step_ids, cache, pos if padded else None, mask if padded else None
                 )
-            else:
+            elif logits is None:
                 kw = {"attention_mask": mask, "position_ids": pos} if padded else {}
                 logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
             logits = logits.float()

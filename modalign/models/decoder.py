@@ -13,6 +13,7 @@ rows, from the splice's modality ids); base layers ignore it, modality-routed pa
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 from modalign.config import LLMConfig
 from modalign.models.modality import ALinear, apply_lora, apply_mam, apply_plora, routed
 from modalign.models.vision import activation
+
+log = logging.getLogger("modalign")
 
 
 class RMSNorm(nn.Module):
@@ -349,29 +352,33 @@ def _d(t):
 
 class _DecodePlan:
     """Per-layer tensors for one text decode step. q/k/v and gate/up are concatenated so that a
-    step makes two matmuls fewer per block; ``stale`` notices in-place updates (training)."""
+    step makes two matmuls fewer per block, and weights are kept as [in, out] (``x @ w``): on
+    CPU a contiguous transposed copy, whose matrix-vector products run about 20% faster than
+    ``F.linear`` on the [out, in] layout; elsewhere a view. ``stale`` notices in-place updates
+    (training) and replaced tensors."""
 
     def __init__(self, llm: LLM):
         def text(m):  # MAM: a decode step is text, so the text copy
             return m.multiway[0] if hasattr(m, "multiway") else m
 
-        def cat(mods):
+        def lin(mods):
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bs = [m.bias for m in mods]
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
-            return w.detach(), None if b is None else b.detach()
+            wt = w.detach().t()
+            return wt.contiguous() if wt.device.type == "cpu" else wt, _d(b)
 
         self.layers = []
         for layer in llm.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv = [a.qkv_proj] if hasattr(a, "qkv_proj") else [text(a.q_proj), text(a.k_proj), text(a.v_proj)]
             self.layers.append((
-                _d(text(layer.input_layernorm).weight), cat(qkv), (_d(a.o_proj.weight), _d(a.o_proj.bias)),
-                _d(text(layer.post_attention_layernorm).weight), cat([mlp.gate_proj, mlp.up_proj]),
-                (_d(mlp.down_proj.weight), _d(mlp.down_proj.bias)),
+                _d(text(layer.input_layernorm).weight), lin(qkv), lin([a.o_proj]),
+                _d(text(layer.post_attention_layernorm).weight), lin([mlp.gate_proj, mlp.up_proj]),
+                lin([mlp.down_proj]),
             ))  # fmt: skip
         self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
-        self.head = _d(llm.lm_head.weight)
+        self.head = lin([llm.lm_head])[0]
         self.sources = list(llm.parameters())  # a replaced or updated tensor makes the plan stale
         self.versions = self._versions()
 
@@ -398,40 +405,121 @@ def fast_decode_ok(llm: LLM, cache: KVCache) -> bool:
     return True
 
 
+def _sdpa(q, k, v, mask, gqa):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _attend_one(q, k, v, mask, gqa):
+    """Attention of one query per row written out (q [B, H, 1, D], k/v [B, Hkv, S, D], mask
+    [B, 1, 1, S]): under ``torch.compile`` this fuses into a few loops, where the SDPA kernel
+    costs more than the work for a single query."""
+    b, h, _, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, h // hkv, d)  # query heads grouped by their key/value head
+    scores = (qg @ k.transpose(-1, -2)) * (d**-0.5)  # [B, Hkv, G, S]
+    scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
+    return (scores.softmax(-1) @ v).view(b, h, 1, d)
+
+
+def _lin(x, wt, b=None):
+    y = x @ wt
+    return y if b is None else y + b
+
+
+def _decode_layers(plan, cfg, x, cos, sin, mask, write, attend=_sdpa):
+    """The decoder blocks for one text token per row; ``write(i, k, v)`` stores the new keys
+    and values of layer ``i`` and returns the keys/values to attend over."""
+    b, eps, nh, nkv, hd = x.shape[0], cfg.rms_norm_eps, cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
+    gqa, h2, inter = nkv != nh, hd // 2, cfg.intermediate_size
+    for i, (w_in, qkv, o, w_post, gu, d) in enumerate(plan.layers):
+        h = _rms(x, w_in, eps)
+        heads = _lin(h, *qkv).view(b, nh + 2 * nkv, hd)  # [q heads, k heads, v heads]
+        qk = heads[:, : nh + nkv]
+        qk = qk * cos + qk.roll(h2, -1) * sin  # RoPE on q and k at once
+        k, v = write(i, qk[:, nh:, None], heads[:, nh + nkv :, None])
+        a = attend(qk[:, :nh, None], k, v, mask, gqa)
+        x = x + _lin(a.reshape(b, 1, nh * hd), *o)
+        gate, up = _lin(_rms(x, w_post, eps), *gu).split(inter, -1)
+        x = x + _lin(F.silu(gate) * up, *d)
+    return _lin(_rms(x[:, -1], plan.norm, eps), plan.head)
+
+
+def _plan(llm: LLM, cache: KVCache) -> _DecodePlan:
+    plan = getattr(llm, "_decode_plan", None)
+    if plan is None or (cache.length == cache.prefill_length and plan.stale()):  # checked once per generation
+        plan = llm._decode_plan = _DecodePlan(llm)
+    return plan
+
+
 @torch.no_grad()
 def decode_step(
     llm: LLM, ids: torch.Tensor, cache: KVCache, position_ids=None, attention_mask=None
 ) -> torch.Tensor:
     """One text token per row ([B, 1]) through the cached decoder -> last logits [B, V]."""
-    plan = getattr(llm, "_decode_plan", None)
-    if plan is None or (cache.length == cache.prefill_length and plan.stale()):  # checked once per generation
-        plan = llm._decode_plan = _DecodePlan(llm)
-    c = llm.cfg
-    b, eps, nh, nkv, hd = ids.shape[0], c.rms_norm_eps, c.num_heads, c.num_kv_heads, c.dim_head
+    plan = _plan(llm, cache)
     x = F.embedding(ids, plan.embed)
     start = cache.length
     if position_ids is None:
-        position_ids = torch.full((b, 1), start, dtype=torch.long, device=ids.device)
+        position_ids = torch.full((ids.shape[0], 1), start, dtype=torch.long, device=ids.device)
     cos, sin = llm.rotary(position_ids, x.dtype)  # [B, 1, hd]: broadcast over heads
-    mask = None
-    if attention_mask is not None:
-        mask = attention_mask[:, None, None, :].bool()
-    gqa, h2, inter = nkv != nh, hd // 2, c.intermediate_size
-    for i, (w_in, qkv, o, w_post, gu, d) in enumerate(plan.layers):
-        h = _rms(x, w_in, eps)
-        heads = F.linear(h, *qkv).view(b, nh + 2 * nkv, hd)  # [q heads, k heads, v heads]
-        qk = heads[:, : nh + nkv]
-        qk = qk * cos + qk.roll(h2, -1) * sin  # RoPE on q and k at once
-        q = qk[:, :nh, None]
-        k = qk[:, nh:, None]
-        v = heads[:, nh + nkv :, None]
-        k, v = cache.write(i, k, v, start)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-        x = x + F.linear(a.reshape(b, 1, nh * hd), *o)
-        gate, up = F.linear(_rms(x, w_post, eps), *gu).split(inter, -1)
-        x = x + F.linear(F.silu(gate) * up, *d)
+    mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()
+    logits = _decode_layers(plan, llm.cfg, x, cos, sin, mask, lambda i, k, v: cache.write(i, k, v, start))
     cache.length = start + 1
-    return F.linear(_rms(x[:, -1], plan.norm, eps), plan.head)
+    return logits
+
+
+def _static_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx):
+    """Decode step over the whole preallocated cache (static shapes, for ``torch.compile``):
+    new keys/values are written at ``idx``; ``valid`` [B, max_len] says which slots to attend."""
+
+    def write(i, k, v):
+        ks[i].index_copy_(2, idx, k)
+        vs[i].index_copy_(2, idx, v)
+        return ks[i], vs[i]
+
+    x = F.embedding(ids, plan.embed)
+    cos, sin = rotary(pos, x.dtype)
+    return _decode_layers(plan, cfg, x, cos, sin, valid[:, None, None, :], write, _attend_one)
+
+
+class CompiledDecoder:
+    """``decode_step`` compiled with ``torch.compile`` (inductor): the per-op dispatch of a
+    step becomes a few fused kernels. Shapes are static, one compiled graph per (batch, cache
+    length); callers round the cache length up (``round_cache_len``) so graphs are reused.
+    Attention runs over every cache slot with a validity mask, which gives the same result as
+    attending over the filled prefix. If compiling fails (e.g. no C++ compiler), it logs why
+    once and the caller falls back to the eager step."""
+
+    def __init__(self, max_graphs: int = 32):
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, max_graphs)
+        self.fn = torch.compile(_static_step, dynamic=False, fullgraph=True)
+        self.failed: str | None = None
+
+    @staticmethod
+    def round_cache_len(n: int, multiple: int = 128) -> int:
+        return -(-n // multiple) * multiple
+
+    @torch.no_grad()
+    def step(self, llm: LLM, ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor,
+             valid: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
+        """One step; ``valid`` must already mark this step's slot. None if compiling failed."""
+        if self.failed is not None:
+            return None
+        plan = _plan(llm, cache)
+        start = cache.length
+        if start >= cache.max_len:
+            raise ValueError(f"KV cache full: need {start + 1} positions, allocated {cache.max_len}")
+        idx = torch.tensor([start], device=ids.device)
+        try:
+            logits = self.fn(plan, llm.cfg, llm.rotary, ids, position_ids, valid, cache.k, cache.v, idx)
+        except Exception as e:  # noqa: BLE001 - any backend failure means: use the eager step
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            log.warning("compiled decoding is unavailable (%s); using the eager decode step", self.failed)
+            return None
+        cache.length = start + 1
+        return logits
 
 
 def positions_from_mask(attention_mask, start: int, t: int, device) -> torch.Tensor:
