@@ -166,3 +166,9 @@ def test_feature_whitening_fit_and_round_trip(tmp_path):
     again = MLLM.from_pretrained(tmp_path / "m").eval()
     assert again.config.vision.feature_whitening
     assert torch.equal(again.vision(px), model.vision(px))
+    # transformers' LLaVA has no place for the whitening: export refuses rather than drop it
+    from modalign.checkpoints import CheckpointError, export_hf_llava
+
+    with pytest.raises(CheckpointError, match="whitening"):
+        export_hf_llava(model, tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
