@@ -6,6 +6,10 @@ JSON (never pickle), written atomically (temp dir, then rename), keep-last-K.
       optimizer.safetensors    per-parameter tensors, keyed by parameter *name*
       state.json               step, data position, optimiser groups, python/numpy RNG, extra
       rng.safetensors          torch (and CUDA) generator states
+
+Under FSDP the model and optimiser tensors are written sharded instead, every rank its own part,
+with torch.distributed.checkpoint's safetensors storage (``sharded/``: safetensors files whose
+headers record each shard's offsets, and a JSON index); state.json and rng.safetensors as above.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +25,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from modalign.checkpoints.io import atomic_dir, save_tensors
+from modalign.checkpoints.io import atomic_dir, commit_dir, save_tensors
 from modalign.checkpoints.native import model_state
 
 
@@ -106,6 +111,8 @@ def load_training_state(path: Path, model: nn.Module, opt) -> dict:
     from modalign.checkpoints.io import load_state_strict
 
     doc = json.loads((path / "state.json").read_text())
+    if (path / "sharded").is_dir():  # written under FSDP: resumed here without it
+        return _load_dcp(path, model, opt, doc)
     load_state_strict(model, load_file(str(path / "model.safetensors")), str(path))
     optimizer_from_flat(opt, model, load_file(str(path / "optimizer.safetensors")), doc["optimizer"])
     set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
@@ -145,32 +152,84 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=_opts())
 
 
-def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, main: bool) -> None:
-    """FSDP: gather full model and optimiser states (collective), rank 0 writes the same files as
-    ``save_training_state`` (optimiser tensors keyed by parameter name)."""
+def _flat_sharded(model: nn.Module, opt) -> tuple[dict, dict, dict, dict]:
+    """(model state, optimiser state, flat tensors for DCP, JSON scalars); the tensors are this
+    rank's shards (DTensors) and alias the returned state dicts, so a DCP load fills both."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    msd, osd = get_state_dict(model, opt, options=_opts())
-    if not main:
-        return
-    tensors, scalars = {}, {}
+    msd, osd = get_state_dict(model, opt)  # initialises empty optimiser state (a zero-lr step)
+    flat = {f"model/{k}": v for k, v in msd.items()}
+    scalars = {}
     for name, fields in osd["state"].items():
         for k, v in fields.items():
-            (tensors if torch.is_tensor(v) else scalars)[f"{name}/{k}"] = v
+            if torch.is_tensor(v):
+                flat[f"optim/{name}/{k}"] = v
+            else:
+                scalars[f"{name}/{k}"] = v
+    return msd, osd, flat, scalars
+
+
+def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, main: bool) -> None:
+    """FSDP: every rank writes its own shards of the model and optimiser state with
+    ``torch.distributed.checkpoint`` into ``path/sharded`` (safetensors files and a JSON index,
+    no gather to one process); rank 0 writes ``state.json`` and the RNG states. Collective. The
+    directory is built under a temporary name and renamed by rank 0 once complete, so an
+    interrupted save never replaces the last good checkpoint (directory on a shared file system)."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-sharded"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if dist.is_initialized():
+        dist.barrier()
+    _, osd, flat, scalars = _flat_sharded(model, opt)
+    with warnings.catch_warnings():  # one process without a process group is fine here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(
+            flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / "sharded"), save_distributed=True)
+        )
+    if dist.is_initialized():
+        dist.barrier()
+    if not main:
+        return
+    rt, rj = rng_state()
+    save_tensors(rt, tmp / "rng.safetensors")
     groups = [dict(g) for g in osd["param_groups"]]
-    with atomic_dir(path) as tmp:
-        save_tensors(msd, tmp / "model.safetensors")
-        save_tensors(tensors, tmp / "optimizer.safetensors")
-        rt, rj = rng_state()
-        save_tensors(rt, tmp / "rng.safetensors")
-        doc = {"info": info, "optimizer": {"groups": groups, "scalars": scalars}, "rng": rj}
-        (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
+    doc = {"info": info, "optimizer": {"groups": groups, "scalars": scalars}, "rng": rj, "format": "dcp"}
+    (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
+    commit_dir(tmp, path)
+
+
+def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
+    """Fill the model and optimiser from a sharded checkpoint; DCP reshards, so the world size (and
+    FSDP or not) may differ from the run that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    msd, osd, flat, _ = _flat_sharded(model, opt)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
+    for key, v in doc["optimizer"]["scalars"].items():
+        name, field = key.rsplit("/", 1)
+        osd["state"].setdefault(name, {})[field] = v
+    osd["param_groups"] = doc["optimizer"]["groups"]
+    set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
+    set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
+    return doc["info"]
 
 
 def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
+    """Load a checkpoint into an FSDP model: DCP shards (any world size: DCP reshards) or, for a
+    checkpoint written without sharding, the full state scattered to the shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     doc = json.loads((path / "state.json").read_text())
+    if (path / "sharded").is_dir():
+        return _load_dcp(path, model, opt, doc)
     msd = load_file(str(path / "model.safetensors"))
     state: dict = {}
     for key, t in load_file(str(path / "optimizer.safetensors")).items():

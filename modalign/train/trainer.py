@@ -231,7 +231,7 @@ class Trainer:
         info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
                 "seen": self.policy.seen, "skipped": dict(self.policy.skipped)}  # fmt: skip
         path = self.ckpt_dir / f"step-{step:06d}"
-        if st.is_sharded(core):  # FSDP: a collective gather, then rank 0 writes
+        if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)
             st.save_training_state_sharded(path, core, self.opt, info, self.d.main)
         elif self.d.main:
             st.save_training_state(path, core, self.opt, info)
