@@ -321,6 +321,12 @@ def _serve(args) -> int:
     cfg = ServeConfig(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
                       max_batch=args.max_batch, images=policy)  # fmt: skip
+    if getattr(args, "compile", False):  # compile before serving, not on the first requests
+        secs = cm.engine.warmup(sorted({1, args.max_batch}), max_new_tokens=cfg.max_tokens_default)
+        print(
+            f"compiled decode step for batch sizes {sorted(cm.engine.compiled.shapes)} in {secs:.1f} s",
+            flush=True,
+        )
     uvicorn.run(create_app(cm, cfg), host=args.host, port=args.port, log_level="warning")
     return 0
 

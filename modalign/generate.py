@@ -8,6 +8,7 @@ preallocated KV cache; batched (left padding), greedy or sampled, streaming.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -174,6 +175,24 @@ class Engine:
                 logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
             logits = logits.float()
         self.last_finish = finish
+
+    def warmup(self, batch_sizes=(1,), prompt_len: int = 16, max_new_tokens: int = 64) -> float:
+        """Compile the decode step before the first real request (a compiled engine compiles one
+        graph per batch size and cache length, which otherwise the first request waits for).
+        Prompts of ``prompt_len`` tokens and ``max_new_tokens`` share a cache length with real
+        requests up to the same total, rounded up to 128. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        if self.compiled is None:
+            return 0.0
+        tok = self.model.config.llm.bos_token_id
+        tok = 1 if tok is None or tok == self.model.config.image_token_id else tok
+        for b in batch_sizes:  # the cache length of a request up to prompt_len + max_new_tokens
+            prompts = [Prompt([tok] * prompt_len) for _ in range(b)]
+            for _ in self.stream(prompts, SamplingParams(max_new_tokens=max_new_tokens)):
+                pass
+            if self.compiled.failed is not None:
+                break
+        return time.perf_counter() - t0
 
     def _expand(self, p: Prompt) -> Prompt:
         """Per-image placeholders (one id per image) -> one id per visual token, so that rows

@@ -123,6 +123,12 @@ def test_compiled_decoding_equals_eager_on_a_padded_batch():
         pytest.skip(f"torch.compile is unavailable here: {eng.compiled.failed}")
     assert [r.token_ids for r in got] == [r.token_ids for r in want]
     assert [r.finish_reason for r in got] == [r.finish_reason for r in want]
+    assert eng.compiled.shapes == {(3, 128)}
+    # warm-up compiles the graphs later requests of those batch sizes and lengths use
+    assert eng.warmup((1, 2), prompt_len=8, max_new_tokens=100) > 0
+    assert eng.compiled.shapes == {(3, 128), (1, 128), (2, 128)}
+    eng.generate(ps[:1], SamplingParams(max_new_tokens=12))
+    assert eng.compiled.shapes == {(3, 128), (1, 128), (2, 128)}
     # one step on the same cache state, both ways
     llm, ids = model.llm, torch.tensor([[7], [9]])
     with torch.no_grad():

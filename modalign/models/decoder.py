@@ -496,6 +496,7 @@ class CompiledDecoder:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, max_graphs)
         self.fn = torch.compile(_static_step, dynamic=False, fullgraph=True)
         self.failed: str | None = None
+        self.shapes: set[tuple[int, int]] = set()  # (batch, cache length) of the graphs compiled
 
     @staticmethod
     def round_cache_len(n: int, multiple: int = 128) -> int:
@@ -519,6 +520,7 @@ class CompiledDecoder:
             log.warning("compiled decoding is unavailable (%s); using the eager decode step", self.failed)
             return None
         cache.length = start + 1
+        self.shapes.add((ids.shape[0], cache.max_len))
         return logits
 
 
