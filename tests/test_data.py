@@ -27,7 +27,7 @@ from modalign.data.datasets import (
     load_samples,
     mixture_indices,
 )
-from modalign.data.images import ImageProcessor, open_image, resolve_image_path
+from modalign.data.images import ImageProcessor, open_image, patch_at, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
@@ -365,3 +365,25 @@ def test_cli_data_shapes_and_inspect(tmp_path, capsys):
     assert main(["data", "inspect", str(tmp_path / "sw" / "broken.json"), "--no-color"]) == 0
     out = capsys.readouterr().out
     assert "[[" in out and "train-00001: [missing image]" in out
+
+
+@pytest.mark.parametrize("mode", ["squash", "pad", "crop"])
+@pytest.mark.parametrize("size", [(90, 60), (60, 90)], ids=["wide", "tall"])
+def test_patch_at_follows_the_resize_policy(mode, size):
+    """A bright square drawn at a normalised point lands, after the processor's resize, in the
+    patch ``patch_at`` names (or is cropped away exactly when it says None)."""
+    cfg = VisionConfig(image_size=48, patch_size=16, resize_mode=mode, image_mean=(0.0, 0.0, 0.0),
+                       image_std=(1.0, 1.0, 1.0))  # fmt: skip
+    proc = ImageProcessor(cfg)
+    w, h = size
+    for x, y in [(0.5, 0.5), (0.1, 0.15), (0.85, 0.2), (0.3, 0.9), (0.95, 0.95)]:
+        img = Image.new("RGB", size, (0, 0, 0))
+        cx, cy = int(x * w), int(y * h)
+        img.paste((255, 255, 255), (cx - 1, cy - 1, cx + 2, cy + 2))
+        px = proc(img)[0]  # [48, 48]
+        want = patch_at((cx + 0.5) / w, (cy + 0.5) / h, size, cfg)
+        if px.max() < 0.5:  # the marker was cropped away
+            assert want is None
+            continue
+        r, c = divmod(int(px.flatten().argmax()), 48)
+        assert want == (r // 16) * 3 + c // 16, (mode, size, x, y)

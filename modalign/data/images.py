@@ -111,6 +111,27 @@ def resize(img: Image.Image, size: int, mode: str, mean: tuple[float, ...]) -> I
     raise ValueError(f"unknown resize mode {mode!r}; known: pad, crop, squash")
 
 
+def patch_at(x: float, y: float, size: tuple[int, int], vcfg: VisionConfig) -> int | None:
+    """The patch (row-major index in the ``image_size / patch_size`` grid) that the normalised
+    point (x, y) of an image of ``size`` (w, h) lands in after ``resize``; None if cropped away."""
+    w, h = size
+    mode = vcfg.resize_mode
+    if mode == "pad":
+        s = max(w, h)
+        x, y = (x * w + (s - w) // 2) / s, (y * h + (s - h) // 2) / s
+    elif mode == "crop":
+        t = vcfg.image_size
+        scale = t / min(w, h)
+        nw, nh = max(t, int(w * scale)), max(t, int(h * scale))
+        x, y = (x * nw - (nw - t) // 2) / t, (y * nh - (nh - t) // 2) / t
+    elif mode != "squash":
+        raise ValueError(f"unknown resize mode {mode!r}; known: pad, crop, squash")
+    if not (0 <= x < 1 and 0 <= y < 1):
+        return None
+    g = vcfg.image_size // vcfg.patch_size
+    return int(y * g) * g + int(x * g)
+
+
 def normalize(img: Image.Image, mean, std) -> torch.Tensor:
     """RGB image -> float tensor [3, H, W], (x/255 - mean) / std."""
     x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
@@ -124,11 +145,16 @@ class ImageProcessor:
         self.cfg, self.max_pixels, self.background = vcfg, max_pixels, background
 
     def __call__(self, src, sample_id: str | None = None) -> torch.Tensor:
+        return self.load(src, sample_id)[0]
+
+    def load(self, src, sample_id: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(pixels, the original (width, height))."""
         img = open_image(src, self.max_pixels, self.background, sample_id)
         c = self.cfg
         if c.hd_layout == "ixc":
-            return self._hd(img)
-        return normalize(resize(img, c.image_size, c.resize_mode, c.image_mean), c.image_mean, c.image_std)
+            return self._hd(img), img.size
+        px = normalize(resize(img, c.image_size, c.resize_mode, c.image_mean), c.image_mean, c.image_std)
+        return px, img.size
 
     def _hd(self, img: Image.Image, max_tiles: int = 6) -> torch.Tensor:
         """XComposer2.5: fit into at most ``max_tiles`` tiles (width-major), pad bottom white."""

@@ -4,67 +4,189 @@ The text side is the (frozen) language model: mean of its last hidden states ove
 Image side: the class token after the post-LayerNorm (as CLIP; mean-pooling the patches does not
 learn here: it throws away where things are). Both are projected to a shared space and
 trained with the symmetric InfoNCE loss and a learned temperature.
+
+With ``region_weight`` > 0 and annotated images (``{"id", "image", "captions", "objects":
+[{"category", "bbox"}]}``, e.g. ShapesWorld's ``scenes.jsonl`` or COCO boxes), a region-phrase
+term is added, as in grounded pretraining (GLIP, RegionCLIP): the patch feature under each box
+centre, at the layer the connector reads, is matched against the text embeddings of the batch's
+box categories (InfoNCE over the distinct phrases of the batch). The class-token loss alone
+leaves most of a patch feature's variance to things other than what is in that patch; the
+region term makes each visual token say what its region holds, which is what the connector and
+the LLM later read per token.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from modalign.data.collate import collate
 from modalign.data.conversation import BadSample, Conversation
-from modalign.data.datasets import Example
+from modalign.data.datasets import Example, load_samples
+from modalign.data.images import patch_at, resolve_image_path
+
+
+@dataclass
+class AnnotatedImage:
+    """An image with captions and labelled boxes (normalised [x1, y1, x2, y2])."""
+
+    id: str
+    image: str
+    captions: list[str]
+    objects: list[dict]
+    source: str = ""
+
+
+WHERE = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+
+
+def region_phrase(template: str, category: str, cx: float, cy: float) -> str:
+    """The text a box is matched against: ``template`` with ``{category}`` and ``{where}``, the
+    coarse location of the box centre in a 3x3 grid ("top left" ... "center" ... "bottom right")."""
+    where = WHERE[min(int(cy * 3), 2) * 3 + min(int(cx * 3), 2)]
+    return template.format(category=category, where=where)
+
+
+@dataclass
+class RegionExample(Example):
+    regions: list[tuple[int, list[int]]] = field(default_factory=list)  # (patch index, phrase ids)
 
 
 class ContrastiveModel(nn.Module):
     """Wraps an MLLM's ``vision`` and ``llm``; adds ``clip_image_proj``/``clip_text_proj``."""
 
-    def __init__(self, mllm: nn.Module, dim: int = 128):
+    def __init__(self, mllm: nn.Module, dim: int = 128, region_weight: float = 0.0):
         super().__init__()
         self.vision, self.llm = mllm.vision, mllm.llm
         self.clip_image_proj = nn.Linear(mllm.config.vision.hidden_size, dim, bias=False)
         self.clip_text_proj = nn.Linear(mllm.config.llm.hidden_size, dim, bias=False)
         self.clip_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.region_weight = region_weight
+        if region_weight > 0:
+            self.clip_region_proj = nn.Linear(mllm.config.vision.hidden_size, dim, bias=False)
 
-    def forward(self, pixel_values, input_ids, attention_mask):
-        h = self.vision.hidden_states(pixel_values)[-1]
+    def _text(self, input_ids, attention_mask):
+        """Mean of the LM's last hidden states over the real tokens."""
+        h = self.llm(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+    def forward(self, pixel_values, input_ids, attention_mask, regions=None):
+        states = self.vision.hidden_states(pixel_values)
+        h = states[-1]
         if self.vision.cfg.class_token:  # CLIP: the class token after the post-LayerNorm
             img = self.vision.post_layernorm(h[:, 0]) if self.vision.cfg.post_layernorm else h[:, 0]
         else:  # no class token (SigLIP-style towers): mean of the patches
             img = h.mean(1)
-        h = self.llm(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        txt = (h * m).sum(1) / m.sum(1).clamp(min=1)
+        txt = self._text(input_ids, attention_mask)
         a = F.normalize(self.clip_image_proj(img), dim=-1)
         b = F.normalize(self.clip_text_proj(txt), dim=-1)
-        logits = a @ b.t() * self.clip_logit_scale.exp().clamp(max=100)
+        scale = self.clip_logit_scale.exp().clamp(max=100)
+        logits = a @ b.t() * scale
         target = torch.arange(len(a), device=a.device)
-        return (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target)) / 2
+        if self.region_weight > 0 and regions and any(regions):
+            loss = loss + self.region_weight * self._region_loss(states, regions, scale)
+        return loss
+
+    def _region_loss(self, states, regions, scale):
+        """InfoNCE of each box's patch feature against the batch's distinct box phrases."""
+        dev = states[0].device
+        layer = self.vision._layer_indices()[0]
+        first = 1 if self.vision.cfg.class_token else 0
+        phrases: dict[tuple[int, ...], int] = {}
+        rows, patches, labels = [], [], []
+        for i, regs in enumerate(regions):
+            for patch, ids in regs:
+                rows.append(i)
+                patches.append(first + patch)
+                labels.append(phrases.setdefault(tuple(ids), len(phrases)))
+        feats = states[layer][torch.tensor(rows, device=dev), torch.tensor(patches, device=dev)]
+        n = max(len(p) for p in phrases)
+        ids = torch.zeros(len(phrases), n, dtype=torch.long, device=dev)
+        mask = torch.zeros_like(ids)
+        for p, k in phrases.items():
+            ids[k, : len(p)] = torch.tensor(p, device=dev)
+            mask[k, : len(p)] = 1
+        r = F.normalize(self.clip_region_proj(feats), dim=-1)
+        t = F.normalize(self.clip_text_proj(self._text(ids, mask)), dim=-1)
+        return F.cross_entropy(r @ t.t() * scale, torch.tensor(labels, device=dev))
 
 
 def contrastive_loss(model, batch, device):
-    loss = model(
-        batch["pixel_values"].to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    )
+    loss = model(batch["pixel_values"].to(device), batch["input_ids"].to(device),
+                 batch["attention_mask"].to(device), batch.get("regions"))  # fmt: skip
     return loss, int(batch["attention_mask"].sum())
+
+
+class ContrastiveCollator:
+    """``collate`` plus each row's regions (patch index, phrase ids)."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch):
+        out = collate(batch, self.pad_id)
+        out["regions"] = [
+            ex.regions if isinstance(ex, RegionExample) else [] for ex in batch if isinstance(ex, Example)
+        ]
+        return out
+
+
+def load_caption_samples(path: str | Path) -> list:
+    """A data file for contrastive pretraining: LLaVA/messages conversations (the caption is the
+    first reply) or annotated images (``{"id", "image", "captions", "objects"}`` per line, as
+    ``read_annotations`` reads them; records without captions are rejected with their id)."""
+    from modalign.data.synthesize import read_annotations
+
+    path = Path(path)
+    with path.open() as f:
+        head = f.read(4096).lstrip()
+    first = head[1:].lstrip() if head.startswith("[") else head
+    try:
+        rec = json.loads(first.splitlines()[0]) if first else {}
+    except json.JSONDecodeError:
+        rec = {}
+    if not isinstance(rec, dict) or "captions" not in rec and "objects" not in rec:
+        return load_samples(path)
+    out = []
+    for a in read_annotations(path):
+        if not a["captions"]:
+            out.append(
+                BadSample(
+                    "malformed record", f"{path.name}: annotated image {a['id']} has no caption", a["id"]
+                )
+            )
+        else:
+            out.append(AnnotatedImage(a["id"], a["image"], a["captions"], a["objects"], path.stem))
+    return out
 
 
 class CaptionProcessor:
     """Conversation with one image -> Example(caption ids, [pixels]); the caption is the first
     assistant reply."""
 
-    def __init__(self, tok, image_root, image_processor, max_length: int = 128):
+    load_samples = staticmethod(load_caption_samples)
+
+    def __init__(self, tok, image_root, image_processor, max_length: int = 128, phrase: str = "{category}"):
         from modalign.data.datasets import SampleProcessor
 
         self._images = SampleProcessor(tok, None, image_root, image_processor)
         self.tok, self.max_length = tok, max_length
         self.image_tokens = 0
+        self.root, self.processor, self.phrase = image_root, image_processor, phrase
 
     def __call__(self, s) -> Example:
         if isinstance(s, BadSample):
             raise s
+        if isinstance(s, AnnotatedImage):
+            return self._annotated(s)
         if not isinstance(s, Conversation) or len(s.images) != 1:
             raise BadSample(
                 "image count mismatch",
@@ -74,3 +196,18 @@ class CaptionProcessor:
         cap = next(m.content for m in s.messages if m.role == "assistant")
         ids = self.tok.encode(cap)[: self.max_length]
         return Example(s.id, ids, ids, [self._images._image(s.images[0], s.id)], s.source)
+
+    def _annotated(self, s: AnnotatedImage) -> RegionExample:
+        px, size = self.processor.load(resolve_image_path(self.root, s.image, s.id), s.id)
+        ids = self.tok.encode(s.captions[0])[: self.max_length]
+        regions = []
+        for o in s.objects:
+            x1, y1, x2, y2 = (float(v) for v in o["bbox"])
+            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            patch = patch_at(cx, cy, size, self.processor.cfg)
+            phrase = self.tok.encode(region_phrase(self.phrase, str(o["category"]), cx, cy))[
+                : self.max_length
+            ]
+            if patch is not None and phrase:
+                regions.append((patch, phrase))
+        return RegionExample(s.id, ids, ids, [px], s.source, regions)

@@ -70,6 +70,11 @@ class Stage:
     # after training: fit the vision tower's feature whitening on up to this many of the stage's
     # images (0: off); see VisionConfig.feature_whitening
     whiten_vision_features: int = 0
+    # contrastive: weight of the region-phrase term (needs annotated images with boxes; 0: off)
+    region_contrastive: float = 0.0
+    # the text each box is matched against: {category} (the box label) and {where} (its coarse
+    # 3x3 location, "top left" ... "bottom right")
+    region_phrase: str = "{category}"
     bad_samples: BadSamples = field(default_factory=BadSamples)
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
@@ -91,6 +96,14 @@ class Stage:
             raise ConfigError(f"{where}.data: a stage needs at least one data source")
         if not self.trainable:
             raise ConfigError(f"{where}.trainable: a stage needs at least one trainable pattern")
+        if self.region_contrastive < 0 or self.region_contrastive and self.objective != "contrastive":
+            raise ConfigError(f"{where}.region_contrastive: expected a weight >= 0 on a contrastive stage")
+        try:
+            self.region_phrase.format(category="c", where="w")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(
+                f"{where}.region_phrase: only {{category}} and {{where}} may be used ({e})"
+            ) from None
         if self.whiten_vision_features < 0:
             raise ConfigError(f"{where}.whiten_vision_features: expected an image count >= 0")
 

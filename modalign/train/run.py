@@ -88,7 +88,7 @@ def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None)
         path = Path(src.path)
         root = Path(src.images) if src.images else path.parent
         if processor_cls is not None:
-            proc = processor_cls(tok, root, ImageProcessor(cfg.vision), stage.max_length)
+            proc = processor_cls(tok, root, ImageProcessor(cfg.vision), stage.max_length, stage.region_phrase)
         else:
             per_token = cfg.placeholder == "per_token"
             proc = SampleProcessor(
@@ -100,7 +100,8 @@ def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None)
                 model.num_image_tokens() if per_token and model.has_vision else 1,
                 stage.max_length,
             )
-        sets.append(ConversationDataset(load_samples(path), proc))
+        loader = getattr(processor_cls, "load_samples", load_samples)
+        sets.append(ConversationDataset(loader(path), proc))
         weights.append(src.weight)
     if len(sets) == 1 and stage.samples is None:
         return sets[0]
@@ -138,9 +139,15 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
         model.to(d.device)
         loss_fn, collator, target = lm_loss, Collator(tok.pad_id), model
         if stage.objective == "contrastive":
-            from modalign.train.contrastive import CaptionProcessor, ContrastiveModel, contrastive_loss
+            from modalign.train.contrastive import (
+                CaptionProcessor,
+                ContrastiveCollator,
+                ContrastiveModel,
+                contrastive_loss,
+            )
 
-            target = ContrastiveModel(model).to(d.device)
+            target = ContrastiveModel(model, region_weight=stage.region_contrastive).to(d.device)
+            collator = ContrastiveCollator(tok.pad_id)
             dataset = build_dataset(stage, model, tok, CaptionProcessor)
             loss_fn = contrastive_loss
         else:
