@@ -298,5 +298,16 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
     assert cm.clip_region_proj.weight.grad.abs().sum() > 0
     assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     assert "regions" not in collate([ds[0]], tok.pad_id)
+    # the conversation files still load for the class-token loss; a region term without boxes is refused
+    from modalign.data.conversation import Conversation
+    from modalign.train.contrastive import load_caption_samples
+
+    assert all(isinstance(x, Conversation) for x in load_caption_samples(data / "captions.json"))
+    no_boxes = load_recipe("tiny-stage0", {"data": str(data)}, [f"model.tokenizer={tok_dir}",
+                           f"stages.clip.data.0.path={data / 'captions.json'}", "stages.clip.init_from=none"])  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"stage clip: region_contrastive is 1.0 but its data .*captions.json"
+    ):
+        run_recipe(no_boxes, tmp_path / "no-boxes", progress=False, stages=["clip"])
     res = run_recipe(recipe, tmp_path / "stage0", progress=False)
     assert res["clip"].steps == 3 and (tmp_path / "stage0" / "model" / "model.safetensors").is_file()

@@ -125,6 +125,19 @@ def contrastive_loss(model, batch, device):
     return loss, int(batch["attention_mask"].sum())
 
 
+def check_regions(dataset, stage) -> None:
+    """A region term needs boxes: refuse a stage whose data has none (it would silently train
+    the class-token loss alone)."""
+    sets = getattr(dataset, "datasets", [dataset])
+    if not any(isinstance(x, AnnotatedImage) and x.objects for d in sets for x in d.samples):
+        files = ", ".join(src.path for src in stage.data)
+        raise ValueError(
+            f"stage {stage.name}: region_contrastive is {stage.region_contrastive} but its data ({files}) "
+            'has no annotated images with boxes ({"id", "image", "captions", "objects": '
+            '[{"category", "bbox"}]} per line)'
+        )
+
+
 class ContrastiveCollator:
     """``collate`` plus each row's regions (patch index, phrase ids)."""
 
@@ -141,19 +154,13 @@ class ContrastiveCollator:
 
 def load_caption_samples(path: str | Path) -> list:
     """A data file for contrastive pretraining: LLaVA/messages conversations (the caption is the
-    first reply) or annotated images (``{"id", "image", "captions", "objects"}`` per line, as
-    ``read_annotations`` reads them; records without captions are rejected with their id)."""
+    first reply) or annotated images (``{"id", "image", "captions", "objects"}`` per line of a
+    .jsonl, or COCO instances, as ``read_annotations`` reads them; records without captions are
+    rejected with their id)."""
     from modalign.data.synthesize import read_annotations
 
     path = Path(path)
-    with path.open() as f:
-        head = f.read(4096).lstrip()
-    first = head[1:].lstrip() if head.startswith("[") else head
-    try:
-        rec = json.loads(first.splitlines()[0]) if first else {}
-    except json.JSONDecodeError:
-        rec = {}
-    if not isinstance(rec, dict) or "captions" not in rec and "objects" not in rec:
+    if not _is_annotations(path):
         return load_samples(path)
     out = []
     for a in read_annotations(path):
@@ -166,6 +173,26 @@ def load_caption_samples(path: str | Path) -> list:
         else:
             out.append(AnnotatedImage(a["id"], a["image"], a["captions"], a["objects"], path.stem))
     return out
+
+
+def _is_annotations(path: Path) -> bool:
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), "")
+        try:
+            rec = json.loads(first) if first else None
+        except json.JSONDecodeError:
+            return False  # load_samples reports the line
+        return (
+            isinstance(rec, dict)
+            and ("captions" in rec or "objects" in rec)
+            and not ({"conversations", "messages", "text"} & rec.keys())
+        )
+    with path.open(encoding="utf-8") as f:
+        head = f.read(4096).lstrip()[:1]
+    return head == "{"  # a JSON object: COCO instances; a JSON list: conversations
 
 
 class CaptionProcessor:

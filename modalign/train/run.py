@@ -143,12 +143,15 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
                 CaptionProcessor,
                 ContrastiveCollator,
                 ContrastiveModel,
+                check_regions,
                 contrastive_loss,
             )
 
             target = ContrastiveModel(model, region_weight=stage.region_contrastive).to(d.device)
             collator = ContrastiveCollator(tok.pad_id)
             dataset = build_dataset(stage, model, tok, CaptionProcessor)
+            if stage.region_contrastive > 0:
+                check_regions(dataset, stage)
             loss_fn = contrastive_loss
         else:
             dataset = build_dataset(stage, model, tok)
