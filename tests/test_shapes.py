@@ -18,7 +18,14 @@ def world(tmp_path_factory):
 
 def test_deterministic_for_a_seed(world, tmp_path):
     shapes.generate(tmp_path, num_train=300, num_eval=60, seed=3, num_text=100)
-    for name in ["captions.json", "instruct.json", "eval.json", "text.jsonl", "scenes.jsonl"]:
+    for name in [
+        "captions.json",
+        "instruct.json",
+        "instruct_basic.json",
+        "eval.json",
+        "text.jsonl",
+        "scenes.jsonl",
+    ]:
         assert (world / name).read_bytes() == (tmp_path / name).read_bytes(), name
     for img in ["images/train_00007.png", "images/eval_00011.png"]:
         assert (world / img).read_bytes() == (tmp_path / img).read_bytes()
@@ -68,6 +75,13 @@ def test_answers_match_the_scenes(world):
     scenes = {
         json.loads(line)["id"]: json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()
     }
+    basic = json.loads((world / "instruct_basic.json").read_text())
+    assert len({b["id"] for b in basic}) == len(basic) > 0
+    for rec in basic:  # the curriculum file: single colour / shape questions, answered right
+        scene = Scene.from_dict(scenes[rec["id"].rsplit("-b", 1)[0]]["scene"])
+        (h, g) = rec["conversations"]
+        q = h["value"].removeprefix("<image>\n")
+        assert q.startswith(("What colour is the", "What shape is the")) and g["value"] == answer(scene, q)
     for rec in json.loads((world / "instruct.json").read_text()):
         scene = Scene.from_dict(scenes[rec["id"]]["scene"])
         conv = rec["conversations"]
@@ -105,7 +119,7 @@ def referenced(scene: Scene, e: dict) -> list[tuple[str, str]]:
 
 
 def test_files_load_with_the_llava_loader(world):
-    for name in ["captions.json", "instruct.json", "eval.json", "text_instruct.json"]:
+    for name in ["captions.json", "instruct.json", "instruct_basic.json", "eval.json", "text_instruct.json"]:
         samples = load_samples(world / name)
         assert samples and all(not isinstance(s, ValueError) for s in samples), name
     assert len(load_samples(world / "text.jsonl")) == 100

@@ -9,6 +9,7 @@ training split and are the subject of the held-out "unseen pairs" questions.
 
     OUT/images/*.png
     OUT/captions.json      stage 1 (LLaVA JSON)      OUT/instruct.json    stage 2 (LLaVA JSON)
+    OUT/instruct_basic.json  stage-2 curriculum: single colour / shape questions
     OUT/eval.json          held-out questions          OUT/text.jsonl       text corpus
     OUT/text_eval.jsonl    text for perplexity         OUT/text_instruct.json text-only chats
     OUT/scenes.jsonl       annotations (captions + normalised boxes)    OUT/meta.json
@@ -50,6 +51,9 @@ NUMBERS = ("zero", "one", "two", "three", "four", "five")
 UNSEEN_PAIRS = (("red", "star"), ("green", "hexagon"), ("blue", "triangle"), ("yellow", "square"),
                 ("purple", "circle"))  # fmt: skip
 QUESTION_TYPES = ("colour", "shape", "count", "position", "relation", "exist", "read")
+# the first step of the stage-2 curriculum: questions that look up one object by one attribute
+# and read another; the lookup they teach is what every other type (but count) builds on
+BASIC_TYPES = ("colour", "shape")
 BACKGROUND = (240, 240, 240)
 
 
@@ -262,7 +266,7 @@ def generate(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    captions, instruct, scenes_out = [], [], []
+    captions, instruct, basic, scenes_out = [], [], [], []
     for i in range(num_train):
         scene = random_scene(rng, allow_unseen=False)
         name = f"images/train_{i:05d}.png"
@@ -272,6 +276,9 @@ def generate(
             {"from": "human", "value": "<image>\nDescribe the image briefly."},
             {"from": "gpt", "value": caption(scene)}]})  # fmt: skip
         qs = questions(scene, rng, allow_unseen_absent=False)
+        for k, q in enumerate(q for q in qs if q["type"] in BASIC_TYPES):
+            basic.append({"id": f"{sid}-b{k}", "image": name, "conversations": [
+                {"from": "human", "value": "<image>\n" + q["question"]}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
         rng.shuffle(qs)
         qs = qs[:turns]
         conv = []
@@ -301,6 +308,8 @@ def generate(
     text_eval, _ = text_corpus(random.Random(seed + 8), max(num_text // 10, 50))
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
+    random.Random(seed + 3).shuffle(basic)
+    _write_json(out / "instruct_basic.json", basic)
     _write_json(out / "eval.json", evals)
     _write_json(out / "text_instruct.json", text_chat)
     _write_jsonl(out / "text.jsonl", [{"id": f"text-{i}", "text": t} for i, t in enumerate(text)])
@@ -309,7 +318,7 @@ def generate(
     )
     _write_jsonl(out / "scenes.jsonl", scenes_out)
     meta = {"seed": seed, "image_size": image_size, "train_images": num_train, "eval_images": num_eval,
-            "captions": len(captions), "instruct": len(instruct), "eval_questions": len(evals),
+            "captions": len(captions), "instruct": len(instruct), "instruct_basic": len(basic), "eval_questions": len(evals),
             "text": len(text), "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
     _write_json(out / "meta.json", meta)
     return meta
