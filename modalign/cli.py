@@ -82,6 +82,11 @@ def _data_inspect(args) -> int:
     return 0
 
 
+def _compile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)")  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modalign", description="Modular multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -145,11 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print text, finish reason and token counts as JSON")
-    g.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)",
-    )
+    _compile_flag(g)
     g.set_defaults(func=_generate)
 
     ch = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)")
@@ -158,11 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--template", default=None)
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
-    ch.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)",
-    )
+    _compile_flag(ch)
     ch.set_defaults(func=_chat)
 
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
@@ -183,11 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DOMAIN",
         help="fetch http(s) images from this domain (repeatable); off by default",
     )
-    sv.add_argument(
-        "--compile",
-        action="store_true",
-        help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)",
-    )
+    _compile_flag(sv)
     sv.set_defaults(func=_serve)
 
     ev = sub.add_parser("eval", help="evaluate a model on a benchmark file (or compare result files)")

@@ -57,7 +57,8 @@ class VisionConfig:
     # fitted on images after the tower is trained (``fit_feature_whitening``). Small towers
     # trained from scratch put fine detail (a shape's outline) in directions of the feature
     # space with 1e-4..1e-6 of the variance of the dominant ones, which a connector trained
-    # with Adam cannot pick up in a short run; whitening makes every direction equally loud.
+    # with Adam cannot pick up in a short run; whitening makes every direction equally loud
+    # (nuisance directions too: the quickstart's stage 0 uses region-contrastive pretraining instead).
     feature_whitening: bool = False
 
     @property

@@ -111,6 +111,25 @@ def resize(img: Image.Image, size: int, mode: str, mean: tuple[float, ...]) -> I
     raise ValueError(f"unknown resize mode {mode!r}; known: pad, crop, squash")
 
 
+# coarse places of a point in a 3x3 grid, row-major (ShapesWorld's cell names, region phrases)
+GRID_PLACES = (
+    "top left",
+    "top",
+    "top right",
+    "left",
+    "center",
+    "right",
+    "bottom left",
+    "bottom",
+    "bottom right",
+)
+
+
+def grid_place(x: float, y: float) -> str:
+    """The coarse place of the normalised point (x, y): "top left" ... "center" ... "bottom right"."""
+    return GRID_PLACES[min(int(y * 3), 2) * 3 + min(int(x * 3), 2)]
+
+
 def patch_at(x: float, y: float, size: tuple[int, int], vcfg: VisionConfig) -> int | None:
     """The patch (row-major index in the ``image_size / patch_size`` grid) that the normalised
     point (x, y) of an image of ``size`` (w, h) lands in after ``resize``; None if cropped away."""

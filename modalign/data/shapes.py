@@ -25,6 +25,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from modalign.data.images import GRID_PLACES
+
 SHAPES = ("circle", "square", "triangle", "star", "hexagon")
 COLOURS = {
     "red": (220, 40, 40),
@@ -36,17 +38,7 @@ COLOURS = {
 }
 SIZES = ("small", "large")
 WORDS = ("cat", "dog", "sun", "box", "car", "hat", "key", "pen")
-POSITIONS = (
-    "top left",
-    "top",
-    "top right",
-    "left",
-    "center",
-    "right",
-    "bottom left",
-    "bottom",
-    "bottom right",
-)
+POSITIONS = GRID_PLACES  # cell i of the 3x3 grid, row-major
 NUMBERS = ("zero", "one", "two", "three", "four", "five")
 UNSEEN_PAIRS = (("red", "star"), ("green", "hexagon"), ("blue", "triangle"), ("yellow", "square"),
                 ("purple", "circle"))  # fmt: skip

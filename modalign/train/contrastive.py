@@ -29,7 +29,7 @@ from torch import nn
 from modalign.data.collate import collate
 from modalign.data.conversation import BadSample, Conversation
 from modalign.data.datasets import Example, load_samples
-from modalign.data.images import patch_at, resolve_image_path
+from modalign.data.images import grid_place, patch_at, resolve_image_path
 
 
 @dataclass
@@ -42,15 +42,15 @@ class AnnotatedImage:
     objects: list[dict]
     source: str = ""
 
-
-WHERE = ("top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right")
+    @property
+    def images(self) -> list[str]:
+        return [self.image]
 
 
 def region_phrase(template: str, category: str, cx: float, cy: float) -> str:
     """The text a box is matched against: ``template`` with ``{category}`` and ``{where}``, the
-    coarse location of the box centre in a 3x3 grid ("top left" ... "center" ... "bottom right")."""
-    where = WHERE[min(int(cy * 3), 2) * 3 + min(int(cx * 3), 2)]
-    return template.format(category=category, where=where)
+    coarse place of the box centre in a 3x3 grid ("top left" ... "center" ... "bottom right")."""
+    return template.format(category=category, where=grid_place(cx, cy))
 
 
 @dataclass
@@ -207,7 +207,7 @@ class CaptionProcessor:
         self._images = SampleProcessor(tok, None, image_root, image_processor)
         self.tok, self.max_length = tok, max_length
         self.image_tokens = 0
-        self.root, self.processor, self.phrase = image_root, image_processor, phrase
+        self.phrase = phrase
 
     def __call__(self, s) -> Example:
         if isinstance(s, BadSample):
@@ -225,13 +225,14 @@ class CaptionProcessor:
         return Example(s.id, ids, ids, [self._images._image(s.images[0], s.id)], s.source)
 
     def _annotated(self, s: AnnotatedImage) -> RegionExample:
-        px, size = self.processor.load(resolve_image_path(self.root, s.image, s.id), s.id)
+        images = self._images.images
+        px, size = images.load(resolve_image_path(self._images.image_root, s.image, s.id), s.id)
         ids = self.tok.encode(s.captions[0])[: self.max_length]
         regions = []
         for o in s.objects:
             x1, y1, x2, y2 = (float(v) for v in o["bbox"])
             cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            patch = patch_at(cx, cy, size, self.processor.cfg)
+            patch = patch_at(cx, cy, size, images.cfg)
             phrase = self.tok.encode(region_phrase(self.phrase, str(o["category"]), cx, cy))[
                 : self.max_length
             ]

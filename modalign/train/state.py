@@ -8,8 +8,8 @@ JSON (never pickle), written atomically (temp dir, then rename), keep-last-K.
       rng.safetensors          torch (and CUDA) generator states
 
 Under FSDP the model and optimiser tensors are written sharded instead, every rank its own part,
-with torch.distributed.checkpoint's safetensors storage (``sharded/``: safetensors files whose
-headers record each shard's offsets, and a JSON index); state.json and rng.safetensors as above.
+with torch.distributed.checkpoint's safetensors storage (``sharded/``: one safetensors file per
+rank, whose header records each shard's offsets); state.json and rng.safetensors as above.
 """
 
 from __future__ import annotations
@@ -60,12 +60,17 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, model: nn.Module, tensors: d
             if k != "params":
                 g[k] = v
     opt.state.clear()
-    for key, t in tensors.items():
+    for name, fields in _nest({k: t.clone() for k, t in tensors.items()} | meta["scalars"]).items():
+        opt.state[params[name]].update(fields)
+
+
+def _nest(flat: dict, into: dict | None = None) -> dict:
+    """``{"param/field": v}`` -> ``{param: {field: v}}`` (merged into ``into``)."""
+    out = {} if into is None else into
+    for key, v in flat.items():
         name, field = key.rsplit("/", 1)
-        opt.state[params[name]][field] = t.clone()
-    for key, v in meta["scalars"].items():
-        name, field = key.rsplit("/", 1)
-        opt.state[params[name]][field] = v
+        out.setdefault(name, {})[field] = v
+    return out
 
 
 def _ids(group, model):
@@ -171,8 +176,8 @@ def _flat_sharded(model: nn.Module, opt) -> tuple[dict, dict, dict, dict]:
 
 def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, main: bool) -> None:
     """FSDP: every rank writes its own shards of the model and optimiser state with
-    ``torch.distributed.checkpoint`` into ``path/sharded`` (safetensors files and a JSON index,
-    no gather to one process); rank 0 writes ``state.json`` and the RNG states. Collective. The
+    ``torch.distributed.checkpoint`` into ``path/sharded`` (a safetensors file per rank, shard
+    offsets in its header; no gather to one process); rank 0 writes ``state.json`` and the RNG states. Collective. The
     directory is built under a temporary name and renamed by rank 0 once complete, so an
     interrupted save never replaces the last good checkpoint (directory on a shared file system)."""
     import torch.distributed as dist
@@ -213,9 +218,7 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
-    for key, v in doc["optimizer"]["scalars"].items():
-        name, field = key.rsplit("/", 1)
-        osd["state"].setdefault(name, {})[field] = v
+    _nest(doc["optimizer"]["scalars"], osd["state"])
     osd["param_groups"] = doc["optimizer"]["groups"]
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
@@ -231,13 +234,7 @@ def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
     if (path / "sharded").is_dir():
         return _load_dcp(path, model, opt, doc)
     msd = load_file(str(path / "model.safetensors"))
-    state: dict = {}
-    for key, t in load_file(str(path / "optimizer.safetensors")).items():
-        name, field = key.rsplit("/", 1)
-        state.setdefault(name, {})[field] = t
-    for key, v in doc["optimizer"]["scalars"].items():
-        name, field = key.rsplit("/", 1)
-        state.setdefault(name, {})[field] = v
+    state = _nest(load_file(str(path / "optimizer.safetensors")) | doc["optimizer"]["scalars"])
     osd = {"state": state, "param_groups": doc["optimizer"]["groups"]}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
