@@ -298,6 +298,10 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
     assert cm.clip_region_proj.weight.grad.abs().sum() > 0
     assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
     assert "regions" not in collate([ds[0]], tok.pad_id)
+    # whitening a contrastive stage reads its images the way training does (annotations here)
+    from modalign.train.run import whiten_vision
+
+    assert whiten_vision(model, clip, 6)["tokens"] == 6 * model.num_image_tokens()
     # the conversation files still load for the class-token loss; a region term without boxes is refused
     from modalign.data.conversation import Conversation
     from modalign.train.contrastive import load_caption_samples

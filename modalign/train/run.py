@@ -200,11 +200,14 @@ def whiten_vision(model: MLLM, stage: Stage, limit: int, batch_size: int = 128) 
 
     if not model.has_vision:
         raise ValueError(f"stage {stage.name}: whiten_vision_features needs a model with a vision tower")
+    loader = load_samples
+    if stage.objective == "contrastive":  # its data may be annotated images, read as training reads them
+        from modalign.train.contrastive import load_caption_samples as loader
     paths: list[Path] = []
     seen: set[Path] = set()
     for src in stage.data:
         root = Path(src.images) if src.images else Path(src.path).parent
-        for sample in load_samples(Path(src.path)):
+        for sample in loader(Path(src.path)):
             for ref in getattr(sample, "images", None) or []:
                 path = resolve_image_path(root, ref, sample.id)
                 if path not in seen and len(paths) < limit:
