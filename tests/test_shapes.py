@@ -16,16 +16,19 @@ def world(tmp_path_factory):
     return out
 
 
+# the LLaVA-JSON conversation files (stage 1, stage 2 and its curriculum, held-out questions)
+TRAINING_FILES = [
+    "captions.json",
+    "instruct.json",
+    "instruct_basic.json",
+    "instruct_ground.json",
+    "eval.json",
+]
+
+
 def test_deterministic_for_a_seed(world, tmp_path):
     shapes.generate(tmp_path, num_train=300, num_eval=60, seed=3, num_text=100)
-    for name in [
-        "captions.json",
-        "instruct.json",
-        "instruct_basic.json",
-        "eval.json",
-        "text.jsonl",
-        "scenes.jsonl",
-    ]:
+    for name in [*TRAINING_FILES, "text.jsonl", "scenes.jsonl"]:
         assert (world / name).read_bytes() == (tmp_path / name).read_bytes(), name
     for img in ["images/train_00007.png", "images/eval_00011.png"]:
         assert (world / img).read_bytes() == (tmp_path / img).read_bytes()
@@ -75,13 +78,19 @@ def test_answers_match_the_scenes(world):
     scenes = {
         json.loads(line)["id"]: json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()
     }
-    basic = json.loads((world / "instruct_basic.json").read_text())
-    assert len({b["id"] for b in basic}) == len(basic) > 0
-    for rec in basic:  # the curriculum file: single colour / shape questions, answered right
-        scene = Scene.from_dict(scenes[rec["id"].rsplit("-b", 1)[0]]["scene"])
-        (h, g) = rec["conversations"]
-        q = h["value"].removeprefix("<image>\n")
-        assert q.startswith(("What colour is the", "What shape is the")) and g["value"] == answer(scene, q)
+    # the curriculum files: single colour / shape questions, then single position questions, answered right
+    for name, sep, prefixes in (("instruct_basic.json", "-b", ("What colour is the", "What shape is the")),
+                                ("instruct_ground.json", "-g", ("Where is the",))):  # fmt: skip
+        recs = json.loads((world / name).read_text())
+        assert len({r["id"] for r in recs}) == len(recs) > 0, name
+        for rec in recs:
+            scene = Scene.from_dict(scenes[rec["id"].rsplit(sep, 1)[0]]["scene"])
+            (h, g) = rec["conversations"]
+            q = h["value"].removeprefix("<image>\n")
+            assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
+    # one position question per object of every training scene
+    ground = json.loads((world / "instruct_ground.json").read_text())
+    assert len(ground) == sum(len(s["scene"]["objects"]) for s in scenes.values())
     for rec in json.loads((world / "instruct.json").read_text()):
         scene = Scene.from_dict(scenes[rec["id"]]["scene"])
         conv = rec["conversations"]
@@ -119,7 +128,19 @@ def referenced(scene: Scene, e: dict) -> list[tuple[str, str]]:
 
 
 def test_files_load_with_the_llava_loader(world):
-    for name in ["captions.json", "instruct.json", "instruct_basic.json", "eval.json", "text_instruct.json"]:
+    for name in [*TRAINING_FILES, "text_instruct.json"]:
         samples = load_samples(world / name)
         assert samples and all(not isinstance(s, ValueError) for s in samples), name
     assert len(load_samples(world / "text.jsonl")) == 100
+
+
+def test_quickstart_regenerates_data_missing_a_curriculum_file(tmp_path):
+    from modalign.quickstart import prepare_data
+
+    data = tmp_path / "data"
+    prepare_data(data, scale=0.02)
+    ground = (data / "instruct_ground.json").read_bytes()
+    (data / "instruct_ground.json").unlink()  # as written by a version before the grounding step
+    prepare_data(data, scale=0.02)
+    assert (data / "instruct_ground.json").read_bytes() == ground
+    assert (data / "tokenizer" / "tokenizer.json").is_file()

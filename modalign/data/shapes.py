@@ -10,6 +10,7 @@ training split and are the subject of the held-out "unseen pairs" questions.
     OUT/images/*.png
     OUT/captions.json      stage 1 (LLaVA JSON)      OUT/instruct.json    stage 2 (LLaVA JSON)
     OUT/instruct_basic.json  stage-2 curriculum: single colour / shape questions
+    OUT/instruct_ground.json stage-2 curriculum: single position questions
     OUT/eval.json          held-out questions          OUT/text.jsonl       text corpus
     OUT/text_eval.jsonl    text for perplexity         OUT/text_instruct.json text-only chats
     OUT/scenes.jsonl       annotations (captions + normalised boxes)    OUT/meta.json
@@ -46,6 +47,8 @@ QUESTION_TYPES = ("colour", "shape", "count", "position", "relation", "exist", "
 # the first step of the stage-2 curriculum: questions that look up one object by one attribute
 # and read another; the lookup they teach is what every other type (but count) builds on
 BASIC_TYPES = ("colour", "shape")
+# the second step: find an object by colour and shape and name its place (read out of its token)
+GROUND_TYPES = ("position",)
 BACKGROUND = (240, 240, 240)
 
 
@@ -258,7 +261,7 @@ def generate(
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    captions, instruct, basic, scenes_out = [], [], [], []
+    captions, instruct, basic, ground, scenes_out = [], [], [], [], []
     for i in range(num_train):
         scene = random_scene(rng, allow_unseen=False)
         name = f"images/train_{i:05d}.png"
@@ -268,9 +271,10 @@ def generate(
             {"from": "human", "value": "<image>\nDescribe the image briefly."},
             {"from": "gpt", "value": caption(scene)}]})  # fmt: skip
         qs = questions(scene, rng, allow_unseen_absent=False)
-        for k, q in enumerate(q for q in qs if q["type"] in BASIC_TYPES):
-            basic.append({"id": f"{sid}-b{k}", "image": name, "conversations": [
-                {"from": "human", "value": "<image>\n" + q["question"]}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
+        for suffix, types, dest in (("b", BASIC_TYPES, basic), ("g", GROUND_TYPES, ground)):
+            for k, q in enumerate(q for q in qs if q["type"] in types):
+                dest.append({"id": f"{sid}-{suffix}{k}", "image": name, "conversations": [
+                    {"from": "human", "value": "<image>\n" + q["question"]}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
         rng.shuffle(qs)
         qs = qs[:turns]
         conv = []
@@ -302,6 +306,8 @@ def generate(
     _write_json(out / "instruct.json", instruct)
     random.Random(seed + 3).shuffle(basic)
     _write_json(out / "instruct_basic.json", basic)
+    random.Random(seed + 4).shuffle(ground)
+    _write_json(out / "instruct_ground.json", ground)
     _write_json(out / "eval.json", evals)
     _write_json(out / "text_instruct.json", text_chat)
     _write_jsonl(out / "text.jsonl", [{"id": f"text-{i}", "text": t} for i, t in enumerate(text)])
@@ -310,7 +316,8 @@ def generate(
     )
     _write_jsonl(out / "scenes.jsonl", scenes_out)
     meta = {"seed": seed, "image_size": image_size, "train_images": num_train, "eval_images": num_eval,
-            "captions": len(captions), "instruct": len(instruct), "instruct_basic": len(basic), "eval_questions": len(evals),
+            "captions": len(captions), "instruct": len(instruct), "instruct_basic": len(basic),
+            "instruct_ground": len(ground), "eval_questions": len(evals),
             "text": len(text), "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
     _write_json(out / "meta.json", meta)
     return meta
