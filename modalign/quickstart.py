@@ -29,9 +29,7 @@ log = logging.getLogger("modalign")
 
 
 def prepare_data(data: Path, scale: float = 1.0) -> None:
-    # a data set from an older version lacks files the recipes now read: generate it again
-    needed = ("meta.json", "instruct_basic.json", "instruct_ground.json", "scenes.jsonl")
-    if not all((data / name).is_file() for name in needed):
+    if not all((data / name).is_file() for name in shapes.FILES):  # absent, or from an older version
         shapes.generate(
             data, num_train=int(4000 * scale), num_eval=int(400 * scale), seed=0, num_text=int(4000 * scale)
         )

@@ -28,6 +28,8 @@ TRAINING_FILES = [
 
 def test_deterministic_for_a_seed(world, tmp_path):
     shapes.generate(tmp_path, num_train=300, num_eval=60, seed=3, num_text=100)
+    # shapes.FILES (what the quickstart checks before reusing a data set) is exactly what is written
+    assert {p.name for p in tmp_path.iterdir() if p.is_file()} == set(shapes.FILES)
     for name in [*TRAINING_FILES, "text.jsonl", "scenes.jsonl"]:
         assert (world / name).read_bytes() == (tmp_path / name).read_bytes(), name
     for img in ["images/train_00007.png", "images/eval_00011.png"]:

@@ -50,6 +50,9 @@ BASIC_TYPES = ("colour", "shape")
 # the second step: find an object by colour and shape and name its place (read out of its token)
 GROUND_TYPES = ("position",)
 BACKGROUND = (240, 240, 240)
+# every file generate() writes beside images/ (a data set missing one was written by an older version)
+FILES = ("captions.json", "instruct.json", "instruct_basic.json", "instruct_ground.json", "eval.json",
+         "text_instruct.json", "text.jsonl", "text_eval.jsonl", "scenes.jsonl", "meta.json")  # fmt: skip
 
 
 @dataclass
