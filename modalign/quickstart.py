@@ -63,6 +63,8 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
         "heldout_accuracy": ev["accuracy"],
         "unseen_pairs_accuracy": ev["unseen_pairs_accuracy"],
         "accuracy_by_type": ev["accuracy_by_type"],
+        "accuracy_by_type_seen_unseen": ev["accuracy_by_type_seen_unseen"],
+        "position_parts": ev["position_parts"],
         "text_ppl_before": before,
         "text_ppl_after": after,
         "trainable_params": trainable,
@@ -141,11 +143,24 @@ def plot_accuracy(results: dict, png: Path) -> None:
     import matplotlib.pyplot as plt
 
     acc = results["accuracy_by_type"]
-    fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    names = list(acc) + ["unseen pairs"]
-    vals = [acc[k] for k in acc] + [results["unseen_pairs_accuracy"] or 0]
-    ax.bar(names, vals, color=["#4c72b0"] * len(acc) + ["#dd8452"])
-    ax.set_ylim(0, 1)
+    split = results.get("accuracy_by_type_seen_unseen") or {}
+    fig, ax = plt.subplots(figsize=(6.4, 3.3), dpi=110)
+    names = list(acc)
+    x = range(len(names))
+    w = 0.27
+    ax.bar([i - w for i in x], [acc[k] for k in names], w, color="#4c72b0", label="all")
+    for off, part, colour in ((0, "seen", "#8fb3d9"), (w, "unseen", "#dd8452")):
+        vals = [(i + off, split[k][part]) for i, k in zip(x, names, strict=True) if part in split.get(k, {})]
+        if vals:
+            ax.bar(
+                [v[0] for v in vals],
+                [v[1] for v in vals],
+                w,
+                color=colour,
+                label=f"{part} colour-shape pairs",
+            )
+    ax.set_xticks(list(x), names)
+    ax.set_ylim(0, 1.05)
     ax.axhline(
         results["heldout_accuracy"],
         color="k",
@@ -154,7 +169,7 @@ def plot_accuracy(results: dict, png: Path) -> None:
         label=f"overall {results['heldout_accuracy']:.1%}",
     )
     ax.set_title(f"ShapesWorld held-out accuracy — {results['method']}")
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower left", fontsize=7)
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(png)

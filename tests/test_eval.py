@@ -46,6 +46,8 @@ def test_shapes_task_equals_quickstart_evaluation(setup):
     assert res["accuracy"] == ref["accuracy"] and res["samples"] == ref["questions"]
     assert res["accuracy_by_category"] == ref["accuracy_by_type"]
     assert res["unseen_pairs_accuracy"] == ref["unseen_pairs_accuracy"]
+    assert res["accuracy_by_category_seen_unseen"] == ref["accuracy_by_type_seen_unseen"]
+    assert res["position_parts"] == ref["position_parts"]
     for f in ("samples.jsonl", "results.json", "report.md", "accuracy_by_category.png"):
         assert (d / "out" / f).is_file()
     line = json.loads((d / "out" / "samples.jsonl").read_text().splitlines()[0])
@@ -189,3 +191,27 @@ def test_official_layouts(setup, tmp_path):
                                                     "annotations": [{"image_id": 1, "caption": "a green square"},
                                                                     {"image_id": 1, "caption": "green"}]}))  # fmt: skip
     assert read_records("caption", tmp_path / "caps.json")[0]["gold"] == ["a green square", "green"]
+
+
+def test_position_parts_splits_row_and_column():
+    from modalign.eval.shapes import position_parts
+
+    rows = [("top", "top right"), ("left", "center"), ("bottom left", "top left"), ("right", "right"),
+            ("center", "a circle"), ("bottom", "bottom")]  # fmt: skip
+    samples = [{"type": "position", "answer": a, "prediction": p} for a, p in rows]
+    samples.append({"type": "colour", "answer": "red", "prediction": "top"})  # not a position question
+    parts = position_parts(samples)
+    assert parts == {"row_accuracy": 4 / 6, "column_accuracy": 3 / 6, "questions": 6}
+    assert position_parts(samples[-1:]) is None
+
+
+def test_seen_unseen_split_adds_up_to_each_type(setup):
+    d = setup
+    ref = evaluate_shapes(MLLM.from_pretrained(d / "model"), Tokenizer.from_dir(d / "model"), d / "sw" / "eval.json",
+                          progress=False)  # fmt: skip
+    for t, parts in ref["accuracy_by_type_seen_unseen"].items():
+        rows = [s for s in ref["samples"] if s["type"] == t]
+        for k, acc in parts.items():
+            sub = [s["correct"] for s in rows if s["unseen"] == (k == "unseen")]
+            assert acc == sum(sub) / len(sub)
+        assert set(parts) == {("unseen" if s["unseen"] else "seen") for s in rows}

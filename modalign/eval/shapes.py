@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from modalign.chat import ChatModel, user_message
 from modalign.data.datasets import load_samples
-from modalign.data.images import resolve_image_path
+from modalign.data.images import GRID_PLACES, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
 from modalign.generate import Prompt
 from modalign.models.mllm import MLLM
@@ -23,6 +23,22 @@ PROMPT_VERSION = "shapes-v1"
 
 def normalize_answer(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
+
+
+def position_parts(samples: list[dict]) -> dict | None:
+    """Position answers split into their row and column: the share of position questions whose
+    predicted place has the right row, and the right column ("top right" for "top": row right,
+    column wrong). An answer that names no place is wrong on both."""
+    pos = [s for s in samples if s["type"] == "position" and normalize_answer(s["answer"]) in GRID_PLACES]
+    if not pos:
+        return None
+    row = col = 0
+    for s in pos:
+        gold = GRID_PLACES.index(normalize_answer(s["answer"]))
+        pred = GRID_PLACES.index(s["prediction"]) if s["prediction"] in GRID_PLACES else None
+        row += pred is not None and pred // 3 == gold // 3
+        col += pred is not None and pred % 3 == gold % 3
+    return {"row_accuracy": row / len(pos), "column_accuracy": col / len(pos), "questions": len(pos)}
 
 
 def evaluate_shapes(
@@ -41,6 +57,7 @@ def evaluate_shapes(
     cm = ChatModel(model, tok, template)
     params = cm.params(max_new_tokens=max_new_tokens)
     by_type, unseen, samples = defaultdict(lambda: [0, 0]), [0, 0], []
+    split = defaultdict(lambda: [0, 0])  # (type, seen|unseen) -> [correct, total]
     cache: dict[str, torch.Tensor] = {}
     bar = tqdm(total=len(records), desc="eval", disable=not progress, dynamic_ncols=True)
     for s in range(0, len(records), batch_size):
@@ -60,6 +77,9 @@ def evaluate_shapes(
             if rec.get("unseen"):
                 unseen[0] += ok
                 unseen[1] += 1
+            cell = split[(rec["type"], "unseen" if rec.get("unseen") else "seen")]
+            cell[0] += ok
+            cell[1] += 1
             samples.append({"id": rec["id"], "type": rec["type"], "question": rec["conversations"][0]["value"],
                             "answer": rec["answer"], "prediction": pred, "raw": r.text, "correct": ok,
                             "unseen": bool(rec.get("unseen"))})  # fmt: skip
@@ -73,6 +93,11 @@ def evaluate_shapes(
         "count_by_type": {k: v[1] for k, v in sorted(by_type.items())},
         "unseen_pairs_accuracy": unseen[0] / unseen[1] if unseen[1] else None,
         "unseen_questions": unseen[1],
+        "accuracy_by_type_seen_unseen": {
+            t: {k: split[(t, k)][0] / split[(t, k)][1] for k in ("seen", "unseen") if split[(t, k)][1]}
+            for t in sorted(by_type)
+        },
+        "position_parts": position_parts(samples),
         "questions": total,
         "prompt_version": PROMPT_VERSION,
         "samples": samples,

@@ -37,7 +37,7 @@ from modalign.data.conversation import BadSample
 from modalign.data.datasets import BadSamplePolicy
 from modalign.data.images import resolve_image_path
 from modalign.eval import metrics as M
-from modalign.eval.shapes import normalize_answer
+from modalign.eval.shapes import normalize_answer, position_parts
 
 PROMPT_VERSION = "v1"
 TASKS = ("shapes", "vqa", "exact", "mc", "pope", "mme", "caption", "llava-bench", "owleval")
@@ -364,6 +364,16 @@ def aggregate(task: str, samples: list[dict], circular: bool = False) -> dict:
     if task == "shapes":
         un = [s["score"] for s in samples if s.get("unseen")]
         res["unseen_pairs_accuracy"] = sum(un) / len(un) if un else None
+        split = defaultdict(list)
+        for s in samples:
+            split[(s["category"], "unseen" if s.get("unseen") else "seen")].append(s["score"])
+        res["accuracy_by_category_seen_unseen"] = {
+            c: {k: sum(v) / len(v) for k in ("seen", "unseen") if (v := split.get((c, k)))}
+            for c in sorted(by_cat)
+        }
+        res["position_parts"] = position_parts(
+            [{"type": s["category"], "answer": s["gold"], "prediction": s["answer"]} for s in samples]
+        )
     if task == "mc" and circular:
         per = defaultdict(list)
         for s in samples:
