@@ -96,4 +96,8 @@ class ChatModel:
 
 
 def user_message(text: str, n_images: int) -> Message:
+    """A user turn with ``n_images`` images: where ``text`` names their places with ``<image>`` (as
+    many as there are images, like a data set record), they go there; otherwise they lead the text."""
+    if n_images and text.count("<image>") == n_images:
+        return Message("user", text.replace("<image>", IMAGE_MARK))
     return Message("user", IMAGE_MARK * n_images + ("\n" if n_images else "") + text)

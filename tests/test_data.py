@@ -387,3 +387,17 @@ def test_patch_at_follows_the_resize_policy(mode, size):
             continue
         r, c = divmod(int(px.flatten().argmax()), 48)
         assert want == (r // 16) * 3 + c // 16, (mode, size, x, y)
+
+
+def test_user_message_puts_images_where_the_text_names_them():
+    from modalign.chat import user_message
+
+    # as many <image> as images: each goes in its place, as in a data set record
+    assert (
+        user_message("Compare <image> with <image>.", 2).content == f"Compare {IMAGE_MARK} with {IMAGE_MARK}."
+    )
+    assert user_message("Where is it?\n<image>", 1).content == f"Where is it?\n{IMAGE_MARK}"
+    # none named (or a count that does not match): the images lead the text, on a line of their own
+    assert user_message("What is it?", 1).content == f"{IMAGE_MARK}\nWhat is it?"
+    assert user_message("a <image> b", 2).content == f"{IMAGE_MARK}{IMAGE_MARK}\na <image> b"
+    assert user_message("no images", 0).content == "no images"

@@ -64,7 +64,7 @@ def evaluate_shapes(
         chunk = records[s : s + batch_size]
         prompts = []
         for rec in chunk:
-            q = rec["conversations"][0]["value"].replace("<image>", "").strip()
+            q = rec["conversations"][0]["value"].strip()  # the image where the record puts it
             img = rec["image"]
             if img not in cache:
                 cache[img] = cm.images(resolve_image_path(path.parent, img, rec["id"]), rec["id"])

@@ -88,7 +88,7 @@ def read_records(task: str, path: Path, references: Path | None = None) -> list[
     for where, r in rows:
         if task == "shapes":
             _need(r, ("id", "image", "conversations", "answer", "type"), where)
-            q = r["conversations"][0]["value"].replace("<image>", "").strip()
+            q = r["conversations"][0]["value"].strip()  # keeps <image>: the prompt puts it there
             out.append({"id": r["id"], "image": r["image"], "question": q, "gold": r["answer"], "category": r["type"],
                         "unseen": r.get("unseen", False)})  # fmt: skip
         elif task == "vqa":
