@@ -25,7 +25,7 @@ def _data_shapes(args) -> int:
     from modalign.data import shapes
 
     meta = shapes.generate(args.out, num_train=args.train, num_eval=args.eval, seed=args.seed,
-                           image_size=args.image_size, num_text=args.text)  # fmt: skip
+                           image_size=args.image_size, num_text=args.text, image_placement=args.image_placement)  # fmt: skip
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", type=int, default=4000, help="text-only documents")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=96)
+    s.add_argument("--image-placement", choices=("before", "after", "mixed"), default="before",
+                   help="image placeholder before or after each question, or either per sample")  # fmt: skip
     s.set_defaults(func=_data_shapes)
     sy = dsub.add_parser(
         "synthesize", help="write LLaVA-style instruction data with an OpenAI-compatible LLM"

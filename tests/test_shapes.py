@@ -17,6 +17,11 @@ def world(tmp_path_factory):
     return out
 
 
+def question_of(turn: str) -> str:
+    """A first user turn without its image placeholder (before or after the question)."""
+    return turn.removeprefix("<image>\n").removesuffix("\n<image>")
+
+
 # the LLaVA-JSON conversation files (stage 1, stage 2 and its curriculum, held-out questions)
 TRAINING_FILES = [
     "captions.json",
@@ -76,7 +81,7 @@ def test_answers_match_the_scenes(world):
     evals = json.loads((world / "eval.json").read_text())
     assert {e["type"] for e in evals} == set(shapes.QUESTION_TYPES)
     for e in evals:
-        q = e["conversations"][0]["value"].removeprefix("<image>\n")
+        q = question_of(e["conversations"][0]["value"])
         assert answer(Scene.from_dict(e["scene"]), q) == e["answer"] == e["conversations"][1]["value"]
     scenes = {
         json.loads(line)["id"]: json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()
@@ -89,7 +94,7 @@ def test_answers_match_the_scenes(world):
         for rec in recs:
             scene = Scene.from_dict(scenes[rec["id"].rsplit(sep, 1)[0]]["scene"])
             (h, g) = rec["conversations"]
-            q = h["value"].removeprefix("<image>\n")
+            q = question_of(h["value"])
             assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
     # one position question per object of every training scene
     ground = json.loads((world / "instruct_ground.json").read_text())
@@ -98,7 +103,7 @@ def test_answers_match_the_scenes(world):
         scene = Scene.from_dict(scenes[rec["id"]]["scene"])
         conv = rec["conversations"]
         for h, g in zip(conv[::2], conv[1::2], strict=True):
-            q = h["value"].removeprefix("<image>\n")
+            q = question_of(h["value"])
             expected = shapes.describe(scene) if q == "Describe the image." else answer(scene, q)
             assert g["value"] == expected
 
@@ -118,7 +123,7 @@ def test_unseen_pairs_only_in_heldout(world):
 
 def referenced(scene: Scene, e: dict) -> list[tuple[str, str]]:
     """(colour, shape) pairs a question is about, read from its text and the scene."""
-    q = e["conversations"][0]["value"].removeprefix("<image>\n").rstrip("?")
+    q = question_of(e["conversations"][0]["value"]).rstrip("?")
     words = q.split()
     if e["type"] == "colour":
         return [(o.colour, o.shape) for o in scene.objects if o.shape == words[-1]]
@@ -128,6 +133,71 @@ def referenced(scene: Scene, e: dict) -> list[tuple[str, str]]:
         (a, b) for a, b in zip(words, words[1:], strict=False) if a in shapes.COLOURS and b in shapes.SHAPES
     ]
     return pairs
+
+
+def test_image_placement(world, tmp_path):
+    """The image goes before each question by default, after it or either on request; the scenes,
+    questions and answers are the same whatever the placement."""
+
+    def firsts(d, name):
+        recs = json.loads((d / name).read_text())
+        return [r["conversations"][0]["value"] for r in recs], [
+            [question_of(t["value"]) for t in r["conversations"]] for r in recs]  # fmt: skip
+
+    runs = {"before": world}
+    for placement in ("after", "mixed"):
+        runs[placement] = tmp_path / placement
+        shapes.generate(
+            runs[placement], num_train=300, num_eval=60, seed=3, num_text=100, image_placement=placement
+        )
+    for name in TRAINING_FILES:
+        turns = {k: firsts(d, name) for k, d in runs.items()}
+        assert turns["after"][1] == turns["before"][1] == turns["mixed"][1], name
+        assert all(
+            t.endswith("\n<image>") and t.count("<image>") == 1
+            for t in turns["after"][0]
+            if name != "captions.json"
+        )
+        assert all(t.startswith("<image>\n") and t.count("<image>") == 1 for t in turns["before"][0])
+        mixed = turns["mixed"][0]
+        if name == "eval.json":  # held-out questions: one placement, before unless asked for after
+            assert mixed == turns["before"][0]
+        elif name != "captions.json":
+            after = sum(t.endswith("\n<image>") for t in mixed) / len(mixed)
+            assert 0.35 < after < 0.65 and all(t.count("<image>") == 1 for t in mixed), (name, after)
+    assert json.loads((runs["mixed"] / "meta.json").read_text())["image_placement"] == "mixed"
+    with pytest.raises(ValueError, match="image_placement must be one of"):
+        shapes.generate(tmp_path / "x", num_train=1, num_eval=1, image_placement="middle")
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_eval_prompt_is_the_training_prompt(tmp_path, placement):
+    """The held-out prompt puts the image where the record does, token for token as training renders it."""
+    import torch
+
+    from modalign import MLLMConfig
+    from modalign.chat import ChatModel, user_message
+    from modalign.data.conversation import get_template, render
+    from modalign.data.tokenizer import Tokenizer
+
+    world = tmp_path
+    shapes.generate(world, num_train=2, num_eval=6, seed=3, num_text=10, image_placement=placement)
+    cfg = MLLMConfig.from_name("tiny-shapes")
+    cfg.llm.num_layers = cfg.vision.num_layers = 1
+    tok = Tokenizer.train_bpe(
+        [s.messages[0].content for s in load_samples(world / "eval.json")], vocab_size=300
+    )
+    tok.template_name = "chatml"
+    cm = ChatModel(MLLM(cfg), tok)
+    per = cm.model.num_image_tokens() if cfg.placeholder == "per_token" else 1
+    recs = json.loads((world / "eval.json").read_text())
+    assert all(r["conversations"][0]["value"].endswith("\n<image>") == (placement == "after") for r in recs)
+    for rec, s in zip(recs, load_samples(world / "eval.json"), strict=True):
+        ex = render(s, tok, get_template("chatml", tok), cfg.image_token_id, per, 2048)  # as SampleProcessor
+        answer_start = next(i for i, label in enumerate(ex.labels) if label != -100)
+        prompt = cm.prompt_ids([user_message(rec["conversations"][0]["value"], 1)])
+        assert prompt == ex.input_ids[:answer_start], rec["id"]
+        assert torch.tensor(prompt).eq(cfg.image_token_id).any()
 
 
 def test_files_load_with_the_llava_loader(world):

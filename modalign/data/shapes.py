@@ -244,6 +244,14 @@ def questions(scene: Scene, rng: random.Random, allow_unseen_absent: bool) -> li
     return qs
 
 
+IMAGE_PLACEMENTS = ("before", "after", "mixed")
+
+
+def _with_image(question: str, after: bool) -> str:
+    """A first user turn: the image placeholder before the question, or after it."""
+    return question + "\n<image>" if after else "<image>\n" + question
+
+
 def _is_unseen(q: dict) -> bool:
     return any((o.colour, o.shape) in UNSEEN_PAIRS for o in q["objects"])
 
@@ -259,9 +267,22 @@ def generate(
     image_size: int = 96,
     turns: int = 4,
     num_text: int = 4000,
+    image_placement: str = "before",
 ) -> dict:
-    """Write the data set to ``out``; returns the meta record (counts, files, unseen pairs)."""
+    """Write the data set to ``out``; returns the meta record (counts, files, unseen pairs).
+
+    ``image_placement`` puts the image placeholder of each training question ``before`` (the default)
+    or ``after`` the question, or draws one of the two per sample (``mixed``, as LLaVA-1.5's
+    instruction data does); held-out questions put it before the question unless it is ``after``.
+    """
+    if image_placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {image_placement!r}")
     out = Path(out)
+    prng = random.Random(seed + 5)
+
+    def after() -> bool:
+        return image_placement == "after" or (image_placement == "mixed" and prng.random() < 0.5)
+
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     captions, instruct, basic, ground, scenes_out = [], [], [], [], []
@@ -277,12 +298,14 @@ def generate(
         for suffix, types, dest in (("b", BASIC_TYPES, basic), ("g", GROUND_TYPES, ground)):
             for k, q in enumerate(q for q in qs if q["type"] in types):
                 dest.append({"id": f"{sid}-{suffix}{k}", "image": name, "conversations": [
-                    {"from": "human", "value": "<image>\n" + q["question"]}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
+                    {"from": "human", "value": _with_image(q["question"], after())}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
         rng.shuffle(qs)
         qs = qs[:turns]
         conv = []
         for k, q in enumerate(qs):
-            conv.append({"from": "human", "value": ("<image>\n" if k == 0 else "") + q["question"]})
+            conv.append(
+                {"from": "human", "value": _with_image(q["question"], after()) if k == 0 else q["question"]}
+            )
             conv.append({"from": "gpt", "value": q["answer"]})
         if rng.random() < 0.25:
             conv += [
@@ -301,7 +324,7 @@ def generate(
         for k, q in enumerate(questions(scene, erng, allow_unseen_absent=True)):
             evals.append({"id": f"eval-{i:05d}-{k}", "image": name, "type": q["type"], "answer": q["answer"],
                           "unseen": _is_unseen(q), "scene": scene.to_dict(),
-                          "conversations": [{"from": "human", "value": "<image>\n" + q["question"]},
+                          "conversations": [{"from": "human", "value": _with_image(q["question"], image_placement == "after")},
                                             {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
     text, text_chat = text_corpus(random.Random(seed + 7), num_text)
     text_eval, _ = text_corpus(random.Random(seed + 8), max(num_text // 10, 50))
@@ -321,7 +344,7 @@ def generate(
     meta = {"seed": seed, "image_size": image_size, "train_images": num_train, "eval_images": num_eval,
             "captions": len(captions), "instruct": len(instruct), "instruct_basic": len(basic),
             "instruct_ground": len(ground), "eval_questions": len(evals),
-            "text": len(text), "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
+            "text": len(text), "image_placement": image_placement, "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
     _write_json(out / "meta.json", meta)
     return meta
 
