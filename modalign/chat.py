@@ -8,7 +8,14 @@ from pathlib import Path
 
 import torch
 
-from modalign.data.conversation import IMAGE_MARK, Conversation, Message, get_template, render
+from modalign.data.conversation import (
+    IMAGE_MARK,
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    Message,
+    get_template,
+    render,
+)
 from modalign.data.images import ImageProcessor
 from modalign.data.tokenizer import Tokenizer
 from modalign.generate import Completion, Engine, Prompt, SamplingParams
@@ -98,6 +105,6 @@ class ChatModel:
 def user_message(text: str, n_images: int) -> Message:
     """A user turn with ``n_images`` images: where ``text`` names their places with ``<image>`` (as
     many as there are images, like a data set record), they go there; otherwise they lead the text."""
-    if n_images and text.count("<image>") == n_images:
-        return Message("user", text.replace("<image>", IMAGE_MARK))
+    if n_images and text.count(IMAGE_PLACEHOLDER) == n_images:
+        return Message("user", text.replace(IMAGE_PLACEHOLDER, IMAGE_MARK))
     return Message("user", IMAGE_MARK * n_images + ("\n" if n_images else "") + text)

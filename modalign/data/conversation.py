@@ -22,6 +22,7 @@ from modalign.data.tokenizer import Tokenizer
 
 IGNORE_INDEX = -100
 IMAGE_MARK = "\ue000"  # where an image goes inside message text (private-use code point)
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in data set text (LLaVA JSON, messages)
 _OPEN, _CLOSE = "\ue001", "\ue002"  # loss-span sentinels used with Jinja templates
 ROLES = ("system", "user", "assistant")
 

@@ -23,6 +23,7 @@ import torch
 from modalign.data.conversation import (
     IGNORE_INDEX,
     IMAGE_MARK,
+    IMAGE_PLACEHOLDER,
     BadSample,
     Conversation,
     Message,
@@ -111,7 +112,7 @@ def _from_llava(rec: dict, sid: str, source: str) -> Conversation:
         value = turn["value"]
         if not isinstance(value, str):
             raise BadSample("malformed record", f"conversations[{i}].value must be a string", sid)
-        msgs.append(Message(role, value.replace("<image>", IMAGE_MARK)))
+        msgs.append(Message(role, value.replace(IMAGE_PLACEHOLDER, IMAGE_MARK)))
     conv = Conversation(msgs, images, sid, source)
     conv.validate()
     return conv
@@ -126,7 +127,7 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
             raise BadSample("malformed record", f"messages[{i}] needs 'role' and 'content'", sid)
         content = m.get("content")
         if isinstance(content, str):
-            text = content.replace("<image>", IMAGE_MARK)
+            text = content.replace(IMAGE_PLACEHOLDER, IMAGE_MARK)
             images += [None] * text.count(IMAGE_MARK)  # needs an "images" list
         elif isinstance(content, list):
             pieces = []
