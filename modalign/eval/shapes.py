@@ -25,6 +25,12 @@ def normalize_answer(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
+def heldout_question(rec: dict) -> str:
+    """A held-out record's question as both ShapesWorld evaluations prompt it: its first user turn,
+    with ``<image>`` where the record puts it (before or after the question), as training renders it."""
+    return rec["conversations"][0]["value"].strip()
+
+
 def position_parts(samples: list[dict]) -> dict | None:
     """Position answers split into their row and column: the share of position questions whose
     predicted place has the right row, and the right column ("top right" for "top": row right,
@@ -64,7 +70,7 @@ def evaluate_shapes(
         chunk = records[s : s + batch_size]
         prompts = []
         for rec in chunk:
-            q = rec["conversations"][0]["value"].strip()  # the image where the record puts it
+            q = heldout_question(rec)
             img = rec["image"]
             if img not in cache:
                 cache[img] = cm.images(resolve_image_path(path.parent, img, rec["id"]), rec["id"])

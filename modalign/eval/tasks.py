@@ -37,7 +37,7 @@ from modalign.data.conversation import BadSample
 from modalign.data.datasets import BadSamplePolicy
 from modalign.data.images import resolve_image_path
 from modalign.eval import metrics as M
-from modalign.eval.shapes import normalize_answer, position_parts
+from modalign.eval.shapes import heldout_question, normalize_answer, position_parts
 
 PROMPT_VERSION = "v1"
 TASKS = ("shapes", "vqa", "exact", "mc", "pope", "mme", "caption", "llava-bench", "owleval")
@@ -88,8 +88,7 @@ def read_records(task: str, path: Path, references: Path | None = None) -> list[
     for where, r in rows:
         if task == "shapes":
             _need(r, ("id", "image", "conversations", "answer", "type"), where)
-            q = r["conversations"][0]["value"].strip()  # keeps <image>: the prompt puts it there
-            out.append({"id": r["id"], "image": r["image"], "question": q, "gold": r["answer"], "category": r["type"],
+            out.append({"id": r["id"], "image": r["image"], "question": heldout_question(r), "gold": r["answer"], "category": r["type"],
                         "unseen": r.get("unseen", False)})  # fmt: skip
         elif task == "vqa":
             _need(r, ("image", "question", "answers"), where)
