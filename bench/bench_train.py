@@ -1,12 +1,16 @@
 """Training throughput: transformers' LlavaForConditionalGeneration vs modalign's MLLM on the same
 tiny LLaVA config and weights, same batch, in one run (forward + backward + AdamW step).
 
-    python bench/bench_train.py [--steps 20] [--batch 8] [--threads 2]
+    python bench/bench_train.py [--steps 20] [--batch 8] [--threads 2] [--rounds 3] [--precision fp32,bf16]
+
+The two models take turns for ``--rounds`` rounds and the medians are compared, so a shared
+host's speed drifting during the run shifts both sides alike; each round's ratio is printed too.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -49,6 +53,8 @@ def main():
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,11 +66,13 @@ def main():
         labels = ids.masked_fill(ids == IMAGE, -100)
         batch = {"ids": ids, "px": torch.randn(args.batch, 3, 64, 64, generator=g), "mask": torch.ones_like(ids),
                  "labels": labels}  # fmt: skip
-        for precision in ("fp32", "bf16"):
-            a = run(ref, batch, args.steps, precision, hf=True)
-            b = run(ours, batch, args.steps, precision, hf=False)
+        for precision in args.precision.split(","):
+            rounds = [(run(ref, batch, args.steps, precision, hf=True), run(ours, batch, args.steps, precision, hf=False))
+                      for _ in range(args.rounds)]  # fmt: skip
+            a, b = (statistics.median(r[i] for r in rounds) for i in (0, 1))
+            per = " ".join(f"{o / t:.2f}" for t, o in rounds)
             print(f"{precision}: transformers {a:7.1f} samples/s | modalign {b:7.1f} samples/s | ratio {b / a:4.2f}x "
-                  f"(batch {args.batch}, {ids.shape[1]} tokens)")  # fmt: skip
+                  f"(medians of {args.rounds} rounds; per round {per}; batch {args.batch}, {ids.shape[1]} tokens)")  # fmt: skip
 
 
 if __name__ == "__main__":
