@@ -179,6 +179,7 @@ def test_eval_prompt_is_the_training_prompt(tmp_path, placement):
     from modalign.chat import ChatModel, user_message
     from modalign.data.conversation import get_template, render
     from modalign.data.tokenizer import Tokenizer
+    from modalign.eval.shapes import heldout_question
 
     world = tmp_path
     shapes.generate(world, num_train=2, num_eval=6, seed=3, num_text=10, image_placement=placement)
@@ -195,7 +196,7 @@ def test_eval_prompt_is_the_training_prompt(tmp_path, placement):
     for rec, s in zip(recs, load_samples(world / "eval.json"), strict=True):
         ex = render(s, tok, get_template("chatml", tok), cfg.image_token_id, per, 2048)  # as SampleProcessor
         answer_start = next(i for i, label in enumerate(ex.labels) if label != -100)
-        prompt = cm.prompt_ids([user_message(rec["conversations"][0]["value"], 1)])
+        prompt = cm.prompt_ids([user_message(heldout_question(rec), 1)])  # as both ShapesWorld evaluations
         assert prompt == ex.input_ids[:answer_start], rec["id"]
         assert torch.tensor(prompt).eq(cfg.image_token_id).any()
 

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from modalign.data.conversation import IMAGE_PLACEHOLDER
 from modalign.data.images import GRID_PLACES
 
 SHAPES = ("circle", "square", "triangle", "star", "hexagon")
@@ -249,7 +250,7 @@ IMAGE_PLACEMENTS = ("before", "after", "mixed")
 
 def _with_image(question: str, after: bool) -> str:
     """A first user turn: the image placeholder before the question, or after it."""
-    return question + "\n<image>" if after else "<image>\n" + question
+    return f"{question}\n{IMAGE_PLACEHOLDER}" if after else f"{IMAGE_PLACEHOLDER}\n{question}"
 
 
 def _is_unseen(q: dict) -> bool:
@@ -292,7 +293,7 @@ def generate(
         draw_scene(scene, image_size).save(out / name, optimize=False, compress_level=1)
         sid = f"train-{i:05d}"
         captions.append({"id": f"{sid}-cap", "image": name, "conversations": [
-            {"from": "human", "value": "<image>\nDescribe the image briefly."},
+            {"from": "human", "value": _with_image("Describe the image briefly.", after=False)},
             {"from": "gpt", "value": caption(scene)}]})  # fmt: skip
         qs = questions(scene, rng, allow_unseen_absent=False)
         for suffix, types, dest in (("b", BASIC_TYPES, basic), ("g", GROUND_TYPES, ground)):
