@@ -25,7 +25,8 @@ def _data_shapes(args) -> int:
     from modalign.data import shapes
 
     meta = shapes.generate(args.out, num_train=args.train, num_eval=args.eval, seed=args.seed,
-                           image_size=args.image_size, num_text=args.text, image_placement=args.image_placement)  # fmt: skip
+                           image_size=args.image_size, num_text=args.text, image_placement=args.image_placement,
+                           layout=args.layout, turns=args.turns)  # fmt: skip
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -106,8 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--text", type=int, default=4000, help="text-only documents")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--image-size", type=int, default=96)
-    s.add_argument("--image-placement", choices=("before", "after", "mixed"), default="before",
-                   help="image placeholder before or after each question, or either per sample")  # fmt: skip
+    s.add_argument("--image-placement", choices=("before", "after", "mixed"), default="after",
+                   help="image placeholder after or before each question, or either per sample")  # fmt: skip
+    s.add_argument("--layout", choices=("single", "conversation"), default="single",
+                   help="instruct.json: each question its own sample, or --turns questions per conversation")  # fmt: skip
+    s.add_argument("--turns", type=int, default=4, help="questions per conversation (--layout conversation)")
     s.set_defaults(func=_data_shapes)
     sy = dsub.add_parser(
         "synthesize", help="write LLaVA-style instruction data with an OpenAI-compatible LLM"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -28,8 +29,22 @@ METHODS = {"llava": "tiny-llava", "mplug-owl": "tiny-mplug-owl", "mplug-owl2": "
 log = logging.getLogger("modalign")
 
 
-def prepare_data(data: Path, scale: float = 1.0) -> None:
-    if not all((data / name).is_file() for name in shapes.FILES):  # absent, or from an older version
+def _data_is_current(data: Path) -> bool:
+    """Whether ``data`` holds every file of a ShapesWorld data set written by this version."""
+    if not all((data / name).is_file() for name in shapes.FILES):
+        return False
+    try:
+        return json.loads((data / "meta.json").read_text()).get("version") == shapes.DATA_VERSION
+    except ValueError:
+        return False
+
+
+def prepare_data(data: Path, scale: float = 1.0) -> bool:
+    """Write ShapesWorld and train its tokenizer where ``data`` lacks them; returns whether it wrote
+    the data set (absent, or written by an older version: then the tokenizer is trained anew too)."""
+    wrote = not _data_is_current(data)
+    if wrote:
+        shutil.rmtree(data / "tokenizer", ignore_errors=True)
         shapes.generate(
             data, num_train=int(4000 * scale), num_eval=int(400 * scale), seed=0, num_text=int(4000 * scale)
         )
@@ -39,6 +54,7 @@ def prepare_data(data: Path, scale: float = 1.0) -> None:
             for s in load_samples(data / name):
                 texts += [s.text] if hasattr(s, "text") else [m.content for m in s.messages]
         Tokenizer.train_bpe(texts, vocab_size=1024).save(data / "tokenizer")
+    return wrote
 
 
 def run_method(method: str, out: Path, variables: dict, sets: list[str], progress: bool) -> dict:
@@ -93,7 +109,11 @@ def quickstart(method: str = "llava", out: str | Path = "runs/quickstart", scale
     t0 = time.perf_counter()
     out = Path(out)
     data = out / "data"
-    prepare_data(data, scale)
+    stale = [out / "stage0", *(out / m for m in METHODS)] if (data / "meta.json").is_file() else []
+    if prepare_data(data, scale):
+        for d in (d for d in stale if d.is_dir()):  # trained on the data set just replaced
+            log.warning("%s was trained on an older ShapesWorld: removing it to train anew", d)
+            shutil.rmtree(d)
     variables = {"data": str(data), "stage0": str(out / "stage0"), "out": str(out)}
     stage0 = load_recipe(
         "tiny-stage0", variables, [s[len("stage0.") :] for s in (sets or []) if s.startswith("stage0.")]

@@ -349,7 +349,8 @@ def test_mixture_proportions():
 def test_cli_data_shapes_and_inspect(tmp_path, capsys):
     from modalign.cli import main
 
-    assert main(["data", "shapes", str(tmp_path / "sw"), "--train", "20", "--eval", "4", "--text", "10"]) == 0
+    args = ["--train", "20", "--eval", "4", "--text", "10", "--layout", "conversation", "--turns", "3"]
+    assert main(["data", "shapes", str(tmp_path / "sw"), *args]) == 0
     rows = json.loads((tmp_path / "sw" / "instruct.json").read_text())
     rows[1]["image"] = "images/nope.png"
     rows[2]["conversations"][0]["from"] = "robot"

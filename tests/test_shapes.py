@@ -7,7 +7,7 @@ import pytest
 from modalign import MLLM
 from modalign.data import shapes
 from modalign.data.datasets import load_samples
-from modalign.data.shapes import POSITIONS, UNSEEN_PAIRS, Scene
+from modalign.data.shapes import POSITIONS, Scene
 
 
 @pytest.fixture(scope="module")
@@ -99,44 +99,79 @@ def test_answers_match_the_scenes(world):
     # one position question per object of every training scene
     ground = json.loads((world / "instruct_ground.json").read_text())
     assert len(ground) == sum(len(s["scene"]["objects"]) for s in scenes.values())
+    # the default layout: every question of every training scene is its own sample, answered right
+    per_scene = {}
     for rec in json.loads((world / "instruct.json").read_text()):
-        scene = Scene.from_dict(scenes[rec["id"]]["scene"])
-        conv = rec["conversations"]
-        for h, g in zip(conv[::2], conv[1::2], strict=True):
-            q = question_of(h["value"])
-            expected = shapes.describe(scene) if q == "Describe the image." else answer(scene, q)
-            assert g["value"] == expected
+        sid = rec["id"].rsplit("-", 1)[0]
+        scene = Scene.from_dict(scenes[sid]["scene"])
+        (h, g) = rec["conversations"]
+        q = question_of(h["value"])
+        assert g["value"] == (shapes.describe(scene) if q == "Describe the image." else answer(scene, q))
+        per_scene.setdefault(sid, []).append(q)
+    assert set(per_scene) == set(scenes)
+    for sid, qs in per_scene.items():
+        objs = scenes[sid]["scene"]["objects"]
+        assert len(qs) == len(set(qs)) and qs.count("How many shapes are there?") == 1, sid
+        assert sum(q.startswith("Where is the") for q in qs) == len(objs), sid
+        assert sum(q.startswith("Is there a") for q in qs) == len(objs) + 1, sid  # and one absent object
+    described = sum("Describe the image." in qs for qs in per_scene.values()) / len(per_scene)
+    assert 0.15 < described < 0.35
 
 
-def test_unseen_pairs_only_in_heldout(world):
-    for line in (world / "scenes.jsonl").read_text().splitlines():
-        for o in json.loads(line)["scene"]["objects"]:
-            assert (o["colour"], o["shape"]) not in UNSEEN_PAIRS
-    for t in (world / "text.jsonl").read_text().splitlines():
-        assert not any(f"{c} {s}" in t for c, s in UNSEEN_PAIRS)
-    evals = json.loads((world / "eval.json").read_text())
-    unseen = [e for e in evals if e["unseen"]]
-    assert len(unseen) > len(evals) / 10
-    for e in evals:
-        assert e["unseen"] == any(p in UNSEEN_PAIRS for p in referenced(Scene.from_dict(e["scene"]), e))
+def test_conversation_layout(world, tmp_path):
+    """``layout="conversation"`` asks ``turns`` of a scene's questions in one conversation (the image in
+    the first turn); the scenes, the other files and which scenes are described do not change."""
+    conv = tmp_path / "conv"
+    shapes.generate(conv, num_train=300, num_eval=60, seed=3, num_text=100, layout="conversation", turns=3)
+    for name in ("scenes.jsonl", "captions.json", "instruct_basic.json", "instruct_ground.json", "eval.json",
+                 "text.jsonl", "text_instruct.json"):  # fmt: skip
+        assert (conv / name).read_bytes() == (world / name).read_bytes(), name
+    assert json.loads((conv / "meta.json").read_text())["layout"] == "conversation"
+    single = {}
+    for rec in json.loads((world / "instruct.json").read_text()):
+        single.setdefault(rec["id"].rsplit("-", 1)[0], []).append(rec["conversations"])
+    recs = json.loads((conv / "instruct.json").read_text())
+    assert [r["id"] for r in recs] == list(single)
+    for rec in recs:
+        turns = rec["conversations"]
+        humans = [t["value"] for t in turns[::2]]
+        assert humans[0].endswith("\n<image>") and not any("<image>" in h for h in humans[1:]), rec["id"]
+        asked = [t[0]["value"] for t in single[rec["id"]]]
+        described = asked[-1].startswith("Describe the image.")
+        assert len(humans) == min(3, len(asked) - described) + described, rec["id"]
+        pairs = {(question_of(t[0]["value"]), t[1]["value"]) for t in single[rec["id"]]}
+        assert {
+            (question_of(h["value"]), g["value"]) for h, g in zip(turns[::2], turns[1::2], strict=True)
+        } <= pairs
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shapes.generate(tmp_path / "x", num_train=1, num_eval=1, layout="dialogue")
 
 
-def referenced(scene: Scene, e: dict) -> list[tuple[str, str]]:
-    """(colour, shape) pairs a question is about, read from its text and the scene."""
-    q = question_of(e["conversations"][0]["value"]).rstrip("?")
-    words = q.split()
-    if e["type"] == "colour":
-        return [(o.colour, o.shape) for o in scene.objects if o.shape == words[-1]]
-    if e["type"] == "shape":
-        return [(o.colour, o.shape) for o in scene.objects if o.colour == words[4]]
-    pairs = [
-        (a, b) for a, b in zip(words, words[1:], strict=False) if a in shapes.COLOURS and b in shapes.SHAPES
-    ]
-    return pairs
+def parse_description(text: str) -> Scene:
+    """A scene read back from its description ("a small red circle at the top left; ...")."""
+    objs, word, word_cell = [], None, None
+    for part in text.rstrip(".").split("; "):
+        what, place = part.split(" at the ")
+        if what.startswith("the word "):
+            word, word_cell = what.removeprefix("the word "), POSITIONS.index(place)
+        else:
+            _, size, colour, shape = what.split()
+            objs.append(shapes.Obj(shape, colour, size, POSITIONS.index(place)))
+    return Scene(objs, word, word_cell)
+
+
+def test_text_documents_answer_their_descriptions(world):
+    """Each text document's answer is right for the picture it describes."""
+    for path in (world / "text.jsonl", world / "text_eval.jsonl"):
+        for line in path.read_text().splitlines():
+            doc = json.loads(line)["text"]
+            desc, rest = doc.removeprefix("In the picture there is ").split(" Question: ")
+            q, a = rest.split(" Answer: ")
+            assert answer(parse_description(desc), q) == a.rstrip("."), doc
 
 
 def test_image_placement(world, tmp_path):
-    """The image goes before each question by default, after it or either on request; the scenes,
+    """The image goes after each question by default, before it or either on request; the scenes,
     questions and answers are the same whatever the placement."""
 
     def firsts(d, name):
@@ -144,8 +179,8 @@ def test_image_placement(world, tmp_path):
         return [r["conversations"][0]["value"] for r in recs], [
             [question_of(t["value"]) for t in r["conversations"]] for r in recs]  # fmt: skip
 
-    runs = {"before": world}
-    for placement in ("after", "mixed"):
+    runs = {"after": world}
+    for placement in ("before", "mixed"):
         runs[placement] = tmp_path / placement
         shapes.generate(
             runs[placement], num_train=300, num_eval=60, seed=3, num_text=100, image_placement=placement
@@ -215,9 +250,18 @@ def test_quickstart_regenerates_data_missing_a_curriculum_file(tmp_path):
     prepare_data(data, scale=0.02)
     ground = (data / "instruct_ground.json").read_bytes()
     (data / "instruct_ground.json").unlink()  # as written by a version before the grounding step
-    prepare_data(data, scale=0.02)
+    assert prepare_data(data, scale=0.02)
     assert (data / "instruct_ground.json").read_bytes() == ground
     assert (data / "tokenizer" / "tokenizer.json").is_file()
+    assert not prepare_data(data, scale=0.02)  # current: kept
+    # a data set of an older version (another layout) is written anew, its tokenizer trained anew
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "version": shapes.DATA_VERSION - 1}))
+    (data / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert prepare_data(data, scale=0.02)
+    assert json.loads((data / "meta.json").read_text()) == meta
+    assert (data / "instruct_ground.json").read_bytes() == ground
+    assert json.loads((data / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
 
 
 def test_quickstart_end_to_end_in_miniature(tmp_path, capsys):

@@ -246,6 +246,10 @@ def questions(scene: Scene, rng: random.Random, allow_unseen_absent: bool) -> li
 
 
 IMAGE_PLACEMENTS = ("before", "after", "mixed")
+# how instruct.json holds a scene's questions: each one its own sample, or a few as one conversation
+LAYOUTS = ("single", "conversation")
+# meta.json's "version": what the quickstart checks before it reuses a data set written earlier
+DATA_VERSION = 2
 
 
 def _with_image(question: str, after: bool) -> str:
@@ -268,16 +272,27 @@ def generate(
     image_size: int = 96,
     turns: int = 4,
     num_text: int = 4000,
-    image_placement: str = "before",
+    image_placement: str = "after",
+    layout: str = "single",
 ) -> dict:
     """Write the data set to ``out``; returns the meta record (counts, files, unseen pairs).
 
-    ``image_placement`` puts the image placeholder of each training question ``before`` (the default)
-    or ``after`` the question, or draws one of the two per sample (``mixed``, as LLaVA-1.5's
-    instruction data does); held-out questions put it before the question unless it is ``after``.
+    ``image_placement`` puts the image placeholder of each training question ``after`` the question
+    (the default: the visual tokens then attend to what is asked) or ``before`` it, or draws one of
+    the two per sample (``mixed``, as LLaVA-1.5's instruction data does); held-out questions put it
+    after the question when it is ``after``, else before.
+
+    ``layout`` is how ``instruct.json`` holds each training scene's questions: ``single`` (the
+    default) makes every question its own sample, so each has the image where ``image_placement``
+    says, and the types come in the held-out split's proportions; ``conversation`` asks ``turns``
+    of them, drawn at random, in one multi-turn conversation (the image in the first turn only).
+    Either way a quarter of the scenes are also described in full. The scenes do not depend on the
+    layout or the placement.
     """
     if image_placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {image_placement!r}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     out = Path(out)
     prng = random.Random(seed + 5)
 
@@ -300,20 +315,33 @@ def generate(
             for k, q in enumerate(q for q in qs if q["type"] in types):
                 dest.append({"id": f"{sid}-{suffix}{k}", "image": name, "conversations": [
                     {"from": "human", "value": _with_image(q["question"], after())}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
-        rng.shuffle(qs)
-        qs = qs[:turns]
-        conv = []
-        for k, q in enumerate(qs):
-            conv.append(
-                {"from": "human", "value": _with_image(q["question"], after()) if k == 0 else q["question"]}
-            )
-            conv.append({"from": "gpt", "value": q["answer"]})
-        if rng.random() < 0.25:
-            conv += [
-                {"from": "human", "value": "Describe the image."},
-                {"from": "gpt", "value": describe(scene)},
-            ]
-        instruct.append({"id": sid, "image": name, "conversations": conv})
+        pool = list(qs)
+        rng.shuffle(qs)  # drawn in both layouts, so that the scenes do not depend on the layout
+        describe_it = rng.random() < 0.25
+        if layout == "single":
+            for k, q in enumerate(pool):
+                instruct.append({"id": f"{sid}-q{k}", "image": name, "conversations": [
+                    {"from": "human", "value": _with_image(q["question"], after())}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
+            if describe_it:
+                instruct.append({"id": f"{sid}-d", "image": name, "conversations": [
+                    {"from": "human", "value": _with_image("Describe the image.", after())},
+                    {"from": "gpt", "value": describe(scene)}]})  # fmt: skip
+        else:
+            conv = []
+            for k, q in enumerate(qs[:turns]):
+                conv.append(
+                    {
+                        "from": "human",
+                        "value": _with_image(q["question"], after()) if k == 0 else q["question"],
+                    }
+                )
+                conv.append({"from": "gpt", "value": q["answer"]})
+            if describe_it:
+                conv += [
+                    {"from": "human", "value": "Describe the image."},
+                    {"from": "gpt", "value": describe(scene)},
+                ]
+            instruct.append({"id": sid, "image": name, "conversations": conv})
         scenes_out.append({"id": sid, "image": name, "scene": scene.to_dict(), "captions": [caption(scene)],
                            "objects": boxes(scene)})  # fmt: skip
     erng = random.Random(seed + 1_000_003)
@@ -342,10 +370,10 @@ def generate(
         out / "text_eval.jsonl", [{"id": f"text-eval-{i}", "text": t} for i, t in enumerate(text_eval)]
     )
     _write_jsonl(out / "scenes.jsonl", scenes_out)
-    meta = {"seed": seed, "image_size": image_size, "train_images": num_train, "eval_images": num_eval,
+    meta = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "train_images": num_train, "eval_images": num_eval,
             "captions": len(captions), "instruct": len(instruct), "instruct_basic": len(basic),
             "instruct_ground": len(ground), "eval_questions": len(evals),
-            "text": len(text), "image_placement": image_placement, "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
+            "text": len(text), "image_placement": image_placement, "layout": layout, "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
     _write_json(out / "meta.json", meta)
     return meta
 
