@@ -164,7 +164,7 @@ def plot_accuracy(results: dict, png: Path) -> None:
 
     acc = results["accuracy_by_type"]
     split = results.get("accuracy_by_type_seen_unseen") or {}
-    fig, ax = plt.subplots(figsize=(6.4, 3.3), dpi=110)
+    fig, ax = plt.subplots(figsize=(7.6, 3.3), dpi=110)
     names = list(acc)
     x = range(len(names))
     w = 0.27
@@ -189,7 +189,7 @@ def plot_accuracy(results: dict, png: Path) -> None:
         label=f"overall {results['heldout_accuracy']:.1%}",
     )
     ax.set_title(f"ShapesWorld held-out accuracy — {results['method']}")
-    ax.legend(loc="lower left", fontsize=7)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)  # outside: no bar hidden
     plt.setp(ax.get_xticklabels(), rotation=30, ha="right")
     fig.tight_layout()
     fig.savefig(png)

@@ -279,6 +279,8 @@ def plot_loss(metrics: Path, png: Path, title: str) -> None:
     ax.plot(steps, smooth, label=f"mean of {k}")
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("loss")
+    if min(losses) > 0 and max(losses) / min(losses) > 30:  # early steps would flatten the rest
+        ax.set_yscale("log")
     ax.set_title(title)
     ax.legend()
     fig.tight_layout()
