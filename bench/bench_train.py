@@ -2,6 +2,12 @@
 tiny LLaVA config and weights, same batch, in one run (forward + backward + AdamW step).
 
     python bench/bench_train.py [--steps 20] [--batch 8] [--threads 2] [--rounds 3] [--precision fp32,bf16]
+                                [--supervised K]
+
+modalign's side is called as its trainer calls it (``return_logits=False``: the LM head runs on
+the supervised positions only); transformers' computes the logits of every position. By default
+every text token is supervised (as in captioning / pretraining); ``--supervised K`` supervises
+only the last K, as instruction data supervise the answer and not the prompt.
 
 The two models take turns for ``--rounds`` rounds and the medians are compared, so a shared
 host's speed drifting during the run shifts both sides alike; each round's ratio is printed too.
@@ -34,6 +40,7 @@ def run(model, batch, steps, precision, hf):
                     pixel_values=batch["px"],
                     attention_mask=batch["mask"],
                     labels=batch["labels"],
+                    return_logits=False,
                 ).loss
         loss.backward()
         opt.step()
@@ -55,6 +62,9 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument(
+        "--supervised", type=int, default=0, help="supervise only the last K tokens (0: all text)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,6 +74,8 @@ def main():
         ids = torch.cat([torch.ones(args.batch, 1, dtype=torch.long), torch.full((args.batch, n), IMAGE),
                          torch.randint(3, 400, (args.batch, 100), generator=g)], 1)  # fmt: skip
         labels = ids.masked_fill(ids == IMAGE, -100)
+        if args.supervised:
+            labels[:, : -args.supervised] = -100
         batch = {"ids": ids, "px": torch.randn(args.batch, 3, 64, 64, generator=g), "mask": torch.ones_like(ids),
                  "labels": labels}  # fmt: skip
         for precision in args.precision.split(","):
@@ -72,7 +84,8 @@ def main():
             a, b = (statistics.median(r[i] for r in rounds) for i in (0, 1))
             per = " ".join(f"{o / t:.2f}" for t, o in rounds)
             print(f"{precision}: transformers {a:7.1f} samples/s | modalign {b:7.1f} samples/s | ratio {b / a:4.2f}x "
-                  f"(medians of {args.rounds} rounds; per round {per}; batch {args.batch}, {ids.shape[1]} tokens)")  # fmt: skip
+                  f"(medians of {args.rounds} rounds; per round {per}; batch {args.batch}, {ids.shape[1]} tokens, "
+                  f"{int((labels != -100).sum()) // args.batch} supervised)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -115,6 +115,31 @@ def test_per_image_placeholder_count_mismatch():
         model(torch.tensor([[1, ph, 5, ph]]), pixel_values=torch.randn(1, 3, 64, 64))
 
 
+def test_loss_only_forward_equals_full_logits_loss():
+    """return_logits=False (the trainer's path) runs the LM head on supervised positions only:
+    same loss, same supervised-token count, same gradients as the loss over full logits."""
+    model = _tiny_per_image().train()
+    ph = model.config.image_token_id
+    ids = torch.tensor([[1, ph, 9, 10, 11, 12], [1, 12, ph, 13, 14, 0]])
+    labels = torch.tensor([[-100, -100, -100, 10, 11, 12], [-100, -100, -100, -100, 14, -100]])
+    mask = torch.tensor([[1] * 6, [1] * 5 + [0]])
+    px = torch.randn(2, 3, 64, 64)
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        out = model(ids, pixel_values=px, attention_mask=mask, labels=labels, return_logits=return_logits)
+        out.loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        if return_logits:
+            full = out
+    assert out.logits is None and full.logits is not None
+    assert out.num_tokens == full.num_tokens == 4
+    torch.testing.assert_close(out.loss, full.loss, atol=1e-6, rtol=1e-6)
+    assert grads[0].keys() == grads[1].keys() and "llm.lm_head.weight" in grads[0]
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5, msg=k)
+
+
 def test_native_save_load_is_exact_and_atomic(tmp_path):
     model = _tiny_per_image()
     model.save_pretrained(tmp_path / "m")

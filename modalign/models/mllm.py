@@ -30,7 +30,7 @@ class PlaceholderMismatch(ValueError):
 
 @dataclass
 class MLLMOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None when the forward was asked for the loss only
     loss: torch.Tensor | None = None
     modality_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # after the splice (per-image placeholders grow it)
@@ -157,6 +157,18 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss / max(n, 1), n
 
 
+def supervised_lm_loss(
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
+) -> tuple[torch.Tensor, int]:
+    """``causal_lm_loss`` from the final hidden states, running ``head`` only where a label is
+    supervised: the same loss, without the vocabulary projection of every prompt position."""
+    keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
+    n = int(keep.sum())
+    logits = head(hidden[:, :-1][keep]).float()
+    loss = F.cross_entropy(logits, labels[:, 1:].to(hidden.device)[keep], reduction="sum")
+    return loss / max(n, 1), n
+
+
 class MLLM(nn.Module):
     """Vision encoder + connector + Llama-family decoder, configured by ``MLLMConfig``."""
 
@@ -243,10 +255,13 @@ class MLLM(nn.Module):
         placeholder: str | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
-        ``modality_ids`` [B, T]. With a ``cache`` holding a prompt, ``input_ids`` are new text."""
+        ``modality_ids`` [B, T]. With a ``cache`` holding a prompt, ``input_ids`` are new text.
+        With ``labels`` and ``return_logits=False`` (what the trainer asks for) only the loss is
+        computed, the LM head running on the supervised positions alone; ``logits`` is None."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -264,14 +279,20 @@ class MLLM(nn.Module):
             # training the ids are always passed so routed parameters stay in the graph (DDP)
             if modality_ids is None and (pixel_values is not None or self.training):
                 modality_ids = sp.modality_ids
+        loss_only = labels is not None and not return_logits
         logits = self.llm(
             inputs_embeds=inputs_embeds,
             modality_ids=modality_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
+            return_hidden=loss_only,
             logits_to_keep=logits_to_keep,
         )
+        if loss_only:
+            loss, n = supervised_lm_loss(logits, labels, self.llm.lm_head)
+            return MLLMOutput(logits=None, loss=loss, modality_ids=modality_ids, attention_mask=attention_mask,
+                              num_tokens=n)  # fmt: skip
         out = MLLMOutput(logits=logits, modality_ids=modality_ids, attention_mask=attention_mask)
         if labels is not None:
             out.loss, out.num_tokens = causal_lm_loss(logits, labels)

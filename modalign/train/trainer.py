@@ -59,6 +59,7 @@ def lm_loss(model: nn.Module, batch: dict, device) -> tuple[torch.Tensor, int]:
         pixel_values=px,
         attention_mask=batch["attention_mask"].to(device),
         labels=batch["labels"].to(device),
+        return_logits=False,  # the LM head runs on the supervised positions only
     )
     return out.loss, out.num_tokens
 
