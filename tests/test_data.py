@@ -4,6 +4,7 @@ import json
 import random
 import string
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -240,6 +241,34 @@ def test_resize_policies(image_dir, mode):
         torch.testing.assert_close(x[:, 0, 8], torch.zeros(3), atol=4e-2, rtol=0)  # int(mean*255), bicubic
 
 
+def test_image_cache_returns_the_same_pixels_within_its_bound(image_dir, tmp_path):
+    """The cache changes nothing but speed: equal tensors to an uncached processor, least recently
+    used out first at its byte bound, a file rewritten on disk is read again, bad files still fail."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    vc = VisionConfig(image_size=32, resize_mode="pad")
+    plain = ImageProcessor(vc)
+    cached = ImageProcessor(vc, cache_mb=2 * 3 * 32 * 32 / 2**20)  # room for exactly two images
+    for f in files + files[2:] + files:
+        want, size = plain.load(f)
+        got, got_size = cached.load(f)
+        assert torch.equal(got, want) and got_size == size
+        assert len(cached._cache) <= 2 and cached.cache_bytes == 3 * 32 * 32 * len(cached._cache)
+    assert [k[0] for k in cached._cache] == [str(files[2]), str(files[3])]  # the two used last
+    got = cached(files[3])
+    got.add_(1.0)  # callers may modify what they get
+    assert torch.equal(cached(files[3]), plain(files[3]))
+    Image.fromarray(rng.integers(0, 256, (50, 20, 3), dtype=np.uint8)).save(files[3])
+    assert torch.equal(cached(files[3]), plain(files[3]))  # rewritten: read again
+    for name, reason in [("truncated.png", "corrupt image"), ("nothere.png", "missing image")]:
+        with pytest.raises(BadSample) as e:
+            cached(image_dir / name, sample_id="s9")
+        assert e.value.reason == reason and "s9" in str(e.value)
+
+
 def test_clip_crop_matches_transformers(image_dir):
     transformers = pytest.importorskip("transformers")
     rng = torch.Generator().manual_seed(0)
@@ -282,6 +311,23 @@ def test_llava_and_messages_formats_and_bad_samples(tok, image_dir, tmp_path):
     assert reasons == {"count": "image count mismatch", "corrupt": "corrupt image", "escape": "bad image path",
                        "role": "unknown role", "empty": "empty conversation"}  # fmt: skip
     assert out[0].pixel_values[0].shape == (3, 16, 16) and out[6].pixel_values == []
+    # read twice through the token and image caches: the same examples and the same rejections as
+    # a dataset that caches nothing
+    cached = ConversationDataset(samples, SampleProcessor(
+        tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16), cache_mb=1), IMG, 4))  # fmt: skip
+    plain = ConversationDataset(samples, proc, cache_tokens=False)
+    for _ in range(2):
+        for i in range(len(ds)):
+            a, b = cached[i], plain[i]
+            assert type(a) is type(b)
+            if isinstance(a, BadSample):
+                assert (a.sample_id, a.reason, str(a)) == (b.sample_id, b.reason, str(b))
+            else:
+                assert (a.id, a.input_ids, a.labels, a.source) == (b.id, b.input_ids, b.labels, b.source)
+                assert type(a.input_ids) is list and len(a.pixel_values) == len(b.pixel_values)
+                assert all(torch.equal(x, y) for x, y in zip(a.pixel_values, b.pixel_values, strict=True))
+    assert sorted(cached._tokens) == [0, 2, 3, 6]  # tokens of every sample whose text renders
+    assert cached.processor.images.cache_bytes == 3 * 16 * 16  # one good image file
     # the error policy stops at the first bad sample, naming it
     policy = BadSamplePolicy("error")
     with pytest.raises(BadSample, match="sample count"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ from modalign.data.conversation import (
     BadSample,
     Conversation,
     Message,
+    Rendered,
     Template,
     render,
 )
@@ -201,8 +203,22 @@ class SampleProcessor:
         self.image_root = Path(image_root) if image_root is not None else None
         self.images, self.image_token_id, self.image_tokens = image_processor, image_token_id, image_tokens
         self.max_length = max_length
+        self._resolved: dict[str, Path] = {}
 
-    def __call__(self, s: Conversation | TextSample | BadSample) -> Example:
+    def __call__(self, s: Conversation | TextSample | BadSample, tokens: Rendered | None = None) -> Example:
+        """``tokens``: what ``tokens(s)`` returned before (the dataset's cache), if anything."""
+        r = tokens or self.tokens(s)
+        pixels = (
+            [self._image(ref, s.id) for ref in s.images[: r.num_images]]
+            if isinstance(s, Conversation)
+            else []
+        )
+        ids, labels = (x.tolist() if isinstance(x, array) else x for x in (r.input_ids, r.labels))
+        return Example(s.id, ids, labels, pixels, s.source)
+
+    def tokens(self, s: Conversation | TextSample | BadSample) -> Rendered:
+        """The sample's token ids and labels (and how many images survive truncation); no images
+        are read."""
         if isinstance(s, BadSample):
             raise s
         if isinstance(s, TextSample):
@@ -213,20 +229,21 @@ class SampleProcessor:
                 + ([eos] if eos is not None else [])
             )
             ids = ids[: self.max_length] if self.max_length else ids
-            return Example(s.id, ids, list(ids), [], s.source)
+            return Rendered(ids, list(ids), 0)
         if s.images and self.images is None:
             raise BadSample(
                 "image count mismatch", f"has {len(s.images)} image(s) but the model takes none", s.id
             )
-        r = render(s, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length)
-        pixels = [self._image(ref, s.id) for ref in s.images[: r.num_images]]
-        return Example(s.id, r.input_ids, r.labels, pixels, s.source)
+        return render(s, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length)
 
     def _image(self, ref, sid):
         if isinstance(ref, str):
             if self.image_root is None:
                 raise BadSample("missing image", f"image {ref!r} given but no image root configured", sid)
-            ref = resolve_image_path(self.image_root, ref, sid)
+            path = self._resolved.get(ref)
+            if path is None:  # checked once per path: inside the root, no escaping link
+                path = self._resolved[ref] = resolve_image_path(self.image_root, ref, sid)
+            ref = path
         return self.images(ref, sid)
 
 
@@ -281,15 +298,26 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Samples of one or more sources processed lazily. ``__getitem__`` returns an ``Example`` or
     the ``BadSample`` that rejected it (the collator/trainer applies the policy)."""
 
-    def __init__(self, samples: list, processor: SampleProcessor):
+    def __init__(self, samples: list, processor: SampleProcessor, cache_tokens: bool = True):
         self.samples, self.processor = samples, processor
+        # a SampleProcessor's token ids per sample, kept (as compact arrays) after the first read;
+        # images are read every time (ImageProcessor has its own cache)
+        self._tokens: dict[int, Rendered] | None = (
+            {} if cache_tokens and hasattr(processor, "tokens") else None
+        )
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> Example | BadSample:
         try:
-            return self.processor(self.samples[i])
+            if self._tokens is None:
+                return self.processor(self.samples[i])
+            r = self._tokens.get(i)
+            if r is None:
+                r = self.processor.tokens(self.samples[i])
+                r = self._tokens[i] = Rendered(array("i", r.input_ids), array("i", r.labels), r.num_images)
+            return self.processor(self.samples[i], r)
         except BadSample as e:
             return e
 

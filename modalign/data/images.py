@@ -10,8 +10,11 @@
 
 from __future__ import annotations
 
+import functools
 import io
+import os
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +28,12 @@ DEFAULT_MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = None  # modalign checks the size itself, before decoding
 
 
+@functools.lru_cache(maxsize=64)
+def _real_root(root: str) -> Path:
+    """The root with links resolved, once per root (a root re-pointed later fails closed)."""
+    return Path(root).resolve()
+
+
 def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None) -> Path:
     """``rel`` inside ``root``; refuses absolute paths and escapes through ``..`` or links."""
     if not isinstance(rel, str) or not rel:
@@ -32,7 +41,7 @@ def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None)
     p = Path(rel)
     if p.is_absolute():
         raise BadSample("bad image path", f"absolute image path {rel!r} is not allowed", sample_id)
-    root = Path(root).resolve()
+    root = _real_root(str(root))
     full = (root / p).resolve()
     if full != root and root not in full.parents:
         raise BadSample("bad image path", f"image path {rel!r} escapes the image root {root}", sample_id)
@@ -151,32 +160,76 @@ def patch_at(x: float, y: float, size: tuple[int, int], vcfg: VisionConfig) -> i
     return int(y * g) * g + int(x * g)
 
 
-def normalize(img: Image.Image, mean, std) -> torch.Tensor:
-    """RGB image -> float tensor [3, H, W], (x/255 - mean) / std."""
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    return (x - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+def normalize(img: Image.Image | torch.Tensor, mean, std) -> torch.Tensor:
+    """RGB image (or its uint8 [3, H, W] tensor) -> float tensor [3, H, W], (x/255 - mean) / std."""
+    x = (img if isinstance(img, torch.Tensor) else to_uint8(img)).float() / 255.0
+    return (x - torch.as_tensor(mean)[:, None, None]) / torch.as_tensor(std)[:, None, None]
+
+
+def to_uint8(img: Image.Image) -> torch.Tensor:
+    """RGB image -> uint8 tensor [3, H, W]."""
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
 
 
 class ImageProcessor:
-    """The vision encoder's preprocessing: safe load -> RGB -> resize policy -> normalise."""
+    """The vision encoder's preprocessing: safe load -> RGB -> resize policy -> normalise.
 
-    def __init__(self, vcfg: VisionConfig, max_pixels: int = DEFAULT_MAX_PIXELS, background=(255, 255, 255)):
+    With ``cache_mb`` > 0, image files keep their resized uint8 pixels in memory (least recently
+    used first out, at most ``cache_mb`` MiB), keyed by path, modification time and size: data with
+    one question per sample decodes each image once per epoch instead of once per question. The
+    output is the same tensor either way."""
+
+    def __init__(self, vcfg: VisionConfig, max_pixels: int = DEFAULT_MAX_PIXELS, background=(255, 255, 255),
+                 cache_mb: float = 0):  # fmt: skip
         self.cfg, self.max_pixels, self.background = vcfg, max_pixels, background
+        self._mean = torch.tensor(vcfg.image_mean)[:, None, None]
+        self._std = torch.tensor(vcfg.image_std)[:, None, None]
+        self.cache_limit = int(cache_mb * 2**20)
+        self._cache: OrderedDict[tuple, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
+        self.cache_bytes = 0
 
     def __call__(self, src, sample_id: str | None = None) -> torch.Tensor:
         return self.load(src, sample_id)[0]
 
     def load(self, src, sample_id: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """(pixels, the original (width, height))."""
-        img = open_image(src, self.max_pixels, self.background, sample_id)
-        c = self.cfg
-        if c.hd_layout == "ixc":
-            return self._hd(img), img.size
-        px = normalize(resize(img, c.image_size, c.resize_mode, c.image_mean), c.image_mean, c.image_std)
-        return px, img.size
+        key = self._cache_key(src)
+        hit = self._cache.get(key) if key is not None else None
+        if hit is not None:
+            self._cache.move_to_end(key)
+            u8, size = hit
+        else:
+            img = open_image(src, self.max_pixels, self.background, sample_id)
+            c = self.cfg
+            u8 = self._hd(img) if c.hd_layout == "ixc" else to_uint8(resize(img, c.image_size, c.resize_mode,
+                                                                              c.image_mean))  # fmt: skip
+            size = img.size
+            if key is not None:
+                self._remember(key, u8, size)
+        return (u8.float() / 255.0 - self._mean) / self._std, size
+
+    def _cache_key(self, src) -> tuple | None:
+        if not self.cache_limit or not isinstance(src, str | Path):
+            return None
+        try:
+            st = os.stat(src)
+        except OSError:
+            return None  # open_image reports it
+        return str(src), st.st_mtime_ns, st.st_size
+
+    def _remember(self, key: tuple, u8: torch.Tensor, size: tuple[int, int]) -> None:
+        n = u8.numel()
+        if n > self.cache_limit:
+            return
+        while self.cache_bytes + n > self.cache_limit:
+            _, (old, _) = self._cache.popitem(last=False)
+            self.cache_bytes -= old.numel()
+        self._cache[key] = (u8, size)
+        self.cache_bytes += n
 
     def _hd(self, img: Image.Image, max_tiles: int = 6) -> torch.Tensor:
-        """XComposer2.5: fit into at most ``max_tiles`` tiles (width-major), pad bottom white."""
+        """XComposer2.5: fit into at most ``max_tiles`` tiles (width-major), pad bottom white;
+        uint8 [3, H, W]."""
         t = self.cfg.image_size
         w, h = img.size
         transposed = h > w
@@ -194,4 +247,4 @@ class ImageProcessor:
         canvas.paste(img, (0, 0))
         if transposed:
             canvas = canvas.transpose(Image.TRANSPOSE)
-        return normalize(canvas, self.cfg.image_mean, self.cfg.image_std)
+        return to_uint8(canvas)

@@ -76,6 +76,8 @@ class Stage:
     # 3x3 location, "top left" ... "bottom right")
     region_phrase: str = "{category}"
     bad_samples: BadSamples = field(default_factory=BadSamples)
+    # resized images kept in memory per process, at most this many MiB (0: decode every time)
+    image_cache_mb: float = 512
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
     eval_every: int = 0
@@ -106,6 +108,10 @@ class Stage:
             ) from None
         if self.whiten_vision_features < 0:
             raise ConfigError(f"{where}.whiten_vision_features: expected an image count >= 0")
+        if self.image_cache_mb < 0:
+            raise ConfigError(
+                f"{where}.image_cache_mb: expected a size in MiB >= 0, got {self.image_cache_mb}"
+            )
 
 
 @dataclass

@@ -84,18 +84,19 @@ def init_parts(model: MLLM, init: dict[str, str]) -> None:
 def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None):
     cfg = model.config
     sets, weights = [], []
+    images = ImageProcessor(cfg.vision, cache_mb=stage.image_cache_mb) if cfg.vision else None  # shared
     for src in stage.data:
         path = Path(src.path)
         root = Path(src.images) if src.images else path.parent
         if processor_cls is not None:
-            proc = processor_cls(tok, root, ImageProcessor(cfg.vision), stage.max_length, stage.region_phrase)
+            proc = processor_cls(tok, root, images, stage.max_length, stage.region_phrase)
         else:
             per_token = cfg.placeholder == "per_token"
             proc = SampleProcessor(
                 tok,
                 get_template(stage.template, tok),
                 root,
-                ImageProcessor(cfg.vision) if cfg.vision else None,
+                images,
                 cfg.image_token_id,
                 model.num_image_tokens() if per_token and model.has_vision else 1,
                 stage.max_length,
