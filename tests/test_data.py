@@ -315,7 +315,7 @@ def test_llava_and_messages_formats_and_bad_samples(tok, image_dir, tmp_path):
     # a dataset that caches nothing
     cached = ConversationDataset(samples, SampleProcessor(
         tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16), cache_mb=1), IMG, 4))  # fmt: skip
-    plain = ConversationDataset(samples, proc, cache_tokens=False)
+    plain = ConversationDataset(samples, proc, token_cache_mb=0)
     for _ in range(2):
         for i in range(len(ds)):
             a, b = cached[i], plain[i]
@@ -328,6 +328,10 @@ def test_llava_and_messages_formats_and_bad_samples(tok, image_dir, tmp_path):
                 assert all(torch.equal(x, y) for x, y in zip(a.pixel_values, b.pixel_values, strict=True))
     assert sorted(cached._tokens) == [0, 2, 3, 6]  # tokens of every sample whose text renders
     assert cached.processor.images.cache_bytes == 3 * 16 * 16  # one good image file
+    room = 8 * len(out[0].input_ids) / 2**20  # token ids and labels of sample 0 only
+    small = ConversationDataset(samples, proc, token_cache_mb=room)
+    assert [small[i].input_ids for i in (0, 6, 0, 6)] == [out[i].input_ids for i in (0, 6, 0, 6)]
+    assert list(small._tokens) == [0]
     # the error policy stops at the first bad sample, naming it
     policy = BadSamplePolicy("error")
     with pytest.raises(BadSample, match="sample count"):

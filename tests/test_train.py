@@ -91,6 +91,10 @@ def test_recipe_errors_name_the_key(data):
         load_recipe(doc, sets=["stages.instruct.lr=fast"])
     with pytest.raises(ConfigError, match="give exactly one of max_steps and epochs"):
         load_recipe(doc, sets=["stages.0.epochs=1"])
+    with pytest.raises(
+        ConfigError, match=r"recipe\.stages\[1\]\.token_cache_mb: expected a size in MiB >= 0"
+    ):
+        load_recipe(doc, sets=["stages.instruct.token_cache_mb=-1"])
     assert load_recipe(doc, sets=["stages.align.lr=3e-4"]).stages[0].lr == 3e-4
 
 

@@ -298,13 +298,13 @@ class ConversationDataset(torch.utils.data.Dataset):
     """Samples of one or more sources processed lazily. ``__getitem__`` returns an ``Example`` or
     the ``BadSample`` that rejected it (the collator/trainer applies the policy)."""
 
-    def __init__(self, samples: list, processor: SampleProcessor, cache_tokens: bool = True):
+    def __init__(self, samples: list, processor: SampleProcessor, token_cache_mb: float = 256):
         self.samples, self.processor = samples, processor
-        # a SampleProcessor's token ids per sample, kept (as compact arrays) after the first read;
-        # images are read every time (ImageProcessor has its own cache)
-        self._tokens: dict[int, Rendered] | None = (
-            {} if cache_tokens and hasattr(processor, "tokens") else None
-        )
+        # a SampleProcessor's token ids and labels per sample, kept as int32 arrays after the first
+        # read until they fill ``token_cache_mb`` MiB (0: off); images have ImageProcessor's cache
+        cache = token_cache_mb > 0 and hasattr(processor, "tokens")
+        self._tokens: dict[int, Rendered] | None = {} if cache else None
+        self._token_room = int(token_cache_mb * 2**20)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -316,7 +316,10 @@ class ConversationDataset(torch.utils.data.Dataset):
             r = self._tokens.get(i)
             if r is None:
                 r = self.processor.tokens(self.samples[i])
-                r = self._tokens[i] = Rendered(array("i", r.input_ids), array("i", r.labels), r.num_images)
+                size = 8 * len(r.input_ids)
+                if size <= self._token_room:
+                    self._token_room -= size
+                    self._tokens[i] = Rendered(array("i", r.input_ids), array("i", r.labels), r.num_images)
             return self.processor(self.samples[i], r)
         except BadSample as e:
             return e

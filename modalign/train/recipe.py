@@ -78,6 +78,8 @@ class Stage:
     bad_samples: BadSamples = field(default_factory=BadSamples)
     # resized images kept in memory per process, at most this many MiB (0: decode every time)
     image_cache_mb: float = 512
+    # token ids and labels kept per sample after their first read, at most this many MiB (0: off)
+    token_cache_mb: float = 256
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
     eval_every: int = 0
@@ -108,10 +110,9 @@ class Stage:
             ) from None
         if self.whiten_vision_features < 0:
             raise ConfigError(f"{where}.whiten_vision_features: expected an image count >= 0")
-        if self.image_cache_mb < 0:
-            raise ConfigError(
-                f"{where}.image_cache_mb: expected a size in MiB >= 0, got {self.image_cache_mb}"
-            )
+        for key in ("image_cache_mb", "token_cache_mb"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: expected a size in MiB >= 0, got {getattr(self, key)}")
 
 
 @dataclass

@@ -102,7 +102,7 @@ def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None)
                 stage.max_length,
             )
         loader = getattr(processor_cls, "load_samples", load_samples)
-        sets.append(ConversationDataset(loader(path), proc))
+        sets.append(ConversationDataset(loader(path), proc, stage.token_cache_mb))
         weights.append(src.weight)
     if len(sets) == 1 and stage.samples is None:
         return sets[0]
