@@ -257,6 +257,12 @@ def _with_image(question: str, after: bool) -> str:
     return f"{question}\n{IMAGE_PLACEHOLDER}" if after else f"{IMAGE_PLACEHOLDER}\n{question}"
 
 
+def _one_turn(sid: str, image: str, question: str, answer: str, after: bool) -> dict:
+    """A one-question LLaVA-format record, the image placeholder before or after the question."""
+    return {"id": sid, "image": image, "conversations": [
+        {"from": "human", "value": _with_image(question, after)}, {"from": "gpt", "value": answer}]}  # fmt: skip
+
+
 def _is_unseen(q: dict) -> bool:
     return any((o.colour, o.shape) in UNSEEN_PAIRS for o in q["objects"])
 
@@ -307,25 +313,21 @@ def generate(
         name = f"images/train_{i:05d}.png"
         draw_scene(scene, image_size).save(out / name, optimize=False, compress_level=1)
         sid = f"train-{i:05d}"
-        captions.append({"id": f"{sid}-cap", "image": name, "conversations": [
-            {"from": "human", "value": _with_image("Describe the image briefly.", after=False)},
-            {"from": "gpt", "value": caption(scene)}]})  # fmt: skip
+        captions.append(
+            _one_turn(f"{sid}-cap", name, "Describe the image briefly.", caption(scene), after=False)
+        )
         qs = questions(scene, rng, allow_unseen_absent=False)
         for suffix, types, dest in (("b", BASIC_TYPES, basic), ("g", GROUND_TYPES, ground)):
             for k, q in enumerate(q for q in qs if q["type"] in types):
-                dest.append({"id": f"{sid}-{suffix}{k}", "image": name, "conversations": [
-                    {"from": "human", "value": _with_image(q["question"], after())}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
+                dest.append(_one_turn(f"{sid}-{suffix}{k}", name, q["question"], q["answer"], after()))
         pool = list(qs)
         rng.shuffle(qs)  # drawn in both layouts, so that the scenes do not depend on the layout
         describe_it = rng.random() < 0.25
         if layout == "single":
             for k, q in enumerate(pool):
-                instruct.append({"id": f"{sid}-q{k}", "image": name, "conversations": [
-                    {"from": "human", "value": _with_image(q["question"], after())}, {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
+                instruct.append(_one_turn(f"{sid}-q{k}", name, q["question"], q["answer"], after()))
             if describe_it:
-                instruct.append({"id": f"{sid}-d", "image": name, "conversations": [
-                    {"from": "human", "value": _with_image("Describe the image.", after())},
-                    {"from": "gpt", "value": describe(scene)}]})  # fmt: skip
+                instruct.append(_one_turn(f"{sid}-d", name, "Describe the image.", describe(scene), after()))
         else:
             conv = []
             for k, q in enumerate(qs[:turns]):
