@@ -207,7 +207,7 @@ class SampleProcessor:
 
     def __call__(self, s: Conversation | TextSample | BadSample, tokens: Rendered | None = None) -> Example:
         """``tokens``: what ``tokens(s)`` returned before (the dataset's cache), if anything."""
-        r = tokens or self.tokens(s)
+        r = tokens if tokens is not None else self.tokens(s)
         pixels = (
             [self._image(ref, s.id) for ref in s.images[: r.num_images]]
             if isinstance(s, Conversation)
@@ -236,15 +236,18 @@ class SampleProcessor:
             )
         return render(s, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length)
 
+    def image_path(self, ref: str, sid: str | None) -> Path:
+        """``ref`` inside the image root; each path is checked once (inside the root, no escaping
+        link) and remembered."""
+        if self.image_root is None:
+            raise BadSample("missing image", f"image {ref!r} given but no image root configured", sid)
+        path = self._resolved.get(ref) if isinstance(ref, str) else None
+        if path is None:  # resolve_image_path refuses a ref that is not a string, too
+            path = self._resolved[ref] = resolve_image_path(self.image_root, ref, sid)
+        return path
+
     def _image(self, ref, sid):
-        if isinstance(ref, str):
-            if self.image_root is None:
-                raise BadSample("missing image", f"image {ref!r} given but no image root configured", sid)
-            path = self._resolved.get(ref)
-            if path is None:  # checked once per path: inside the root, no escaping link
-                path = self._resolved[ref] = resolve_image_path(self.image_root, ref, sid)
-            ref = path
-        return self.images(ref, sid)
+        return self.images(self.image_path(ref, sid) if isinstance(ref, str) else ref, sid)
 
 
 class SkipBudgetExceeded(RuntimeError):

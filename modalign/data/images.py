@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import warnings
@@ -28,12 +27,6 @@ DEFAULT_MAX_PIXELS = 40_000_000
 Image.MAX_IMAGE_PIXELS = None  # modalign checks the size itself, before decoding
 
 
-@functools.lru_cache(maxsize=64)
-def _real_root(root: str) -> Path:
-    """The root with links resolved, once per root (a root re-pointed later fails closed)."""
-    return Path(root).resolve()
-
-
 def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None) -> Path:
     """``rel`` inside ``root``; refuses absolute paths and escapes through ``..`` or links."""
     if not isinstance(rel, str) or not rel:
@@ -41,7 +34,7 @@ def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None)
     p = Path(rel)
     if p.is_absolute():
         raise BadSample("bad image path", f"absolute image path {rel!r} is not allowed", sample_id)
-    root = _real_root(str(root))
+    root = Path(root).resolve()
     full = (root / p).resolve()
     if full != root and root not in full.parents:
         raise BadSample("bad image path", f"image path {rel!r} escapes the image root {root}", sample_id)
@@ -160,12 +153,6 @@ def patch_at(x: float, y: float, size: tuple[int, int], vcfg: VisionConfig) -> i
     return int(y * g) * g + int(x * g)
 
 
-def normalize(img: Image.Image | torch.Tensor, mean, std) -> torch.Tensor:
-    """RGB image (or its uint8 [3, H, W] tensor) -> float tensor [3, H, W], (x/255 - mean) / std."""
-    x = (img if isinstance(img, torch.Tensor) else to_uint8(img)).float() / 255.0
-    return (x - torch.as_tensor(mean)[:, None, None]) / torch.as_tensor(std)[:, None, None]
-
-
 def to_uint8(img: Image.Image) -> torch.Tensor:
     """RGB image -> uint8 tensor [3, H, W]."""
     return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
@@ -206,7 +193,7 @@ class ImageProcessor:
             size = img.size
             if key is not None:
                 self._remember(key, u8, size)
-        return (u8.float() / 255.0 - self._mean) / self._std, size
+        return (u8.float() / 255.0 - self._mean) / self._std, size  # normalised: (x/255 - mean) / std
 
     def _cache_key(self, src) -> tuple | None:
         if not self.cache_limit or not isinstance(src, str | Path):

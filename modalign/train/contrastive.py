@@ -29,7 +29,7 @@ from torch import nn
 from modalign.data.collate import collate
 from modalign.data.conversation import BadSample, Conversation
 from modalign.data.datasets import Example, load_samples
-from modalign.data.images import grid_place, patch_at, resolve_image_path
+from modalign.data.images import grid_place, patch_at
 
 
 @dataclass
@@ -226,7 +226,7 @@ class CaptionProcessor:
 
     def _annotated(self, s: AnnotatedImage) -> RegionExample:
         images = self._images.images
-        px, size = images.load(resolve_image_path(self._images.image_root, s.image, s.id), s.id)
+        px, size = images.load(self._images.image_path(s.image, s.id), s.id)
         ids = self.tok.encode(s.captions[0])[: self.max_length]
         regions = []
         for o in s.objects:
