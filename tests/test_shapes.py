@@ -86,9 +86,11 @@ def test_answers_match_the_scenes(world):
     scenes = {
         json.loads(line)["id"]: json.loads(line) for line in (world / "scenes.jsonl").read_text().splitlines()
     }
-    # the curriculum files: single colour / shape questions, then single position questions, answered right
+    # the curriculum files: single colour / shape questions, then single position, count and read
+    # questions, answered right
     for name, sep, prefixes in (("instruct_basic.json", "-b", ("What colour is the", "What shape is the")),
-                                ("instruct_ground.json", "-g", ("Where is the",))):  # fmt: skip
+                                ("instruct_ground.json", "-g", ("Where is the", "How many shapes",
+                                                                 "What word is written"))):  # fmt: skip
         recs = json.loads((world / name).read_text())
         assert len({r["id"] for r in recs}) == len(recs) > 0, name
         for rec in recs:
@@ -96,9 +98,17 @@ def test_answers_match_the_scenes(world):
             (h, g) = rec["conversations"]
             q = question_of(h["value"])
             assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
-    # one position question per object of every training scene
+    # one position question per object of every training scene, one count question per scene and
+    # one read question per scene with a word
     ground = json.loads((world / "instruct_ground.json").read_text())
-    assert len(ground) == sum(len(s["scene"]["objects"]) for s in scenes.values())
+    asked = [question_of(r["conversations"][0]["value"]) for r in ground]
+    assert sum(q.startswith("Where is the") for q in asked) == sum(
+        len(s["scene"]["objects"]) for s in scenes.values()
+    )
+    assert sum(q.startswith("How many shapes") for q in asked) == len(scenes)
+    assert sum(q.startswith("What word") for q in asked) == sum(
+        bool(s["scene"]["word"]) for s in scenes.values()
+    )
     # the default layout: every question of every training scene is its own sample, answered right
     per_scene = {}
     for rec in json.loads((world / "instruct.json").read_text()):

@@ -10,7 +10,7 @@ training split and are the subject of the held-out "unseen pairs" questions.
     OUT/images/*.png
     OUT/captions.json      stage 1 (LLaVA JSON)      OUT/instruct.json    stage 2 (LLaVA JSON)
     OUT/instruct_basic.json  stage-2 curriculum: single colour / shape questions
-    OUT/instruct_ground.json stage-2 curriculum: single position questions
+    OUT/instruct_ground.json stage-2 curriculum: single position, count and read questions
     OUT/eval.json          held-out questions          OUT/text.jsonl       text corpus
     OUT/text_eval.jsonl    text for perplexity         OUT/text_instruct.json text-only chats
     OUT/scenes.jsonl       annotations (captions + normalised boxes)    OUT/meta.json
@@ -48,8 +48,10 @@ QUESTION_TYPES = ("colour", "shape", "count", "position", "relation", "exist", "
 # the first step of the stage-2 curriculum: questions that look up one object by one attribute
 # and read another; the lookup they teach is what every other type (but count) builds on
 BASIC_TYPES = ("colour", "shape")
-# the second step: find an object by colour and shape and name its place (read out of its token)
-GROUND_TYPES = ("position",)
+# the second step: find an object by colour and shape and name its place (read out of its token);
+# with it, the questions that look at the whole image (count, read), which the full mixture holds
+# too few of for counting to form, and which in the first step keep the lookup from forming
+GROUND_TYPES = ("position", "count", "read")
 BACKGROUND = (240, 240, 240)
 # every file generate() writes beside images/ (a data set missing one was written by an older version)
 FILES = ("captions.json", "instruct.json", "instruct_basic.json", "instruct_ground.json", "eval.json",
@@ -249,7 +251,7 @@ IMAGE_PLACEMENTS = ("before", "after", "mixed")
 # how instruct.json holds a scene's questions: each one its own sample, or a few as one conversation
 LAYOUTS = ("single", "conversation")
 # meta.json's "version": what the quickstart checks before it reuses a data set written earlier
-DATA_VERSION = 2
+DATA_VERSION = 3
 
 
 def _with_image(question: str, after: bool) -> str:
