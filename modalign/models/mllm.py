@@ -145,26 +145,19 @@ def _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, lab
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labels != -100 (computed in fp32)."""
-    shift_logits = logits[:, :-1].float()
-    shift_labels = labels[:, 1:].to(logits.device)
-    n = int((shift_labels != IGNORE_INDEX).sum())
-    loss = F.cross_entropy(
-        shift_logits.reshape(-1, shift_logits.shape[-1]),
-        shift_labels.reshape(-1),
-        ignore_index=IGNORE_INDEX,
-        reduction="sum",
-    )
-    return loss / max(n, 1), n
+    return supervised_lm_loss(logits, labels)
 
 
 def supervised_lm_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module
+    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module | None = None
 ) -> tuple[torch.Tensor, int]:
     """``causal_lm_loss`` from the final hidden states, running ``head`` only where a label is
-    supervised: the same loss, without the vocabulary projection of every prompt position."""
+    supervised: the same loss, without the vocabulary projection of every prompt position
+    (``head`` None: ``hidden`` are the logits already)."""
     keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
     n = int(keep.sum())
-    logits = head(hidden[:, :-1][keep]).float()
+    rows = hidden[:, :-1][keep]
+    logits = (rows if head is None else head(rows)).float()
     loss = F.cross_entropy(logits, labels[:, 1:].to(hidden.device)[keep], reduction="sum")
     return loss / max(n, 1), n
 
