@@ -2,8 +2,9 @@
 
 A scene is a 3x3 grid; 1-5 cells hold a shape (circle, square, triangle, star, hexagon) of a
 colour and size; sometimes another cell holds a short word. From each scene come a caption
-(stage-1 alignment), a multi-turn instruction conversation (colour, shape, count, position,
-relation, existence incl. absent objects, reading, description) and, for the held-out split,
+(stage-1 alignment), instruction data (colour, shape, count, position, relation, existence incl.
+absent objects, reading, description; one question per sample by default, or a few as one
+conversation), the stage-2 curriculum files and, for the held-out split,
 single questions with their answers and types. Some colour-shape pairs never occur in the
 training split and are the subject of the held-out "unseen pairs" questions.
 
