@@ -452,3 +452,37 @@ def test_user_message_puts_images_where_the_text_names_them():
     assert user_message("What is it?", 1).content == f"{IMAGE_MARK}\nWhat is it?"
     assert user_message("a <image> b", 2).content == f"{IMAGE_MARK}{IMAGE_MARK}\na <image> b"
     assert user_message("no images", 0).content == "no images"
+
+
+def test_training_examples_end_at_the_last_supervised_token(tok, image_dir, tmp_path):
+    """A template's closing tokens after the last answer are dropped from training examples (they
+    change no loss), never an image's placeholders; the loss of a model is the same either way."""
+    from modalign import MLLMConfig
+    from modalign.models.mllm import causal_lm_loss
+
+    rows = [
+        {"id": "a", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq q"},
+                                                         {"from": "gpt", "value": "a b"}]},
+        {"id": "b", "image": "ok.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                                                         {"from": "human", "value": "<image>"}]},
+    ]  # fmt: skip
+    samples = load_samples(_write(tmp_path / "t.json", rows))
+    chatml = get_template("chatml")
+    proc = SampleProcessor(tok, chatml, image_dir, ImageProcessor(VisionConfig(image_size=16)), IMG, 4)
+    full = render(samples[0], tok, chatml, IMG, 4)
+    last = max(i for i, x in enumerate(full.labels) if x != IGNORE_INDEX)
+    assert last < len(full.labels) - 1  # chatml closes the reply with "\n"
+    ex = proc(samples[0])
+    assert ex.input_ids == full.input_ids[: last + 1] and ex.labels == full.labels[: last + 1]
+    trailing_image = proc(samples[1])
+    assert trailing_image.input_ids[-4:] == [IMG] * 4 and len(trailing_image.pixel_values) == 1
+    cfg = MLLMConfig.from_name("tiny-llava").llm
+    cfg.vocab_size = tok.vocab_size
+    from modalign.models.decoder import LLM
+
+    torch.manual_seed(0)
+    llm = LLM(cfg)
+    losses = [
+        causal_lm_loss(llm(torch.tensor([r.input_ids])), torch.tensor([r.labels]))[0] for r in (full, ex)
+    ]
+    torch.testing.assert_close(losses[0], losses[1])

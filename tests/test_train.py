@@ -3,6 +3,7 @@ a SIGKILLed run resumes to the same losses (also DDP with 2 gloo processes), NaN
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -115,6 +116,95 @@ def test_each_stage_changes_exactly_its_trainable_parameters(data, tmp_path):
     assert counts["trainable"] == sum(v.numel() for k, v in init.items() if k.startswith("connector."))
     assert (tmp_path / "run" / "instruct" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+
+
+def test_a_frozen_vision_tower_runs_once_per_image(data, tmp_path, monkeypatch):
+    """With the tower frozen (both stages here), its output per image file is computed before the
+    stage, once, in file order (``feature_cache_mb``); training then never calls it, and logs the
+    losses of a run that calls it on every batch (the sigkill test checks exact resume with it)."""
+    from modalign.models.mllm import FeatureCache
+    from modalign.models.vision import VisionTower
+
+    calls, hits = [], []
+    forward, cache_call = VisionTower.forward, FeatureCache.__call__
+    monkeypatch.setattr(
+        VisionTower, "forward", lambda self, px, *a, **k: calls.append(len(px)) or forward(self, px, *a, **k)
+    )
+    monkeypatch.setattr(FeatureCache, "__call__",
+                        lambda self, t, px, ks: (cache_call(self, t, px, ks), hits.append(self.hits))[0])  # fmt: skip
+    runs = {}
+    for mb in (256, 0):
+        calls.clear()
+        sets = [f"stages.{st}.feature_cache_mb={mb}" for st in ("align", "instruct")]
+        run_recipe(
+            load_recipe(recipe_doc(data, steps=4, save_every=0), sets=sets),
+            tmp_path / str(mb),
+            progress=False,
+        )
+        runs[mb] = (losses(tmp_path / str(mb)), list(calls))
+    (cached, cached_calls), (plain, plain_calls) = runs[256], runs[0]
+    assert [x[:2] for x in cached] == [x[:2] for x in plain]
+    assert [x[2] for x in cached] == pytest.approx([x[2] for x in plain], rel=1e-4)
+    n_images = len({s.images[0] for s in load_samples(data / "captions.json")})
+    assert cached_calls == [n_images, n_images]  # one pass per stage (48 images: one chunk of 64)
+    assert len(hits) == len(plain_calls) >= 5 and hits[-1] == sum(plain_calls) - sum(plain_calls[:4])
+
+
+def test_feature_cache_holds_what_fits_and_encodes_the_rest_with_the_batch():
+    from modalign import MLLMConfig
+
+    torch.manual_seed(0)
+    model = MLLM(MLLMConfig.from_name("tiny-shapes")).eval()
+    px = torch.randn(5, 3, 96, 96)
+    with torch.no_grad():
+        want = model.vision(px)
+    one = want[0].numel() * 4  # bytes of one image's features
+    cache = model.cache_vision_features(2.5 * one / 2**20)
+    assert cache.fill(model.vision, [(f"f{i}", px[i]) for i in (0, 1, 0, 2, 3)], batch_size=2) == 2
+    assert cache.bytes == 2 * one
+    # held keys come from the cache (f1 named on image 0 gives image 1's features), the rest are encoded
+    got = cache(model.vision, px, ["f1", "f0", None, "f3", "f4"])
+    assert (cache.hits, cache.misses) == (2, 3)
+    torch.testing.assert_close(got, want[[1, 0, 2, 3, 4]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 keys for 5 images"):
+        cache(model.vision, px, ["f0", "f1"])
+    tokens = model.encode_images(px, ["f1", "f0", None, "f3", "f4"])
+    torch.testing.assert_close(tokens, model.connector(want[[1, 0, 2, 3, 4]]), rtol=1e-5, atol=1e-5)
+    assert model.cache_vision_features(0) is None and model._features is None
+
+
+def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_path):
+    doc = recipe_doc(data, steps=6, save_every=0)
+    doc["stages"] = doc["stages"][:1]
+    run = tmp_path / "met"
+    res = run_recipe(load_recipe(doc, sets=["stages.align.stop_at_loss=100", "stages.align.stop_window=3"]), run,
+                     progress=False)  # fmt: skip
+    recs = [json.loads(x) for x in (run / "align" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in recs if "loss" in r]
+    assert res["align"].steps == 3 and len(logged) == 3
+    assert (
+        "mean loss of the last 3 steps" in recs[-1]["stopped"]
+        and "stopped at step 3 of 6" in recs[-1]["stopped"]
+    )
+    (ckpt,) = checkpoints(run / "align" / "checkpoints")
+    assert ckpt.name == "step-000003"
+    assert json.loads((ckpt / "state.json").read_text())["info"]["recent_losses"] == logged
+    # resumed from that checkpoint (the stage's model not yet written), it trains no further step
+    shutil.rmtree(run / "align" / "model")
+    (run / "align" / "result.json").unlink()
+    again = run_recipe(load_recipe(doc, sets=["stages.align.stop_at_loss=100", "stages.align.stop_window=3"]), run,
+                       progress=False)["align"]  # fmt: skip
+    assert again.steps == 3 and again.final_loss == logged[-1]
+    assert [json.loads(x).get("loss") for x in (run / "align" / "metrics.jsonl").read_text().splitlines()][
+        :3
+    ] == logged
+    # a threshold no loss meets: the whole schedule
+    unmet = run_recipe(
+        load_recipe(doc, sets=["stages.align.stop_at_loss=1e-9"]), tmp_path / "unmet", progress=False
+    )
+    assert unmet["align"].steps == 6
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop_at_loss: expected a loss > 0"):
+        load_recipe(doc, sets=["stages.align.stop_at_loss=0"])
 
 
 def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:
@@ -301,6 +391,37 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
     with_regions.backward()
     assert cm.clip_region_proj.weight.grad.abs().sum() > 0
     assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    # text_cache: with the LM frozen each distinct text is embedded once and kept: before training,
+    # every text of the data set, 64 at a time (then no forward calls the LM), or a text the fill
+    # did not see, on its own; the loss equals the padded batch's; while the LM trains nothing is kept
+    from modalign.train.contrastive import fill_text_cache
+
+    cached = ContrastiveModel(model, region_weight=1.0, text_cache=True)
+    cached.load_state_dict(cm.state_dict())
+    assert fill_text_cache(cached, ds) == 0
+    assert cached(*args, batch["regions"]).item() == pytest.approx(with_regions.item(), rel=1e-5)
+    assert not cached._text_memo
+    calls = []
+    hook = model.llm.register_forward_hook(lambda *a: calls.append(1))
+    model.llm.requires_grad_(False)
+    texts = {
+        tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    }
+    texts |= {tuple(ids) for regs in batch["regions"] for _, ids in regs}
+    first = cached(*args, batch["regions"])  # on its own, each text
+    assert len(calls) == len(cached._text_memo) == len(texts)
+    every = {tuple(t) for s in ds.samples for t in ds.processor.texts(s)}
+    assert texts < every
+    filled = ContrastiveModel(model, region_weight=1.0, text_cache=True)
+    filled.load_state_dict(cm.state_dict())
+    calls.clear()
+    assert fill_text_cache(filled, ds) == len(every) and len(calls) == -(-len(every) // 64)
+    again = filled(*args, batch["regions"])
+    hook.remove()
+    model.llm.requires_grad_(True)
+    assert len(calls) == -(-len(every) // 64)  # the forward called no LM
+    assert first.item() == pytest.approx(with_regions.item(), rel=1e-5)
+    assert again.item() == pytest.approx(with_regions.item(), rel=1e-5)
     assert "regions" not in collate([ds[0]], tok.pad_id)
     # whitening a contrastive stage reads its images the way training does (annotations here)
     from modalign.train.run import whiten_vision
@@ -319,3 +440,11 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
         run_recipe(no_boxes, tmp_path / "no-boxes", progress=False, stages=["clip"])
     res = run_recipe(recipe, tmp_path / "stage0", progress=False)
     assert res["clip"].steps == 3 and (tmp_path / "stage0" / "model" / "model.safetensors").is_file()
+    # the contrastive heads are seeded by the recipe, not by whatever ran before: the clip stage run
+    # alone on the finished lm stage (a resumed quickstart) logs the same losses
+    shutil.copytree(tmp_path / "stage0" / "lm", tmp_path / "again" / "lm")
+    torch.manual_seed(1234)
+    run_recipe(recipe, tmp_path / "again", progress=False, stages=["clip"])
+    losses = [[json.loads(x)["loss"] for x in (d / "clip" / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path / "stage0", tmp_path / "again")]  # fmt: skip
+    assert len(losses[0]) == 3 and losses[0] == losses[1]

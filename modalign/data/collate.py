@@ -27,17 +27,21 @@ def collate(batch: list[Example | BadSample], pad_id: int, left: bool = False) -
     """Examples -> tensors. Rejected samples are dropped and returned under ``"bad"``.
 
     ``input_ids``/``labels``/``attention_mask`` [B, T]; ``pixel_values`` [N_img, 3, S, S] (the
-    images of all rows, in row order) or ``None``; ``image_counts`` per row; ``ids``."""
+    images of all rows, in row order) or ``None``; ``image_keys`` (their files) or ``None``;
+    ``image_counts`` per row; ``ids``."""
     good = [x for x in batch if isinstance(x, Example)]
     bad = [x for x in batch if isinstance(x, BadSample)]
     pixels = [p for ex in good for p in ex.pixel_values]
     same = pixels and all(p.shape == pixels[0].shape for p in pixels)
+    keys = [k for ex in good for k in ex.image_keys]
     return {
         "input_ids": _pad([ex.input_ids for ex in good], pad_id, left),
         "labels": _pad([ex.labels for ex in good], IGNORE_INDEX, left),
         "attention_mask": _pad([[1] * len(ex) for ex in good], 0, left),
         "pixel_values": (torch.stack(pixels) if same else pixels) if pixels else None,
         "image_counts": [len(ex.pixel_values) for ex in good],
+        # each image's file (None: not from a file); absent unless every image says
+        "image_keys": keys if pixels and len(keys) == len(pixels) else None,
         "ids": [ex.id for ex in good],
         "bad": bad,
     }

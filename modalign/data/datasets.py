@@ -181,6 +181,7 @@ class Example:
     labels: list[int]
     pixel_values: list[torch.Tensor] = field(default_factory=list)
     source: str = ""
+    image_keys: list[str | None] = field(default_factory=list)  # each image's file, where it has one
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -214,7 +215,15 @@ class SampleProcessor:
             else []
         )
         ids, labels = (x.tolist() if isinstance(x, array) else x for x in (r.input_ids, r.labels))
-        return Example(s.id, ids, labels, pixels, s.source)
+        keys = (
+            [
+                str(self.image_path(ref, s.id)) if isinstance(ref, str) else None
+                for ref in s.images[: r.num_images]
+            ]
+            if pixels
+            else []
+        )
+        return Example(s.id, ids, labels, pixels, s.source, image_keys=keys)
 
     def tokens(self, s: Conversation | TextSample | BadSample) -> Rendered:
         """The sample's token ids and labels (and how many images survive truncation); no images
@@ -234,7 +243,13 @@ class SampleProcessor:
             raise BadSample(
                 "image count mismatch", f"has {len(s.images)} image(s) but the model takes none", s.id
             )
-        return render(s, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length)
+        r = render(s, self.tok, self.template, self.image_token_id, self.image_tokens, self.max_length)
+        # tokens after the last supervised one change no loss (causal attention): a template's
+        # closing "\n" and the like are dropped, never an image's placeholders
+        end = len(r.labels)
+        while end and r.labels[end - 1] == IGNORE_INDEX and r.input_ids[end - 1] != self.image_token_id:
+            end -= 1
+        return Rendered(r.input_ids[:end], r.labels[:end], r.num_images) if end < len(r.labels) else r
 
     def image_path(self, ref: str, sid: str | None) -> Path:
         """``ref`` inside the image root; each path is checked once (inside the root, no escaping
@@ -340,6 +355,26 @@ class ConversationDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         return not isinstance(s, Conversation) or s.is_text_only
 
+    def image_files(self):
+        """Each distinct image file the samples name, in sample order: (its key, as ``image_keys``
+        give it, and its pixels); images that cannot be read are left to the bad-sample policy."""
+        seen: set[str] = set()
+        proc = self.processor
+        if not isinstance(proc, SampleProcessor) or proc.images is None:
+            return
+        for s in self.samples:
+            for ref in s.images if isinstance(s, Conversation) else []:
+                if not isinstance(ref, str):
+                    continue
+                try:
+                    key = str(proc.image_path(ref, s.id))
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    yield key, proc._image(ref, s.id)
+                except BadSample:
+                    continue
+
 
 def mixture_indices(
     sizes: list[int], weights: list[float], total: int, seed: int = 0
@@ -391,6 +426,10 @@ class MixtureDataset(torch.utils.data.Dataset):
     def is_text_only(self, i: int) -> bool:
         k, j = self.pairs[i]
         return self.datasets[k].is_text_only(j)
+
+    def image_files(self):
+        for d in self.datasets:
+            yield from d.image_files()
 
 
 def supervised_fraction(ex: Example) -> float:

@@ -162,6 +162,58 @@ def supervised_lm_loss(
     return loss / max(n, 1), n
 
 
+class FeatureCache:
+    """A frozen tower's output per image key, up to ``limit`` bytes. It is filled once, before
+    training, in a fixed order (``fill``), so what it holds does not depend on the batches or on
+    where a run resumed; images it does not hold are encoded with their batch, as without it."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bytes, self._memo = limit, 0, {}
+        self.hits = self.misses = 0
+
+    @torch.no_grad()
+    def fill(self, tower: nn.Module, images, batch_size: int = 64) -> int:
+        """``images``: (key, pixels [3, S, S]) pairs; encodes them ``batch_size`` at a time until
+        the limit is reached. Returns how many it holds."""
+        chunk: list = []
+        for key, px in images:
+            if key in self._memo or key in dict(chunk):
+                continue
+            chunk.append((key, px))
+            if len(chunk) == batch_size:
+                if not self._add(tower, chunk):
+                    return len(self._memo)
+                chunk = []
+        if chunk:
+            self._add(tower, chunk)
+        return len(self._memo)
+
+    def _add(self, tower, chunk) -> bool:
+        dev = next(tower.parameters()).device
+        feats = tower(torch.stack([px for _, px in chunk]).to(dev))
+        for (key, _), f in zip(chunk, feats, strict=True):
+            n = f.numel() * f.element_size()
+            if self.bytes + n > self.limit:
+                return False
+            self._memo[key], self.bytes = f.clone(), self.bytes + n
+        return True
+
+    @torch.no_grad()
+    def __call__(self, tower: nn.Module, pixel_values: torch.Tensor, keys: list) -> torch.Tensor:
+        if len(keys) != len(pixel_values):
+            raise ValueError(f"image_keys: {len(keys)} keys for {len(pixel_values)} images")
+        held = [self._memo.get(k) if k is not None else None for k in keys]
+        miss = [i for i, f in enumerate(held) if f is None]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if len(miss) == len(keys):
+            return tower(pixel_values)
+        if miss:
+            for i, f in zip(miss, tower(pixel_values[miss]), strict=True):
+                held[i] = f
+        return torch.stack(held)
+
+
 class MLLM(nn.Module):
     """Vision encoder + connector + Llama-family decoder, configured by ``MLLMConfig``."""
 
@@ -179,6 +231,7 @@ class MLLM(nn.Module):
                 config.vision.num_features,
             )
         self.llm = LLM(config.llm)
+        self._features: FeatureCache | None = None  # see cache_vision_features
 
     # ------------------------------------------------------------------ images
 
@@ -197,15 +250,27 @@ class MLLM(nn.Module):
             return self.vision.hd_num_tokens(h // t, w // t)
         return self.connector.num_output_tokens(self.config.vision.num_features)
 
-    def encode_images(self, pixel_values, **connector_inputs) -> torch.Tensor | list[torch.Tensor]:
+    def cache_vision_features(self, max_mb: float) -> FeatureCache | None:
+        """Keep the vision tower's output per image file (``image_keys``), at most ``max_mb`` MiB
+        (0: stop and drop what is kept), and return the cache to ``fill``. Only for a frozen tower:
+        the trainer fills it before a stage whose vision parameters do not train, and drops it after."""
+        self._features = FeatureCache(int(max_mb * 2**20)) if max_mb > 0 else None
+        return self._features
+
+    def encode_images(
+        self, pixel_values, image_keys=None, **connector_inputs
+    ) -> torch.Tensor | list[torch.Tensor]:
         """[N, 3, S, S] -> visual tokens [N, L_out, D_llm]. HD layouts take a list of
         [3, H_i, W_i] (or one [N, 3, H, W] tensor) and return a list of [L_i, D_llm].
+        ``image_keys``: each image's file (None where it has none), for the feature cache.
         ``connector_inputs``: e.g. InstructBLIP's ``qformer_input_ids`` (one row per image)."""
         if not self.has_vision:
             raise ValueError("this model has no vision tower; it cannot take pixel_values")
         if self.config.vision.hd_layout:
             return [self.connector(self.vision.encode_hd(im)[None])[0] for im in pixel_values]
         extra = {k: v for k, v in connector_inputs.items() if v is not None}
+        if self._features is not None and image_keys is not None and isinstance(pixel_values, torch.Tensor):
+            return self.connector(self._features(self.vision, pixel_values, image_keys), **extra)
         return self.connector(self.vision(pixel_values), **extra)
 
     def embed(
@@ -216,12 +281,13 @@ class MLLM(nn.Module):
         labels: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         placeholder: str | None = None,
+        image_keys: list | None = None,
         **connector_inputs,
     ) -> Spliced:
         """Token embeddings with the visual tokens spliced in, plus modality ids.
         ``placeholder`` overrides the config's mode (the engine pre-expands per-image ids)."""
         if image_tokens is None and pixel_values is not None and len(pixel_values) > 0:
-            image_tokens = self.encode_images(pixel_values, **connector_inputs)
+            image_tokens = self.encode_images(pixel_values, image_keys, **connector_inputs)
         return splice(
             self.llm.embed_tokens,
             input_ids,
@@ -249,12 +315,14 @@ class MLLM(nn.Module):
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         return_logits: bool = True,
+        image_keys: list | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
         ``modality_ids`` [B, T]. With a ``cache`` holding a prompt, ``input_ids`` are new text.
         With ``labels`` and ``return_logits=False`` (what the trainer asks for) only the loss is
-        computed, the LM head running on the supervised positions alone; ``logits`` is None."""
+        computed, the LM head running on the supervised positions alone; ``logits`` is None.
+        ``image_keys`` name each image's file for the vision feature cache (training)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -266,7 +334,8 @@ class MLLM(nn.Module):
                                   cache=cache, logits_to_keep=logits_to_keep)  # fmt: skip
                 return MLLMOutput(logits=logits, attention_mask=attention_mask)
             sp = self.embed(input_ids, pixel_values, attention_mask, labels, placeholder=placeholder,
-                            qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)  # fmt: skip
+                            image_keys=image_keys, qformer_input_ids=qformer_input_ids,
+                            qformer_attention_mask=qformer_attention_mask)  # fmt: skip
             inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels
             # all-text inference skips the image branches (bit-identical to the base model); in
             # training the ids are always passed so routed parameters stay in the graph (DDP)

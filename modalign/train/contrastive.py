@@ -61,7 +61,7 @@ class RegionExample(Example):
 class ContrastiveModel(nn.Module):
     """Wraps an MLLM's ``vision`` and ``llm``; adds ``clip_image_proj``/``clip_text_proj``."""
 
-    def __init__(self, mllm: nn.Module, dim: int = 128, region_weight: float = 0.0):
+    def __init__(self, mllm: nn.Module, dim: int = 128, region_weight: float = 0.0, text_cache: bool = False):
         super().__init__()
         self.vision, self.llm = mllm.vision, mllm.llm
         self.clip_image_proj = nn.Linear(mllm.config.vision.hidden_size, dim, bias=False)
@@ -70,12 +70,55 @@ class ContrastiveModel(nn.Module):
         self.region_weight = region_weight
         if region_weight > 0:
             self.clip_region_proj = nn.Linear(mllm.config.vision.hidden_size, dim, bias=False)
+        # with a frozen LM a text's embedding never changes: ``text_cache`` keeps each distinct
+        # text's, filled before training in a fixed order (fill_text_cache: so a resumed run gets the
+        # same values), a text it lacks computed on its own; not under FSDP (a collective forward)
+        self.text_cache = text_cache
+        self._text_memo: dict[tuple[int, ...], torch.Tensor] = {}
 
     def _text(self, input_ids, attention_mask):
         """Mean of the LM's last hidden states over the real tokens."""
+        if self.text_cache_on():
+            rows = [tuple(r[m.bool()].tolist()) for r, m in zip(input_ids, attention_mask, strict=True)]
+            return self._texts_cached(rows, input_ids.device)
         h = self.llm(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def _texts_cached(self, rows: list[tuple[int, ...]], device) -> torch.Tensor:
+        memo = self._text_memo
+        for r in dict.fromkeys(rows):
+            if r not in memo:
+                if r:
+                    memo[r] = self.llm(input_ids=torch.tensor([r], device=device), return_hidden=True)[
+                        0
+                    ].mean(0)
+                else:  # an empty text: the padded path's mean over no tokens
+                    memo[r] = torch.zeros(self.clip_text_proj.in_features, device=device)
+        return torch.stack([memo[r] for r in rows])
+
+    def text_cache_on(self) -> bool:
+        return self.text_cache and not any(p.requires_grad for p in self.llm.parameters())
+
+    @torch.no_grad()
+    def fill_text_cache(self, texts, batch_size: int = 64) -> int:
+        """Embed ``texts`` (token-id sequences) ``batch_size`` at a time, shortest first, before
+        training; returns how many the cache holds."""
+        dev = next(self.llm.parameters()).device
+        todo = sorted({tuple(t) for t in texts if t} - self._text_memo.keys(), key=lambda t: (len(t), t))
+        for i in range(0, len(todo), batch_size):
+            chunk = todo[i : i + batch_size]
+            ids = torch.zeros(len(chunk), len(chunk[-1]), dtype=torch.long, device=dev)
+            mask = torch.zeros_like(ids)
+            for k, t in enumerate(chunk):
+                ids[k, : len(t)] = torch.tensor(t, device=dev)
+                mask[k, : len(t)] = 1
+            h = self.llm(input_ids=ids, attention_mask=mask, return_hidden=True)
+            m = mask.unsqueeze(-1).to(h.dtype)
+            for t, e in zip(chunk, (h * m).sum(1) / m.sum(1), strict=True):
+                self._text_memo[t] = e.clone()
+        return len(self._text_memo)
 
     def forward(self, pixel_values, input_ids, attention_mask, regions=None):
         states = self.vision.hidden_states(pixel_values)
@@ -117,6 +160,15 @@ class ContrastiveModel(nn.Module):
         r = F.normalize(self.clip_region_proj(feats), dim=-1)
         t = F.normalize(self.clip_text_proj(self._text(ids, mask)), dim=-1)
         return F.cross_entropy(r @ t.t() * scale, torch.tensor(labels, device=dev))
+
+
+def fill_text_cache(model: ContrastiveModel, dataset) -> int:
+    """Fill ``model``'s text cache with every text of ``dataset`` (its caption processor's), where
+    the cache is on (a frozen LM); returns how many texts it holds."""
+    if not model.text_cache_on():
+        return 0
+    sets = getattr(dataset, "datasets", [dataset])
+    return model.fill_text_cache(t for d in sets for s in d.samples for t in d.processor.texts(s))
 
 
 def contrastive_loss(model, batch, device):
@@ -230,12 +282,35 @@ class CaptionProcessor:
         ids = self.tok.encode(s.captions[0])[: self.max_length]
         regions = []
         for o in s.objects:
-            x1, y1, x2, y2 = (float(v) for v in o["bbox"])
-            cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+            cx, cy, phrase = self._phrase(o)
             patch = patch_at(cx, cy, size, images.cfg)
-            phrase = self.tok.encode(region_phrase(self.phrase, str(o["category"]), cx, cy))[
-                : self.max_length
-            ]
             if patch is not None and phrase:
                 regions.append((patch, phrase))
-        return RegionExample(s.id, ids, ids, [px], s.source, regions)
+        return RegionExample(s.id, ids, ids, [px], s.source, regions=regions)
+
+    def _phrase(self, o: dict) -> tuple[float, float, list[int]]:
+        x1, y1, x2, y2 = (float(v) for v in o["bbox"])
+        cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+        return (
+            cx,
+            cy,
+            self.tok.encode(region_phrase(self.phrase, str(o["category"]), cx, cy))[: self.max_length],
+        )
+
+    def texts(self, s) -> list[list[int]]:
+        """The token ids of each text a sample is matched against (its caption and its boxes'
+        phrases), without reading its image; none for a sample that training would reject."""
+        try:
+            if isinstance(s, AnnotatedImage):
+                return [self.tok.encode(s.captions[0])[: self.max_length]] + [
+                    self._phrase(o)[2] for o in s.objects
+                ]
+            if isinstance(s, Conversation) and len(s.images) == 1:
+                return [
+                    self.tok.encode(next(m.content for m in s.messages if m.role == "assistant"))[
+                        : self.max_length
+                    ]
+                ]
+        except (KeyError, TypeError, ValueError, StopIteration):
+            pass
+        return []

@@ -59,6 +59,10 @@ class Stage:
     clip: float | None = 1.0
     max_steps: int | None = None
     epochs: float | None = None
+    # end the stage early once the mean loss of the last ``stop_window`` steps is at or below this
+    # (a curriculum step that is learnt); the schedule still spans max_steps / epochs
+    stop_at_loss: float | None = None
+    stop_window: int = 20
     samples: int | None = None  # mixture draws per epoch (default: the sources' total size)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     gradient_checkpointing: bool = False
@@ -80,6 +84,9 @@ class Stage:
     image_cache_mb: float = 512
     # token ids and labels kept per sample after their first read, at most this many MiB (0: off)
     token_cache_mb: float = 256
+    # a frozen vision tower's output per image file, kept after its first pass, at most this many MiB
+    # (0: off; never under FSDP): the tower runs once per image instead of once per sample
+    feature_cache_mb: float = 256
     save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
     keep_last: int = 2
     eval_every: int = 0
@@ -94,6 +101,10 @@ class Stage:
             raise ConfigError(f"{where}.objective: expected lm or contrastive, got {self.objective!r}")
         if self.schedule.decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
+        if self.stop_at_loss is not None and not self.stop_at_loss > 0:
+            raise ConfigError(f"{where}.stop_at_loss: expected a loss > 0, got {self.stop_at_loss}")
+        if self.stop_window < 1:
+            raise ConfigError(f"{where}.stop_window: expected a number of steps >= 1, got {self.stop_window}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
         if not self.data:
@@ -110,7 +121,7 @@ class Stage:
             ) from None
         if self.whiten_vision_features < 0:
             raise ConfigError(f"{where}.whiten_vision_features: expected an image count >= 0")
-        for key in ("image_cache_mb", "token_cache_mb"):
+        for key in ("image_cache_mb", "token_cache_mb", "feature_cache_mb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: expected a size in MiB >= 0, got {getattr(self, key)}")
 

@@ -148,7 +148,10 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
                 contrastive_loss,
             )
 
-            target = ContrastiveModel(model, region_weight=stage.region_contrastive).to(d.device)
+            torch.manual_seed(recipe.seed * 7919 + i)  # the new heads' init, as on a resumed run
+            target = ContrastiveModel(
+                model, region_weight=stage.region_contrastive, text_cache=recipe.parallel.strategy != "fsdp"
+            ).to(d.device)
             collator = ContrastiveCollator(tok.pad_id)
             dataset = build_dataset(stage, model, tok, CaptionProcessor)
             if stage.region_contrastive > 0:
@@ -157,6 +160,10 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
         else:
             dataset = build_dataset(stage, model, tok)
         table = apply_trainable(target, stage.trainable)
+        if stage.objective == "contrastive":
+            from modalign.train.contrastive import fill_text_cache
+
+            fill_text_cache(target, dataset)
         if d.main:
             print(f"stage {stage.name}: {len(dataset)} samples\n{format_table(table)}", flush=True)
             sdir.mkdir(parents=True, exist_ok=True)

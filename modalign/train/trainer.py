@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +61,7 @@ def lm_loss(model: nn.Module, batch: dict, device) -> tuple[torch.Tensor, int]:
         attention_mask=batch["attention_mask"].to(device),
         labels=batch["labels"].to(device),
         return_logits=False,  # the LM head runs on the supervised positions only
+        **({"image_keys": batch["image_keys"]} if batch.get("image_keys") is not None else {}),
     )
     return out.loss, out.num_tokens
 
@@ -124,14 +126,35 @@ class Trainer:
     # ------------------------------------------------------------------ run
 
     def run(self, resume: bool = True) -> StageResult:
+        core = unwrap(self.model)
+        vision = getattr(core, "vision", None)
+        cache = (self.stage.feature_cache_mb > 0 and vision is not None and hasattr(core, "cache_vision_features")
+                 and hasattr(self.dataset, "image_files") and not core.config.vision.hd_layout
+                 and not st.is_sharded(core) and not any(p.requires_grad for p in vision.parameters()))  # fmt: skip
+        if cache:  # a frozen tower: its output per image file, computed once, in file order
+            t0 = time.perf_counter()
+            n = core.cache_vision_features(self.stage.feature_cache_mb).fill(
+                vision, self.dataset.image_files()
+            )
+            log.info("stage %s: vision features of %d images cached in %.1f s", self.stage.name, n,
+                     time.perf_counter() - t0)  # fmt: skip
+        try:
+            return self._run(resume)
+        finally:
+            if cache:
+                core.cache_vision_features(0)
+
+    def _run(self, resume: bool) -> StageResult:
         s = self.stage
         step, epoch, micro, tokens_total = 0, 0, 0, 0
+        recent: deque[float] = deque(maxlen=s.stop_window)  # the last losses, for stop_at_loss
         core = unwrap(self.model)
         prev = st.checkpoints(self.ckpt_dir)
         if resume and prev:
             load = st.load_training_state_sharded if st.is_sharded(core) else st.load_training_state
             info = load(prev[-1], core, self.opt)
             step, epoch, micro, tokens_total = info["step"], info["epoch"], info["micro"], info["tokens"]
+            recent.extend(info.get("recent_losses", []))
             self.policy.seen = info["seen"]
             self.policy.skipped.update(info["skipped"])
             if self.d.main:
@@ -152,8 +175,8 @@ class Trainer:
         data = self._micro_batches(epoch, micro)
         bar = tqdm(total=self.total, initial=step, desc=s.name, disable=not (self.d.main and self.progress),
                    dynamic_ncols=True, leave=True)  # fmt: skip
-        t0, loss_val = time.perf_counter(), float("nan")
-        while step < self.total:
+        t0, loss_val = time.perf_counter(), (recent[-1] if recent else float("nan"))
+        while step < self.total and not self._learnt(recent):
             ts = time.perf_counter()
             for g in self.opt.param_groups:
                 g["lr"] = g["initial_lr"] * lr_factor(step, self.total, s.schedule.warmup, s.schedule.decay,
@@ -208,8 +231,18 @@ class Trainer:
                 if self.d.main and res:
                     with metrics_f.open("a") as f:
                         f.write(json.dumps({"stage": s.name, "step": step, "eval": res}) + "\n")
-            if (s.save_every and step % s.save_every == 0) or step == self.total:
-                self._save(core, step, epoch, micro, tokens_total)
+            recent.append(loss_val)
+            learnt = self._learnt(recent)
+            if (s.save_every and step % s.save_every == 0) or step == self.total or learnt:
+                self._save(core, step, epoch, micro, tokens_total, list(recent))
+            if learnt:
+                msg = (f"stage {s.name}: mean loss of the last {s.stop_window} steps "
+                       f"{sum(recent) / s.stop_window:.4f} <= stop_at_loss {s.stop_at_loss}: stopped at step "
+                       f"{step} of {self.total}")  # fmt: skip
+                if self.d.main:
+                    log.info(msg)
+                    with metrics_f.open("a") as f:
+                        f.write(json.dumps({"stage": s.name, "step": step, "stopped": msg}) + "\n")
         bar.close()
         if tb is not None:
             tb.close()
@@ -218,6 +251,15 @@ class Trainer:
             plot_loss(metrics_f, self.out / "loss.png", s.name)
         core.llm.gradient_checkpointing = False
         return StageResult(step, loss_val, time.perf_counter() - t0, tokens_total, dict(self.policy.skipped))
+
+    def _learnt(self, recent: deque) -> bool:
+        """``stop_at_loss``: the mean of the last ``stop_window`` losses is at or below it."""
+        s = self.stage
+        return (
+            s.stop_at_loss is not None
+            and len(recent) == s.stop_window
+            and sum(recent) / len(recent) <= s.stop_at_loss
+        )
 
     def _check_grads(self, step: int) -> None:
         for g in self.opt.param_groups:
@@ -228,9 +270,9 @@ class Trainer:
                     f"{g['name']!r}; the last good checkpoint is kept in {self.ckpt_dir}"
                 )
 
-    def _save(self, core, step, epoch, micro, tokens) -> None:
+    def _save(self, core, step, epoch, micro, tokens, recent: list[float]) -> None:
         info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
-                "seen": self.policy.seen, "skipped": dict(self.policy.skipped)}  # fmt: skip
+                "seen": self.policy.seen, "skipped": dict(self.policy.skipped), "recent_losses": recent}  # fmt: skip
         path = self.ckpt_dir / f"step-{step:06d}"
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)
             st.save_training_state_sharded(path, core, self.opt, info, self.d.main)
