@@ -176,14 +176,16 @@ class FeatureCache:
         """``images``: (key, pixels [3, S, S]) pairs; encodes them ``batch_size`` at a time until
         the limit is reached. Returns how many it holds."""
         chunk: list = []
+        pending: set = set()
         for key, px in images:
-            if key in self._memo or key in dict(chunk):
+            if key in self._memo or key in pending:
                 continue
             chunk.append((key, px))
+            pending.add(key)
             if len(chunk) == batch_size:
                 if not self._add(tower, chunk):
                     return len(self._memo)
-                chunk = []
+                chunk, pending = [], set()
         if chunk:
             self._add(tower, chunk)
         return len(self._memo)

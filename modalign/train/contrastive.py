@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modalign.data.collate import collate
+from modalign.data.collate import _pad, collate
 from modalign.data.conversation import BadSample, Conversation
 from modalign.data.datasets import Example, load_samples
 from modalign.data.images import grid_place, patch_at
@@ -81,7 +81,13 @@ class ContrastiveModel(nn.Module):
         if self.text_cache_on():
             rows = [tuple(r[m.bool()].tolist()) for r, m in zip(input_ids, attention_mask, strict=True)]
             return self._texts_cached(rows, input_ids.device)
+        return self._mean_hidden(input_ids, attention_mask)
+
+    def _mean_hidden(self, input_ids, attention_mask=None):
+        """The LM's last hidden states averaged over the real tokens (all of them without a mask)."""
         h = self.llm(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
+        if attention_mask is None:
+            return h.mean(1)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp(min=1)
 
@@ -91,9 +97,7 @@ class ContrastiveModel(nn.Module):
         for r in dict.fromkeys(rows):
             if r not in memo:
                 if r:
-                    memo[r] = self.llm(input_ids=torch.tensor([r], device=device), return_hidden=True)[
-                        0
-                    ].mean(0)
+                    memo[r] = self._mean_hidden(torch.tensor([r], device=device))[0]
                 else:  # an empty text: the padded path's mean over no tokens
                     memo[r] = torch.zeros(self.clip_text_proj.in_features, device=device)
         return torch.stack([memo[r] for r in rows])
@@ -109,14 +113,7 @@ class ContrastiveModel(nn.Module):
         todo = sorted({tuple(t) for t in texts if t} - self._text_memo.keys(), key=lambda t: (len(t), t))
         for i in range(0, len(todo), batch_size):
             chunk = todo[i : i + batch_size]
-            ids = torch.zeros(len(chunk), len(chunk[-1]), dtype=torch.long, device=dev)
-            mask = torch.zeros_like(ids)
-            for k, t in enumerate(chunk):
-                ids[k, : len(t)] = torch.tensor(t, device=dev)
-                mask[k, : len(t)] = 1
-            h = self.llm(input_ids=ids, attention_mask=mask, return_hidden=True)
-            m = mask.unsqueeze(-1).to(h.dtype)
-            for t, e in zip(chunk, (h * m).sum(1) / m.sum(1), strict=True):
+            for t, e in zip(chunk, self._mean_hidden(*_padded(chunk, dev)), strict=True):
                 self._text_memo[t] = e.clone()
         return len(self._text_memo)
 
@@ -151,15 +148,14 @@ class ContrastiveModel(nn.Module):
                 patches.append(first + patch)
                 labels.append(phrases.setdefault(tuple(ids), len(phrases)))
         feats = states[layer][torch.tensor(rows, device=dev), torch.tensor(patches, device=dev)]
-        n = max(len(p) for p in phrases)
-        ids = torch.zeros(len(phrases), n, dtype=torch.long, device=dev)
-        mask = torch.zeros_like(ids)
-        for p, k in phrases.items():
-            ids[k, : len(p)] = torch.tensor(p, device=dev)
-            mask[k, : len(p)] = 1
         r = F.normalize(self.clip_region_proj(feats), dim=-1)
-        t = F.normalize(self.clip_text_proj(self._text(ids, mask)), dim=-1)
+        t = F.normalize(self.clip_text_proj(self._text(*_padded(list(phrases), dev))), dim=-1)
         return F.cross_entropy(r @ t.t() * scale, torch.tensor(labels, device=dev))
+
+
+def _padded(seqs: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id sequences -> right-padded ids and their attention mask, on ``device``."""
+    return _pad(seqs, 0, False).to(device), _pad([[1] * len(s) for s in seqs], 0, False).to(device)
 
 
 def fill_text_cache(model: ContrastiveModel, dataset) -> int:
