@@ -2,6 +2,7 @@
 a SIGKILLed run resumes to the same losses (also DDP with 2 gloo processes), NaN stops cleanly."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -184,7 +185,7 @@ def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_pa
     assert res["align"].steps == 3 and len(logged) == 3
     assert (
         "mean loss of the last 3 steps" in recs[-1]["stopped"]
-        and "stopped at step 3 of 6" in recs[-1]["stopped"]
+        and "at step 3 of 6: stopped at step 3" in recs[-1]["stopped"]
     )
     (ckpt,) = checkpoints(run / "align" / "checkpoints")
     assert ckpt.name == "step-000003"
@@ -205,6 +206,47 @@ def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_pa
     assert unmet["align"].steps == 6
     with pytest.raises(ConfigError, match=r"stages\[0\]\.stop_at_loss: expected a loss > 0"):
         load_recipe(doc, sets=["stages.align.stop_at_loss=0"])
+
+
+def test_stop_anneal_decays_the_lr_after_the_stop_and_resumes_mid_anneal(data, tmp_path):
+    doc = recipe_doc(data, steps=10, save_every=1)
+    doc["stages"] = doc["stages"][:1]
+    doc["stages"][0]["keep_last"] = 10
+    doc["stages"][0]["schedule"]["min_lr_ratio"] = 0.1
+    sets = ["stages.align.stop_at_loss=100", "stages.align.stop_window=3", "stages.align.stop_anneal=4"]
+    run = tmp_path / "run"
+    res = run_recipe(load_recipe(doc, sets=sets), run, progress=False)["align"]
+    recs = [json.loads(x) for x in (run / "align" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in recs if "loss" in r]
+    assert res.steps == 7 and len(lrs) == 7  # met at step 3, then 4 annealing steps
+    assert "at step 3 of 10: the LR anneals to min_lr_ratio over 4 more steps" in recs[3]["stopped"]
+    # steps 1-3 follow the schedule (warmup 2, cosine over 10); from step 4 a line from the schedule's
+    # value at step 4 (0-based index 3) down to 0.1 of the peak at step 7
+    peak, at3 = 1e-2, 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 1 / 8))
+    want = [peak * 0.5, peak, peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(0)))] + [
+        peak * (0.1 + (at3 - 0.1) * (1 - (i + 1) / 4)) for i in range(4)
+    ]
+    assert lrs == pytest.approx(want, rel=1e-6)
+    assert lrs[-1] == pytest.approx(peak * 0.1)
+    assert (
+        json.loads((run / "align" / "checkpoints" / "step-000005" / "state.json").read_text())["info"][
+            "stop_at"
+        ]
+        == 3
+    )
+    # killed mid-anneal (the checkpoints after step 5 gone): the resumed run logs the same steps
+    for c in checkpoints(run / "align" / "checkpoints")[5:]:
+        shutil.rmtree(c)
+    shutil.rmtree(run / "align" / "model")
+    (run / "align" / "result.json").unlink()
+    again = run_recipe(load_recipe(doc, sets=sets), run, progress=False)["align"]
+    recs2 = [json.loads(x) for x in (run / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert again.steps == 7
+    assert [(r["step"], r["loss"], r["lr"]) for r in recs2 if "loss" in r] == [
+        (r["step"], r["loss"], r["lr"]) for r in recs if "loss" in r
+    ]
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop_anneal: expected a number of steps >= 0"):
+        load_recipe(doc, sets=["stages.align.stop_anneal=-1"])
 
 
 def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:

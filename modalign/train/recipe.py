@@ -63,6 +63,9 @@ class Stage:
     # (a curriculum step that is learnt); the schedule still spans max_steps / epochs
     stop_at_loss: float | None = None
     stop_window: int = 20
+    # once stop_at_loss is met, go on this many steps with the LR falling linearly from its value there
+    # to min_lr_ratio (warmup-stable-decay style: a learnt step ends annealed, not at a high LR)
+    stop_anneal: int = 0
     samples: int | None = None  # mixture draws per epoch (default: the sources' total size)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     gradient_checkpointing: bool = False
@@ -103,6 +106,8 @@ class Stage:
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
         if self.stop_at_loss is not None and not self.stop_at_loss > 0:
             raise ConfigError(f"{where}.stop_at_loss: expected a loss > 0, got {self.stop_at_loss}")
+        if self.stop_anneal < 0:
+            raise ConfigError(f"{where}.stop_anneal: expected a number of steps >= 0, got {self.stop_anneal}")
         if self.stop_window < 1:
             raise ConfigError(f"{where}.stop_window: expected a number of steps >= 1, got {self.stop_window}")
         if self.batch_size < 1 or self.grad_accum < 1:

@@ -49,6 +49,12 @@ def lr_factor(step: int, total: int, warmup: float, decay: str, min_ratio: float
     return min_ratio + (1 - min_ratio) * f
 
 
+def anneal_factor(i: int, steps: int, start: float, min_ratio: float) -> float:
+    """``stop_anneal``: the multiplier ``i`` steps (0-based) after a stage's stop condition was met, going
+    linearly from ``start`` (the schedule's value there) down to ``min_ratio`` at the last of ``steps``."""
+    return min_ratio + (start - min_ratio) * (1 - (i + 1) / steps)
+
+
 def lm_loss(model: nn.Module, batch: dict, device) -> tuple[torch.Tensor, int]:
     px = batch["pixel_values"]
     if isinstance(px, torch.Tensor):
@@ -146,7 +152,7 @@ class Trainer:
 
     def _run(self, resume: bool) -> StageResult:
         s = self.stage
-        step, epoch, micro, tokens_total = 0, 0, 0, 0
+        step, epoch, micro, tokens_total, stop_at = 0, 0, 0, 0, None
         recent: deque[float] = deque(maxlen=s.stop_window)  # the last losses, for stop_at_loss
         core = unwrap(self.model)
         prev = st.checkpoints(self.ckpt_dir)
@@ -155,6 +161,7 @@ class Trainer:
             info = load(prev[-1], core, self.opt)
             step, epoch, micro, tokens_total = info["step"], info["epoch"], info["micro"], info["tokens"]
             recent.extend(info.get("recent_losses", []))
+            stop_at = info.get("stop_at", step if self._learnt(recent) else None)
             self.policy.seen = info["seen"]
             self.policy.skipped.update(info["skipped"])
             if self.d.main:
@@ -176,11 +183,20 @@ class Trainer:
         bar = tqdm(total=self.total, initial=step, desc=s.name, disable=not (self.d.main and self.progress),
                    dynamic_ncols=True, leave=True)  # fmt: skip
         t0, loss_val = time.perf_counter(), (recent[-1] if recent else float("nan"))
-        while step < self.total and not self._learnt(recent):
+        sched = s.schedule
+
+        def factor(i: int) -> float:
+            return lr_factor(i, self.total, sched.warmup, sched.decay, sched.min_lr_ratio)
+
+        def end() -> int:  # the last step: max_steps, or stop_anneal steps after stop_at_loss was met
+            return self.total if stop_at is None else min(self.total, stop_at + s.stop_anneal)
+
+        while step < end():
             ts = time.perf_counter()
+            f = (factor(step) if stop_at is None
+                 else anneal_factor(step - stop_at, s.stop_anneal, factor(stop_at), sched.min_lr_ratio))  # fmt: skip
             for g in self.opt.param_groups:
-                g["lr"] = g["initial_lr"] * lr_factor(step, self.total, s.schedule.warmup, s.schedule.decay,
-                                                      s.schedule.min_lr_ratio)  # fmt: skip
+                g["lr"] = g["initial_lr"] * f
             losses, ntok = [], 0
             for _ in range(s.grad_accum):
                 epoch, micro, batch = next(data)
@@ -232,17 +248,22 @@ class Trainer:
                     with metrics_f.open("a") as f:
                         f.write(json.dumps({"stage": s.name, "step": step, "eval": res}) + "\n")
             recent.append(loss_val)
-            learnt = self._learnt(recent)
-            if (s.save_every and step % s.save_every == 0) or step == self.total or learnt:
-                self._save(core, step, epoch, micro, tokens_total, list(recent))
-            if learnt:
+            met = stop_at is None and self._learnt(recent)
+            if met:
+                stop_at = step
+                bar.total = end()
+            if (s.save_every and step % s.save_every == 0) or step == end():
+                self._save(core, step, epoch, micro, tokens_total, list(recent), stop_at)
+            if met:
                 msg = (f"stage {s.name}: mean loss of the last {s.stop_window} steps "
-                       f"{sum(recent) / s.stop_window:.4f} <= stop_at_loss {s.stop_at_loss}: stopped at step "
-                       f"{step} of {self.total}")  # fmt: skip
+                       f"{sum(recent) / s.stop_window:.4f} <= stop_at_loss {s.stop_at_loss} at step {step} of "
+                       f"{self.total}: ")  # fmt: skip
+                msg += (f"stopped at step {step}" if end() == step else
+                        f"the LR anneals to min_lr_ratio over {end() - step} more steps")  # fmt: skip
                 if self.d.main:
                     log.info(msg)
-                    with metrics_f.open("a") as f:
-                        f.write(json.dumps({"stage": s.name, "step": step, "stopped": msg}) + "\n")
+                    with metrics_f.open("a") as fh:
+                        fh.write(json.dumps({"stage": s.name, "step": step, "stopped": msg}) + "\n")
         bar.close()
         if tb is not None:
             tb.close()
@@ -270,9 +291,10 @@ class Trainer:
                     f"{g['name']!r}; the last good checkpoint is kept in {self.ckpt_dir}"
                 )
 
-    def _save(self, core, step, epoch, micro, tokens, recent: list[float]) -> None:
+    def _save(self, core, step, epoch, micro, tokens, recent: list[float], stop_at: int | None) -> None:
         info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
-                "seen": self.policy.seen, "skipped": dict(self.policy.skipped), "recent_losses": recent}  # fmt: skip
+                "seen": self.policy.seen, "skipped": dict(self.policy.skipped), "recent_losses": recent,
+                "stop_at": stop_at}  # fmt: skip
         path = self.ckpt_dir / f"step-{step:06d}"
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)
             st.save_training_state_sharded(path, core, self.opt, info, self.d.main)
