@@ -268,14 +268,13 @@ class CaptionProcessor:
                 "contrastive pretraining needs exactly one image",
                 getattr(s, "id", None),
             )
-        cap = next(m.content for m in s.messages if m.role == "assistant")
-        ids = self.tok.encode(cap)[: self.max_length]
+        ids = self._caption(s)
         return Example(s.id, ids, ids, [self._images._image(s.images[0], s.id)], s.source)
 
     def _annotated(self, s: AnnotatedImage) -> RegionExample:
         images = self._images.images
         px, size = images.load(self._images.image_path(s.image, s.id), s.id)
-        ids = self.tok.encode(s.captions[0])[: self.max_length]
+        ids = self._caption(s)
         regions = []
         for o in s.objects:
             cx, cy, phrase = self._phrase(o)
@@ -283,6 +282,15 @@ class CaptionProcessor:
             if patch is not None and phrase:
                 regions.append((patch, phrase))
         return RegionExample(s.id, ids, ids, [px], s.source, regions=regions)
+
+    def _caption(self, s: AnnotatedImage | Conversation) -> list[int]:
+        """The caption's token ids: an annotated image's first caption, a conversation's first
+        assistant reply."""
+        if isinstance(s, AnnotatedImage):
+            cap = s.captions[0]
+        else:
+            cap = next(m.content for m in s.messages if m.role == "assistant")
+        return self.tok.encode(cap)[: self.max_length]
 
     def _phrase(self, o: dict) -> tuple[float, float, list[int]]:
         x1, y1, x2, y2 = (float(v) for v in o["bbox"])
@@ -298,15 +306,9 @@ class CaptionProcessor:
         phrases), without reading its image; none for a sample that training would reject."""
         try:
             if isinstance(s, AnnotatedImage):
-                return [self.tok.encode(s.captions[0])[: self.max_length]] + [
-                    self._phrase(o)[2] for o in s.objects
-                ]
+                return [self._caption(s)] + [self._phrase(o)[2] for o in s.objects]
             if isinstance(s, Conversation) and len(s.images) == 1:
-                return [
-                    self.tok.encode(next(m.content for m in s.messages if m.role == "assistant"))[
-                        : self.max_length
-                    ]
-                ]
+                return [self._caption(s)]
         except (KeyError, TypeError, ValueError, StopIteration):
             pass
         return []
