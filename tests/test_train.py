@@ -247,6 +247,8 @@ def test_stop_anneal_decays_the_lr_after_the_stop_and_resumes_mid_anneal(data, t
     ]
     with pytest.raises(ConfigError, match=r"stages\[0\]\.stop_anneal: expected a number of steps >= 0"):
         load_recipe(doc, sets=["stages.align.stop_anneal=-1"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop_anneal: anneals after stop_at_loss is met"):
+        load_recipe(doc, sets=["stages.align.stop_anneal=4"])
 
 
 def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:

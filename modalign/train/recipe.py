@@ -108,6 +108,8 @@ class Stage:
             raise ConfigError(f"{where}.stop_at_loss: expected a loss > 0, got {self.stop_at_loss}")
         if self.stop_anneal < 0:
             raise ConfigError(f"{where}.stop_anneal: expected a number of steps >= 0, got {self.stop_anneal}")
+        if self.stop_anneal and self.stop_at_loss is None:
+            raise ConfigError(f"{where}.stop_anneal: anneals after stop_at_loss is met; set stop_at_loss too")
         if self.stop_window < 1:
             raise ConfigError(f"{where}.stop_window: expected a number of steps >= 1, got {self.stop_window}")
         if self.batch_size < 1 or self.grad_accum < 1:
