@@ -121,13 +121,18 @@ def test_each_stage_changes_exactly_its_trainable_parameters(data, tmp_path):
 
 def test_a_frozen_vision_tower_runs_once_per_image(data, tmp_path, monkeypatch):
     """With the tower frozen (both stages here), its output per image file is computed before the
-    stage, once, in file order (``feature_cache_mb``); training then never calls it, and logs the
-    losses of a run that calls it on every batch (the sigkill test checks exact resume with it)."""
+    first stage, once, in file order (``feature_cache_mb``), and the second stage, whose tower is the
+    same, reuses it; training then never calls it, and logs the losses of a run that calls it on
+    every batch (the sigkill test checks exact resume with it)."""
+    from modalign.data.images import ImageProcessor
     from modalign.models.mllm import FeatureCache
     from modalign.models.vision import VisionTower
 
-    calls, hits = [], []
-    forward, cache_call = VisionTower.forward, FeatureCache.__call__
+    calls, hits, reads = [], [], []
+    forward, cache_call, load = VisionTower.forward, FeatureCache.__call__, ImageProcessor.load
+    monkeypatch.setattr(
+        ImageProcessor, "load", lambda self, src, *a: reads.append(src) or load(self, src, *a)
+    )
     monkeypatch.setattr(
         VisionTower, "forward", lambda self, px, *a, **k: calls.append(len(px)) or forward(self, px, *a, **k)
     )
@@ -135,7 +140,7 @@ def test_a_frozen_vision_tower_runs_once_per_image(data, tmp_path, monkeypatch):
                         lambda self, t, px, ks: (cache_call(self, t, px, ks), hits.append(self.hits))[0])  # fmt: skip
     runs = {}
     for mb in (256, 0):
-        calls.clear()
+        calls.clear(), reads.clear()
         sets = [f"stages.{st}.feature_cache_mb={mb}" for st in ("align", "instruct")]
         run_recipe(
             load_recipe(recipe_doc(data, steps=4, save_every=0), sets=sets),
@@ -143,12 +148,18 @@ def test_a_frozen_vision_tower_runs_once_per_image(data, tmp_path, monkeypatch):
             progress=False,
         )
         runs[mb] = (losses(tmp_path / str(mb)), list(calls))
+        if mb:  # each image is read once, for the cache; training does not read what it holds
+            assert (
+                len(reads)
+                == len(set(reads))
+                == len({s.images[0] for s in load_samples(data / "captions.json")})
+            )
     (cached, cached_calls), (plain, plain_calls) = runs[256], runs[0]
     assert [x[:2] for x in cached] == [x[:2] for x in plain]
     assert [x[2] for x in cached] == pytest.approx([x[2] for x in plain], rel=1e-4)
     n_images = len({s.images[0] for s in load_samples(data / "captions.json")})
-    assert cached_calls == [n_images, n_images]  # one pass per stage (48 images: one chunk of 64)
-    assert len(hits) == len(plain_calls) >= 5 and hits[-1] == sum(plain_calls) - sum(plain_calls[:4])
+    assert cached_calls == [n_images]  # one pass in all (48 images: one chunk of 64)
+    assert len(hits) == len(plain_calls) >= 5 and hits[-1] == sum(plain_calls)  # one cache, both stages
 
 
 def test_feature_cache_holds_what_fits_and_encodes_the_rest_with_the_batch():
@@ -172,6 +183,14 @@ def test_feature_cache_holds_what_fits_and_encodes_the_rest_with_the_batch():
     tokens = model.encode_images(px, ["f1", "f0", None, "f3", "f4"])
     torch.testing.assert_close(tokens, model.connector(want[[1, 0, 2, 3, 4]]), rtol=1e-5, atol=1e-5)
     assert model.cache_vision_features(0) is None and model._features is None
+    # a later stage keeps the cache only for the same tower (weights, buffers, config) and limit
+    mb = 2.5 * one / 2**20
+    assert model.cache_vision_features(mb, reuse=cache) is cache
+    assert model.cache_vision_features(2 * mb, reuse=cache) is not cache
+    with torch.no_grad():
+        model.vision.encoder.layers[0].mlp.fc1.weight[0, 0] += 1e-3
+    fresh = model.cache_vision_features(mb, reuse=cache)
+    assert fresh is not cache and len(fresh) == 0 and fresh.fingerprint != cache.fingerprint
 
 
 def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_path):

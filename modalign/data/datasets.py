@@ -15,6 +15,7 @@ import json
 import random
 from array import array
 from collections import Counter
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,25 +206,27 @@ class SampleProcessor:
         self.images, self.image_token_id, self.image_tokens = image_processor, image_token_id, image_tokens
         self.max_length = max_length
         self._resolved: dict[str, Path] = {}
+        # image files whose vision-tower output the model holds (its feature cache, while a stage
+        # with a frozen tower trains): their pixels are never used, so they are not read
+        self.held_images: Container = ()
+        self._blank: torch.Tensor | None = None
 
     def __call__(self, s: Conversation | TextSample | BadSample, tokens: Rendered | None = None) -> Example:
         """``tokens``: what ``tokens(s)`` returned before (the dataset's cache), if anything."""
         r = tokens if tokens is not None else self.tokens(s)
-        pixels = (
-            [self._image(ref, s.id) for ref in s.images[: r.num_images]]
-            if isinstance(s, Conversation)
-            else []
-        )
+        refs = s.images[: r.num_images] if isinstance(s, Conversation) else []
+        keys = [str(self.image_path(ref, s.id)) if isinstance(ref, str) else None for ref in refs]
+        pixels = [self._image(ref, s.id) if k is None or k not in self.held_images else self._stand_in()
+                  for ref, k in zip(refs, keys, strict=True)]  # fmt: skip
         ids, labels = (x.tolist() if isinstance(x, array) else x for x in (r.input_ids, r.labels))
-        keys = (
-            [
-                str(self.image_path(ref, s.id)) if isinstance(ref, str) else None
-                for ref in s.images[: r.num_images]
-            ]
-            if pixels
-            else []
-        )
         return Example(s.id, ids, labels, pixels, s.source, image_keys=keys)
+
+    def _stand_in(self) -> torch.Tensor:
+        """Zeros in the shape of a preprocessed image, for an image the model's feature cache holds."""
+        if self._blank is None:
+            n = self.images.cfg.image_size
+            self._blank = torch.zeros(3, n, n)
+        return self._blank
 
     def tokens(self, s: Conversation | TextSample | BadSample) -> Rendered:
         """The sample's token ids and labels (and how many images survive truncation); no images
@@ -355,9 +358,15 @@ class ConversationDataset(torch.utils.data.Dataset):
         s = self.samples[i]
         return not isinstance(s, Conversation) or s.is_text_only
 
-    def image_files(self):
+    def hold_images(self, held: Container) -> None:
+        """Image files whose tower output the model holds (``()``: none): not read from then on."""
+        if isinstance(self.processor, SampleProcessor):
+            self.processor.held_images = held
+
+    def image_files(self, skip=()):
         """Each distinct image file the samples name, in sample order: (its key, as ``image_keys``
-        give it, and its pixels); images that cannot be read are left to the bad-sample policy."""
+        give it, and its pixels); images that cannot be read are left to the bad-sample policy.
+        Keys in ``skip`` (e.g. a feature cache that holds them already) are not read."""
         seen: set[str] = set()
         proc = self.processor
         if not isinstance(proc, SampleProcessor) or proc.images is None:
@@ -368,7 +377,7 @@ class ConversationDataset(torch.utils.data.Dataset):
                     continue
                 try:
                     key = str(proc.image_path(ref, s.id))
-                    if key in seen:
+                    if key in seen or key in skip:
                         continue
                     seen.add(key)
                     yield key, proc._image(ref, s.id)
@@ -427,9 +436,13 @@ class MixtureDataset(torch.utils.data.Dataset):
         k, j = self.pairs[i]
         return self.datasets[k].is_text_only(j)
 
-    def image_files(self):
+    def hold_images(self, held: Container) -> None:
         for d in self.datasets:
-            yield from d.image_files()
+            d.hold_images(held)
+
+    def image_files(self, skip=()):
+        for d in self.datasets:
+            yield from d.image_files(skip)
 
 
 def supervised_fraction(ex: Example) -> float:

@@ -9,6 +9,7 @@ A text-only LLM is an ``MLLM`` whose config has no vision part.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,14 +163,31 @@ def supervised_lm_loss(
     return loss / max(n, 1), n
 
 
+def tower_fingerprint(tower: nn.Module) -> str:
+    """A digest of a vision tower's configuration, weights and buffers: equal digests, equal outputs."""
+    h = hashlib.sha1(repr(getattr(tower, "cfg", None)).encode())
+    for name, t in [*tower.named_parameters(), *tower.named_buffers()]:
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 class FeatureCache:
     """A frozen tower's output per image key, up to ``limit`` bytes. It is filled once, before
     training, in a fixed order (``fill``), so what it holds does not depend on the batches or on
     where a run resumed; images it does not hold are encoded with their batch, as without it."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, fingerprint: str | None = None):
         self.limit, self.bytes, self._memo = limit, 0, {}
         self.hits = self.misses = 0
+        self.fingerprint = fingerprint  # the tower whose output it holds (``tower_fingerprint``)
+
+    def __contains__(self, key) -> bool:
+        return key in self._memo
+
+    def __len__(self) -> int:
+        return len(self._memo)
 
     @torch.no_grad()
     def fill(self, tower: nn.Module, images, batch_size: int = 64) -> int:
@@ -252,11 +270,18 @@ class MLLM(nn.Module):
             return self.vision.hd_num_tokens(h // t, w // t)
         return self.connector.num_output_tokens(self.config.vision.num_features)
 
-    def cache_vision_features(self, max_mb: float) -> FeatureCache | None:
+    def cache_vision_features(self, max_mb: float, reuse: FeatureCache | None = None) -> FeatureCache | None:
         """Keep the vision tower's output per image file (``image_keys``), at most ``max_mb`` MiB
         (0: stop and drop what is kept), and return the cache to ``fill``. Only for a frozen tower:
-        the trainer fills it before a stage whose vision parameters do not train, and drops it after."""
-        self._features = FeatureCache(int(max_mb * 2**20)) if max_mb > 0 else None
+        the trainer fills it before a stage whose vision parameters do not train, and drops it after.
+        ``reuse``: a cache an earlier stage filled; kept if it was filled by this very tower (same
+        weights and feature selection) with the same limit, else replaced by an empty one."""
+        if max_mb <= 0:
+            self._features = None
+            return None
+        limit, fp = int(max_mb * 2**20), tower_fingerprint(self.vision)
+        ok = reuse is not None and reuse.fingerprint == fp and reuse.limit == limit
+        self._features = reuse if ok else FeatureCache(limit, fp)
         return self._features
 
     def encode_images(

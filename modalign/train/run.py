@@ -81,10 +81,20 @@ def init_parts(model: MLLM, init: dict[str, str]) -> None:
             model.llm.tie_weights()
 
 
-def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None):
+def build_dataset(stage: Stage, model: MLLM, tok: Tokenizer, processor_cls=None, carry: dict | None = None):
+    """The stage's dataset (a mixture where it names several sources). ``carry``: what earlier
+    stages of the run left, so that an image decoded by one stage is not decoded again by the next
+    (the image processor, with its cache, is kept while the vision config and cache size are the same)."""
     cfg = model.config
     sets, weights = [], []
-    images = ImageProcessor(cfg.vision, cache_mb=stage.image_cache_mb) if cfg.vision else None  # shared
+    images = None  # one processor (and image cache) for all the stage's sources
+    if cfg.vision:
+        key = (repr(cfg.vision), stage.image_cache_mb)
+        images = (carry or {}).get("images", {}).get(key)
+        if images is None:
+            images = ImageProcessor(cfg.vision, cache_mb=stage.image_cache_mb)
+            if carry is not None:
+                carry["images"] = {key: images}
     for src in stage.data:
         path = Path(src.path)
         root = Path(src.images) if src.images else path.parent
@@ -123,6 +133,7 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
     tok = Tokenizer.from_dir(tok_dir)
     results: dict[str, StageResult] = {}
     prev_model: Path | None = None
+    carry: dict = {}  # decoded images and a frozen tower's features, from one stage to the next
     for i, stage in enumerate(recipe.stages):
         sdir = out / stage.name
         done = sdir / "model" / "config.json"
@@ -153,12 +164,12 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
                 model, region_weight=stage.region_contrastive, text_cache=recipe.parallel.strategy != "fsdp"
             ).to(d.device)
             collator = ContrastiveCollator(tok.pad_id)
-            dataset = build_dataset(stage, model, tok, CaptionProcessor)
+            dataset = build_dataset(stage, model, tok, CaptionProcessor, carry)
             if stage.region_contrastive > 0:
                 check_regions(dataset, stage)
             loss_fn = contrastive_loss
         else:
-            dataset = build_dataset(stage, model, tok)
+            dataset = build_dataset(stage, model, tok, carry=carry)
         table = apply_trainable(target, stage.trainable)
         if stage.objective == "contrastive":
             from modalign.train.contrastive import fill_text_cache
@@ -171,7 +182,9 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
                       "groups": [asdict(r) for r in table]}  # fmt: skip
             (sdir / "trainable.json").write_text(json.dumps(counts, indent=2) + "\n")
         wrapped = wrap(target, recipe.parallel.strategy, d)
-        trainer = Trainer(wrapped, stage, dataset, collator, sdir, recipe.seed, d, loss_fn, progress=progress)
+        trainer = Trainer(
+            wrapped, stage, dataset, collator, sdir, recipe.seed, d, loss_fn, progress=progress, carry=carry
+        )
         res = trainer.run()
         results[stage.name] = res
         full = None

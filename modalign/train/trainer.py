@@ -94,10 +94,13 @@ class Trainer:
         loss_fn: Callable = lm_loss,
         eval_fn: Callable | None = None,
         progress: bool = True,
+        carry: dict | None = None,
     ):
         self.model, self.stage, self.dataset, self.collator = model, stage, dataset, collator
         self.out, self.seed, self.d = Path(out), seed, dist or Dist()
         self.loss_fn, self.eval_fn, self.progress = loss_fn, eval_fn, progress
+        # what one stage leaves to the next of the same run (the frozen tower's feature cache)
+        self.carry = carry if carry is not None else {}
         core = unwrap(model)
         self.groups = param_groups(core, stage.lr, stage.weight_decay, stage.lr_groups)
         if not self.groups:
@@ -139,15 +142,21 @@ class Trainer:
                  and not st.is_sharded(core) and not any(p.requires_grad for p in vision.parameters()))  # fmt: skip
         if cache:  # a frozen tower: its output per image file, computed once, in file order
             t0 = time.perf_counter()
-            n = core.cache_vision_features(self.stage.feature_cache_mb).fill(
-                vision, self.dataset.image_files()
-            )
-            log.info("stage %s: vision features of %d images cached in %.1f s", self.stage.name, n,
-                     time.perf_counter() - t0)  # fmt: skip
+            fc = core.cache_vision_features(self.stage.feature_cache_mb, reuse=self.carry.get("features"))
+            held = len(fc)  # from an earlier stage with the same frozen tower: not computed again
+            n = fc.fill(vision, self.dataset.image_files(skip=fc))
+            hold = getattr(self.dataset, "hold_images", None)
+            if hold is not None:
+                hold(fc)  # what it holds is not read again
+            log.info("stage %s: vision features of %d images cached in %.1f s (%d from the previous stage)",
+                     self.stage.name, n, time.perf_counter() - t0, held)  # fmt: skip
         try:
             return self._run(resume)
         finally:
             if cache:
+                if hold is not None:
+                    hold(())
+                self.carry["features"] = fc
                 core.cache_vision_features(0)
 
     def _run(self, resume: bool) -> StageResult:
