@@ -256,6 +256,7 @@ class CaptionProcessor:
         self.tok, self.max_length = tok, max_length
         self.image_tokens = 0
         self.phrase = phrase
+        self._texts: dict[int, tuple] = {}  # id(sample) -> its caption ids and (cx, cy, phrase ids) per box
 
     def __call__(self, s) -> Example:
         if isinstance(s, BadSample):
@@ -274,10 +275,12 @@ class CaptionProcessor:
     def _annotated(self, s: AnnotatedImage) -> RegionExample:
         images = self._images.images
         px, size = images.load(self._images.image_path(s.image, s.id), s.id)
-        ids = self._caption(s)
+        texts = self._texts.get(id(s))
+        if texts is None or texts[0] is not s:  # tokenised once per sample (each epoch reads it again)
+            texts = self._texts[id(s)] = (s, self._caption(s), [self._phrase(o) for o in s.objects])
+        _, ids, boxes = texts
         regions = []
-        for o in s.objects:
-            cx, cy, phrase = self._phrase(o)
+        for cx, cy, phrase in boxes:
             patch = patch_at(cx, cy, size, images.cfg)
             if patch is not None and phrase:
                 regions.append((patch, phrase))
