@@ -56,7 +56,7 @@ def recipe_doc(data: Path, strategy="none", steps=6, save_every=2) -> dict:
              "trainable": ["connector.*"], **stage},
             {"name": "instruct", "data": [{"path": str(data / "instruct.json"), "weight": 0.8},
                                           {"path": str(data / "text_instruct.json"), "weight": 0.2}],
-             "template": "chatml", "trainable": ["connector.*", "llm.*"], **stage},
+             "template": "chatml", "trainable": ["connector.*", "llm.*"], "dropout": 0.1, **stage},
         ],
     }  # fmt: skip
 
@@ -98,6 +98,49 @@ def test_recipe_errors_name_the_key(data):
     ):
         load_recipe(doc, sets=["stages.instruct.token_cache_mb=-1"])
     assert load_recipe(doc, sets=["stages.align.lr=3e-4"]).stages[0].lr == 3e-4
+    with pytest.raises(
+        ConfigError, match=r"recipe\.stages\[1\]\.dropout: expected a probability in \[0, 1\)"
+    ):
+        load_recipe(doc, sets=["stages.instruct.dropout=1"])
+
+
+def test_stage_dropout_trains_with_masks_and_leaves_the_model_without(data, tmp_path):
+    """``dropout`` drops the LLM's residual branches only in training mode and only during its
+    stage: in eval mode the outputs are the plain model's, and the stage's model runs without it."""
+    from modalign.data.collate import Collator
+    from modalign.train.freeze import apply_trainable
+    from modalign.train.run import build_dataset
+    from modalign.train.trainer import Trainer
+
+    recipe = load_recipe(recipe_doc(data, steps=2, save_every=0))
+    torch.manual_seed(0)
+    model = MLLM(recipe.model.build_config())
+    ids = torch.randint(4, 200, (2, 12))
+    with torch.no_grad():
+        plain_train = model.train()(ids).logits
+        model.llm.set_dropout(0.3)
+        dropped = model(ids).logits
+        evaluated = model.eval()(ids).logits
+    assert torch.equal(evaluated, plain_train) and not torch.allclose(dropped, plain_train)
+    with pytest.raises(ValueError, match="dropout: expected a probability"):
+        model.llm.set_dropout(1.0)
+    # during a stage with dropout every layer has it; after the stage none does
+    seen = []
+    forward = type(model.llm.layers[0]).forward
+    stage = recipe.stages[1]
+    assert stage.dropout == 0.1
+    trained = MLLM(recipe.model.build_config())
+    tok = Tokenizer.from_dir(data / "tokenizer")
+    apply_trainable(trained, stage.trainable)
+    layer_cls = type(trained.llm.layers[0])
+    try:
+        layer_cls.forward = lambda self, *a: seen.append(self.dropout) or forward(self, *a)
+        Trainer(trained, stage, build_dataset(stage, trained, tok), Collator(tok.pad_id), tmp_path / "s",
+                progress=False).run()  # fmt: skip
+    finally:
+        layer_cls.forward = forward
+    assert seen and set(seen) == {0.1}
+    assert {layer.dropout for layer in trained.llm.layers} == {0.0}
 
 
 # ------------------------------------------------------------------------------ training
@@ -295,14 +338,20 @@ def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
     recipe.write_text(yaml.safe_dump(recipe_doc(data, strategy)))
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_train_cmd(recipe, full, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
-    proc = subprocess.Popen(_train_cmd(recipe, cut, data, ddp), env=ENV, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 300
-    while not checkpoints(cut / "instruct" / "checkpoints") and time.time() < deadline:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: step 2 is saved, the next save has not happened
-    proc.wait()
-    assert not (cut / "instruct" / "result.json").exists(), "the run finished before it could be killed"
+    for _ in range(3):  # killed after the stage's last save, a resume would train nothing: try again
+        shutil.rmtree(cut, ignore_errors=True)
+        proc = subprocess.Popen(_train_cmd(recipe, cut, data, ddp), env=ENV, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 300
+        while not checkpoints(cut / "instruct" / "checkpoints") and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: step 2 (or 4) is saved, the run goes on
+        proc.wait()
+        assert not (cut / "instruct" / "result.json").exists(), "the run finished before it could be killed"
+        left = checkpoints(cut / "instruct" / "checkpoints")
+        if int(left[-1].name.split("-")[1]) < 6:
+            break
+    assert int(left[-1].name.split("-")[1]) < 6, "every try was killed after the last save"
     subprocess.run(_train_cmd(recipe, cut, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
     assert losses(cut) == losses(full)
     assert len(losses(full)) == 12

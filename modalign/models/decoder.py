@@ -237,12 +237,15 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
+        self.dropout = 0.0  # on the attention and MLP outputs, in training mode only (``LLM.set_dropout``)
 
     def forward(self, x, img, cos, sin, mask, cache, start):
         h = routed(self.input_layernorm, x, img)
-        x = x + self.self_attn(h, img, cos, sin, mask, cache, start)
+        a = self.self_attn(h, img, cos, sin, mask, cache, start)
+        x = x + (F.dropout(a, self.dropout, True) if self.dropout and self.training else a)
         h = routed(self.post_attention_layernorm, x, img)
-        return x + self.mlp(h, img)
+        m = self.mlp(h, img)
+        return x + (F.dropout(m, self.dropout, True) if self.dropout and self.training else m)
 
 
 class LLM(nn.Module):
@@ -267,6 +270,14 @@ class LLM(nn.Module):
         if cfg.lora is not None:
             lo = cfg.lora
             apply_lora(self, lo.rank, lo.alpha, lo.dropout, lo.targets)
+
+    def set_dropout(self, p: float) -> None:
+        """Dropout on every layer's attention and MLP outputs while training (0: none). A training
+        setting, not part of the config: saved models and inference never see it."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {p}")
+        for layer in self.layers:
+            layer.dropout = float(p)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:

@@ -54,6 +54,9 @@ class Stage:
     lr_groups: dict[str, float] = field(default_factory=dict)
     schedule: Schedule = field(default_factory=Schedule)
     weight_decay: float = 0.0
+    # dropout on the LLM's residual branches (each layer's attention and MLP outputs) while this
+    # stage trains; not saved with the model
+    dropout: float = 0.0
     batch_size: int = 16
     grad_accum: int = 1
     clip: float | None = 1.0
@@ -106,6 +109,8 @@ class Stage:
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
         if self.stop_at_loss is not None and not self.stop_at_loss > 0:
             raise ConfigError(f"{where}.stop_at_loss: expected a loss > 0, got {self.stop_at_loss}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {self.dropout}")
         if self.stop_anneal < 0:
             raise ConfigError(f"{where}.stop_anneal: expected a number of steps >= 0, got {self.stop_anneal}")
         if self.stop_anneal and self.stop_at_loss is None:

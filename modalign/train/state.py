@@ -5,7 +5,8 @@ JSON (never pickle), written atomically (temp dir, then rename), keep-last-K.
       model.safetensors        every persistent tensor of the model (full state)
       optimizer.safetensors    per-parameter tensors, keyed by parameter *name*
       state.json               step, data position, optimiser groups, python/numpy RNG, extra
-      rng.safetensors          torch (and CUDA) generator states
+      rng.safetensors          torch (and CUDA) generator states; under DDP/FSDP every rank's
+                               (``torch.rankN``), each resumed on its own rank
 
 Under FSDP the model and optimiser tensors are written sharded instead, every rank its own part,
 with torch.distributed.checkpoint's safetensors storage (``sharded/``: one safetensors file per
@@ -78,8 +79,28 @@ def _ids(group, model):
     return [names[id(p)] for p in group["params"]]
 
 
-def rng_state() -> tuple[dict, dict]:
-    tensors = {"torch": torch.get_rng_state()}
+def gather_rank_rng() -> dict:
+    """Every other rank's torch generator state (and its CUDA device's), gathered to all
+    (collective; {} in one process): saved beside rank 0's so that each rank resumes its own
+    random stream (its dropout masks)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return {}
+    mine = [torch.get_rng_state().numpy().tobytes()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # this rank's device's generator too
+        mine.append(torch.cuda.get_rng_state().numpy().tobytes())
+    states: list = [None] * dist.get_world_size()
+    dist.all_gather_object(states, mine)
+    out = {}
+    for r, got in enumerate(states):
+        for kind, b in zip(("torch", "cuda"), got if r > 0 else [], strict=False):
+            out[f"{kind}.rank{r}"] = torch.frombuffer(bytearray(b), dtype=torch.uint8)
+    return out
+
+
+def rng_state(ranks: dict | None = None) -> tuple[dict, dict]:
+    tensors = {"torch": torch.get_rng_state(), **(ranks or {})}
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda.{i}"] = s
@@ -90,23 +111,31 @@ def rng_state() -> tuple[dict, dict]:
 
 
 def set_rng_state(tensors: dict, js: dict) -> None:
-    torch.set_rng_state(tensors["torch"])
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    torch.set_rng_state(tensors.get(f"torch.rank{rank}", tensors["torch"]))  # rank 0's where none was saved
     if torch.cuda.is_available():
-        cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("cuda."))]
+        devices = sorted((k for k in tensors if k.startswith("cuda.") and "rank" not in k),
+                         key=lambda k: int(k.split(".")[1]))  # fmt: skip
+        cuda = [tensors[k] for k in devices]
         if cuda:
             torch.cuda.set_rng_state_all(cuda)
+        if f"cuda.rank{rank}" in tensors:  # this rank's own device, as it was when saved
+            torch.cuda.set_rng_state(tensors[f"cuda.rank{rank}"])
     v, state, gauss = js["python"]
     random.setstate((v, tuple(state), gauss))
     name, keys, *rest = js["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
-def save_training_state(path: Path, model: nn.Module, opt, info: dict) -> None:
+def save_training_state(path: Path, model: nn.Module, opt, info: dict, ranks: dict | None = None) -> None:
+    """``ranks``: the other ranks' generator states (``gather_rank_rng``), saved beside this one's."""
     with atomic_dir(path) as tmp:
         save_tensors(model_state(model), tmp / "model.safetensors")
         t, meta = optimizer_to_flat(opt, model)
         save_tensors(t, tmp / "optimizer.safetensors")
-        rt, rj = rng_state()
+        rt, rj = rng_state(ranks)
         save_tensors(rt, tmp / "rng.safetensors")
         doc = {"info": info, "optimizer": meta, "rng": rj}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
@@ -174,7 +203,8 @@ def _flat_sharded(model: nn.Module, opt) -> tuple[dict, dict, dict, dict]:
     return msd, osd, flat, scalars
 
 
-def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, main: bool) -> None:
+def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, main: bool,
+                                ranks: dict | None = None) -> None:  # fmt: skip
     """FSDP: every rank writes its own shards of the model and optimiser state with
     ``torch.distributed.checkpoint`` into ``path/sharded`` (a safetensors file per rank, shard
     offsets in its header; no gather to one process); rank 0 writes ``state.json`` and the RNG states. Collective. The
@@ -200,7 +230,7 @@ def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, m
         dist.barrier()
     if not main:
         return
-    rt, rj = rng_state()
+    rt, rj = rng_state(ranks)
     save_tensors(rt, tmp / "rng.safetensors")
     groups = [dict(g) for g in osd["param_groups"]]
     doc = {"info": info, "optimizer": {"groups": groups, "scalars": scalars}, "rng": rj, "format": "dcp"}

@@ -150,9 +150,14 @@ class Trainer:
                 hold(fc)  # what it holds is not read again
             log.info("stage %s: vision features of %d images cached in %.1f s (%d from the previous stage)",
                      self.stage.name, n, time.perf_counter() - t0, held)  # fmt: skip
+        llm = getattr(core, "llm", None)
+        if self.stage.dropout and llm is not None:
+            llm.set_dropout(self.stage.dropout)
         try:
             return self._run(resume)
         finally:
+            if self.stage.dropout and llm is not None:
+                llm.set_dropout(0.0)
             if cache:
                 if hold is not None:
                     hold(())
@@ -176,7 +181,7 @@ class Trainer:
             if self.d.main:
                 log.info("stage %s: resumed from %s (step %d)", s.name, prev[-1].name, step)
         else:
-            torch.manual_seed(self.seed * 7919 + 17)
+            torch.manual_seed(self.seed * 7919 + 17 + self.d.rank)  # dropout masks differ by rank
         metrics_f = self.out / "metrics.jsonl"
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -305,10 +310,11 @@ class Trainer:
                 "seen": self.policy.seen, "skipped": dict(self.policy.skipped), "recent_losses": recent,
                 "stop_at": stop_at}  # fmt: skip
         path = self.ckpt_dir / f"step-{step:06d}"
+        ranks = st.gather_rank_rng()  # collective: each rank's generator (its dropout masks go on from it)
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)
-            st.save_training_state_sharded(path, core, self.opt, info, self.d.main)
+            st.save_training_state_sharded(path, core, self.opt, info, self.d.main, ranks)
         elif self.d.main:
-            st.save_training_state(path, core, self.opt, info)
+            st.save_training_state(path, core, self.opt, info, ranks)
         if self.d.main:
             st.prune(self.ckpt_dir, self.stage.keep_last)
         barrier(self.d)
