@@ -241,11 +241,12 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, img, cos, sin, mask, cache, start):
         h = routed(self.input_layernorm, x, img)
-        a = self.self_attn(h, img, cos, sin, mask, cache, start)
-        x = x + (F.dropout(a, self.dropout, True) if self.dropout and self.training else a)
+        x = x + self._drop(self.self_attn(h, img, cos, sin, mask, cache, start))
         h = routed(self.post_attention_layernorm, x, img)
-        m = self.mlp(h, img)
-        return x + (F.dropout(m, self.dropout, True) if self.dropout and self.training else m)
+        return x + self._drop(self.mlp(h, img))
+
+    def _drop(self, branch: torch.Tensor) -> torch.Tensor:
+        return F.dropout(branch, self.dropout, True) if self.dropout and self.training else branch
 
 
 class LLM(nn.Module):

@@ -150,6 +150,8 @@ class Trainer:
                 hold(fc)  # what it holds is not read again
             log.info("stage %s: vision features of %d images cached in %.1f s (%d from the previous stage)",
                      self.stage.name, n, time.perf_counter() - t0, held)  # fmt: skip
+        else:  # a stage without the cache (its tower trains, or the cache is off) lets it go
+            self.carry.pop("features", None)
         llm = getattr(core, "llm", None)
         if self.stage.dropout and llm is not None:
             llm.set_dropout(self.stage.dropout)
