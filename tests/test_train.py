@@ -429,6 +429,35 @@ def test_nonfinite_gradients_name_the_group(data, tmp_path):
         t.run()
 
 
+def test_gradient_check_is_exact_where_the_fused_norm_overflows(data, tmp_path):
+    """The one-norm-per-group check: gradients too large for an fp32 L1 norm but finite pass; one
+    NaN element among them stops the run, naming the group."""
+    from modalign.data.collate import Collator
+    from modalign.train import trainer as tr
+    from modalign.train.freeze import apply_trainable
+    from modalign.train.run import build_dataset
+
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0))
+    model = MLLM(recipe.model.build_config())
+    tok = Tokenizer.from_dir(data / "tokenizer")
+    stage = recipe.stages[1]
+    apply_trainable(model, stage.trainable)
+    t = tr.Trainer(
+        model, stage, build_dataset(stage, model, tok), Collator(tok.pad_id), tmp_path / "s", progress=False
+    )
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q) if q.requires_grad else None
+    w = model.llm.norm.weight
+    w.grad = torch.full_like(w, 3e38)
+    assert not torch.stack(torch._foreach_norm([w.grad], 1)).isfinite().all()  # the fused norm overflows
+    t._check_grads(7)  # but every element is finite
+    w.grad[5] = float("nan")
+    with pytest.raises(
+        tr.NonFiniteError, match=r"step 7: non-finite gradients in parameter group 'default \(no decay\)'"
+    ):
+        t._check_grads(7)
+
+
 def test_sharded_checkpoint_resumes_exactly_in_one_process(tmp_path):
     """The FSDP checkpoint format (DCP shards in safetensors) read back by a process without FSDP:
     weights, optimiser moments and RNG come back, and the next step matches the original's."""

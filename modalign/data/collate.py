@@ -13,14 +13,14 @@ from modalign.data.datasets import Example
 
 def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
     t = max((len(s) for s in seqs), default=0)
-    out = torch.full((len(seqs), t), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            if left:
-                out[i, t - len(s) :] = torch.tensor(s)
-            else:
-                out[i, : len(s)] = torch.tensor(s)
-    return out
+    if not seqs or not t:
+        return torch.full((len(seqs), t), value, dtype=torch.long)
+    # one tensor from padded lists: a tensor per row costs more than the rows' copying
+    if left:
+        rows = [[value] * (t - len(s)) + list(s) for s in seqs]
+    else:
+        rows = [list(s) + [value] * (t - len(s)) for s in seqs]
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def collate(batch: list[Example | BadSample], pad_id: int, left: bool = False) -> dict:

@@ -52,7 +52,7 @@ def evaluate_shapes(
     tok: Tokenizer,
     eval_file: str | Path,
     template: str = "chatml",
-    batch_size: int = 64,
+    batch_size: int = 256,  # prompts per batch: short ones, so more per batch run faster on a CPU
     limit: int | None = None,
     progress: bool = True,
     max_new_tokens: int = 8,
