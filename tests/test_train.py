@@ -143,6 +143,29 @@ def test_stage_dropout_trains_with_masks_and_leaves_the_model_without(data, tmp_
     assert {layer.dropout for layer in trained.llm.layers} == {0.0}
 
 
+def test_byte_dropout_drops_its_share_and_keeps_the_mean():
+    """CPU dropout masks from random bytes: 26 in 256 elements dropped at p=0.1, the rest scaled so
+    the mean is kept; the masks come from torch's generator (a seed gives the same masks); a p below
+    half a byte's step drops nothing; gradients flow through the kept elements only."""
+    from modalign.models.decoder import byte_dropout
+
+    x = torch.ones(400_000, requires_grad=True)
+    torch.manual_seed(3)
+    y = byte_dropout(x, 0.1)
+    dropped = (y == 0).float().mean().item()
+    assert abs(dropped - 26 / 256) < 0.002
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 256 / 230))
+    assert abs(y.mean().item() - 1.0) < 0.005
+    torch.manual_seed(3)
+    assert torch.equal(byte_dropout(x, 0.1), y)
+    assert not torch.equal(byte_dropout(x, 0.1), y)  # the generator moved on
+    assert byte_dropout(x, 0.001) is x
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())
+    z = byte_dropout(torch.ones(3, 5, 7), 0.5)  # shapes whose size is not a multiple of 8
+    assert z.shape == (3, 5, 7) and set(z.unique().tolist()) <= {0.0, 2.0}
+
+
 # ------------------------------------------------------------------------------ training
 
 
