@@ -164,6 +164,8 @@ def test_byte_dropout_drops_its_share_and_keeps_the_mean():
     assert torch.equal(x.grad, y.detach())
     z = byte_dropout(torch.ones(3, 5, 7), 0.5)  # shapes whose size is not a multiple of 8
     assert z.shape == (3, 5, 7) and set(z.unique().tolist()) <= {0.0, 2.0}
+    w = byte_dropout(torch.ones(80_000), 0.999)  # p < 1 rounds to 255 in 256, never to all 256
+    assert w.isfinite().all() and set(w.unique().tolist()) <= {0.0, 256.0} and w.count_nonzero() > 0
 
 
 # ------------------------------------------------------------------------------ training

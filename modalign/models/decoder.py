@@ -232,10 +232,11 @@ class MLP(nn.Module):
 
 def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout with masks drawn a random byte per element: an element is dropped where its byte is
-    below ``round(p * 256)`` (so ``p`` rounds to a multiple of 1/256: 0.1 drops 26 in 256) and the
-    rest are scaled by 256 / (256 - that). On a CPU, drawing 64-bit integers and reading them as
-    bytes costs about a third of ``F.dropout``'s Bernoulli draws per element."""
-    drop = round(p * 256)
+    below ``round(p * 256)`` (so ``p`` rounds to a multiple of 1/256: 0.1 drops 26 in 256; at most
+    255, as ``p`` < 1 never drops everything) and the rest are scaled by 256 / (256 - that). On a CPU,
+    drawing 64-bit integers and reading them as bytes costs about a third of ``F.dropout``'s
+    Bernoulli draws per element."""
+    drop = min(round(p * 256), 255)
     if not drop:
         return x
     n = x.numel()
