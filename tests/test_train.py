@@ -102,6 +102,11 @@ def test_recipe_errors_name_the_key(data):
         ConfigError, match=r"recipe\.stages\[1\]\.dropout: expected a probability in \[0, 1\)"
     ):
         load_recipe(doc, sets=["stages.instruct.dropout=1"])
+    # a value YAML cannot parse names the key and the value, and says how to quote it
+    with pytest.raises(ConfigError, match=r"--set stages\.align\.data: value .* is not valid YAML \(quote"):
+        load_recipe(doc, sets=["stages.align.data=[{path: ${data}/x.json}]"])
+    sets = ['stages.align.data=[{path: "${data}/x.json"}]']
+    assert load_recipe(doc, {"data": "D"}, sets=sets).stages[0].data[0].path == "D/x.json"
 
 
 def test_stage_dropout_trains_with_masks_and_leaves_the_model_without(data, tmp_path):

@@ -231,6 +231,11 @@ def apply_overrides(doc: dict, sets: list[str]) -> dict:
         key, eq, raw = item.partition("=")
         if not eq or not key:
             raise ConfigError(f"--set {item!r}: expected key=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            hint = " (quote a value that holds ${...} or braces)" if "{" in raw else ""
+            raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML{hint}: {e}") from None
         parts = key.split(".")
         node: Any = doc
         for i, p in enumerate(parts):
@@ -246,12 +251,12 @@ def apply_overrides(doc: dict, sets: list[str]) -> dict:
                     if idx is None:
                         raise ConfigError(f"--set {key}: {where} is neither an index nor a stage name")
                 if last:
-                    node[idx] = yaml.safe_load(raw)
+                    node[idx] = value
                 else:
                     node = node[idx]
             elif isinstance(node, dict):
                 if last:
-                    node[p] = yaml.safe_load(raw)
+                    node[p] = value
                 else:
                     node = node.setdefault(p, {})
             else:
