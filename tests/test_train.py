@@ -102,6 +102,12 @@ def test_recipe_errors_name_the_key(data):
         ConfigError, match=r"recipe\.stages\[1\]\.dropout: expected a probability in \[0, 1\)"
     ):
         load_recipe(doc, sets=["stages.instruct.dropout=1"])
+    # 1/512 and below, the CPU's byte masks would drop nothing: an error, not a silent no-op
+    with pytest.raises(
+        ConfigError, match=r"stages\[1\]\.dropout: 0\.001953125 rounds to no dropout .* at least 0\.002"
+    ):
+        load_recipe(doc, sets=["stages.instruct.dropout=0.001953125"])
+    assert load_recipe(doc, sets=["stages.instruct.dropout=0.002"]).stages[1].dropout == 0.002
     # a value YAML cannot parse names the key and the value, and says how to quote it
     with pytest.raises(ConfigError, match=r"--set stages\.align\.data: value .* is not valid YAML \(quote"):
         load_recipe(doc, sets=["stages.align.data=[{path: ${data}/x.json}]"])
@@ -129,6 +135,8 @@ def test_stage_dropout_trains_with_masks_and_leaves_the_model_without(data, tmp_
     assert torch.equal(evaluated, plain_train) and not torch.allclose(dropped, plain_train)
     with pytest.raises(ValueError, match="dropout: expected a probability"):
         model.llm.set_dropout(1.0)
+    with pytest.raises(ValueError, match="dropout: 0.001 rounds to no dropout"):
+        model.llm.set_dropout(0.001)
     # during a stage with dropout every layer has it; after the stage none does
     seen = []
     forward = type(model.llm.layers[0]).forward

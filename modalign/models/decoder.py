@@ -230,6 +230,15 @@ class MLP(nn.Module):
         return routed(self.down_proj, h, img)
 
 
+def check_dropout(p: float) -> None:
+    """A residual dropout probability: 0, or one that ``byte_dropout`` does not round to none of 256."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"expected a probability in [0, 1), got {p}")
+    if p and not round(p * 256):
+        raise ValueError(f"{p} rounds to no dropout (on the CPU masks drop whole 256ths of a layer's "
+                         "outputs): use 0 or at least 0.002")  # fmt: skip
+
+
 def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """Dropout with masks drawn a random byte per element: an element is dropped where its byte is
     below ``round(p * 256)`` (so ``p`` rounds to a multiple of 1/256: 0.1 drops 26 in 256; at most
@@ -294,8 +303,10 @@ class LLM(nn.Module):
     def set_dropout(self, p: float) -> None:
         """Dropout on every layer's attention and MLP outputs while training (0: none). A training
         setting, not part of the config: saved models and inference never see it."""
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout: expected a probability in [0, 1), got {p}")
+        try:
+            check_dropout(p)
+        except ValueError as e:
+            raise ValueError(f"dropout: {e}") from None
         for layer in self.layers:
             layer.dropout = float(p)
 

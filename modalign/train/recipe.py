@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from modalign.config import ConfigError, MLLMConfig, _build
+from modalign.models.decoder import check_dropout
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 
@@ -109,8 +110,10 @@ class Stage:
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
         if self.stop_at_loss is not None and not self.stop_at_loss > 0:
             raise ConfigError(f"{where}.stop_at_loss: expected a loss > 0, got {self.stop_at_loss}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {self.dropout}")
+        try:
+            check_dropout(self.dropout)
+        except ValueError as e:
+            raise ConfigError(f"{where}.dropout: {e}") from None
         if self.stop_anneal < 0:
             raise ConfigError(f"{where}.stop_anneal: expected a number of steps >= 0, got {self.stop_anneal}")
         if self.stop_anneal and self.stop_at_loss is None:
