@@ -230,11 +230,16 @@ class MLP(nn.Module):
         return routed(self.down_proj, h, img)
 
 
+def dropped_256ths(p: float) -> int:
+    """How many of 256 byte values ``byte_dropout`` drops for ``p`` (at most 255)."""
+    return min(round(p * 256), 255)
+
+
 def check_dropout(p: float) -> None:
     """A residual dropout probability: 0, or one that ``byte_dropout`` does not round to none of 256."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"expected a probability in [0, 1), got {p}")
-    if p and not round(p * 256):
+    if p and not dropped_256ths(p):
         raise ValueError(f"{p} rounds to no dropout (on the CPU masks drop whole 256ths of a layer's "
                          "outputs): use 0 or at least 0.002")  # fmt: skip
 
@@ -245,7 +250,7 @@ def byte_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     255, as ``p`` < 1 never drops everything) and the rest are scaled by 256 / (256 - that). On a CPU,
     drawing 64-bit integers and reading them as bytes costs about a third of ``F.dropout``'s
     Bernoulli draws per element."""
-    drop = min(round(p * 256), 255)
+    drop = dropped_256ths(p)
     if not drop:
         return x
     n = x.numel()
