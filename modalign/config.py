@@ -251,9 +251,12 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
         (inner, *_) = typing.get_args(tp) or (Any,)
         out = [_coerce(inner, v, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(out) if origin is tuple else out
-    if origin is dict or tp is Any:
-        if origin is dict and not isinstance(value, dict):
+    if origin is dict:
+        if not isinstance(value, dict):
             raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp) or (Any, Any)
+        return {_coerce(key_tp, k, path): _coerce(val_tp, v, f"{path}[{k!r}]") for k, v in value.items()}
+    if tp is Any:
         return value
     if tp is bool:
         if not isinstance(value, bool):

@@ -98,6 +98,11 @@ def test_recipe_errors_name_the_key(data):
     ):
         load_recipe(doc, sets=["stages.instruct.token_cache_mb=-1"])
     assert load_recipe(doc, sets=["stages.align.lr=3e-4"]).stages[0].lr == 3e-4
+    # a mapping's values are checked too: YAML reads 1e-3 (no dot) as a string, which is a number here
+    sets = ['stages.align.lr_groups={"connector.*": 1e-3}']
+    assert load_recipe(doc, sets=sets).stages[0].lr_groups == {"connector.*": 1e-3}
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.lr_groups\['connector\.\*'\]: expected a number"):
+        load_recipe(doc, sets=['stages.align.lr_groups={"connector.*": fast}'])
     with pytest.raises(
         ConfigError, match=r"recipe\.stages\[1\]\.dropout: expected a probability in \[0, 1\)"
     ):
