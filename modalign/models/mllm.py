@@ -150,15 +150,25 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
 
 
 def supervised_lm_loss(
-    hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module | None = None
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module | None = None,
+    answer_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
     """``causal_lm_loss`` from the final hidden states, running ``head`` only where a label is
     supervised: the same loss, without the vocabulary projection of every prompt position
-    (``head`` None: ``hidden`` are the logits already)."""
+    (``head`` None: ``hidden`` are the logits already). ``answer_bias`` [B, V] is added to the
+    logits that predict each row's first supervised token (training against an answer prior,
+    ``modalign.train.prior``)."""
     keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
     n = int(keep.sum())
     rows = hidden[:, :-1][keep]
     logits = (rows if head is None else head(rows)).float()
+    if answer_bias is not None:
+        first = keep & (keep.cumsum(1) == 1)  # [B, T-1]: each row's first supervised position
+        rows_of = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)
+        at = first[keep]  # which of the kept rows is a first one
+        logits = logits.index_add(0, at.nonzero()[:, 0], answer_bias.to(logits)[rows_of[first]])
     loss = F.cross_entropy(logits, labels[:, 1:].to(hidden.device)[keep], reduction="sum")
     return loss / max(n, 1), n
 
@@ -343,13 +353,16 @@ class MLLM(nn.Module):
         qformer_attention_mask: torch.Tensor | None = None,
         return_logits: bool = True,
         image_keys: list | None = None,
+        answer_bias: torch.Tensor | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
         ``modality_ids`` [B, T]. With a ``cache`` holding a prompt, ``input_ids`` are new text.
         With ``labels`` and ``return_logits=False`` (what the trainer asks for) only the loss is
         computed, the LM head running on the supervised positions alone; ``logits`` is None.
-        ``image_keys`` name each image's file for the vision feature cache (training)."""
+        ``image_keys`` name each image's file for the vision feature cache (training);
+        ``answer_bias`` [B, V] is added to the logits of each row's first answer token in that loss
+        (training against an answer prior; loss-only)."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -369,6 +382,8 @@ class MLLM(nn.Module):
             if modality_ids is None and (pixel_values is not None or self.training):
                 modality_ids = sp.modality_ids
         loss_only = labels is not None and not return_logits
+        if answer_bias is not None and not loss_only:
+            raise ValueError("answer_bias applies to the loss only: pass labels and return_logits=False")
         logits = self.llm(
             inputs_embeds=inputs_embeds,
             modality_ids=modality_ids,
@@ -379,7 +394,7 @@ class MLLM(nn.Module):
             logits_to_keep=logits_to_keep,
         )
         if loss_only:
-            loss, n = supervised_lm_loss(logits, labels, self.llm.lm_head)
+            loss, n = supervised_lm_loss(logits, labels, self.llm.lm_head, answer_bias)
             return MLLMOutput(logits=None, loss=loss, modality_ids=modality_ids, attention_mask=attention_mask,
                               num_tokens=n)  # fmt: skip
         out = MLLMOutput(logits=logits, modality_ids=modality_ids, attention_mask=attention_mask)

@@ -58,6 +58,10 @@ class Stage:
     # dropout on the LLM's residual branches (each layer's attention and MLP outputs) while this
     # stage trains; not saved with the model
     dropout: float = 0.0
+    # train against the data's question-only answer prior with this weight (product of experts,
+    # modalign.train.prior; 0: off): prompts seen at least answer_prior_min_count times
+    answer_prior: float = 0.0
+    answer_prior_min_count: int = 20
     batch_size: int = 16
     grad_accum: int = 1
     clip: float | None = 1.0
@@ -114,6 +118,14 @@ class Stage:
             check_dropout(self.dropout)
         except ValueError as e:
             raise ConfigError(f"{where}.dropout: {e}") from None
+        if self.answer_prior < 0 or self.answer_prior and self.objective != "lm":
+            raise ConfigError(
+                f"{where}.answer_prior: expected a weight >= 0 on an lm stage, got {self.answer_prior}"
+            )
+        if self.answer_prior_min_count < 1:
+            raise ConfigError(
+                f"{where}.answer_prior_min_count: expected a sample count >= 1, got {self.answer_prior_min_count}"
+            )
         if self.stop_anneal < 0:
             raise ConfigError(f"{where}.stop_anneal: expected a number of steps >= 0, got {self.stop_anneal}")
         if self.stop_anneal and self.stop_at_loss is None:

@@ -9,6 +9,7 @@ OUT/model -> the last stage's model (copied)
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -28,6 +29,7 @@ from modalign.models.mllm import MLLM
 from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
 from modalign.train.freeze import apply_trainable, format_table
 from modalign.train.parallel import Dist, barrier, wrap
+from modalign.train.prior import AnswerPrior
 from modalign.train.recipe import Recipe, Stage
 from modalign.train.state import full_model_state, is_sharded
 from modalign.train.trainer import StageResult, Trainer, lm_loss
@@ -170,6 +172,16 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
             loss_fn = contrastive_loss
         else:
             dataset = build_dataset(stage, model, tok, carry=carry)
+            if stage.answer_prior:
+                prior = AnswerPrior.from_dataset(
+                    dataset,
+                    model.llm.lm_head.weight.shape[0],
+                    stage.answer_prior_min_count,
+                    stage.answer_prior,
+                )
+                loss_fn = functools.partial(lm_loss, prior=prior)
+                if d.main:
+                    log.info("stage %s: %s", stage.name, prior.describe())
         table = apply_trainable(target, stage.trainable)
         if stage.objective == "contrastive":
             from modalign.train.contrastive import fill_text_cache

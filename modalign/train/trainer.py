@@ -55,7 +55,8 @@ def anneal_factor(i: int, steps: int, start: float, min_ratio: float) -> float:
     return min_ratio + (start - min_ratio) * (1 - (i + 1) / steps)
 
 
-def lm_loss(model: nn.Module, batch: dict, device) -> tuple[torch.Tensor, int]:
+def lm_loss(model: nn.Module, batch: dict, device, prior=None) -> tuple[torch.Tensor, int]:
+    """The supervised tokens' loss; with ``prior`` (an ``AnswerPrior``), against its answer prior."""
     px = batch["pixel_values"]
     if isinstance(px, torch.Tensor):
         px = px.to(device)
@@ -68,6 +69,7 @@ def lm_loss(model: nn.Module, batch: dict, device) -> tuple[torch.Tensor, int]:
         labels=batch["labels"].to(device),
         return_logits=False,  # the LM head runs on the supervised positions only
         **({"image_keys": batch["image_keys"]} if batch.get("image_keys") is not None else {}),
+        **({"answer_bias": prior.bias(batch["ids"]).to(device)} if prior is not None else {}),
     )
     return out.loss, out.num_tokens
 
