@@ -378,7 +378,9 @@ def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:
 def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
     ddp = strategy != "none"  # launched as two torchrun processes
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump(recipe_doc(data, strategy)))
+    doc = recipe_doc(data, strategy)
+    doc["stages"][1].update(answer_prior=1.0, answer_prior_min_count=5)  # resumes exactly with it too
+    recipe.write_text(yaml.safe_dump(doc))
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_train_cmd(recipe, full, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
     for _ in range(3):  # killed after the stage's last save, a resume would train nothing: try again
