@@ -111,3 +111,13 @@ def test_a_stage_trains_against_the_prior_and_saves_a_model_that_answers_alone(d
     doc["stages"][0]["answer_prior"] = -1.0
     with pytest.raises(ConfigError, match=r"stages\[0\]\.answer_prior: expected a weight >= 0"):
         load_recipe(doc)
+    doc["stages"][0].update(answer_prior=1.0, objective="contrastive")
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.answer_prior: expected a weight >= 0 on an lm stage"
+    ):
+        load_recipe(doc)
+    doc["stages"][0].update(objective="lm", answer_prior_min_count=0)
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.answer_prior_min_count: expected a sample count >= 1"
+    ):
+        load_recipe(doc)

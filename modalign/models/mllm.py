@@ -166,9 +166,9 @@ def supervised_lm_loss(
     logits = (rows if head is None else head(rows)).float()
     if answer_bias is not None:
         first = keep & (keep.cumsum(1) == 1)  # [B, T-1]: each row's first supervised position
-        rows_of = torch.arange(keep.shape[0], device=keep.device)[:, None].expand_as(keep)
-        at = first[keep]  # which of the kept rows is a first one
-        logits = logits.index_add(0, at.nonzero()[:, 0], answer_bias.to(logits)[rows_of[first]])
+        # both row-major: the k-th first position is the k-th kept row that is a first one
+        at, batch_row = first[keep].nonzero()[:, 0], first.nonzero()[:, 0]
+        logits = logits.index_add(0, at, answer_bias.to(logits)[batch_row])
     loss = F.cross_entropy(logits, labels[:, 1:].to(hidden.device)[keep], reduction="sum")
     return loss / max(n, 1), n
 

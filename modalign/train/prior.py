@@ -19,15 +19,12 @@ The table is a pure function of the stage's data, so resumed and distributed run
 
 from __future__ import annotations
 
-import logging
 import math
 from collections import Counter, defaultdict
 
 import torch
 
 from modalign.data.conversation import IGNORE_INDEX, BadSample, Conversation
-
-log = logging.getLogger("modalign")
 
 FLOOR = 1e-4  # an answer a prompt never had: log(FLOOR) less its type's frequency
 
@@ -57,7 +54,8 @@ class AnswerPrior:
         answers: dict[tuple, Counter] = defaultdict(Counter)
         first_at: dict[tuple, tuple] = {}  # (prompt, answer) -> (source, index) of its first sample
         prompt_of: dict[str, tuple | None] = {}
-        for k, src in enumerate(_sources(dataset)):
+        sources = _sources(dataset)
+        for k, src in enumerate(sources):
             for i, s in enumerate(src.samples):
                 pa = _prompt(s)
                 if pa is None:
@@ -74,7 +72,7 @@ class AnswerPrior:
             c = Counter()
             for a, n in by_answer.items():
                 k, i = first_at[(p, a)]
-                src = _sources(dataset)[k]
+                src = sources[k]
                 try:
                     labels = src.processor.tokens(src.samples[i]).labels
                 except BadSample:
