@@ -214,6 +214,21 @@ def test_gradients_reach_exactly_the_trainable_patterns():
         apply_trainable(model, ["llm.**.plora_*"])
 
 
+def test_trainable_exclusions_freeze_what_they_match_in_any_order():
+    model = tiny()
+    for patterns in (
+        ["connector", "llm.*", "!llm.layers.*.mlp.*"],
+        ["!llm.layers.*.mlp.*", "llm.*", "connector"],
+    ):
+        apply_trainable(model, patterns)
+        for n, p in model.named_parameters():
+            want = n.startswith("connector.") or (n.startswith("llm.") and ".mlp." not in n)
+            assert p.requires_grad == want, (patterns, n)
+    assert any(".mlp." in n for n, _ in model.named_parameters())
+    with pytest.raises(ValueError, match=r"match no parameter: !llm\.\*\*\.plora_\*"):
+        apply_trainable(model, ["llm.*", "!llm.**.plora_*"])
+
+
 def test_param_groups_lr_and_no_decay():
     model = tiny()
     apply_trainable(model, ["connector", "llm"])

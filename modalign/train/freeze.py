@@ -3,6 +3,8 @@
 Patterns are ``fnmatch`` globs where ``*`` (and ``**``) match across dots:
 ``connector.*``, ``vision.*``, ``llm.**.plora_*``, ``llm.layers.*.self_attn.*.multiway.1.*``.
 A pattern without a wildcard matches that name or everything below it (``vision`` = ``vision.*``).
+A pattern starting with ``!`` excludes what it matches, whatever order the patterns come in:
+``["llm.*", "!llm.layers.*.mlp.*"]`` trains the LLM but its MLPs.
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ def matches(name: str, pattern: str) -> bool:
 
 
 def match_any(name: str, patterns: list[str]) -> bool:
-    return any(matches(name, p) for p in patterns)
+    """Whether ``name`` matches a pattern of ``patterns`` and none of its ``!`` exclusions."""
+    include = [p for p in patterns if not p.startswith("!")]
+    exclude = [p[1:] for p in patterns if p.startswith("!")]
+    return any(matches(name, p) for p in include) and not any(matches(name, p) for p in exclude)
 
 
 def param_group_name(name: str) -> str:
@@ -63,7 +68,7 @@ def apply_trainable(model: nn.Module, patterns: list[str], *, strict: bool = Tru
     freeze what the user meant to train)."""
     names = [n for n, _ in model.named_parameters()]
     if strict:
-        dead = [p for p in patterns if not any(matches(n, p) for n in names)]
+        dead = [p for p in patterns if not any(matches(n, p.removeprefix("!")) for n in names)]
         if dead:
             raise ValueError(f"trainable pattern(s) match no parameter: {', '.join(dead)}")
     rows: OrderedDict[str, FreezeRow] = OrderedDict()
