@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from modalign import MLLM
-from modalign.generate import Engine, Prompt, SamplingParams
+from modalign.infer.engine import Engine, Prompt, SamplingParams
 
 IMAGE = 500
 

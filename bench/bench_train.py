@@ -4,8 +4,8 @@ tiny LLaVA config and weights, same batch, in one run (forward + backward + Adam
     python bench/bench_train.py [--steps 20] [--batch 8] [--threads 2] [--rounds 3] [--precision fp32,bf16]
                                 [--supervised K]
 
-modalign's side is called as its trainer calls it (``return_logits=False``: the LM head runs on
-the supervised positions only); transformers' computes the logits of every position. By default
+modalign's side is called as its trainer calls it (the lm objective, ``LMObjective``: the LM head
+runs on the supervised positions only); transformers' computes the logits of every position. By default
 every text token is supervised (as in captioning / pretraining); ``--supervised K`` supervises
 only the last K, as instruction data supervise the answer and not the prompt.
 
@@ -25,6 +25,12 @@ from bench_decode import IMAGE, build  # the same tiny LLaVA as the decode bench
 
 
 def run(model, batch, steps, precision, hf):
+    if not hf:
+        from modalign.train.objectives.lm import LMObjective
+
+        model = LMObjective(model)
+        inputs = {"input_ids": batch["ids"], "pixel_values": batch["px"], "attention_mask": batch["mask"],
+                  "labels": batch["labels"], "ids": [str(i) for i in range(len(batch["ids"]))]}  # fmt: skip
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -35,13 +41,7 @@ def run(model, batch, steps, precision, hf):
                 loss = model(input_ids=batch["ids"], pixel_values=batch["px"], attention_mask=batch["mask"],
                              labels=batch["labels"]).loss  # fmt: skip
             else:
-                loss = model(
-                    batch["ids"],
-                    pixel_values=batch["px"],
-                    attention_mask=batch["mask"],
-                    labels=batch["labels"],
-                    return_logits=False,
-                ).loss
+                loss, _ = model(inputs)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

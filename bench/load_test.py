@@ -17,8 +17,8 @@ import torch
 import uvicorn
 
 from modalign import MLLM, MLLMConfig
-from modalign.chat import ChatModel
 from modalign.data.tokenizer import Tokenizer
+from modalign.infer.chat import ChatModel
 from modalign.serve.app import ServeConfig, create_app
 
 

@@ -22,7 +22,7 @@ def _convert(args) -> int:
 
 
 def _data_shapes(args) -> int:
-    from modalign.data import shapes
+    from modalign.shapesworld import data as shapes
 
     meta = shapes.generate(args.out, num_train=args.train, num_eval=args.eval, seed=args.seed,
                            image_size=args.image_size, num_text=args.text, image_placement=args.image_placement,
@@ -91,13 +91,21 @@ def _compile_flag(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modalign", description="Modular multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_convert, _add_data, _add_generate, _add_chat, _add_serve, _add_eval, _add_train,
+                _add_quickstart):  # fmt: skip
+        add(sub)
+    return p
 
+
+def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="convert a checkpoint between formats")
     c.add_argument("src", help="checkpoint directory (native, transformers LLaVA/Llama/Mistral/Qwen2, ...)")
     c.add_argument("dst", help="output directory")
     c.add_argument("--to", choices=["native", "hf-llava"], default="native")
     c.set_defaults(func=_convert)
 
+
+def _add_data(sub) -> None:
     d = sub.add_parser("data", help="data sets: generate ShapesWorld, inspect a data file")
     dsub = d.add_subparsers(dest="data_command", required=True)
     s = dsub.add_parser("shapes", help="write the embedded ShapesWorld data set (LLaVA JSON + PNG)")
@@ -145,6 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--no-color", action="store_true")
     i.set_defaults(func=_data_inspect)
 
+
+def _add_generate(sub) -> None:
     g = sub.add_parser("generate", help="answer one prompt (optionally about images)")
     g.add_argument("--model", required=True, help="model directory (with its tokenizer)")
     g.add_argument("--image", action="append", default=[], help="image file (repeatable)")
@@ -159,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_flag(g)
     g.set_defaults(func=_generate)
 
+
+def _add_chat(sub) -> None:
     ch = sub.add_parser("chat", help="interactive multi-turn chat (/image PATH, /reset, /quit)")
     ch.add_argument("--model", required=True)
     ch.add_argument("--image", action="append", default=[])
@@ -168,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_flag(ch)
     ch.set_defaults(func=_chat)
 
+
+def _add_serve(sub) -> None:
     sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
     sv.add_argument("--model", required=True)
     sv.add_argument("--host", default="127.0.0.1")
@@ -189,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _compile_flag(sv)
     sv.set_defaults(func=_serve)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a model on a benchmark file (or compare result files)")
     ev.add_argument("--model", help="model directory")
     ev.add_argument("--task", help="shapes | vqa | exact | mc | pope | mme | caption | llava-bench | owleval")
@@ -213,8 +229,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "modalign" / "judge_cache.jsonl"))
     ev.set_defaults(func=_eval)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="run a training recipe (YAML) stage by stage; resumes automatically")
-    t.add_argument("recipe", help="recipe file or the name of a shipped recipe (recipes/*.yaml)")
+    t.add_argument(
+        "recipe", help="recipe file, or the name of a shipped one (llava-1.5, ..., tiny-llava, ...)"
+    )
     t.add_argument("--out", default=None, help="run directory (default: runs/<recipe name>)")
     t.add_argument("--data", default="data", help="value of ${data} in the recipe")
     t.add_argument("--var", action="append", default=[], metavar="NAME=VALUE", help="other ${NAME} values")
@@ -226,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train)
 
+
+def _add_quickstart(sub) -> None:
     q = sub.add_parser("quickstart", help="train a miniature multimodal LLM end to end on CPU")
     q.add_argument("--method", default="llava", help="llava | mplug-owl | mplug-owl2 | xcomposer2 | all")
     q.add_argument("--out", default="runs/quickstart")
@@ -235,15 +257,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a recipe key, e.g. stages.instruct.max_steps=100 (stage0.* for stage 0)",
+        help="override a recipe key, e.g. stages.instruct.stop.max_steps=100 (stage0.* for stage 0)",
     )
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_quickstart)
-    return p
 
 
 def _generate(args) -> int:
-    from modalign.chat import ChatModel, user_message
+    from modalign.infer.chat import ChatModel, user_message
 
     cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -261,8 +282,8 @@ def _generate(args) -> int:
 
 
 def _chat(args) -> int:
-    from modalign.chat import ChatModel, user_message
     from modalign.data.conversation import Message
+    from modalign.infer.chat import ChatModel, user_message
 
     cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -310,7 +331,7 @@ def _chat(args) -> int:
 def _serve(args) -> int:
     import uvicorn
 
-    from modalign.chat import ChatModel
+    from modalign.infer.chat import ChatModel
     from modalign.serve.app import ServeConfig, create_app
     from modalign.serve.images import ImagePolicy
 
@@ -323,7 +344,7 @@ def _serve(args) -> int:
     if getattr(args, "compile", False):  # compile before serving, not on the first requests
         secs = cm.engine.warmup(sorted({1, args.max_batch}), max_new_tokens=cfg.max_tokens_default)
         print(
-            f"compiled decode step for batch sizes {sorted(cm.engine.compiled.shapes)} in {secs:.1f} s",
+            f"compiled decode step for batch sizes {sorted(cm.engine.fast.shapes)} in {secs:.1f} s",
             flush=True,
         )
     uvicorn.run(create_app(cm, cfg), host=args.host, port=args.port, log_level="warning")
@@ -331,7 +352,8 @@ def _serve(args) -> int:
 
 
 def _eval(args) -> int:
-    from modalign.eval import tasks
+    from modalign.eval import run as tasks
+    from modalign.shapesworld import benchmark  # noqa: F401  (registers the "shapes" task)
 
     if args.compare:
         print(tasks.compare(args.compare))
@@ -339,7 +361,7 @@ def _eval(args) -> int:
     for name in ("model", "task", "data", "out"):
         if getattr(args, name) is None:
             raise ValueError(f"--{name} is required (or use --compare RESULTS...)")
-    from modalign.chat import ChatModel
+    from modalign.infer.chat import ChatModel
 
     cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
     cm.path = args.model
@@ -359,6 +381,7 @@ def _eval(args) -> int:
 def _train(args) -> int:
     import logging
 
+    from modalign.shapesworld import RECIPES
     from modalign.train.recipe import load_recipe
 
     variables = {"data": args.data}
@@ -366,7 +389,7 @@ def _train(args) -> int:
         name, _, value = v.partition("=")
         variables[name] = value
     out = args.out
-    recipe = load_recipe(args.recipe, variables | {"out": out or "runs"}, args.set)
+    recipe = load_recipe(args.recipe, variables | {"out": out or "runs"}, args.set, search=[RECIPES])
     if args.plan:
         from modalign.train.plan import format_plan, plan
 
@@ -399,7 +422,7 @@ def torch_threads_for_workers(d) -> None:
 
 
 def _quickstart(args) -> int:
-    from modalign.quickstart import quickstart
+    from modalign.shapesworld.quickstart import quickstart
 
     quickstart(args.method, args.out, args.scale, args.set, progress=not args.no_progress)
     return 0

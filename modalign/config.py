@@ -53,13 +53,6 @@ class VisionConfig:
     # "ixc": InternLM-XComposer2-4KHD/2.5 high-resolution layout — a global view plus
     # image_size tiles, 2x2 patch merge (4x width), learned row-end / separator tokens
     hd_layout: str | None = None
-    # A fixed whitening of the selected features, (f - feature_mean) @ feature_whitening,
-    # fitted on images after the tower is trained (``fit_feature_whitening``). Small towers
-    # trained from scratch put fine detail (a shape's outline) in directions of the feature
-    # space with 1e-4..1e-6 of the variance of the dominant ones, which a connector trained
-    # with Adam cannot pick up in a short run; whitening makes every direction equally loud
-    # (nuisance directions too: the quickstart's stage 0 uses region-contrastive pretraining instead).
-    feature_whitening: bool = False
 
     @property
     def grid(self) -> int:

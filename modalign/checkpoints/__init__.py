@@ -1,7 +1,7 @@
 """Checkpoint formats: one adapter per external format, plus the native one.
 
-``load_pretrained(path)`` reads ``config.json``, picks the adapter by its contents, builds the
-model on the meta device and fills it from safetensors with strict, named errors.
+``load_pretrained(path)`` reads ``config.json``, picks the format from the table in
+``formats.py``, builds the model on the meta device and fills it with strict, named errors.
 """
 
 from __future__ import annotations
@@ -11,26 +11,16 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import blip2, hf, internlm2, mplug_owl2
+from modalign.checkpoints import formats, hf
 from modalign.checkpoints.io import (
     CheckpointError,
     atomic_dir,
     load_state_strict,
     read_config,
-    read_shapes,
     read_tensors,
     save_tensors,
 )
-from modalign.config import ConfigError, MLLMConfig, VisionConfig
-
-SUPPORTED = (
-    "modalign (native)",
-    "llava",
-    *hf.LLM_TYPES,
-    "mplug_owl2",
-    "internlm2 (incl. XComposer2)",
-    "blip-2",
-)
+from modalign.config import MLLMConfig, VisionConfig
 
 
 def build(cfg: MLLMConfig, dtype: torch.dtype | None = None, device=None):
@@ -63,46 +53,19 @@ def _floating_dtype(tensors: dict) -> torch.dtype:
 
 def config_from_dir(path: str | Path) -> tuple[MLLMConfig, str]:
     """The model config of a checkpoint directory and the name of its format."""
-    d = read_config(path)
-    if "modalign" in d:
-        try:
-            return MLLMConfig.from_dict(d["modalign"]), "native"
-        except ConfigError as e:
-            raise CheckpointError(f"{path}/config.json: {e}") from None
-    mt = d.get("model_type")
-    if mt == "mplug_owl2":
-        return mplug_owl2.config_from_owl2(d), "mplug_owl2"
-    if mt == "blip-2":
-        return blip2.config_from_blip2(d), "blip-2"
-    if mt == "instructblip":
-        return blip2.config_from_instructblip(d), "blip-2"
-    if mt == "internlm2":
-        return internlm2.config_from_internlm2(d, Path(path), read_shapes(path)), "internlm2"
-    if mt == "llava":
-        return hf.llava_config_from_hf(d), "llava"
-    if mt in hf.LLM_TYPES:
-        return MLLMConfig(llm=hf.llm_config_from_hf(d), source_format=f"hf-{mt}"), mt
-    if mt in hf.VISION_TYPES:
-        raise CheckpointError(
-            f"{path} is a vision tower ({mt}); load it with modalign.checkpoints.load_vision_tower"
-        )
-    raise CheckpointError(f"{path}: unsupported model_type {mt!r}; supported: {', '.join(SUPPORTED)}")
+    doc = read_config(path)
+    fmt = formats.detect(doc, path)
+    return fmt.config(doc, Path(path)), fmt.name
 
 
 def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None):
     """Any supported directory -> MLLM (float tensors keep the file's dtype unless ``dtype``)."""
-    cfg, fmt = config_from_dir(path)
+    doc = read_config(path)
+    fmt = formats.detect(doc, path)
+    cfg = fmt.config(doc, Path(path))
     tensors = read_tensors(path)
-    if fmt == "mplug_owl2":
-        tensors = mplug_owl2.state_from_owl2(tensors, cfg)
-    elif fmt == "blip-2":
-        tensors = blip2.state_from_blip2(tensors, cfg)
-    elif fmt == "internlm2":
-        tensors = internlm2.state_from_internlm2(tensors, cfg)
-    elif fmt == "llava":
-        tensors = hf.remap(tensors, hf.map_llava_key)
-    elif fmt in hf.LLM_TYPES:
-        tensors = hf.remap(tensors, hf.map_llm_key)
+    if fmt.state is not None:
+        tensors = fmt.state(tensors, cfg)
     model = build(cfg, dtype or _floating_dtype(tensors), device)
     load_state_strict(model, tensors, str(path))
     model.eval()

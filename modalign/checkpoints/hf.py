@@ -205,8 +205,6 @@ def llava_config_to_hf(cfg: MLLMConfig) -> dict:
     v = cfg.vision
     if v.feature_post_norm:
         raise CheckpointError("transformers' LLaVA cannot apply post_layernorm to the selected features")
-    if v.feature_whitening:
-        raise CheckpointError("transformers' LLaVA cannot apply this model's vision feature whitening")
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",

@@ -163,5 +163,12 @@ def commit_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def copy_dir_atomic(src: str | Path, dst: str | Path) -> None:
+    """Copy the directory ``src`` to ``dst``: written beside ``dst`` and renamed into place, so an
+    interrupted copy never leaves a half-written ``dst``."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], file: Path, metadata: dict | None = None) -> None:
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(file), metadata)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalign.config import ConnectorConfig
-from modalign.models.vision import activation
+from modalign.models.layers import activation
 
 _REGISTRY: dict[str, Callable[[ConnectorConfig, int, int, int], nn.Module]] = {}
 _MLP_RE = re.compile(r"^mlp(\d+)x_(\w+)$")

@@ -9,7 +9,6 @@ A text-only LLM is an ``MLLM`` whose config has no vision part.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ class PlaceholderMismatch(ValueError):
 
 @dataclass
 class MLLMOutput:
-    logits: torch.Tensor | None  # None when the forward was asked for the loss only
+    logits: torch.Tensor
     loss: torch.Tensor | None = None
     modality_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # after the splice (per-image placeholders grow it)
@@ -145,103 +144,18 @@ def _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, lab
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labels != -100 (computed in fp32)."""
-    return supervised_lm_loss(logits, labels)
-
-
-def supervised_lm_loss(
-    hidden: torch.Tensor,
-    labels: torch.Tensor,
-    head: nn.Module | None = None,
-    answer_bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, int]:
-    """``causal_lm_loss`` from the final hidden states, running ``head`` only where a label is
-    supervised: the same loss, without the vocabulary projection of every prompt position
-    (``head`` None: ``hidden`` are the logits already). ``answer_bias`` [B, V] is added to the
-    logits that predict each row's first supervised token (training against an answer prior,
-    ``modalign.train.prior``)."""
-    keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
+    """Mean next-token cross-entropy over labels != -100 (computed in fp32), and how many
+    tokens it averages."""
+    keep = labels[:, 1:].to(logits.device) != IGNORE_INDEX
     n = int(keep.sum())
-    rows = hidden[:, :-1][keep]
-    logits = (rows if head is None else head(rows)).float()
-    if answer_bias is not None:
-        first = keep & (keep.cumsum(1) == 1)  # [B, T-1]: each row's first supervised position
-        # both row-major: the k-th first position is the k-th kept row that is a first one
-        at, batch_row = first[keep].nonzero()[:, 0], first.nonzero()[:, 0]
-        logits = logits.index_add(0, at, answer_bias.to(logits)[batch_row])
-    loss = F.cross_entropy(logits, labels[:, 1:].to(hidden.device)[keep], reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1][keep].float(), labels[:, 1:].to(logits.device)[keep], reduction="sum"
+    )
     return loss / max(n, 1), n
 
 
-def tower_fingerprint(tower: nn.Module) -> str:
-    """A digest of a vision tower's configuration, weights and buffers: equal digests, equal outputs."""
-    h = hashlib.sha1(repr(getattr(tower, "cfg", None)).encode())
-    for name, t in [*tower.named_parameters(), *tower.named_buffers()]:
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class FeatureCache:
-    """A frozen tower's output per image key, up to ``limit`` bytes. It is filled once, before
-    training, in a fixed order (``fill``), so what it holds does not depend on the batches or on
-    where a run resumed; images it does not hold are encoded with their batch, as without it."""
-
-    def __init__(self, limit: int, fingerprint: str | None = None):
-        self.limit, self.bytes, self._memo = limit, 0, {}
-        self.hits = self.misses = 0
-        self.fingerprint = fingerprint  # the tower whose output it holds (``tower_fingerprint``)
-
-    def __contains__(self, key) -> bool:
-        return key in self._memo
-
-    def __len__(self) -> int:
-        return len(self._memo)
-
-    @torch.no_grad()
-    def fill(self, tower: nn.Module, images, batch_size: int = 64) -> int:
-        """``images``: (key, pixels [3, S, S]) pairs; encodes them ``batch_size`` at a time until
-        the limit is reached. Returns how many it holds."""
-        chunk: list = []
-        pending: set = set()
-        for key, px in images:
-            if key in self._memo or key in pending:
-                continue
-            chunk.append((key, px))
-            pending.add(key)
-            if len(chunk) == batch_size:
-                if not self._add(tower, chunk):
-                    return len(self._memo)
-                chunk, pending = [], set()
-        if chunk:
-            self._add(tower, chunk)
-        return len(self._memo)
-
-    def _add(self, tower, chunk) -> bool:
-        dev = next(tower.parameters()).device
-        feats = tower(torch.stack([px for _, px in chunk]).to(dev))
-        for (key, _), f in zip(chunk, feats, strict=True):
-            n = f.numel() * f.element_size()
-            if self.bytes + n > self.limit:
-                return False
-            self._memo[key], self.bytes = f.clone(), self.bytes + n
-        return True
-
-    @torch.no_grad()
-    def __call__(self, tower: nn.Module, pixel_values: torch.Tensor, keys: list) -> torch.Tensor:
-        if len(keys) != len(pixel_values):
-            raise ValueError(f"image_keys: {len(keys)} keys for {len(pixel_values)} images")
-        held = [self._memo.get(k) if k is not None else None for k in keys]
-        miss = [i for i, f in enumerate(held) if f is None]
-        self.hits += len(keys) - len(miss)
-        self.misses += len(miss)
-        if len(miss) == len(keys):
-            return tower(pixel_values)
-        if miss:
-            for i, f in zip(miss, tower(pixel_values[miss]), strict=True):
-                held[i] = f
-        return torch.stack(held)
+def _has_images(pixel_values) -> bool:
+    return pixel_values is not None and len(pixel_values) > 0
 
 
 class MLLM(nn.Module):
@@ -261,7 +175,6 @@ class MLLM(nn.Module):
                 config.vision.num_features,
             )
         self.llm = LLM(config.llm)
-        self._features: FeatureCache | None = None  # see cache_vision_features
 
     # ------------------------------------------------------------------ images
 
@@ -280,34 +193,19 @@ class MLLM(nn.Module):
             return self.vision.hd_num_tokens(h // t, w // t)
         return self.connector.num_output_tokens(self.config.vision.num_features)
 
-    def cache_vision_features(self, max_mb: float, reuse: FeatureCache | None = None) -> FeatureCache | None:
-        """Keep the vision tower's output per image file (``image_keys``), at most ``max_mb`` MiB
-        (0: stop and drop what is kept), and return the cache to ``fill``. Only for a frozen tower:
-        the trainer fills it before a stage whose vision parameters do not train, and drops it after.
-        ``reuse``: a cache an earlier stage filled; kept if it was filled by this very tower (same
-        weights and feature selection) with the same limit, else replaced by an empty one."""
-        if max_mb <= 0:
-            self._features = None
-            return None
-        limit, fp = int(max_mb * 2**20), tower_fingerprint(self.vision)
-        ok = reuse is not None and reuse.fingerprint == fp and reuse.limit == limit
-        self._features = reuse if ok else FeatureCache(limit, fp)
-        return self._features
-
-    def encode_images(
-        self, pixel_values, image_keys=None, **connector_inputs
-    ) -> torch.Tensor | list[torch.Tensor]:
+    def encode_images(self, pixel_values=None, image_features=None, **connector_inputs):
         """[N, 3, S, S] -> visual tokens [N, L_out, D_llm]. HD layouts take a list of
         [3, H_i, W_i] (or one [N, 3, H, W] tensor) and return a list of [L_i, D_llm].
-        ``image_keys``: each image's file (None where it has none), for the feature cache.
+        ``image_features``: the vision tower's output [N, L_in, D_vis] computed beforehand (e.g.
+        a trainer's cache of a frozen tower), used instead of running the tower on pixels.
         ``connector_inputs``: e.g. InstructBLIP's ``qformer_input_ids`` (one row per image)."""
         if not self.has_vision:
             raise ValueError("this model has no vision tower; it cannot take pixel_values")
+        extra = {k: v for k, v in connector_inputs.items() if v is not None}
+        if image_features is not None:
+            return self.connector(image_features, **extra)
         if self.config.vision.hd_layout:
             return [self.connector(self.vision.encode_hd(im)[None])[0] for im in pixel_values]
-        extra = {k: v for k, v in connector_inputs.items() if v is not None}
-        if self._features is not None and image_keys is not None and isinstance(pixel_values, torch.Tensor):
-            return self.connector(self._features(self.vision, pixel_values, image_keys), **extra)
         return self.connector(self.vision(pixel_values), **extra)
 
     def embed(
@@ -318,13 +216,15 @@ class MLLM(nn.Module):
         labels: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
         placeholder: str | None = None,
-        image_keys: list | None = None,
+        image_features: torch.Tensor | None = None,
         **connector_inputs,
     ) -> Spliced:
-        """Token embeddings with the visual tokens spliced in, plus modality ids.
-        ``placeholder`` overrides the config's mode (the engine pre-expands per-image ids)."""
-        if image_tokens is None and pixel_values is not None and len(pixel_values) > 0:
-            image_tokens = self.encode_images(pixel_values, image_keys, **connector_inputs)
+        """Token embeddings with the visual tokens spliced in, plus modality ids. The visual
+        tokens come from ``image_tokens`` (connector outputs), ``image_features`` (vision tower
+        outputs) or ``pixel_values``. ``placeholder`` overrides the config's mode (the engine
+        pre-expands per-image placeholders)."""
+        if image_tokens is None and (image_features is not None or _has_images(pixel_values)):
+            image_tokens = self.encode_images(pixel_values, image_features, **connector_inputs)
         return splice(
             self.llm.embed_tokens,
             input_ids,
@@ -343,26 +243,22 @@ class MLLM(nn.Module):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        position_ids: torch.Tensor | None = None,
+        *,
         inputs_embeds: torch.Tensor | None = None,
         modality_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         logits_to_keep: int = 0,
-        placeholder: str | None = None,
+        image_features: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
-        return_logits: bool = True,
-        image_keys: list | None = None,
-        answer_bias: torch.Tensor | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
-        reference class for the checkpoint takes them; or ``inputs_embeds`` [B, T, D] with
-        ``modality_ids`` [B, T]. With a ``cache`` holding a prompt, ``input_ids`` are new text.
-        With ``labels`` and ``return_logits=False`` (what the trainer asks for) only the loss is
-        computed, the LM head running on the supervised positions alone; ``logits`` is None.
-        ``image_keys`` name each image's file for the vision feature cache (training);
-        ``answer_bias`` [B, V] is added to the logits of each row's first answer token in that loss
-        (training against an answer prior; loss-only)."""
+        reference class for the checkpoint takes them (InstructBLIP also ``qformer_input_ids``);
+        or ``inputs_embeds`` [B, T, D] with ``modality_ids`` [B, T] (from ``embed``). With a
+        ``cache`` holding a prompt, ``input_ids`` are new text tokens. ``image_features``: the
+        vision tower's output, computed beforehand, instead of ``pixel_values``. With ``labels``
+        the output carries the mean next-token loss over labels != -100."""
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -373,30 +269,24 @@ class MLLM(nn.Module):
                 logits = self.llm(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, logits_to_keep=logits_to_keep)  # fmt: skip
                 return MLLMOutput(logits=logits, attention_mask=attention_mask)
-            sp = self.embed(input_ids, pixel_values, attention_mask, labels, placeholder=placeholder,
-                            image_keys=image_keys, qformer_input_ids=qformer_input_ids,
+            sp = self.embed(input_ids, pixel_values, attention_mask, labels, image_features=image_features,
+                            qformer_input_ids=qformer_input_ids,
                             qformer_attention_mask=qformer_attention_mask)  # fmt: skip
             inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels
             # all-text inference skips the image branches (bit-identical to the base model); in
             # training the ids are always passed so routed parameters stay in the graph (DDP)
-            if modality_ids is None and (pixel_values is not None or self.training):
+            if modality_ids is None and (
+                pixel_values is not None or image_features is not None or self.training
+            ):
                 modality_ids = sp.modality_ids
-        loss_only = labels is not None and not return_logits
-        if answer_bias is not None and not loss_only:
-            raise ValueError("answer_bias applies to the loss only: pass labels and return_logits=False")
         logits = self.llm(
             inputs_embeds=inputs_embeds,
             modality_ids=modality_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
-            return_hidden=loss_only,
             logits_to_keep=logits_to_keep,
         )
-        if loss_only:
-            loss, n = supervised_lm_loss(logits, labels, self.llm.lm_head, answer_bias)
-            return MLLMOutput(logits=None, loss=loss, modality_ids=modality_ids, attention_mask=attention_mask,
-                              num_tokens=n)  # fmt: skip
         out = MLLMOutput(logits=logits, modality_ids=modality_ids, attention_mask=attention_mask)
         if labels is not None:
             out.loss, out.num_tokens = causal_lm_loss(logits, labels)

@@ -112,7 +112,6 @@ def apply_mam(llm: nn.Module) -> None:
     The image copies start as exact copies of the text weights, so the converted model's
     outputs equal the original's until the image copies are trained.
     """
-    llm._decode_plan = None  # the decode fast path holds references to the replaced modules
     for layer in llm.layers:
         attn = layer.self_attn
         if getattr(attn, "qkv_proj", None) is not None:

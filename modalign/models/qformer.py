@@ -20,7 +20,7 @@ from torch import nn
 
 from modalign.config import ConnectorConfig
 from modalign.models.connectors import register
-from modalign.models.vision import activation
+from modalign.models.layers import activation
 
 
 class QFormerMultiHeadAttention(nn.Module):

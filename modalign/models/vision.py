@@ -15,20 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalign.config import VisionConfig
-
-
-def activation(name: str):
-    if name == "quick_gelu":
-        return lambda x: x * torch.sigmoid(1.702 * x)
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
-        return lambda x: F.gelu(x, approximate="tanh")
-    if name == "gelu":
-        return F.gelu
-    if name == "silu":
-        return F.silu
-    if name == "relu":
-        return F.relu
-    raise ValueError(f"unknown activation {name!r}; known: quick_gelu, gelu, gelu_pytorch_tanh, silu")
+from modalign.models.layers import activation
 
 
 class VisionEmbeddings(nn.Module):
@@ -126,16 +113,6 @@ class VisionTower(nn.Module):
             self.sub_GN = nn.Parameter(torch.zeros(1, 1, 1, c4))  # row-end ("newline") token
         elif cfg.hd_layout is not None:
             raise ValueError(f"unknown hd_layout {cfg.hd_layout!r}; known: ixc")
-        if cfg.feature_whitening:
-            self.enable_feature_whitening()
-
-    def enable_feature_whitening(self) -> None:
-        """Add the (identity) feature whitening buffers and switch it on; the buffers are set by
-        ``fit_feature_whitening`` or loaded from a checkpoint."""
-        d, dev = self.cfg.feature_dim, self.embeddings.patch_embedding.weight.device
-        self.register_buffer("feature_mean", torch.zeros(d, device=dev))
-        self.register_buffer("feature_whitening", torch.eye(d, device=dev))
-        self.cfg.feature_whitening = True
 
     def _layer_indices(self) -> list[int]:
         n = self.cfg.num_layers + 1
@@ -176,10 +153,7 @@ class VisionTower(nn.Module):
             if self.cfg.class_token and self.cfg.feature_select == "patch":
                 h = h[:, 1:]
             feats.append(h)
-        out = feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
-        if self.cfg.feature_whitening:
-            out = (out - self.feature_mean.to(out.dtype)) @ self.feature_whitening.to(out.dtype)
-        return out
+        return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 
     # ------------------------------------------------------------ high-resolution layout (IXC)
     #   image [3, h*t, w*t] -> crops [global (resized to t x t), tile(0,0) ... tile(h-1,w-1)]
@@ -213,37 +187,3 @@ class VisionTower(nn.Module):
         )
         s = torch.cat([big, sub.expand(h * half, 1, -1)], dim=1).reshape(-1, 4 * c)
         return torch.cat([g, self.glb_GN.to(cells.dtype).view(1, 4 * c), s])
-
-
-@torch.no_grad()
-def fit_feature_whitening(tower: VisionTower, batches, rel_eps: float = 1e-6) -> dict:
-    """Fit ``tower``'s feature whitening on image batches ([N, 3, S, S] each) and switch it on.
-
-    Mean and covariance of the selected features (every token of every image) are computed in
-    float64; the transform is ZCA, ``U diag(1/sqrt(max(e, rel_eps * e_max))) U^T``, so feature
-    dimensions keep their meaning. Returns the eigenvalue spectrum summary."""
-    if tower.cfg.hd_layout is not None:
-        raise ValueError("feature whitening is not supported with an HD layout")
-    was_on, tower.cfg.feature_whitening = tower.cfg.feature_whitening, False
-    try:
-        n, total, outer = 0, None, None
-        for px in batches:
-            f = tower(px).flatten(0, -2).double()
-            total = f.sum(0) if total is None else total + f.sum(0)
-            outer = f.T @ f if outer is None else outer + f.T @ f
-            n += f.shape[0]
-    finally:
-        tower.cfg.feature_whitening = was_on
-    if n < 2:
-        raise ValueError("fit_feature_whitening: no features (empty image batches)")
-    mean = total / n
-    cov = (outer - n * torch.outer(mean, mean)) / (n - 1)
-    evals, vecs = torch.linalg.eigh(cov)
-    floor = rel_eps * evals.max()
-    w = vecs @ torch.diag(evals.clamp_min(floor).rsqrt()) @ vecs.T
-    if not tower.cfg.feature_whitening:
-        tower.enable_feature_whitening()
-    tower.feature_mean.copy_(mean.float())
-    tower.feature_whitening.copy_(w.float())
-    return {"tokens": n, "eig_max": evals.max().item(), "eig_min": evals.min().item(),
-            "condition": (evals.max() / evals.clamp_min(floor).min()).item()}  # fmt: skip

@@ -24,9 +24,9 @@ from prometheus_client import (
     generate_latest,
 )
 
-from modalign.chat import ChatModel, TextDelta
 from modalign.data.conversation import IMAGE_MARK, BadSample, Message
 from modalign.data.images import open_image
+from modalign.infer.chat import ChatModel, TextDelta
 from modalign.serve.batcher import Batcher, Job
 from modalign.serve.images import ImagePolicy, RequestError, load_image_bytes
 

@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from modalign.generate import Engine, Prompt, SamplingParams
+from modalign.infer.engine import Engine, Prompt, SamplingParams
 
 log = logging.getLogger("modalign.serve")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from modalign.models.mllm import MLLM
+from modalign.train import objectives
 from modalign.train.freeze import apply_trainable
 from modalign.train.recipe import Recipe
 
@@ -21,19 +22,16 @@ def plan(recipe: Recipe) -> list[dict]:
     for stage in recipe.stages:
         with torch.device("meta"):
             enable_parts(model, stage.enable)
-            target = model
-            if stage.objective == "contrastive":
-                from modalign.train.contrastive import ContrastiveModel
-
-                target = ContrastiveModel(model)
+            target = objectives.get(stage.objective.name).module(model, stage)
         table = apply_trainable(target, stage.trainable)
         trainable = sum(r.trainable for r in table)
         total = trainable + sum(r.frozen for r in table)
         wbytes = 2 if stage.precision == "bf16" else 4
-        tokens = stage.batch_size * stage.grad_accum * stage.max_length
-        act = stage.batch_size * stage.max_length * cfg.llm.hidden_size * cfg.llm.num_layers * 34
+        batch, length = stage.data.batch_size, stage.data.max_length
+        tokens = batch * stage.optim.grad_accum * length
+        act = batch * length * cfg.llm.hidden_size * cfg.llm.num_layers * 34
         if stage.gradient_checkpointing:
-            act = stage.batch_size * stage.max_length * cfg.llm.hidden_size * (cfg.llm.num_layers * 2 + 34)
+            act = batch * length * cfg.llm.hidden_size * (cfg.llm.num_layers * 2 + 34)
         mem = {
             "weights": total * 4,  # fp32 master weights (bf16 runs autocast)
             "gradients": trainable * 4,
@@ -42,7 +40,7 @@ def plan(recipe: Recipe) -> list[dict]:
         }
         rows.append({"stage": stage.name, "trainable": trainable, "frozen": total - trainable, "groups": table,
                      "memory_bytes": mem, "memory_total_gib": sum(mem.values()) / 2**30,
-                     "tokens_per_step_max": tokens, "objective": stage.objective})  # fmt: skip
+                     "tokens_per_step_max": tokens, "objective": stage.objective.name})  # fmt: skip
     return rows
 
 

@@ -1,8 +1,10 @@
 """Declarative training recipes (YAML): the model, then a list of stages.
 
-Each stage names its data (mixture weights), template, trainable parameter patterns, LR per
-group, schedule, batch size, accumulation, clipping, steps or epochs, precision and gradient
-checkpointing; ``init_from`` says where its weights start (default: the previous stage).
+Each stage names its trainable parameter patterns and has sections: ``data`` (sources and their
+mixture weights, template, batching, caches), ``optim`` (LR per group, schedule, accumulation,
+clipping), ``stop`` (steps or epochs, early stop on a learnt loss), ``objective`` (lm or
+contrastive, with its options) and ``checkpoints``; ``init_from`` says where its weights start
+(default: the previous stage).
 Strings may use ``${data}`` and ``${out}``; ``--set a.b.c=value`` overrides any key.
 Validation names the offending key (``recipe.stages[1].lr: expected a number``).
 """
@@ -19,9 +21,8 @@ from typing import Any
 import yaml
 
 from modalign.config import ConfigError, MLLMConfig, _build
-from modalign.models.decoder import check_dropout
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the full-scale recipes (package data)
 
 
 @dataclass
@@ -32,64 +33,22 @@ class DataSource:
 
 
 @dataclass
-class Schedule:
-    warmup: float = 0.03  # fraction of steps (< 1) or a number of steps (>= 1)
-    decay: str = "cosine"  # cosine | linear | constant
-    min_lr_ratio: float = 0.0
-
-
-@dataclass
 class BadSamples:
     mode: str = "skip"  # skip | error
     max_fraction: float = 0.05
 
 
 @dataclass
-class Stage:
-    name: str
-    data: list[DataSource]
-    trainable: list[str]
+class StageData:
+    """What a stage reads and how it batches it."""
+
+    sources: list[DataSource]
     template: str = "vicuna_v1"
-    objective: str = "lm"  # lm | contrastive (CLIP-style image-caption pretraining of the vision tower)
-    lr: float = 2e-5
-    lr_groups: dict[str, float] = field(default_factory=dict)
-    schedule: Schedule = field(default_factory=Schedule)
-    weight_decay: float = 0.0
-    # dropout on the LLM's residual branches (each layer's attention and MLP outputs) while this
-    # stage trains; not saved with the model
-    dropout: float = 0.0
-    # train against the data's question-only answer prior with this weight (product of experts,
-    # modalign.train.prior; 0: off): prompts seen at least answer_prior_min_count times
-    answer_prior: float = 0.0
-    answer_prior_min_count: int = 20
-    batch_size: int = 16
-    grad_accum: int = 1
-    clip: float | None = 1.0
-    max_steps: int | None = None
-    epochs: float | None = None
-    # end the stage early once the mean loss of the last ``stop_window`` steps is at or below this
-    # (a curriculum step that is learnt); the schedule still spans max_steps / epochs
-    stop_at_loss: float | None = None
-    stop_window: int = 20
-    # once stop_at_loss is met, go on this many steps with the LR falling linearly from its value there
-    # to min_lr_ratio (warmup-stable-decay style: a learnt step ends annealed, not at a high LR)
-    stop_anneal: int = 0
-    samples: int | None = None  # mixture draws per epoch (default: the sources' total size)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
-    gradient_checkpointing: bool = False
-    init_from: str | None = "previous"  # previous | none | a checkpoint directory
-    enable: dict[str, Any] = field(default_factory=dict)  # parts added at this stage (e.g. lora: {...})
     max_length: int = 2048
-    group_by_modality: bool = False
+    batch_size: int = 16  # per process
+    samples: int | None = None  # mixture draws per epoch (default: the sources' total size)
     group_by_length: bool = True  # off for contrastive stages: similar-length batches are all hard negatives
-    # after training: fit the vision tower's feature whitening on up to this many of the stage's
-    # images (0: off); see VisionConfig.feature_whitening
-    whiten_vision_features: int = 0
-    # contrastive: weight of the region-phrase term (needs annotated images with boxes; 0: off)
-    region_contrastive: float = 0.0
-    # the text each box is matched against: {category} (the box label) and {where} (its coarse
-    # 3x3 location, "top left" ... "bottom right")
-    region_phrase: str = "{category}"
+    group_by_modality: bool = False
     bad_samples: BadSamples = field(default_factory=BadSamples)
     # resized images kept in memory per process, at most this many MiB (0: decode every time)
     image_cache_mb: float = 512
@@ -98,59 +57,186 @@ class Stage:
     # a frozen vision tower's output per image file, kept after its first pass, at most this many MiB
     # (0: off; never under FSDP): the tower runs once per image instead of once per sample
     feature_cache_mb: float = 256
-    save_every: int = 0  # optimizer steps between checkpoints (0: only at the end)
-    keep_last: int = 2
-    eval_every: int = 0
-    log_every: int = 1
+
+    def validate(self, where: str) -> None:
+        if not self.sources:
+            raise ConfigError(f"{where}.sources: a stage needs at least one data source")
+        if self.batch_size < 1:
+            raise ConfigError(f"{where}.batch_size: expected >= 1, got {self.batch_size}")
+        if self.bad_samples.mode not in ("skip", "error"):
+            raise ConfigError(
+                f"{where}.bad_samples.mode: expected skip or error, got {self.bad_samples.mode!r}"
+            )
+        for key in ("image_cache_mb", "token_cache_mb", "feature_cache_mb"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{where}.{key}: expected a size in MiB >= 0, got {getattr(self, key)}")
+
+
+@dataclass
+class Schedule:
+    warmup: float = 0.03  # fraction of steps (< 1) or a number of steps (>= 1)
+    decay: str = "cosine"  # cosine | linear | constant
+    min_lr_ratio: float = 0.0
+
+
+@dataclass
+class Optim:
+    """AdamW and its schedule; regularisation."""
+
+    lr: float = 2e-5
+    lr_groups: dict[str, float] = field(default_factory=dict)  # glob -> LR (first match wins)
+    weight_decay: float = 0.0  # never on norms, biases and embeddings
+    grad_accum: int = 1
+    clip: float | None = 1.0
+    schedule: Schedule = field(default_factory=Schedule)
+    # dropout on the LLM's residual branches (each layer's attention and MLP outputs) while this
+    # stage trains; not saved with the model
+    dropout: float = 0.0
+
+    def validate(self, where: str) -> None:
+        if self.grad_accum < 1:
+            raise ConfigError(f"{where}.grad_accum: expected >= 1, got {self.grad_accum}")
+        if self.schedule.decay not in ("cosine", "linear", "constant"):
+            raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {self.dropout}")
+
+
+@dataclass
+class Stop:
+    """When a stage ends: after ``max_steps`` optimiser steps or ``epochs``, or earlier once the
+    mean loss of the last ``window`` steps is at or below ``at_loss`` (a learnt curriculum step;
+    the LR schedule still spans max_steps / epochs)."""
+
+    max_steps: int | None = None
+    epochs: float | None = None
+    at_loss: float | None = None
+    window: int = 20
 
     def validate(self, where: str) -> None:
         if (self.max_steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: give exactly one of max_steps and epochs")
+        if self.at_loss is not None and not self.at_loss > 0:
+            raise ConfigError(f"{where}.at_loss: expected a loss > 0, got {self.at_loss}")
+        if self.window < 1:
+            raise ConfigError(f"{where}.window: expected a number of steps >= 1, got {self.window}")
+
+
+@dataclass
+class AnswerPriorOptions:
+    """Train against the data's question-only answer prior (``objectives/answer_prior.py``)."""
+
+    weight: float = 1.0
+    min_count: int = 20  # prompts seen at least this often get a prior
+
+
+@dataclass
+class RegionOptions:
+    """Contrastive: match each box's patch against a phrase (needs annotated images)."""
+
+    weight: float = 1.0
+    # the text each box is matched against: {category} (the box label) and {where} (its coarse
+    # 3x3 location, "top left" ... "bottom right")
+    phrase: str = "{category}"
+
+
+@dataclass
+class Objective:
+    """The stage's training objective (``modalign.train.objectives``) and its options."""
+
+    name: str = "lm"  # lm | contrastive
+    answer_prior: AnswerPriorOptions | None = None  # lm
+    region: RegionOptions | None = None  # contrastive
+
+    def validate(self, where: str) -> None:
+        from modalign.train.objectives import OBJECTIVES
+
+        if self.name not in OBJECTIVES:
+            raise ConfigError(f"{where}.name: expected one of {', '.join(OBJECTIVES)}, got {self.name!r}")
+        allowed = OBJECTIVES[self.name].options
+        for opt in ("answer_prior", "region"):
+            if getattr(self, opt) is not None and opt not in allowed:
+                raise ConfigError(f"{where}.{opt}: not an option of the {self.name} objective")
+        if self.answer_prior is not None:
+            if self.answer_prior.weight < 0:
+                raise ConfigError(
+                    f"{where}.answer_prior.weight: expected a weight >= 0, got {self.answer_prior.weight}"
+                )
+            if self.answer_prior.min_count < 1:
+                raise ConfigError(
+                    f"{where}.answer_prior.min_count: expected a sample count >= 1, got {self.answer_prior.min_count}"
+                )
+        if self.region is not None:
+            if self.region.weight < 0:
+                raise ConfigError(f"{where}.region.weight: expected a weight >= 0, got {self.region.weight}")
+            try:
+                self.region.phrase.format(category="c", where="w")
+            except (KeyError, IndexError, ValueError) as e:
+                raise ConfigError(
+                    f"{where}.region.phrase: only {{category}} and {{where}} may be used ({e})"
+                ) from None
+
+
+@dataclass
+class Checkpoints:
+    every: int = 0  # optimizer steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+
+
+@dataclass
+class Stage:
+    name: str
+    data: StageData
+    trainable: list[str]  # globs over parameter names; everything else is frozen ("!glob" excludes)
+    stop: Stop
+    optim: Optim = field(default_factory=Optim)
+    objective: Objective = field(default_factory=Objective)
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    gradient_checkpointing: bool = False
+    init_from: str | None = "previous"  # previous | none | a checkpoint directory
+    enable: dict[str, Any] = field(default_factory=dict)  # parts added at this stage (e.g. lora: {...})
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)
+
+    def validate(self, where: str) -> None:
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"{where}.precision: expected fp32 or bf16, got {self.precision!r}")
-        if self.objective not in ("lm", "contrastive"):
-            raise ConfigError(f"{where}.objective: expected lm or contrastive, got {self.objective!r}")
-        if self.schedule.decay not in ("cosine", "linear", "constant"):
-            raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
-        if self.stop_at_loss is not None and not self.stop_at_loss > 0:
-            raise ConfigError(f"{where}.stop_at_loss: expected a loss > 0, got {self.stop_at_loss}")
-        try:
-            check_dropout(self.dropout)
-        except ValueError as e:
-            raise ConfigError(f"{where}.dropout: {e}") from None
-        if self.answer_prior < 0 or self.answer_prior and self.objective != "lm":
-            raise ConfigError(
-                f"{where}.answer_prior: expected a weight >= 0 on an lm stage, got {self.answer_prior}"
-            )
-        if self.answer_prior_min_count < 1:
-            raise ConfigError(
-                f"{where}.answer_prior_min_count: expected a sample count >= 1, got {self.answer_prior_min_count}"
-            )
-        if self.stop_anneal < 0:
-            raise ConfigError(f"{where}.stop_anneal: expected a number of steps >= 0, got {self.stop_anneal}")
-        if self.stop_anneal and self.stop_at_loss is None:
-            raise ConfigError(f"{where}.stop_anneal: anneals after stop_at_loss is met; set stop_at_loss too")
-        if self.stop_window < 1:
-            raise ConfigError(f"{where}.stop_window: expected a number of steps >= 1, got {self.stop_window}")
-        if self.batch_size < 1 or self.grad_accum < 1:
-            raise ConfigError(f"{where}: batch_size and grad_accum must be >= 1")
-        if not self.data:
-            raise ConfigError(f"{where}.data: a stage needs at least one data source")
         if not self.trainable:
             raise ConfigError(f"{where}.trainable: a stage needs at least one trainable pattern")
-        if self.region_contrastive < 0 or self.region_contrastive and self.objective != "contrastive":
-            raise ConfigError(f"{where}.region_contrastive: expected a weight >= 0 on a contrastive stage")
-        try:
-            self.region_phrase.format(category="c", where="w")
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(
-                f"{where}.region_phrase: only {{category}} and {{where}} may be used ({e})"
-            ) from None
-        if self.whiten_vision_features < 0:
-            raise ConfigError(f"{where}.whiten_vision_features: expected an image count >= 0")
-        for key in ("image_cache_mb", "token_cache_mb", "feature_cache_mb"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{where}.{key}: expected a size in MiB >= 0, got {getattr(self, key)}")
+        self.data.validate(f"{where}.data")
+        self.optim.validate(f"{where}.optim")
+        self.stop.validate(f"{where}.stop")
+        self.objective.validate(f"{where}.objective")
+
+
+# keys of the flat stage layout (before the sections) -> where they live now
+MOVED = {
+    **{k: f"optim.{k}" for k in ("lr", "lr_groups", "schedule", "weight_decay", "grad_accum", "clip", "dropout")},
+    **{k: f"data.{k}" for k in ("template", "max_length", "batch_size", "samples", "group_by_length",
+                                "group_by_modality", "bad_samples", "image_cache_mb", "token_cache_mb",
+                                "feature_cache_mb")},  # fmt: skip
+    "max_steps": "stop.max_steps", "epochs": "stop.epochs", "stop_at_loss": "stop.at_loss",
+    "stop_window": "stop.window", "answer_prior": "objective.answer_prior.weight",
+    "answer_prior_min_count": "objective.answer_prior.min_count",
+    "region_contrastive": "objective.region.weight", "region_phrase": "objective.region.phrase",
+    "save_every": "checkpoints.every", "keep_last": "checkpoints.keep_last",
+}  # fmt: skip
+REMOVED = ("stop_anneal", "whiten_vision_features", "eval_every", "log_every")
+
+
+def _check_layout(stage: Any, where: str) -> None:
+    """A clear error for a stage written in the old flat layout."""
+    if not isinstance(stage, dict):
+        return
+    for key in stage:
+        if key in MOVED:
+            raise ConfigError(f"{where}.{key}: stage keys live in sections now; use {MOVED[key]} "
+                              "(docs/recipes.md)")  # fmt: skip
+        if key in REMOVED:
+            raise ConfigError(f"{where}.{key}: this key was removed")
+    if isinstance(stage.get("data"), list):
+        raise ConfigError(
+            f"{where}.data: a mapping now: data: {{sources: [...], template: ..., batch_size: ...}}"
+        )
 
 
 @dataclass
@@ -279,26 +365,43 @@ def apply_overrides(doc: dict, sets: list[str]) -> dict:
     return doc
 
 
+def find_recipe(name: str | Path, search: list[Path] | None = None) -> Path:
+    """A recipe file: ``name`` itself, or ``<dir>/<name>.yaml`` in the search directories (the
+    shipped recipes by default)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    dirs = [RECIPES_DIR, *(search or [])]
+    for d in dirs:
+        if (d / f"{name}.yaml").is_file():
+            return d / f"{name}.yaml"
+    names = ", ".join(sorted(p.stem for d in dirs for p in d.glob("*.yaml")))
+    raise FileNotFoundError(f"no recipe file {name}; shipped recipes: {names}")
+
+
 def load_recipe(
-    source: str | Path | dict, variables: dict[str, str] | None = None, sets: list[str] | None = None
+    source: str | Path | dict,
+    variables: dict[str, str] | None = None,
+    sets: list[str] | None = None,
+    search: list[Path] | None = None,
 ) -> Recipe:
-    """Read and validate a recipe: a path, the name of a shipped recipe, or a dict."""
+    """Read and validate a recipe: a path, the name of a shipped recipe (or of one in ``search``),
+    or a dict."""
     if isinstance(source, dict):
         doc = source
     else:
-        path = Path(source)
-        if not path.is_file():
-            shipped = RECIPES_DIR / f"{source}.yaml"
-            if not shipped.is_file():
-                names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-                raise FileNotFoundError(f"no recipe file {source}; shipped recipes: {names}")
-            path = shipped
+        path = find_recipe(source, search)
         try:
             doc = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
     doc = apply_overrides(doc, sets or [])
     doc = _substitute(doc, {"data": "data", "out": "runs", **(variables or {})})
+    if isinstance(doc, dict) and isinstance(doc.get("stages"), list):
+        for i, st in enumerate(doc["stages"]):
+            _check_layout(st, f"recipe.stages[{i}]")
+            if isinstance(st, dict) and isinstance(st.get("objective"), str):  # objective: lm
+                st["objective"] = {"name": st["objective"]}
     recipe = _build(Recipe, doc, "recipe")
     recipe.validate()
     return recipe

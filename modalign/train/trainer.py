@@ -3,20 +3,21 @@
 Per optimiser step: ``grad_accum`` micro-batches (forward under autocast for bf16, backward),
 non-finite check per parameter group, clipping, AdamW, LR from the schedule (a pure function of
 the step, so nothing but the step needs saving). Logs to a progress bar (loss, LR, tokens/s,
-ETA), ``metrics.jsonl`` and TensorBoard; saves atomically every ``save_every`` steps; draws the
+ETA), ``metrics.jsonl`` and TensorBoard; saves atomically every ``checkpoints.every`` steps; draws the
 loss curve at the end. Data order is a pure function of (seed, epoch), so the data position is
 (epoch, micro-batch index) and a resumed run sees exactly the batches it would have seen.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 from modalign.data.collate import LengthGroupedSampler
 from modalign.data.datasets import BadSamplePolicy
 from modalign.train import state as st
+from modalign.train.feature_cache import FeatureCache, RunCache
 from modalign.train.freeze import param_groups
 from modalign.train.parallel import Dist, all_mean, barrier, unwrap
 from modalign.train.recipe import Stage
@@ -49,31 +51,6 @@ def lr_factor(step: int, total: int, warmup: float, decay: str, min_ratio: float
     return min_ratio + (1 - min_ratio) * f
 
 
-def anneal_factor(i: int, steps: int, start: float, min_ratio: float) -> float:
-    """``stop_anneal``: the multiplier ``i`` steps (0-based) after a stage's stop condition was met, going
-    linearly from ``start`` (the schedule's value there) down to ``min_ratio`` at the last of ``steps``."""
-    return min_ratio + (start - min_ratio) * (1 - (i + 1) / steps)
-
-
-def lm_loss(model: nn.Module, batch: dict, device, prior=None) -> tuple[torch.Tensor, int]:
-    """The supervised tokens' loss; with ``prior`` (an ``AnswerPrior``), against its answer prior."""
-    px = batch["pixel_values"]
-    if isinstance(px, torch.Tensor):
-        px = px.to(device)
-    elif isinstance(px, list):
-        px = [p.to(device) for p in px]
-    out = model(
-        input_ids=batch["input_ids"].to(device),
-        pixel_values=px,
-        attention_mask=batch["attention_mask"].to(device),
-        labels=batch["labels"].to(device),
-        return_logits=False,  # the LM head runs on the supervised positions only
-        **({"image_keys": batch["image_keys"]} if batch.get("image_keys") is not None else {}),
-        **({"answer_bias": prior.bias(batch["ids"]).to(device)} if prior is not None else {}),
-    )
-    return out.loss, out.num_tokens
-
-
 @dataclass
 class StageResult:
     steps: int
@@ -83,44 +60,82 @@ class StageResult:
     skipped: dict
 
 
+@dataclass
+class Progress:
+    """Where a stage is: what a checkpoint saves (``state.json``'s ``info``) and a resume restores."""
+
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0  # micro-batches of ``epoch`` consumed
+    tokens: int = 0
+    recent: deque = field(default_factory=deque)  # the last losses, for the stop rule
+    stop_at: int | None = None  # the step at which the stop rule was met
+
+    def info(self, stage: str, policy: BadSamplePolicy) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "micro": self.micro, "tokens": self.tokens, "stage": stage,
+                "seen": policy.seen, "skipped": dict(policy.skipped), "recent_losses": list(self.recent),
+                "stop_at": self.stop_at}  # fmt: skip
+
+
+@contextlib.contextmanager
+def residual_dropout(llm: nn.Module | None, p: float):
+    """Dropout on every decoder layer's attention and MLP outputs (the residual branches) while
+    training: forward hooks, added for a stage and removed after it, so the model itself carries
+    no training setting."""
+    if not p or llm is None:
+        yield
+        return
+
+    def hook(module, args, out):
+        return torch.nn.functional.dropout(out, p, module.training)
+
+    handles = [m.register_forward_hook(hook) for layer in llm.layers for m in (layer.self_attn, layer.mlp)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 class Trainer:
+    """Trains one stage: ``model`` is the stage's objective module (``train/objectives``), possibly
+    DDP/FSDP-wrapped, whose ``forward(batch)`` returns (loss, tokens)."""
+
     def __init__(
         self,
-        model: nn.Module,  # possibly DDP-wrapped
+        model: nn.Module,
         stage: Stage,
         dataset,
         collator: Callable,
         out: Path,
         seed: int = 0,
         dist: Dist | None = None,
-        loss_fn: Callable = lm_loss,
-        eval_fn: Callable | None = None,
         progress: bool = True,
-        carry: dict | None = None,
+        cache: RunCache | None = None,
     ):
         self.model, self.stage, self.dataset, self.collator = model, stage, dataset, collator
-        self.out, self.seed, self.d = Path(out), seed, dist or Dist()
-        self.loss_fn, self.eval_fn, self.progress = loss_fn, eval_fn, progress
-        # what one stage leaves to the next of the same run (the frozen tower's feature cache)
-        self.carry = carry if carry is not None else {}
-        core = unwrap(model)
-        self.groups = param_groups(core, stage.lr, stage.weight_decay, stage.lr_groups)
+        self.out, self.seed, self.d, self.progress = Path(out), seed, dist or Dist(), progress
+        self.cache = cache if cache is not None else RunCache()  # what stages of a run share
+        opt = stage.optim
+        self.groups = param_groups(unwrap(model), opt.lr, opt.weight_decay, opt.lr_groups)
         if not self.groups:
             raise ValueError(f"stage {stage.name}: no trainable parameters")
         for g in self.groups:
             g["initial_lr"] = g["lr"]
-        self.opt = torch.optim.AdamW(self.groups, lr=stage.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
+        self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
+        data = stage.data
         self.sampler = LengthGroupedSampler(
-            dataset, stage.batch_size * self.d.world, seed, stage.group_by_modality,
-            mega=32 if stage.group_by_length else 1,
+            dataset, data.batch_size * self.d.world, seed, data.group_by_modality,
+            mega=32 if data.group_by_length else 1,
         )  # fmt: skip
         self.micro_per_epoch = len(self.sampler.batches())
-        if stage.max_steps is not None:
-            self.total = stage.max_steps
+        if stage.stop.max_steps is not None:
+            self.total = stage.stop.max_steps
         else:
-            self.total = max(1, math.ceil(stage.epochs * self.micro_per_epoch / stage.grad_accum))
-        self.policy = BadSamplePolicy(stage.bad_samples.mode, stage.bad_samples.max_fraction)
+            self.total = max(1, math.ceil(stage.stop.epochs * self.micro_per_epoch / opt.grad_accum))
+        self.policy = BadSamplePolicy(data.bad_samples.mode, data.bad_samples.max_fraction)
         self.ckpt_dir = self.out / "checkpoints"
+        self.metrics_file = self.out / "metrics.jsonl"
 
     # ------------------------------------------------------------------ data
 
@@ -138,166 +153,174 @@ class Trainer:
 
     def run(self, resume: bool = True) -> StageResult:
         core = unwrap(self.model)
-        vision = getattr(core, "vision", None)
-        cache = (self.stage.feature_cache_mb > 0 and vision is not None and hasattr(core, "cache_vision_features")
-                 and hasattr(self.dataset, "image_files") and not core.config.vision.hd_layout
-                 and not st.is_sharded(core) and not any(p.requires_grad for p in vision.parameters()))  # fmt: skip
-        if cache:  # a frozen tower: its output per image file, computed once, in file order
-            t0 = time.perf_counter()
-            fc = core.cache_vision_features(self.stage.feature_cache_mb, reuse=self.carry.get("features"))
-            held = len(fc)  # from an earlier stage with the same frozen tower: not computed again
-            n = fc.fill(vision, self.dataset.image_files(skip=fc))
-            hold = getattr(self.dataset, "hold_images", None)
-            if hold is not None:
-                hold(fc)  # what it holds is not read again
-            log.info("stage %s: vision features of %d images cached in %.1f s (%d from the previous stage)",
-                     self.stage.name, n, time.perf_counter() - t0, held)  # fmt: skip
-        else:  # a stage without the cache (its tower trains, or the cache is off) lets it go
-            self.carry.pop("features", None)
-        llm = getattr(core, "llm", None)
-        if self.stage.dropout and llm is not None:
-            llm.set_dropout(self.stage.dropout)
+        features = self._attach_feature_cache(core)
         try:
-            return self._run(resume)
+            with residual_dropout(getattr(core, "llm", None), self.stage.optim.dropout):
+                return self._run(resume)
         finally:
-            if self.stage.dropout and llm is not None:
-                llm.set_dropout(0.0)
-            if cache:
-                if hold is not None:
-                    hold(())
-                self.carry["features"] = fc
-                core.cache_vision_features(0)
+            if features is not None:
+                self._detach_feature_cache(core, features)
+
+    def _attach_feature_cache(self, core):
+        """A frozen tower's output per image file, computed once, in file order, before training
+        (kept from an earlier stage with the same frozen tower); None where the stage cannot use it
+        (its tower trains, the cache is off, an HD layout, FSDP, an objective without images)."""
+        vision = getattr(core, "vision", None)
+        usable = (self.stage.data.feature_cache_mb > 0 and vision is not None and hasattr(core, "features")
+                  and hasattr(self.dataset, "image_files") and not core.config.vision.hd_layout
+                  and not st.is_sharded(core) and not any(p.requires_grad for p in vision.parameters()))  # fmt: skip
+        if not usable:  # a stage without the cache lets an earlier stage's go
+            self.cache.features = None
+            return None
+        t0 = time.perf_counter()
+        fc = FeatureCache.for_tower(vision, self.stage.data.feature_cache_mb, reuse=self.cache.features)
+        held = len(fc)  # from an earlier stage with the same frozen tower: not computed again
+        n = fc.fill(vision, self.dataset.image_files(skip=fc))
+        core.features = fc
+        self.dataset.hold_images(fc)  # what it holds is not read again
+        log.info("stage %s: vision features of %d images cached in %.1f s (%d from the previous stage)",
+                 self.stage.name, n, time.perf_counter() - t0, held)  # fmt: skip
+        return fc
+
+    def _detach_feature_cache(self, core, fc) -> None:
+        self.dataset.hold_images(())
+        self.cache.features = fc
+        core.features = None
+
+    def _resume(self, core, resume: bool) -> Progress:
+        prev = st.checkpoints(self.ckpt_dir)
+        pr = Progress(recent=deque(maxlen=self.stage.stop.window))
+        if not (resume and prev):
+            torch.manual_seed(self.seed * 7919 + 17 + self.d.rank)  # dropout masks differ by rank
+            return pr
+        load = st.load_training_state_sharded if st.is_sharded(core) else st.load_training_state
+        info = load(prev[-1], core, self.opt)
+        pr.step, pr.epoch, pr.micro, pr.tokens = info["step"], info["epoch"], info["micro"], info["tokens"]
+        pr.recent.extend(info.get("recent_losses", []))
+        pr.stop_at = info.get("stop_at", pr.step if self._learnt(pr.recent) else None)
+        self.policy.seen = info["seen"]
+        self.policy.skipped.update(info["skipped"])
+        if self.d.main:
+            log.info("stage %s: resumed from %s (step %d)", self.stage.name, prev[-1].name, pr.step)
+        return pr
+
+    def _end(self, pr: Progress) -> int:
+        """The last step: max_steps (or the epochs' steps), or where the stop rule was met."""
+        return self.total if pr.stop_at is None else min(self.total, pr.stop_at)
 
     def _run(self, resume: bool) -> StageResult:
         s = self.stage
-        step, epoch, micro, tokens_total, stop_at = 0, 0, 0, 0, None
-        recent: deque[float] = deque(maxlen=s.stop_window)  # the last losses, for stop_at_loss
         core = unwrap(self.model)
-        prev = st.checkpoints(self.ckpt_dir)
-        if resume and prev:
-            load = st.load_training_state_sharded if st.is_sharded(core) else st.load_training_state
-            info = load(prev[-1], core, self.opt)
-            step, epoch, micro, tokens_total = info["step"], info["epoch"], info["micro"], info["tokens"]
-            recent.extend(info.get("recent_losses", []))
-            stop_at = info.get("stop_at", step if self._learnt(recent) else None)
-            self.policy.seen = info["seen"]
-            self.policy.skipped.update(info["skipped"])
-            if self.d.main:
-                log.info("stage %s: resumed from %s (step %d)", s.name, prev[-1].name, step)
-        else:
-            torch.manual_seed(self.seed * 7919 + 17 + self.d.rank)  # dropout masks differ by rank
-        metrics_f = self.out / "metrics.jsonl"
+        pr = self._resume(core, resume)
         if self.d.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            _truncate_metrics(metrics_f, step)
+            _truncate_metrics(self.metrics_file, pr.step)
         tb = _tensorboard(self.out / "tb") if self.d.main else None
         self.model.train()
-        if s.gradient_checkpointing:
-            core.llm.gradient_checkpointing = True
-            if hasattr(core, "vision"):
-                core.vision.gradient_checkpointing = True
-        autocast = torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
-        data = self._micro_batches(epoch, micro)
-        bar = tqdm(total=self.total, initial=step, desc=s.name, disable=not (self.d.main and self.progress),
+        self._set_checkpointing(core, s.gradient_checkpointing)
+        data = self._micro_batches(pr.epoch, pr.micro)
+        bar = tqdm(total=self.total, initial=pr.step, desc=s.name, disable=not (self.d.main and self.progress),
                    dynamic_ncols=True, leave=True)  # fmt: skip
-        t0, loss_val = time.perf_counter(), (recent[-1] if recent else float("nan"))
-        sched = s.schedule
-
-        def factor(i: int) -> float:
-            return lr_factor(i, self.total, sched.warmup, sched.decay, sched.min_lr_ratio)
-
-        def end() -> int:  # the last step: max_steps, or stop_anneal steps after stop_at_loss was met
-            return self.total if stop_at is None else min(self.total, stop_at + s.stop_anneal)
-
-        while step < end():
+        t0, loss_val = time.perf_counter(), (pr.recent[-1] if pr.recent else float("nan"))
+        while pr.step < self._end(pr):
             ts = time.perf_counter()
-            f = (factor(step) if stop_at is None
-                 else anneal_factor(step - stop_at, s.stop_anneal, factor(stop_at), sched.min_lr_ratio))  # fmt: skip
+            sched = s.optim.schedule
+            f = lr_factor(pr.step, self.total, sched.warmup, sched.decay, sched.min_lr_ratio)
             for g in self.opt.param_groups:
                 g["lr"] = g["initial_lr"] * f
-            losses, ntok = [], 0
-            for _ in range(s.grad_accum):
-                epoch, micro, batch = next(data)
-                micro += 1
-                for bad in batch["bad"]:
-                    self.policy.bad(bad)
-                for _ in batch["ids"]:
-                    self.policy.ok()
-                if not batch["ids"]:
-                    continue
-                with autocast:
-                    loss, n = self.loss_fn(self.model, batch, self.d.device)
-                if not torch.isfinite(loss):
-                    raise NonFiniteError(
-                        f"stage {s.name}, step {step}: loss is {loss.item()} (batch {batch['ids'][:4]}...); "
-                        f"the last good checkpoint is kept in {self.ckpt_dir}; lower the LR or use fp32"
-                    )
-                (loss / s.grad_accum).backward()
-                losses.append(loss.item())
-                ntok += int(batch["attention_mask"].sum())
-            self._check_grads(step)
-            gnorm = None
-            if s.clip:
-                params = [p for g in self.opt.param_groups for p in g["params"]]
-                gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.clip))
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-            step += 1
-            loss_val = all_mean(sum(losses) / max(len(losses), 1), self.d)
-            tokens_total += ntok * self.d.world
-            dt = time.perf_counter() - ts
-            rec = {"stage": s.name, "step": step, "loss": loss_val, "lr": self.opt.param_groups[0]["lr"],
-                   "grad_norm": gnorm, "tokens": tokens_total, "tok_per_s": ntok * self.d.world / max(dt, 1e-9),
-                   "epoch": epoch, "skipped": sum(self.policy.skipped.values())}  # fmt: skip
+            loss_val, ntok, gnorm = self._step(pr, data)
+            pr.step += 1
+            pr.tokens += ntok * self.d.world
+            rec = {"stage": s.name, "step": pr.step, "loss": loss_val, "lr": self.opt.param_groups[0]["lr"],
+                   "grad_norm": gnorm, "tokens": pr.tokens,
+                   "tok_per_s": ntok * self.d.world / max(time.perf_counter() - ts, 1e-9), "epoch": pr.epoch,
+                   "skipped": sum(self.policy.skipped.values())}  # fmt: skip
             if self.d.main:
-                with metrics_f.open("a") as f:
-                    f.write(json.dumps(rec) + "\n")
-                if tb is not None:
-                    for k in ("loss", "lr", "grad_norm", "tok_per_s"):
-                        if rec[k] is not None:
-                            tb.add_scalar(f"{s.name}/{k}", rec[k], step)
-                bar.set_postfix(
-                    loss=f"{loss_val:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}"
-                )
-                bar.update(1)
-            if self.eval_fn and s.eval_every and step % s.eval_every == 0:
-                res = self.eval_fn(core, step)
-                if self.d.main and res:
-                    with metrics_f.open("a") as f:
-                        f.write(json.dumps({"stage": s.name, "step": step, "eval": res}) + "\n")
-            recent.append(loss_val)
-            met = stop_at is None and self._learnt(recent)
+                self._log(rec, tb, bar)
+            pr.recent.append(loss_val)
+            met = pr.stop_at is None and self._learnt(pr.recent)
             if met:
-                stop_at = step
-                bar.total = end()
-            if (s.save_every and step % s.save_every == 0) or step == end():
-                self._save(core, step, epoch, micro, tokens_total, list(recent), stop_at)
+                pr.stop_at = pr.step
+                bar.total = self._end(pr)
+            if (s.checkpoints.every and pr.step % s.checkpoints.every == 0) or pr.step == self._end(pr):
+                self._save(core, pr)
             if met:
-                msg = (f"stage {s.name}: mean loss of the last {s.stop_window} steps "
-                       f"{sum(recent) / s.stop_window:.4f} <= stop_at_loss {s.stop_at_loss} at step {step} of "
-                       f"{self.total}: ")  # fmt: skip
-                msg += (f"stopped at step {step}" if end() == step else
-                        f"the LR anneals to min_lr_ratio over {end() - step} more steps")  # fmt: skip
-                if self.d.main:
-                    log.info(msg)
-                    with metrics_f.open("a") as fh:
-                        fh.write(json.dumps({"stage": s.name, "step": step, "stopped": msg}) + "\n")
+                self._note_stop(pr)
         bar.close()
         if tb is not None:
             tb.close()
         self.policy.check(final=True)
         if self.d.main:
-            plot_loss(metrics_f, self.out / "loss.png", s.name)
-        core.llm.gradient_checkpointing = False
-        return StageResult(step, loss_val, time.perf_counter() - t0, tokens_total, dict(self.policy.skipped))
+            plot_loss(self.metrics_file, self.out / "loss.png", s.name)
+        self._set_checkpointing(core, False)
+        return StageResult(pr.step, loss_val, time.perf_counter() - t0, pr.tokens, dict(self.policy.skipped))
+
+    def _step(self, pr: Progress, data) -> tuple[float, int, float | None]:
+        """One optimiser step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
+        s = self.stage
+        autocast = torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+        losses, ntok = [], 0
+        for _ in range(s.optim.grad_accum):
+            pr.epoch, pr.micro, batch = next(data)
+            pr.micro += 1
+            for bad in batch["bad"]:
+                self.policy.bad(bad)
+            for _ in batch["ids"]:
+                self.policy.ok()
+            if not batch["ids"]:
+                continue
+            with autocast:
+                loss, _ = self.model(batch)
+            if not torch.isfinite(loss):
+                raise NonFiniteError(
+                    f"stage {s.name}, step {pr.step}: loss is {loss.item()} (batch {batch['ids'][:4]}...); "
+                    f"the last good checkpoint is kept in {self.ckpt_dir}; lower the LR or use fp32"
+                )
+            (loss / s.optim.grad_accum).backward()
+            losses.append(loss.item())
+            ntok += int(batch["attention_mask"].sum())
+        self._check_grads(pr.step)
+        gnorm = None
+        if s.optim.clip:
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.optim.clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return all_mean(sum(losses) / max(len(losses), 1), self.d), ntok, gnorm
+
+    def _log(self, rec: dict, tb, bar) -> None:
+        with self.metrics_file.open("a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if tb is not None:
+            for k in ("loss", "lr", "grad_norm", "tok_per_s"):
+                if rec[k] is not None:
+                    tb.add_scalar(f"{self.stage.name}/{k}", rec[k], rec["step"])
+        bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}")
+        bar.update(1)
+
+    def _note_stop(self, pr: Progress) -> None:
+        stop = self.stage.stop
+        msg = (f"stage {self.stage.name}: mean loss of the last {stop.window} steps "
+               f"{sum(pr.recent) / stop.window:.4f} <= stop.at_loss {stop.at_loss} at step {pr.step} of "
+               f"{self.total}: stopped at step {pr.step}")  # fmt: skip
+        if self.d.main:
+            log.info(msg)
+            with self.metrics_file.open("a") as fh:
+                fh.write(json.dumps({"stage": self.stage.name, "step": pr.step, "stopped": msg}) + "\n")
+
+    @staticmethod
+    def _set_checkpointing(core, on: bool) -> None:
+        for name in ("llm", "vision"):
+            if getattr(core, name, None) is not None:
+                getattr(core, name).gradient_checkpointing = on
 
     def _learnt(self, recent: deque) -> bool:
-        """``stop_at_loss``: the mean of the last ``stop_window`` losses is at or below it."""
-        s = self.stage
+        """The stop rule: the mean of the last ``stop.window`` losses is at or below ``stop.at_loss``."""
+        stop = self.stage.stop
         return (
-            s.stop_at_loss is not None
-            and len(recent) == s.stop_window
-            and sum(recent) / len(recent) <= s.stop_at_loss
+            stop.at_loss is not None
+            and len(recent) == stop.window
+            and sum(recent) / len(recent) <= stop.at_loss
         )
 
     def _check_grads(self, step: int) -> None:
@@ -315,18 +338,16 @@ class Trainer:
                     f"{g['name']!r}; the last good checkpoint is kept in {self.ckpt_dir}"
                 )
 
-    def _save(self, core, step, epoch, micro, tokens, recent: list[float], stop_at: int | None) -> None:
-        info = {"step": step, "epoch": epoch, "micro": micro, "tokens": tokens, "stage": self.stage.name,
-                "seen": self.policy.seen, "skipped": dict(self.policy.skipped), "recent_losses": recent,
-                "stop_at": stop_at}  # fmt: skip
-        path = self.ckpt_dir / f"step-{step:06d}"
+    def _save(self, core, pr: Progress) -> None:
+        info = pr.info(self.stage.name, self.policy)
+        path = self.ckpt_dir / f"step-{pr.step:06d}"
         ranks = st.gather_rank_rng()  # collective: each rank's generator (its dropout masks go on from it)
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)
             st.save_training_state_sharded(path, core, self.opt, info, self.d.main, ranks)
         elif self.d.main:
             st.save_training_state(path, core, self.opt, info, ranks)
         if self.d.main:
-            st.prune(self.ckpt_dir, self.stage.keep_last)
+            st.prune(self.ckpt_dir, self.stage.checkpoints.keep_last)
         barrier(self.d)
 
 

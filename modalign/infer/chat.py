@@ -1,0 +1,110 @@
+"""A chat session over the engine: messages + images -> prompt ids -> (streamed) reply.
+Used by ``modalign generate``, ``modalign chat`` and the server."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from modalign.data.conversation import (
+    IMAGE_MARK,
+    IMAGE_PLACEHOLDER,
+    Conversation,
+    Message,
+    get_template,
+    render,
+)
+from modalign.data.images import ImageProcessor
+from modalign.data.tokenizer import Tokenizer
+from modalign.infer.engine import Completion, Engine, Prompt, SamplingParams
+from modalign.models.mllm import MLLM
+
+
+def stop_token_ids(tok: Tokenizer) -> list[int]:
+    ids = {tok.eos_id, tok.token_id("<|im_end|>"), tok.token_id("<|eot_id|>"), tok.token_id("<|end|>")}
+    return sorted(i for i in ids if i is not None)
+
+
+class TextDelta:
+    """Incremental detokenisation: the new text each token adds (multi-byte safe)."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok, self.ids, self.text = tok, [], ""
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+            return ""
+        new, self.text = text[len(self.text) :], text
+        return new
+
+
+class ChatModel:
+    """A loaded model with its tokenizer, template and image preprocessing."""
+
+    def __init__(self, model: MLLM, tok: Tokenizer, template: str | None = None, compile: bool = False):
+        self.model, self.tok = model.eval(), tok
+        name = template or tok.template_name or ("jinja" if tok.chat_template else "vicuna_v1")
+        self.template = get_template(name, tok)
+        self.engine = Engine(model, tok, compile=compile)
+        self.images = ImageProcessor(model.config.vision) if model.has_vision else None
+
+    @classmethod
+    def load(
+        cls, path: str | Path, template: str | None = None, device=None, compile: bool = False
+    ) -> ChatModel:
+        """``compile``: torch.compile the decode step (see ``Engine``)."""
+        model = MLLM.from_pretrained(path, dtype=torch.float32, device=device)
+        return cls(model, Tokenizer.from_dir(path), template, compile=compile)
+
+    def prompt(self, messages: list[Message], images: list) -> Prompt:
+        """Render with the generation prompt; ``images`` are paths, bytes or PIL images."""
+        if images and self.images is None:
+            raise ValueError("this model takes no images")
+        pixels = [self.images(im) for im in images] if images else []
+        return Prompt(self.prompt_ids(messages), pixels)
+
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The rendered prompt (with the generation prompt); image marks become placeholders."""
+        cfg = self.model.config
+        per = self.model.num_image_tokens() if cfg.placeholder == "per_token" else 1
+        conv = Conversation(messages, [None] * sum(m.num_images for m in messages))
+        return render(
+            conv, self.tok, self.template, cfg.image_token_id, per, add_generation_prompt=True
+        ).input_ids
+
+    def params(self, **kw) -> SamplingParams:
+        p = SamplingParams(**kw)
+        p.stop_token_ids = sorted(set(p.stop_token_ids) | set(stop_token_ids(self.tok)))
+        return p
+
+    def reply(self, messages: list[Message], images: list, params: SamplingParams) -> Completion:
+        return self.engine.generate([self.prompt(messages, images)], params)[0]
+
+    def stream(self, messages: list[Message], images: list, params: SamplingParams) -> Iterator[str]:
+        """Text deltas of the reply as they are generated (stop strings honoured)."""
+        delta, text = TextDelta(self.tok), ""
+        stops = set(params.stop_token_ids)
+        for row in self.engine.stream([self.prompt(messages, images)], params):
+            t = row[0]
+            if t is None or t in stops:
+                break
+            piece = delta.push(t)
+            text += piece
+            cut = next((text.index(s) for s in params.stop if s and s in text), None)
+            if cut is not None:
+                yield piece[: max(0, len(piece) - (len(text) - cut))]
+                return
+            if piece:
+                yield piece
+
+
+def user_message(text: str, n_images: int) -> Message:
+    """A user turn with ``n_images`` images: where ``text`` names their places with ``<image>`` (as
+    many as there are images, like a data set record), they go there; otherwise they lead the text."""
+    if n_images and text.count(IMAGE_PLACEHOLDER) == n_images:
+        return Message("user", text.replace(IMAGE_PLACEHOLDER, IMAGE_MARK))
+    return Message("user", IMAGE_MARK * n_images + ("\n" if n_images else "") + text)

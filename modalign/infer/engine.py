@@ -1,0 +1,240 @@
+"""Generation engine, separate from the model: multimodal prefill, then text decode from a
+preallocated KV cache; batched (left padding), greedy or sampled, streaming.
+
+    prompts (ids with image placeholders, images) --left pad--> prefill (splice + decoder)
+      -> loop: pick next token per row (processors: repetition penalty, temperature, top-k,
+         top-p), append, stop rows on stop ids / stop strings / max_new_tokens
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from modalign.infer.fast_decode import FastDecoder, supported
+from modalign.models.mllm import MLLM
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)  # stop strings (cut from the text)
+    seed: int | None = None
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
+            raise ValueError(
+                "temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0 are required"
+            )
+
+
+@dataclass
+class Prompt:
+    input_ids: list[int]
+    pixel_values: list[torch.Tensor] = field(default_factory=list)  # one [3, S, S] per image, in order
+
+
+@dataclass
+class Completion:
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str  # "stop" | "length"
+    prompt_tokens: int
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
+    """[B, V] logits -> adjusted logits (repetition penalty, temperature, top-k, top-p)."""
+    if p.repetition_penalty != 1.0 and seen is not None:
+        score = logits.gather(1, seen)
+        score = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
+        logits = logits.scatter(1, seen, score)
+    if p.temperature <= 0:
+        return logits
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if p.top_p < 1.0:
+        sorted_logits, idx = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs > p.top_p
+        logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
+    return logits
+
+
+class Engine:
+    """Batched generation for any ``MLLM`` design."""
+
+    def __init__(self, model: MLLM, tokenizer=None, compile: bool = False):
+        """``compile``: decode steps run through ``torch.compile`` (a one-off compile per batch
+        size and cache-length bucket, then several times fewer dispatched ops per token)."""
+        self.model, self.tok = model.eval(), tokenizer
+        self.fast = FastDecoder(model.llm, compile=compile)
+
+    def _device(self):
+        return self.model.llm.embed_tokens.weight.device
+
+    @torch.inference_mode()
+    def stream(
+        self, prompts: list[Prompt], params: SamplingParams, cancelled=None
+    ) -> Iterator[list[int | None]]:
+        """Yield, per decode step, the new token of every row (None once a row has finished).
+        The last yield is followed by ``self.last_finish`` holding each row's finish reason.
+        ``cancelled(i)`` (checked after each step) ends row ``i`` early."""
+        params.validate()
+        dev = self._device()
+        prompts = [self._expand(p) for p in prompts]
+        b = len(prompts)
+        lengths = [len(p.input_ids) for p in prompts]
+        t = max(lengths)
+        pad = 0
+        ids = torch.full((b, t), pad, dtype=torch.long)
+        mask = torch.zeros(b, t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, t - lengths[i] :] = torch.tensor(p.input_ids)
+            mask[i, t - lengths[i] :] = 1
+        images = [px for p in prompts for px in p.pixel_values]
+        pixels = None
+        if images:
+            same = all(x.shape == images[0].shape for x in images)
+            pixels = torch.stack(images).to(dev) if same else [x.to(dev) for x in images]
+        ids, mask = ids.to(dev), mask.to(dev)
+        padded = min(lengths) != t
+        pos = (mask.sum(1, keepdim=True) - 1) if padded else None  # last position per row
+        need = t + params.max_new_tokens + 1
+        compiled = self.fast.compiled
+        cache = self.model.llm.new_cache(b, self.fast.round_cache_len(need) if compiled else need)
+        gen = torch.Generator(device=dev)
+        if params.seed is not None:
+            gen.manual_seed(params.seed)
+        else:
+            gen.seed()
+        # prefill: per-image placeholders were expanded already (``_expand``), so the splice keeps
+        # every row's length; an all-text batch passes no modality ids (no image branch runs)
+        sp = self.model.embed(ids, pixels, mask if padded else None, placeholder="per_token")
+        out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if pixels is not None else None,
+                         attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1)  # fmt: skip
+        logits = out.logits[:, -1].float()
+        finish = ["length"] * b
+        seen = ids.clone() if params.repetition_penalty != 1.0 else None
+        stops = set(params.stop_token_ids)
+        done_l = [False] * b
+        fast = supported(self.model.llm, cache)
+        valid = None
+        if compiled and fast:  # slots the compiled step attends to: prompt, then new tokens
+            valid = torch.zeros(b, cache.max_len, dtype=torch.bool, device=dev)
+            valid[:, :t] = mask.bool()
+        for step in range(params.max_new_tokens):
+            adj = process_logits(logits, seen, params)
+            if params.temperature > 0:
+                nxt = torch.multinomial(adj.softmax(-1), 1, generator=gen).squeeze(1)
+            else:
+                nxt = adj.argmax(-1)
+            toks = nxt.tolist()
+            row = [None if done_l[i] else t for i, t in enumerate(toks)]
+            for i, t in enumerate(row):
+                if t is not None and t in stops:
+                    finish[i], done_l[i] = "stop", True
+            yield row
+            if cancelled is not None:  # e.g. a client that went away, or a row at its own limit
+                for i in range(b):
+                    if not done_l[i] and cancelled(i):
+                        finish[i], done_l[i] = "cancelled", True
+            if all(done_l) or step == params.max_new_tokens - 1:
+                break
+            if seen is not None:
+                seen = torch.cat([seen, nxt[:, None]], 1)
+            step_ids = nxt[:, None]
+            if padded:  # rows keep their own positions; finished rows stop attending to new tokens
+                done = torch.tensor(done_l, device=dev)
+                mask = torch.cat([mask, (~done).long()[:, None]], 1)
+                pos = pos + 1
+            fast = fast and supported(self.model.llm, cache)
+            logits = None
+            if valid is not None and fast:
+                valid[:, cache.length] = ~done if padded else True
+                step_pos = pos if padded else torch.full((b, 1), cache.length, dtype=torch.long, device=dev)
+                logits = self.fast.compiled_step(step_ids, cache, step_pos, valid)
+            if logits is None and fast:
+                logits = self.fast.step(step_ids, cache, pos if padded else None, mask if padded else None)
+            elif logits is None:
+                kw = {"attention_mask": mask, "position_ids": pos} if padded else {}
+                logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
+            logits = logits.float()
+        self.last_finish = finish
+
+    def warmup(self, batch_sizes=(1,), prompt_len: int = 16, max_new_tokens: int = 64) -> float:
+        """Compile the decode step before the first real request (a compiled engine compiles one
+        graph per batch size and cache length, which otherwise the first request waits for).
+        Prompts of ``prompt_len`` tokens and ``max_new_tokens`` share a cache length with real
+        requests up to the same total, rounded up to 128. Returns the seconds it took."""
+        t0 = time.perf_counter()
+        if not self.fast.compiled:
+            return 0.0
+        tok = self.model.config.llm.bos_token_id
+        tok = 1 if tok is None or tok == self.model.config.image_token_id else tok
+        for b in batch_sizes:  # the cache length of a request up to prompt_len + max_new_tokens
+            prompts = [Prompt([tok] * prompt_len) for _ in range(b)]
+            for _ in self.stream(prompts, SamplingParams(max_new_tokens=max_new_tokens)):
+                pass
+            if not self.fast.compiled:
+                break
+        return time.perf_counter() - t0
+
+    def _expand(self, p: Prompt) -> Prompt:
+        """Per-image placeholders (one id per image) -> one id per visual token, so that rows
+        keep their length through the splice and left padding stays on the left."""
+        cfg = self.model.config
+        if cfg.placeholder != "per_image" or not p.pixel_values:
+            return p
+        counts = [self.model.num_image_tokens(tuple(px.shape[-2:])) for px in p.pixel_values]
+        ids, k = [], 0
+        for t in p.input_ids:
+            if t == cfg.image_token_id:
+                if k >= len(counts):
+                    raise ValueError(
+                        f"the prompt has more image placeholders than its {len(counts)} image(s)"
+                    )
+                ids += [t] * counts[k]
+                k += 1
+            else:
+                ids.append(t)
+        if k != len(counts):
+            raise ValueError(f"the prompt has {k} image placeholder(s) but {len(counts)} image(s)")
+        return Prompt(ids, p.pixel_values)
+
+    def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
+        """Run ``stream`` to the end; apply stop strings; decode text if a tokenizer is set."""
+        toks: list[list[int]] = [[] for _ in prompts]
+        finished = [False] * len(prompts)
+        for row in self.stream(prompts, params):
+            for i, t in enumerate(row):
+                if t is not None and not finished[i]:
+                    if t in params.stop_token_ids:
+                        finished[i] = True
+                    else:
+                        toks[i].append(t)
+        results = []
+        for i, p in enumerate(prompts):
+            text, reason = None, self.last_finish[i]
+            if self.tok is not None:
+                text = self.tok.decode(toks[i], skip_special_tokens=True)
+                for s in params.stop:
+                    if s and s in text:
+                        text, reason = text[: text.index(s)], "stop"
+            results.append(Completion(toks[i], text, reason, len(p.input_ids)))
+        return results

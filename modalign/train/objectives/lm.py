@@ -1,0 +1,115 @@
+"""The language-modelling objective: next-token loss on the supervised tokens (assistant replies,
+captions, or every token of a text document), as every seed paper's stages 1 and 2 train.
+
+``LMObjective`` is the module the trainer wraps (DDP / FSDP2): it holds the MLLM's parts under
+their own names (``vision``, ``connector``, ``llm``: trainable patterns, optimiser groups and
+training state read as the model's) and computes the loss only where a label is supervised,
+running the vocabulary projection on those positions alone. It takes a frozen tower's features
+from the trainer's cache (``train/feature_cache.py``) and, optionally, trains against an answer
+prior (``answer_prior.py``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modalign.data.conversation import IGNORE_INDEX
+from modalign.models.mllm import MLLM
+
+
+def supervised_lm_loss(
+    hidden: torch.Tensor,
+    labels: torch.Tensor,
+    head: nn.Module | None = None,
+    answer_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, int]:
+    """Mean next-token cross-entropy over labels != -100 from the final hidden states [B, T, D],
+    running ``head`` only where a label is supervised (``head`` None: ``hidden`` are logits
+    already). ``answer_bias`` [B, V] is added to the logits that predict each row's first
+    supervised token (training against an answer prior). Returns (loss, supervised tokens)."""
+    keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
+    n = int(keep.sum())
+    rows = hidden[:, :-1][keep]
+    logits = (rows if head is None else head(rows)).float()
+    if answer_bias is not None:
+        first = keep & (keep.cumsum(1) == 1)  # [B, T-1]: each row's first supervised position
+        # both row-major: the k-th first position is the k-th kept row that is a first one
+        at, batch_row = first[keep].nonzero()[:, 0], first.nonzero()[:, 0]
+        logits = logits.index_add(0, at, answer_bias.to(logits)[batch_row])
+    loss = F.cross_entropy(logits, labels[:, 1:].to(hidden.device)[keep], reduction="sum")
+    return loss / max(n, 1), n
+
+
+def to_device(px, device):
+    """A batch's pixel values (a tensor, a list of tensors, or None) on ``device``."""
+    if isinstance(px, torch.Tensor):
+        return px.to(device)
+    if isinstance(px, list):
+        return [p.to(device) for p in px]
+    return px
+
+
+class LMObjective(nn.Module):
+    """``forward(batch) -> (loss, supervised tokens)`` for a collated batch (``data/collate.py``)."""
+
+    def __init__(self, model: MLLM, prior=None):
+        super().__init__()
+        for name, child in model.named_children():  # the model's parts, under their own names
+            self.add_module(name, child)
+        self.config = model.config
+        self.__dict__["model"] = model  # not a sub-module: its parts are registered above
+        self.prior = prior  # an AnswerPrior, or None
+        self.features = None  # a FeatureCache of the frozen tower, set by the trainer while it holds one
+
+    def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        device = self.model.llm.embed_tokens.weight.device
+        px, keys = to_device(batch["pixel_values"], device), batch.get("image_keys")
+        features = None
+        if self.features is not None and keys is not None and isinstance(px, torch.Tensor):
+            features = self.features(self.model.vision, px, keys)
+        labels = batch["labels"].to(device)
+        sp = self.model.embed(batch["input_ids"].to(device), px, batch["attention_mask"].to(device), labels,
+                              image_features=features)  # fmt: skip
+        # modality ids always go in while training: routed parameters stay in the graph (DDP)
+        hidden = self.model.llm(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids,
+                                attention_mask=sp.attention_mask, return_hidden=True)  # fmt: skip
+        bias = self.prior.bias(batch["ids"]).to(device) if self.prior is not None else None
+        return supervised_lm_loss(hidden, sp.labels, self.model.llm.lm_head, bias)
+
+
+# --------------------------------------------------------------------------- as a recipe objective
+
+
+def module(model: MLLM, stage=None, text_cache: bool = False) -> LMObjective:
+    return LMObjective(model)
+
+
+def setup(ctx):
+    """(module, dataset, collator) of an lm stage; ``ctx`` is the run's ``StageContext``."""
+    from modalign.data.collate import Collator
+    from modalign.data.conversation import get_template
+    from modalign.data.datasets import SampleProcessor
+
+    stage, model, tok = ctx.stage, ctx.model, ctx.tok
+    cfg = model.config
+    per_image = model.num_image_tokens() if cfg.placeholder == "per_token" and model.has_vision else 1
+    template = get_template(stage.data.template, tok)
+
+    def processor(root, images):
+        return SampleProcessor(
+            tok, template, root, images, cfg.image_token_id, per_image, stage.data.max_length
+        )
+
+    dataset = ctx.dataset(processor)
+    target = LMObjective(model)
+    opts = stage.objective.answer_prior
+    if opts is not None and opts.weight:
+        from modalign.train.objectives.answer_prior import AnswerPrior
+
+        target.prior = AnswerPrior.from_dataset(
+            dataset, model.llm.lm_head.weight.shape[0], opts.min_count, opts.weight
+        )
+        ctx.log(f"stage {stage.name}: {target.prior.describe()}")
+    return target, dataset, Collator(tok.pad_id)

@@ -1,0 +1,488 @@
+"""Data side: templates with exact loss masks, tokenizer, datasets, bad samples, collation."""
+
+import json
+import random
+import string
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from modalign.config import VisionConfig
+from modalign.data.collate import LengthGroupedSampler, collate
+from modalign.data.conversation import (
+    IGNORE_INDEX,
+    IMAGE_MARK,
+    BadSample,
+    Conversation,
+    Message,
+    get_template,
+    render,
+)
+from modalign.data.datasets import (
+    BadSamplePolicy,
+    ConversationDataset,
+    SampleProcessor,
+    SkipBudgetExceeded,
+    load_samples,
+    mixture_indices,
+)
+from modalign.data.images import ImageProcessor, open_image, patch_at, resolve_image_path
+from modalign.data.tokenizer import Tokenizer
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
+            "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip
+IMG = 3  # "<image>" id
+
+
+@pytest.fixture(scope="module")
+def tok():
+    rng = random.Random(0)
+    words = [
+        "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 7))) for _ in range(300)
+    ]
+    corpus = [
+        " ".join(rng.choice(words) for _ in range(30)) + " USER ASSISTANT INST SYSTEM" for _ in range(200)
+    ]
+    return Tokenizer.train_bpe(corpus, vocab_size=600, special_tokens=SPECIALS)
+
+
+CONV = Conversation(
+    [
+        Message("user", IMAGE_MARK + "\nWhat is it?"),
+        Message("assistant", "A red circle."),
+        Message("user", "And the size?"),
+        Message("assistant", "It is large."),
+    ],
+    images=["x.png"],
+)
+
+EXPECTED = {
+    "vicuna_v1": "<s>A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the user's questions. USER: \ue000\nWhat is it? ASSISTANT: A red "
+    "circle.</s>USER: And the size? ASSISTANT: It is large.</s>",
+    "llava_v1": "<s>A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions. USER: \ue000\nWhat is it? ASSISTANT: A red "
+    "circle.</s>USER: And the size? ASSISTANT: It is large.</s>",
+    "chatml": "<|im_start|>user\n\ue000\nWhat is it?<|im_end|>\n<|im_start|>assistant\nA red circle.<|im_end|>\n"
+    "<|im_start|>user\nAnd the size?<|im_end|>\n<|im_start|>assistant\nIt is large.<|im_end|>\n",
+    "llama3": "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n\ue000\nWhat is it?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\nA red circle.<|eot_id|><|start_header_id|>user<|end_header_id|>"
+    "\n\nAnd the size?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is large.<|eot_id|>",
+    "mistral_instruct": "<s>[INST] \ue000\nWhat is it? [/INST] A red circle.</s>[INST] And the size? [/INST] It is large.</s>",
+    "plain": "<s>\ue000A red circle.\nIt is large.\n",
+}
+EOT = {"vicuna_v1": "</s>", "llava_v1": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>",
+       "mistral_instruct": "</s>", "plain": "\n"}  # fmt: skip
+
+
+def labelled_runs(ids, labels):
+    """Contiguous runs of trained ids."""
+    runs, cur = [], []
+    for i, lab in zip(ids, labels, strict=True):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_template_golden_text_and_labelled_spans(tok, name):
+    t = get_template(name)
+    text, _ = t.render(CONV.messages, tok)
+    assert text == EXPECTED[name]
+    r = render(CONV, tok, t, IMG, image_tokens=5)
+    assert r.input_ids.count(IMG) == 5 and r.num_images == 1
+    runs = [tok.decode(run).lstrip(" ") for run in labelled_runs(r.input_ids, r.labels)]
+    replies = ["A red circle." + EOT[name], "It is large." + EOT[name]]
+    if name == "plain":  # stage-1 text: the replies are adjacent and form one trained run
+        replies = ["".join(replies)]
+    assert runs == replies
+
+
+def test_generation_prompt_has_no_labels(tok):
+    conv = Conversation([Message("user", IMAGE_MARK + " hi")], ["x.png"])
+    r = render(conv, tok, get_template("vicuna_v1"), IMG, 4, add_generation_prompt=True)
+    assert tok.decode(r.input_ids[-3:]).endswith("ASSISTANT:") and r.num_trained == 0
+
+
+def test_jinja_template_matches_transformers(tok, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    template = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[U] {{ m['content'] }}\n"
+        "{% elif m['role'] == 'assistant' %}[A] {{ m['content'] }}{{ eos_token }}\n{% else %}"
+        "{{ raise_exception('bad role') }}{% endif %}{% endfor %}{% if add_generation_prompt %}[A]{% endif %}"
+    )
+    tok.chat_template = template
+    tok.save(tmp_path / "tok")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tok" / "tokenizer.json"),
+                                              bos_token="<s>", eos_token="</s>")  # fmt: skip
+    hf.chat_template = template
+    conv = Conversation([Message("user", "what is abc"), Message("assistant", "xyz ok"),
+                         Message("user", "and"), Message("assistant", "done")])  # fmt: skip
+    msgs = [{"role": m.role, "content": m.content} for m in conv.messages]
+    want = hf.apply_chat_template(msgs, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    loaded = Tokenizer.from_dir(tmp_path / "tok")
+    r = render(conv, loaded, get_template("jinja", loaded), None)
+    assert r.input_ids == list(want)
+    runs = [tok.decode(run) for run in labelled_runs(r.input_ids, r.labels)]
+    assert [s.lstrip() for s in runs] == ["xyz ok</s>", "done</s>"]
+    with pytest.raises(BadSample, match="bad role"):
+        render(Conversation([Message("system", "s"), Message("assistant", "a")]), loaded,
+               get_template("jinja", loaded), None)  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "llama3", "mistral_instruct"])
+def test_property_labelled_ids_decode_to_assistant_texts(tok, name):
+    rng = random.Random(1)
+    vocab = ["red", "blue", "circle", "big", "it", "is", "the", "a", "yes", "no", "two", "left", "of"]
+    for _ in range(60):
+        msgs, replies, images = [], [], []
+        for _turn in range(rng.randint(1, 4)):
+            q = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 6)))
+            if rng.random() < 0.4:
+                q = IMAGE_MARK + "\n" + q
+                images.append("i.png")
+            a = " ".join(rng.choice(vocab) for _ in range(rng.randint(1, 8)))
+            msgs += [Message("user", q), Message("assistant", a)]
+            replies.append(a + EOT[name])
+        r = render(Conversation(msgs, images), tok, get_template(name), IMG, image_tokens=3)
+        assert r.input_ids.count(IMG) == 3 * len(images)
+        runs = [tok.decode(run).lstrip(" ") for run in labelled_runs(r.input_ids, r.labels)]
+        assert runs == replies
+
+
+def test_truncation_keeps_whole_images_and_rejects_when_nothing_left(tok):
+    conv = Conversation([Message("user", IMAGE_MARK + " q"), Message("assistant", "answer here"),
+                         Message("user", IMAGE_MARK + " q2"), Message("assistant", "more words here")],
+                        ["a.png", "b.png"])  # fmt: skip
+    full = render(conv, tok, get_template("chatml"), IMG, image_tokens=10)
+    second = full.input_ids.index(IMG, full.input_ids.index(IMG) + 10)
+    cut = render(conv, tok, get_template("chatml"), IMG, image_tokens=10, max_length=second + 4)
+    assert cut.num_images == 1 and cut.input_ids.count(IMG) == 10 and len(cut.input_ids) == second
+    with pytest.raises(BadSample, match="no supervised token left after truncation") as e:
+        render(conv, tok, get_template("chatml"), IMG, image_tokens=10, max_length=8)
+    assert e.value.reason == "no supervised token left after truncation"
+
+
+def test_tokenizer_round_trip(tok, tmp_path):
+    tok.save(tmp_path / "t")
+    again = Tokenizer.from_dir(tmp_path / "t")
+    text = "the red circle <|im_end|> is left"
+    assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
+    assert again.bos_id == 1 and again.eos_id == 2 and again.pad_id == 0
+
+
+# ------------------------------------------------------------------------------ images
+
+
+@pytest.fixture
+def image_dir(tmp_path):
+    root = tmp_path / "imgs"
+    root.mkdir()
+    Image.new("RGB", (40, 30), (10, 200, 30)).save(root / "ok.png")
+    buf = (root / "ok.png").read_bytes()
+    (root / "truncated.png").write_bytes(buf[: len(buf) // 2])
+    (root / "empty.jpg").write_bytes(b"")
+    gif = Image.new("P", (8, 8), 0)
+    gif.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    gif.save(root / "renamed.jpg", format="GIF")
+    # a PNG header that claims 30000 x 30000 pixels (the data are never decoded)
+    big = Image.new("L", (1, 1))
+    big.save(root / "small.png")
+    raw = bytearray((root / "small.png").read_bytes())
+    import struct
+    import zlib
+
+    raw[16:24] = struct.pack(">II", 30000, 30000)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    (root / "bomb.png").write_bytes(bytes(raw))
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    rgba.save(root / "alpha.png")
+    return root
+
+
+def test_broken_images_have_reasons(image_dir):
+    cases = {"truncated.png": "corrupt image", "empty.jpg": "corrupt image", "bomb.png": "image too large",
+             "nothere.png": "missing image"}  # fmt: skip
+    for name, reason in cases.items():
+        with pytest.raises(BadSample) as e:
+            open_image(image_dir / name, sample_id="s1")
+        assert e.value.reason == reason and "s1" in str(e.value) and name in str(e.value)
+    assert "30000x30000" in str(pytest.raises(BadSample, open_image, image_dir / "bomb.png").value)
+    # a GIF named .jpg is decoded by its content, not its name, and loses nothing
+    img = open_image(image_dir / "renamed.jpg")
+    assert img.mode == "RGB" and img.getpixel((0, 0)) == (255, 0, 0)
+    # fully transparent red composites onto the background
+    assert open_image(image_dir / "alpha.png", background=(0, 0, 255)).getpixel((1, 1)) == (0, 0, 255)
+
+
+def test_paths_stay_inside_the_root(image_dir):
+    for bad in ["../x.png", "/etc/passwd", "a/../../x.png", ""]:
+        with pytest.raises(BadSample) as e:
+            resolve_image_path(image_dir, bad, "s2")
+        assert e.value.reason == "bad image path"
+    assert resolve_image_path(image_dir, "sub/../ok.png") == (image_dir / "ok.png").resolve()
+
+
+@pytest.mark.parametrize("mode", ["pad", "crop", "squash"])
+def test_resize_policies(image_dir, mode):
+    vc = VisionConfig(image_size=16, resize_mode=mode)
+    x = ImageProcessor(vc)(image_dir / "ok.png")
+    assert x.shape == (3, 16, 16)
+    green = (torch.tensor([10, 200, 30]) / 255 - torch.tensor(vc.image_mean)) / torch.tensor(vc.image_std)
+    torch.testing.assert_close(x[:, 8, 8], green, atol=1e-2, rtol=0)
+    if mode == "pad":  # the 40x30 image is padded at top and bottom with the mean colour
+        torch.testing.assert_close(x[:, 0, 8], torch.zeros(3), atol=4e-2, rtol=0)  # int(mean*255), bicubic
+
+
+def test_image_cache_returns_the_same_pixels_within_its_bound(image_dir, tmp_path):
+    """The cache changes nothing but speed: equal tensors to an uncached processor, least recently
+    used out first at its byte bound, a file rewritten on disk is read again, bad files still fail."""
+    rng = np.random.default_rng(0)
+    files = []
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    vc = VisionConfig(image_size=32, resize_mode="pad")
+    plain = ImageProcessor(vc)
+    cached = ImageProcessor(vc, cache_mb=2 * 3 * 32 * 32 / 2**20)  # room for exactly two images
+    for f in files + files[2:] + files:
+        want, size = plain.load(f)
+        got, got_size = cached.load(f)
+        assert torch.equal(got, want) and got_size == size
+        assert len(cached._cache) <= 2 and cached.cache_bytes == 3 * 32 * 32 * len(cached._cache)
+    assert [k[0] for k in cached._cache] == [str(files[2]), str(files[3])]  # the two used last
+    got = cached(files[3])
+    got.add_(1.0)  # callers may modify what they get
+    assert torch.equal(cached(files[3]), plain(files[3]))
+    Image.fromarray(rng.integers(0, 256, (50, 20, 3), dtype=np.uint8)).save(files[3])
+    assert torch.equal(cached(files[3]), plain(files[3]))  # rewritten: read again
+    for name, reason in [("truncated.png", "corrupt image"), ("nothere.png", "missing image")]:
+        with pytest.raises(BadSample) as e:
+            cached(image_dir / name, sample_id="s9")
+        assert e.value.reason == reason and "s9" in str(e.value)
+
+
+def test_clip_crop_matches_transformers(image_dir):
+    transformers = pytest.importorskip("transformers")
+    rng = torch.Generator().manual_seed(0)
+    arr = (torch.rand(50, 70, 3, generator=rng) * 255).to(torch.uint8).numpy()
+    Image.fromarray(arr).save(image_dir / "noise.png")
+    proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    want = proc(Image.open(image_dir / "noise.png"), return_tensors="pt")["pixel_values"][0]
+    got = ImageProcessor(VisionConfig(image_size=32, resize_mode="crop"))(image_dir / "noise.png")
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------ datasets
+
+
+def _write(path, rows):
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_llava_and_messages_formats_and_bad_samples(tok, image_dir, tmp_path):
+    rows = [
+        {"id": "ok", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                          {"from": "gpt", "value": "yo"}]},
+        {"id": "count", "image": "ok.png", "conversations": [{"from": "human", "value": "no image mark"},
+                                                             {"from": "gpt", "value": "yo"}]},
+        {"id": "corrupt", "image": "truncated.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                      {"from": "gpt", "value": "yo"}]},
+        {"id": "escape", "image": "../secret.png", "conversations": [{"from": "human", "value": "<image>"},
+                                                                     {"from": "gpt", "value": "yo"}]},
+        {"id": "role", "conversations": [{"from": "robot", "value": "x"}, {"from": "gpt", "value": "y"}]},
+        {"id": "empty", "conversations": []},
+        {"id": "text", "conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": "y"}]},
+    ]  # fmt: skip
+    samples = load_samples(_write(tmp_path / "d.json", rows))
+    proc = SampleProcessor(tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16)),
+                           IMG, image_tokens=4)  # fmt: skip
+    ds = ConversationDataset(samples, proc)
+    out = [ds[i] for i in range(len(ds))]
+    reasons = {x.sample_id: x.reason for x in out if isinstance(x, BadSample)}
+    assert reasons == {"count": "image count mismatch", "corrupt": "corrupt image", "escape": "bad image path",
+                       "role": "unknown role", "empty": "empty conversation"}  # fmt: skip
+    assert out[0].pixel_values[0].shape == (3, 16, 16) and out[6].pixel_values == []
+    # read twice through the token and image caches: the same examples and the same rejections as
+    # a dataset that caches nothing
+    cached = ConversationDataset(samples, SampleProcessor(
+        tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16), cache_mb=1), IMG, 4))  # fmt: skip
+    plain = ConversationDataset(samples, proc, token_cache_mb=0)
+    for _ in range(2):
+        for i in range(len(ds)):
+            a, b = cached[i], plain[i]
+            assert type(a) is type(b)
+            if isinstance(a, BadSample):
+                assert (a.sample_id, a.reason, str(a)) == (b.sample_id, b.reason, str(b))
+            else:
+                assert (a.id, a.input_ids, a.labels, a.source) == (b.id, b.input_ids, b.labels, b.source)
+                assert type(a.input_ids) is list and len(a.pixel_values) == len(b.pixel_values)
+                assert all(torch.equal(x, y) for x, y in zip(a.pixel_values, b.pixel_values, strict=True))
+    assert sorted(cached._tokens) == [0, 2, 3, 6]  # tokens of every sample whose text renders
+    assert cached.processor.images.cache_bytes == 3 * 16 * 16  # one good image file
+    room = 8 * len(out[0].input_ids) / 2**20  # token ids and labels of sample 0 only
+    small = ConversationDataset(samples, proc, token_cache_mb=room)
+    assert [small[i].input_ids for i in (0, 6, 0, 6)] == [out[i].input_ids for i in (0, 6, 0, 6)]
+    assert list(small._tokens) == [0]
+    # the error policy stops at the first bad sample, naming it
+    policy = BadSamplePolicy("error")
+    with pytest.raises(BadSample, match="sample count"):
+        for x in out:
+            policy.bad(x) if isinstance(x, BadSample) else policy.ok()
+    policy = BadSamplePolicy("skip", max_skip_fraction=0.9, min_seen=1)
+    for x in out:
+        policy.bad(x) if isinstance(x, BadSample) else policy.ok()
+    assert sum(policy.skipped.values()) == 5 and "corrupt image: 1" in policy.report()
+    with pytest.raises(SkipBudgetExceeded, match="skipped 5 of 6"):
+        p = BadSamplePolicy("skip", max_skip_fraction=0.5, min_seen=6)
+        for x in out:
+            p.bad(x) if isinstance(x, BadSample) else p.ok()
+
+    msgs = tmp_path / "m.jsonl"
+    msgs.write_text(json.dumps({"id": "m1", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ok.png"}}, {"type": "text", "text": "hi"}]},
+        {"role": "assistant", "content": "yo"}]}) + "\n" + json.dumps({"text": "plain corpus text"}) + "\n")  # fmt: skip
+    m = load_samples(msgs)
+    assert isinstance(m[0], Conversation) and m[0].images == ["ok.png"]
+    ex = SampleProcessor(
+        tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16)), IMG, 4
+    )(m[1])
+    assert ex.labels == ex.input_ids and ex.input_ids[0] == tok.bos_id
+
+
+def test_collate_and_sampler(tok, image_dir, tmp_path):
+    rows = [{"id": f"s{i}", **({"image": "ok.png"} if i % 2 else {}), "conversations": [
+        {"from": "human", "value": ("<image>" if i % 2 else "") + " q" * i}, {"from": "gpt", "value": "a"}]}
+        for i in range(10)]  # fmt: skip
+    proc = SampleProcessor(
+        tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16)), IMG, 2
+    )
+    ds = ConversationDataset(load_samples(_write(tmp_path / "c.json", rows)), proc)
+    b = collate([ds[1], ds[2], ds[3]], tok.pad_id)
+    assert b["input_ids"].shape == b["labels"].shape == b["attention_mask"].shape
+    assert b["pixel_values"].shape == (2, 3, 16, 16) and b["image_counts"] == [1, 0, 1]
+    lens = b["attention_mask"].sum(1).tolist()
+    assert lens == [len(ds[1]), len(ds[2]), len(ds[3])] and b["attention_mask"][0, 0] == 1
+    left = collate([ds[1], ds[2]], tok.pad_id, left=True)
+    short = 0 if len(ds[1]) < len(ds[2]) else 1
+    assert left["attention_mask"][:, -1].all() and left["input_ids"][short, 0] == tok.pad_id
+    assert left["attention_mask"][short, 0] == 0
+    s = LengthGroupedSampler(ds, batch_size=2, seed=0, by_modality=True)
+    batches = s.batches()
+    assert sorted(i for bt in batches for i in bt) == list(range(10))
+    assert all(len({i % 2 for i in bt}) == 1 for bt in batches)  # modalities never mixed
+    assert s.batches() == batches  # deterministic per epoch
+    s.set_epoch(1)
+    assert s.batches() != batches
+
+
+def test_mixture_proportions():
+    pairs = mixture_indices([50, 10], [0.9, 0.1], 200, seed=0)
+    from collections import Counter
+
+    c = Counter(k for k, _ in pairs)
+    assert c == {0: 180, 1: 20}
+    firsts = [i for k, i in pairs if k == 1][:10]
+    assert len(set(firsts)) <= 10
+    with pytest.raises(ValueError, match="non-negative"):
+        mixture_indices([1], [-1.0], 5)
+
+
+def test_cli_data_shapes_and_inspect(tmp_path, capsys):
+    from modalign.cli import main
+
+    args = ["--train", "20", "--eval", "4", "--text", "10", "--layout", "conversation", "--turns", "3"]
+    assert main(["data", "shapes", str(tmp_path / "sw"), *args]) == 0
+    rows = json.loads((tmp_path / "sw" / "instruct.json").read_text())
+    rows[1]["image"] = "images/nope.png"
+    rows[2]["conversations"][0]["from"] = "robot"
+    (tmp_path / "sw" / "broken.json").write_text(json.dumps(rows))
+    capsys.readouterr()
+    assert (
+        main(["data", "inspect", str(tmp_path / "sw" / "broken.json"), "--json", "--image-size", "96"]) == 0
+    )
+    report = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert report["samples"] == 20 and report["usable"] == 18
+    assert report["rejected_by_reason"] == {"missing image": 1, "unknown role": 1}
+    assert 0 < report["supervised_fraction"] < 0.5
+    assert main(["data", "inspect", str(tmp_path / "sw" / "broken.json"), "--no-color"]) == 0
+    out = capsys.readouterr().out
+    assert "[[" in out and "train-00001: [missing image]" in out
+
+
+@pytest.mark.parametrize("mode", ["squash", "pad", "crop"])
+@pytest.mark.parametrize("size", [(90, 60), (60, 90)], ids=["wide", "tall"])
+def test_patch_at_follows_the_resize_policy(mode, size):
+    """A bright square drawn at a normalised point lands, after the processor's resize, in the
+    patch ``patch_at`` names (or is cropped away exactly when it says None)."""
+    cfg = VisionConfig(image_size=48, patch_size=16, resize_mode=mode, image_mean=(0.0, 0.0, 0.0),
+                       image_std=(1.0, 1.0, 1.0))  # fmt: skip
+    proc = ImageProcessor(cfg)
+    w, h = size
+    for x, y in [(0.5, 0.5), (0.1, 0.15), (0.85, 0.2), (0.3, 0.9), (0.95, 0.95)]:
+        img = Image.new("RGB", size, (0, 0, 0))
+        cx, cy = int(x * w), int(y * h)
+        img.paste((255, 255, 255), (cx - 1, cy - 1, cx + 2, cy + 2))
+        px = proc(img)[0]  # [48, 48]
+        want = patch_at((cx + 0.5) / w, (cy + 0.5) / h, size, cfg)
+        if px.max() < 0.5:  # the marker was cropped away
+            assert want is None
+            continue
+        r, c = divmod(int(px.flatten().argmax()), 48)
+        assert want == (r // 16) * 3 + c // 16, (mode, size, x, y)
+
+
+def test_user_message_puts_images_where_the_text_names_them():
+    from modalign.infer.chat import user_message
+
+    # as many <image> as images: each goes in its place, as in a data set record
+    assert (
+        user_message("Compare <image> with <image>.", 2).content == f"Compare {IMAGE_MARK} with {IMAGE_MARK}."
+    )
+    assert user_message("Where is it?\n<image>", 1).content == f"Where is it?\n{IMAGE_MARK}"
+    # none named (or a count that does not match): the images lead the text, on a line of their own
+    assert user_message("What is it?", 1).content == f"{IMAGE_MARK}\nWhat is it?"
+    assert user_message("a <image> b", 2).content == f"{IMAGE_MARK}{IMAGE_MARK}\na <image> b"
+    assert user_message("no images", 0).content == "no images"
+
+
+def test_training_examples_end_at_the_last_supervised_token(tok, image_dir, tmp_path):
+    """A template's closing tokens after the last answer are dropped from training examples (they
+    change no loss), never an image's placeholders; the loss of a model is the same either way."""
+    from modalign import MLLMConfig
+    from modalign.models.mllm import causal_lm_loss
+
+    rows = [
+        {"id": "a", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nq q"},
+                                                         {"from": "gpt", "value": "a b"}]},
+        {"id": "b", "image": "ok.png", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"},
+                                                         {"from": "human", "value": "<image>"}]},
+    ]  # fmt: skip
+    samples = load_samples(_write(tmp_path / "t.json", rows))
+    chatml = get_template("chatml")
+    proc = SampleProcessor(tok, chatml, image_dir, ImageProcessor(VisionConfig(image_size=16)), IMG, 4)
+    full = render(samples[0], tok, chatml, IMG, 4)
+    last = max(i for i, x in enumerate(full.labels) if x != IGNORE_INDEX)
+    assert last < len(full.labels) - 1  # chatml closes the reply with "\n"
+    ex = proc(samples[0])
+    assert ex.input_ids == full.input_ids[: last + 1] and ex.labels == full.labels[: last + 1]
+    trailing_image = proc(samples[1])
+    assert trailing_image.input_ids[-4:] == [IMG] * 4 and len(trailing_image.pixel_values) == 1
+    cfg = MLLMConfig.from_name("tiny-llava").llm
+    cfg.vocab_size = tok.vocab_size
+    from modalign.models.decoder import LLM
+
+    torch.manual_seed(0)
+    llm = LLM(cfg)
+    losses = [
+        causal_lm_loss(llm(torch.tensor([r.input_ids])), torch.tensor([r.labels]))[0] for r in (full, ex)
+    ]
+    torch.testing.assert_close(losses[0], losses[1])

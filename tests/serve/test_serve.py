@@ -1,0 +1,232 @@
+"""The OpenAI-compatible server, driven by the official ``openai`` client on 127.0.0.1: text,
+images, streaming with usage, every request limit (status code + the server stays healthy),
+and a bounded concurrent load that loses nothing and is batched."""
+
+import base64
+import io
+import json
+import socket
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+uvicorn = pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from modalign import MLLM, MLLMConfig  # noqa: E402
+from modalign.data.tokenizer import Tokenizer  # noqa: E402
+from modalign.infer.chat import ChatModel  # noqa: E402
+from modalign.serve.app import ServeConfig, create_app  # noqa: E402
+from modalign.serve.images import ImagePolicy  # noqa: E402
+
+KEY = "sk-test"
+
+
+def png_data_url(color=(200, 30, 30), size=(40, 40)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def bomb_data_url() -> str:
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    raw = bytearray(buf.getvalue())
+    raw[16:24] = struct.pack(">II", 30000, 30000)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    return "data:image/png;base64," + base64.b64encode(bytes(raw)).decode()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = MLLMConfig.from_name("tiny-shapes")
+    cfg.llm.num_layers = cfg.vision.num_layers = 2
+    cfg.llm.max_position_embeddings = 128
+    model = MLLM(cfg).eval()
+    tok = Tokenizer.train_bpe(
+        ["what colour is the shape in the picture red blue green yes no"] * 50, vocab_size=300
+    )
+    tok.template_name = "chatml"
+    cm = ChatModel(model, tok)
+    img_dir = tmp_path_factory.mktemp("imgs")
+    Image.new("RGB", (30, 30), (0, 0, 255)).save(img_dir / "blue.png")
+    app = create_app(cm, ServeConfig(model_name="tiny", api_key=KEY, max_body_bytes=200_000, max_images=2,
+                                     max_batch=8, images=ImagePolicy(local_dir=str(img_dir))))  # fmt: skip
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(200):
+        if srv.started:
+            break
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app, img_dir
+    srv.should_exit = True
+    th.join(timeout=5)
+
+
+def client(url, key=KEY):
+    return openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0)
+
+
+def ask(url, **kw):
+    args = {"model": "tiny", "messages": [{"role": "user", "content": "what colour?"}], "max_tokens": 5,
+            "temperature": 0} | kw  # fmt: skip
+    return client(url).chat.completions.create(**args)
+
+
+def test_text_image_multi_image_and_usage(server):
+    url, _, _ = server
+    r = ask(url)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 5
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    img = [
+        {"type": "image_url", "image_url": {"url": png_data_url()}},
+        {"type": "text", "text": "what colour?"},
+    ]
+    r1 = ask(url, messages=[{"role": "user", "content": img}])
+    r2 = ask(url, messages=[{"role": "user", "content": img[:1] + img}])
+    assert r2.usage.prompt_tokens - r1.usage.prompt_tokens == 9  # one more image: 9 visual tokens
+    local = [
+        {"type": "image_url", "image_url": {"url": "blue.png"}},
+        {"type": "text", "text": "what colour?"},
+    ]
+    assert (
+        ask(url, messages=[{"role": "user", "content": local}]).usage.prompt_tokens == r1.usage.prompt_tokens
+    )
+    assert [m.id for m in client(url).models.list().data] == ["tiny"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+
+
+def test_streaming_equals_non_streaming(server):
+    url, _, _ = server
+    msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url()}},
+                                         {"type": "text", "text": "what colour?"}]}]  # fmt: skip
+    full = ask(url, messages=msgs, max_tokens=8)
+    chunks = list(client(url).chat.completions.create(model="tiny", messages=msgs, max_tokens=8, temperature=0,
+                                                      stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == full.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    raw = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                     json={"messages": msgs, "max_tokens": 3, "stream": True}).text  # fmt: skip
+    assert raw.rstrip().endswith("data: [DONE]")
+
+
+BAD = [
+    ("no api key", {}, {"key": None}, 401),
+    ("body too large", {"messages": [{"role": "user", "content": "x" * 300_000}]}, {}, 413),
+    ("too many images", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": png_data_url()}}] * 3}]}, {}, 400),
+    ("image pixels", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": bomb_data_url()}}]}]}, {}, 400),
+    ("context length", {"max_tokens": 500}, {}, 400),
+    ("malformed part", {"messages": [{"role": "user", "content": [{"type": "video", "video": 1}]}]}, {}, 400),
+    ("invalid base64", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, {}, 400),
+    ("undecodable image", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(b"not an image").decode()}}]}]}, {}, 400),
+    ("http images off", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}, {}, 400),
+    ("path escape", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "../etc/passwd"}}]}]}, {}, 400),
+    ("bad role", {"messages": [{"role": "robot", "content": "x"}]}, {}, 400),
+    ("n=2", {"n": 2}, {}, 400),
+    ("temperature", {"temperature": 9}, {}, 400),
+    ("not json", None, {"raw": b"{nope"}, 400),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,body,opts,status", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_4xx_and_server_stays_healthy(server, name, body, opts, status):
+    url, _, _ = server
+    base = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    headers = {} if opts.get("key", KEY) is None else {"Authorization": f"Bearer {KEY}"}
+    if "raw" in opts:
+        r = httpx.post(url + "/v1/chat/completions", headers=headers | {"content-type": "application/json"},
+                       content=opts["raw"])  # fmt: skip
+    else:
+        r = httpx.post(url + "/v1/chat/completions", headers=headers, json=base | body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if name == "context length":
+        assert "500" in err["message"] and "128" in err["message"]
+    assert ask(url).choices[0].message.content is not None  # the next normal request succeeds
+
+
+def test_concurrent_load_is_batched_and_loses_nothing(server):
+    url, app, _ = server
+    before = app.state.batcher.batches
+    n = 24
+
+    def one(i):
+        return ask(url, max_tokens=6, messages=[{"role": "user", "content": f"what colour {i}?"}])
+
+    t = time.perf_counter()
+    seq = [one(i) for i in range(4)]
+    per_request = (time.perf_counter() - t) / 4
+    t = time.perf_counter()
+    with ThreadPoolExecutor(12) as ex:
+        results = list(ex.map(one, range(n)))
+    parallel = (time.perf_counter() - t) / n
+    assert len(results) == n and all(r.choices[0].message.content is not None for r in results)
+    batches = app.state.batcher.batches - before - len(seq)
+    assert batches < n  # concurrent requests shared engine runs
+    print(
+        f"sequential {per_request * 1000:.0f} ms/request, concurrent {parallel * 1000:.0f} ms/request, "
+        f"{n} requests in {batches} batches"
+    )
+
+
+def test_client_disconnect_frees_its_slot(server):
+    url, app, _ = server
+    with httpx.stream("POST", url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "stream": True}) as r:  # fmt: skip
+        next(r.iter_lines())
+    for _ in range(100):
+        if app.state.batcher.busy == 0:
+            break
+        time.sleep(0.05)
+    assert app.state.batcher.busy == 0
+    metrics = httpx.get(url + "/metrics").text
+    assert "modalign_requests_total" in metrics and "modalign_in_flight" in metrics
+    json.loads(httpx.get(url + "/health").text)
+
+
+def test_web_page_in_headless_chromium(server, tmp_path):
+    """Upload a ShapesWorld image in the page, ask, and see the streamed answer appear."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed")
+    from modalign.shapesworld import data as shapes
+
+    url, app, _ = server
+    shapes.generate(tmp_path / "sw", num_train=1, num_eval=1, seed=0, num_text=1)
+    image = tmp_path / "sw" / "images" / "train_00000.png"
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])  # fmt: skip
+        page = browser.new_page()
+        page.route("**/v1/chat/completions", lambda route: route.continue_(
+            headers={**route.request.headers, "authorization": f"Bearer {KEY}"}))  # fmt: skip
+        page.goto(url + "/")
+        page.set_input_files("#img", str(image))
+        page.fill("#q", "How many shapes are there?")
+        page.click("#send")
+        page.wait_for_selector("#answer-1[data-done='1']", timeout=30000)
+        answer = page.inner_text("#answer-1")
+        assert page.locator("img.thumb").count() == 1  # the uploaded image is shown
+        page.screenshot(path=str(tmp_path / "chat.png"))
+        browser.close()
+    assert answer.startswith("assistant: ") and len(answer) > len("assistant: ")
+    assert (tmp_path / "chat.png").stat().st_size > 5000

@@ -1,0 +1,363 @@
+"""ShapesWorld: deterministic, answers correct against the scene, unseen pairs held out."""
+
+import json
+
+import pytest
+
+from modalign import MLLM
+from modalign.data.datasets import load_samples
+from modalign.data.tokenizer import Tokenizer
+from modalign.eval.run import evaluate
+from modalign.infer.chat import ChatModel
+from modalign.shapesworld import data as shapes
+from modalign.shapesworld.data import POSITIONS, Scene
+from modalign.shapesworld.evaluate import evaluate_shapes
+
+
+@pytest.fixture(scope="module")
+def big_world(tmp_path_factory):
+    """300 training scenes: enough for the data set's statistics."""
+    out = tmp_path_factory.mktemp("sw")
+    shapes.generate(out, num_train=300, num_eval=60, seed=3, num_text=100)
+    return out
+
+
+def question_of(turn: str) -> str:
+    """A first user turn without its image placeholder (before or after the question)."""
+    return turn.removeprefix("<image>\n").removesuffix("\n<image>")
+
+
+# the LLaVA-JSON conversation files (stage 1, stage 2 and its curriculum, held-out questions)
+TRAINING_FILES = [
+    "captions.json",
+    "instruct.json",
+    "instruct_basic.json",
+    "instruct_ground.json",
+    "eval.json",
+]
+
+
+def test_deterministic_for_a_seed(big_world, tmp_path):
+    shapes.generate(tmp_path, num_train=300, num_eval=60, seed=3, num_text=100)
+    # shapes.FILES (what the quickstart checks before reusing a data set) is exactly what is written
+    assert {p.name for p in tmp_path.iterdir() if p.is_file()} == set(shapes.FILES)
+    for name in [*TRAINING_FILES, "text.jsonl", "scenes.jsonl"]:
+        assert (big_world / name).read_bytes() == (tmp_path / name).read_bytes(), name
+    for img in ["images/train_00007.png", "images/eval_00011.png"]:
+        assert (big_world / img).read_bytes() == (tmp_path / img).read_bytes()
+    other = tmp_path / "other"
+    shapes.generate(other, num_train=30, num_eval=6, seed=4, num_text=10)
+    assert (
+        json.loads((other / "captions.json").read_text())[0]
+        != json.loads((big_world / "captions.json").read_text())[0]
+    )
+
+
+def answer(scene: Scene, q: str) -> str:
+    """An independent reading of the question against the scene description."""
+    objs = scene.objects
+    words = q.rstrip("?").split()
+    if q.startswith("What colour is the"):
+        return next(o.colour for o in objs if o.shape == words[-1])
+    if q.startswith("What shape is the"):
+        return next(o.shape for o in objs if o.colour == words[4])
+    if q.startswith("How many"):
+        return shapes.NUMBERS[len(objs)]
+    if q.startswith("Where is the"):
+        return next(POSITIONS[o.cell] for o in objs if o.colour == words[3] and o.shape == words[4])
+    if q.startswith("Is there a"):
+        return "yes" if any(o.colour == words[3] and o.shape == words[4] for o in objs) else "no"
+    if q.startswith("What word"):
+        return scene.word
+    if q.startswith("Is the"):
+        a = next(o for o in objs if o.colour == words[2] and o.shape == words[3])
+        rel = " ".join(words[4:-3])
+        b = next(o for o in objs if o.colour == words[-2] and o.shape == words[-1])
+        (ra, ca), (rb, cb) = a.row_col, b.row_col
+        return (
+            "yes"
+            if {"left of": ca < cb, "right of": ca > cb, "above": ra < rb, "below": ra > rb}[rel]
+            else "no"
+        )
+    raise AssertionError(q)
+
+
+def test_answers_match_the_scenes(big_world):
+    evals = json.loads((big_world / "eval.json").read_text())
+    assert {e["type"] for e in evals} == set(shapes.QUESTION_TYPES)
+    for e in evals:
+        q = question_of(e["conversations"][0]["value"])
+        assert answer(Scene.from_dict(e["scene"]), q) == e["answer"] == e["conversations"][1]["value"]
+    scenes = {
+        json.loads(line)["id"]: json.loads(line)
+        for line in (big_world / "scenes.jsonl").read_text().splitlines()
+    }
+    # the curriculum files: single colour / shape questions, then single position, count and read
+    # questions, answered right
+    for name, sep, prefixes in (("instruct_basic.json", "-b", ("What colour is the", "What shape is the")),
+                                ("instruct_ground.json", "-g", ("Where is the", "How many shapes",
+                                                                 "What word is written"))):  # fmt: skip
+        recs = json.loads((big_world / name).read_text())
+        assert len({r["id"] for r in recs}) == len(recs) > 0, name
+        for rec in recs:
+            scene = Scene.from_dict(scenes[rec["id"].rsplit(sep, 1)[0]]["scene"])
+            (h, g) = rec["conversations"]
+            q = question_of(h["value"])
+            assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
+    # one position question per object of every training scene, one count question per scene and
+    # one read question per scene with a word
+    ground = json.loads((big_world / "instruct_ground.json").read_text())
+    asked = [question_of(r["conversations"][0]["value"]) for r in ground]
+    assert sum(q.startswith("Where is the") for q in asked) == sum(
+        len(s["scene"]["objects"]) for s in scenes.values()
+    )
+    assert sum(q.startswith("How many shapes") for q in asked) == len(scenes)
+    assert sum(q.startswith("What word") for q in asked) == sum(
+        bool(s["scene"]["word"]) for s in scenes.values()
+    )
+    # the default layout: every question of every training scene is its own sample, answered right
+    per_scene = {}
+    for rec in json.loads((big_world / "instruct.json").read_text()):
+        sid = rec["id"].rsplit("-", 1)[0]
+        scene = Scene.from_dict(scenes[sid]["scene"])
+        (h, g) = rec["conversations"]
+        q = question_of(h["value"])
+        assert g["value"] == (shapes.describe(scene) if q == "Describe the image." else answer(scene, q))
+        per_scene.setdefault(sid, []).append(q)
+    assert set(per_scene) == set(scenes)
+    for sid, qs in per_scene.items():
+        objs = scenes[sid]["scene"]["objects"]
+        assert len(qs) == len(set(qs)) and qs.count("How many shapes are there?") == 1, sid
+        assert sum(q.startswith("Where is the") for q in qs) == len(objs), sid
+        assert sum(q.startswith("Is there a") for q in qs) == len(objs) + 1, sid  # and one absent object
+    described = sum("Describe the image." in qs for qs in per_scene.values()) / len(per_scene)
+    assert 0.15 < described < 0.35
+
+
+def test_conversation_layout(big_world, tmp_path):
+    """``layout="conversation"`` asks ``turns`` of a scene's questions in one conversation (the image in
+    the first turn); the scenes, the other files and which scenes are described do not change."""
+    conv = tmp_path / "conv"
+    shapes.generate(conv, num_train=300, num_eval=60, seed=3, num_text=100, layout="conversation", turns=3)
+    for name in ("scenes.jsonl", "captions.json", "instruct_basic.json", "instruct_ground.json", "eval.json",
+                 "text.jsonl", "text_instruct.json"):  # fmt: skip
+        assert (conv / name).read_bytes() == (big_world / name).read_bytes(), name
+    assert json.loads((conv / "meta.json").read_text())["layout"] == "conversation"
+    single = {}
+    for rec in json.loads((big_world / "instruct.json").read_text()):
+        single.setdefault(rec["id"].rsplit("-", 1)[0], []).append(rec["conversations"])
+    recs = json.loads((conv / "instruct.json").read_text())
+    assert [r["id"] for r in recs] == list(single)
+    for rec in recs:
+        turns = rec["conversations"]
+        humans = [t["value"] for t in turns[::2]]
+        assert humans[0].endswith("\n<image>") and not any("<image>" in h for h in humans[1:]), rec["id"]
+        asked = [t[0]["value"] for t in single[rec["id"]]]
+        described = asked[-1].startswith("Describe the image.")
+        assert len(humans) == min(3, len(asked) - described) + described, rec["id"]
+        pairs = {(question_of(t[0]["value"]), t[1]["value"]) for t in single[rec["id"]]}
+        assert {
+            (question_of(h["value"]), g["value"]) for h, g in zip(turns[::2], turns[1::2], strict=True)
+        } <= pairs
+    with pytest.raises(ValueError, match="layout must be one of"):
+        shapes.generate(tmp_path / "x", num_train=1, num_eval=1, layout="dialogue")
+
+
+def parse_description(text: str) -> Scene:
+    """A scene read back from its description ("a small red circle at the top left; ...")."""
+    objs, word, word_cell = [], None, None
+    for part in text.rstrip(".").split("; "):
+        what, place = part.split(" at the ")
+        if what.startswith("the word "):
+            word, word_cell = what.removeprefix("the word "), POSITIONS.index(place)
+        else:
+            _, size, colour, shape = what.split()
+            objs.append(shapes.Obj(shape, colour, size, POSITIONS.index(place)))
+    return Scene(objs, word, word_cell)
+
+
+def test_text_documents_answer_their_descriptions(big_world):
+    """Each text document's answer is right for the picture it describes."""
+    for path in (big_world / "text.jsonl", big_world / "text_eval.jsonl"):
+        for line in path.read_text().splitlines():
+            doc = json.loads(line)["text"]
+            desc, rest = doc.removeprefix("In the picture there is ").split(" Question: ")
+            q, a = rest.split(" Answer: ")
+            assert answer(parse_description(desc), q) == a.rstrip("."), doc
+
+
+def test_image_placement(big_world, tmp_path):
+    """The image goes after each question by default, before it or either on request; the scenes,
+    questions and answers are the same whatever the placement."""
+
+    def firsts(d, name):
+        recs = json.loads((d / name).read_text())
+        return [r["conversations"][0]["value"] for r in recs], [
+            [question_of(t["value"]) for t in r["conversations"]] for r in recs]  # fmt: skip
+
+    runs = {"after": big_world}
+    for placement in ("before", "mixed"):
+        runs[placement] = tmp_path / placement
+        shapes.generate(
+            runs[placement], num_train=300, num_eval=60, seed=3, num_text=100, image_placement=placement
+        )
+    for name in TRAINING_FILES:
+        turns = {k: firsts(d, name) for k, d in runs.items()}
+        assert turns["after"][1] == turns["before"][1] == turns["mixed"][1], name
+        assert all(
+            t.endswith("\n<image>") and t.count("<image>") == 1
+            for t in turns["after"][0]
+            if name != "captions.json"
+        )
+        assert all(t.startswith("<image>\n") and t.count("<image>") == 1 for t in turns["before"][0])
+        mixed = turns["mixed"][0]
+        if name == "eval.json":  # held-out questions: one placement, before unless asked for after
+            assert mixed == turns["before"][0]
+        elif name != "captions.json":
+            after = sum(t.endswith("\n<image>") for t in mixed) / len(mixed)
+            assert 0.35 < after < 0.65 and all(t.count("<image>") == 1 for t in mixed), (name, after)
+    assert json.loads((runs["mixed"] / "meta.json").read_text())["image_placement"] == "mixed"
+    with pytest.raises(ValueError, match="image_placement must be one of"):
+        shapes.generate(tmp_path / "x", num_train=1, num_eval=1, image_placement="middle")
+
+
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_eval_prompt_is_the_training_prompt(tmp_path, placement):
+    """The held-out prompt puts the image where the record does, token for token as training renders it."""
+    import torch
+
+    from modalign import MLLMConfig
+    from modalign.data.conversation import get_template, render
+    from modalign.infer.chat import user_message
+    from modalign.shapesworld.evaluate import heldout_question
+
+    world = tmp_path
+    shapes.generate(world, num_train=2, num_eval=6, seed=3, num_text=10, image_placement=placement)
+    cfg = MLLMConfig.from_name("tiny-shapes")
+    cfg.llm.num_layers = cfg.vision.num_layers = 1
+    tok = Tokenizer.train_bpe(
+        [s.messages[0].content for s in load_samples(world / "eval.json")], vocab_size=300
+    )
+    tok.template_name = "chatml"
+    cm = ChatModel(MLLM(cfg), tok)
+    per = cm.model.num_image_tokens() if cfg.placeholder == "per_token" else 1
+    recs = json.loads((world / "eval.json").read_text())
+    assert all(r["conversations"][0]["value"].endswith("\n<image>") == (placement == "after") for r in recs)
+    for rec, s in zip(recs, load_samples(world / "eval.json"), strict=True):
+        ex = render(s, tok, get_template("chatml", tok), cfg.image_token_id, per, 2048)  # as SampleProcessor
+        answer_start = next(i for i, label in enumerate(ex.labels) if label != -100)
+        prompt = cm.prompt_ids([user_message(heldout_question(rec), 1)])  # as both ShapesWorld evaluations
+        assert prompt == ex.input_ids[:answer_start], rec["id"]
+        assert torch.tensor(prompt).eq(cfg.image_token_id).any()
+
+
+def test_files_load_with_the_llava_loader(big_world):
+    for name in [*TRAINING_FILES, "text_instruct.json"]:
+        samples = load_samples(big_world / name)
+        assert samples and all(not isinstance(s, ValueError) for s in samples), name
+    assert len(load_samples(big_world / "text.jsonl")) == 100
+
+
+def test_quickstart_regenerates_data_missing_a_curriculum_file(tmp_path):
+    from modalign.shapesworld.quickstart import prepare_data
+
+    data = tmp_path / "data"
+    prepare_data(data, scale=0.02)
+    ground = (data / "instruct_ground.json").read_bytes()
+    (data / "instruct_ground.json").unlink()  # as written by a version before the grounding step
+    assert prepare_data(data, scale=0.02)
+    assert (data / "instruct_ground.json").read_bytes() == ground
+    assert (data / "tokenizer" / "tokenizer.json").is_file()
+    assert not prepare_data(data, scale=0.02)  # current: kept
+    # a data set of an older version (another layout) is written anew, its tokenizer trained anew
+    meta = json.loads((data / "meta.json").read_text())
+    (data / "meta.json").write_text(json.dumps({**meta, "version": shapes.DATA_VERSION - 1}))
+    (data / "tokenizer" / "tokenizer.json").write_text("{}")
+    assert prepare_data(data, scale=0.02)
+    assert json.loads((data / "meta.json").read_text()) == meta
+    assert (data / "instruct_ground.json").read_bytes() == ground
+    assert json.loads((data / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"]
+
+
+def test_quickstart_end_to_end_in_miniature(tmp_path, capsys):
+    """The README's main job on a tiny data set and a few steps per stage: every stage runs with the
+    recipe's freezing, results.json carries the fields the issue names and agrees with the per-sample
+    file, the model loads, text perplexity before is the stage-0 model's."""
+    import torch
+
+    from modalign.eval.perplexity import text_perplexity
+    from modalign.shapesworld.quickstart import quickstart
+
+    sets = [f"stages.{s}.stop.max_steps=2" for s in ("align", "basic", "ground", "instruct")]
+    sets += [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip")]
+    (res,) = quickstart("llava", tmp_path, scale=0.02, sets=sets, progress=False)
+    out = tmp_path / "llava"
+    saved = json.loads((out / "results.json").read_text())
+    need = {"method", "heldout_accuracy", "unseen_pairs_accuracy", "accuracy_by_type", "text_ppl_before",
+            "text_ppl_after", "trainable_params", "wall_seconds", "accuracy_by_type_seen_unseen"}  # fmt: skip
+    assert need <= set(saved) and saved["method"] == "llava"
+    rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == saved["questions"] == len(json.loads((tmp_path / "data" / "eval.json").read_text()))
+    assert saved["heldout_accuracy"] == sum(r["correct"] for r in rows) / len(rows)
+    unseen = [r["correct"] for r in rows if r["unseen"]]
+    assert saved["unseen_pairs_accuracy"] == sum(unseen) / len(unseen)
+    for t, acc in saved["accuracy_by_type"].items():
+        sub = [r["correct"] for r in rows if r["type"] == t]
+        assert acc == sum(sub) / len(sub)
+    model = MLLM.from_pretrained(out / "model", dtype=torch.float32)
+    connector = sum(p.numel() for p in model.connector.parameters())
+    assert saved["trainable_params"]["align"] == connector
+    assert saved["trainable_params"]["instruct"] == connector + sum(p.numel() for p in model.llm.parameters())
+    tok = Tokenizer.from_dir(out / "model")
+    before = MLLM.from_pretrained(tmp_path / "stage0" / "model", dtype=torch.float32)
+    assert saved["text_ppl_before"] == text_perplexity(before, tok, tmp_path / "data" / "text_eval.jsonl")
+    assert (out / "accuracy_by_type.png").stat().st_size > 0 and (out / "instruct" / "loss.png").is_file()
+    assert "| llava" in capsys.readouterr().out and res["heldout_accuracy"] == saved["heldout_accuracy"]
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+
+def test_shapes_task_equals_quickstart_evaluation(world, tiny_model, tmp_path):
+    d = tmp_path
+    (d / "model").symlink_to(tiny_model)
+    (d / "sw").symlink_to(world)
+    cm = ChatModel.load(d / "model")
+    res = evaluate(
+        cm, "shapes", d / "sw" / "eval.json", None, d / "out", batch_size=8, max_new_tokens=8, progress=False
+    )
+    ref = evaluate_shapes(MLLM.from_pretrained(d / "model"), Tokenizer.from_dir(d / "model"), d / "sw" / "eval.json",
+                          progress=False)  # fmt: skip
+    assert res["accuracy"] == ref["accuracy"] and res["samples"] == ref["questions"]
+    assert res["accuracy_by_category"] == ref["accuracy_by_type"]
+    assert res["unseen_pairs_accuracy"] == ref["unseen_pairs_accuracy"]
+    assert res["accuracy_by_category_seen_unseen"] == ref["accuracy_by_type_seen_unseen"]
+    assert res["position_parts"] == ref["position_parts"]
+    for f in ("samples.jsonl", "results.json", "report.md", "accuracy_by_category.png"):
+        assert (d / "out" / f).is_file()
+    line = json.loads((d / "out" / "samples.jsonl").read_text().splitlines()[0])
+    assert {"prompt", "raw", "answer", "score"} <= set(line)
+    assert len(res["data_sha256"]) == 64 and res["prompt_version"] == "shapes-v1"
+
+
+def test_position_parts_splits_row_and_column():
+    from modalign.shapesworld.evaluate import position_parts
+
+    rows = [("top", "top right"), ("left", "center"), ("bottom left", "top left"), ("right", "right"),
+            ("center", "a circle"), ("bottom", "bottom")]  # fmt: skip
+    samples = [{"type": "position", "answer": a, "prediction": p} for a, p in rows]
+    samples.append({"type": "colour", "answer": "red", "prediction": "top"})  # not a position question
+    parts = position_parts(samples)
+    assert parts == {"row_accuracy": 4 / 6, "column_accuracy": 3 / 6, "questions": 6}
+    assert position_parts(samples[-1:]) is None
+
+
+def test_seen_unseen_split_adds_up_to_each_type(world, tiny_model):
+    ref = evaluate_shapes(MLLM.from_pretrained(tiny_model), Tokenizer.from_dir(tiny_model), world / "eval.json",
+                          progress=False)  # fmt: skip
+    for t, parts in ref["accuracy_by_type_seen_unseen"].items():
+        rows = [s for s in ref["samples"] if s["type"] == t]
+        for k, acc in parts.items():
+            sub = [s["correct"] for s in rows if s["unseen"] == (k == "unseen")]
+            assert acc == sum(sub) / len(sub)
+        assert set(parts) == {("unseen" if s["unseen"] else "seen") for s in rows}

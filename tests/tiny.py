@@ -1,0 +1,34 @@
+"""Tiny recipes for tests: the model shapes and a two-stage recipe on a ShapesWorld folder."""
+
+from __future__ import annotations
+
+# ------------------------------------------------------------------------------ recipes
+
+TINY = {
+    "vision": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2},
+    "llm": {"hidden_size": 32, "intermediate_size": 64, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1},
+}
+
+
+def recipe_doc(data, strategy="none", steps=6, save_every=2) -> dict:
+    """A two-stage recipe on a ShapesWorld folder: ``align`` (the connector on captions), then
+    ``instruct`` (connector + LLM on an 80/20 mixture of instructions and text chats, dropout 0.1)."""
+
+    def stage(name, sources, template, trainable, dropout=0.0):
+        return {"name": name, "trainable": trainable,
+                "data": {"sources": sources, "template": template, "batch_size": 8, "max_length": 96},
+                "optim": {"lr": 1e-2, "schedule": {"warmup": 2, "decay": "cosine"}, "dropout": dropout},
+                "stop": {"max_steps": steps}, "checkpoints": {"every": save_every, "keep_last": 2}}  # fmt: skip
+
+    return {
+        "name": "tiny-test",
+        "seed": 1,
+        "parallel": {"strategy": strategy},
+        "model": {"preset": "tiny-shapes", "overrides": TINY, "tokenizer": str(data / "tokenizer")},
+        "stages": [
+            stage("align", [{"path": str(data / "captions.json")}], "plain", ["connector.*"]),
+            stage("instruct", [{"path": str(data / "instruct.json"), "weight": 0.8},
+                               {"path": str(data / "text_instruct.json"), "weight": 0.2}],
+                  "chatml", ["connector.*", "llm.*"], dropout=0.1),
+        ],
+    }  # fmt: skip

@@ -1,0 +1,559 @@
+"""Training: recipes validate and plan on the meta device, frozen parameters stay bit-identical,
+a SIGKILLed run resumes to the same losses (also DDP with 2 gloo processes), NaN stops cleanly."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from modalign import MLLM
+from modalign.config import ConfigError
+from modalign.data.datasets import load_samples
+from modalign.data.tokenizer import Tokenizer
+from modalign.shapesworld import RECIPES as TINY_RECIPES
+from modalign.train.plan import plan
+from modalign.train.recipe import RECIPES_DIR, load_recipe
+from modalign.train.run import run_recipe, setup_stage
+from modalign.train.state import checkpoints
+from tests.tiny import recipe_doc
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+SHIPPED = sorted([*RECIPES_DIR.glob("*.yaml"), *TINY_RECIPES.glob("*.yaml")])
+
+
+@pytest.fixture
+def data(world):
+    return world
+
+
+def losses(run: Path) -> list[tuple]:
+    out = []
+    for stage in ("align", "instruct"):
+        for line in (run / stage / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if "loss" in r:
+                out.append((stage, r["step"], r["loss"]))
+    return out
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates_and_plans_on_meta(path):
+    recipe = load_recipe(path, {"data": "data", "stage0": "runs/stage0", "llm": "llm", "vision": "vision"})
+    rows = plan(recipe)
+    assert len(rows) == len(recipe.stages)
+    for r in rows:
+        assert r["trainable"] > 0 and r["memory_total_gib"] > 0
+
+
+def test_recipe_errors_name_the_key(data):
+    doc = recipe_doc(data)
+    doc["stages"][0]["learning_rate"] = 1
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]: unknown key\(s\) learning_rate"):
+        load_recipe(doc)
+    doc = recipe_doc(data)
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[1\]\.optim\.lr: expected a number"):
+        load_recipe(doc, sets=["stages.instruct.optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop: give exactly one of max_steps and epochs"):
+        load_recipe(doc, sets=["stages.0.stop.epochs=1"])
+    with pytest.raises(
+        ConfigError, match=r"recipe\.stages\[1\]\.data\.token_cache_mb: expected a size in MiB >= 0"
+    ):
+        load_recipe(doc, sets=["stages.instruct.data.token_cache_mb=-1"])
+    assert load_recipe(doc, sets=["stages.align.optim.lr=3e-4"]).stages[0].optim.lr == 3e-4
+    # a mapping's values are checked too: YAML reads 1e-3 (no dot) as a string, which is a number here
+    sets = ['stages.align.optim.lr_groups={"connector.*": 1e-3}']
+    assert load_recipe(doc, sets=sets).stages[0].optim.lr_groups == {"connector.*": 1e-3}
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.optim\.lr_groups\['connector\.\*'\]: expected a number"
+    ):
+        load_recipe(doc, sets=['stages.align.optim.lr_groups={"connector.*": fast}'])
+    with pytest.raises(
+        ConfigError, match=r"recipe\.stages\[1\]\.optim\.dropout: expected a probability in \[0, 1\)"
+    ):
+        load_recipe(doc, sets=["stages.instruct.optim.dropout=1"])
+    # a value YAML cannot parse names the key and the value, and says how to quote it
+    with pytest.raises(
+        ConfigError, match=r"--set stages\.align\.data\.sources: value .* is not valid YAML \(quote"
+    ):
+        load_recipe(doc, sets=["stages.align.data.sources=[{path: ${data}/x.json}]"])
+    sets = ['stages.align.data.sources=[{path: "${data}/x.json"}]']
+    assert load_recipe(doc, {"data": "D"}, sets=sets).stages[0].data.sources[0].path == "D/x.json"
+    # objectives: a known name, and only their own options
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.objective\.name: expected one of lm, contrastive"):
+        load_recipe(doc, sets=["stages.align.objective=clip"])
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.objective\.region: not an option of the lm objective"
+    ):
+        load_recipe(doc, sets=["stages.align.objective={name: lm, region: {weight: 1}}"])
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.objective\.answer_prior\.min_count: expected a sample count >= 1"
+    ):
+        load_recipe(doc, sets=["stages.align.objective={name: lm, answer_prior: {min_count: 0}}"])
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.objective\.answer_prior: not an option of the contrastive"
+    ):
+        load_recipe(doc, sets=["stages.align.objective={name: contrastive, answer_prior: {weight: 1}}"])
+    with pytest.raises(
+        ConfigError, match=r"stages\[0\]\.objective\.region\.phrase: only \{category\} and \{where\}"
+    ):
+        load_recipe(doc, sets=["stages.align.objective={name: contrastive, region: {phrase: '{colour}'}}"])
+
+
+def test_a_recipe_in_the_flat_layout_says_where_each_key_went(data):
+    """Recipes written before the sections existed get an error naming the new place of a key."""
+    doc = recipe_doc(data)
+    for key, value, where in (("lr", 1e-3, "optim.lr"), ("max_steps", 5, "stop.max_steps"),
+                              ("stop_at_loss", 0.1, "stop.at_loss"), ("template", "plain", "data.template"),
+                              ("answer_prior", 1.0, "objective.answer_prior.weight"),
+                              ("save_every", 10, "checkpoints.every")):  # fmt: skip
+        with pytest.raises(ConfigError, match=rf"recipe\.stages\[0\]\.{key}: .* use {where}"):
+            load_recipe(doc, sets=[f"stages.align.{key}={value}"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop_anneal: this key was removed"):
+        load_recipe(doc, sets=["stages.align.stop_anneal=3"])
+    doc["stages"][0]["data"] = [{"path": "x.json"}]
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.data: a mapping now"):
+        load_recipe(doc)
+
+
+def test_stage_dropout_drops_residual_branches_only_while_its_stage_trains(data, tmp_path):
+    """``optim.dropout`` drops every decoder layer's attention and MLP outputs in training mode,
+    only during its stage (forward hooks the trainer adds and removes): the model carries no
+    dropout setting, in eval mode its outputs are the plain model's, and after the stage no hook
+    is left."""
+    from modalign.train.trainer import residual_dropout
+
+    recipe = load_recipe(recipe_doc(data, steps=2, save_every=0))
+    torch.manual_seed(0)
+    model = MLLM(recipe.model.build_config())
+    ids = torch.randint(4, 200, (2, 12))
+    with torch.no_grad():
+        plain_train = model.train()(ids).logits
+        with residual_dropout(model.llm, 0.3):
+            dropped = model(ids).logits
+            evaluated = model.eval()(ids).logits
+            torch.manual_seed(5)
+            a = model.train()(ids).logits
+            torch.manual_seed(5)
+            b = model(ids).logits
+        after = model(ids).logits
+    assert torch.equal(evaluated, plain_train) and not torch.allclose(dropped, plain_train)
+    assert torch.equal(a, b)  # the masks come from torch's generator
+    assert torch.equal(after, plain_train)
+    assert not any(m._forward_hooks for m in model.modules())
+    # a stage with dropout: the hooks are there while it trains (one per attention and MLP block)
+    seen = []
+    import modalign.train.trainer as trainer_mod
+
+    real = trainer_mod.Trainer._run
+
+    def spy(self, resume):
+        core = self.model
+        seen.append(sum(len(m._forward_hooks) for m in core.modules()))
+        return real(self, resume)
+
+    trainer_mod.Trainer._run = spy
+    try:
+        run_recipe(recipe, tmp_path / "run", progress=False)
+    finally:
+        trainer_mod.Trainer._run = real
+    assert seen == [0, 2 * 2]  # align: none; instruct (dropout 0.1): 2 layers x (attention, MLP)
+    assert not any(m._forward_hooks for m in MLLM.from_pretrained(tmp_path / "run" / "model").modules())
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def test_each_stage_changes_exactly_its_trainable_parameters(data, tmp_path):
+    recipe = load_recipe(recipe_doc(data, steps=3, save_every=0))
+    torch.manual_seed(recipe.seed)
+    init = MLLM(recipe.model.build_config()).state_dict()
+    run_recipe(recipe, tmp_path / "run", progress=False)
+    after1 = MLLM.from_pretrained(tmp_path / "run" / "align" / "model").state_dict()
+    after2 = MLLM.from_pretrained(tmp_path / "run" / "instruct" / "model").state_dict()
+    for name in init:
+        assert torch.equal(init[name], after1[name]) != name.startswith("connector."), name
+        assert torch.equal(after1[name], after2[name]) == name.startswith("vision."), name
+    counts = json.loads((tmp_path / "run" / "align" / "trainable.json").read_text())
+    assert counts["trainable"] == sum(v.numel() for k, v in init.items() if k.startswith("connector."))
+    assert (tmp_path / "run" / "instruct" / "loss.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
+
+
+def test_a_frozen_vision_tower_runs_once_per_image(data, tmp_path, monkeypatch):
+    """With the tower frozen (both stages here), its output per image file is computed before the
+    first stage, once, in file order (``feature_cache_mb``), and the second stage, whose tower is the
+    same, reuses it; training then never calls it, and logs the losses of a run that calls it on
+    every batch (the sigkill test checks exact resume with it)."""
+    from modalign.data.images import ImageProcessor
+    from modalign.models.vision import VisionTower
+    from modalign.train.feature_cache import FeatureCache
+
+    calls, hits, reads = [], [], []
+    forward, cache_call, load = VisionTower.forward, FeatureCache.__call__, ImageProcessor.load
+    monkeypatch.setattr(
+        ImageProcessor, "load", lambda self, src, *a: reads.append(src) or load(self, src, *a)
+    )
+    monkeypatch.setattr(
+        VisionTower, "forward", lambda self, px, *a, **k: calls.append(len(px)) or forward(self, px, *a, **k)
+    )
+    monkeypatch.setattr(FeatureCache, "__call__",
+                        lambda self, t, px, ks: (cache_call(self, t, px, ks), hits.append(self.hits))[0])  # fmt: skip
+    runs = {}
+    for mb in (256, 0):
+        calls.clear(), reads.clear()
+        sets = [f"stages.{st}.data.feature_cache_mb={mb}" for st in ("align", "instruct")]
+        run_recipe(
+            load_recipe(recipe_doc(data, steps=4, save_every=0), sets=sets),
+            tmp_path / str(mb),
+            progress=False,
+        )
+        runs[mb] = (losses(tmp_path / str(mb)), list(calls))
+        if mb:  # each image is read once, for the cache; training does not read what it holds
+            assert (
+                len(reads)
+                == len(set(reads))
+                == len({s.images[0] for s in load_samples(data / "captions.json")})
+            )
+    (cached, cached_calls), (plain, plain_calls) = runs[256], runs[0]
+    assert [x[:2] for x in cached] == [x[:2] for x in plain]
+    assert [x[2] for x in cached] == pytest.approx([x[2] for x in plain], rel=1e-4)
+    n_images = len({s.images[0] for s in load_samples(data / "captions.json")})
+    assert cached_calls == [n_images]  # one pass in all (48 images: one chunk of 64)
+    assert len(hits) == len(plain_calls) >= 5 and hits[-1] == sum(plain_calls)  # one cache, both stages
+
+
+def test_feature_cache_holds_what_fits_and_encodes_the_rest_with_the_batch():
+    from modalign import MLLMConfig
+    from modalign.train.feature_cache import FeatureCache
+
+    torch.manual_seed(0)
+    model = MLLM(MLLMConfig.from_name("tiny-shapes")).eval()
+    px = torch.randn(5, 3, 96, 96)
+    with torch.no_grad():
+        want = model.vision(px)
+    one = want[0].numel() * 4  # bytes of one image's features
+    cache = FeatureCache.for_tower(model.vision, 2.5 * one / 2**20)
+    assert cache.fill(model.vision, [(f"f{i}", px[i]) for i in (0, 1, 0, 2, 3)], batch_size=2) == 2
+    assert cache.bytes == 2 * one
+    # held keys come from the cache (f1 named on image 0 gives image 1's features), the rest are encoded
+    got = cache(model.vision, px, ["f1", "f0", None, "f3", "f4"])
+    assert (cache.hits, cache.misses) == (2, 3)
+    torch.testing.assert_close(got, want[[1, 0, 2, 3, 4]], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="2 keys for 5 images"):
+        cache(model.vision, px, ["f0", "f1"])
+    # the model takes the features through its explicit argument: the same visual tokens
+    tokens = model.encode_images(image_features=got)
+    torch.testing.assert_close(tokens, model.connector(want[[1, 0, 2, 3, 4]]), rtol=1e-5, atol=1e-5)
+    # a later stage keeps the cache only for the same tower (weights, buffers, config) and limit
+    mb = 2.5 * one / 2**20
+    assert FeatureCache.for_tower(model.vision, mb, reuse=cache) is cache
+    assert FeatureCache.for_tower(model.vision, 2 * mb, reuse=cache) is not cache
+    with torch.no_grad():
+        model.vision.encoder.layers[0].mlp.fc1.weight[0, 0] += 1e-3
+    fresh = FeatureCache.for_tower(model.vision, mb, reuse=cache)
+    assert fresh is not cache and len(fresh) == 0 and fresh.fingerprint != cache.fingerprint
+
+
+def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_path):
+    doc = recipe_doc(data, steps=6, save_every=0)
+    doc["stages"] = doc["stages"][:1]
+    run = tmp_path / "met"
+    res = run_recipe(load_recipe(doc, sets=["stages.align.stop.at_loss=100", "stages.align.stop.window=3"]), run,
+                     progress=False)  # fmt: skip
+    recs = [json.loads(x) for x in (run / "align" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r["loss"] for r in recs if "loss" in r]
+    assert res["align"].steps == 3 and len(logged) == 3
+    assert (
+        "mean loss of the last 3 steps" in recs[-1]["stopped"]
+        and "at step 3 of 6: stopped at step 3" in recs[-1]["stopped"]
+    )
+    (ckpt,) = checkpoints(run / "align" / "checkpoints")
+    assert ckpt.name == "step-000003"
+    assert json.loads((ckpt / "state.json").read_text())["info"]["recent_losses"] == logged
+    # resumed from that checkpoint (the stage's model not yet written), it trains no further step
+    shutil.rmtree(run / "align" / "model")
+    (run / "align" / "result.json").unlink()
+    again = run_recipe(load_recipe(doc, sets=["stages.align.stop.at_loss=100", "stages.align.stop.window=3"]), run,
+                       progress=False)["align"]  # fmt: skip
+    assert again.steps == 3 and again.final_loss == logged[-1]
+    assert [json.loads(x).get("loss") for x in (run / "align" / "metrics.jsonl").read_text().splitlines()][
+        :3
+    ] == logged
+    # a threshold no loss meets: the whole schedule
+    unmet = run_recipe(
+        load_recipe(doc, sets=["stages.align.stop.at_loss=1e-9"]), tmp_path / "unmet", progress=False
+    )
+    assert unmet["align"].steps == 6
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop\.at_loss: expected a loss > 0"):
+        load_recipe(doc, sets=["stages.align.stop.at_loss=0"])
+
+
+def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:
+    base = [
+        "-m",
+        "modalign.cli",
+        "train",
+        str(recipe),
+        "--out",
+        str(out),
+        "--data",
+        str(data),
+        "--no-progress",
+    ]
+    if ddp:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+                "--rdzv_backend=c10d", "--rdzv_endpoint=127.0.0.1:0", *base]  # fmt: skip
+    return [sys.executable, *base]
+
+
+@pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp"], ids=["single", "ddp-gloo-2", "fsdp-gloo-2"])
+def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
+    ddp = strategy != "none"  # launched as two torchrun processes
+    recipe = tmp_path / "recipe.yaml"
+    doc = recipe_doc(data, strategy)
+    doc["stages"][1]["objective"] = {
+        "name": "lm",
+        "answer_prior": {"weight": 1.0, "min_count": 5},
+    }  # resumes exactly with it too
+    recipe.write_text(yaml.safe_dump(doc))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(_train_cmd(recipe, full, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
+    for _ in range(3):  # killed after the stage's last save, a resume would train nothing: try again
+        shutil.rmtree(cut, ignore_errors=True)
+        proc = subprocess.Popen(_train_cmd(recipe, cut, data, ddp), env=ENV, start_new_session=True,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.time() + 300
+        while not checkpoints(cut / "instruct" / "checkpoints") and time.time() < deadline:
+            time.sleep(0.01)
+        os.killpg(proc.pid, signal.SIGKILL)  # mid-stage: step 2 (or 4) is saved, the run goes on
+        proc.wait()
+        assert not (cut / "instruct" / "result.json").exists(), "the run finished before it could be killed"
+        left = checkpoints(cut / "instruct" / "checkpoints")
+        if int(left[-1].name.split("-")[1]) < 6:
+            break
+    assert int(left[-1].name.split("-")[1]) < 6, "every try was killed after the last save"
+    subprocess.run(_train_cmd(recipe, cut, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
+    assert losses(cut) == losses(full)
+    assert len(losses(full)) == 12
+    a, b = MLLM.from_pretrained(full / "model"), MLLM.from_pretrained(cut / "model")
+    assert all(
+        torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+    if strategy == "fsdp":  # sharded checkpoints: each rank wrote its part, no gather, no pickle
+        import torch.distributed.checkpoint as dcp
+
+        last = checkpoints(full / "instruct" / "checkpoints")[-1]
+        assert json.loads((last / "state.json").read_text())["info"]["step"] == 6
+        assert sorted(p.suffix for p in last.rglob("*") if p.is_file()) == [".json", *[".safetensors"] * 3]
+        assert len(list((last / "sharded").glob("shard-*.safetensors"))) == 2
+        # one process reads the shards back (DCP reshards) into the final weights
+        sd = {f"model/{k}": torch.zeros_like(v) for k, v in a.state_dict().items()}
+        dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(last / "sharded")))
+        assert all(torch.equal(sd[f"model/{k}"], v) for k, v in a.state_dict().items())
+
+
+def test_interrupted_save_is_ignored_and_nan_stops_with_checkpoint(data, tmp_path):
+    from modalign.train import trainer as tr
+    from modalign.train.objectives.lm import LMObjective
+
+    recipe = load_recipe(recipe_doc(data, steps=6, save_every=1), sets=["stages.0.stop.max_steps=2"])
+    run_recipe(recipe, tmp_path / "run", progress=False, stages=["align"])
+    ckdir = tmp_path / "run" / "instruct" / "checkpoints"
+
+    calls = {"n": 0}
+    real = LMObjective.forward
+
+    def poisoned(self, batch):
+        loss, n = real(self, batch)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] == 4 else loss), n
+
+    LMObjective.forward = poisoned
+    try:
+        with pytest.raises(tr.NonFiniteError, match=r"stage instruct, step 3: loss is nan"):
+            run_recipe(recipe, tmp_path / "run", progress=False)
+    finally:
+        LMObjective.forward = real
+    done = checkpoints(ckdir)
+    assert [p.name for p in done] == ["step-000002", "step-000003"]
+    # a save killed halfway: a temp dir and a step dir without state.json; both are ignored
+    (ckdir / ".step-000004.tmp-abc").mkdir()
+    (ckdir / "step-000005").mkdir()
+    assert checkpoints(ckdir)[-1].name == "step-000003"
+    res = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert res["instruct"].steps == 6
+
+
+def test_nonfinite_gradients_name_the_group(data, tmp_path):
+    from modalign.train import trainer as tr
+
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0))
+    model = MLLM(recipe.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+    model.llm.norm.weight.register_hook(lambda g: g * float("inf"))
+    t = tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
+    with pytest.raises(
+        tr.NonFiniteError, match=r"step 0: non-finite gradients in parameter group 'default \(no decay\)'"
+    ):
+        t.run()
+
+
+def test_gradient_check_is_exact_where_the_fused_norm_overflows(data, tmp_path):
+    """The one-norm-per-group check: gradients too large for an fp32 L1 norm but finite pass; one
+    NaN element among them stops the run, naming the group."""
+    from modalign.train import trainer as tr
+
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0))
+    model = MLLM(recipe.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+    t = tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
+    for q in model.parameters():
+        q.grad = torch.zeros_like(q) if q.requires_grad else None
+    w = model.llm.norm.weight
+    w.grad = torch.full_like(w, 3e38)
+    assert not torch.stack(torch._foreach_norm([w.grad], 1)).isfinite().all()  # the fused norm overflows
+    t._check_grads(7)  # but every element is finite
+    w.grad[5] = float("nan")
+    with pytest.raises(
+        tr.NonFiniteError, match=r"step 7: non-finite gradients in parameter group 'default \(no decay\)'"
+    ):
+        t._check_grads(7)
+
+
+def test_sharded_checkpoint_resumes_exactly_in_one_process(tmp_path):
+    """The FSDP checkpoint format (DCP shards in safetensors) read back by a process without FSDP:
+    weights, optimiser moments and RNG come back, and the next step matches the original's."""
+    from modalign.train import state as st
+
+    def make(seed):
+        torch.manual_seed(seed)
+        m = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+        return m, torch.optim.AdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+
+    def step(m, opt):
+        opt.zero_grad()
+        m(torch.randn(4, 6)).square().mean().backward()
+        opt.step()
+
+    m, opt = make(0)
+    for _ in range(3):
+        step(m, opt)
+    st.save_training_state_sharded(tmp_path / "step-000003", m, opt, {"step": 3}, main=True)
+    assert (tmp_path / "step-000003" / "sharded").is_dir() and not (
+        tmp_path / "step-000003.tmp-sharded"
+    ).exists()
+    step(m, opt)  # the original run goes on
+
+    m2, opt2 = make(1)
+    assert st.load_training_state(tmp_path / "step-000003", m2, opt2) == {"step": 3}
+    step(m2, opt2)  # the same RNG draws, moments and weights: bit-identical
+    assert all(
+        torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True)
+    )
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+
+
+def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, tmp_path):
+    """Stage 0's clip stage on ShapesWorld's annotations: each object's box becomes (the patch of
+    its grid cell, "<size> <colour> <shape> at the <cell>"); the region term adds a positive
+    InfoNCE that reaches the tower and its projection; the shipped stage trains end to end."""
+    from modalign.data.collate import collate
+    from modalign.shapesworld import data as shapes
+    from modalign.train.objectives.contrastive import ContrastiveCollator, ContrastiveModel, RegionExample
+
+    tok_dir = data / "tokenizer"
+    stage0 = TINY_RECIPES / "tiny-stage0.yaml"
+    recipe = load_recipe(stage0, {"data": str(data)}, [f"model.tokenizer={tok_dir}", "stages.lm.stop.max_steps=2",
+                         "stages.clip.stop.max_steps=3", "stages.clip.data.batch_size=8",
+                         "stages.lm.data.batch_size=8"])  # fmt: skip
+    clip = recipe.stages[1]
+    assert clip.objective.region.weight > 0 and clip.data.sources[0].path.endswith("scenes.jsonl")
+    model = MLLM(recipe.model.build_config())
+    tok = Tokenizer.from_dir(tok_dir)
+    _, ds, _, _ = setup_stage(recipe, 1, model, tok)
+    scenes = [json.loads(line) for line in (data / "scenes.jsonl").read_text().splitlines()]
+    for i in range(5):
+        ex, sc = ds[i], shapes.Scene.from_dict(scenes[i]["scene"])
+        assert isinstance(ex, RegionExample) and ex.id == scenes[i]["id"]
+        want = sorted(
+            (o.cell, f"{o.size} {o.colour} {o.shape} at the {shapes.POSITIONS[o.cell]}") for o in sc.objects
+        )
+        assert sorted((p, tok.decode(ids)) for p, ids in ex.regions) == want
+    batch = ContrastiveCollator(tok.pad_id)([ds[i] for i in range(6)])
+    assert batch["regions"] == [ds[i].regions for i in range(6)]
+    torch.manual_seed(0)
+    model.requires_grad_(True)
+    cm = ContrastiveModel(model, region_weight=1.0)
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    plain = cm.loss(*args)
+    with_regions = cm.loss(*args, batch["regions"])
+    assert cm(batch) == (with_regions, int(batch["attention_mask"].sum()))
+    assert with_regions > plain
+    with_regions.backward()
+    assert cm.clip_region_proj.weight.grad.abs().sum() > 0
+    assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    # text_cache: with the LM frozen each distinct text is embedded once and kept: before training,
+    # every text of the data set, 64 at a time (then no forward calls the LM), or a text the fill
+    # did not see, on its own; the loss equals the padded batch's; while the LM trains nothing is kept
+    from modalign.train.objectives.contrastive import fill_text_cache
+
+    cached = ContrastiveModel(model, region_weight=1.0, text_cache=True)
+    cached.load_state_dict(cm.state_dict())
+    assert fill_text_cache(cached, ds) == 0
+    assert cached.loss(*args, batch["regions"]).item() == pytest.approx(with_regions.item(), rel=1e-5)
+    assert not cached._text_memo
+    calls = []
+    hook = model.llm.register_forward_hook(lambda *a: calls.append(1))
+    model.llm.requires_grad_(False)
+    texts = {
+        tuple(r[m.bool()].tolist()) for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    }
+    texts |= {tuple(ids) for regs in batch["regions"] for _, ids in regs}
+    first = cached.loss(*args, batch["regions"])  # on its own, each text
+    assert len(calls) == len(cached._text_memo) == len(texts)
+    every = {tuple(t) for s in ds.samples for t in ds.processor.texts(s)}
+    assert texts < every
+    filled = ContrastiveModel(model, region_weight=1.0, text_cache=True)
+    filled.load_state_dict(cm.state_dict())
+    calls.clear()
+    assert fill_text_cache(filled, ds) == len(every) and len(calls) == -(-len(every) // 64)
+    again = filled.loss(*args, batch["regions"])
+    hook.remove()
+    model.llm.requires_grad_(True)
+    assert len(calls) == -(-len(every) // 64)  # the forward called no LM
+    assert first.item() == pytest.approx(with_regions.item(), rel=1e-5)
+    assert again.item() == pytest.approx(with_regions.item(), rel=1e-5)
+    assert "regions" not in collate([ds[0]], tok.pad_id)
+    # the conversation files still load for the class-token loss; a region term without boxes is refused
+    from modalign.data.conversation import Conversation
+    from modalign.train.objectives.contrastive import load_caption_samples
+
+    assert all(isinstance(x, Conversation) for x in load_caption_samples(data / "captions.json"))
+    no_boxes = load_recipe(stage0, {"data": str(data)}, [f"model.tokenizer={tok_dir}",
+                           f"stages.clip.data.sources.0.path={data / 'captions.json'}", "stages.clip.init_from=none"])  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"stage clip: objective.region.weight is 1.0 but its data .*captions.json"
+    ):
+        run_recipe(no_boxes, tmp_path / "no-boxes", progress=False, stages=["clip"])
+    res = run_recipe(recipe, tmp_path / "stage0", progress=False)
+    assert res["clip"].steps == 3 and (tmp_path / "stage0" / "model" / "model.safetensors").is_file()
+    # the contrastive heads are seeded by the recipe, not by whatever ran before: the clip stage run
+    # alone on the finished lm stage (a resumed quickstart) logs the same losses
+    shutil.copytree(tmp_path / "stage0" / "lm", tmp_path / "again" / "lm")
+    torch.manual_seed(1234)
+    run_recipe(recipe, tmp_path / "again", progress=False, stages=["clip"])
+    losses = [[json.loads(x)["loss"] for x in (d / "clip" / "metrics.jsonl").read_text().splitlines()]
+              for d in (tmp_path / "stage0", tmp_path / "again")]  # fmt: skip
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
