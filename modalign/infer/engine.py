@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
+from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
 
 
@@ -42,6 +43,19 @@ class SamplingParams:
 class Prompt:
     input_ids: list[int]
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # one [3, S, S] per image, in order
+
+
+@dataclass
+class Prefilled:
+    """A batch after its prompt forward: the cache, each row's next-token logits [B, V] (float32),
+    the left-padded ids and attention mask [B, T], whether rows were padded, each prompt's length."""
+
+    cache: KVCache
+    logits: torch.Tensor
+    ids: torch.Tensor
+    mask: torch.Tensor
+    padded: bool
+    lengths: list[int]
 
 
 @dataclass
@@ -89,20 +103,15 @@ class Engine:
         return self.model.llm.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def stream(
-        self, prompts: list[Prompt], params: SamplingParams, cancelled=None
-    ) -> Iterator[list[int | None]]:
-        """Yield, per decode step, the new token of every row (None once a row has finished).
-        The last yield is followed by ``self.last_finish`` holding each row's finish reason.
-        ``cancelled(i)`` (checked after each step) ends row ``i`` early."""
-        params.validate()
+    def prefill(self, prompts: list[Prompt], room: int, round_to_graphs: bool = False) -> Prefilled:
+        """Run the prompts (left-padded into one batch) through the model into a new KV cache with
+        ``room`` slots left for new tokens; returns the cache and each row's next-token logits."""
         dev = self._device()
         prompts = [self._expand(p) for p in prompts]
         b = len(prompts)
         lengths = [len(p.input_ids) for p in prompts]
         t = max(lengths)
-        pad = 0
-        ids = torch.full((b, t), pad, dtype=torch.long)
+        ids = torch.zeros((b, t), dtype=torch.long)
         mask = torch.zeros(b, t, dtype=torch.long)
         for i, p in enumerate(prompts):
             ids[i, t - lengths[i] :] = torch.tensor(p.input_ids)
@@ -114,21 +123,35 @@ class Engine:
             pixels = torch.stack(images).to(dev) if same else [x.to(dev) for x in images]
         ids, mask = ids.to(dev), mask.to(dev)
         padded = min(lengths) != t
-        pos = (mask.sum(1, keepdim=True) - 1) if padded else None  # last position per row
-        need = t + params.max_new_tokens + 1
+        need = t + room
+        cache = self.model.llm.new_cache(b, self.fast.round_cache_len(need) if round_to_graphs else need)
+        # per-image placeholders were expanded already (``_expand``), so the splice keeps every
+        # row's length; an all-text batch passes no modality ids (no image branch runs)
+        sp = self.model.embed(ids, pixels, mask if padded else None, placeholder="per_token")
+        out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if pixels is not None else None,
+                         attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1)  # fmt: skip
+        return Prefilled(cache, out.logits[:, -1].float(), ids, mask, padded, lengths)
+
+    @torch.inference_mode()
+    def stream(
+        self, prompts: list[Prompt], params: SamplingParams, cancelled=None
+    ) -> Iterator[list[int | None]]:
+        """Yield, per decode step, the new token of every row (None once a row has finished).
+        The last yield is followed by ``self.last_finish`` holding each row's finish reason.
+        ``cancelled(i)`` (checked after each step) ends row ``i`` early."""
+        params.validate()
+        dev = self._device()
+        b = len(prompts)
         compiled = self.fast.compiled
-        cache = self.model.llm.new_cache(b, self.fast.round_cache_len(need) if compiled else need)
+        pre = self.prefill(prompts, params.max_new_tokens + 1, round_to_graphs=compiled)
+        cache, logits, ids, mask, padded = pre.cache, pre.logits, pre.ids, pre.mask, pre.padded
+        t = ids.shape[1]
+        pos = (mask.sum(1, keepdim=True) - 1) if padded else None  # last position per row
         gen = torch.Generator(device=dev)
         if params.seed is not None:
             gen.manual_seed(params.seed)
         else:
             gen.seed()
-        # prefill: per-image placeholders were expanded already (``_expand``), so the splice keeps
-        # every row's length; an all-text batch passes no modality ids (no image branch runs)
-        sp = self.model.embed(ids, pixels, mask if padded else None, placeholder="per_token")
-        out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if pixels is not None else None,
-                         attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1)  # fmt: skip
-        logits = out.logits[:, -1].float()
         finish = ["length"] * b
         seen = ids.clone() if params.repetition_penalty != 1.0 else None
         stops = set(params.stop_token_ids)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from modalign import MLLM, MLLMConfig
 from modalign.infer.engine import Engine, Prompt, SamplingParams
 
-GOLDEN = Path(__file__).resolve().parents[2] / "shared" / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 def tiny(seed=0):
@@ -76,7 +76,6 @@ def test_stop_tokens_and_seeded_sampling():
         eng.generate([p], SamplingParams(top_p=0))
 
 
-@pytest.mark.skipif(not GOLDEN.is_dir(), reason="shared/golden not present")
 def test_engine_on_per_image_model_matches_golden():
     model = MLLM.from_pretrained(GOLDEN / "mplug_owl2")
     inp = load_file(str(GOLDEN / "mplug_owl2" / "inputs.safetensors"))

@@ -1,0 +1,320 @@
+"""Continuous batching: every running request decodes one token per step, new requests join the
+running batch at the next step, finished ones leave at once, and each row samples with its own
+settings (temperature, top-k, top-p, penalties, logit bias, seed, logprobs).
+
+    waiting requests --prefill (their own left-padded batch)--> rows (KV, next token)
+       --merge--> running batch: KV slots [B, H, S, D], valid [B, S], position per row
+       --step--> one token per row (fused decode step where it applies) --> per-row sampling
+
+A new row's cache slots are placed right-aligned at the running batch's frontier: positions are
+each row's own (RoPE is applied before the keys are stored), so where a row's keys sit among the
+slots does not matter; the validity mask says which slots each row attends to. The scheduler
+belongs to one thread; failures are isolated: a request whose prefill fails fails alone, and a
+decode step that fails fails the rows of that step, never the scheduler.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from modalign.infer.engine import Engine, Prompt, SamplingParams
+from modalign.infer.fast_decode import supported
+from modalign.models.decoder import KVCache
+
+
+@dataclass(eq=False)  # identity, not field equality: a request holds tensors
+class Request:
+    """One generation: the prompt, its own sampling settings, and where its tokens go.
+    ``on_token(token, logprobs)``, ``on_end(reason)`` and ``on_error(exc)`` are called from the
+    scheduler's thread; setting ``cancelled`` ends the request at the next step ("cancelled")."""
+
+    prompt: Prompt
+    params: SamplingParams
+    on_token: Callable[[int, dict | None], None]
+    on_end: Callable[[str], None]
+    on_error: Callable[[BaseException], None]
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's log-probability and the top k
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    cancelled: bool = False
+    generated: int = 0
+
+
+@dataclass(eq=False)
+class _Row:
+    req: Request
+    gen: torch.Generator
+    seen: list[int]  # prompt + generated ids (repetition penalty)
+    counts: dict[int, int] = field(default_factory=dict)  # generated ids (presence / frequency penalties)
+    finish: str | None = None  # "stop" | "length" once the row has ended
+
+
+class Scheduler:
+    """``add`` queues requests; ``step`` admits up to ``max_batch`` of them and decodes one token
+    for every running row. ``active`` and ``waiting`` say how much work is left."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, headroom: int = 64):
+        self.engine, self.max_batch, self.headroom = engine, max_batch, headroom
+        self.model = engine.model
+        self.waiting: list[Request] = []
+        self.rows: list[_Row] = []
+        self.cache: KVCache | None = None  # the running batch's slots (cache.length: slots in use)
+        self.valid: torch.Tensor | None = None  # [B, S] slots each row attends to
+        self.pos: torch.Tensor | None = None  # [B] each row's next position
+        self.next: torch.Tensor | None = None  # [B] each row's next input token
+        self.steps = 0
+
+    @property
+    def active(self) -> int:
+        return len(self.rows)
+
+    def add(self, req: Request) -> None:
+        req.params.validate()
+        self.waiting.append(req)
+
+    # ------------------------------------------------------------------ admission
+
+    @torch.inference_mode()
+    def admit(self) -> None:
+        """Prefill waiting requests (as many as the batch has room for) and merge them in."""
+        self.waiting = [r for r in self.waiting if not self._drop_cancelled(r)]
+        room = self.max_batch - len(self.rows)
+        if room <= 0 or not self.waiting:
+            return
+        new, self.waiting = self.waiting[:room], self.waiting[room:]
+        try:
+            self._prefill(new)
+        except Exception:  # noqa: BLE001 - find the request that failed; the others go on
+            if len(new) == 1:
+                raise _Failed(new) from None
+            failed = []
+            for r in new:
+                try:
+                    self._prefill([r])
+                except Exception as e:  # noqa: BLE001
+                    r.on_error(e)
+                    failed.append(r)
+            if failed and len(failed) == len(new):
+                return
+
+    def _drop_cancelled(self, r: Request) -> bool:
+        if r.cancelled:
+            r.on_end("cancelled")
+        return r.cancelled
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        dev = self.engine._device()
+        room = max(r.params.max_new_tokens for r in reqs) + 1
+        pre = self.engine.prefill([r.prompt for r in reqs], room)
+        rows = []
+        for i, r in enumerate(reqs):
+            gen = torch.Generator(device=dev)
+            gen.manual_seed(r.params.seed) if r.params.seed is not None else gen.seed()
+            rows.append(_Row(r, gen, pre.ids[i][pre.mask[i].bool()].tolist()))
+        tokens = self._sample(rows, pre.logits)
+        positions = pre.mask.sum(1)  # the next position of each row
+        self._merge(pre.cache, pre.mask.bool(), positions, rows)
+        self._emit(rows, tokens, pre.logits, offset=len(self.rows) - len(rows))
+
+    def _merge(self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor, rows: list[_Row]) -> None:
+        """Append prefilled rows to the running batch, their slots right-aligned at the frontier."""
+        n = cache.length
+        if self.cache is None:
+            self.cache, self.valid, self.pos = cache, _pad_to(valid, cache.max_len), positions
+            self.next = torch.zeros(len(rows), dtype=torch.long, device=positions.device)
+            self.rows = rows
+            return
+        old = self.cache
+        front = max(old.length, n)
+        need = front + max(r.req.params.max_new_tokens - r.req.generated for r in [*self.rows, *rows]) + 1
+        cap = max(old.max_len, _round(need, self.headroom))
+        shift = front - old.length  # existing rows move right to make room for a longer prompt
+        b_old, b_new = len(self.rows), len(rows)
+        merged = KVCache(self.model.config.llm, b_old + b_new, cap, old.k[0].dtype, old.k[0].device)
+        valid_m = torch.zeros(b_old + b_new, cap, dtype=torch.bool, device=self.valid.device)
+        for layer in range(len(old.k)):
+            for dst, src in ((merged.k, old.k), (merged.v, old.v)):
+                dst[layer][:b_old, :, shift : shift + old.length] = src[layer][:, :, : old.length]
+            for dst, src in ((merged.k, cache.k), (merged.v, cache.v)):
+                dst[layer][b_old:, :, front - n : front] = src[layer][:, :, :n]
+        valid_m[:b_old, shift : shift + old.length] = self.valid[:, : old.length]
+        valid_m[b_old:, front - n : front] = valid[:, :n]
+        merged.length = merged.prefill_length = front
+        self.cache, self.valid = merged, valid_m
+        self.pos = torch.cat([self.pos, positions])
+        self.next = torch.cat([self.next, torch.zeros(b_new, dtype=torch.long, device=self.next.device)])
+        self.rows = [*self.rows, *rows]
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Admit waiting requests, then decode one token for every running row."""
+        try:
+            self.admit()
+        except _Failed as f:
+            for r in f.requests:
+                r.on_error(f.__cause__ or RuntimeError("prefill failed"))
+        self._evict()
+        if not self.rows:
+            return
+        try:
+            logits = self._forward()
+        except Exception as e:  # noqa: BLE001 - the running rows fail; the scheduler goes on
+            rows, self.rows = self.rows, []
+            self._reset()
+            for row in rows:
+                row.req.on_error(e)
+            return
+        tokens = self._sample(self.rows, logits)
+        self._emit(self.rows, tokens, logits, offset=0)
+        self._evict()
+        self.steps += 1
+
+    def _forward(self) -> torch.Tensor:
+        cache, llm = self.cache, self.model.llm
+        if cache.length >= cache.max_len:
+            self._grow(cache.length + self.headroom)
+            cache = self.cache
+        slot = cache.length
+        self.valid[:, slot] = True
+        ids, pos = self.next[:, None], self.pos[:, None]
+        mask = self.valid[:, : slot + 1]
+        if supported(llm, cache):
+            logits = self.engine.fast.step(ids, cache, pos, mask)
+        else:
+            logits = self.model(ids, cache=cache, attention_mask=mask.long(), position_ids=pos).logits[:, -1]
+        self.pos = self.pos + 1
+        return logits.float()
+
+    def _grow(self, need: int) -> None:
+        old = self.cache
+        cap = _round(need, self.headroom)
+        grown = KVCache(self.model.config.llm, len(self.rows), cap, old.k[0].dtype, old.k[0].device)
+        for layer in range(len(old.k)):
+            grown.k[layer][:, :, : old.length] = old.k[layer][:, :, : old.length]
+            grown.v[layer][:, :, : old.length] = old.v[layer][:, :, : old.length]
+        grown.length = grown.prefill_length = old.length
+        self.cache, self.valid = grown, _pad_to(self.valid, cap)
+
+    def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor, offset: int) -> None:
+        """Hand each row its token (and logprobs); mark rows that end (stop token, max tokens)."""
+        for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
+            r = row.req
+            self.next[offset + i] = tok
+            row.seen.append(tok)
+            row.counts[tok] = row.counts.get(tok, 0) + 1
+            if tok in r.params.stop_token_ids:
+                row.finish = "stop"
+                continue
+            r.generated += 1
+            lp = _logprobs(logits[i], tok, r.logprobs) if r.logprobs is not None else None
+            r.on_token(tok, lp)
+            if r.generated >= r.params.max_new_tokens:
+                row.finish = "length"
+
+    def _evict(self) -> None:
+        """Remove finished and cancelled rows; compact slots no row attends to any more."""
+        keep = []
+        for i, row in enumerate(self.rows):
+            reason = row.finish or ("cancelled" if row.req.cancelled else None)
+            if reason:
+                row.req.on_end(reason)
+            else:
+                keep.append(i)
+        if len(keep) == len(self.rows):
+            return
+        if not keep:
+            self.rows = []
+            self._reset()
+            return
+        idx = torch.tensor(keep, device=self.valid.device)
+        self.rows = [self.rows[i] for i in keep]
+        self.cache.select(idx)
+        self.valid, self.pos, self.next = self.valid[idx], self.pos[idx], self.next[idx]
+        used = self.valid[:, : self.cache.length].any(0)
+        first = int(used.float().argmax()) if bool(used.any()) else self.cache.length
+        if first >= max(self.headroom, self.cache.length // 4):  # a left part nobody reads any more
+            n = self.cache.length - first
+            self.cache.k = [t[:, :, first:].contiguous() for t in self.cache.k]
+            self.cache.v = [t[:, :, first:].contiguous() for t in self.cache.v]
+            self.cache.max_len -= first
+            self.cache.length = self.cache.prefill_length = n
+            self.valid = self.valid[:, first:].contiguous()
+
+    def _reset(self) -> None:
+        self.cache = self.valid = self.pos = self.next = None
+
+    def fail_all(self, exc: BaseException) -> None:
+        """End every running and waiting request with ``exc`` (shutdown, a broken engine)."""
+        for r in [*(row.req for row in self.rows), *self.waiting]:
+            r.on_error(exc)
+        self.rows, self.waiting = [], []
+        self._reset()
+
+    # ------------------------------------------------------------------ sampling
+
+    def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """One token per row, each with its own settings (see ``adjust``)."""
+        out = []
+        for i, row in enumerate(rows):
+            adj = adjust(logits[i], row)
+            p = row.req.params
+            if p.temperature > 0:
+                out.append(int(torch.multinomial(adj.softmax(-1), 1, generator=row.gen)))
+            else:
+                out.append(int(adj.argmax()))
+        return out
+
+
+class _Failed(Exception):
+    def __init__(self, requests: list[Request]):
+        super().__init__(f"{len(requests)} request(s) failed")
+        self.requests = requests
+
+
+def adjust(logits: torch.Tensor, row: _Row) -> torch.Tensor:
+    """One row's logits [V] with its request's settings applied: logit bias, presence and
+    frequency penalties (OpenAI's definitions), then the engine's repetition penalty,
+    temperature, top-k and top-p (``process_logits``)."""
+    from modalign.infer.engine import process_logits
+
+    r = row.req
+    if r.logit_bias or r.presence_penalty or r.frequency_penalty:
+        logits = logits.clone()
+        for tok, b in r.logit_bias.items():
+            if 0 <= tok < logits.shape[-1]:
+                logits[tok] += b
+        for tok, n in row.counts.items():
+            logits[tok] -= r.presence_penalty + r.frequency_penalty * n
+    seen = None
+    if r.params.repetition_penalty != 1.0:
+        seen = torch.tensor([row.seen], device=logits.device)
+    return process_logits(logits[None], seen, r.params)[0]
+
+
+def _logprobs(logits: torch.Tensor, token: int, k: int) -> dict:
+    lp = torch.log_softmax(logits.float(), -1)
+    out = {"token": token, "logprob": float(lp[token])}
+    if k:
+        vals, ids = lp.topk(min(k, lp.shape[-1]))
+        out["top"] = [(int(t), float(v)) for t, v in zip(ids, vals, strict=True)]
+    return out
+
+
+def _round(n: int, multiple: int) -> int:
+    return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+def _pad_to(valid: torch.Tensor, cols: int) -> torch.Tensor:
+    out = torch.zeros(valid.shape[0], cols, dtype=torch.bool, device=valid.device)
+    out[:, : valid.shape[1]] = valid
+    return out
+
+
+__all__ = ["Prompt", "Request", "SamplingParams", "Scheduler"]

@@ -1,0 +1,163 @@
+"""Continuous batching: requests joining a running batch at any step decode exactly as they do
+alone, each with its own settings; finished rows leave at once; a failing request fails alone."""
+
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from modalign import MLLM
+from modalign.infer.engine import Engine, Prompt, SamplingParams
+from modalign.infer.scheduler import Request, Scheduler
+from tests.infer.test_engine import full_forward_greedy, prompts, tiny
+
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
+
+
+class Sink:
+    def __init__(self):
+        self.tokens, self.logprobs, self.end, self.error = [], [], None, None
+
+    def request(self, prompt, params, **kw):
+        return Request(prompt, params, self.on_token, self.on_end, self.on_error, **kw)
+
+    def on_token(self, t, lp):
+        self.tokens.append(t)
+        self.logprobs.append(lp)
+
+    def on_end(self, reason):
+        self.end = reason
+
+    def on_error(self, e):
+        self.error = e
+
+
+def run(sched, arrivals, max_steps=200):
+    """``arrivals``: {step: [requests]}; steps until every request has ended."""
+    for step in range(max_steps):
+        for r in arrivals.get(step, []):
+            sched.add(r)
+        sched.step()
+        if step > max(arrivals) and not sched.active and not sched.waiting:
+            return step
+    raise AssertionError("did not finish")
+
+
+def test_requests_joining_at_any_step_decode_as_alone():
+    model = tiny()
+    ps = prompts(model, n=5, seed=3)
+    lengths = [9, 4, 12, 6, 3]
+    want = [full_forward_greedy(model, p, n) for p, n in zip(ps, lengths, strict=True)]
+    sinks = [Sink() for _ in ps]
+    reqs = [
+        s.request(p, SamplingParams(max_new_tokens=n)) for s, p, n in zip(sinks, ps, lengths, strict=True)
+    ]
+    sched = Scheduler(Engine(model), max_batch=3)
+    run(sched, {0: reqs[:2], 2: reqs[2:4], 5: reqs[4:]})
+    for s, w in zip(sinks, want, strict=True):
+        assert s.error is None and s.end == "length"
+        assert s.tokens == w
+    assert sched.active == 0 and sched.cache is None  # nothing left behind
+
+
+def test_each_row_samples_with_its_own_settings_and_seed():
+    model = tiny(1)
+    p = prompts(model, n=2, seed=5)
+    eng = Engine(model)
+    seeded = eng.generate([p[1]], SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=7))[
+        0
+    ].token_ids
+    greedy = eng.generate([p[0]], SamplingParams(max_new_tokens=8))[0].token_ids
+    a, b, c = Sink(), Sink(), Sink()
+    sched = Scheduler(eng, max_batch=4)
+    run(sched, {0: [a.request(p[0], SamplingParams(max_new_tokens=8)),
+                    b.request(p[1], SamplingParams(max_new_tokens=8, temperature=0.9, top_p=0.9, seed=7))],
+                1: [c.request(p[0], SamplingParams(max_new_tokens=8), logprobs=2,
+                              logit_bias={greedy[0]: -100.0})]})  # fmt: skip
+    assert a.tokens == greedy and b.tokens == seeded
+    assert c.tokens[0] != greedy[0]  # the bias ruled the greedy token out
+    lp = c.logprobs[0]
+    assert lp["token"] == c.tokens[0] and len(lp["top"]) == 2 and lp["top"][0][1] >= lp["top"][1][1]
+    assert lp["logprob"] <= 0
+
+
+def test_stop_tokens_cancel_and_a_failing_prefill_fail_alone():
+    model = tiny(2)
+    ps = prompts(model, n=3, seed=1)
+    eng = Engine(model)
+    free = eng.generate([ps[0]], SamplingParams(max_new_tokens=10))[0].token_ids
+    stop, ok, cancel, bad = Sink(), Sink(), Sink(), Sink()
+    broken = Prompt([1, model.config.image_token_id, 5], [])  # a placeholder with no image
+    reqs = [stop.request(ps[0], SamplingParams(max_new_tokens=10, stop_token_ids=[free[3]])),
+            ok.request(ps[1], SamplingParams(max_new_tokens=5)),
+            cancel.request(ps[2], SamplingParams(max_new_tokens=50)),
+            bad.request(broken, SamplingParams(max_new_tokens=5))]  # fmt: skip
+    sched = Scheduler(eng, max_batch=8)
+    for r in reqs:
+        sched.add(r)
+    sched.step()
+    assert bad.error is not None and "placeholder" in str(bad.error)
+    assert sched.active == 3
+    reqs[2].cancelled = True
+    for _ in range(12):
+        sched.step()
+    assert stop.end == "stop" and stop.tokens == free[:3]
+    assert ok.end == "length" and len(ok.tokens) == 5 and ok.error is None
+    assert cancel.end == "cancelled" and len(cancel.tokens) < 50
+    assert sched.active == 0
+
+
+def test_per_image_model_matches_golden_in_a_running_batch():
+    model = MLLM.from_pretrained(GOLDEN / "mplug_owl2")
+    inp = load_file(str(GOLDEN / "mplug_owl2" / "inputs.safetensors"))
+    exp = load_file(str(GOLDEN / "mplug_owl2" / "expected.safetensors"))
+    ids = inp["multi.input_ids"][0].tolist()
+    px = inp["multi.pixel_values"]
+    text, multi = Sink(), Sink()
+    sched = Scheduler(Engine(model), max_batch=2)
+    run(sched, {0: [text.request(Prompt(inp["text.input_ids"][0].tolist()), SamplingParams(max_new_tokens=8))],
+                3: [multi.request(Prompt(ids, list(px)), SamplingParams(max_new_tokens=8))]})  # fmt: skip
+    assert text.tokens == exp["text.generated_ids"][0].tolist()
+    assert multi.tokens == exp["multi.generated_ids"][0].tolist()
+
+
+def test_a_broken_decode_step_fails_its_rows_and_the_scheduler_goes_on(monkeypatch):
+    model = tiny()
+    ps = prompts(model, n=2)
+    sched = Scheduler(Engine(model), max_batch=2)
+    first = Sink()
+    sched.add(first.request(ps[0], SamplingParams(max_new_tokens=6)))
+    sched.step()
+    real = sched._forward
+    monkeypatch.setattr(sched, "_forward", lambda: (_ for _ in ()).throw(RuntimeError("device lost")))
+    sched.step()
+    assert isinstance(first.error, RuntimeError) and sched.active == 0
+    monkeypatch.setattr(sched, "_forward", real)
+    again = Sink()
+    run(sched, {0: [again.request(ps[1], SamplingParams(max_new_tokens=4))]})
+    assert again.tokens == full_forward_greedy(model, ps[1], 4)
+
+
+@pytest.mark.parametrize("n", [1, 6])
+def test_rows_leaving_compact_the_slots(n):
+    """A long prompt that finishes first leaves slots nobody reads: they are dropped, and the
+    rows that stay decode on unchanged."""
+    model = tiny()
+    ps = prompts(model, n=3, seed=2)  # 4, 22 and 40 tokens
+    order, lengths = [2, 0, 1], [n, 30, 12]
+    sinks = [Sink() for _ in order]
+    sched = Scheduler(Engine(model), max_batch=4, headroom=8)
+    slots = []
+    real = sched.step
+
+    def step():
+        real()
+        slots.append(sched.cache.length if sched.cache is not None else 0)
+
+    sched.step = step
+    run(sched, {0: [sinks[0].request(ps[2], SamplingParams(max_new_tokens=lengths[0])),
+                    sinks[1].request(ps[0], SamplingParams(max_new_tokens=lengths[1]))],
+                2: [sinks[2].request(ps[1], SamplingParams(max_new_tokens=lengths[2]))]})  # fmt: skip
+    for s, i, k in zip(sinks, order, lengths, strict=True):
+        assert s.tokens == full_forward_greedy(model, ps[i], k)
+    assert any(b < a for a, b in zip(slots, slots[1:], strict=False)), slots  # compacted at least once
