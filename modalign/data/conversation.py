@@ -24,6 +24,8 @@ IGNORE_INDEX = -100
 IMAGE_MARK = "\ue000"  # where an image goes inside message text (private-use code point)
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in data set text (LLaVA JSON, messages)
 _OPEN, _CLOSE = "\ue001", "\ue002"  # loss-span sentinels used with Jinja templates
+_IN, _OUT = "\ue003", "\ue004"  # message-content sentinels used with Jinja templates
+RESERVED = {ord(c): None for c in (_OPEN, _CLOSE, _IN, _OUT)}  # removed from message text
 ROLES = ("system", "user", "assistant")
 
 VICUNA_SYSTEM = (
@@ -88,21 +90,25 @@ class Conversation:
 
 
 class Template:
-    """Render messages to (text, loss spans). Subclasses define ``_render``."""
+    """Render messages to (text, loss spans, content spans). Subclasses define ``_render``, which
+    appends (text, trained) pieces, or (text, trained, True) for a message's own content: the
+    content spans are tokenized as text, so a user cannot write the template's control tokens."""
 
     name = "base"
     eot_follows_span = False  # Jinja: a special token right after a reply is its end-of-turn
 
     def render(self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False):
-        parts: list[tuple[str, bool]] = []  # (text, trained)
-        self._render(messages, tok, parts, add_generation_prompt)
-        text, spans, pos = [], [], 0
-        for s, trained in parts:
+        parts: list[tuple] = []  # (text, trained[, content])
+        self._render(_clean(messages), tok, parts, add_generation_prompt)
+        text, spans, content, pos = [], [], [], 0
+        for s, trained, *is_content in parts:
             if trained and s:
                 spans.append((pos, pos + len(s)))
+            if is_content and is_content[0] and s:
+                content.append((pos, pos + len(s)))
             text.append(s)
             pos += len(s)
-        return "".join(text), spans
+        return "".join(text), spans, content
 
     def _render(self, messages, tok, out, gen):  # pragma: no cover - interface
         raise NotImplementedError
@@ -110,6 +116,11 @@ class Template:
 
 def _specials(tok: Tokenizer) -> tuple[str, str]:
     return tok.bos_token or "<s>", tok.eos_token or "</s>"
+
+
+def _clean(messages: list[Message]) -> list[Message]:
+    """Messages without modalign's reserved sentinel characters (they mark spans while rendering)."""
+    return [Message(m.role, m.content.translate(RESERVED)) for m in messages]
 
 
 class PlainTemplate(Template):
@@ -124,7 +135,8 @@ class PlainTemplate(Template):
             if m.role == "user":
                 out.append((IMAGE_MARK * m.num_images, False))
             elif m.role == "assistant":
-                out.append((m.content.replace(IMAGE_MARK, "") + "\n", True))
+                out.append((m.content.replace(IMAGE_MARK, ""), True, True))
+                out.append(("\n", True))
 
 
 class SepTemplate(Template):
@@ -135,14 +147,16 @@ class SepTemplate(Template):
 
     def _render(self, messages, tok, out, gen):
         bos, eos = _specials(tok)
-        system = next((m.content for m in messages if m.role == "system"), self.system)
-        out.append((bos + system + " ", False))
+        system = next((m.content for m in messages if m.role == "system"), None)
+        out.append((bos, False))
+        out.append((self.system, False) if system is None else (system, False, True))
+        out.append((" ", False))
         for m in messages:
             if m.role == "user":
-                out.append((f"USER: {m.content} ", False))
+                out += [("USER: ", False), (m.content, False, True), (" ", False)]
             elif m.role == "assistant":
                 out.append(("ASSISTANT: ", False))
-                out.append((m.content + eos, True))
+                out += [(m.content, True, True), (eos, True)]
         if gen:
             out.append(("ASSISTANT:", False))
 
@@ -154,10 +168,9 @@ class ChatMLTemplate(Template):
         for m in messages:
             out.append((f"<|im_start|>{m.role}\n", False))
             if m.role == "assistant":
-                out.append((m.content + "<|im_end|>", True))
-                out.append(("\n", False))
+                out += [(m.content, True, True), ("<|im_end|>", True), ("\n", False)]
             else:
-                out.append((m.content + "<|im_end|>\n", False))
+                out += [(m.content, False, True), ("<|im_end|>\n", False)]
         if gen:
             out.append(("<|im_start|>assistant\n", False))
 
@@ -169,7 +182,7 @@ class Llama3Template(Template):
         out.append(("<|begin_of_text|>", False))
         for m in messages:
             out.append((f"<|start_header_id|>{m.role}<|end_header_id|>\n\n", False))
-            out.append((m.content.strip() + "<|eot_id|>", m.role == "assistant"))
+            out += [(m.content.strip(), m.role == "assistant", True), ("<|eot_id|>", m.role == "assistant")]
         if gen:
             out.append(("<|start_header_id|>assistant<|end_header_id|>\n\n", False))
 
@@ -186,12 +199,14 @@ class MistralTemplate(Template):
         first = True
         for m in messages:
             if m.role == "user":
-                q = f"{system}\n\n{m.content}" if first and system else m.content
-                out.append((f"[INST] {q} [/INST]", False))
+                out.append(("[INST] ", False))
+                if first and system:
+                    out += [(system, False, True), ("\n\n", False)]
+                out += [(m.content, False, True), (" [/INST]", False)]
                 first = False
             elif m.role == "assistant":
                 out.append((" ", False))
-                out.append((m.content + eos, True))
+                out += [(m.content, True, True), (eos, True)]
 
 
 class JinjaTemplate(Template):
@@ -215,23 +230,28 @@ class JinjaTemplate(Template):
     def render(self, messages, tok, add_generation_prompt=False):
         bos, eos = _specials(tok)
         msgs = [
-            {"role": m.role, "content": f"{_OPEN}{m.content}{_CLOSE}" if m.role == "assistant" else m.content}
-            for m in messages
-        ]
+            {"role": m.role,
+             "content": f"{_OPEN}{_IN}{m.content}{_OUT}{_CLOSE}" if m.role == "assistant" else f"{_IN}{m.content}{_OUT}"}
+            for m in _clean(messages)
+        ]  # fmt: skip
         raw = self.template.render(
             messages=msgs, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt
         )
-        text, spans, start = [], [], None
+        text, spans, content, start, cstart = [], [], [], None, None
         pos = 0
         for ch in raw:
             if ch == _OPEN:
                 start = pos
             elif ch == _CLOSE:
                 spans.append((start, pos))
+            elif ch == _IN:
+                cstart = pos
+            elif ch == _OUT:
+                content.append((cstart, pos))
             else:
                 text.append(ch)
                 pos += 1
-        return "".join(text), spans
+        return "".join(text), spans, content
 
 
 TEMPLATES = {
@@ -279,7 +299,7 @@ def render(
 ) -> Rendered:
     """Conversation -> ids + labels. Each image becomes ``image_tokens`` placeholder ids (an
     int for all images, or one count per image). Truncation never splits an image block."""
-    text, spans = template.render(conv.messages, tok, add_generation_prompt)
+    text, spans, content = template.render(conv.messages, tok, add_generation_prompt)
     chunks = text.split(IMAGE_MARK)
     n_images = len(chunks) - 1
     if n_images and image_token_id is None:
@@ -290,7 +310,9 @@ def render(
     image_starts: list[int] = []
     base, si = 0, 0
     for k, chunk in enumerate(chunks):
-        cids, offs = tok.encode_offsets(chunk)
+        end = base + len(chunk)  # message content inside this chunk, relative to it: tokenized as text
+        protected = [(max(a, base) - base, min(b, end) - base) for a, b in content if a < end and b > base]
+        cids, offs = tok.encode_offsets(chunk, protected)
         for tid, (a, b) in zip(cids, offs, strict=True):
             a, b = a + base, b + base
             while si < len(spans) and spans[si][1] <= a:

@@ -58,21 +58,34 @@ class TextSample:
 
 
 def _records(path: Path) -> list[tuple[int, Any]]:
-    """(line or index, record) pairs from a .json list or a .jsonl file."""
+    """(line or index, record) pairs from a .json list or a .jsonl file. A JSONL line that is not
+    UTF-8 or not JSON becomes a ``BadSample`` naming its line (the other lines are kept); a .json
+    file that cannot be read is an error naming the file."""
     if not path.is_file():
         raise FileNotFoundError(f"data file {path} does not exist")
     if path.suffix == ".jsonl":
         out = []
-        with path.open(encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
+        with path.open("rb") as f:
+            for n, raw in enumerate(f, 1):
+                where = f"{path.name}:{n}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    out.append(
+                        (n, BadSample("malformed record", f"{where}: not UTF-8 (byte {e.start}: {e.reason})"))
+                    )
+                    continue
                 if line.strip():
                     try:
                         out.append((n, json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                    except (json.JSONDecodeError, RecursionError) as e:
+                        msg = getattr(e, "msg", "nested too deeply")
+                        out.append((n, BadSample("malformed record", f"{where}: invalid JSON ({msg})")))
         return out
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 at byte {e.start} ({e.reason})") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: invalid JSON at line {e.lineno} ({e.msg})") from None
     if not isinstance(data, list):
@@ -80,11 +93,28 @@ def _records(path: Path) -> list[tuple[int, Any]]:
     return list(enumerate(data))
 
 
+def _check_text(value, sid: str, field: str) -> None:
+    """A string of a record must be valid Unicode: no lone surrogates (a JSON ``"\\udcff"``)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSample("invalid text", f"{field} holds a lone surrogate (not valid Unicode)", sid) from None
+
+
 def parse_record(rec: Any, where: str, source: str) -> Conversation | TextSample | BadSample:
-    """One record of any supported format -> Conversation / TextSample, or the reason it is bad."""
+    """One record of any supported format -> Conversation / TextSample, or the reason it is bad
+    (the reason names the record: its id, or the file and line / index)."""
+    if isinstance(rec, BadSample):
+        return rec
     if not isinstance(rec, dict):
         return BadSample("malformed record", f"{where}: expected an object, got {type(rec).__name__}")
-    sid = str(rec.get("id", where))
+    sid = rec.get("id")
+    if sid is None:
+        sid = where
+    elif isinstance(sid, int | str) and not isinstance(sid, bool) and _valid(str(sid)):
+        sid = str(sid)
+    else:
+        sid = f"{where} (id {sid!r:.40})"
     try:
         if "conversations" in rec:
             return _from_llava(rec, sid, source)
@@ -93,15 +123,35 @@ def parse_record(rec: Any, where: str, source: str) -> Conversation | TextSample
         if "text" in rec:
             if not isinstance(rec["text"], str) or not rec["text"].strip():
                 raise BadSample("empty conversation", "field 'text' is empty", sid)
+            _check_text(rec["text"], sid, "field 'text'")
             return TextSample(rec["text"], sid, source)
         raise BadSample("malformed record", f"{where}: needs 'conversations', 'messages' or 'text'", sid)
     except BadSample as e:
         return e
 
 
+def _valid(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _image_refs(img, sid: str) -> list[str]:
+    """A record's ``image`` field: a path or a list of paths (non-empty strings, no NUL byte)."""
+    refs = [] if img is None else [img] if isinstance(img, str) else img
+    if not isinstance(refs, list) or not all(
+        isinstance(r, str) and r and "\x00" not in r and _valid(r) for r in refs
+    ):
+        raise BadSample(
+            "bad image path", f"field 'image' must be a path or a list of paths, got {img!r:.80}", sid
+        )
+    return list(refs)
+
+
 def _from_llava(rec: dict, sid: str, source: str) -> Conversation:
-    img = rec.get("image")
-    images = [] if img is None else ([img] if isinstance(img, str) else list(img))
+    images = _image_refs(rec.get("image"), sid)
     msgs = []
     convs = rec["conversations"]
     if not isinstance(convs, list):
@@ -109,12 +159,13 @@ def _from_llava(rec: dict, sid: str, source: str) -> Conversation:
     for i, turn in enumerate(convs):
         if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
             raise BadSample("malformed record", f"conversations[{i}] needs 'from' and 'value'", sid)
-        role = LLAVA_ROLES.get(turn["from"])
+        role = LLAVA_ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
         if role is None:
             raise BadSample("unknown role", f"conversations[{i}] has unknown role {turn['from']!r}", sid)
         value = turn["value"]
         if not isinstance(value, str):
             raise BadSample("malformed record", f"conversations[{i}].value must be a string", sid)
+        _check_text(value, sid, f"conversations[{i}].value")
         msgs.append(Message(role, value.replace(IMAGE_PLACEHOLDER, IMAGE_MARK)))
     conv = Conversation(msgs, images, sid, source)
     conv.validate()
@@ -129,7 +180,10 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
         if not isinstance(m, dict) or "role" not in m:
             raise BadSample("malformed record", f"messages[{i}] needs 'role' and 'content'", sid)
         content = m.get("content")
+        if not isinstance(m["role"], str):
+            raise BadSample("unknown role", f"messages[{i}].role must be a string", sid)
         if isinstance(content, str):
+            _check_text(content, sid, f"messages[{i}].content")
             text = content.replace(IMAGE_PLACEHOLDER, IMAGE_MARK)
             images += [None] * text.count(IMAGE_MARK)  # needs an "images" list
         elif isinstance(content, list):
@@ -137,7 +191,13 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
             for j, part in enumerate(content):
                 kind = part.get("type") if isinstance(part, dict) else None
                 if kind == "text":
-                    pieces.append(str(part.get("text", "")))
+                    piece = part.get("text", "")
+                    if not isinstance(piece, str):
+                        raise BadSample(
+                            "malformed record", f"messages[{i}].content[{j}].text must be a string", sid
+                        )
+                    _check_text(piece, sid, f"messages[{i}].content[{j}].text")
+                    pieces.append(piece)
                 elif kind in ("image", "image_url"):
                     ref = part.get("image") if kind == "image" else (part.get("image_url") or {}).get("url")
                     if not isinstance(ref, str):
@@ -145,7 +205,7 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
                             "malformed record", f"messages[{i}].content[{j}] has no image path", sid
                         )
                     pieces.append(IMAGE_MARK)
-                    images.append(ref)
+                    images += _image_refs(ref, sid)
                 else:
                     raise BadSample(
                         "malformed record", f"messages[{i}].content[{j}] has unknown type {kind!r}", sid
@@ -155,7 +215,7 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
             raise BadSample("malformed record", f"messages[{i}].content must be a string or a list", sid)
         msgs.append(Message(m["role"], text))
     if None in images:
-        listed = rec.get("images") or []
+        listed = _image_refs(rec.get("images") or [], sid)
         if len(listed) != len(images):
             raise BadSample("image count mismatch",
                             f"has {len(images)} <image> placeholder(s) but {len(listed)} entries in 'images'", sid)  # fmt: skip

@@ -1,7 +1,9 @@
 """Safe image loading and the vision encoders' preprocessing.
 
 - Paths resolve inside an image root: absolute paths and ``..`` escapes are refused.
-- The pixel count is checked from the header before decoding (decompression bombs).
+- The pixel count, the aspect ratio and the size of every intermediate canvas the resize policy
+  makes are checked from the header before decoding (decompression bombs; a 40000 x 400 image is
+  a 40000 x 40000 canvas once padded to a square).
 - Decoding errors (truncated, empty, not an image) become ``BadSample`` with a reason.
 - RGB conversion composites alpha over a background colour.
 - Resize policies: ``crop`` (shortest side, centre crop: CLIP), ``pad`` (pad to square with the
@@ -24,13 +26,15 @@ from modalign.config import VisionConfig
 from modalign.data.conversation import BadSample
 
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_MAX_ASPECT = 32.0  # longest side / shortest side
 Image.MAX_IMAGE_PIXELS = None  # modalign checks the size itself, before decoding
 
 
 def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None) -> Path:
     """``rel`` inside ``root``; refuses absolute paths and escapes through ``..`` or links."""
-    if not isinstance(rel, str) or not rel:
-        raise BadSample("bad image path", f"image path {rel!r} is not a non-empty string", sample_id)
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise BadSample("bad image path", f"image path {rel!r:.80} is not a non-empty string without NUL bytes",
+                        sample_id)  # fmt: skip
     p = Path(rel)
     if p.is_absolute():
         raise BadSample("bad image path", f"absolute image path {rel!r} is not allowed", sample_id)
@@ -41,45 +45,62 @@ def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None)
     return full
 
 
+def check_size(w: int, h: int, name: str, sample_id: str | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect: float = DEFAULT_MAX_ASPECT, canvas=None) -> None:  # fmt: skip
+    """Refuse an image from its header size: no pixels, over ``max_pixels``, an aspect ratio over
+    ``max_aspect``, or (``canvas(w, h)``: the pixels of the largest intermediate image the resize
+    policy makes) a canvas over twice ``max_pixels``."""
+    if w <= 0 or h <= 0:
+        raise BadSample("corrupt image", f"image {name} has no pixels", sample_id)
+    if w * h > max_pixels:
+        raise BadSample("image too large", f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
+                        sample_id)  # fmt: skip
+    if max(w, h) / min(w, h) > max_aspect:
+        raise BadSample("image too large", f"image {name} is {w}x{h}: an aspect ratio over the limit of "
+                        f"{max_aspect:g}", sample_id)  # fmt: skip
+    if canvas is not None and canvas(w, h) > 2 * max_pixels:
+        raise BadSample("image too large", f"image {name} ({w}x{h}) needs a {canvas(w, h)}-pixel canvas to "
+                        f"resize, over the limit of {2 * max_pixels}", sample_id)  # fmt: skip
+
+
 def open_image(
     src: str | Path | bytes | Image.Image,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     background: tuple[int, int, int] = (255, 255, 255),
     sample_id: str | None = None,
+    max_aspect: float = DEFAULT_MAX_ASPECT,
+    canvas=None,
 ) -> Image.Image:
-    """Decode to an RGB ``PIL.Image``; every failure is a ``BadSample`` naming the file."""
+    """Decode to an RGB ``PIL.Image``; every failure is a ``BadSample`` naming the file. The size
+    is checked (``check_size``) from the header, before any pixel is decoded."""
+    name = "<bytes>" if isinstance(src, bytes) else "<image>" if isinstance(src, Image.Image) else str(src)
     if isinstance(src, Image.Image):
+        check_size(*src.size, name, sample_id, max_pixels, max_aspect, canvas)
         return to_rgb(src, background)
-    name = "<bytes>" if isinstance(src, bytes) else str(src)
     try:
         fh = io.BytesIO(src) if isinstance(src, bytes) else open(src, "rb")  # noqa: SIM115
     except FileNotFoundError:
         raise BadSample("missing image", f"image file {name} does not exist", sample_id) from None
-    except OSError as e:
-        raise BadSample("missing image", f"image file {name} cannot be opened: {e}", sample_id) from None
+    except (OSError, ValueError) as e:  # ValueError: a path with a NUL byte
+        raise BadSample("missing image", f"image file {name!r} cannot be opened: {e}", sample_id) from None
     with fh:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 img = Image.open(fh)
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise BadSample(
-                        "image too large",
-                        f"image {name} is {w}x{h} = {w * h} pixels, over the limit of {max_pixels}",
-                        sample_id,
-                    )
-                if w == 0 or h == 0:
-                    raise BadSample("corrupt image", f"image {name} has no pixels", sample_id)
+                check_size(*img.size, name, sample_id, max_pixels, max_aspect, canvas)
                 img.load()
+            return to_rgb(img, background)
         except BadSample:
             raise
+        except (MemoryError, OverflowError) as e:
+            raise BadSample("image too large", f"image {name}: out of memory decoding it ({e.__class__.__name__})",
+                            sample_id) from None  # fmt: skip
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
             kind = "empty file" if fh.seek(0, 2) == 0 else "corrupt or not an image"
             raise BadSample(
                 "corrupt image", f"image {name}: {kind} ({e.__class__.__name__}: {e})", sample_id
             ) from None
-    return to_rgb(img, background)
 
 
 def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
@@ -90,6 +111,16 @@ def to_rgb(img: Image.Image, background=(255, 255, 255)) -> Image.Image:
         bg = Image.new("RGBA", rgba.size, (*background, 255))
         return Image.alpha_composite(bg, rgba).convert("RGB")
     return img.convert("RGB") if img.mode != "RGB" else img
+
+
+def canvas_pixels(w: int, h: int, size: int, mode: str) -> int:
+    """Pixels of the largest intermediate image ``resize`` makes for a ``w`` x ``h`` image."""
+    if mode == "pad":
+        return max(w, h) ** 2
+    if mode == "crop":
+        scale = size / min(w, h)
+        return max(size, int(w * scale)) * max(size, int(h * scale))
+    return size * size
 
 
 def resize(img: Image.Image, size: int, mode: str, mean: tuple[float, ...]) -> Image.Image:
@@ -167,8 +198,8 @@ class ImageProcessor:
     output is the same tensor either way."""
 
     def __init__(self, vcfg: VisionConfig, max_pixels: int = DEFAULT_MAX_PIXELS, background=(255, 255, 255),
-                 cache_mb: float = 0):  # fmt: skip
-        self.cfg, self.max_pixels, self.background = vcfg, max_pixels, background
+                 cache_mb: float = 0, max_aspect: float = DEFAULT_MAX_ASPECT):  # fmt: skip
+        self.cfg, self.max_pixels, self.background, self.max_aspect = vcfg, max_pixels, background, max_aspect
         self._mean = torch.tensor(vcfg.image_mean)[:, None, None]
         self._std = torch.tensor(vcfg.image_std)[:, None, None]
         self.cache_limit = int(cache_mb * 2**20)
@@ -186,14 +217,24 @@ class ImageProcessor:
             self._cache.move_to_end(key)
             u8, size = hit
         else:
-            img = open_image(src, self.max_pixels, self.background, sample_id)
             c = self.cfg
-            u8 = self._hd(img) if c.hd_layout == "ixc" else to_uint8(resize(img, c.image_size, c.resize_mode,
-                                                                              c.image_mean))  # fmt: skip
+            img = open_image(src, self.max_pixels, self.background, sample_id, self.max_aspect, self._canvas)
+            try:
+                u8 = self._hd(img) if c.hd_layout == "ixc" else to_uint8(resize(img, c.image_size, c.resize_mode,
+                                                                                  c.image_mean))  # fmt: skip
+            except (MemoryError, OverflowError) as e:
+                raise BadSample("image too large", f"image of {img.size[0]}x{img.size[1]}: out of memory resizing "
+                                f"it ({e.__class__.__name__})", sample_id) from None  # fmt: skip
             size = img.size
             if key is not None:
                 self._remember(key, u8, size)
         return (u8.float() / 255.0 - self._mean) / self._std, size  # normalised: (x/255 - mean) / std
+
+    def _canvas(self, w: int, h: int) -> int:
+        c = self.cfg
+        if c.hd_layout == "ixc":  # at most 6 tiles of image_size, the image resized into them
+            return 6 * c.image_size**2
+        return canvas_pixels(w, h, c.image_size, c.resize_mode)
 
     def _cache_key(self, src) -> tuple | None:
         if not self.cache_limit or not isinstance(src, str | Path):

@@ -5,6 +5,7 @@ from-scratch models. Encoding never adds special tokens by itself: templates wri
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -13,6 +14,10 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 # special tokens of the byte-level BPE that modalign trains (ids in this order)
 DEFAULT_SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>"]
+
+
+def _overlaps(a: int, b: int, ranges) -> bool:
+    return any(a < y and b > x for x, y in ranges)
 
 
 def _token_str(v) -> str | None:
@@ -39,7 +44,15 @@ class Tokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.image_token = pad_token, image_token
         self.chat_template = chat_template
-        self.special_ids = {i for i, t in tk.get_added_tokens_decoder().items() if t.special}
+        added = tk.get_added_tokens_decoder()
+        self.special_ids = {i for i, t in added.items() if t.special}
+        self._specials = {t.content: t for t in added.values() if t.special and t.content}
+        self._special_re = (
+            re.compile("|".join(re.escape(c) for c in sorted(self._specials, key=len, reverse=True)))
+            if self._specials
+            else None
+        )
+        self._plain: _HFTokenizer | None = None  # a copy that reads special-token strings as text
 
     # ------------------------------------------------------------------ ids
 
@@ -66,9 +79,50 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
 
-    def encode_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        enc = self.tk.encode(text, add_special_tokens=False)
-        return enc.ids, enc.offsets
+    def encode_offsets(
+        self, text: str, protected: list[tuple[int, int]] | None = None
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and character offsets. Special-token strings inside the ``protected``
+        character ranges (message content) are tokenized as text, so text from a user or a data
+        file never becomes a control token; elsewhere (what a template wrote) they are special.
+        Without such strings in protected ranges the result is the tokenizer's plain encoding."""
+        forged = self._forged(text, protected) if protected else False
+        if not forged:
+            enc = self.tk.encode(text, add_special_tokens=False)
+            return enc.ids, enc.offsets
+        if self._plain is None:
+            self._plain = _HFTokenizer.from_str(self.tk.to_str())
+            self._plain.encode_special_tokens = True
+        ids, offs, cut = [], [], 0
+        for m in self._special_re.finditer(text):
+            if _overlaps(m.start(), m.end(), protected):
+                continue  # written by a user: text
+            tok = self._specials[m.group()]
+            start, end = m.start(), m.end()
+            if tok.lstrip:
+                while start > cut and text[start - 1].isspace():
+                    start -= 1
+            if tok.rstrip:
+                while end < len(text) and text[end].isspace() and not _overlaps(end, end + 1, protected):
+                    end += 1
+            self._encode_plain(text, cut, start, ids, offs)
+            ids.append(self.tk.token_to_id(m.group()))
+            offs.append((m.start(), m.end()))
+            cut = end
+        self._encode_plain(text, cut, len(text), ids, offs)
+        return ids, offs
+
+    def _forged(self, text: str, protected: list[tuple[int, int]]) -> bool:
+        """Whether a special-token string occurs inside a protected range."""
+        if self._special_re is None:
+            return False
+        return any(_overlaps(m.start(), m.end(), protected) for m in self._special_re.finditer(text))
+
+    def _encode_plain(self, text: str, a: int, b: int, ids: list, offs: list) -> None:
+        if a < b:
+            enc = self._plain.encode(text[a:b], add_special_tokens=False)
+            ids += enc.ids
+            offs += [(x + a, y + a) for x, y in enc.offsets]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         ids = [i for i in ids if i >= 0]  # negative ids are image placeholders

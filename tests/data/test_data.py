@@ -93,7 +93,7 @@ def labelled_runs(ids, labels):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_template_golden_text_and_labelled_spans(tok, name):
     t = get_template(name)
-    text, _ = t.render(CONV.messages, tok)
+    text, _, _ = t.render(CONV.messages, tok)
     assert text == EXPECTED[name]
     r = render(CONV, tok, t, IMG, image_tokens=5)
     assert r.input_ids.count(IMG) == 5 and r.num_images == 1
@@ -486,3 +486,56 @@ def test_training_examples_end_at_the_last_supervised_token(tok, image_dir, tmp_
         causal_lm_loss(llm(torch.tensor([r.input_ids])), torch.tensor([r.labels]))[0] for r in (full, ex)
     ]
     torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_each_malformed_record_is_rejected_alone_naming_it(tok, image_dir, tmp_path, capsys):
+    """Records whose fields have the wrong type, a NUL byte in a path, a lone surrogate in text, a
+    line that is not UTF-8 or not JSON: under ``skip`` each is rejected with its line / id and
+    reason and every good record is kept; under ``error`` the first stops with that message."""
+    good = {"id": "good", "image": "ok.png", "conversations": [{"from": "human", "value": "<image>\nhi"},
+                                                              {"from": "gpt", "value": "yo"}]}  # fmt: skip
+    lines = [
+        json.dumps(good).encode(),
+        json.dumps(good | {"id": "int-image", "image": 5}).encode(),
+        json.dumps(good | {"id": "nul", "image": "x\u0000.png"}).encode(),
+        json.dumps(good | {"id": "list-of-int", "image": ["ok.png", 3]}).encode(),
+        b'{"id": "surrogate", "conversations": [{"from": "human", "value": "caf\\udcff"}, {"from": "gpt", "value": "x"}]}',
+        b'{"id": "latin1", "text": "caf\xe9"}',
+        b'{"id": "broken", ',
+        json.dumps({"id": "msg-surrogate", "messages": [{"role": "user", "content": "a"},
+                                                        {"role": "assistant", "content": "b"}]}).encode().replace(b'"b"', b'"\\ud800"'),
+        json.dumps({"text": "a plain document"}).encode(),
+        json.dumps(good | {"id": "good2"}).encode(),
+    ]  # fmt: skip
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    samples = load_samples(path)
+    assert len(samples) == len(lines)
+    proc = SampleProcessor(tok, get_template("chatml"), image_dir, ImageProcessor(VisionConfig(image_size=16)),
+                           IMG, image_tokens=4)  # fmt: skip
+    ds = ConversationDataset(samples, proc)
+    out = [ds[i] for i in range(len(ds))]
+    bad = {str(x): x.reason for x in out if isinstance(x, BadSample)}
+    kept = [x.id for x in out if not isinstance(x, BadSample)]
+    assert kept == ["good", "mixed.jsonl:9", "good2"]
+    assert len(bad) == 7
+    assert any("int-image" in m and "field 'image'" in m for m in bad)
+    assert any("nul" in m and r == "bad image path" for m, r in bad.items())
+    assert any("surrogate" in m and r == "invalid text" and "lone surrogate" in m for m, r in bad.items())
+    assert any("mixed.jsonl:6" in m and "not UTF-8" in m for m in bad)
+    assert any("mixed.jsonl:7" in m and "invalid JSON" in m for m in bad)
+    policy = BadSamplePolicy("error")
+    policy.ok()
+    with pytest.raises(BadSample, match=r"sample int-image: field 'image' must be a path"):
+        policy.bad(out[1])
+    # the data inspector reports them instead of crashing
+    from modalign.cli import main
+
+    assert (
+        main(["data", "inspect", str(path), "--images", str(image_dir), "--template", "chatml", "--json"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") :])
+    assert report["samples"] == 10 and report["usable"] == 3 and len(report["rejected"]) == 7
+    assert report["rejected_by_reason"]["invalid text"] == 2
