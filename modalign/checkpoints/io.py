@@ -163,6 +163,27 @@ def commit_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def recover_dirs(parent: str | Path) -> list[str]:
+    """Clean up after directory commits a kill interrupted (``atomic_dir``): a ``.NAME.old-*`` whose
+    ``NAME`` is missing is renamed back (the kill fell between the two renames of ``commit_dir``);
+    other ``.NAME.old-*`` and every ``.NAME.tmp-*`` (an unfinished write) are removed. Returns
+    what was done, one line each."""
+    parent, done = Path(parent), []
+    if not parent.is_dir():
+        return done
+    for p in sorted(parent.iterdir()):
+        if not (p.is_dir() and p.name.startswith(".")):
+            continue
+        name, sep, _ = p.name[1:].rpartition(".old-")
+        if sep and not (parent / name).exists():
+            os.replace(p, parent / name)
+            done.append(f"restored {parent / name} from {p.name}")
+        elif sep or ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+            done.append(f"removed {p}")
+    return done
+
+
 def copy_dir_atomic(src: str | Path, dst: str | Path) -> None:
     """Copy the directory ``src`` to ``dst``: written beside ``dst`` and renamed into place, so an
     interrupted copy never leaves a half-written ``dst``."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from modalign.checkpoints import CheckpointError, load_pretrained
-from modalign.checkpoints.io import copy_dir_atomic
+from modalign.checkpoints.io import copy_dir_atomic, recover_dirs
 from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 from modalign.data.datasets import ConversationDataset, MixtureDataset, load_samples
 from modalign.data.tokenizer import Tokenizer
@@ -128,7 +128,9 @@ def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress:
     out = Path(out)
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
+        _recover(out, recipe)
         (out / "resolved_recipe.json").write_text(json.dumps(recipe.to_dict(), indent=2) + "\n")
+    barrier(d)
     if recipe.model.tokenizer is None:
         raise ValueError("recipe.model.tokenizer: a tokenizer directory is needed for training")
     tok = Tokenizer.from_dir(recipe.model.tokenizer)
@@ -166,6 +168,18 @@ def setup_stage(recipe: Recipe, i: int, model: MLLM, tok: Tokenizer, d: Dist | N
     if spec.prepare is not None:
         spec.prepare(target, dataset)
     return target, dataset, collator, table
+
+
+def _recover(out: Path, recipe: Recipe) -> None:
+    """Undo or finish what a killed run left half-done: directory commits (the final model, a
+    stage's model, a checkpoint) interrupted between their renames, and unfinished writes."""
+    for parent in (
+        out,
+        *(out / s.name for s in recipe.stages),
+        *(out / s.name / "checkpoints" for s in recipe.stages),
+    ):
+        for line in recover_dirs(parent):
+            log.warning("%s (left by an interrupted run)", line)
 
 
 def run_stage(recipe: Recipe, i: int, prev: Path | None, tok: Tokenizer, sdir: Path, d: Dist, cache: RunCache,

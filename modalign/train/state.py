@@ -8,6 +8,10 @@ JSON (never pickle), written atomically (temp dir, then rename), keep-last-K.
       rng.safetensors          torch (and CUDA) generator states; under DDP/FSDP every rank's
                                (``torch.rankN``), each resumed on its own rank
 
+``state.json`` records the SHA-256 of every other file; ``verify`` checks them (and the state's
+fields) before anything is loaded, so a truncated, emptied or bit-flipped checkpoint is named and
+skipped (the trainer falls back to the previous one) instead of resuming silently wrong.
+
 Under FSDP the model and optimiser tensors are written sharded instead, every rank its own part,
 with torch.distributed.checkpoint's safetensors storage (``sharded/``: one safetensors file per
 rank, whose header records each shard's offsets); state.json and rng.safetensors as above.
@@ -15,6 +19,7 @@ rank, whose header records each shard's offsets); state.json and rng.safetensors
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import shutil
@@ -26,8 +31,62 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from modalign.checkpoints.io import atomic_dir, commit_dir, save_tensors
+from modalign.checkpoints.io import CheckpointError, atomic_dir, commit_dir, save_tensors
 from modalign.checkpoints.native import model_state
+
+INFO_KEYS = {"step": int, "epoch": int, "micro": int, "tokens": int, "seen": int, "skipped": dict}
+
+
+class CorruptCheckpoint(CheckpointError):
+    """A training checkpoint that cannot be trusted: a file missing, truncated or changed since it
+    was written, or a malformed state.json; the message names the file."""
+
+
+def _digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root`` except state.json, by relative path."""
+    return {
+        str(p.relative_to(root)): _digest(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "state.json"
+    }
+
+
+def verify(path: Path) -> dict:
+    """The parsed state.json of a checkpoint whose files are all as written; ``CorruptCheckpoint``
+    naming the first problem otherwise."""
+    state = path / "state.json"
+    try:
+        doc = json.loads(state.read_text())
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{state}: unreadable ({e})") from None
+    info = doc.get("info") if isinstance(doc, dict) else None
+    if not isinstance(info, dict):
+        raise CorruptCheckpoint(f"{state}: no 'info' object")
+    for key, kind in INFO_KEYS.items():
+        if not isinstance(info.get(key), kind) or isinstance(info.get(key), bool):
+            raise CorruptCheckpoint(f"{state}: 'info.{key}' is missing or not {kind.__name__}")
+    for key in ("optimizer", "rng"):
+        if not isinstance(doc.get(key), dict):
+            raise CorruptCheckpoint(f"{state}: no '{key}' object")
+    for name, want in (doc.get("files") or {}).items():
+        f = path / name
+        if not f.is_file():
+            raise CorruptCheckpoint(f"{f}: missing")
+        if _digest(f) != want:
+            raise CorruptCheckpoint(f"{f}: its contents changed since it was saved (checksum mismatch)")
+    return doc
+
+
+def _load(file: Path) -> dict:
+    try:
+        return load_file(str(file))
+    except Exception as e:  # noqa: BLE001 - a checkpoint from before checksums: name the bad file
+        raise CorruptCheckpoint(f"{file}: unreadable ({type(e).__name__}: {e})") from None
 
 
 def _name_of_params(model: nn.Module) -> dict[int, str]:
@@ -137,19 +196,21 @@ def save_training_state(path: Path, model: nn.Module, opt, info: dict, ranks: di
         save_tensors(t, tmp / "optimizer.safetensors")
         rt, rj = rng_state(ranks)
         save_tensors(rt, tmp / "rng.safetensors")
-        doc = {"info": info, "optimizer": meta, "rng": rj}
+        doc = {"info": info, "optimizer": meta, "rng": rj, "files": _digests(tmp)}
         (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def load_training_state(path: Path, model: nn.Module, opt) -> dict:
+    """Load a checkpoint (verified first: ``CorruptCheckpoint`` names what is wrong)."""
     from modalign.checkpoints.io import load_state_strict
 
-    doc = json.loads((path / "state.json").read_text())
+    doc = verify(path)
     if (path / "sharded").is_dir():  # written under FSDP: resumed here without it
         return _load_dcp(path, model, opt, doc)
-    load_state_strict(model, load_file(str(path / "model.safetensors")), str(path))
-    optimizer_from_flat(opt, model, load_file(str(path / "optimizer.safetensors")), doc["optimizer"])
-    set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
+    tensors = {name: _load(path / f"{name}.safetensors") for name in ("model", "optimizer", "rng")}
+    load_state_strict(model, tensors["model"], str(path))
+    optimizer_from_flat(opt, model, tensors["optimizer"], doc["optimizer"])
+    set_rng_state(tensors["rng"], doc["rng"])
     return doc["info"]
 
 
@@ -233,7 +294,8 @@ def save_training_state_sharded(path: Path, model: nn.Module, opt, info: dict, m
     rt, rj = rng_state(ranks)
     save_tensors(rt, tmp / "rng.safetensors")
     groups = [dict(g) for g in osd["param_groups"]]
-    doc = {"info": info, "optimizer": {"groups": groups, "scalars": scalars}, "rng": rj, "format": "dcp"}
+    doc = {"info": info, "optimizer": {"groups": groups, "scalars": scalars}, "rng": rj, "format": "dcp",
+           "files": _digests(tmp)}  # fmt: skip
     (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
     commit_dir(tmp, path)
 
@@ -251,7 +313,7 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
     _nest(doc["optimizer"]["scalars"], osd["state"])
     osd["param_groups"] = doc["optimizer"]["groups"]
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
-    set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
+    set_rng_state(_load(path / "rng.safetensors"), doc["rng"])
     return doc["info"]
 
 
@@ -260,13 +322,13 @@ def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
     checkpoint written without sharding, the full state scattered to the shards."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    doc = json.loads((path / "state.json").read_text())
+    doc = verify(path)
     if (path / "sharded").is_dir():
         return _load_dcp(path, model, opt, doc)
-    msd = load_file(str(path / "model.safetensors"))
-    state = _nest(load_file(str(path / "optimizer.safetensors")) | doc["optimizer"]["scalars"])
+    msd = _load(path / "model.safetensors")
+    state = _nest(_load(path / "optimizer.safetensors") | doc["optimizer"]["scalars"])
     osd = {"state": state, "param_groups": doc["optimizer"]["groups"]}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
-    set_rng_state(load_file(str(path / "rng.safetensors")), doc["rng"])
+    set_rng_state(_load(path / "rng.safetensors"), doc["rng"])
     return doc["info"]

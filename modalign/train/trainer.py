@@ -188,20 +188,34 @@ class Trainer:
         core.features = None
 
     def _resume(self, core, resume: bool) -> Progress:
+        """The progress of the newest checkpoint that verifies (a corrupt one is named and skipped:
+        the run goes back to the one before); a fresh start where there is none."""
         prev = st.checkpoints(self.ckpt_dir)
         pr = Progress(recent=deque(maxlen=self.stage.stop.window))
         if not (resume and prev):
             torch.manual_seed(self.seed * 7919 + 17 + self.d.rank)  # dropout masks differ by rank
             return pr
         load = st.load_training_state_sharded if st.is_sharded(core) else st.load_training_state
-        info = load(prev[-1], core, self.opt)
+        problems = []
+        for path in reversed(prev):
+            try:
+                info = load(path, core, self.opt)
+                break
+            except st.CorruptCheckpoint as e:
+                problems.append(str(e))
+                if self.d.main:
+                    log.warning("stage %s: checkpoint %s is corrupt: %s; falling back to the one before",
+                                self.stage.name, path.name, e)  # fmt: skip
+        else:
+            raise st.CorruptCheckpoint(f"stage {self.stage.name}: no usable checkpoint in {self.ckpt_dir} "
+                                       f"({'; '.join(problems)}); remove the directory to start the stage afresh")  # fmt: skip
         pr.step, pr.epoch, pr.micro, pr.tokens = info["step"], info["epoch"], info["micro"], info["tokens"]
         pr.recent.extend(info.get("recent_losses", []))
         pr.stop_at = info.get("stop_at", pr.step if self._learnt(pr.recent) else None)
         self.policy.seen = info["seen"]
         self.policy.skipped.update(info["skipped"])
         if self.d.main:
-            log.info("stage %s: resumed from %s (step %d)", self.stage.name, prev[-1].name, pr.step)
+            log.info("stage %s: resumed from %s (step %d)", self.stage.name, path.name, pr.step)
         return pr
 
     def _end(self, pr: Progress) -> int:

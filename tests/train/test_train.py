@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from modalign import MLLM
+from modalign.checkpoints import CheckpointError
 from modalign.config import ConfigError
 from modalign.data.datasets import load_samples
 from modalign.data.tokenizer import Tokenizer
@@ -56,58 +57,41 @@ def test_every_shipped_recipe_validates_and_plans_on_meta(path):
         assert r["trainable"] > 0 and r["memory_total_gib"] > 0
 
 
-def test_recipe_errors_name_the_key(data):
+RECIPE_ERRORS = [
+    ("stages.instruct.optim.lr=fast", r"recipe\.stages\[1\]\.optim\.lr: expected a number"),
+    ("stages.0.stop.epochs=1", r"stages\[0\]\.stop: give exactly one of max_steps and epochs"),
+    ("stages.instruct.data.token_cache_mb=-1", r"recipe\.stages\[1\]\.data\.token_cache_mb: expected a size in MiB >= 0"),
+    ('stages.align.optim.lr_groups={"connector.*": fast}', r"stages\[0\]\.optim\.lr_groups\['connector\.\*'\]: expected a number"),
+    ("stages.instruct.optim.dropout=1", r"recipe\.stages\[1\]\.optim\.dropout: expected a probability in \[0, 1\)"),
+    # a value YAML cannot parse names the key and the value, and says how to quote it
+    ("stages.align.data.sources=[{path: ${data}/x.json}]", r"--set stages\.align\.data\.sources: value .* is not valid YAML \(quote"),
+    # objectives: a known name, and only their own options
+    ("stages.align.objective=clip", r"stages\[0\]\.objective\.name: expected one of lm, contrastive"),
+    ("stages.align.objective={name: lm, region: {weight: 1}}", r"stages\[0\]\.objective\.region: not an option of the lm objective"),
+    ("stages.align.objective={name: lm, answer_prior: {min_count: 0}}", r"stages\[0\]\.objective\.answer_prior\.min_count: expected a sample count >= 1"),
+    ("stages.align.objective={name: contrastive, answer_prior: {weight: 1}}", r"stages\[0\]\.objective\.answer_prior: not an option of the contrastive"),
+    ("stages.align.objective={name: contrastive, region: {phrase: '{colour}'}}", r"stages\[0\]\.objective\.region\.phrase: only \{category\} and \{where\}"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("override,error", RECIPE_ERRORS, ids=[e[0] for e in RECIPE_ERRORS])
+def test_recipe_errors_name_the_key(data, override, error):
+    with pytest.raises(ConfigError, match=error):
+        load_recipe(recipe_doc(data), sets=[override])
+
+
+def test_recipe_values_are_checked_and_coerced(data):
     doc = recipe_doc(data)
     doc["stages"][0]["learning_rate"] = 1
     with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]: unknown key\(s\) learning_rate"):
         load_recipe(doc)
     doc = recipe_doc(data)
-    with pytest.raises(ConfigError, match=r"recipe\.stages\[1\]\.optim\.lr: expected a number"):
-        load_recipe(doc, sets=["stages.instruct.optim.lr=fast"])
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.stop: give exactly one of max_steps and epochs"):
-        load_recipe(doc, sets=["stages.0.stop.epochs=1"])
-    with pytest.raises(
-        ConfigError, match=r"recipe\.stages\[1\]\.data\.token_cache_mb: expected a size in MiB >= 0"
-    ):
-        load_recipe(doc, sets=["stages.instruct.data.token_cache_mb=-1"])
     assert load_recipe(doc, sets=["stages.align.optim.lr=3e-4"]).stages[0].optim.lr == 3e-4
     # a mapping's values are checked too: YAML reads 1e-3 (no dot) as a string, which is a number here
     sets = ['stages.align.optim.lr_groups={"connector.*": 1e-3}']
     assert load_recipe(doc, sets=sets).stages[0].optim.lr_groups == {"connector.*": 1e-3}
-    with pytest.raises(
-        ConfigError, match=r"stages\[0\]\.optim\.lr_groups\['connector\.\*'\]: expected a number"
-    ):
-        load_recipe(doc, sets=['stages.align.optim.lr_groups={"connector.*": fast}'])
-    with pytest.raises(
-        ConfigError, match=r"recipe\.stages\[1\]\.optim\.dropout: expected a probability in \[0, 1\)"
-    ):
-        load_recipe(doc, sets=["stages.instruct.optim.dropout=1"])
-    # a value YAML cannot parse names the key and the value, and says how to quote it
-    with pytest.raises(
-        ConfigError, match=r"--set stages\.align\.data\.sources: value .* is not valid YAML \(quote"
-    ):
-        load_recipe(doc, sets=["stages.align.data.sources=[{path: ${data}/x.json}]"])
     sets = ['stages.align.data.sources=[{path: "${data}/x.json"}]']
     assert load_recipe(doc, {"data": "D"}, sets=sets).stages[0].data.sources[0].path == "D/x.json"
-    # objectives: a known name, and only their own options
-    with pytest.raises(ConfigError, match=r"stages\[0\]\.objective\.name: expected one of lm, contrastive"):
-        load_recipe(doc, sets=["stages.align.objective=clip"])
-    with pytest.raises(
-        ConfigError, match=r"stages\[0\]\.objective\.region: not an option of the lm objective"
-    ):
-        load_recipe(doc, sets=["stages.align.objective={name: lm, region: {weight: 1}}"])
-    with pytest.raises(
-        ConfigError, match=r"stages\[0\]\.objective\.answer_prior\.min_count: expected a sample count >= 1"
-    ):
-        load_recipe(doc, sets=["stages.align.objective={name: lm, answer_prior: {min_count: 0}}"])
-    with pytest.raises(
-        ConfigError, match=r"stages\[0\]\.objective\.answer_prior: not an option of the contrastive"
-    ):
-        load_recipe(doc, sets=["stages.align.objective={name: contrastive, answer_prior: {weight: 1}}"])
-    with pytest.raises(
-        ConfigError, match=r"stages\[0\]\.objective\.region\.phrase: only \{category\} and \{where\}"
-    ):
-        load_recipe(doc, sets=["stages.align.objective={name: contrastive, region: {phrase: '{colour}'}}"])
 
 
 def test_a_recipe_in_the_flat_layout_says_where_each_key_went(data):
@@ -449,14 +433,15 @@ def test_sharded_checkpoint_resumes_exactly_in_one_process(tmp_path):
     m, opt = make(0)
     for _ in range(3):
         step(m, opt)
-    st.save_training_state_sharded(tmp_path / "step-000003", m, opt, {"step": 3}, main=True)
+    info = {"step": 3, "epoch": 0, "micro": 3, "tokens": 0, "seen": 12, "skipped": {}}
+    st.save_training_state_sharded(tmp_path / "step-000003", m, opt, info, main=True)
     assert (tmp_path / "step-000003" / "sharded").is_dir() and not (
         tmp_path / "step-000003.tmp-sharded"
     ).exists()
     step(m, opt)  # the original run goes on
 
     m2, opt2 = make(1)
-    assert st.load_training_state(tmp_path / "step-000003", m2, opt2) == {"step": 3}
+    assert st.load_training_state(tmp_path / "step-000003", m2, opt2) == info
     step(m2, opt2)  # the same RNG draws, moments and weights: bit-identical
     assert all(
         torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values(), strict=True)
@@ -557,3 +542,83 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
     losses = [[json.loads(x)["loss"] for x in (d / "clip" / "metrics.jsonl").read_text().splitlines()]
               for d in (tmp_path / "stage0", tmp_path / "again")]  # fmt: skip
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def _corrupt(ckpt: Path, how: str) -> str:
+    """Damage one checkpoint the way a disk or a kill can; returns the file named in the warning."""
+    if how == "truncated model":
+        f = ckpt / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif how == "empty rng":
+        f = ckpt / "rng.safetensors"
+        f.write_bytes(b"")
+    elif how == "flipped bytes":
+        f = ckpt / "optimizer.safetensors"
+        raw = bytearray(f.read_bytes())
+        raw[-100] ^= 0xFF  # inside tensor data: the file still parses
+        f.write_bytes(bytes(raw))
+    else:  # state.json without step
+        f = ckpt / "state.json"
+        doc = json.loads(f.read_text())
+        del doc["info"]["step"]
+        f.write_text(json.dumps(doc))
+    return f.name
+
+
+@pytest.mark.parametrize("how", ["truncated model", "empty rng", "flipped bytes", "no step"])
+def test_a_corrupt_latest_checkpoint_is_named_and_the_run_falls_back(data, tmp_path, caplog, how):
+    """The latest checkpoint damaged: a warning names the file, the run resumes from the one before
+    and logs exactly the losses of an uninterrupted run; with no good checkpoint left it stops with
+    an error naming each problem."""
+    doc = recipe_doc(data, steps=6, save_every=2)
+    doc["stages"] = doc["stages"][:1]
+    doc["stages"][0]["checkpoints"]["keep_last"] = 3
+    recipe = load_recipe(doc)
+    full = tmp_path / "full"
+    run_recipe(recipe, full, progress=False)
+    want = losses_of(full / "align")
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "align" / "model")
+    (cut / "align" / "result.json").unlink()
+    ckdir = cut / "align" / "checkpoints"
+    assert [p.name for p in checkpoints(ckdir)] == ["step-000002", "step-000004", "step-000006"]
+    shutil.rmtree(ckdir / "step-000006")
+    name = _corrupt(ckdir / "step-000004", how)
+    with caplog.at_level("WARNING", logger="modalign"):
+        res = run_recipe(recipe, cut, progress=False)["align"]
+    assert "checkpoint step-000004 is corrupt" in caplog.text and name in caplog.text
+    assert res.steps == 6 and losses_of(cut / "align") == want
+    # nothing usable: a clear error, not a raw SafetensorError or KeyError
+    shutil.rmtree(cut / "align" / "model")
+    (cut / "align" / "result.json").unlink()
+    for p in checkpoints(ckdir):
+        _corrupt(p, how)
+    with pytest.raises(CheckpointError, match=r"no usable checkpoint .*step-00000\d"):
+        run_recipe(recipe, cut, progress=False)
+
+
+def losses_of(stage_dir: Path) -> list[tuple]:
+    recs = [json.loads(x) for x in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in recs if "loss" in r]
+
+
+def test_leftovers_of_a_killed_commit_are_recovered_at_the_next_start(data, tmp_path):
+    """A kill between the two renames of a directory commit leaves ``.model.old-PID`` and no
+    ``model``: the next start puts it back; unfinished writes (``.*.tmp-*``) are removed."""
+    doc = recipe_doc(data, steps=2, save_every=0)
+    doc["stages"] = doc["stages"][:1]
+    recipe = load_recipe(doc)
+    run = tmp_path / "run"
+    run_recipe(recipe, run, progress=False)
+    weights = (run / "model" / "model.safetensors").read_bytes()
+    os.replace(run / "model", run / ".model.old-4242")  # killed right after the first rename
+    (run / ".model.tmp-abc").mkdir()
+    (run / ".model.tmp-abc" / "model.safetensors").write_bytes(b"half")
+    (run / "align" / "checkpoints" / ".step-000009.tmp-xyz").mkdir()
+    (run / "align" / ".model.old-77").mkdir()  # beside an intact model: stale
+    run_recipe(recipe, run, progress=False)
+    assert (run / "model" / "model.safetensors").read_bytes() == weights
+    left = [p.name for d in (run, run / "align", run / "align" / "checkpoints") for p in d.iterdir()
+            if p.name.startswith(".")]  # fmt: skip
+    assert left == []
