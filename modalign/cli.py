@@ -182,25 +182,30 @@ def _add_chat(sub) -> None:
 
 
 def _add_serve(sub) -> None:
-    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page")
+    sv = sub.add_parser("serve", help="OpenAI-compatible HTTP server with a web chat page (docs/security.md)")
     sv.add_argument("--model", required=True)
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    sv.add_argument("--api-key-file", default=None,
+                    help="require 'Authorization: Bearer KEY' on /v1/* and /metrics, KEY read from this file "
+                    "(or the MODALIGN_API_KEY environment variable)")  # fmt: skip
+    sv.add_argument(
+        "--api-key", default=None, help="the key on the command line (visible in ps: prefer the file)"
+    )
+    sv.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                    help="without a key, the Host names answered besides localhost (repeatable; '*': any)")  # fmt: skip
     sv.add_argument("--template", default=None)
     sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    sv.add_argument("--max-batch", type=int, default=8)
-    sv.add_argument("--max-images", type=int, default=8)
+    sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    sv.add_argument("--max-images", type=int, default=8, help="images per request")
     sv.add_argument("--max-body-mb", type=float, default=20)
-    sv.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
+    sv.add_argument("--max-connections", type=int, default=256, help="open connections (more get 503)")
     sv.add_argument(
-        "--allow-http-images",
-        action="append",
-        default=[],
-        metavar="DOMAIN",
-        help="fetch http(s) images from this domain (repeatable); off by default",
+        "--request-timeout", type=float, default=600, help="seconds from a request to its last token"
     )
-    _compile_flag(sv)
+    sv.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
+    sv.add_argument("--allow-http-images", action="append", default=[], metavar="DOMAIN",
+                    help="fetch http(s) images from this domain (repeatable); off by default")  # fmt: skip
     sv.set_defaults(func=_serve)
 
 
@@ -328,26 +333,37 @@ def _chat(args) -> int:
         history.append(Message("assistant", reply))
 
 
-def _serve(args) -> int:
-    import uvicorn
+def _api_key(args) -> str | None:
+    """The server's key: --api-key-file, else MODALIGN_API_KEY, else --api-key (None: no key)."""
+    import os
 
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return os.environ.get("MODALIGN_API_KEY") or args.api_key
+
+
+def _serve(args) -> int:
     from modalign.infer.chat import ChatModel
     from modalign.serve.app import ServeConfig, create_app
     from modalign.serve.images import ImagePolicy
+    from modalign.serve.server import serve
 
-    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
+    key = _api_key(args)
+    cm = ChatModel.load(args.model, args.template)
     policy = ImagePolicy(local_dir=args.image_dir, allow_http=bool(args.allow_http_images),
                          allowed_domains=[d.lower() for d in args.allow_http_images])  # fmt: skip
-    cfg = ServeConfig(model_name=args.name or Path(args.model).resolve().name, api_key=args.api_key,
+    hosts = list(args.allowed_host) + ([args.host] if args.host not in ("0.0.0.0", "::") else [])
+    cfg = ServeConfig(model_name=args.name or Path(args.model).resolve().name, api_key=key, allowed_hosts=hosts,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                      max_batch=args.max_batch, images=policy)  # fmt: skip
-    if getattr(args, "compile", False):  # compile before serving, not on the first requests
-        secs = cm.engine.warmup(sorted({1, args.max_batch}), max_new_tokens=cfg.max_tokens_default)
+                      max_batch=args.max_batch, request_timeout_s=args.request_timeout, images=policy)  # fmt: skip
+    if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
-            f"compiled decode step for batch sizes {sorted(cm.engine.fast.shapes)} in {secs:.1f} s",
-            flush=True,
+            "warning: serving without an API key on a non-loopback address (--api-key-file)", file=sys.stderr
         )
-    uvicorn.run(create_app(cm, cfg), host=args.host, port=args.port, log_level="warning")
+    serve(create_app(cm, cfg), host=args.host, port=args.port, max_connections=args.max_connections)
     return 0
 
 

@@ -1,12 +1,20 @@
-"""OpenAI-compatible HTTP server (FastAPI): ``POST /v1/chat/completions`` (text and
-``image_url`` parts, streaming as server-sent events), ``GET /v1/models``, ``GET /health``,
-``GET /metrics`` (Prometheus) and a small web chat page at ``GET /``. No model logic lives here:
-requests become prompts for the engine, through the dynamic batcher."""
+"""OpenAI-compatible HTTP server (FastAPI): ``POST /v1/chat/completions`` (text and ``image_url``
+parts, streaming as server-sent events, logprobs), ``GET /v1/models``, ``GET /health``,
+``GET /metrics`` (Prometheus) and a web chat page at ``GET /``. No model logic lives here:
+requests are checked (``protocol.py``), rendered off the event loop, and handed to the worker
+(``batcher.py``), which runs them in a continuous batch.
+
+Every request has a deadline; a client that leaves frees its row; one request's failure never
+reaches another; every error is an OpenAI-shaped JSON body (a stream ends with an error event
+and ``[DONE]``). ``docs/security.md`` has the threat model and the limits.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -15,168 +23,81 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
 
-from modalign.data.conversation import IMAGE_MARK, BadSample, Message
-from modalign.data.images import open_image
+from modalign.data.conversation import BadSample
+from modalign.data.images import DEFAULT_MAX_ASPECT, ImageProcessor
 from modalign.infer.chat import ChatModel, TextDelta
+from modalign.infer.engine import Prompt
 from modalign.serve.batcher import Batcher, Job
+from modalign.serve.guard import Guard, Metrics, error_body
 from modalign.serve.images import ImagePolicy, RequestError, load_image_bytes
+from modalign.serve.protocol import ChatRequest, Limits, parse_request
+
+log = logging.getLogger("modalign.serve")
 
 
 @dataclass
 class ServeConfig:
     model_name: str = "modalign"
     api_key: str | None = None
+    allowed_hosts: list[str] = field(default_factory=list)  # Host names besides localhost (no key set)
     max_body_bytes: int = 20 * 1024 * 1024
+    body_timeout_s: float = 30.0
+    request_timeout_s: float = 600.0  # from the request's arrival to its last token
+    max_messages: int = 256
+    max_chars: int | None = None  # characters of text per request (default: 16 per context token)
     max_images: int = 8
     max_image_pixels: int = 16_000_000
+    max_image_aspect: float = DEFAULT_MAX_ASPECT
     max_tokens_default: int = 256
     max_batch: int = 8
+    stall_s: float = 60.0  # /health answers 503 when work waits and no step finished for this long
     images: ImagePolicy = field(default_factory=ImagePolicy)
 
 
-def _err(status: int, message: str, param=None, code=None) -> JSONResponse:
-    kind = {401: "authentication_error", 413: "invalid_request_error"}.get(status, "invalid_request_error")
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status)
+def _err(status: int, message: str, param=None, code=None) -> Response:
+    return Response(error_body(status, message, param, code), status, media_type="application/json")
 
 
-class Metrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        self.requests = Counter(
-            "modalign_requests", "HTTP requests", ["endpoint", "status"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "modalign_request_seconds", "request latency", ["endpoint"], registry=self.registry
-        )
-        self.tokens = Counter("modalign_tokens", "tokens processed", ["kind"], registry=self.registry)
-        self.in_flight = Gauge("modalign_in_flight", "requests being generated", registry=self.registry)
+class Deadline(Exception):
+    pass
 
 
-def parse_messages(body: dict, cfg: ServeConfig) -> tuple[list[Message], list[bytes]]:
-    msgs = body.get("messages")
-    if not isinstance(msgs, list) or not msgs:
-        raise RequestError("'messages' must be a non-empty list", param="messages")
-    out, images = [], []
-    for i, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise RequestError(
-                f"messages[{i}].role must be system, user or assistant", param=f"messages[{i}].role"
-            )
-        content = m.get("content")
-        if isinstance(content, str):
-            text = content.replace(IMAGE_MARK, "")
-        elif isinstance(content, list):
-            pieces = []
-            for j, part in enumerate(content):
-                where = f"messages[{i}].content[{j}]"
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text" and isinstance(part.get("text"), str):
-                    pieces.append(part["text"].replace(IMAGE_MARK, ""))
-                elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-                    if len(images) >= cfg.max_images:
-                        raise RequestError(f"at most {cfg.max_images} images per request", param=where,
-                                           code="too_many_images")  # fmt: skip
-                    images.append(load_image_bytes(part["image_url"].get("url"), cfg.images, where))
-                    pieces.append(IMAGE_MARK)
-                else:
-                    raise RequestError(f"{where}: expected a text or image_url content part", param=where)
-            text = "".join(pieces)
-        else:
-            raise RequestError(
-                f"messages[{i}].content must be a string or a list of parts", param=f"messages[{i}].content"
-            )
-        out.append(Message(m["role"], text))
-    if out[-1].role != "user":
-        raise RequestError("the last message must come from the user", param="messages")
-    return out, images
+class GenerationFailed(Exception):
+    pass
 
 
-def build_prompt(cm: ChatModel, msgs: list[Message], images: list[bytes], cfg: ServeConfig):
-    """Decode the images (pixel limit checked before decoding) and render the prompt; runs in a
-    worker thread so that decoding never blocks the event loop."""
-    pil = [
-        open_image(data, max_pixels=cfg.max_image_pixels, sample_id=f"image {k}")
-        for k, data in enumerate(images)
-    ]
-    return cm.prompt(msgs, pil)
-
-
-def sampling_args(body: dict, cfg: ServeConfig) -> dict:
-    def num(name, lo, hi, default, kind=float):
-        v = body.get(name, default)
-        if v is None:
-            return default
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-            raise RequestError(f"'{name}' must be a number in [{lo}, {hi}]", param=name)
-        return kind(v)
-
-    if body.get("n", 1) != 1:
-        raise RequestError("only n=1 is supported", param="n")
-    max_tokens = num("max_tokens", 1, 1 << 20, cfg.max_tokens_default, int)
-    if "max_completion_tokens" in body:  # the newer name wins
-        max_tokens = num("max_completion_tokens", 1, 1 << 20, cfg.max_tokens_default, int)
-    stop = body.get("stop") or []
-    stop = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-        raise RequestError("'stop' must be a string or a list of up to 4 strings", param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError("'seed' must be an integer", param="seed")
-    return {
-        "max_new_tokens": max_tokens,
-        "temperature": num("temperature", 0, 2, 1.0),
-        "top_p": num("top_p", 1e-6, 1, 1.0),
-        "top_k": num("top_k", 0, 1 << 20, 0, int),
-        "repetition_penalty": num("repetition_penalty", 0.01, 10, 1.0),
-        "stop": stop,
-        "seed": seed,
-    }
+class ClientGone(Exception):
+    pass
 
 
 def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
-    app = FastAPI(title="modalign", docs_url=None, redoc_url=None)
-    batcher = Batcher(cm.engine, cfg.max_batch)
-    batcher.start()
-    metrics = Metrics()
-    app.state.batcher, app.state.metrics = batcher, metrics
     context = cm.model.config.llm.max_position_embeddings
+    limits = Limits(cfg.max_messages, cfg.max_chars or 16 * context, cfg.max_images)
+    images = (ImageProcessor(cm.model.config.vision, max_pixels=cfg.max_image_pixels, max_aspect=cfg.max_image_aspect)
+              if cm.model.has_vision else None)  # fmt: skip
+    batcher = Batcher(cm.engine, cfg.max_batch, cfg.stall_s)
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        yield
+        batcher.stop()
+
+    app = FastAPI(title="modalign", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, cfg
+    app.add_middleware(Guard, cfg=cfg, metrics=metrics)
+    _error_handlers(app)
     page = (Path(__file__).parent / "static" / "index.html").read_text()
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        path = request.url.path
-        if path.startswith("/v1/") and cfg.api_key:
-            if request.headers.get("authorization") != f"Bearer {cfg.api_key}":
-                metrics.requests.labels(path, "401").inc()
-                return _err(401, "invalid or missing API key", code="invalid_api_key")
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > cfg.max_body_bytes):
-            metrics.requests.labels(path, "413").inc()
-            return _err(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
-        return await call_next(request)
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError):
-        return _err(422, f"invalid request: {exc.errors()[:3]}")
 
     @app.get("/health")
     async def health():
-        return {
-            "status": "ok",
-            "model": cfg.model_name,
-            "pending": batcher.pending(),
-            "running": batcher.busy,
-        }
+        ok, details = batcher.health()
+        return JSONResponse({"model": cfg.model_name, **details}, 200 if ok else 503)
 
     @app.get("/metrics")
     async def prom():
@@ -195,115 +116,214 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        t0 = time.perf_counter()
-        raw = await request.body()
-        if len(raw) > cfg.max_body_bytes:
-            return _err(413, f"request body over {cfg.max_body_bytes} bytes", code="request_too_large")
+        t0 = time.monotonic()
+        deadline = t0 + cfg.request_timeout_s
         try:
-            body = json.loads(raw)
-            if not isinstance(body, dict):
-                raise RequestError("the request body must be a JSON object")
-            msgs, images = await asyncio.to_thread(parse_messages, body, cfg)
-            args = sampling_args(body, cfg)
-            prompt = await asyncio.to_thread(build_prompt, cm, msgs, images, cfg)
-        except json.JSONDecodeError as e:
-            metrics.requests.labels("chat", "400").inc()
-            return _err(400, f"invalid JSON body: {e.msg}")
+            body = await asyncio.to_thread(_parse_json, await request.body())
+            req = parse_request(body, limits)
+            prompt, n_prompt = await asyncio.to_thread(_build_prompt, cm, images, req, cfg)
+            params = _sampling(cm, req, n_prompt, context, cfg)
         except RequestError as e:
-            metrics.requests.labels("chat", str(e.status)).inc()
             return _err(e.status, str(e), e.param, e.code)
         except BadSample as e:
-            metrics.requests.labels("chat", "400").inc()
             code = "image_too_large" if e.reason == "image too large" else "invalid_image"
             return _err(400, str(e), "messages", code)
-        except ValueError as e:
-            metrics.requests.labels("chat", "400").inc()
-            return _err(400, str(e))
-        n_prompt = len(prompt.input_ids)
-        if n_prompt + args["max_new_tokens"] > context:
-            metrics.requests.labels("chat", "400").inc()
-            return _err(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({args['max_new_tokens']}) exceeds the "
-                             f"context length of {context} tokens", "max_tokens", "context_length_exceeded")  # fmt: skip
-        params = cm.params(**{k: v for k, v in args.items() if k != "stop"})
-        job = Job(prompt, params, asyncio.get_running_loop())
-        rid, created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        stream = bool(body.get("stream"))
-        usage_in_stream = bool((body.get("stream_options") or {}).get("include_usage"))
+        except Exception as e:  # noqa: BLE001 - never a plain-text 500, and counted
+            log.exception("preparing a request failed")
+            return _err(
+                500, f"internal error preparing the request ({type(e).__name__})", None, "internal_error"
+            )
+        job = Job(prompt, params, asyncio.get_running_loop(), n_prompt, req.logprobs, req.logit_bias,
+                  req.presence_penalty, req.frequency_penalty)  # fmt: skip
         metrics.in_flight.inc()
         batcher.submit(job)
-
-        async def pieces():
-            """(text delta, finish reason) until the job ends; honours stop strings."""
-            delta, text, stops = TextDelta(cm.tok), "", args["stop"]
-            while True:
-                kind, value = await job.out.get()
-                if kind == "error":
-                    raise RuntimeError(value)
-                if kind == "end":
-                    yield "", value
-                    return
-                piece = delta.push(value)
-                text += piece
-                cut = next((text.index(s) for s in stops if s in text), None)
-                if cut is not None:
-                    job.cancelled = True
-                    yield piece[: max(0, len(piece) - (len(text) - cut))], "stop"
-                    return
-                if piece:
-                    yield piece, None
-
-        def usage():
-            return {"prompt_tokens": n_prompt, "completion_tokens": job.generated,
-                    "total_tokens": n_prompt + job.generated}  # fmt: skip
+        reply = Reply(cm, job, req, cfg.model_name, deadline, request)
 
         def done():
+            job.cancel()
             metrics.in_flight.dec()
             metrics.tokens.labels("prompt").inc(n_prompt)
             metrics.tokens.labels("completion").inc(job.generated)
-            metrics.latency.labels("chat").observe(time.perf_counter() - t0)
+            metrics.latency.labels("chat").observe(time.monotonic() - t0)
 
-        if not stream:
-            try:
-                text, finish = "", "length"
-                async for piece, fin in pieces():
-                    text += piece
-                    finish = fin or finish
-            except RuntimeError as e:
-                job.cancelled = True
-                done()
-                metrics.requests.labels("chat", "500").inc()
-                return _err(500, f"generation failed: {e}")
+        if req.stream:
+            return StreamingResponse(reply.events(done, metrics), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})  # fmt: skip
+        try:
+            return await reply.whole()
+        except Deadline:
+            return _err(504, f"generation did not finish within {cfg.request_timeout_s:g} s", None, "timeout")
+        except GenerationFailed as e:
+            return _err(500, f"generation failed: {e}", None, "generation_failed")
+        except ClientGone:
+            return _err(499, "the client closed the connection", None, "client_closed")
+        finally:
             done()
-            metrics.requests.labels("chat", "200").inc()
-            return {"id": rid, "object": "chat.completion", "created": created, "model": cfg.model_name,
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
-                    "usage": usage()}  # fmt: skip
-
-        def chunk(delta: dict, finish=None, with_usage=False) -> str:
-            doc = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": cfg.model_name,
-                   "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}  # fmt: skip
-            if with_usage:
-                doc["choices"], doc["usage"] = [], usage()
-            return f"data: {json.dumps(doc)}\n\n"
-
-        async def events():
-            try:
-                yield chunk({"role": "assistant", "content": ""})
-                async for piece, fin in pieces():
-                    if piece:
-                        yield chunk({"content": piece})
-                    if fin:
-                        yield chunk({}, fin)
-                if usage_in_stream:
-                    yield chunk({}, with_usage=True)
-                yield "data: [DONE]\n\n"
-                metrics.requests.labels("chat", "200").inc()
-            finally:  # also when the client disconnects: its row is freed in the engine
-                job.cancelled = True
-                done()
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
 
     return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        return _err(422, f"invalid request: {exc.errors()[:3]}")
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return _err(exc.status_code, str(exc.detail), None, "not_found" if exc.status_code == 404 else None)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception):
+        log.exception("unhandled error")
+        return _err(500, f"internal error ({type(exc).__name__})", None, "internal_error")
+
+
+def _parse_json(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        msg = "nested too deeply" if isinstance(e, RecursionError) else getattr(e, "msg", str(e))
+        raise RequestError(f"invalid JSON body: {msg}") from None
+
+
+def _build_prompt(cm: ChatModel, images: ImageProcessor | None, req: ChatRequest, cfg: ServeConfig):
+    """Fetch and decode the images (sizes checked before decoding) and render the prompt; runs in
+    a worker thread. Returns the prompt and its length as the model sees it (images expanded)."""
+    if req.images and images is None:
+        raise RequestError("this model takes no images", param="messages")
+    pixels = []
+    for k, (url, param) in enumerate(req.images):
+        data = load_image_bytes(url, cfg.images, param)
+        pixels.append(images(data, f"image {k}"))
+    ids = cm.prompt_ids(req.messages)
+    model = cm.model
+    ph = model.config.image_token_id
+    per = model.num_image_tokens() if model.config.placeholder == "per_token" else 1
+    if model.has_vision and sum(t == ph for t in ids) != per * len(pixels):  # never from user text
+        raise RequestError("the prompt's image placeholders do not match its images", param="messages")
+    n = len(ids)
+    if model.config.placeholder == "per_image":
+        n += sum(model.num_image_tokens(tuple(px.shape[-2:])) - 1 for px in pixels)
+    return Prompt(ids, pixels), n
+
+
+def _sampling(cm: ChatModel, req: ChatRequest, n_prompt: int, context: int, cfg: ServeConfig):
+    args = dict(req.sampling)
+    room = context - n_prompt
+    if room < 1:
+        raise RequestError(f"the prompt ({n_prompt} tokens) fills the context length of {context} tokens",
+                           param="messages", code="context_length_exceeded")  # fmt: skip
+    if args["max_new_tokens"] is None:
+        args["max_new_tokens"] = min(cfg.max_tokens_default, room)
+    elif n_prompt + args["max_new_tokens"] > context:
+        raise RequestError(f"the prompt ({n_prompt} tokens) plus max_tokens ({args['max_new_tokens']}) exceeds the "
+                           f"context length of {context} tokens", param="max_tokens", code="context_length_exceeded")  # fmt: skip
+    return cm.params(**args)
+
+
+class Reply:
+    """Turns a job's token events into an OpenAI completion (whole, or as server-sent events)."""
+
+    def __init__(
+        self, cm: ChatModel, job: Job, req: ChatRequest, model: str, deadline: float, request: Request
+    ):
+        self.cm, self.job, self.req, self.model = cm, job, req, model
+        self.deadline, self.request = deadline, request
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        self.check_at = time.monotonic() + 0.5  # when to look for a client that left next
+
+    async def _event(self, watch_client: bool):
+        """The job's next event; raises ``Deadline`` past the deadline; a client that left (when
+        ``watch_client``: checked every half second) cancels the job."""
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                raise Deadline
+            if watch_client and now >= self.check_at:
+                self.check_at = now + 0.5
+                if await self.request.is_disconnected():
+                    self.job.cancel()
+                    raise ClientGone
+            try:
+                return await asyncio.wait_for(self.job.out.get(), min(self.deadline - now, 0.5))
+            except TimeoutError:
+                continue
+
+    async def pieces(self, watch_client: bool):
+        """(text delta, finish reason or None, logprob entries) until the job ends; honours stop strings."""
+        delta, text, stops, tok = TextDelta(self.cm.tok), "", self.req.stop, self.cm.tok
+        while True:
+            kind, value, lp = await self._event(watch_client)
+            if kind == "error":
+                raise GenerationFailed(value)
+            if kind == "end":
+                yield "", "length" if value == "cancelled" else value, []
+                return
+            piece = delta.push(value)
+            text += piece
+            entries = [_logprob_entry(tok, lp)] if lp is not None else []
+            cut = next((text.index(s) for s in stops if s in text), None)
+            if cut is not None:
+                self.job.cancel()
+                yield piece[: max(0, len(piece) - (len(text) - cut))], "stop", entries
+                return
+            if piece or entries:
+                yield piece, None, entries
+
+    def usage(self) -> dict:
+        n, g = self.job.prompt_tokens, self.job.generated
+        return {"prompt_tokens": n, "completion_tokens": g, "total_tokens": n + g}
+
+    async def whole(self) -> dict:
+        text, finish, entries = "", "length", []
+        async for piece, fin, lp in self.pieces(watch_client=True):
+            text += piece
+            entries += lp
+            finish = fin or finish
+        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                  "logprobs": {"content": entries} if self.req.logprobs is not None else None}  # fmt: skip
+        return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage()}  # fmt: skip
+
+    def _chunk(self, delta: dict, finish=None, entries=None, with_usage=False) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        if self.req.logprobs is not None:
+            choice["logprobs"] = {"content": entries or []}
+        doc = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+               "choices": [choice]}  # fmt: skip
+        if with_usage:
+            doc["choices"], doc["usage"] = [], self.usage()
+        return f"data: {json.dumps(doc)}\n\n"
+
+    async def events(self, done, metrics: Metrics):
+        """Server-sent events; a stream always ends with ``[DONE]``, after an error event if one."""
+        try:
+            try:
+                yield self._chunk({"role": "assistant", "content": ""})
+                async for piece, fin, entries in self.pieces(watch_client=False):
+                    if piece or entries:
+                        yield self._chunk({"content": piece}, entries=entries)
+                    if fin:
+                        yield self._chunk({}, fin)
+                if self.req.include_usage:
+                    yield self._chunk({}, with_usage=True)
+            except (Deadline, GenerationFailed) as e:
+                code = "timeout" if isinstance(e, Deadline) else "generation_failed"
+                metrics.stream_errors.labels(code).inc()
+                msg = (
+                    "generation did not finish in time"
+                    if isinstance(e, Deadline)
+                    else f"generation failed: {e}"
+                )
+                yield f"data: {json.dumps({'error': json.loads(error_body(500, msg, None, code))['error']})}\n\n"
+            yield "data: [DONE]\n\n"
+        finally:  # also when the client disconnects: its row is freed in the worker
+            done()
+
+
+def _logprob_entry(tok, lp: dict) -> dict:
+    def one(t: int, v: float) -> dict:
+        s = tok.decode([t])
+        return {"token": s, "logprob": v, "bytes": list(s.encode("utf-8"))}
+
+    return {**one(lp["token"], lp["logprob"]), "top_logprobs": [one(t, v) for t, v in lp.get("top", [])]}

@@ -1,14 +1,21 @@
-"""Dynamic batching: concurrent requests with the same sampling settings share one engine run.
+"""The generation worker: one thread that owns the continuous-batching scheduler
+(``infer/scheduler.py``) and talks to the event loop through per-job queues.
 
-A worker thread takes the oldest waiting job, gathers up to ``max_batch`` compatible jobs that
-arrive within ``wait_ms``, and runs them together (left-padded prefill, batched decode). Each
-job receives its tokens through its own queue; a job that reaches its own ``max_tokens``, hits a
-stop string, or whose client disconnected is cancelled in the engine, which frees the row.
+    request handler --submit(job)--> inbox --> worker thread: admit, decode one step, repeat
+         ^                                          |
+         +---- job.out (asyncio.Queue) <-- call_soon_threadsafe: ("token", id, logprobs) | ("end", reason)
+                                                                | ("error", message)
+
+A job is identified by itself (no field equality), one job's failure reaches only that job, and
+the worker survives whatever a step raises: it fails the rows concerned and goes on. ``health``
+reports whether the thread is alive and when it last made progress; a dead thread is restarted
+on the next submit or health check.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import queue
 import threading
@@ -16,100 +23,177 @@ import time
 from dataclasses import dataclass, field
 
 from modalign.infer.engine import Engine, Prompt, SamplingParams
+from modalign.infer.scheduler import Request, Scheduler
 
 log = logging.getLogger("modalign.serve")
 
 
-@dataclass
+def _malloc_trim():
+    """glibc's ``malloc_trim``: hand freed heap pages back to the system (None elsewhere)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+@dataclass(eq=False)
 class Job:
+    """One chat completion on its way through the worker; ``out`` receives its events."""
+
     prompt: Prompt
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
+    prompt_tokens: int = 0
+    logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
-    cancelled: bool = False
     generated: int = 0
+    request: Request | None = None
 
-    def key(self) -> tuple:
-        p = self.params
-        return (p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.seed, tuple(p.stop_token_ids))
+    def __post_init__(self):
+        self.request = Request(self.prompt, self.params, self._token, self._end, self._error, self.logprobs,
+                               self.logit_bias, self.presence_penalty, self.frequency_penalty)  # fmt: skip
 
-    def emit(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancelled
+
+    def cancel(self) -> None:
+        """Free the job's row at the next step (client gone, stop string, deadline)."""
+        self.request.cancelled = True
+
+    def _emit(self, item) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
+        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+            pass
+
+    def _token(self, token: int, logprobs: dict | None) -> None:
+        self.generated += 1
+        self._emit(("token", token, logprobs))
+
+    def _end(self, reason: str) -> None:
+        self._emit(("end", reason, None))
+
+    def _error(self, exc: BaseException) -> None:
+        self._emit(("error", f"{type(exc).__name__}: {exc}", None))
 
 
-class Batcher(threading.Thread):
-    def __init__(self, engine: Engine, max_batch: int = 8, wait_ms: float = 5.0):
-        super().__init__(daemon=True, name="modalign-batcher")
-        self.engine, self.max_batch, self.wait = engine, max_batch, wait_ms / 1000
+class Batcher:
+    """The worker thread and its inbox. ``submit`` never blocks; ``health`` never blocks."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, stall_s: float = 60.0):
+        self.engine, self.max_batch, self.stall_s = engine, max_batch, stall_s
         self.inbox: queue.Queue[Job] = queue.Queue()
-        self.backlog: list[Job] = []
-        self.busy = 0  # rows in the running batch
-        self.batches = 0
+        self.scheduler = Scheduler(engine, max_batch)
         self.stopping = False
+        self.steps = 0
+        self.restarts = 0
+        self.last_progress = time.monotonic()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._trim, self._trimmed = _malloc_trim(), time.monotonic()
+
+    # ------------------------------------------------------------------ control
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            if self._thread is not None:  # it died: whatever it held is lost, say so to its jobs
+                self.restarts += 1
+                log.error("the generation worker died; restarting it (restart %d)", self.restarts)
+                self.scheduler.fail_all(RuntimeError("the generation worker restarted"))
+            self.last_progress = time.monotonic()
+            self._thread = threading.Thread(target=self._loop, daemon=True, name="modalign-worker")
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.stopping = True
+        self.inbox.put(None)  # wake the worker
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def submit(self, job: Job) -> None:
+        if self.stopping:
+            job._error(RuntimeError("the server is shutting down"))
+            return
+        self.start()  # restarts a dead worker
         self.inbox.put(job)
 
-    def pending(self) -> int:
-        return self.inbox.qsize() + len(self.backlog)
+    # ------------------------------------------------------------------ state
 
-    def _take(self) -> list[Job]:
-        if not self.backlog:
-            self.backlog.append(self.inbox.get())
-        deadline = time.monotonic() + self.wait
-        while len(self.backlog) < 4 * self.max_batch:
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def busy(self) -> int:
+        """Rows decoding now."""
+        return self.scheduler.active
+
+    def pending(self) -> int:
+        return self.inbox.qsize() + len(self.scheduler.waiting)
+
+    def health(self) -> tuple[bool, dict]:
+        """(healthy, details): unhealthy when the worker is dead, or has work and has made no
+        progress for ``stall_s`` seconds."""
+        if not self.stopping:
+            self.start()  # a dead worker is restarted
+        since = time.monotonic() - self.last_progress
+        working = self.busy or self.pending()
+        stalled = bool(working) and since > self.stall_s
+        ok = self.alive and not stalled
+        status = "ok" if ok else ("stalled" if self.alive else "down")
+        return ok, {"status": status, "running": self.busy, "pending": self.pending(),
+                    "seconds_since_progress": round(since, 3), "steps": self.steps, "restarts": self.restarts}  # fmt: skip
+
+    # ------------------------------------------------------------------ the worker
+
+    def _take(self, block: bool) -> None:
+        """Move jobs from the inbox to the scheduler (waiting up to 0.5 s when idle)."""
+        try:
+            job = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if job is not None:
+                try:
+                    self.scheduler.add(job.request)
+                except Exception as e:  # noqa: BLE001 - e.g. invalid sampling settings
+                    job._error(e)
             try:
-                self.backlog.append(self.inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+                job = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while not self.stopping:
+            try:
+                idle = not (sched.active or sched.waiting)
+                self._take(block=idle)
+                if self.stopping:
+                    break
+                if sched.active or sched.waiting:
+                    sched.step()
+                    self.steps += 1
+                elif self._trim is not None and time.monotonic() - self._trimmed > 5:
+                    # idle: give back what a burst of requests freed (tensors of many sizes
+                    # fragment the heap; without this the resident size creeps up burst by burst)
+                    self._trim(0)
+                    self._trimmed = time.monotonic()
+                self.last_progress = time.monotonic()
+            except Exception as e:  # noqa: BLE001 - what the scheduler did not isolate fails its rows only
+                log.exception("generation step failed")
+                sched.fail_all(e)
+        sched.fail_all(RuntimeError("the server is shutting down"))
+        while True:  # and whatever is still in the inbox
+            try:
+                job = self.inbox.get_nowait()
             except queue.Empty:
                 break
-        self.backlog = [j for j in self.backlog if not j.cancelled]
-        if not self.backlog:
-            return []
-        key = self.backlog[0].key()
-        batch = [j for j in self.backlog if j.key() == key][: self.max_batch]
-        self.backlog = [j for j in self.backlog if j not in batch]
-        return batch
-
-    def run(self) -> None:
-        while not self.stopping:
-            batch = self._take()
-            if not batch:
-                continue
-            try:
-                self._run(batch)
-            except Exception as e:  # a failure ends these requests, never the server
-                log.exception("generation failed")
-                for j in batch:
-                    j.emit(("error", str(e)))
-            finally:
-                self.busy = 0
-
-    def _run(self, batch: list[Job]) -> None:
-        self.batches += 1
-        self.busy = len(batch)
-        params = SamplingParams(**{**batch[0].params.__dict__})
-        params.max_new_tokens = max(j.params.max_new_tokens for j in batch)
-        stops = set(params.stop_token_ids)
-
-        def cancelled(i: int) -> bool:
-            j = batch[i]
-            return j.cancelled or j.generated >= j.params.max_new_tokens
-
-        ended = [False] * len(batch)
-        for row in self.engine.stream([j.prompt for j in batch], params, cancelled):
-            for i, t in enumerate(row):
-                j = batch[i]
-                if t is None or ended[i]:
-                    continue
-                if t in stops:
-                    ended[i] = True
-                    j.emit(("end", "stop"))
-                    continue
-                j.generated += 1
-                j.emit(("token", t))
-                if j.generated >= j.params.max_new_tokens:
-                    ended[i] = True
-                    j.emit(("end", "length"))
-        for i, j in enumerate(batch):
-            if not ended[i]:
-                j.emit(("end", "length"))
+            if job is not None:
+                job._error(RuntimeError("the server is shutting down"))

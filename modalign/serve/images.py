@@ -1,6 +1,9 @@
 """Where a request's ``image_url`` may come from: ``data:`` URLs (base64), local files inside an
-allowed directory, and - only when enabled - http(s) from allowed domains, refusing private,
-loopback and link-local addresses on every redirect hop."""
+allowed directory, and - only when enabled - http(s) from allowed domains. A remote host is
+resolved once, every address it resolves to must be global (not private, loopback, link-local,
+shared 100.64/10, reserved, multicast, ...), and the connection goes to the address that was
+checked (TLS still verifies the host name), on every redirect hop: DNS rebinding finds nothing
+to rebind."""
 
 from __future__ import annotations
 
@@ -31,24 +34,24 @@ class ImagePolicy:
     timeout_s: float = 10.0
 
 
-def _public(host: str) -> None:
+def _global_ip(host: str, port: int) -> str:
+    """The address to connect to for ``host``: every address it resolves to must be global."""
     try:
-        infos = socket.getaddrinfo(host, None)
-    except socket.gaierror:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError):
         raise RequestError(f"cannot resolve image host {host!r}", code="invalid_image_url") from None
+    addrs = []
     for info in infos:
-        ip = ipaddress.ip_address(info[4][0])
-        if (
-            ip.is_private
-            or ip.is_loopback
-            or ip.is_link_local
-            or ip.is_reserved
-            or ip.is_multicast
-            or ip.is_unspecified
-        ):
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        if not ip.is_global or (mapped is not None and not mapped.is_global) or ip.is_multicast:
             raise RequestError(
                 f"image host {host!r} resolves to a non-public address", code="invalid_image_url"
             )
+        addrs.append(ip)
+    if not addrs:
+        raise RequestError(f"cannot resolve image host {host!r}", code="invalid_image_url")
+    return str(addrs[0])
 
 
 def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
@@ -63,9 +66,13 @@ def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
             raise RequestError(
                 f"image host {host!r} is not an allowed domain", param=param, code="invalid_image_url"
             )
-        _public(host)
-        with httpx.Client(timeout=policy.timeout_s, follow_redirects=False) as client:
-            with client.stream("GET", url) as r:
+        port = u.port or (443 if u.scheme == "https" else 80)
+        ip = _global_ip(host, port)
+        pinned = u._replace(netloc=f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}").geturl()
+        headers = {"Host": u.netloc.rsplit("@", 1)[-1]}
+        ext = {"sni_hostname": host} if u.scheme == "https" else {}
+        with httpx.Client(timeout=policy.timeout_s, follow_redirects=False, trust_env=False) as client:
+            with client.stream("GET", pinned, headers=headers, extensions=ext) as r:
                 if r.is_redirect:
                     url = urljoin(url, r.headers.get("location", ""))
                     continue
@@ -73,14 +80,14 @@ def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
                     raise RequestError(
                         f"image URL answered {r.status_code}", param=param, code="invalid_image_url"
                     )
-                data = b""
+                data = bytearray()
                 for chunk in r.iter_bytes():
                     data += chunk
                     if len(data) > policy.max_bytes:
                         raise RequestError(
                             f"image over {policy.max_bytes} bytes", 413, param, "image_too_large"
                         )
-                return data
+                return bytes(data)
     raise RequestError("too many redirects fetching an image", param=param, code="invalid_image_url")
 
 

@@ -3,76 +3,31 @@ images, streaming with usage, every request limit (status code + the server stay
 and a bounded concurrent load that loses nothing and is batched."""
 
 import base64
-import io
 import json
-import socket
-import struct
-import threading
 import time
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from PIL import Image
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-from modalign import MLLM, MLLMConfig  # noqa: E402
-from modalign.data.tokenizer import Tokenizer  # noqa: E402
-from modalign.infer.chat import ChatModel  # noqa: E402
 from modalign.serve.app import ServeConfig, create_app  # noqa: E402
 from modalign.serve.images import ImagePolicy  # noqa: E402
-
-KEY = "sk-test"
-
-
-def png_data_url(color=(200, 30, 30), size=(40, 40)) -> str:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def bomb_data_url() -> str:
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, format="PNG")
-    raw = bytearray(buf.getvalue())
-    raw[16:24] = struct.pack(">II", 30000, 30000)
-    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
-    return "data:image/png;base64," + base64.b64encode(bytes(raw)).decode()
+from tests.serve.helpers import KEY, bomb_data_url, png_data_url, start, tiny_chat_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = MLLMConfig.from_name("tiny-shapes")
-    cfg.llm.num_layers = cfg.vision.num_layers = 2
-    cfg.llm.max_position_embeddings = 128
-    model = MLLM(cfg).eval()
-    tok = Tokenizer.train_bpe(
-        ["what colour is the shape in the picture red blue green yes no"] * 50, vocab_size=300
-    )
-    tok.template_name = "chatml"
-    cm = ChatModel(model, tok)
     img_dir = tmp_path_factory.mktemp("imgs")
     Image.new("RGB", (30, 30), (0, 0, 255)).save(img_dir / "blue.png")
-    app = create_app(cm, ServeConfig(model_name="tiny", api_key=KEY, max_body_bytes=200_000, max_images=2,
-                                     max_batch=8, images=ImagePolicy(local_dir=str(img_dir))))  # fmt: skip
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app, img_dir
-    srv.should_exit = True
-    th.join(timeout=5)
+    app = create_app(tiny_chat_model(), ServeConfig(model_name="tiny", api_key=KEY, max_body_bytes=200_000,
+                                                    max_images=2, max_batch=8, images=ImagePolicy(local_dir=str(img_dir))))  # fmt: skip
+    url, stop = start(app)
+    yield url, app, img_dir
+    stop()
 
 
 def client(url, key=KEY):
@@ -162,7 +117,7 @@ def test_bad_requests_get_4xx_and_server_stays_healthy(server, name, body, opts,
 
 def test_concurrent_load_is_batched_and_loses_nothing(server):
     url, app, _ = server
-    before = app.state.batcher.batches
+    before = app.state.batcher.steps
     n = 24
 
     def one(i):
@@ -176,12 +131,11 @@ def test_concurrent_load_is_batched_and_loses_nothing(server):
         results = list(ex.map(one, range(n)))
     parallel = (time.perf_counter() - t) / n
     assert len(results) == n and all(r.choices[0].message.content is not None for r in results)
-    batches = app.state.batcher.batches - before - len(seq)
-    assert batches < n  # concurrent requests shared engine runs
-    print(
-        f"sequential {per_request * 1000:.0f} ms/request, concurrent {parallel * 1000:.0f} ms/request, "
-        f"{n} requests in {batches} batches"
-    )
+    tokens = sum(r.usage.completion_tokens for r in seq + results)
+    steps = app.state.batcher.steps - before
+    assert steps < tokens  # concurrent requests decoded in shared steps
+    print(f"sequential {per_request * 1000:.0f} ms/request, concurrent {parallel * 1000:.0f} ms/request, "
+          f"{tokens} tokens in {steps} decode steps")  # fmt: skip
 
 
 def test_client_disconnect_frees_its_slot(server):
@@ -194,7 +148,8 @@ def test_client_disconnect_frees_its_slot(server):
             break
         time.sleep(0.05)
     assert app.state.batcher.busy == 0
-    metrics = httpx.get(url + "/metrics").text
+    assert httpx.get(url + "/metrics").status_code == 401  # with a key set, /metrics needs it too
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     assert "modalign_requests_total" in metrics and "modalign_in_flight" in metrics
     json.loads(httpx.get(url + "/health").text)
 
@@ -217,14 +172,19 @@ def test_web_page_in_headless_chromium(server, tmp_path):
             "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
             "--disable-background-networking", "--disable-component-update", "--disable-sync"])  # fmt: skip
         page = browser.new_page()
-        page.route("**/v1/chat/completions", lambda route: route.continue_(
-            headers={**route.request.headers, "authorization": f"Bearer {KEY}"}))  # fmt: skip
         page.goto(url + "/")
+        page.fill("#q", "first without the key")
+        page.click("#send")
+        page.wait_for_selector(".msg.error", timeout=30000)
+        assert "API key" in page.inner_text(".msg.error")
+        page.fill("#key", KEY)  # the page sends it as a bearer token
+        page.dispatch_event("#key", "change")
         page.set_input_files("#img", str(image))
         page.fill("#q", "How many shapes are there?")
         page.click("#send")
-        page.wait_for_selector("#answer-1[data-done='1']", timeout=30000)
-        answer = page.inner_text("#answer-1")
+        page.wait_for_selector("#answer-2[data-done='1']", timeout=30000)
+        answer = page.inner_text("#answer-2")
+        assert page.evaluate("sessionStorage.getItem('modalign-key')") == KEY
         assert page.locator("img.thumb").count() == 1  # the uploaded image is shown
         page.screenshot(path=str(tmp_path / "chat.png"))
         browser.close()

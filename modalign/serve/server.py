@@ -1,0 +1,23 @@
+"""Running the app: uvicorn with the guarded HTTP protocol, a connection cap, timeouts, and a
+graceful shutdown that does not wait on generation forever."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from modalign.serve.guard import GuardedH11
+
+
+def make_server(app, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 256,
+                header_timeout_s: float = 10.0, keep_alive_s: int = 5) -> uvicorn.Server:  # fmt: skip
+    """A ``uvicorn.Server``: connections over ``max_connections`` get 503; a connection that sends
+    no complete request head within ``header_timeout_s`` seconds is closed."""
+    protocol = type("Protocol", (GuardedH11,), {"header_timeout": header_timeout_s})
+    config = uvicorn.Config(app, host=host, port=port, http=protocol, log_level="warning",
+                            limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,
+                            timeout_graceful_shutdown=10)  # fmt: skip
+    return uvicorn.Server(config)
+
+
+def serve(app, **kw) -> None:
+    make_server(app, **kw).run()
