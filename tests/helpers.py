@@ -116,3 +116,34 @@ def assert_close_where(ours, ref, mask, atol=1e-4):
     diff = (ours[m] - ref[m]).abs().max().item()
     assert diff <= atol, f"max |Δ| = {diff:.2e} > {atol}"
     return diff
+
+
+def save_as_bin(src, dst, shards: int = 1) -> None:
+    """A transformers checkpoint directory rewritten the way transformers 4.x saved ``.bin``
+    weights: ``pytorch_model.bin``, or ``pytorch_model-0000k-of-0000n.bin`` shards with
+    ``pytorch_model.bin.index.json`` (transformers 5 writes safetensors only)."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.name.endswith(".safetensors") and not f.name.endswith(".safetensors.index.json"):
+            shutil.copy(f, dst / f.name)
+    state = {}
+    for f in sorted(src.glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    if shards == 1:
+        torch.save(state, dst / "pytorch_model.bin")
+        return
+    keys = sorted(state)
+    weight_map = {}
+    for k in range(shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{shards:05d}.bin"
+        part = {key: state[key] for key in keys[k::shards]}
+        torch.save(part, dst / name)
+        weight_map |= dict.fromkeys(part, name)
+    (dst / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -31,38 +32,68 @@ def read_config(path: str | Path) -> dict:
         raise CheckpointError(f"{f}: invalid JSON: {e}") from None
 
 
-def safetensors_files(path: str | Path) -> list[Path]:
-    """The safetensors files of a checkpoint directory (single file or an index's shards)."""
+def _index_files(d: Path, index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: malformed shard index ({e})") from None
+    files = sorted({d / name for name in weight_map.values()})
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
+    return files
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint directory: safetensors (single file or an index's shards)
+    where there are any, else PyTorch ``.bin`` files (``pytorch_model.bin`` or an index's shards),
+    which are read with ``torch.load(weights_only=True)``: tensors only, never arbitrary pickle."""
     d = Path(path)
-    index = d / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed shard index ({e})") from None
-        files = sorted({d / name for name in weight_map.values()})
-        missing = [str(f) for f in files if not f.is_file()]
-        if missing:
-            raise CheckpointError(f"{index} names shard(s) that do not exist: {', '.join(missing)}")
-        return files
-    single = d / "model.safetensors"
-    if single.is_file():
-        return [single]
-    others = sorted(d.glob("*.safetensors"))
+    for index in (d / "model.safetensors.index.json", d / "pytorch_model.bin.index.json"):
+        if index.is_file():
+            return _index_files(d, index)
+    for single in (d / "model.safetensors", d / "pytorch_model.bin"):
+        if single.is_file():
+            return [single]
+    others = sorted(d.glob("*.safetensors")) or sorted(d.glob("pytorch_model*.bin"))
     if others:
         return others
-    pickled = sorted(p.name for p in d.glob("*.bin")) + sorted(p.name for p in d.glob("*.pt*"))
-    if pickled:
+    raise CheckpointError(f"{path}: no model.safetensors, pytorch_model.bin or a shard index")
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    return [f for f in weight_files(path) if f.suffix == ".safetensors"]
+
+
+def read_bin(file: str | Path) -> dict[str, torch.Tensor]:
+    """A PyTorch ``.bin`` state dict, memory-mapped, with ``weights_only=True``: a file holding
+    anything but tensors (and plain containers of them) is refused, never executed."""
+    file = Path(file)
+    try:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # a legacy (pre-zip) file cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
         raise CheckpointError(
-            f"{path}: only pickle weights found ({', '.join(pickled)}); modalign reads safetensors "
-            "only. Convert them once in a trusted environment (e.g. transformers' "
-            "save_pretrained(..., safe_serialization=True))."
-        )
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+            f"{file}: refused: it holds more than tensors ({str(e).splitlines()[0]})"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(f"{file}: unreadable PyTorch file ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()
+    ):
+        raise CheckpointError(f"{file}: expected a state dict of named tensors")
+    return obj
 
 
 def iter_tensors(path: str | Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in safetensors_files(path):
+    for f in weight_files(path):
+        if f.suffix == ".bin":
+            yield from read_bin(f).items()
+            continue
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 yield k, fh.get_tensor(k)
@@ -75,7 +106,10 @@ def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def read_shapes(path: str | Path) -> dict[str, torch.Size]:
     """Tensor names and shapes of a checkpoint, without reading the data."""
     out = {}
-    for f in safetensors_files(path):
+    for f in weight_files(path):
+        if f.suffix == ".bin":
+            out.update({k: v.shape for k, v in read_bin(f).items()})  # memory-mapped: no data read
+            continue
         with safe_open(str(f), framework="pt") as fh:
             for k in fh.keys():
                 out[k] = torch.Size(fh.get_slice(k).get_shape())

@@ -15,7 +15,9 @@ from tests.helpers import (
     llava_inputs,
     make_llava,
     randomize,
+    save_as_bin,
     siglip_vision_config,
+    tiny_llama_config,
     transformers,
 )
 
@@ -207,8 +209,44 @@ def test_unsupported_model_type_and_pickle_only(tmp_path):
     cfg = {"model_type": "llama", "vocab_size": 8, "hidden_size": 8, "intermediate_size": 8}
     (d / "config.json").write_text(json.dumps(cfg | {"num_hidden_layers": 1, "num_attention_heads": 2}))
     (d / "pytorch_model.bin").write_bytes(b"\x80\x04")
-    with pytest.raises(CheckpointError, match="only pickle weights"):
+    with pytest.raises(CheckpointError, match="pytorch_model.bin: unreadable PyTorch file"):
         MLLM.from_pretrained(d)
+
+
+class _Boom:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch pwned",))
+
+
+def test_bin_weights_load_with_weights_only_and_never_run_pickle(tmp_path, monkeypatch):
+    """``.bin`` checkpoints (single and sharded) load through ``torch.load(weights_only=True)``,
+    equal to safetensors; a pickle that would run code is refused and runs nothing."""
+    ref = randomize(transformers.LlamaForCausalLM(transformers.LlamaConfig(**tiny_llama_config()))).eval()
+    ref.save_pretrained(tmp_path / "st")
+    save_as_bin(tmp_path / "st", tmp_path / "bin")
+    save_as_bin(tmp_path / "st", tmp_path / "shards", shards=3)
+    assert (tmp_path / "bin" / "pytorch_model.bin").is_file()
+    assert (tmp_path / "shards" / "pytorch_model.bin.index.json").is_file()
+    ids = torch.tensor([[1, 5, 9, 33, 4]])
+    want = MLLM.from_pretrained(tmp_path / "st")(ids).logits
+    for d in ("bin", "shards"):
+        assert torch.equal(MLLM.from_pretrained(tmp_path / d)(ids).logits, want), d
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "config.json").write_text((tmp_path / "st" / "config.json").read_text())
+    torch.save({"model.embed_tokens.weight": _Boom()}, evil / "pytorch_model.bin")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="refused: it holds more than tensors"):
+        MLLM.from_pretrained(evil)
+    assert not (tmp_path / "pwned").exists()
+    # and once converted, it is safetensors
+    from modalign.cli import main
+
+    assert main(["convert", str(tmp_path / "bin"), str(tmp_path / "native")]) == 0
+    assert (tmp_path / "native" / "model.safetensors").is_file()
+    assert torch.equal(MLLM.from_pretrained(tmp_path / "native")(ids).logits, want)
 
 
 def test_position_table_resize_matches_clip_interpolation(tmp_path):
