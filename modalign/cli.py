@@ -9,14 +9,24 @@ from pathlib import Path
 
 
 def _convert(args) -> int:
+    """Any supported checkpoint (or training-run folder over --base) to modalign's native format or
+    transformers' LLaVA format, with its tokenizer and the conversation format its release uses."""
     from modalign import MLLM
-    from modalign.checkpoints import export_hf_llava
+    from modalign.checkpoints import default_template, export_hf_llava
+    from modalign.data.tokenizer import Tokenizer
 
-    model = MLLM.from_pretrained(args.src)
+    model = MLLM.from_pretrained(args.src, base=args.base, vision_tower=args.vision_tower)
     if args.to == "native":
         model.save_pretrained(args.dst)
     else:
         export_hf_llava(model, args.dst)
+    for tok_dir in (Path(args.src), *([Path(args.base)] if args.base else [])):
+        if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            tok = Tokenizer.from_dir(tok_dir)
+            if tok.template_name is None and not tok.chat_template:
+                tok.template_name = default_template(args.src)
+            tok.save(args.dst)
+            break
     print(f"wrote {args.to} checkpoint to {args.dst}")
     return 0
 
@@ -83,6 +93,27 @@ def _data_inspect(args) -> int:
     return 0
 
 
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    """Where and how a model is loaded (generate, chat, serve, eval)."""
+    p.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | mps | auto (the best available)")
+    p.add_argument(
+        "--dtype", default="auto", help="float32 | bfloat16 | float16 | auto (bf16 on GPUs that support it)"
+    )
+    p.add_argument(
+        "--base", default=None, help="the base LLM of a training-run folder (a LoRA or projector-only run)"
+    )
+    p.add_argument(
+        "--vision-tower", default=None, help="the vision tower folder a checkpoint names but does not hold"
+    )
+
+
+def _load_chat(args, compile: bool = False):
+    from modalign.infer.chat import ChatModel
+
+    return ChatModel.load(args.model, args.template, device=args.device, dtype=args.dtype, compile=compile,
+                          base=args.base, vision_tower=args.vision_tower)  # fmt: skip
+
+
 def _compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)")  # fmt: skip
@@ -102,6 +133,12 @@ def _add_convert(sub) -> None:
     c.add_argument("src", help="checkpoint directory (native, transformers LLaVA/Llama/Mistral/Qwen2, ...)")
     c.add_argument("dst", help="output directory")
     c.add_argument("--to", choices=["native", "hf-llava"], default="native")
+    c.add_argument(
+        "--base", default=None, help="the base LLM of a training-run folder (a LoRA or projector-only run)"
+    )
+    c.add_argument(
+        "--vision-tower", default=None, help="the vision tower folder a checkpoint names but does not hold"
+    )
     c.set_defaults(func=_convert)
 
 
@@ -167,6 +204,7 @@ def _add_generate(sub) -> None:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--json", action="store_true", help="print text, finish reason and token counts as JSON")
     _compile_flag(g)
+    _model_flags(g)
     g.set_defaults(func=_generate)
 
 
@@ -178,6 +216,7 @@ def _add_chat(sub) -> None:
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
     _compile_flag(ch)
+    _model_flags(ch)
     ch.set_defaults(func=_chat)
 
 
@@ -206,6 +245,7 @@ def _add_serve(sub) -> None:
     sv.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
     sv.add_argument("--allow-http-images", action="append", default=[], metavar="DOMAIN",
                     help="fetch http(s) images from this domain (repeatable); off by default")  # fmt: skip
+    _model_flags(sv)
     sv.set_defaults(func=_serve)
 
 
@@ -232,6 +272,7 @@ def _add_eval(sub) -> None:
         "--judge-api-key-env", default=None, help="environment variable holding the judge's API key"
     )
     ev.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "modalign" / "judge_cache.jsonl"))
+    _model_flags(ev)
     ev.set_defaults(func=_eval)
 
 
@@ -269,16 +310,16 @@ def _add_quickstart(sub) -> None:
 
 
 def _generate(args) -> int:
-    from modalign.infer.chat import ChatModel, user_message
+    from modalign.infer.chat import user_message
 
-    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
+    cm = _load_chat(args, compile=getattr(args, "compile", False))
     params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                        top_k=args.top_k, seed=args.seed)  # fmt: skip
     msgs = [user_message(args.prompt, len(args.image))]
     if args.json:
         r = cm.reply(msgs, args.image, params)
         print(json.dumps({"text": r.text, "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens,
-                          "completion_tokens": r.completion_tokens}))  # fmt: skip
+                          "completion_tokens": r.completion_tokens, "token_ids": r.token_ids}))  # fmt: skip
         return 0
     for piece in cm.stream(msgs, args.image, params):
         print(piece, end="", flush=True)
@@ -288,9 +329,9 @@ def _generate(args) -> int:
 
 def _chat(args) -> int:
     from modalign.data.conversation import Message
-    from modalign.infer.chat import ChatModel, user_message
+    from modalign.infer.chat import user_message
 
-    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
+    cm = _load_chat(args, compile=getattr(args, "compile", False))
     params = cm.params(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     history, images, pending = [], [], list(args.image)
     print("modalign chat: /image PATH adds an image to your next message, /reset clears, /quit exits")
@@ -346,13 +387,12 @@ def _api_key(args) -> str | None:
 
 
 def _serve(args) -> int:
-    from modalign.infer.chat import ChatModel
     from modalign.serve.app import ServeConfig, create_app
     from modalign.serve.images import ImagePolicy
     from modalign.serve.server import serve
 
     key = _api_key(args)
-    cm = ChatModel.load(args.model, args.template)
+    cm = _load_chat(args)
     policy = ImagePolicy(local_dir=args.image_dir, allow_http=bool(args.allow_http_images),
                          allowed_domains=[d.lower() for d in args.allow_http_images])  # fmt: skip
     hosts = list(args.allowed_host) + ([args.host] if args.host not in ("0.0.0.0", "::") else [])
@@ -377,9 +417,8 @@ def _eval(args) -> int:
     for name in ("model", "task", "data", "out"):
         if getattr(args, name) is None:
             raise ValueError(f"--{name} is required (or use --compare RESULTS...)")
-    from modalign.infer.chat import ChatModel
 
-    cm = ChatModel.load(args.model, args.template, compile=getattr(args, "compile", False))
+    cm = _load_chat(args, compile=getattr(args, "compile", False))
     cm.path = args.model
     judge = None
     if args.judge_endpoint:

@@ -45,7 +45,9 @@ class VisionConfig:
     # Which hidden state feeds the connector: index into (embeddings, layer_1 ... layer_L);
     # -2 is the second-to-last layer (LLaVA). A list concatenates several along channels.
     feature_layer: int | list[int] = -2
-    feature_select: str = "patch"  # "patch": drop the class token; "full": keep it
+    # "patch": drop the class token (if any); "full": keep every token; "drop_first": drop the first
+    # token whatever it is (transformers LLaVA's "default" strategy, also on towers without one)
+    feature_select: str = "patch"
     feature_post_norm: bool = False  # apply post_layernorm to the selected features (mPLUG-Owl2)
     image_mean: tuple[float, ...] = CLIP_MEAN
     image_std: tuple[float, ...] = CLIP_STD
@@ -70,7 +72,10 @@ class VisionConfig:
     @property
     def num_features(self) -> int:
         """Tokens per image that reach the connector."""
-        return self.grid**2 + int(self.class_token and self.feature_select == "full")
+        n = self.grid**2 + int(self.class_token)
+        if self.feature_select == "full":
+            return n
+        return n - 1 if self.feature_select == "drop_first" or self.class_token else n
 
 
 @dataclass

@@ -58,18 +58,37 @@ def config_from_dir(path: str | Path) -> tuple[MLLMConfig, str]:
     return fmt.config(doc, Path(path)), fmt.name
 
 
-def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None):
-    """Any supported directory -> MLLM (float tensors keep the file's dtype unless ``dtype``)."""
+def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=None,
+                    base: str | Path | None = None, vision_tower: str | Path | None = None):  # fmt: skip
+    """Any supported directory -> MLLM (float tensors keep the file's dtype unless ``dtype``).
+    ``base``: the base LLM of a training-run folder (a LoRA run, a projector-only run);
+    ``vision_tower``: the folder of a vision tower the checkpoint names but does not hold."""
+    path = Path(path)
     doc = read_config(path)
     fmt = formats.detect(doc, path)
-    cfg = fmt.config(doc, Path(path))
-    tensors = read_tensors(path)
-    if fmt.state is not None:
-        tensors = fmt.state(tensors, cfg)
+    if fmt.load is not None:
+        cfg, tensors = fmt.load(path, doc, base, vision_tower)
+    else:
+        if base is not None:
+            raise CheckpointError(f"{path} is a complete {fmt.description} checkpoint: it takes no base")
+        cfg = fmt.config(doc, path)
+        tensors = read_tensors(path)
+        if fmt.state is not None:
+            tensors = fmt.state(tensors, cfg)
     model = build(cfg, dtype or _floating_dtype(tensors), device)
     load_state_strict(model, tensors, str(path))
     model.eval()
     return model
+
+
+def default_template(path: str | Path) -> str | None:
+    """The conversation format a checkpoint's release uses (None: the tokenizer's or a default)."""
+    path = Path(path)
+    try:
+        fmt = formats.detect(read_config(path), path)
+    except CheckpointError:
+        return None
+    return fmt.template(path) if fmt.template is not None else None
 
 
 def load_vision_tower(path: str | Path, feature_layer: int | list[int] = -2, feature_select="patch"):
@@ -106,6 +125,7 @@ def export_hf_llava(model, path: str | Path) -> None:
 
 __all__ = [
     "CheckpointError",
+    "default_template",
     "build",
     "config_from_dir",
     "export_hf_llava",

@@ -6,6 +6,7 @@ parameter names; ``detect`` picks the format by ``model_type`` (a native directo
 
     format        model_type                      module
     native        (config.json: {"modalign": ...}) native.py
+    llava-original llava_llama, llava_mistral     llava_original.py (+ training-run folders)
     llava         llava                           hf.py
     llama etc.    llama, mistral, qwen2           hf.py
     mplug_owl2    mplug_owl2                      mplug_owl2.py
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import blip2, hf, internlm2, mplug_owl2
+from modalign.checkpoints import blip2, hf, internlm2, llava_original, mplug_owl2
 from modalign.checkpoints.io import CheckpointError, read_shapes
 from modalign.config import ConfigError, MLLMConfig
 
@@ -34,6 +35,11 @@ class Format:
     # (the file's tensors, model config) -> tensors under modalign's names; None: names as stored
     state: Callable[[dict[str, torch.Tensor], MLLMConfig], dict[str, torch.Tensor]] | None = None
     description: str = ""
+    # formats whose parts live in several places: (directory, config.json, base, vision_tower)
+    # -> (config, tensors under modalign's names); used instead of ``config`` + ``state``
+    load: Callable | None = None
+    # the conversation format the release's own code uses, from its directory (None: unknown)
+    template: Callable[[Path], str | None] | None = None
 
 
 def _native_config(d: dict, path: Path) -> MLLMConfig:
@@ -47,9 +53,17 @@ def _llm_config(d: dict, path: Path) -> MLLMConfig:
     return MLLMConfig(llm=hf.llm_config_from_hf(d), source_format=f"hf-{d['model_type']}")
 
 
+def _llava_original_config(d: dict, p: Path) -> MLLMConfig:
+    return llava_original.config(d, p, llava_original.find_tower(d.get("mm_vision_tower", ""), p))
+
+
 NATIVE = Format("native", (), _native_config, description="modalign (native)")
+LLAVA_ORIGINAL = Format("llava-original", llava_original.MODEL_TYPES, _llava_original_config,
+                        description="original LLaVA (haotian-liu/LLaVA) releases and training runs",
+                        load=llava_original.load, template=llava_original.default_template)  # fmt: skip
 FORMATS: tuple[Format, ...] = (
     NATIVE,
+    LLAVA_ORIGINAL,
     Format(
         "llava",
         ("llava",),
@@ -104,6 +118,8 @@ def detect(doc: dict, path: str | Path) -> Format:
     """The format of a checkpoint directory whose ``config.json`` is ``doc``."""
     if "modalign" in doc:
         return NATIVE
+    if llava_original.is_llava_original(doc):  # also a LoRA run's config, which says "llama"
+        return LLAVA_ORIGINAL
     mt = doc.get("model_type")
     for f in FORMATS:
         if mt in f.model_types:

@@ -180,7 +180,10 @@ def llava_config_from_hf(d: dict) -> MLLMConfig:
     strategy = d.get("vision_feature_select_strategy", "default")
     if strategy not in ("default", "full"):
         raise CheckpointError(f"unknown vision_feature_select_strategy {strategy!r}; known: default, full")
-    vision.feature_select = "patch" if strategy == "default" else "full"
+    # transformers drops the first token for "default" whatever the tower (a SigLIP has no class token)
+    vision.feature_select = (
+        ("patch" if vision.class_token else "drop_first") if strategy == "default" else "full"
+    )
     act = d.get("projector_hidden_act", "gelu")
     image_token = d.get("image_token_index", d.get("image_token_id", 32000))
     return MLLMConfig(
@@ -211,7 +214,10 @@ def llava_config_to_hf(cfg: MLLMConfig) -> dict:
         "image_token_index": cfg.image_token_id,
         "image_seq_length": v.num_features,
         "vision_feature_layer": v.feature_layer,
-        "vision_feature_select_strategy": "default" if v.feature_select == "patch" else "full",
+        # a tower without a class token that keeps every token is transformers' "full"
+        "vision_feature_select_strategy": "full"
+        if v.feature_select == "full" or (v.feature_select == "patch" and not v.class_token)
+        else "default",
         "projector_hidden_act": cfg.connector.type.split("_", 1)[1],
         "multimodal_projector_bias": cfg.connector.bias,
         "tie_word_embeddings": cfg.llm.tie_word_embeddings,

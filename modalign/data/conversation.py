@@ -96,6 +96,10 @@ class Template:
 
     name = "base"
     eot_follows_span = False  # Jinja: a special token right after a reply is its end-of-turn
+    # the sequence starts with the tokenizer's BOS id and the text is tokenized as a fresh input
+    # after it, as the reference code does (``tokenizer(prompt)`` adds BOS; a SentencePiece
+    # tokenizer then puts its ``▁`` prefix on the first word: "<s>▁A chat", not "<s>A chat")
+    bos_first = False
 
     def render(self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False):
         parts: list[tuple] = []  # (text, trained[, content])
@@ -127,10 +131,9 @@ class PlainTemplate(Template):
     """Stage-1 captions: images + caption + newline; loss on caption and newline."""
 
     name = "plain"
+    bos_first = True
 
     def _render(self, messages, tok, out, gen):
-        bos, _ = _specials(tok)
-        out.append((bos, False))
         for m in messages:
             if m.role == "user":
                 out.append((IMAGE_MARK * m.num_images, False))
@@ -142,13 +145,14 @@ class PlainTemplate(Template):
 class SepTemplate(Template):
     """Vicuna v1 / LLaVA v1: ``SYSTEM USER: q ASSISTANT: a</s>USER: ...``."""
 
+    bos_first = True
+
     def __init__(self, name: str, system: str):
         self.name, self.system = name, system
 
     def _render(self, messages, tok, out, gen):
-        bos, eos = _specials(tok)
+        _, eos = _specials(tok)
         system = next((m.content for m in messages if m.role == "system"), None)
-        out.append((bos, False))
         out.append((self.system, False) if system is None else (system, False, True))
         out.append((" ", False))
         for m in messages:
@@ -191,11 +195,11 @@ class MistralTemplate(Template):
     """``<s>[INST] q [/INST] a</s>[INST] ...``; a system message is prepended to the first query."""
 
     name = "mistral_instruct"
+    bos_first = True
 
     def _render(self, messages, tok, out, gen):
-        bos, eos = _specials(tok)
+        _, eos = _specials(tok)
         system = next((m.content for m in messages if m.role == "system"), None)
-        out.append((bos, False))
         first = True
         for m in messages:
             if m.role == "user":
@@ -307,6 +311,8 @@ def render(
     counts = [image_tokens] * n_images if isinstance(image_tokens, int) else list(image_tokens)
     ids: list[int] = []
     trained: list[bool] = []
+    if template.bos_first and tok.bos_id is not None:
+        ids, trained = [tok.bos_id], [False]
     image_starts: list[int] = []
     base, si = 0, 0
     for k, chunk in enumerate(chunks):

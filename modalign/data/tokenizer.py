@@ -20,6 +20,26 @@ def _overlaps(a: int, b: int, ranges) -> bool:
     return any(a < y and b > x for x, y in ranges)
 
 
+def read_tokenizer_config(path: Path) -> dict:
+    """``tokenizer_config.json`` with the special tokens of ``special_tokens_map.json`` where it
+    lacks them and the chat template of ``chat_template.jinja`` (or the default of named ones)."""
+    cfg = {}
+    if (path / "tokenizer_config.json").is_file():
+        cfg = json.loads((path / "tokenizer_config.json").read_text())
+    if (path / "special_tokens_map.json").is_file():
+        for k, v in json.loads((path / "special_tokens_map.json").read_text()).items():
+            cfg.setdefault(k, v)
+    template = cfg.get("chat_template")
+    if (path / "chat_template.jinja").is_file():
+        template = (path / "chat_template.jinja").read_text()
+    if isinstance(template, list):  # named templates: take the default one
+        template = next(
+            (t["template"] for t in template if t.get("name") == "default"), template[0]["template"]
+        )
+    cfg["chat_template"] = template
+    return cfg
+
+
 def _token_str(v) -> str | None:
     if v is None:
         return None
@@ -132,28 +152,25 @@ class Tokenizer:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
+        """A checkpoint's tokenizer: ``tokenizer.json`` (the ``tokenizers`` library), or else a
+        SentencePiece ``tokenizer.model`` (``data/spm.py``), with ``tokenizer_config.json`` and
+        ``special_tokens_map.json`` for the special tokens and the chat template."""
         path = Path(path)
+        cfg = read_tokenizer_config(path)
         f = path / "tokenizer.json"
         if not f.is_file():
-            raise FileNotFoundError(f"{path}: no tokenizer.json (modalign reads tokenizers in that format)")
-        tk = _HFTokenizer.from_file(str(f))
-        cfg = {}
-        if (path / "tokenizer_config.json").is_file():
-            cfg = json.loads((path / "tokenizer_config.json").read_text())
-        template = cfg.get("chat_template")
-        if (path / "chat_template.jinja").is_file():
-            template = (path / "chat_template.jinja").read_text()
-        if isinstance(template, list):  # named templates: take the default one
-            template = next(
-                (t["template"] for t in template if t.get("name") == "default"), template[0]["template"]
-            )
+            if (path / "tokenizer.model").is_file():
+                from modalign.data.spm import SentencePieceTokenizer
+
+                return SentencePieceTokenizer.from_dir(path, cfg)
+            raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
         return cls(
-            tk,
+            _HFTokenizer.from_file(str(f)),
             bos_token=_token_str(cfg.get("bos_token")),
             eos_token=_token_str(cfg.get("eos_token")),
             pad_token=_token_str(cfg.get("pad_token")),
             image_token=_token_str(cfg.get("image_token")),
-            chat_template=template,
+            chat_template=cfg.get("chat_template"),
             template_name=cfg.get("modalign_template"),
         )
 

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import torch
-
 from modalign.data.conversation import (
     IMAGE_MARK,
     IMAGE_PLACEHOLDER,
@@ -53,12 +51,28 @@ class ChatModel:
         self.images = ImageProcessor(model.config.vision) if model.has_vision else None
 
     @classmethod
-    def load(
-        cls, path: str | Path, template: str | None = None, device=None, compile: bool = False
-    ) -> ChatModel:
-        """``compile``: torch.compile the decode step (see ``Engine``)."""
-        model = MLLM.from_pretrained(path, dtype=torch.float32, device=device)
-        return cls(model, Tokenizer.from_dir(path), template, compile=compile)
+    def load(cls, path: str | Path, template: str | None = None, device=None, dtype=None, compile: bool = False,
+             base: str | Path | None = None, vision_tower: str | Path | None = None) -> ChatModel:  # fmt: skip
+        """A model directory (any supported format) ready to chat: ``device`` and ``dtype`` by name
+        or "auto" (the best available: a GPU in bf16 where it supports it, else the CPU in fp32);
+        ``base`` / ``vision_tower`` as for ``MLLM.from_pretrained``; the template is the given one,
+        else the tokenizer's, else the one the checkpoint's release uses; ``compile``:
+        torch.compile the decode step (see ``Engine``)."""
+        from modalign.checkpoints import default_template
+        from modalign.devices import resolve_device, resolve_dtype
+
+        dev = resolve_device(device)
+        model = MLLM.from_pretrained(path, dtype=resolve_dtype(dtype, dev), device=dev, base=base,
+                                     vision_tower=vision_tower)  # fmt: skip
+        tok_dir = Path(path)
+        if base is not None and not any(
+            (tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")
+        ):
+            tok_dir = Path(base)  # a training-run folder: the base's tokenizer, as the reference loads it
+        tok = Tokenizer.from_dir(tok_dir)
+        if template is None and tok.template_name is None and not tok.chat_template:
+            template = default_template(path)
+        return cls(model, tok, template, compile=compile)
 
     def prompt(self, messages: list[Message], images: list) -> Prompt:
         """Render with the generation prompt; ``images`` are paths, bytes or PIL images."""

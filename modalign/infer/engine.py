@@ -259,5 +259,7 @@ class Engine:
                 for s in params.stop:
                     if s and s in text:
                         text, reason = text[: text.index(s)], "stop"
-            results.append(Completion(toks[i], text, reason, len(p.input_ids)))
+            results.append(
+                Completion(toks[i], text, reason, len(self._expand(p).input_ids))
+            )  # images expanded
         return results

@@ -295,11 +295,13 @@ class MLLM(nn.Module):
     # ------------------------------------------------------------------ checkpoints
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None) -> MLLM:
-        """Load a native modalign directory or any supported external format."""
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device=None,
+                        base: str | Path | None = None, vision_tower: str | Path | None = None) -> MLLM:  # fmt: skip
+        """Load a native modalign directory or any supported external format (``base``: the base
+        LLM of a training-run folder; ``vision_tower``: a tower the checkpoint names but lacks)."""
         from modalign.checkpoints import load_pretrained
 
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, dtype=dtype, device=device, base=base, vision_tower=vision_tower)
 
     def save_pretrained(self, path: str | Path) -> None:
         """Write ``config.json`` + ``model.safetensors`` (native format), atomically."""

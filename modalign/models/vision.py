@@ -150,8 +150,11 @@ class VisionTower(nn.Module):
             h = states[i]
             if self.cfg.feature_post_norm and self.cfg.post_layernorm:
                 h = self.post_layernorm(h)
-            if self.cfg.class_token and self.cfg.feature_select == "patch":
+            select = self.cfg.feature_select
+            if select == "drop_first" or (select == "patch" and self.cfg.class_token):
                 h = h[:, 1:]
+            elif select not in ("patch", "full"):
+                raise ValueError(f"unknown feature_select {select!r}; known: patch, full, drop_first")
             feats.append(h)
         return feats[0] if len(feats) == 1 else torch.cat(feats, dim=-1)
 

@@ -92,10 +92,13 @@ def labelled_runs(ids, labels):
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_template_golden_text_and_labelled_spans(tok, name):
+    """Each template's text (those that start with BOS put its id first and tokenize the text
+    after it as a fresh input, as ``tokenizer(prompt)`` does) and the spans that are trained."""
     t = get_template(name)
     text, _, _ = t.render(CONV.messages, tok)
-    assert text == EXPECTED[name]
+    assert (tok.bos_token + text if t.bos_first else text) == EXPECTED[name]
     r = render(CONV, tok, t, IMG, image_tokens=5)
+    assert (r.input_ids[0] == tok.bos_id) == t.bos_first
     assert r.input_ids.count(IMG) == 5 and r.num_images == 1
     runs = [tok.decode(run).lstrip(" ") for run in labelled_runs(r.input_ids, r.labels)]
     replies = ["A red circle." + EOT[name], "It is large." + EOT[name]]

@@ -9,6 +9,7 @@ from modalign.data.datasets import load_samples
 from modalign.data.tokenizer import Tokenizer
 from modalign.eval.run import evaluate
 from modalign.infer.chat import ChatModel
+from modalign.shapesworld import benchmark  # noqa: F401  (registers the "shapes" task)
 from modalign.shapesworld import data as shapes
 from modalign.shapesworld.data import POSITIONS, Scene
 from modalign.shapesworld.evaluate import evaluate_shapes
