@@ -135,7 +135,9 @@ class AdapterConfig:
 
 @dataclass
 class LLMConfig:
-    """A Llama-family decoder (Llama 2/3, Mistral, Qwen2, InternLM2)."""
+    """The language model: the Llama family (Llama 2/3, Mistral, Qwen2, InternLM2) and, by the
+    ``norm`` / ``position`` / ``mlp`` switches, OPT; ``model_type: t5`` is the T5 encoder-decoder
+    (``models/t5.py``)."""
 
     model_type: str = "llama"  # family name used when exporting (llama | mistral | qwen2 | internlm2)
     vocab_size: int = 32000
@@ -154,6 +156,18 @@ class LLMConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     fused_qkv: bool = False  # one ``qkv_proj`` (InternLM2 ``wqkv``) instead of q/k/v
+    # architecture variants beyond the Llama family (OPT: layer, learned, plain)
+    norm: str = "rms"  # rms | layer (LayerNorm with bias)
+    position: str = "rope"  # rope | learned (absolute positions, table rows offset by position_offset)
+    position_offset: int = 0
+    mlp: str = "gated"  # gated: down(act(gate x) * up x) | plain: down(act(up x))
+    layer_norm_eps: float = 1e-5  # norm: layer
+    # encoder-decoder (model_type "t5"): decoder depth, relative position buckets, decoder start id
+    num_decoder_layers: int | None = None
+    relative_buckets: int = 32
+    relative_max_distance: int = 128
+    decoder_start_token_id: int | None = None
+    scale_head: bool = False  # T5 v1.0: the decoder output times d_model^-0.5 before the (tied) head
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
     layer_types: list[str] | None = None  # per layer "full" | "sliding"; None: all full
@@ -169,6 +183,10 @@ class LLMConfig:
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_heads
+
+    @property
+    def is_encoder_decoder(self) -> bool:
+        return self.model_type == "t5"
 
 
 @dataclass

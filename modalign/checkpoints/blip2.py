@@ -1,5 +1,5 @@
 """transformers BLIP-2 (``model_type: blip-2``, ``Blip2ForConditionalGeneration``) with a
-Llama-family language model.
+Llama-family, OPT or T5 (Flan-T5) language model.
 
 | file key | modalign |
 |---|---|
@@ -9,7 +9,7 @@ Llama-family language model.
 | ``vision_model.encoder.layers.j.self_attn.projection`` | ``self_attn.out_proj`` |
 | ``vision_model.<rest>`` | ``vision.<rest>`` (features: last layer after post-LN, class token kept) |
 | ``query_tokens``, ``qformer.*``, ``language_projection.*`` | ``connector.*`` (``type: qformer``) |
-| ``language_model.*`` | ``llm.*`` (as for LLaVA) |
+| ``language_model.*`` | ``llm.*`` (Llama as for LLaVA; OPT via ``checkpoints.opt``; T5 encoder-decoder via ``models.t5``) |
 
 BLIP-2's Q-Former text branch (``qformer.embeddings.*``, ``encoder.layer.N.intermediate`` /
 ``output``), used only for its image-text matching stage, is not read. InstructBLIP
@@ -25,7 +25,29 @@ import torch
 
 from modalign.checkpoints.hf import llm_config_from_hf, map_llava_key
 from modalign.checkpoints.io import CheckpointError
-from modalign.config import ConnectorConfig, MLLMConfig, VisionConfig
+from modalign.checkpoints.opt import llm_config_from_opt, map_opt_key
+from modalign.config import ConnectorConfig, LLMConfig, MLLMConfig, VisionConfig
+
+
+def llm_config_from_t5(d: dict) -> LLMConfig:
+    """transformers ``T5Config`` (T5 v1.1 / Flan-T5: gated GELU; T5 v1.0: ReLU)."""
+    proj = d.get("feed_forward_proj", "relu")
+    tie = bool(d.get("tie_word_embeddings", True))
+    # transformers 4 scaled the output exactly when the head was tied; 5 says so apart
+    scale = bool(d.get("scale_decoder_outputs", tie))
+    gated = proj.startswith("gated-")
+    act = proj.removeprefix("gated-")
+    return LLMConfig(
+        model_type="t5", vocab_size=d["vocab_size"], hidden_size=d["d_model"], intermediate_size=d["d_ff"],
+        num_layers=d["num_layers"], num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"],
+        num_heads=d["num_heads"], num_kv_heads=d["num_heads"], head_dim=d["d_kv"],
+        hidden_act="gelu_new" if act == "gelu" else act, mlp="gated" if gated else "plain",
+        rms_norm_eps=d.get("layer_norm_epsilon", 1e-6), relative_buckets=d.get("relative_attention_num_buckets", 32),
+        relative_max_distance=d.get("relative_attention_max_distance", 128),
+        tie_word_embeddings=tie, scale_head=scale, max_position_embeddings=d.get("n_positions", 512),
+        bos_token_id=None, eos_token_id=d.get("eos_token_id", 1), pad_token_id=d.get("pad_token_id", 0),
+        decoder_start_token_id=d.get("decoder_start_token_id", 0),
+    )  # fmt: skip
 
 
 def config_from_instructblip(d: dict) -> MLLMConfig:
@@ -40,11 +62,10 @@ def config_from_instructblip(d: dict) -> MLLMConfig:
 
 def config_from_blip2(d: dict) -> MLLMConfig:
     text = dict(d.get("text_config") or {})
-    if text.get("model_type", "opt") not in ("llama", "mistral", "qwen2"):
-        raise CheckpointError(
-            f"BLIP-2 with a {text.get('model_type', 'opt')!r} language model is not supported; "
-            "supported: llama, mistral, qwen2"
-        )
+    kind = text.get("model_type", "opt")
+    if kind not in ("llama", "mistral", "qwen2", "opt", "t5"):
+        raise CheckpointError(f"BLIP-2 with a {kind!r} language model is not supported; supported: opt, t5, "
+                              "llama, mistral, qwen2")  # fmt: skip
     token = d.get("image_token_index", d.get("image_token_id"))
     if token is None:
         raise CheckpointError(
@@ -83,7 +104,8 @@ def config_from_blip2(d: dict) -> MLLMConfig:
     )
     if q.get("encoder_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise CheckpointError("qformer_config.encoder_hidden_size must equal vision_config.hidden_size")
-    return MLLMConfig(llm=llm_config_from_hf(text), vision=vision, connector=conn, image_token_id=token,
+    llm = {"opt": llm_config_from_opt, "t5": llm_config_from_t5}.get(kind, llm_config_from_hf)(text)
+    return MLLMConfig(llm=llm, vision=vision, connector=conn, image_token_id=token,
                       placeholder="per_token", source_format="blip-2")  # fmt: skip
 
 
@@ -116,6 +138,12 @@ def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[
                 biases.setdefault(stem, {})[rest.rsplit(".", 1)[1]] = v
             else:
                 out["vision." + rest.replace(".self_attn.projection.", ".self_attn.out_proj.")] = v
+        elif k.startswith("language_model.") and cfg.llm.model_type == "opt":
+            out[map_opt_key(k[len("language_model.") :])] = v
+        elif k.startswith("language_model.") and cfg.llm.model_type == "t5":
+            rest = k[len("language_model.") :]
+            if not rest.endswith("embed_tokens.weight"):  # tied to ``shared``
+                out["llm." + rest] = v
         else:
             name = map_llava_key(k)
             if name is None:

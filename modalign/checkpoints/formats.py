@@ -9,6 +9,8 @@ parameter names; ``detect`` picks the format by ``model_type`` (a native directo
     llava-original llava_llama, llava_mistral     llava_original.py (+ training-run folders)
     llava         llava                           hf.py
     llama etc.    llama, mistral, qwen2           hf.py
+    opt           opt                             opt.py
+    mplug-owl     mplug-owl                       mplug_owl.py
     mplug_owl2    mplug_owl2                      mplug_owl2.py
     blip-2        blip-2, instructblip            blip2.py
     internlm2     internlm2 (incl. XComposer2)    internlm2.py
@@ -22,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import blip2, hf, internlm2, llava_original, mplug_owl2
+from modalign.checkpoints import blip2, hf, internlm2, llava_original, mplug_owl, mplug_owl2, opt
 from modalign.checkpoints.io import CheckpointError, read_shapes
 from modalign.config import ConfigError, MLLMConfig
 
@@ -78,6 +80,15 @@ FORMATS: tuple[Format, ...] = (
         lambda t, c: hf.remap(t, hf.map_llm_key),
         f"transformers {' / '.join(hf.LLM_TYPES)}",
     ),  # fmt: skip
+    Format("opt", ("opt",), lambda d, p: opt.config_from_opt(d), opt.state_from_opt, "transformers OPT"),
+    Format(
+        "mplug-owl",
+        ("mplug-owl",),
+        lambda d, p: mplug_owl.config_from_owl(d),
+        mplug_owl.state_from_owl,
+        "mPLUG-Owl (v1) release",
+        template=lambda p: "mplug_owl",
+    ),
     Format(
         "mplug_owl2",
         ("mplug_owl2",),
@@ -90,7 +101,8 @@ FORMATS: tuple[Format, ...] = (
         ("blip-2",),
         lambda d, p: blip2.config_from_blip2(d),
         blip2.state_from_blip2,
-        "transformers BLIP-2 (Llama-family LM)",
+        "transformers BLIP-2 (OPT, Flan-T5 or Llama-family LM)",
+        template=lambda p: "blip2",
     ),  # fmt: skip
     Format(
         "instructblip",
@@ -98,6 +110,7 @@ FORMATS: tuple[Format, ...] = (
         lambda d, p: blip2.config_from_instructblip(d),
         blip2.state_from_blip2,
         "transformers InstructBLIP",
+        template=lambda p: "blip2",
     ),  # fmt: skip
     Format(
         "internlm2",

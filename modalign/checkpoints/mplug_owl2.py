@@ -83,6 +83,28 @@ _VISION_RENAMES = {
 }
 
 
+def vision_key(rest: str, v: torch.Tensor, heads: int) -> dict[str, torch.Tensor]:
+    """One tensor of the mPLUG-Owl ViT (``embeddings.*``, ``encoder.layers.*``, ``post_layernorm``;
+    the same in v1 and Owl2) under ``vision.*``; the fused per-head ``query_key_value`` is split."""
+    if rest in _VISION_RENAMES:
+        name = _VISION_RENAMES[rest]
+        v = v.reshape(-1) if name.endswith("class_embedding") else v
+        v = v.reshape(v.shape[-2], v.shape[-1]) if name.endswith("position_embedding.weight") else v
+        return {"vision." + name: v}
+    rest = rest.replace(".input_layernorm.", ".layer_norm1.").replace(
+        ".post_attention_layernorm.", ".layer_norm2."
+    )
+    rest = rest.replace(".self_attn.dense.", ".self_attn.out_proj.")
+    if ".self_attn.query_key_value." not in rest:
+        return {"vision." + rest: v}
+    kind = rest.rsplit(".", 1)[1]  # weight | bias
+    stem = rest.split(".self_attn.query_key_value.")[0]
+    c = v.shape[0] // 3
+    per_head = v.reshape(heads, 3, c // heads, *v.shape[1:])
+    return {f"vision.{stem}.self_attn.{proj}.{kind}": per_head[:, i].reshape(c, *v.shape[1:])
+            for i, proj in enumerate(("q_proj", "k_proj", "v_proj"))}  # fmt: skip
+
+
 def state_from_owl2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     heads = cfg.vision.num_heads
@@ -92,26 +114,7 @@ def state_from_owl2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[s
         if k == "lm_head.weight":
             out["llm.lm_head.weight"] = v
         elif k.startswith("model.vision_model."):
-            rest = k[len("model.vision_model.") :]
-            if rest in _VISION_RENAMES:
-                name = _VISION_RENAMES[rest]
-                v = v.reshape(-1) if name.endswith("class_embedding") else v
-                v = v.reshape(v.shape[-2], v.shape[-1]) if name.endswith("position_embedding.weight") else v
-                out["vision." + name] = v
-                continue
-            rest = rest.replace(".input_layernorm.", ".layer_norm1.").replace(
-                ".post_attention_layernorm.", ".layer_norm2."
-            )
-            rest = rest.replace(".self_attn.dense.", ".self_attn.out_proj.")
-            if ".self_attn.query_key_value." in rest:
-                kind = rest.rsplit(".", 1)[1]  # weight | bias
-                stem = rest.split(".self_attn.query_key_value.")[0]
-                c = v.shape[0] // 3
-                per_head = v.reshape(heads, 3, c // heads, *v.shape[1:])
-                for i, proj in enumerate(("q_proj", "k_proj", "v_proj")):
-                    out[f"vision.{stem}.self_attn.{proj}.{kind}"] = per_head[:, i].reshape(c, *v.shape[1:])
-                continue
-            out["vision." + rest] = v
+            out |= vision_key(k[len("model.vision_model.") :], v, heads)
         elif k.startswith("model.visual_abstractor."):
             out["connector." + k[len("model.visual_abstractor.") :]] = v
         elif k.startswith("model."):

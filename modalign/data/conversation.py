@@ -213,6 +213,55 @@ class MistralTemplate(Template):
                 out += [(m.content, True, True), (eos, True)]
 
 
+OWL_SYSTEM = (
+    "The following is a conversation between a curious human and AI assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+
+class OwlTemplate(Template):
+    """mPLUG-Owl: ``SYSTEM\nHuman: <image>\nHuman: q\nAI: a</s>``; each image is a "Human:" line
+    of its own, before the turn's text (the release's prompts)."""
+
+    name = "mplug_owl"
+    bos_first = True
+
+    def _render(self, messages, tok, out, gen):
+        _, eos = _specials(tok)
+        system = next((m.content for m in messages if m.role == "system"), None)
+        out.append((OWL_SYSTEM, False) if system is None else (system, False, True))
+        for m in messages:
+            if m.role == "user":
+                text = " ".join(p.strip("\n") for p in m.content.split(IMAGE_MARK) if p.strip("\n"))
+                out += [("\nHuman: ", False), (IMAGE_MARK, False)] * m.num_images
+                out += [("\nHuman: ", False), (text, False, True)]
+            elif m.role == "assistant":
+                out += [("\nAI: ", False), (m.content, True, True), (eos, True)]
+        if gen:
+            out.append(("\nAI: ", False))
+
+
+class Blip2Template(Template):
+    """BLIP-2 / InstructBLIP: the images' query placeholders, then the prompt as the tokenizer
+    encodes it on its own (a BOS before it where the tokenizer has one, as OPT's and Llama's do; an
+    EOS after it where it has none, as T5's does); a reply follows with its EOS."""
+
+    name = "blip2"
+
+    def _render(self, messages, tok, out, gen):
+        _, eos = _specials(tok)
+        for m in messages:
+            if m.role == "user":
+                text = "".join(m.content.split(IMAGE_MARK)).strip("\n")
+                out.append((IMAGE_MARK * m.num_images, False))
+                if tok.bos_token:
+                    out += [(tok.bos_token, False), (text, False, True)]
+                else:
+                    out += [(text, False, True), (eos, False)]
+            elif m.role == "assistant":
+                out += [(m.content, True, True), (eos, True)]
+
+
 class JinjaTemplate(Template):
     """A checkpoint's own ``chat_template`` in a sandboxed Jinja environment. Replies are
     wrapped in sentinels while rendering to find their spans, then the sentinels are removed."""
@@ -265,6 +314,8 @@ TEMPLATES = {
     "chatml": ChatMLTemplate(),
     "llama3": Llama3Template(),
     "mistral_instruct": MistralTemplate(),
+    "mplug_owl": OwlTemplate(),
+    "blip2": Blip2Template(),
 }
 
 

@@ -140,6 +140,9 @@ class Engine:
         The last yield is followed by ``self.last_finish`` holding each row's finish reason.
         ``cancelled(i)`` (checked after each step) ends row ``i`` early."""
         params.validate()
+        if self.model.config.llm.is_encoder_decoder:
+            yield from self._stream_seq2seq(prompts, params, cancelled)
+            return
         dev = self._device()
         b = len(prompts)
         compiled = self.fast.compiled
@@ -198,6 +201,48 @@ class Engine:
                 kw = {"attention_mask": mask, "position_ids": pos} if padded else {}
                 logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
             logits = logits.float()
+        self.last_finish = finish
+
+    def _stream_seq2seq(self, prompts: list[Prompt], params: SamplingParams, cancelled=None):
+        """``stream`` for an encoder-decoder LLM (T5): the prompts (left-padded) through the encoder
+        once, then the decoder from its start token, one token per step, keys and values cached."""
+        dev, llm, c = self._device(), self.model.llm, self.model.config.llm
+        lengths = [len(p.input_ids) for p in prompts]
+        t, b = max(lengths), len(prompts)
+        ids = torch.zeros(b, t, dtype=torch.long, device=dev)
+        mask = torch.zeros(b, t, dtype=torch.long, device=dev)
+        for i, p in enumerate(prompts):
+            ids[i, t - lengths[i] :] = torch.tensor(p.input_ids, device=dev)
+            mask[i, t - lengths[i] :] = 1
+        images = [px.to(dev) for p in prompts for px in p.pixel_values]
+        sp = self.model.embed(ids, torch.stack(images) if images else None, mask)
+        enc = llm.encode(sp.inputs_embeds, mask)
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
+        step = torch.full((b, 1), c.decoder_start_token_id or 0, dtype=torch.long, device=dev)
+        seen = step.clone() if params.repetition_penalty != 1.0 else None
+        cache: dict = {}
+        finish, done, stops = ["length"] * b, [False] * b, set(params.stop_token_ids)
+        for _ in range(params.max_new_tokens):
+            logits = process_logits(llm.decode(step, enc, mask, cache)[:, -1].float(), seen, params)
+            nxt = (
+                torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
+                if params.temperature > 0
+                else logits.argmax(-1)
+            )
+            row = [None if done[i] else tok for i, tok in enumerate(nxt.tolist())]
+            for i, tok in enumerate(row):
+                if tok is not None and tok in stops:
+                    finish[i], done[i] = "stop", True
+            yield row
+            for i in range(b):
+                if cancelled is not None and not done[i] and cancelled(i):
+                    finish[i], done[i] = "cancelled", True
+            if all(done):
+                break
+            step = nxt[:, None]
+            if seen is not None:
+                seen = torch.cat([seen, step], 1)
         self.last_finish = finish
 
     def warmup(self, batch_sizes=(1,), prompt_len: int = 16, max_new_tokens: int = 64) -> float:

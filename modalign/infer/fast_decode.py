@@ -73,11 +73,13 @@ class DecodePlan:
 
 
 def supported(llm: LLM, cache: KVCache) -> bool:
-    """Whether the fused step covers this model now: base layers, MAM (text copy) and Partial
-    LoRA (off for text) are covered; LoRA (unmerged), adapters, non-SiLU MLPs and active sliding
-    windows take the module path."""
+    """Whether the fused step covers this model now: Llama-family base layers, MAM (text copy) and
+    Partial LoRA (off for text) are covered; LoRA (unmerged), adapters, non-SiLU MLPs, OPT-style
+    decoders and active sliding windows take the module path."""
     c = llm.cfg
     if c.hidden_act != "silu" or c.adapter is not None or llm.training:
+        return False
+    if (c.norm, c.position, c.mlp) != ("rms", "rope", "gated"):  # OPT-style decoders: the module path
         return False
     if c.lora is not None and any(
         isinstance(m, ALinear) and m.lora_A is not None and not m.lora_merged for m in llm.modules()

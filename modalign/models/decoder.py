@@ -109,8 +109,9 @@ class Attention(nn.Module):
         q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
         k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cos is not None:  # RoPE (learned absolute positions were added to the input instead)
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, start)
         m = mask["sliding" if self.sliding else "full"]
@@ -121,25 +122,43 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """``gated``: down(act(gate x) * up x) (Llama); ``plain``: down(act(up x)) (OPT's fc1 / fc2)."""
+
     def __init__(self, cfg: LLMConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj = ALinear(h, i, bias=cfg.mlp_bias)
+        if cfg.mlp == "gated":
+            self.gate_proj = ALinear(h, i, bias=cfg.mlp_bias)
+        elif cfg.mlp != "plain":
+            raise ValueError(f"unknown mlp {cfg.mlp!r}; known: gated, plain")
         self.up_proj = ALinear(h, i, bias=cfg.mlp_bias)
         self.down_proj = ALinear(i, h, bias=cfg.mlp_bias)
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x, img):
-        h = gated_mlp(routed(self.gate_proj, x, img), routed(self.up_proj, x, img), self.act)
+        up = routed(self.up_proj, x, img)
+        h = (
+            gated_mlp(routed(self.gate_proj, x, img), up, self.act)
+            if hasattr(self, "gate_proj")
+            else self.act(up)
+        )
         return routed(self.down_proj, h, img)
+
+
+def make_norm(cfg: LLMConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+    if cfg.norm == "layer":
+        return nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+    raise ValueError(f"unknown norm {cfg.norm!r}; known: rms, layer")
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: LLMConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg)
         self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
 
     def forward(self, x, img, cos, sin, mask, cache, start):
@@ -156,8 +175,14 @@ class LLM(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if cfg.position == "learned":
+            self.embed_positions = nn.Embedding(
+                cfg.max_position_embeddings + cfg.position_offset, cfg.hidden_size
+            )
+        elif cfg.position != "rope":
+            raise ValueError(f"unknown position {cfg.position!r}; known: rope, learned")
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = Rotary(cfg)
@@ -229,7 +254,11 @@ class LLM(nn.Module):
         if position_ids.shape[0] != b:
             position_ids = position_ids.expand(b, -1)
         img = None if modality_ids is None else modality_ids == 1
-        cos, sin = self.rotary(position_ids, x.dtype)
+        if self.cfg.position == "learned":
+            x = x + self.embed_positions(position_ids + self.cfg.position_offset).to(x.dtype)
+            cos = sin = None
+        else:
+            cos, sin = self.rotary(position_ids, x.dtype)
         masks = self._masks(attention_mask, b, t, start, x.device)
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:

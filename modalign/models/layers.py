@@ -18,8 +18,12 @@ from modalign.config import LLMConfig
 def activation(name: str):
     if name == "quick_gelu":
         return lambda x: x * torch.sigmoid(1.702 * x)
-    if name in ("gelu_pytorch_tanh", "gelu_new", "gelu_tanh"):
+    if name in ("gelu_pytorch_tanh", "gelu_tanh"):
         return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu_new":  # the same curve written out, as transformers' NewGELUActivation computes it
+        return lambda x: (
+            0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+        )
     if name == "gelu":
         return F.gelu
     if name == "silu":

@@ -19,6 +19,7 @@ from torch import nn
 from modalign.config import MLLMConfig
 from modalign.models.connectors import build_connector
 from modalign.models.decoder import LLM, KVCache
+from modalign.models.t5 import T5LM, shift_right
 from modalign.models.vision import VisionTower
 
 IGNORE_INDEX = -100
@@ -174,7 +175,7 @@ class MLLM(nn.Module):
                 config.llm.hidden_size,
                 config.vision.num_features,
             )
-        self.llm = LLM(config.llm)
+        self.llm = T5LM(config.llm) if config.llm.is_encoder_decoder else LLM(config.llm)
 
     # ------------------------------------------------------------------ images
 
@@ -252,13 +253,19 @@ class MLLM(nn.Module):
         image_features: torch.Tensor | None = None,
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them (InstructBLIP also ``qformer_input_ids``);
         or ``inputs_embeds`` [B, T, D] with ``modality_ids`` [B, T] (from ``embed``). With a
         ``cache`` holding a prompt, ``input_ids`` are new text tokens. ``image_features``: the
         vision tower's output, computed beforehand, instead of ``pixel_values``. With ``labels``
-        the output carries the mean next-token loss over labels != -100."""
+        the output carries the mean next-token loss over labels != -100. An encoder-decoder LLM
+        (T5) reads the spliced prompt with its encoder; its decoder takes ``decoder_input_ids``
+        (or the ``labels`` shifted right) and ``logits`` / ``loss`` are the decoder's."""
+        if self.config.llm.is_encoder_decoder:
+            return self._seq2seq(input_ids, pixel_values, attention_mask, labels, inputs_embeds, decoder_input_ids,
+                                 image_features, qformer_input_ids, qformer_attention_mask)  # fmt: skip
         if inputs_embeds is None:
             if input_ids is None:
                 raise ValueError("pass input_ids or inputs_embeds")
@@ -290,6 +297,27 @@ class MLLM(nn.Module):
         out = MLLMOutput(logits=logits, modality_ids=modality_ids, attention_mask=attention_mask)
         if labels is not None:
             out.loss, out.num_tokens = causal_lm_loss(logits, labels)
+        return out
+
+    def _seq2seq(self, input_ids, pixel_values, attention_mask, labels, inputs_embeds, decoder_input_ids,
+                 image_features, qformer_input_ids, qformer_attention_mask) -> MLLMOutput:  # fmt: skip
+        if inputs_embeds is None:
+            sp = self.embed(input_ids, pixel_values, attention_mask, image_features=image_features,
+                            qformer_input_ids=qformer_input_ids, qformer_attention_mask=qformer_attention_mask)  # fmt: skip
+            inputs_embeds, attention_mask = sp.inputs_embeds, sp.attention_mask
+        c = self.config.llm
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("an encoder-decoder model needs decoder_input_ids or labels")
+            decoder_input_ids = shift_right(labels, c.decoder_start_token_id or 0, c.pad_token_id or 0)
+        logits = self.llm(inputs_embeds, attention_mask, decoder_input_ids)
+        out = MLLMOutput(logits=logits, attention_mask=attention_mask)
+        if labels is not None:
+            keep = labels != IGNORE_INDEX
+            out.num_tokens = int(keep.sum())
+            out.loss = F.cross_entropy(logits[keep].float(), labels[keep], reduction="sum") / max(
+                out.num_tokens, 1
+            )
         return out
 
     # ------------------------------------------------------------------ checkpoints

@@ -75,6 +75,9 @@ class ClientGone(Exception):
 
 def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
     cfg = cfg or ServeConfig()
+    if cm.model.config.llm.is_encoder_decoder:
+        raise ValueError("serving an encoder-decoder (T5) language model is not supported yet; "
+                         "modalign generate, chat and eval run it")  # fmt: skip
     context = cm.model.config.llm.max_position_embeddings
     limits = Limits(cfg.max_messages, cfg.max_chars or 16 * context, cfg.max_images)
     images = (ImageProcessor(cm.model.config.vision, max_pixels=cfg.max_image_pixels, max_aspect=cfg.max_image_aspect)

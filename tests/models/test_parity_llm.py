@@ -119,3 +119,62 @@ def test_text_only_checkpoint_has_no_vision(tmp_path):
     assert not ours.has_vision and ours.num_image_tokens() == 0
     with pytest.raises(ValueError, match="no vision tower"):
         ours.encode_images(torch.zeros(1, 3, 28, 28))
+
+
+def test_opt_parity_padding_cache_and_greedy(tmp_path):
+    """OPT through the decoder's OPT switches (LayerNorm, learned positions offset by 2, ReLU fc1/fc2,
+    tied head): logits on a left-padded batch, and greedy tokens equal transformers' generate."""
+    from modalign.infer.engine import Engine, Prompt, SamplingParams
+
+    cfg = transformers.OPTConfig(vocab_size=128, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                 num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                 pad_token_id=1, bos_token_id=2, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    ref = randomize(transformers.OPTForCausalLM(cfg)).eval()
+    ref.save_pretrained(tmp_path / "opt")
+    ours = MLLM.from_pretrained(tmp_path / "opt")
+    assert ours.config.llm.norm == "layer" and ours.llm.lm_head.weight is ours.llm.embed_tokens.weight
+    ids, mask = _batch()
+    with torch.no_grad():
+        assert_close_where(
+            ours(ids, attention_mask=mask).logits, ref(input_ids=ids, attention_mask=mask).logits, mask
+        )
+        prompt = torch.tensor([[2, 7, 19, 33, 4]])
+        want = ref.generate(prompt, max_new_tokens=10, do_sample=False, eos_token_id=None)[0, 5:].tolist()
+    got = Engine(ours).generate([Prompt(prompt[0].tolist())], SamplingParams(max_new_tokens=10))[0].token_ids
+    assert got == want
+
+
+@pytest.mark.parametrize("proj", ["gated-gelu", "relu"])
+def test_t5_parity_encoder_decoder_and_greedy(tmp_path, proj):
+    """T5 (v1.1 / Flan gated GELU, and v1.0 ReLU with the tied, scaled head): decoder logits for a
+    padded encoder batch, and greedy tokens equal transformers' generate."""
+    from modalign.checkpoints.blip2 import llm_config_from_t5
+    from modalign.config import MLLMConfig
+    from modalign.infer.engine import Engine, Prompt, SamplingParams
+
+    cfg = transformers.T5Config(vocab_size=96, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=3,
+                                num_heads=4, feed_forward_proj=proj, relative_attention_num_buckets=8,
+                                relative_attention_max_distance=20, tie_word_embeddings=proj == "relu",
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)  # fmt: skip
+    torch.manual_seed(0)
+    ref = randomize(transformers.T5ForConditionalGeneration(cfg)).eval()
+    ours = MLLM(MLLMConfig(llm=llm_config_from_t5(cfg.to_dict()))).eval()
+    sd = {"llm." + k: v for k, v in ref.state_dict().items() if not k.endswith("embed_tokens.weight")}
+    ours.load_state_dict(sd, strict=not ours.config.llm.tie_word_embeddings)
+    ids, mask = _batch(t=15, vocab=96)
+    dec = torch.randint(2, 96, (3, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+        got = ours(ids, attention_mask=mask, decoder_input_ids=dec).logits
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        prompt = torch.tensor([[5, 9, 14, 22, 3, 1]])
+        gen = [0]  # greedy with full forwards (transformers' generate cannot cache 3 decoder layers over 2)
+        for _ in range(8):
+            logits = ref(input_ids=prompt, decoder_input_ids=torch.tensor([gen])).logits
+            gen.append(int(logits[0, -1].argmax()))
+        gen = gen[1:]
+    assert (
+        Engine(ours).generate([Prompt(prompt[0].tolist())], SamplingParams(max_new_tokens=8))[0].token_ids
+        == gen
+    )
