@@ -114,14 +114,50 @@ def apply_mam(llm: nn.Module) -> None:
     """
     for layer in llm.layers:
         attn = layer.self_attn
-        if getattr(attn, "qkv_proj", None) is not None:
-            raise ValueError("MAM needs separate q/k/v projections; this model has a fused qkv_proj")
+        if getattr(attn, "qkv_proj", None) is not None:  # InternLM2: K/V get image copies, Q does not
+            split_qkv(attn)
         for name in ("k_proj", "v_proj"):
             if not isinstance(getattr(attn, name), Multiway):
                 setattr(attn, name, Multiway(getattr(attn, name)))
         for name in ("input_layernorm", "post_attention_layernorm"):
             if not isinstance(getattr(layer, name), Multiway):
                 setattr(layer, name, Multiway(getattr(layer, name)))
+
+
+def _rows(lin: nn.Linear, start: int, stop: int) -> ALinear:
+    """A linear holding output rows [start, stop) of ``lin`` (its LoRA / Partial LoRA too: A is
+    shared by the rows, B is cut), so the pieces compute exactly what the whole did."""
+    w = lin.weight
+    out = ALinear(lin.in_features, stop - start, bias=lin.bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w[start:stop])
+        if lin.bias is not None:
+            out.bias.copy_(lin.bias[start:stop])
+    for kind in ("lora", "plora"):
+        a = getattr(lin, f"{kind}_A", None)
+        if a is None:
+            continue
+        getattr(out, f"add_{kind}")(a.out_features, 1.0, getattr(lin, f"{kind}_dropout").p)
+        setattr(out, f"{kind}_scaling", getattr(lin, f"{kind}_scaling"))
+        with torch.no_grad():
+            getattr(out, f"{kind}_A").weight.copy_(a.weight)
+            getattr(out, f"{kind}_B").weight.copy_(getattr(lin, f"{kind}_B").weight[start:stop])
+    out.train(lin.training)
+    return out
+
+
+def split_qkv(attn: nn.Module) -> None:
+    """Replace a fused ``qkv_proj`` ([q; k; v] rows) by ``q_proj``, ``k_proj`` and ``v_proj``."""
+    qkv = attn.qkv_proj
+    if getattr(qkv, "lora_merged", False):
+        raise ValueError("unmerge LoRA before splitting a fused qkv projection")
+    q, kv = attn.nh * attn.hd, attn.nkv * attn.hd
+    attn.q_proj, attn.k_proj, attn.v_proj = (
+        _rows(qkv, 0, q),
+        _rows(qkv, q, q + kv),
+        _rows(qkv, q + kv, q + 2 * kv),
+    )
+    del attn.qkv_proj
 
 
 def _target_linears(llm: nn.Module, targets: list[str]):
@@ -167,7 +203,13 @@ def set_lora_merged(model: nn.Module, merged: bool) -> None:
 
 def enable_mam(model) -> None:
     """Convert the decoder to the Modality-Adaptive Module (image copies = text weights)."""
-    model.config.llm.mam = True
+    c = model.config.llm
+    c.mam = True
+    if c.fused_qkv:  # MAM splits it (``split_qkv``); routed parts that targeted it follow the pieces
+        c.fused_qkv = False
+        for extra in (c.plora, c.lora):
+            if extra is not None and "qkv_proj" in extra.targets:
+                extra.targets = [t for t in extra.targets if t != "qkv_proj"] + ["q_proj", "k_proj", "v_proj"]
     apply_mam(model.llm)
 
 

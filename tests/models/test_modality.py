@@ -112,6 +112,34 @@ def test_mam_conversion_preserves_outputs_and_routes_by_modality():
     assert not any("q_proj.multiway" in n or "mlp.gate_proj.multiway" in n for n in names)
 
 
+def test_mam_on_a_fused_qkv_decoder_with_partial_lora_splits_it_exactly(tmp_path):
+    """InternLM2 (one ``qkv_proj``, Partial LoRA on it): MAM splits the projection into q/k/v
+    (LoRA A shared, B cut by rows), so outputs are unchanged; only K/V get image copies; the
+    converted model saves and loads as itself."""
+    base = tiny(fused_qkv=True)
+    enable_plora(base, PLoRAConfig(rank=4, alpha=8, targets=["qkv_proj", "o_proj"]))
+    perturb([p for n, p in base.named_parameters() if "plora_B" in n])
+    model = copy.deepcopy(base)
+    enable_mam(model)
+    ids, px = inputs(model)
+    attn = model.llm.layers[0].self_attn
+    assert not hasattr(attn, "qkv_proj") and not model.config.llm.fused_qkv
+    assert attn.q_proj.plora_A is not None and attn.k_proj.multiway[1].plora_A is not None
+    assert sorted(model.config.llm.plora.targets) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    with torch.no_grad():
+        want = base(ids, pixel_values=px).logits
+        torch.testing.assert_close(model(ids, pixel_values=px).logits, want, atol=1e-5, rtol=0)
+    perturb([p for n, p in model.named_parameters() if ".multiway.1." in n])
+    text = ids.masked_fill(ids == model.config.image_token_id, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(model(text).logits, base(text).logits, atol=1e-5, rtol=0)
+        assert (model(ids, pixel_values=px).logits - want).abs().max() > 1e-2
+    model.save_pretrained(tmp_path / "m")
+    back = MLLM.from_pretrained(tmp_path / "m")
+    with torch.no_grad():
+        assert torch.equal(back(ids, pixel_values=px).logits, model(ids, pixel_values=px).logits)
+
+
 @pytest.mark.parametrize("part", ["mam", "plora", "mam+plora", "adapter"])
 def test_kv_cache_decoding_equals_full_forward_with_images(part):
     model = tiny()
