@@ -55,6 +55,12 @@ def _llm_config(d: dict, path: Path) -> MLLMConfig:
     return MLLMConfig(llm=hf.llm_config_from_hf(d), source_format=f"hf-{d['model_type']}")
 
 
+def _llava_config(d: dict, p: Path) -> MLLMConfig:
+    cfg = hf.llava_config_from_hf(d)
+    hf.image_settings(p, cfg.vision)
+    return cfg
+
+
 def _llava_original_config(d: dict, p: Path) -> MLLMConfig:
     return llava_original.config(d, p, llava_original.find_tower(d.get("mm_vision_tower", ""), p))
 
@@ -69,7 +75,7 @@ FORMATS: tuple[Format, ...] = (
     Format(
         "llava",
         ("llava",),
-        lambda d, p: hf.llava_config_from_hf(d),
+        _llava_config,
         lambda t, c: hf.remap(t, hf.map_llava_key),
         "transformers LLaVA",
     ),  # fmt: skip
@@ -95,6 +101,7 @@ FORMATS: tuple[Format, ...] = (
         lambda d, p: mplug_owl2.config_from_owl2(d),
         mplug_owl2.state_from_owl2,
         "mPLUG-Owl2 release",
+        template=lambda p: "mplug_owl2",
     ),  # fmt: skip
     Format(
         "blip-2",
@@ -118,6 +125,7 @@ FORMATS: tuple[Format, ...] = (
         lambda d, p: internlm2.config_from_internlm2(d, p, read_shapes(p)),
         internlm2.state_from_internlm2,
         "InternLM2 / InternLM-XComposer2 and 2.5 releases",
+        template=lambda p: "internlm2",
     ),  # fmt: skip
 )
 

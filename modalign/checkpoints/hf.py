@@ -10,6 +10,9 @@ one later transformers versions write (``model.vision_tower.*``, ``model.languag
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from modalign.checkpoints.io import CheckpointError
@@ -152,7 +155,29 @@ def vision_config_from_hf(d: dict) -> VisionConfig:
         layer_norm_eps=d.get("layer_norm_eps", 1e-6 if siglip else 1e-5),
         image_mean=SIGLIP_MEAN_STD if siglip else VisionConfig.image_mean,
         image_std=SIGLIP_MEAN_STD if siglip else VisionConfig.image_std,
+        resize_mode="squash" if siglip else "crop",  # each family's own image processor
     )
+
+
+def image_settings(path: str | Path, v: VisionConfig, resize: bool = True) -> VisionConfig:
+    """``v`` with the normalisation (and, with ``resize``, the resize policy: ``crop`` where the
+    processor centre-crops, else ``squash``) of the checkpoint's ``preprocessor_config.json``,
+    where it has one."""
+    f = Path(path) / "preprocessor_config.json"
+    if not f.is_file():
+        return v
+    try:
+        d = json.loads(f.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON: {e}") from None
+    d = d.get("image_processor", d)  # a processor_config.json nests it
+    if d.get("image_mean") is not None:
+        v.image_mean = tuple(float(x) for x in d["image_mean"])
+    if d.get("image_std") is not None:
+        v.image_std = tuple(float(x) for x in d["image_std"])
+    if resize and "do_center_crop" in d:
+        v.resize_mode = "crop" if d["do_center_crop"] else "squash"
+    return v
 
 
 def vision_config_to_hf(v: VisionConfig) -> dict:
@@ -169,6 +194,27 @@ def vision_config_to_hf(v: VisionConfig) -> dict:
         "num_channels": v.num_channels,
         "hidden_act": v.hidden_act,
         "layer_norm_eps": v.layer_norm_eps,
+    }
+
+
+def image_processor_config(v: VisionConfig) -> dict:
+    """transformers' ``CLIPImageProcessor`` settings for a tower's preprocessing: ``crop`` as CLIP,
+    ``squash`` as a direct resize; ``pad`` as ``squash`` of an image first padded to a square with
+    the mean colour (``pad_to_square``: transformers' processor does not pad by itself)."""
+    s = v.image_size
+    doc = {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "resample": 3, "do_rescale": True,
+           "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(v.image_mean),
+           "image_std": list(v.image_std), "do_convert_rgb": True}  # fmt: skip
+    if v.resize_mode == "crop":
+        return doc | {
+            "size": {"shortest_edge": s},
+            "do_center_crop": True,
+            "crop_size": {"height": s, "width": s},
+        }
+    return doc | {
+        "size": {"height": s, "width": s},
+        "do_center_crop": False,
+        "pad_to_square": v.resize_mode == "pad",
     }
 
 

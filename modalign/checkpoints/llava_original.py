@@ -67,7 +67,7 @@ def find_tower(name: str, ckpt: Path, given: str | Path | None = None) -> Path:
 def config(doc: dict, ckpt: Path, tower: Path) -> MLLMConfig:
     llm_doc = dict(doc)
     llm_doc["model_type"] = "mistral" if doc.get("model_type") == "llava_mistral" else "llama"
-    vision = hf.vision_config_from_hf(read_config(tower))
+    vision = hf.image_settings(tower, hf.vision_config_from_hf(read_config(tower)), resize=False)
     vision.feature_layer = doc.get("mm_vision_select_layer", -2)
     select = doc.get("mm_vision_select_feature", "patch")
     if select not in ("patch", "cls_patch"):

@@ -100,6 +100,7 @@ class Template:
     # after it, as the reference code does (``tokenizer(prompt)`` adds BOS; a SentencePiece
     # tokenizer then puts its ``▁`` prefix on the first word: "<s>▁A chat", not "<s>A chat")
     bos_first = False
+    stop_tokens: tuple[str, ...] = ()  # tokens that end a reply besides EOS (its end-of-turn)
 
     def render(self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False):
         parts: list[tuple] = []  # (text, trained[, content])
@@ -147,14 +148,15 @@ class SepTemplate(Template):
 
     bos_first = True
 
-    def __init__(self, name: str, system: str):
-        self.name, self.system = name, system
+    def __init__(self, name: str, system: str | None):
+        self.name, self.system = name, system  # None: no system part (mPLUG-Owl2's TWO_NO_SYS)
 
     def _render(self, messages, tok, out, gen):
         _, eos = _specials(tok)
         system = next((m.content for m in messages if m.role == "system"), None)
-        out.append((self.system, False) if system is None else (system, False, True))
-        out.append((" ", False))
+        if system is not None or self.system is not None:
+            out.append((self.system, False) if system is None else (system, False, True))
+            out.append((" ", False))
         for m in messages:
             if m.role == "user":
                 out += [("USER: ", False), (m.content, False, True), (" ", False)]
@@ -166,17 +168,23 @@ class SepTemplate(Template):
 
 
 class ChatMLTemplate(Template):
-    name = "chatml"
+    """``<|im_start|>role\ncontent<|im_end|>\n``; InternLM2 / XComposer2 write the same with
+    ``[UNUSED_TOKEN_146]`` / ``[UNUSED_TOKEN_145]`` after a BOS."""
+
+    def __init__(self, name: str = "chatml", start: str = "<|im_start|>", end: str = "<|im_end|>",
+                 bos_first: bool = False):  # fmt: skip
+        self.name, self.start, self.end, self.bos_first = name, start, end, bos_first
+        self.stop_tokens = (end,)
 
     def _render(self, messages, tok, out, gen):
         for m in messages:
-            out.append((f"<|im_start|>{m.role}\n", False))
+            out.append((f"{self.start}{m.role}\n", False))
             if m.role == "assistant":
-                out += [(m.content, True, True), ("<|im_end|>", True), ("\n", False)]
+                out += [(m.content, True, True), (self.end, True), ("\n", False)]
             else:
-                out += [(m.content, False, True), ("<|im_end|>\n", False)]
+                out += [(m.content, False, True), (f"{self.end}\n", False)]
         if gen:
-            out.append(("<|im_start|>assistant\n", False))
+            out.append((f"{self.start}assistant\n", False))
 
 
 class Llama3Template(Template):
@@ -312,6 +320,8 @@ TEMPLATES = {
     "vicuna_v1": SepTemplate("vicuna_v1", VICUNA_SYSTEM),
     "llava_v1": SepTemplate("llava_v1", LLAVA_SYSTEM),
     "chatml": ChatMLTemplate(),
+    "internlm2": ChatMLTemplate("internlm2", "[UNUSED_TOKEN_146]", "[UNUSED_TOKEN_145]", bos_first=True),
+    "mplug_owl2": SepTemplate("mplug_owl2", None),
     "llama3": Llama3Template(),
     "mistral_instruct": MistralTemplate(),
     "mplug_owl": OwlTemplate(),

@@ -20,8 +20,10 @@ from modalign.infer.engine import Completion, Engine, Prompt, SamplingParams
 from modalign.models.mllm import MLLM
 
 
-def stop_token_ids(tok: Tokenizer) -> list[int]:
-    ids = {tok.eos_id, tok.token_id("<|im_end|>"), tok.token_id("<|eot_id|>"), tok.token_id("<|end|>")}
+def stop_token_ids(tok: Tokenizer, template=None) -> list[int]:
+    """The ids that end a reply: EOS, the common end-of-turn tokens, and the template's own."""
+    names = ("<|im_end|>", "<|eot_id|>", "<|end|>", *(getattr(template, "stop_tokens", ()) or ()))
+    ids = {tok.eos_id, *(tok.token_id(n) for n in names)}
     return sorted(i for i in ids if i is not None)
 
 
@@ -92,7 +94,7 @@ class ChatModel:
 
     def params(self, **kw) -> SamplingParams:
         p = SamplingParams(**kw)
-        p.stop_token_ids = sorted(set(p.stop_token_ids) | set(stop_token_ids(self.tok)))
+        p.stop_token_ids = sorted(set(p.stop_token_ids) | set(stop_token_ids(self.tok, self.template)))
         return p
 
     def reply(self, messages: list[Message], images: list, params: SamplingParams) -> Completion:
