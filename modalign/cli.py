@@ -16,17 +16,34 @@ def _convert(args) -> int:
     from modalign.data.tokenizer import Tokenizer
 
     model = MLLM.from_pretrained(args.src, base=args.base, vision_tower=args.vision_tower)
-    if args.to == "native":
-        model.save_pretrained(args.dst)
-    else:
-        export_hf_llava(model, args.dst)
+    tok = None
     for tok_dir in (Path(args.src), *([Path(args.base)] if args.base else [])):
         if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             tok = Tokenizer.from_dir(tok_dir)
             if tok.template_name is None and not tok.chat_template:
                 tok.template_name = default_template(args.src)
-            tok.save(args.dst)
             break
+    if args.to == "native":
+        model.save_pretrained(args.dst)
+    else:
+        img = model.config.image_token_id
+        if tok is not None and (img is None or not 0 <= img < model.config.llm.vocab_size):
+            # the placeholder becomes a token: "<image>", the tokenizer's next id
+            img = tok.token_id("<image>")
+            if img is None:
+                img = tok.vocab_size
+                if img > model.config.llm.vocab_size:
+                    raise SystemExit(
+                        f"the tokenizer has {img} tokens, more than the model's {model.config.llm.vocab_size}"
+                    )
+        img = export_hf_llava(model, args.dst, None if tok is None else img)
+        if tok is not None and tok.token_id("<image>") is None:
+            if tok.add_special_token("<image>") != img:
+                raise SystemExit("the tokenizer cannot give <image> the id the model holds for it")
+        if tok is not None:
+            tok.image_token = "<image>" if tok.token_id("<image>") == img else tok.image_token
+    if tok is not None:
+        tok.save(args.dst)
     print(f"wrote {args.to} checkpoint to {args.dst}")
     return 0
 
@@ -287,8 +304,22 @@ def _add_train(sub) -> None:
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     t.add_argument("--stage", action="append", default=None, help="run only these stages")
     t.add_argument(
-        "--plan", action="store_true", help="print parameters, memory and tokens per stage; train nothing"
+        "--plan",
+        action="store_true",
+        help="print parameters, memory per GPU and time per stage; train nothing",
     )
+    t.add_argument(
+        "--gpus", type=int, default=None, help="--plan: GPUs to plan for (default: WORLD_SIZE or 1)"
+    )
+    t.add_argument(
+        "--gpu-tflops", type=float, default=312.0, help="--plan: peak dense bf16 TFLOP/s of one GPU"
+    )
+    t.add_argument("--mfu", type=float, default=0.4, help="--plan: the fraction of the peak a step reaches")
+    t.add_argument(
+        "--device", default="auto", help="cpu | cuda | cuda:N | mps | auto (under torchrun: each rank's GPU)"
+    )
+    t.add_argument("--dtype", default="auto",
+                   help="every stage's precision: float32 | bfloat16 (autocast) | bfloat16-pure | auto (the recipe's)")  # fmt: skip
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train)
 
@@ -445,16 +476,26 @@ def _train(args) -> int:
         variables[name] = value
     out = args.out
     recipe = load_recipe(args.recipe, variables | {"out": out or "runs"}, args.set, search=[RECIPES])
+    precision = {"auto": None, "float32": "fp32", "fp32": "fp32", "bfloat16": "bf16", "bf16": "bf16",
+                 "bfloat16-pure": "bf16-pure", "bf16-pure": "bf16-pure"}  # fmt: skip
+    if args.dtype not in precision:
+        raise ValueError(f"--dtype: unknown {args.dtype!r}; use float32, bfloat16, bfloat16-pure or auto")
+    if precision[args.dtype] is not None:
+        for stage in recipe.stages:
+            stage.precision = precision[args.dtype]
     if args.plan:
+        import os
+
         from modalign.train.plan import format_plan, plan
 
-        print(format_plan(recipe, plan(recipe)))
+        gpus = args.gpus or int(os.environ.get("WORLD_SIZE", "1"))
+        print(format_plan(recipe, plan(recipe, gpus, args.gpu_tflops, args.mfu), args.gpu_tflops, args.mfu))
         return 0
     from modalign.train.parallel import init_distributed
     from modalign.train.run import run_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    d = init_distributed()
+    d = init_distributed(args.device)
     torch_threads_for_workers(d)
     run_recipe(recipe, out or f"runs/{recipe.name}", d, progress=not args.no_progress, stages=args.stage)
     if d.enabled:

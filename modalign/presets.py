@@ -9,6 +9,9 @@ from modalign.config import ConnectorConfig, LLMConfig, MLLMConfig, PLoRAConfig,
 
 LLAMA2_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
                  num_kv_heads=32, rms_norm_eps=1e-5, max_position_embeddings=4096)  # fmt: skip
+# the full-scale models start from released text-only LLMs: one placeholder id per image that is
+# no token of any vocabulary (the original LLaVA code's IMAGE_TOKEN_INDEX), expanded by the splice
+IMAGE = -200
 CLIP_L14_336 = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
                     patch_size=14)  # fmt: skip
 
@@ -18,7 +21,8 @@ def llava_15_7b() -> MLLMConfig:
         llm=LLMConfig(**LLAMA2_7B, pad_token_id=0),
         vision=VisionConfig(**CLIP_L14_336, feature_layer=-2, feature_select="patch"),
         connector=ConnectorConfig(type="mlp2x_gelu"),
-        image_token_id=32000,
+        image_token_id=IMAGE,
+        placeholder="per_image",
     )
 
 
@@ -41,7 +45,7 @@ def mplug_owl_7b() -> MLLMConfig:
             hidden_size=1024,
             intermediate_size=2816,
         ),  # fmt: skip
-        image_token_id=32000,
+        image_token_id=IMAGE,
         placeholder="per_image",
     )
 
@@ -51,7 +55,6 @@ def mplug_owl2_7b() -> MLLMConfig:
     cfg.llm = LLMConfig(**LLAMA2_7B, mam=True)
     cfg.vision.image_size = 448
     cfg.connector.pos_embed = True
-    cfg.image_token_id = -200
     return cfg
 
 
@@ -74,7 +77,7 @@ def xcomposer2_vl_7b() -> MLLMConfig:
             **(CLIP_L14_336 | dict(image_size=490)), feature_layer=-1, feature_select="patch"
         ),
         connector=ConnectorConfig(type="mlp2x_gelu"),
-        image_token_id=92544 - 1,
+        image_token_id=IMAGE,
         placeholder="per_image",
     )
 
@@ -91,7 +94,7 @@ def blip2_style_7b() -> MLLMConfig:
             hidden_size=1024,
             intermediate_size=4096,
         ),  # fmt: skip
-        image_token_id=32000,
+        image_token_id=IMAGE,
         placeholder="per_image",
     )
 

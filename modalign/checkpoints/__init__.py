@@ -101,7 +101,7 @@ def load_vision_tower(path: str | Path, feature_layer: int | list[int] = -2, fea
             f"{path}: model_type {d.get('model_type')!r} is not a vision tower; "
             f"supported: {', '.join(hf.VISION_TYPES)}"
         )
-    vcfg: VisionConfig = hf.vision_config_from_hf(d)
+    vcfg: VisionConfig = hf.image_settings(path, hf.vision_config_from_hf(d))
     vcfg.feature_layer, vcfg.feature_select = feature_layer, feature_select
     tensors = hf.remap(read_tensors(path), hf.map_vision_key)
     tensors = {k[len("vision.") :]: v for k, v in tensors.items()}
@@ -112,15 +112,44 @@ def load_vision_tower(path: str | Path, feature_layer: int | list[int] = -2, fea
     return tower.eval()
 
 
-def export_hf_llava(model, path: str | Path) -> None:
-    """Write a LLaVA-shaped model in transformers' LLaVA format (released key layout)."""
+def export_hf_llava(model, path: str | Path, image_token_id: int | None = None) -> int:
+    """Write a LLaVA-shaped model in transformers' LLaVA format (released key layout) with its
+    ``generation_config.json`` and ``preprocessor_config.json``; returns the image token's id.
+    A model whose placeholder is no token of its vocabulary (the per-image ``-200`` of models
+    trained from a released LLM) is given one: ``image_token_id`` (default: the vocabulary size,
+    for which the embedding and the head get a zero row, never generated: ``suppress_tokens``)."""
+    import copy
+
     from modalign.checkpoints.native import model_state
 
-    doc = hf.llava_config_to_hf(model.config)
-    state = hf.llava_state_to_hf(model_state(model))
+    cfg = copy.deepcopy(model.config)
+    state = model_state(model)
+    vocab, img = cfg.llm.vocab_size, cfg.image_token_id
+    added = img is None or not 0 <= img < vocab
+    if added:
+        img = vocab if image_token_id is None else image_token_id
+        if img == vocab:
+            for key in ("llm.embed_tokens.weight", "llm.lm_head.weight"):
+                if key in state:
+                    state[key] = torch.cat([state[key], state[key].new_zeros(1, state[key].shape[1])])
+            cfg.llm.vocab_size += 1
+        elif not 0 <= img < vocab:
+            raise CheckpointError(f"image_token_id {img} is outside the vocabulary (0..{vocab})")
+    cfg.image_token_id, cfg.placeholder = img, "per_token"
+    doc = hf.llava_config_to_hf(cfg)
+    llm = cfg.llm
+    eos = llm.eos_token_id
+    gen = {"bos_token_id": llm.bos_token_id, "eos_token_id": eos, "pad_token_id": llm.pad_token_id}
+    if added:
+        gen["suppress_tokens"] = [img]
     with atomic_dir(path) as tmp:
         (tmp / "config.json").write_text(json.dumps(doc, indent=2) + "\n")
-        save_tensors(state, tmp / "model.safetensors", {"format": "pt"})
+        (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
+        (tmp / "preprocessor_config.json").write_text(
+            json.dumps(hf.image_processor_config(cfg.vision), indent=2) + "\n"
+        )
+        save_tensors(hf.llava_state_to_hf(state), tmp / "model.safetensors", {"format": "pt"})
+    return img
 
 
 __all__ = [

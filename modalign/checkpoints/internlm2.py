@@ -29,11 +29,11 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from modalign.checkpoints.hf import _require, vision_config_from_hf
 from modalign.checkpoints.io import CheckpointError
 from modalign.config import ConnectorConfig, LLMConfig, MLLMConfig, PLoRAConfig, VisionConfig
+from modalign.models.vision import resize_position_table
 
 IMAGE_TOKEN_INDEX = -200
 _RENAMES = (
@@ -135,15 +135,6 @@ def _regroup_qkv(w: torch.Tensor, cfg: LLMConfig) -> torch.Tensor:
     k = x[:, g].reshape(nkv * hd, *w.shape[1:])
     v = x[:, g + 1].reshape(nkv * hd, *w.shape[1:])
     return torch.cat([q, k, v])
-
-
-def resize_position_table(table: torch.Tensor, grid: int) -> torch.Tensor:
-    """[1 + g0^2, C] -> [1 + grid^2, C]: bicubic (align_corners=False) on the patch rows."""
-    g0 = math.isqrt(table.shape[0] - 1)
-    patches = table[1:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
-    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
-    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
-    return torch.cat([table[:1], patches])
 
 
 def state_from_internlm2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[str, torch.Tensor]:

@@ -174,6 +174,27 @@ class SentencePieceTokenizer(Tokenizer):
             pieces[0] = pieces[0][1:]  # the prefix of the text (SentencePiece drops its own dummy one)
         return self.sp.decode_pieces(pieces)
 
+    def add_special_token(self, content: str) -> int:
+        """Add a special token after the last id (``added_tokens_decoder``, as transformers
+        writes it) and return its id (an existing token's id if it is already there)."""
+        have = self.token_id(content)
+        if have is not None:
+            return have
+        new = self.vocab_size
+        entry = {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+                 "special": True}  # fmt: skip
+        self._config["added_tokens_decoder"] = dict(self._config.get("added_tokens_decoder") or {}) | {
+            str(new): entry
+        }
+        self.added[new] = _Added(entry)
+        self._ids[content] = new
+        self.special_ids.add(new)
+        self._specials[content] = self.added[new]
+        self._added_re = self._special_re = re.compile(
+            "|".join(re.escape(c) for c in sorted(self._ids, key=len, reverse=True))
+        )
+        return new
+
     # ------------------------------------------------------------------ files
 
     @classmethod

@@ -148,6 +148,21 @@ class Tokenizer:
         ids = [i for i in ids if i >= 0]  # negative ids are image placeholders
         return self.tk.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def add_special_token(self, content: str) -> int:
+        """Add a special token (its id: the next free one) and return its id (an existing token's
+        id if it is already there)."""
+        from tokenizers import AddedToken
+
+        if self.tk.token_to_id(content) is None:
+            self.tk.add_special_tokens([AddedToken(content, special=True, normalized=False)])
+            self._specials[content] = self.tk.get_added_tokens_decoder()[self.tk.token_to_id(content)]
+            self.special_ids.add(self.tk.token_to_id(content))
+            self._special_re = re.compile(
+                "|".join(re.escape(c) for c in sorted(self._specials, key=len, reverse=True))
+            )
+            self._plain = None
+        return self.tk.token_to_id(content)
+
     # ------------------------------------------------------------------ files
 
     @classmethod

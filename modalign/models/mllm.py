@@ -165,17 +165,27 @@ class MLLM(nn.Module):
     def __init__(self, config: MLLMConfig):
         super().__init__()
         self.config = config
-        if config.vision is not None:
-            if config.connector is None:
-                raise ValueError("a model with a vision tower needs a connector config")
-            self.vision = VisionTower(config.vision)
-            self.connector = build_connector(
-                config.connector,
-                config.vision.feature_dim,
-                config.llm.hidden_size,
-                config.vision.num_features,
+        if config.vision is not None and config.connector is None:
+            raise ValueError("a model with a vision tower needs a connector config")
+        for name in self.part_names():
+            setattr(self, name, self.new_part(name))
+
+    def part_names(self) -> tuple[str, ...]:
+        """The model's parts, in construction order: (vision, connector,) llm."""
+        return ("vision", "connector", "llm") if self.config.vision is not None else ("llm",)
+
+    def new_part(self, name: str) -> nn.Module:
+        """A freshly initialised part as the config describes it (vision, connector or llm)."""
+        c = self.config
+        if name == "vision":
+            return VisionTower(c.vision)
+        if name == "connector":
+            return build_connector(
+                c.connector, c.vision.feature_dim, c.llm.hidden_size, c.vision.num_features
             )
-        self.llm = T5LM(config.llm) if config.llm.is_encoder_decoder else LLM(config.llm)
+        if name == "llm":
+            return T5LM(c.llm) if c.llm.is_encoder_decoder else LLM(c.llm)
+        raise ValueError(f"unknown part {name!r}; known: vision, connector, llm")
 
     # ------------------------------------------------------------------ images
 

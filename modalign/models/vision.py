@@ -10,12 +10,31 @@ Parameter names follow transformers' ``CLIPVisionModel``/``SiglipVisionModel`` (
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from modalign.config import VisionConfig
 from modalign.models.layers import activation
+
+
+def resize_position_table(table: torch.Tensor, grid: int, class_token: bool = True) -> torch.Tensor:
+    """[c + g0^2, C] -> [c + grid^2, C] (c = 1 with a class token): the patch rows resized
+    bicubically (align_corners=False), as towers reused at another resolution are."""
+    c = int(class_token)
+    g0 = math.isqrt(table.shape[0] - c)
+    if g0 * g0 != table.shape[0] - c:
+        raise ValueError(
+            f"a position table of {table.shape[0]} rows is not a square grid (class token: {class_token})"
+        )
+    if g0 == grid:
+        return table
+    patches = table[c:].reshape(1, g0, g0, -1).permute(0, 3, 1, 2).float()
+    patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)
+    patches = patches.permute(0, 2, 3, 1).reshape(grid * grid, -1).to(table.dtype)
+    return torch.cat([table[:c], patches])
 
 
 class VisionEmbeddings(nn.Module):

@@ -27,14 +27,21 @@ class Dist:
         return self.world > 1
 
 
-def init_distributed() -> Dist:
-    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA)."""
+def init_distributed(device: str | None = None) -> Dist:
+    """Join the process group that ``torchrun`` describes (gloo on CPU, NCCL on CUDA). ``device``
+    (cpu, cuda, cuda:N, mps, auto): where a single process trains; under torchrun each rank takes
+    its local GPU (``auto``/``cuda``) or the CPU (``cpu``)."""
+    from modalign.devices import resolve_device
+
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        return Dist(device=dev)
+        return Dist(device=resolve_device(device))
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
+    if device not in (None, "auto", "cuda", "cpu"):
+        raise ValueError(
+            f"--device {device!r}: under torchrun use auto, cuda (each rank its local GPU) or cpu"
+        )
+    if torch.cuda.is_available() and device != "cpu":
         torch.cuda.set_device(local)
         backend, dev = "nccl", torch.device("cuda", local)
     else:
@@ -44,8 +51,9 @@ def init_distributed() -> Dist:
     return Dist(rank, world, local, dev)
 
 
-def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
-    """DDP or FSDP2 around ``model`` (a no-op in a single process)."""
+def wrap(model: nn.Module, strategy: str, d: Dist, precision: str = "fp32") -> nn.Module:
+    """DDP or FSDP2 around ``model`` (a no-op in a single process); under FSDP, ``bf16-pure``
+    gathers each block in bf16 over fp32 shards (``precision.fsdp_policy``)."""
     if not d.enabled or strategy == "none":
         return model
     if strategy == "ddp":
@@ -54,13 +62,17 @@ def wrap(model: nn.Module, strategy: str, d: Dist) -> nn.Module:
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        from modalign.train.precision import fsdp_policy
+
+        policy = fsdp_policy(precision)
+        kw = {} if policy is None else {"mp_policy": policy}
         blocks = []
         if hasattr(model, "vision"):
             blocks += list(model.vision.encoder.layers)
         blocks += list(model.llm.layers)
         for block in blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, **kw)
+        fully_shard(model, **kw)
         return model
     raise ValueError(f"unknown parallel strategy {strategy!r}; known: none, ddp, fsdp")
 

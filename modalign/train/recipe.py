@@ -191,15 +191,17 @@ class Stage:
     stop: Stop
     optim: Optim = field(default_factory=Optim)
     objective: Objective = field(default_factory=Objective)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = (
+        "fp32"  # fp32 | bf16 (autocast) | bf16-pure (bf16 weights, fp32 masters): train/precision.py
+    )
     gradient_checkpointing: bool = False
     init_from: str | None = "previous"  # previous | none | a checkpoint directory
     enable: dict[str, Any] = field(default_factory=dict)  # parts added at this stage (e.g. lora: {...})
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
 
     def validate(self, where: str) -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"{where}.precision: expected fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("fp32", "bf16", "bf16-pure"):
+            raise ConfigError(f"{where}.precision: expected fp32, bf16 or bf16-pure, got {self.precision!r}")
         if not self.trainable:
             raise ConfigError(f"{where}.trainable: a stage needs at least one trainable pattern")
         self.data.validate(f"{where}.data")
@@ -252,10 +254,16 @@ class ModelSpec:
         default_factory=dict
     )  # mam: true, plora: {...}, lora: {...}, adapter: {...}
 
-    def build_config(self) -> MLLMConfig:
+    def build_config(self, read_init: bool = True) -> MLLMConfig:
+        """The model's config: the preset (or ``config``), then the architecture of every part
+        named in ``init`` read from its checkpoint (``read_init``), then ``overrides``."""
         if (self.preset is None) == (self.config is None):
             raise ConfigError("recipe.model: give exactly one of preset and config")
         base = MLLMConfig.from_name(self.preset).to_dict() if self.preset else copy.deepcopy(self.config)
+        if read_init and self.init:
+            from modalign.checkpoints.parts import merge_part_configs
+
+            base = merge_part_configs(base, self.init)
         merged = _deep_merge(base, self.overrides)
         return MLLMConfig.from_dict(merged)
 
@@ -275,7 +283,7 @@ class Recipe:
     parallel: Parallel = field(default_factory=Parallel)
 
     def validate(self) -> None:
-        self.model.build_config()
+        self.model.build_config(read_init=False)
         if self.parallel.strategy not in ("none", "ddp", "fsdp"):
             raise ConfigError(
                 f"recipe.parallel.strategy: expected none, ddp or fsdp, got {self.parallel.strategy!r}"

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from modalign.checkpoints import CheckpointError, load_pretrained
+from modalign.checkpoints import load_pretrained
 from modalign.checkpoints.io import copy_dir_atomic, recover_dirs
+from modalign.checkpoints.parts import build_from_parts
 from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 from modalign.data.datasets import ConversationDataset, MixtureDataset, load_samples
 from modalign.data.tokenizer import Tokenizer
@@ -28,12 +29,12 @@ from modalign.train import objectives
 from modalign.train.feature_cache import RunCache
 from modalign.train.freeze import apply_trainable, format_table
 from modalign.train.parallel import Dist, barrier, wrap
+from modalign.train.precision import MasterWeights
 from modalign.train.recipe import Recipe, Stage
 from modalign.train.state import full_model_state, is_sharded
 from modalign.train.trainer import StageResult, Trainer
 
 log = logging.getLogger("modalign")
-PARTS = ("llm", "vision", "connector")
 
 
 def enable_parts(model: MLLM, spec: dict) -> None:
@@ -50,29 +51,6 @@ def enable_parts(model: MLLM, spec: dict) -> None:
             enable_adapter(model, AdapterConfig(**(value or {})))
         elif name not in ("mam", "plora", "lora", "adapter"):
             raise ValueError(f"unknown part to enable {name!r}; known: mam, plora, lora, adapter")
-
-
-def init_parts(model: MLLM, init: dict[str, str]) -> None:
-    """Copy pretrained weights into parts of ``model`` (``all`` or llm / vision / connector)."""
-    for part, path in init.items():
-        src = load_pretrained(path, dtype=torch.float32)
-        names = PARTS if part == "all" else (part,)
-        for name in names:
-            if name not in PARTS:
-                raise ValueError(f"recipe.model.init: unknown part {name!r}; known: all, {', '.join(PARTS)}")
-            if not hasattr(src, name) or not hasattr(model, name):
-                if part == "all":
-                    continue
-                raise CheckpointError(f"{path} has no {name} part to initialise from")
-            missing, unexpected = getattr(model, name).load_state_dict(
-                getattr(src, name).state_dict(), strict=False
-            )
-            if missing or unexpected:
-                raise CheckpointError(
-                    f"{path}: {name} does not fit: missing {missing[:5]}, unexpected {unexpected[:5]}"
-                )
-        if part in ("all", "llm"):
-            model.llm.tie_weights()
 
 
 @dataclass
@@ -190,15 +168,20 @@ def run_stage(recipe: Recipe, i: int, prev: Path | None, tok: Tokenizer, sdir: P
     enable_parts(model, stage.enable)
     model.to(d.device)
     target, dataset, collator, table = setup_stage(recipe, i, model, tok, d, cache)
+    sharded = recipe.parallel.strategy == "fsdp" and d.enabled
+    masters = MasterWeights(target) if stage.precision == "bf16-pure" and not sharded else None
     if d.main:
         print(f"stage {stage.name}: {len(dataset)} samples\n{format_table(table)}", flush=True)
         sdir.mkdir(parents=True, exist_ok=True)
         counts = {"trainable": sum(r.trainable for r in table), "frozen": sum(r.frozen for r in table),
                   "groups": [asdict(r) for r in table]}  # fmt: skip
         (sdir / "trainable.json").write_text(json.dumps(counts, indent=2) + "\n")
-    trainer = Trainer(wrap(target, recipe.parallel.strategy, d), stage, dataset, collator, sdir, recipe.seed, d,
-                      progress=progress, cache=cache)  # fmt: skip
+    trainer = Trainer(wrap(target, recipe.parallel.strategy, d, stage.precision), stage, dataset, collator, sdir,
+                      recipe.seed, d, progress=progress, cache=cache, masters=masters)  # fmt: skip
     res = trainer.run()
+    if masters is not None:  # the stage's result keeps the fp32 masters, not their bf16 roundings
+        model.float()
+        masters.load(masters.state())
     _save_stage(model, target, objectives.get(stage.objective.name), stage, tok, sdir, res, d)
     return res
 
@@ -231,9 +214,12 @@ def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: T
         return load_pretrained(prev, dtype=torch.float32)
     if src not in (None, "none", "previous"):
         return load_pretrained(src, dtype=torch.float32)
-    torch.manual_seed(recipe.seed)
-    model = MLLM(recipe.model.build_config())  # random init for the parts that are not loaded
-    init_parts(model, recipe.model.init)
+    cfg = recipe.model.build_config()
+    if recipe.model.init:  # released parts (checkpoints.parts); the others freshly initialised
+        model = build_from_parts(cfg, recipe.model.init, recipe.seed)
+    else:
+        torch.manual_seed(recipe.seed)
+        model = MLLM(cfg)
     enable_parts(model, recipe.model.enable)
     if model.config.llm.vocab_size < tok.vocab_size:
         raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
@@ -251,4 +237,4 @@ def _unsharded(cfg, state: dict) -> MLLM:
     return model
 
 
-__all__ = ["enable_parts", "init_parts", "run_recipe", "run_stage", "setup_stage"]
+__all__ = ["enable_parts", "run_recipe", "run_stage", "setup_stage"]

@@ -188,11 +188,14 @@ def set_rng_state(tensors: dict, js: dict) -> None:
     np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
 
 
-def save_training_state(path: Path, model: nn.Module, opt, info: dict, ranks: dict | None = None) -> None:
-    """``ranks``: the other ranks' generator states (``gather_rank_rng``), saved beside this one's."""
+def save_training_state(path: Path, model: nn.Module, opt, info: dict, ranks: dict | None = None,
+                        masters=None) -> None:  # fmt: skip
+    """``ranks``: the other ranks' generator states (``gather_rank_rng``), saved beside this one's;
+    ``masters``: a bf16-pure run's fp32 master weights (``precision.MasterWeights``), saved in
+    place of the rounded weights, and what the optimiser steps."""
     with atomic_dir(path) as tmp:
-        save_tensors(model_state(model), tmp / "model.safetensors")
-        t, meta = optimizer_to_flat(opt, model)
+        save_tensors(model_state(model) | (masters.state() if masters else {}), tmp / "model.safetensors")
+        t, meta = optimizer_to_flat(opt, masters or model)
         save_tensors(t, tmp / "optimizer.safetensors")
         rt, rj = rng_state(ranks)
         save_tensors(rt, tmp / "rng.safetensors")
@@ -200,16 +203,22 @@ def save_training_state(path: Path, model: nn.Module, opt, info: dict, ranks: di
         (tmp / "state.json").write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def load_training_state(path: Path, model: nn.Module, opt) -> dict:
+def load_training_state(path: Path, model: nn.Module, opt, masters=None) -> dict:
     """Load a checkpoint (verified first: ``CorruptCheckpoint`` names what is wrong)."""
     from modalign.checkpoints.io import load_state_strict
 
     doc = verify(path)
     if (path / "sharded").is_dir():  # written under FSDP: resumed here without it
+        if masters is not None:
+            raise CheckpointError(
+                f"{path}: a sharded (FSDP) checkpoint resumes under FSDP only with bf16-pure"
+            )
         return _load_dcp(path, model, opt, doc)
     tensors = {name: _load(path / f"{name}.safetensors") for name in ("model", "optimizer", "rng")}
     load_state_strict(model, tensors["model"], str(path))
-    optimizer_from_flat(opt, model, tensors["optimizer"], doc["optimizer"])
+    if masters is not None:
+        masters.load(tensors["model"])
+    optimizer_from_flat(opt, masters or model, tensors["optimizer"], doc["optimizer"])
     set_rng_state(tensors["rng"], doc["rng"])
     return doc["info"]
 

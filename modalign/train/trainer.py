@@ -1,6 +1,7 @@
 """The trainer: one stage of a recipe, resumable exactly.
 
-Per optimiser step: ``grad_accum`` micro-batches (forward under autocast for bf16, backward),
+Per optimiser step: ``grad_accum`` micro-batches (forward under autocast for bf16 and bf16-pure,
+backward; bf16-pure steps fp32 master weights: ``precision.py``),
 non-finite check per parameter group, clipping, AdamW, LR from the schedule (a pure function of
 the step, so nothing but the step needs saving). Logs to a progress bar (loss, LR, tokens/s,
 ETA), ``metrics.jsonl`` and TensorBoard; saves atomically every ``checkpoints.every`` steps; draws the
@@ -30,6 +31,8 @@ from modalign.train import state as st
 from modalign.train.feature_cache import FeatureCache, RunCache
 from modalign.train.freeze import param_groups
 from modalign.train.parallel import Dist, all_mean, barrier, unwrap
+from modalign.train.precision import MasterWeights
+from modalign.train.precision import autocast as precision_autocast
 from modalign.train.recipe import Stage
 
 log = logging.getLogger("modalign")
@@ -112,8 +115,10 @@ class Trainer:
         dist: Dist | None = None,
         progress: bool = True,
         cache: RunCache | None = None,
+        masters: MasterWeights | None = None,
     ):
         self.model, self.stage, self.dataset, self.collator = model, stage, dataset, collator
+        self.masters = masters  # bf16-pure: the optimiser steps these fp32 copies (train/precision.py)
         self.out, self.seed, self.d, self.progress = Path(out), seed, dist or Dist(), progress
         self.cache = cache if cache is not None else RunCache()  # what stages of a run share
         opt = stage.optim
@@ -122,6 +127,8 @@ class Trainer:
             raise ValueError(f"stage {stage.name}: no trainable parameters")
         for g in self.groups:
             g["initial_lr"] = g["lr"]
+        if masters is not None:
+            masters.swap(self.groups)
         self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
         data = stage.data
         self.sampler = LengthGroupedSampler(
@@ -199,7 +206,9 @@ class Trainer:
         problems = []
         for path in reversed(prev):
             try:
-                info = load(path, core, self.opt)
+                info = (
+                    load(path, core, self.opt, self.masters) if self.masters else load(path, core, self.opt)
+                )
                 break
             except st.CorruptCheckpoint as e:
                 problems.append(str(e))
@@ -272,7 +281,7 @@ class Trainer:
     def _step(self, pr: Progress, data) -> tuple[float, int, float | None]:
         """One optimiser step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
         s = self.stage
-        autocast = torch.autocast(self.d.device.type, dtype=torch.bfloat16, enabled=s.precision == "bf16")
+        autocast = precision_autocast(s.precision, self.d.device)
         losses, ntok = [], 0
         for _ in range(s.optim.grad_accum):
             pr.epoch, pr.micro, batch = next(data)
@@ -293,6 +302,8 @@ class Trainer:
             (loss / s.optim.grad_accum).backward()
             losses.append(loss.item())
             ntok += int(batch["attention_mask"].sum())
+        if self.masters is not None:
+            self.masters.grads_to_masters()
         self._check_grads(pr.step)
         gnorm = None
         if s.optim.clip:
@@ -300,6 +311,8 @@ class Trainer:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.optim.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if self.masters is not None:
+            self.masters.masters_to_model()
         return all_mean(sum(losses) / max(len(losses), 1), self.d), ntok, gnorm
 
     def _log(self, rec: dict, tb, bar) -> None:
@@ -359,7 +372,7 @@ class Trainer:
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)
             st.save_training_state_sharded(path, core, self.opt, info, self.d.main, ranks)
         elif self.d.main:
-            st.save_training_state(path, core, self.opt, info, ranks)
+            st.save_training_state(path, core, self.opt, info, ranks, self.masters)
         if self.d.main:
             st.prune(self.ckpt_dir, self.stage.checkpoints.keep_last)
         barrier(self.d)

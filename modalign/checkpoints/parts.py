@@ -1,0 +1,226 @@
+"""Parts of a model from the files they are released in: what a recipe's ``model.init`` reads.
+
+    part       from
+    vision     a CLIP / SigLIP folder (``CLIPVisionModel``, ``SiglipVisionModel`` or the full
+               two-tower model), or any model folder ``load_pretrained`` reads (its tower)
+    llm        a language-model folder (Llama / Mistral / Qwen2, OPT, InternLM2, a native or any
+               multimodal folder: its decoder)
+    connector  a file of projector weights (the original LLaVA's ``mm_projector.bin``, a native
+               ``connector.*`` or transformers' ``multi_modal_projector.*`` file), or a folder
+    all        a whole multimodal model folder
+
+A part read from a checkpoint brings its architecture (``part_config``); the recipe keeps the
+choices that belong to the system being built, not to the part: which layer's features and which
+tokens reach the connector, how images are resized and at what resolution (the tower's position
+table is resized bicubically when the recipe's grid differs), and the modality-aware parts of the
+decoder (MAM, Partial LoRA, LoRA, adapter), which are added after the plain decoder is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from modalign.checkpoints import hf, llava_original
+from modalign.checkpoints.io import CheckpointError, read_bin, read_config, read_tensors
+from modalign.config import MLLMConfig
+
+PARTS = ("vision", "connector", "llm")
+# what the recipe decides about a tower it takes from elsewhere
+VISION_CHOICES = (
+    "feature_layer",
+    "feature_select",
+    "feature_post_norm",
+    "resize_mode",
+    "image_size",
+    "hd_layout",
+)
+# decoder parts a recipe adds on top of a loaded decoder
+LLM_ADDITIONS = ("mam", "plora", "lora", "adapter")
+
+
+def _is_tower(path: Path) -> bool:
+    return path.is_dir() and read_config(path).get("model_type") in hf.VISION_TYPES
+
+
+def part_config(path: str | Path, part: str) -> dict | None:
+    """The architecture of ``part`` in the checkpoint at ``path`` (a config dict), without reading
+    weights; None for a file of connector weights (the recipe's connector config stands)."""
+    from modalign.checkpoints import config_from_dir
+
+    path = Path(path)
+    if part not in (*PARTS, "all"):
+        raise CheckpointError(f"unknown part {part!r}; known: all, {', '.join(PARTS)}")
+    if not path.exists():
+        raise CheckpointError(f"recipe.model.init.{part}: {path} does not exist")
+    if part == "connector" and path.is_file():
+        return None
+    if part == "vision" and _is_tower(path):
+        return dataclasses.asdict(hf.image_settings(path, hf.vision_config_from_hf(read_config(path))))
+    cfg, _ = config_from_dir(path)
+    if part == "all":
+        return cfg.to_dict()
+    sub = getattr(cfg, part)
+    if sub is None:
+        raise CheckpointError(f"{path} has no {part} to initialise from")
+    return dataclasses.asdict(sub)
+
+
+def merge_part_configs(base: dict, init: dict[str, str]) -> dict:
+    """``base`` (a recipe's MLLMConfig dict) with the architecture of every part named in
+    ``init`` taken from its checkpoint; the system's choices stay the recipe's (module docstring)."""
+    out = dict(base)
+    for part, path in init.items():
+        got = part_config(path, part)
+        if got is None:
+            continue
+        if part == "all":
+            out = got
+        elif part == "vision":
+            mine = out.get("vision") or {}
+            out["vision"] = got | {k: mine[k] for k in VISION_CHOICES if k in mine}
+        elif part == "llm":
+            mine = out.get("llm") or {}
+            # the checkpoint's own routed parts load with it; the recipe's are added on top
+            out["llm"] = got | {k: mine[k] for k in LLM_ADDITIONS if k in mine and not got.get(k)}
+        else:
+            out[part] = got
+    if (
+        "vision" in init
+        and "connector" not in init
+        and (out.get("connector") or {}).get("type") == "abstractor"
+    ):
+        # the abstractor works at the tower's width (it attends over the tower's features)
+        c, width = dict(out["connector"]), _feature_width(out["vision"])
+        heads = c.get("num_heads", 16)
+        c["hidden_size"], c["num_heads"] = width, max(h for h in range(1, heads + 1) if width % h == 0)
+        out["connector"] = c
+    return out
+
+
+def _feature_width(vision: dict) -> int:
+    layers = vision.get("feature_layer", -2)
+    return vision["hidden_size"] * (1 if isinstance(layers, int) else len(layers))
+
+
+def read_part(path: str | Path, part: str, cfg: MLLMConfig) -> dict[str, torch.Tensor]:
+    """The tensors of ``part`` from ``path``, named as in the part's module, fitted to ``cfg``
+    (the position table resized to the recipe's grid)."""
+    from modalign.checkpoints import load_pretrained
+
+    path = Path(path)
+    if part == "connector" and path.is_file():
+        return connector_file(path)
+    if part == "vision" and _is_tower(path):
+        state = {k[len("vision.") :]: v for k, v in hf.remap(read_tensors(path), hf.map_vision_key).items()}
+    else:
+        src = load_pretrained(path, dtype=torch.float32)
+        module = getattr(src, part, None)
+        if module is None:
+            raise CheckpointError(f"{path} has no {part} to initialise from")
+        state = module.state_dict()
+    if part == "vision":
+        key = "embeddings.position_embedding.weight"
+        if key in state and cfg.vision is not None:
+            from modalign.models.vision import resize_position_table
+
+            state[key] = resize_position_table(state[key], cfg.vision.grid, cfg.vision.class_token)
+    return state
+
+
+def connector_file(file: Path) -> dict[str, torch.Tensor]:
+    """Projector weights from one file: the original LLaVA's ``mm_projector.bin`` (``model.mm_projector.*``),
+    transformers LLaVA's ``multi_modal_projector.*`` or a native ``connector.*`` file (.bin or .safetensors)."""
+    if file.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(file))
+    elif file.suffix == ".bin":
+        tensors = read_bin(file)
+    else:
+        raise CheckpointError(f"{file}: expected a .bin or .safetensors file of connector weights")
+    for prefix in ("model.mm_projector.", "base_model.model.model.mm_projector."):
+        if any(k.startswith(prefix) for k in tensors):
+            state = llava_original.projector_state(tensors, prefix)
+            break
+    else:
+        state = {}
+        for k, v in tensors.items():
+            if k.startswith("multi_modal_projector.") or k.startswith("model.multi_modal_projector."):
+                state["connector." + k.split("multi_modal_projector.", 1)[1]] = v
+            elif k.startswith("connector."):
+                state[k] = v
+    if not state:
+        raise CheckpointError(
+            f"{file}: no connector weights (expected model.mm_projector.*, multi_modal_projector.* or connector.*; "
+            f"found {', '.join(sorted(tensors)[:5])})"
+        )
+    return {k[len("connector.") :]: v for k, v in state.items()}
+
+
+def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
+    """An ``MLLM`` for ``cfg`` whose parts named in ``init`` are read from their checkpoints and
+    whose other parts are freshly initialised (seeded); the decoder's routed parts that the
+    checkpoint lacks (``cfg.llm.mam`` / ``plora`` / ...) are added after loading it, so they
+    start from the loaded weights (MAM's image copies equal the text weights, LoRA B is zero)."""
+    from modalign.checkpoints import load_pretrained
+    from modalign.checkpoints.io import load_state_strict
+    from modalign.models.mllm import MLLM
+
+    unknown = sorted(set(init) - {*PARTS, "all"})
+    if unknown:
+        raise CheckpointError(f"recipe.model.init: unknown part(s) {unknown}; known: all, {', '.join(PARTS)}")
+    torch.manual_seed(seed)
+    build_cfg = MLLMConfig.from_dict(cfg.to_dict())
+    if "all" in init:
+        model = load_pretrained(init["all"], dtype=torch.float32)
+        if (model.config.vision is None) != (cfg.vision is None):
+            raise CheckpointError(f"{init['all']}: its vision tower does not fit the recipe's model")
+        model.train()
+    else:
+        if "llm" in init:  # the decoder as the checkpoint holds it; the recipe's additions come after
+            have = MLLMConfig.from_dict({"llm": part_config(init["llm"], "llm")}).llm
+            for k in LLM_ADDITIONS:
+                setattr(build_cfg.llm, k, getattr(have, k))
+        with torch.device("meta"):
+            model = MLLM(build_cfg)
+        for name in model.part_names():
+            if name not in init:
+                setattr(model, name, model.new_part(name))
+    for name in model.part_names():
+        if name not in init:
+            continue
+        if name == "vision" and cfg.vision is None:
+            raise CheckpointError(
+                f"recipe.model.init.vision: the recipe's model has no vision tower ({init[name]})"
+            )
+        module = getattr(model, name)
+        if any(p.is_meta for p in module.parameters()):
+            from modalign.checkpoints import reset_buffers
+
+            module.to_empty(device="cpu")
+            reset_buffers(module)
+            if name == "llm":
+                module.tie_weights()  # to_empty gave the tied head its own storage
+        try:
+            load_state_strict(module, read_part(init[name], name, cfg), f"{init[name]} ({name})")
+        except CheckpointError as e:
+            raise CheckpointError(f"recipe.model.init.{name}: {e}") from None
+    _add_llm_parts(model, cfg)
+    return model
+
+
+def _add_llm_parts(model, cfg: MLLMConfig) -> None:
+    from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
+
+    want, have = cfg.llm, model.config.llm
+    if want.mam and not have.mam:
+        enable_mam(model)
+    for name, enable in (("plora", enable_plora), ("lora", enable_lora), ("adapter", enable_adapter)):
+        if getattr(want, name) is not None and getattr(have, name) is None:
+            enable(model, getattr(want, name))
+
+
+__all__ = ["build_from_parts", "connector_file", "merge_part_configs", "part_config", "read_part"]
