@@ -113,9 +113,10 @@ def config_from_internlm2(d: dict, path: Path, tensors: dict) -> MLLMConfig:
     if not any(k.startswith("vit.") for k in tensors):
         return MLLMConfig(llm=llm, source_format="internlm2")
     vision = _vision_config(path, tensors)
-    vision.feature_layer, vision.feature_select = -1, "patch"
+    # the official vis_processor resizes straight to the tower's size (no crop, no padding)
+    vision.feature_layer, vision.feature_select, vision.resize_mode = -1, "patch", "squash"
     if "plora_glb_GN" in tensors:
-        vision.hd_layout, vision.resize_mode = "ixc", "squash"
+        vision.hd_layout = "ixc"
     else:
         rows = tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"][0]
         # IXC2-VL: a CLIP-L/14-336 table (577 rows) is resized to 490 px when loaded; a table

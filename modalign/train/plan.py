@@ -10,8 +10,9 @@ Memory per GPU (bytes per parameter; FSDP divides every term but activations by 
     bf16-pure   2 x all + 4 x trainable       2 x trainable    8 x trainable
                 (fp32 master copies; under FSDP the shards are the fp32 masters: 4 x all)
 
-Activations: batch x length x hidden x layers x 34 bytes for the decoder (bf16: half), or
-batch x length x hidden x (2 x layers + 34) with gradient checkpointing; the vision tower's
+Activations: batch x length x hidden x layers x 34 bytes for the decoder in bf16 (fp32: twice),
+or batch x length x hidden x (2 x layers + 34) with gradient checkpointing, at the longest
+sequences (``max_length``: an upper bound); the vision tower's
 activations are left out (frozen towers keep none). Time: 2 FLOPs per parameter per token forward;
 backward, 2 per parameter of the parts gradients flow through and 2 more per trainable parameter
 (plus one more forward where activations are recomputed); at ``mfu`` of ``gpu_tflops``, over at most ``batch x grad_accum x max_length`` tokens
@@ -82,7 +83,7 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_tflops: float = 312.0, mfu: float = 
         batch, length = stage.data.batch_size, stage.data.max_length
         h, n = cfg.llm.hidden_size, cfg.llm.num_layers
         act = batch * length * h * ((2 * n + 34) if stage.gradient_checkpointing else n * 34)
-        act = act // 2 if stage.precision != "fp32" else act
+        act = act * 2 if stage.precision == "fp32" else act  # the 34 bytes are 16-bit activations
         mem = {"weights": weights / shard, "gradients": grads / shard, "optimizer": trainable * 8 / shard,
                "activations_estimate": act}  # fmt: skip
         # FLOPs: forward through everything, backward from the first part that trains

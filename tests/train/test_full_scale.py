@@ -315,3 +315,45 @@ def test_the_released_parts_read_as_their_reference_libraries_read_them(released
             text, _, _ = get_template(template, tok).render(s.messages, tok)
             text = text.replace("<image>", "")
             assert tok.encode(text) == hf(text, add_special_tokens=False).input_ids, text
+
+
+def test_init_from_a_pretraining_runs_projector_equals_the_released_run():
+    """``init: {connector: .../mm_projector.bin}`` with the run's LLM and tower gives exactly the
+    model the released pretraining run loads as (original LLaVA layout, golden files)."""
+    from modalign.checkpoints.parts import build_from_parts
+    from modalign.train.recipe import load_recipe
+
+    g = Path(__file__).resolve().parents[1] / "golden" / "llava_original"
+    run, base, tower = g / "llava_llama_pretrain" / "llava-v1.5-tiny-llama-pretrain", g / "vicuna-tiny-base", (
+        g / "openai" / "clip-vit-tiny-patch14-56")  # fmt: skip
+    r = load_recipe("llava-1.5", {"data": "d", "llm": str(base), "vision": str(tower)},
+                    sets=[f"model.init.connector={run / 'mm_projector.bin'}", "model.overrides={vision: {image_size: 56}}"])  # fmt: skip
+    ours = build_from_parts(r.model.build_config(), r.model.init, seed=0)
+    want = MLLM.from_pretrained(run, base=base, vision_tower=tower)
+    a, b = ours.state_dict(), want.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k].float()) for k in a)
+    assert (ours.config.vision.resize_mode, ours.config.vision.image_mean) == (
+        "pad",
+        want.config.vision.image_mean,
+    )
+
+
+def test_finetune_alone_from_a_released_projector(released, tmp_path):
+    """Skipping stage 1 with a released projector: ``--stage finetune`` from ``init`` parts."""
+    data, _ = released
+    g = Path(__file__).resolve().parents[1] / "golden" / "llava_original"
+    run, base, tower = g / "llava_llama_pretrain" / "llava-v1.5-tiny-llama-pretrain", g / "vicuna-tiny-base", (
+        g / "openai" / "clip-vit-tiny-patch14-56")  # fmt: skip
+    out = tmp_path / "run"
+    argv = ["train", "llava-1.5", "--out", str(out), "--data", str(data), "--var", f"llm={base}", "--var",
+            f"vision={tower}", "--stage", "finetune", "--no-progress",
+            "--set", f"model.init.connector={run / 'mm_projector.bin'}", "--set", "stages.finetune.init_from=none",
+            "--set", "stages.finetune.stop={max_steps: 2}", "--set", "stages.finetune.data.batch_size=2",
+            "--set", "model.overrides={vision: {image_size: 56}}"]  # fmt: skip
+    assert main(argv) == 0
+    assert not (out / "pretrain").exists()
+    start = MLLM.from_pretrained(run, base=base, vision_tower=tower).state_dict()
+    end = MLLM.from_pretrained(out / "model").state_dict()
+    assert all(torch.equal(end[k], v.float()) for k, v in start.items() if k.startswith("vision."))
+    trained = [k for k in start if k.startswith(("connector.", "llm."))]
+    assert all(not torch.equal(end[k], start[k].float()) for k in trained if k.endswith("proj.weight"))

@@ -105,5 +105,5 @@ def test_plan_divides_sharded_state_by_the_gpus_and_counts_bf16_pure():
     pure = plan(r, gpus=1)[1]["memory_bytes"]
     assert pure["weights"] == 2 * n + 4 * t
     per_token = [r["seconds_per_step"] / r["tokens_per_step_max"] for r in eight]
-    assert per_token[1] > per_token[0] * 1.4  # LLM weight gradients on top of the backward through it
+    assert per_token[1] > per_token[0] * 1.25  # the LLM's weight gradients on top of the backward through it
     assert one[0]["steps"] is None  # no data here: no step count
