@@ -118,7 +118,10 @@ def _splice_per_image(embed, input_ids, is_ph, image_tokens, attention_mask, lab
             mod_parts += [torch.zeros(p - cut, dtype=torch.long), torch.ones(n_tok, dtype=torch.long)]
             mask_parts += [mask[r, cut:p], mask[r, p].expand(n_tok)]
             if labels is not None:
-                lab_parts += [labels[r, cut:p], torch.full((n_tok,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device)]
+                lab_parts += [
+                    labels[r, cut:p],
+                    torch.full((n_tok,), IGNORE_INDEX, dtype=labels.dtype, device=labels.device),
+                ]
             cut, k = p + 1, k + 1
         emb_parts.append(text[r, cut:])
         mod_parts.append(torch.zeros(t - cut, dtype=torch.long))
