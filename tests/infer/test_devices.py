@@ -1,0 +1,61 @@
+"""Devices and precisions by name: ``--device`` / ``--dtype`` on generate and eval, the Python
+API loading straight into the requested dtype, and clear errors for what is not there."""
+
+import json
+
+import pytest
+import torch
+
+from modalign import MLLM
+from modalign.cli import main
+from modalign.devices import resolve_device, resolve_dtype
+from modalign.infer.chat import ChatModel, user_message
+
+
+def test_names_resolve_and_unavailable_devices_are_named():
+    cpu = torch.device("cpu")
+    assert resolve_device("cpu") == cpu and resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("bf16", cpu) == torch.bfloat16 and resolve_dtype("float16", cpu) == torch.float16
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in ("cpu", "mps")
+        with pytest.raises(ValueError, match="device 'cuda' is not available here"):
+            resolve_device("cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+    with pytest.raises(ValueError, match="unknown dtype 'half'"):
+        resolve_dtype("half", cpu)
+
+
+def test_bf16_loads_straight_in_bf16_and_answers_like_fp32(tiny_model, world):
+    m16 = MLLM.from_pretrained(tiny_model, dtype=torch.bfloat16, device="cpu")
+    m32 = MLLM.from_pretrained(tiny_model)
+    assert all(p.dtype == torch.bfloat16 for p in m16.parameters())
+    # the bf16 weights are the fp32 ones rounded: nothing else differs
+    for (n, a), (_, b) in zip(m16.state_dict().items(), m32.state_dict().items(), strict=True):
+        assert torch.equal(a, b.to(a.dtype)), n
+    cm16, cm32 = ChatModel.load(tiny_model, dtype="bfloat16"), ChatModel.load(tiny_model, dtype="float32")
+    img = sorted((world / "images").glob("*.png"))[0]
+    with torch.no_grad():
+        p = cm32.prompt([user_message("What colour is the circle?", 1)], [img])
+        ids, px = torch.tensor([p.input_ids]), torch.stack(p.pixel_values)
+        l32 = cm32.model(ids, pixel_values=px).logits[0, -1]
+        l16 = cm16.model(ids, pixel_values=px).logits[0, -1].float()
+    assert (l16 - l32).abs().max() < 0.1 * l32.abs().max()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_generate_on_a_named_device_and_dtype(tiny_model, capsys, dtype):
+    argv = ["generate", "--model", str(tiny_model), "--prompt", "Hello", "--max-new-tokens", "4", "--json",
+            "--device", "cpu", "--dtype", dtype]  # fmt: skip
+    assert main(argv) == 0
+    reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert reply["completion_tokens"] >= 1
+
+
+def test_a_bad_device_or_dtype_is_a_clear_cli_error(tiny_model, capsys):
+    base = ["generate", "--model", str(tiny_model), "--prompt", "Hello", "--max-new-tokens", "2"]
+    assert main([*base, "--dtype", "half"]) == 2
+    assert "unknown dtype 'half'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main([*base, "--device", "cuda:1"]) == 2
+        assert "is not available here" in capsys.readouterr().err
