@@ -162,7 +162,7 @@ def connector_file(file: Path) -> dict[str, torch.Tensor]:
 
 def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
     """An ``MLLM`` for ``cfg`` whose parts named in ``init`` are read from their checkpoints and
-    whose other parts are freshly initialised (seeded); the decoder's routed parts that the
+    whose other parts are freshly initialised (seeded, as ``MLLM(cfg)`` would draw them); the decoder's routed parts that the
     checkpoint lacks (``cfg.llm.mam`` / ``plora`` / ...) are added after loading it, so they
     start from the loaded weights (MAM's image copies equal the text weights, LoRA B is zero)."""
     from modalign.checkpoints import load_pretrained
@@ -172,7 +172,6 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
     unknown = sorted(set(init) - {*PARTS, "all"})
     if unknown:
         raise CheckpointError(f"recipe.model.init: unknown part(s) {unknown}; known: all, {', '.join(PARTS)}")
-    torch.manual_seed(seed)
     build_cfg = MLLMConfig.from_dict(cfg.to_dict())
     if "all" in init:
         model = load_pretrained(init["all"], dtype=torch.float32)
@@ -186,8 +185,14 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
                 setattr(build_cfg.llm, k, getattr(have, k))
         with torch.device("meta"):
             model = MLLM(build_cfg)
-        for name in model.part_names():
-            if name not in init:
+        # the fresh parts get exactly what MLLM(cfg) gives them under the seed: the parts built
+        # before them are drawn too (then overwritten), the loaded parts after the last fresh one
+        # are not (a 7B decoder is never drawn at random only to be replaced)
+        names = model.part_names()
+        last_fresh = max((i for i, n in enumerate(names) if n not in init), default=-1)
+        torch.manual_seed(seed)
+        for i, name in enumerate(names):
+            if name not in init or i < last_fresh:
                 setattr(model, name, model.new_part(name))
     for name in model.part_names():
         if name not in init:
