@@ -357,3 +357,23 @@ def test_finetune_alone_from_a_released_projector(released, tmp_path):
     assert all(torch.equal(end[k], v.float()) for k, v in start.items() if k.startswith("vision."))
     trained = [k for k in start if k.startswith(("connector.", "llm."))]
     assert all(not torch.equal(end[k], start[k].float()) for k in trained if k.endswith("proj.weight"))
+
+
+def test_fresh_parts_are_drawn_as_the_whole_model_draws_them(tmp_path):
+    """A part initialised fresh beside loaded ones gets what ``MLLM(cfg)`` gives it under the
+    seed, so loading a part never changes the others' starting point."""
+    from modalign.checkpoints.parts import build_from_parts
+    from modalign.config import MLLMConfig
+
+    cfg = MLLMConfig.from_name("tiny-llava")
+    torch.manual_seed(3)
+    whole = MLLM(cfg)
+    whole.save_pretrained(tmp_path / "m")
+    for init in (
+        {"vision": tmp_path / "m", "llm": tmp_path / "m"},
+        {"vision": tmp_path / "m"},
+        {"llm": tmp_path / "m"},
+    ):
+        built = build_from_parts(cfg, {k: str(v) for k, v in init.items()}, seed=3)
+        a, b = built.state_dict(), whole.state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), init
