@@ -4,10 +4,12 @@
   contractions) and min(#matching humans / 3, 1), averaged over the ten leave-one-out subsets.
 - exact match (TextVQA/GQA-style single answers) after the same normalisation.
 - multiple choice: option-letter extraction and MMBench's circular evaluation.
-- POPE: accuracy, precision, recall, F1 and yes-ratio of yes/no answers.
-- MME: accuracy and accuracy+ (both questions of an image right) per subtask; perception and
-  cognition scores (sum over subtasks of (acc + acc+) x 100).
-- BLEU-4 (corpus level, brevity penalty) and CIDEr-D (n = 1..4, sigma 6, clipped, x10).
+- POPE: free-form answers read as the POPE script reads them; accuracy, precision, recall, F1
+  and yes-ratio.
+- MME: answers read as MME's calculation.py reads them; accuracy and accuracy+ (both questions
+  of an image right) per subtask; perception and cognition scores (sum of (acc + acc+) x 100).
+- BLEU-4 (corpus level, brevity penalty) and CIDEr-D (n = 1..4, sigma 6, clipped, x10) over
+  coco-caption's PTB tokenization.
 """
 
 from __future__ import annotations
@@ -153,24 +155,35 @@ def circular_options(options: dict[str, str], answer: str) -> list[tuple[dict[st
 # --------------------------------------------------------------------------- POPE / MME
 
 
-def yes_no(text: str) -> str | None:
-    words = re.findall(r"[a-z]+", text.lower())
-    if not words:
-        return None
-    if words[0] in ("yes", "no"):
-        return words[0]
-    if "yes" in words and "no" not in words:
-        return "yes"
-    if "no" in words and "yes" not in words:
-        return "no"
-    return None
+def pope_answer(text: str) -> str:
+    """A free-form answer to a POPE question as the POPE evaluation script reads it: keep the
+    first sentence (the text before the first "."), drop commas, split on spaces; "no" if a
+    word is exactly "No", "not" or "no", otherwise "yes" (so an answer that names neither is a
+    "yes", and "NO!" is a "yes" too: the script is case-sensitive)."""
+    first = text.split(".")[0].replace(",", "")
+    return "no" if {"No", "not", "no"} & set(first.split(" ")) else "yes"
 
 
-def pope_metrics(predictions: list[str | None], labels: list[str]) -> dict:
-    """Positive class is "yes"; an unparsable prediction counts as "no" (the POPE script's rule)."""
+def mme_answer(text: str) -> str:
+    """A free-form answer to an MME question as MME's ``calculation.py`` reads it (lower-cased):
+    "yes" / "no" when it is exactly that, else the first four characters decide ("yes" in them,
+    then "no" in them), else "other", which is wrong for either label."""
+    t = text.lower()
+    if t in ("yes", "no"):
+        return t
+    head = t[:4]
+    return "yes" if "yes" in head else "no" if "no" in head else "other"
+
+
+def pope_metrics(predictions: list[str], labels: list[str]) -> dict:
+    """``predictions``: "yes" / "no" (free-form answers read by :func:`pope_answer` first).
+    Positive class is "yes"."""
     tp = fp = tn = fn = 0
     for p, y in zip(predictions, labels, strict=True):
-        p = "yes" if p == "yes" else "no"
+        if p not in ("yes", "no"):
+            raise ValueError(
+                f"POPE prediction {p!r} is not yes/no: read free-form answers with pope_answer()"
+            )
         if p == "yes" and y == "yes":
             tp += 1
         elif p == "yes":
@@ -225,8 +238,77 @@ def _ngrams(words: list[str], n: int) -> Counter:
     return Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
 
 
+# coco-caption tokenizes with Stanford's PTBTokenizer (``-preserveLines -lowerCase``) and then
+# drops these tokens. The bracket escapes are lower-cased before that filter, so "-lrb-" stays.
+PTB_PUNCTUATION = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":",
+                             "-", "--", "...", ";"])  # fmt: skip
+_PTB_BRACKETS = {"(": "-LRB-", ")": "-RRB-", "[": "-LSB-", "]": "-RSB-", "{": "-LCB-", "}": "-RCB-"}
+# words whose final period belongs to them (PTB keeps "mr." and "p.m." whole)
+_PTB_ABBREV = frozenset(
+    """mr mrs ms dr prof st jr sr vs etc inc ltd co corp mt ave rd blvd dept est fig gen gov
+    capt col lt sgt rev hon messrs mme mlle jan feb mar apr jun jul aug sep sept oct nov dec""".split()
+)
+_PTB_SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"),
+                    "wanna": ("wan", "na"), "lemme": ("lem", "me"), "gimme": ("gim", "me")}  # fmt: skip
+_PTB_CLITIC = re.compile(r"^(.+?)(n't|'s|'re|'ve|'ll|'d|'m)$", re.IGNORECASE)
+_PTB_PIECE = re.compile(
+    r"""\d+(?:[.,:/]\d+)+          # numbers: 3.5  1,000  5:30  3/4
+      | (?:[^\W\d_]\.){2,}         # acronyms: u.s.  p.m.
+      | (?:[@#](?=[^\W\d_]))?\w+(?:[-']\w+)*  # words, hyphenated, clitics, o'clock, @home, #tag
+      | \.\.\.|--                   # ellipsis, dash
+      | [?!]+                      # "?!" is one token
+      | \S                         # any other symbol alone
+    """,
+    re.VERBOSE,
+)
+
+
+def _ptb_word(tok: str) -> list[str]:
+    """Split one word into PTB tokens: "isn't" -> "is n't", "cannot" -> "can not"."""
+    low = tok.lower()
+    if low in _PTB_SPLIT_WORDS:
+        a, _ = _PTB_SPLIT_WORDS[low]
+        return [tok[: len(a)], tok[len(a) :]]
+    m = _PTB_CLITIC.match(tok)
+    if m and "'" not in m.group(1):
+        return [m.group(1), m.group(2)]
+    return [tok]
+
+
+def ptb_tokens(text: str) -> list[str]:
+    """A caption as coco-caption's evaluation tokenizes it: Stanford PTBTokenizer rules on one
+    line (clitics split: "man's" -> "man 's", "isn't" -> "is n't"; hyphenated words, numbers and
+    abbreviations whole; brackets escaped), lower-cased, then its punctuation list removed.
+    Checked token for token against the Java tokenizer pycocoevalcap ships (tests/eval)."""
+    out: list[str] = []
+    chunks = text.split()
+    for ci, chunk in enumerate(chunks):
+        pieces = _PTB_PIECE.findall(chunk)
+        number_next = ci + 1 < len(chunks) and chunks[ci + 1][:1].isdigit()
+        for i, p in enumerate(pieces):
+            last = i + 1 == len(pieces)
+            if (
+                p == "."
+                and i
+                and (
+                    pieces[i - 1].lower() in _PTB_ABBREV
+                    or re.fullmatch(r"[^\W\d_]", pieces[i - 1])
+                    or (pieces[i - 1].lower() == "no" and last and number_next)
+                )
+            ):
+                out[-1] += "."  # "mr.", an initial and "no. 5" keep their period
+            elif p == "'" and not last and pieces[i + 1].lower() in ("tis", "twas"):
+                out.append("'t")  # "'tis" -> "'t is"
+                pieces[i + 1] = pieces[i + 1][1:]
+            else:
+                out.extend(_ptb_word(p))
+    toks = [_PTB_BRACKETS.get(t, t).lower() for t in out]
+    return [t for t in toks if t not in PTB_PUNCTUATION and t != '"']
+
+
 def caption_tokens(text: str) -> list[str]:
-    return re.sub(r"[^\w\s]", " ", text.lower()).split()
+    """The tokens BLEU / CIDEr count: :func:`ptb_tokens`."""
+    return ptb_tokens(text)
 
 
 def bleu4(candidates: list[str], references: list[list[str]]) -> float:

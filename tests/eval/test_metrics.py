@@ -10,11 +10,13 @@ from modalign.eval.metrics import (
     circular_options,
     exact_match,
     extract_choice,
+    mme_answer,
     mme_scores,
     normalize_vqa,
+    pope_answer,
     pope_metrics,
+    ptb_tokens,
     vqa_accuracy,
-    yes_no,
 )
 
 
@@ -60,14 +62,43 @@ def test_choice_extraction_and_circular():
 
 
 def test_pope_confusion_matrix():
-    preds = ["yes", "yes", "no", "no", "yes", "maybe"]
+    preds = ["Yes", "Yes, there is.", "No", "There is no dog.", "yes", "I cannot tell"]
     labels = ["yes", "no", "no", "yes", "yes", "yes"]
-    m = pope_metrics([yes_no(p) for p in preds], labels)
-    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 1, 2)
-    assert m["accuracy"] == pytest.approx(3 / 6) and m["precision"] == pytest.approx(2 / 3)
-    assert m["recall"] == pytest.approx(2 / 4) and m["f1"] == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
-    assert m["yes_ratio"] == pytest.approx(3 / 6)
-    assert yes_no("Yes, there is.") == "yes" and yes_no("There is no dog") == "no"
+    m = pope_metrics([pope_answer(p) for p in preds], labels)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 1, 1)
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["precision"] == pytest.approx(3 / 4)
+    assert m["recall"] == pytest.approx(3 / 4) and m["f1"] == pytest.approx(3 / 4)
+    assert m["yes_ratio"] == pytest.approx(4 / 6)
+    with pytest.raises(ValueError, match="pope_answer"):
+        pope_metrics(["maybe"], ["yes"])
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [
+        ("There is a cat in the image.", "yes"),  # names neither: the script says yes
+        ("No, there is no cat.", "no"),
+        ("No.", "no"),
+        ("no", "no"),
+        ("There is not a cat.", "no"),
+        ("Yes. There is no other animal.", "yes"),  # only the first sentence counts
+        ("NO", "yes"),  # case-sensitive, as the script
+        ("No!", "yes"),  # "No!" is not the word "No"
+        ("Nothing like that, no", "no"),  # the comma is dropped first
+        ("There is a dog but nobody else.", "yes"),
+    ],
+)
+def test_pope_answer_follows_the_official_script(text, want):
+    assert pope_answer(text) == want
+
+
+@pytest.mark.parametrize(
+    "text,want",
+    [("Yes", "yes"), ("no", "no"), ("Yes, it is.", "yes"), ("No, it is not.", "no"), ("Nope", "no"),
+     ("The answer is yes", "other"), ("I don't know", "other"), ("yes.", "yes")],
+)  # fmt: skip
+def test_mme_answer_follows_calculation_py(text, want):
+    assert mme_answer(text) == want
 
 
 def test_mme_accuracy_plus_and_scores():
@@ -84,29 +115,91 @@ def test_mme_accuracy_plus_and_scores():
     assert s["perception"] == 125.0 and s["cognition"] == 50.0
 
 
-def test_bleu_and_cider_match_pycocoevalcap():
-    pycoco = pytest.importorskip("pycocoevalcap")  # noqa: F841
+# captions a PTB tokenizer treats differently from a split on punctuation: hyphens, clitics,
+# abbreviations, numbers, brackets, quotes, "?!"
+PTB_CASES = [
+    "A black-and-white photo of a man's dog.",
+    "The colour of the theatre isn't grey; it's 3.5 m wide!",
+    'Two dogs (brown) play -- with a "frisbee" at 5:30 p.m. in the U.S.',
+    "it's a cat's toy, don't you think?",
+    "A man ... walking  down the   street.",
+    "cannot gonna wanna I'm we'll they've she'd",
+    "a 10-year-old boy's shirt",
+    "e-mail @home #tag #1 $5 50% a&b",
+    "A sign reading 'STOP' at the corner",
+    "He said `hi'",
+    "a [red] {blue} shape",
+    "co-operate re-enter x-ray T-shirt",
+    "well-known 'quoted' ``double'' \"x\"",
+    "mr. smith and dr. jones etc.",
+    "a dog's... ",
+    "café naïve résumé",
+    "3/4 of a pie, 1,000 people",
+    "... leading dots",
+    "what's up?!",
+    "U.K. colour favour centre",
+    "'tis o'clock",
+    "wow!! really?? no way!?",
+    "A dog. A cat. Two birds.",
+    "The dogs' bowls are red.",
+    "Can't won't shouldn't ain't",
+    "a man with a hat on his head - sitting on a bench",
+    "the letter b. and vitamin c. Dr.. mr.?",
+    "there is no. the answer is no, a st. bernard, fig. 3, vol. 2, sign no. 5",
+    'a sign that says "no parking" on a pole',
+    "A black-and-white cat sitting on a red-and-white striped blanket.",
+    "A double-decker bus parked next to a well-kept lawn.",
+]
+
+
+def _java_ptb():
+    pytest.importorskip("pycocoevalcap")
+    import shutil
+
+    if shutil.which("java") is None:
+        pytest.skip("java (a headless JRE) is needed to run coco-caption's PTBTokenizer")
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    return PTBTokenizer()
+
+
+def test_ptb_tokens_equal_coco_captions_java_tokenizer():
+    import random
+
+    rng = random.Random(0)
+    words = (
+        "a the man woman dog's cat isn't it's two 3 3.5 1,000 red-and-white well-known U.S. p.m. mr. Dr. "
+        "don't can't (big) [small] \"quoted\" 'single' sitting on bench near table with pizza and; , . ! ? "
+        "-- - ... : 10-year-old o'clock won't they're we've I'd 50% $20 e-mail #1 they'll people's cannot"
+    ).split()
+    fuzz = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 14))) + rng.choice([".", "!", "", " ."])
+            for _ in range(300)]  # fmt: skip
+    caps = PTB_CASES + fuzz
+    java = _java_ptb().tokenize({i: [{"caption": c}] for i, c in enumerate(caps)})
+    for i, c in enumerate(caps):
+        assert " ".join(ptb_tokens(c)) == java[i][0], c
+    assert caption_tokens("A black-and-white dog's bowl.") == ["a", "black-and-white", "dog", "'s", "bowl"]
+
+
+def test_bleu_and_cider_match_coco_caption_on_raw_captions():
+    """The whole coco-caption pipeline (Java PTB tokenization, then Bleu / Cider) on captions
+    with hyphens, clitics and punctuation, against modalign's metrics on the raw strings."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
 
     refs = [
-        [
-            "a red circle at the top left",
-            "there is a red circle in the top left corner",
-            "red round shape top left",
-        ],
-        ["two blue squares", "a pair of blue squares side by side", "two squares that are blue"],
-        ["a green star and a yellow hexagon", "green star next to a yellow hexagon", "a star and a hexagon"],
-        ["the word cat in the middle", "text reading cat at the center", "cat written in the center"],
-    ]
-    cands = [
-        "a red circle at the top",
-        "two blue squares side by side",
-        "a green star and a hexagon",
-        "a cat",
-    ]
-    gts = {i: [" ".join(caption_tokens(r)) for r in rs] for i, rs in enumerate(refs)}
-    res = {i: [" ".join(caption_tokens(c))] for i, c in enumerate(cands)}
+        ["A black-and-white photo of a red circle.", "There's a red circle in the top-left corner.",
+         "A red, round shape (top left)."],
+        ["Two blue squares side-by-side.", "A pair of blue squares; they're side by side.", "Two squares that are blue!"],
+        ["A green star and a yellow hexagon.", "Green star next to a yellow hexagon", "a star and a hexagon..."],
+        ["The word \"cat\" in the middle.", "Text reading 'cat' at the center.", "cat written in the center"],
+        ["A man's black-and-white dog.", "The dog isn't black-and-white, it's grey.", "A well-kept dog"],
+    ]  # fmt: skip
+    cands = ["A red circle at the top-left.", "Two blue squares side-by-side.", "A green star and a hexagon.",
+             "A cat.", "A man's black-and-white dog, well-kept."]  # fmt: skip
+    tok = _java_ptb()
+    gts = tok.tokenize({i: [{"caption": r} for r in rs] for i, rs in enumerate(refs)})
+    res = tok.tokenize({i: [{"caption": c}] for i, c in enumerate(cands)})
     want_bleu = Bleu(4).compute_score(gts, res, verbose=0)[0][3]
     want_cider = Cider().compute_score(gts, res)[0]
     assert bleu4(cands, refs) == pytest.approx(want_bleu, abs=1e-6)

@@ -47,7 +47,7 @@ def read(path: Path, references: Path | None = None) -> list[dict]:
 
 
 def score(r: dict, opts, gold: str, raw: str) -> dict:
-    answer = M.yes_no(raw)
+    answer = M.mme_answer(raw)
     return {"answer": answer, "score": float(answer == gold.lower()),
             "image": r["image"] if isinstance(r["image"], str) else None}  # fmt: skip
 

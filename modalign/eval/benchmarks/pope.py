@@ -16,7 +16,7 @@ def _row(r: dict, where: str) -> dict:
 
 
 def score(r: dict, opts, gold: str, raw: str) -> dict:
-    answer = M.yes_no(raw)
+    answer = M.pope_answer(raw)
     return {"answer": answer, "score": float(answer == gold.lower())}
 
 
