@@ -10,11 +10,15 @@ marks), and a token is trained iff its character span overlaps a loss span:
     labels: -100 ... -100 ...                          ' red' '</s>'
 
 Built-in templates: plain, vicuna_v1, llava_v1, chatml, llama3, mistral_instruct; ``jinja``
-renders a checkpoint's own ``chat_template`` in a sandboxed Jinja environment.
+renders a checkpoint's own ``chat_template`` in a sandboxed Jinja environment, as transformers'
+``apply_chat_template`` does, with its replies' spans from ``{% generation %}`` blocks or by probing
+(see ``JinjaTemplate``).
 """
 
 from __future__ import annotations
 
+import re
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,9 +27,9 @@ from modalign.data.tokenizer import Tokenizer
 IGNORE_INDEX = -100
 IMAGE_MARK = "\ue000"  # where an image goes inside message text (private-use code point)
 IMAGE_PLACEHOLDER = "<image>"  # where an image goes in data set text (LLaVA JSON, messages)
-_OPEN, _CLOSE = "\ue001", "\ue002"  # loss-span sentinels used with Jinja templates
-_IN, _OUT = "\ue003", "\ue004"  # message-content sentinels used with Jinja templates
-RESERVED = {ord(c): None for c in (_OPEN, _CLOSE, _IN, _OUT)}  # removed from message text
+_OPEN, _CLOSE = "\ue001", "\ue002"  # reserved (sentinels of earlier versions; the server strips them)
+_IN, _OUT = "\ue003", "\ue004"
+RESERVED = {ord(c): None for c in (_OPEN, _CLOSE, _IN, _OUT)}  # removed from message text (not Jinja's)
 ROLES = ("system", "user", "assistant")
 
 VICUNA_SYSTEM = (
@@ -95,7 +99,6 @@ class Template:
     content spans are tokenized as text, so a user cannot write the template's control tokens."""
 
     name = "base"
-    eot_follows_span = False  # Jinja: a special token right after a reply is its end-of-turn
     # the sequence starts with the tokenizer's BOS id and the text is tokenized as a fresh input
     # after it, as the reference code does (``tokenizer(prompt)`` adds BOS; a SentencePiece
     # tokenizer then puts its ``▁`` prefix on the first word: "<s>▁A chat", not "<s>A chat")
@@ -270,49 +273,192 @@ class Blip2Template(Template):
                 out += [(m.content, True, True), (eos, True)]
 
 
+class _GenerationTracker:
+    """Jinja extension for ``{% generation %}...{% endgeneration %}`` (the convention of
+    transformers' ``return_assistant_tokens_mask``): the block renders its body unchanged and, while
+    a render is tracked, records the body's character span in the output. Positions come from the
+    output streamed so far by ``Template.generate``; the caller checks that each recorded span holds
+    the body (a block inside a macro or a captured ``set`` block would not)."""
+
+    _active: ContextVar = ContextVar("modalign_generation_spans", default=None)
+
+    @classmethod
+    def make(cls):
+        from jinja2 import nodes
+        from jinja2.ext import Extension
+
+        class Generation(Extension):
+            tags = {"generation"}
+
+            def parse(self, parser):
+                lineno = next(parser.stream).lineno
+                body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+                return nodes.CallBlock(self.call_method("_block"), [], [], body).set_lineno(lineno)
+
+            def _block(self, caller):
+                body = caller()
+                state = cls._active.get()
+                if state is not None:
+                    chunks, spans = state
+                    start = sum(map(len, chunks))
+                    spans.append((start, start + len(body), body))
+                return body
+
+        return Generation
+
+
+def _fresh_chars(avoid: str, n: int) -> list[str]:
+    """``n`` characters (Supplementary Private Use Area-A) that do not occur in ``avoid``."""
+    out, cp = [], 0xF0000
+    while len(out) < n:
+        if chr(cp) not in avoid:
+            out.append(chr(cp))
+        cp += 1
+    return out
+
+
 class JinjaTemplate(Template):
-    """A checkpoint's own ``chat_template`` in a sandboxed Jinja environment. Replies are
-    wrapped in sentinels while rendering to find their spans, then the sentinels are removed."""
+    """A checkpoint's own ``chat_template``, rendered in a sandboxed Jinja environment exactly as
+    transformers' ``apply_chat_template`` renders it (same environment options and helpers), for
+    the real messages: nothing is inserted into the text the template sees or writes.
+
+    Loss spans (the assistant replies as the template renders them, ``| trim`` and all):
+
+    - a template with ``{% generation %}`` blocks: the blocks' spans, exactly (the mask of
+      ``return_assistant_tokens_mask``); nothing is added to them.
+    - otherwise, by probing: for each assistant message the conversation is rendered twice more,
+      once with a probe character (one that occurs nowhere in the template or the messages) put
+      before the reply's content and once put after it. Where the probe lands marks where the
+      rendered reply starts (ends) in the real rendering: the text before (after) it is checked to
+      equal the real rendering's, so leading (trailing) whitespace a filter strips stays outside
+      the span. The whole conversation is rendered each time, so templates that write earlier turns
+      differently once later ones exist are measured as they render. A template that changes
+      otherwise when a reply's text changes (truncates it, branches on it) is refused
+      (``BadSample("template error")``); give it ``{% generation %}`` blocks. A reply's span then
+      takes in the end-of-turn right after it: a special token written by the template directly
+      after the reply (``<|eot_id|>``, ``<|im_end|>``, ``</s>``), or the EOS string after
+      whitespace only (`` </s>``), and never anything further (the next turn's header).
+
+    Message content is tokenized as text: a special-token string inside a message (a user typing
+    ``<|eot_id|>``) is rendered through the template as a probe-like stand-in character, and its
+    place in the output is returned as a protected range, so the tokenizer reads it as text
+    while the template's own control tokens stay special. Without such strings the ids equal
+    ``apply_chat_template(messages, tokenize=True)``."""
 
     name = "jinja"
-    eot_follows_span = True
 
     def __init__(self, source: str):
+        import json
+        from datetime import datetime
+
         from jinja2.ext import loopcontrols
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(msg):
             raise BadSample("template error", f"chat template: {msg}")
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)  # fmt: skip
+
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTracker.make(), loopcontrols]
+        )
+        env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        self.source = source
         self.template = env.from_string(source)
+        self.has_generation = re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
+
+    def _text(self, contents, roles, tok, gen, track=False):
+        msgs = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
+        kw = dict(messages=msgs, add_generation_prompt=gen, bos_token=tok.bos_token or "<s>",
+                  eos_token=tok.eos_token or "</s>")  # fmt: skip
+        for name in ("pad_token", "unk_token"):
+            if getattr(tok, name, None):
+                kw[name] = getattr(tok, name)
+        if not track:
+            return self.template.render(**kw), []
+        chunks, spans = [], []
+        handle = _GenerationTracker._active.set((chunks, spans))
+        try:
+            for chunk in self.template.generate(**kw):
+                chunks.append(chunk)
+        finally:
+            _GenerationTracker._active.reset(handle)
+        text = "".join(chunks)
+        for a, b, body in spans:
+            if text[a:b] != body:
+                raise BadSample("template error", "chat template: a {% generation %} block inside a macro "
+                                "or a captured block cannot be located in the output")  # fmt: skip
+        return text, [(a, b) for a, b, _ in spans]
 
     def render(self, messages, tok, add_generation_prompt=False):
-        bos, eos = _specials(tok)
-        msgs = [
-            {"role": m.role,
-             "content": f"{_OPEN}{_IN}{m.content}{_OUT}{_CLOSE}" if m.role == "assistant" else f"{_IN}{m.content}{_OUT}"}
-            for m in _clean(messages)
-        ]  # fmt: skip
-        raw = self.template.render(
-            messages=msgs, bos_token=bos, eos_token=eos, add_generation_prompt=add_generation_prompt
-        )
-        text, spans, content, start, cstart = [], [], [], None, None
-        pos = 0
+        roles = [m.role for m in messages]
+        contents = [m.content for m in messages]
+        special_re = getattr(tok, "_special_re", None)
+        forged = sorted({x for c in contents for x in special_re.findall(c)}) if special_re else []
+        avoid = self.source + "".join(contents)
+        *stand_ins, probe = _fresh_chars(avoid, len(forged) + 1)
+        if forged:  # each special-token string a message holds becomes one stand-in character
+            pattern = re.compile("|".join(re.escape(x) for x in sorted(forged, key=len, reverse=True)))
+            to_char = dict(zip(forged, stand_ins, strict=True))
+            contents = [pattern.sub(lambda m: to_char[m.group()], c) for c in contents]
+        raw, spans = self._text(contents, roles, tok, add_generation_prompt, track=self.has_generation)
+        if not self.has_generation:
+            spans = [s for k in range(len(contents)) if roles[k] == "assistant"
+                     for s in self._probe(raw, contents, roles, k, probe, tok, add_generation_prompt)]  # fmt: skip
+        # the stand-ins back to their strings: positions shift, and those ranges are protected
+        text, where, protected, pos = [], [], [], 0
+        back = dict(zip(stand_ins, forged, strict=False))
         for ch in raw:
-            if ch == _OPEN:
-                start = pos
-            elif ch == _CLOSE:
-                spans.append((start, pos))
-            elif ch == _IN:
-                cstart = pos
-            elif ch == _OUT:
-                content.append((cstart, pos))
-            else:
-                text.append(ch)
-                pos += 1
-        return "".join(text), spans, content
+            where.append(pos)
+            s = back.get(ch, ch)
+            if ch in back:
+                protected.append((pos, pos + len(s)))
+            text.append(s)
+            pos += len(s)
+        where.append(pos)
+        text = "".join(text)
+        spans = [(where[a], where[b]) for a, b in spans]
+        if not self.has_generation:
+            spans = [(a, self._end_of_turn(text, b, tok, protected)) for a, b in spans]
+        return text, spans, protected
+
+    def _probe(self, raw, contents, roles, k, probe, tok, gen):
+        """The span of message ``k``'s rendered reply in ``raw`` ([] where it is not rendered)."""
+        c = contents[k]
+        pre, _ = self._text([*contents[:k], probe + c, *contents[k + 1 :]], roles, tok, gen)
+        post, _ = self._text([*contents[:k], c + probe, *contents[k + 1 :]], roles, tok, gen)
+        if probe not in pre and probe not in post and pre == raw == post:
+            return []  # the template leaves this message out
+        a, b = pre.find(probe), post.find(probe)
+        if a >= 0 and b >= 0 and pre.count(probe) == post.count(probe) == 1:
+            end = len(raw) - (len(post) - b - 1)
+            if (pre[:a] == raw[:a] and pre[a + 1 :].endswith(raw[a:]) and a <= end
+                    and post[b + 1 :] == raw[end:] and post[:b].startswith(raw[:end])):  # fmt: skip
+                return [(a, end)]
+        raise BadSample(
+            "template error",
+            f"chat template: cannot locate assistant message {k} in the rendered text (the template "
+            "changes otherwise when the reply's text changes); mark replies with {% generation %} blocks",
+        )
+
+    @staticmethod
+    def _end_of_turn(text, end, tok, protected):
+        """Where a reply's span ends once its end-of-turn is taken in (see the class docstring)."""
+        special_re = getattr(tok, "_special_re", None)
+        m = special_re.match(text, end) if special_re else None
+        if m and not any(a < m.end() and m.start() < b for a, b in protected):
+            return m.end()
+        eos = tok.eos_token
+        rest = text[end:].lstrip()
+        if eos and rest.startswith(eos) and tok.token_id(eos) in tok.special_ids:
+            at = len(text) - len(rest)
+            if not any(a < at + len(eos) and at < b for a, b in protected):
+                return at + len(eos)
+        return end
 
 
 TEMPLATES = {
@@ -392,10 +538,6 @@ def render(
             ids.extend([image_token_id] * counts[k])
             trained.extend([False] * counts[k])
             base += 1  # the image mark
-    if template.eot_follows_span:
-        for i in range(1, len(ids)):
-            if ids[i] in tok.special_ids and trained[i - 1] and not trained[i]:
-                trained[i] = True
     kept_images = n_images
     if max_length is not None and len(ids) > max_length:
         cut = max_length
