@@ -10,22 +10,47 @@ from pathlib import Path
 
 def _convert(args) -> int:
     """Any supported checkpoint (or training-run folder over --base) to modalign's native format or
-    transformers' LLaVA format, with its tokenizer and the conversation format its release uses."""
+    transformers' LLaVA format, with its tokenizer and the conversation format its release uses;
+    a model's LoRA to a PEFT adapter (--to peft), or a PEFT adapter over --base to a model
+    (--from peft). --merge folds the LoRA into the weights."""
     from modalign import MLLM
     from modalign.checkpoints import default_template, export_hf_llava
+    from modalign.checkpoints.peft import export_peft, import_peft, merge_lora
     from modalign.data.tokenizer import Tokenizer
 
-    model = MLLM.from_pretrained(args.src, base=args.base, vision_tower=args.vision_tower)
+    if args.to == "peft" and (args.src_format == "peft" or args.merge):
+        raise SystemExit("modalign convert: --to peft takes a model with LoRA (no --from peft, no --merge)")
+    if args.src_format == "peft":
+        if args.base is None:
+            raise SystemExit(
+                "modalign convert: --from peft needs --base (the model the adapter was trained on)"
+            )
+        model_dir = Path(args.base)
+        model = MLLM.from_pretrained(model_dir, vision_tower=args.vision_tower)
+        n = import_peft(model, args.src)
+        print(f"loaded LoRA on {n} linears from {args.src}")
+    else:
+        model_dir = Path(args.src)
+        model = MLLM.from_pretrained(args.src, base=args.base, vision_tower=args.vision_tower)
+    if args.to == "peft":
+        export_peft(model, args.dst)
+        print(f"wrote peft adapter to {args.dst}")
+        return 0
+    if args.merge:
+        merge_lora(model)
     tok = None
-    for tok_dir in (Path(args.src), *([Path(args.base)] if args.base else [])):
+    dirs = (Path(args.src), *([Path(args.base)] if args.base else []))
+    for tok_dir in dirs:
         if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             tok = Tokenizer.from_dir(tok_dir)
             if tok.template_name is None and not tok.chat_template:
-                tok.template_name = default_template(args.src)
+                tok.template_name = default_template(model_dir)
             break
     if args.to == "native":
         model.save_pretrained(args.dst)
     else:
+        if model.config.llm.lora is not None:
+            raise SystemExit("modalign convert: transformers' LLaVA holds no LoRA: add --merge")
         img = model.config.image_token_id
         if tok is not None and (img is None or not 0 <= img < model.config.llm.vocab_size):
             # the placeholder becomes a token: "<image>", the tokenizer's next id
@@ -149,10 +174,26 @@ def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="convert a checkpoint between formats")
     c.add_argument("src", help="checkpoint directory (native, transformers LLaVA/Llama/Mistral/Qwen2, ...)")
     c.add_argument("dst", help="output directory")
-    c.add_argument("--to", choices=["native", "hf-llava"], default="native")
     c.add_argument(
-        "--base", default=None, help="the base LLM of a training-run folder (a LoRA or projector-only run)"
+        "--to",
+        choices=["native", "hf-llava", "peft"],
+        default="native",
+        help="peft: the model's LoRA as a PEFT adapter (adapter_config.json + adapter_model.safetensors)",
     )
+    c.add_argument(
+        "--from",
+        dest="src_format",
+        choices=["peft"],
+        default=None,
+        help="peft: src is a PEFT LoRA adapter, applied to the model given by --base",
+    )
+    c.add_argument(
+        "--base",
+        default=None,
+        help="the base LLM of a training-run folder (a LoRA or projector-only run); with --from peft, "
+        "the model the adapter goes on",
+    )
+    c.add_argument("--merge", action="store_true", help="fold the LoRA into the weights (no adapter left)")
     c.add_argument(
         "--vision-tower", default=None, help="the vision tower folder a checkpoint names but does not hold"
     )

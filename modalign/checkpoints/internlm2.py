@@ -138,6 +138,17 @@ def _regroup_qkv(w: torch.Tensor, cfg: LLMConfig) -> torch.Tensor:
     return torch.cat([q, k, v])
 
 
+def group_qkv(w: torch.Tensor, cfg: LLMConfig) -> torch.Tensor:
+    """The inverse of ``_regroup_qkv``: [all q; all k; all v] -> rows grouped per KV head."""
+    nkv, hd = cfg.num_kv_heads, cfg.dim_head
+    g = cfg.num_heads // nkv
+    rest = w.shape[1:]
+    q = w[: nkv * g * hd].reshape(nkv, g, hd, *rest)
+    k = w[nkv * g * hd : (nkv * g + nkv) * hd].reshape(nkv, 1, hd, *rest)
+    v = w[(nkv * g + nkv) * hd :].reshape(nkv, 1, hd, *rest)
+    return torch.cat([q, k, v], 1).reshape(w.shape)
+
+
 def state_from_internlm2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
