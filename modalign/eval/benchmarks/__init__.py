@@ -4,6 +4,8 @@ format, how to prompt for it, how to score an answer and what to aggregate.
     vqa          VQAv2 (questions + annotations JSON) or a JSON list with 10 answers   vqa.py
     exact        TextVQA / GQA-style single answers                                   exact.py
     mc           ScienceQA problems.json, MMBench .tsv (circular), a JSON list        mc.py
+    scienceqa    ScienceQA problems.json in the MM-CoT formats: scienceqa (QCM->A),   scienceqa.py
+                 scienceqa-cot (QCM->LEA), scienceqa-le / scienceqa-qcmg (two stages)
     pope         POPE JSONL (yes/no object hallucination)                             pope.py
     mme          the MME release folder or JSONL                                      mme.py
     caption      COCO captions (BLEU-4, CIDEr-D)                                      caption.py
@@ -75,4 +77,4 @@ def read_rows(convert: Callable[[dict, str], dict]) -> Callable[[Path, Path | No
 
 
 # the built-in benchmarks register themselves (after the names above exist)
-from modalign.eval.benchmarks import caption, exact, judged, mc, mme, pope, vqa  # noqa: E402, F401
+from modalign.eval.benchmarks import caption, exact, judged, mc, mme, pope, scienceqa, vqa  # noqa: E402, F401
