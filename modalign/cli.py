@@ -324,11 +324,12 @@ def _add_eval(sub) -> None:
         "--compare", nargs="+", metavar="RESULTS", help="print a side-by-side table of results.json files"
     )
     ev.add_argument("--references", default=None, help="llava-bench: reference answers JSONL")
-    ev.add_argument("--judge-endpoint", default=None, help="OpenAI-compatible base URL of the judge (.../v1)")
-    ev.add_argument("--judge-model", default=None)
-    ev.add_argument(
-        "--judge-api-key-env", default=None, help="environment variable holding the judge's API key"
-    )
+    ev.add_argument("--judge-endpoint", action="append", default=None,
+                    help="OpenAI-compatible base URL of the judge (.../v1); twice for two judges")  # fmt: skip
+    ev.add_argument("--judge-model", action="append", default=None,
+                    help="the judge's model name; twice for two judges (same endpoint if given once)")  # fmt: skip
+    ev.add_argument("--judge-api-key-env", action="append", default=None,
+                    help="environment variable holding the judge's API key (once for both, or once per judge)")  # fmt: skip
     ev.add_argument("--judge-cache", default=str(Path.home() / ".cache" / "modalign" / "judge_cache.jsonl"))
     _model_flags(ev)
     ev.set_defaults(func=_eval)
@@ -490,13 +491,26 @@ def _eval(args) -> int:
         if getattr(args, name) is None:
             raise ValueError(f"--{name} is required (or use --compare RESULTS...)")
 
-    cm = _load_chat(args, compile=getattr(args, "compile", False))
-    cm.path = args.model
     judge = None
     if args.judge_endpoint:
+        from modalign.eval.judge import JudgePanel
         from modalign.llm_client import LLMClient
 
-        judge = LLMClient.from_env(args.judge_endpoint, args.judge_model or "judge", args.judge_api_key_env)
+        eps, models, keys = (
+            args.judge_endpoint,
+            args.judge_model or ["judge"],
+            args.judge_api_key_env or [None],
+        )
+        n = max(len(eps), len(models))
+        if n > 2 or any(len(x) not in (1, n) for x in (eps, models, keys)):
+            raise ValueError(
+                "give --judge-endpoint / --judge-model / --judge-api-key-env once, or twice for two judges"
+            )
+        clients = [LLMClient.from_env(eps[min(i, len(eps) - 1)], models[min(i, len(models) - 1)],
+                                      keys[min(i, len(keys) - 1)]) for i in range(n)]  # fmt: skip
+        judge = clients[0] if n == 1 else JudgePanel(clients)
+    cm = _load_chat(args, compile=getattr(args, "compile", False))
+    cm.path = args.model
     res = tasks.evaluate(cm, args.task, Path(args.data), args.images, Path(args.out), args.limit, args.batch_size,
                          args.max_new_tokens, args.circular, args.bad_samples, judge=judge,
                          references=args.references, judge_cache=Path(args.judge_cache))  # fmt: skip

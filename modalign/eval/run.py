@@ -78,7 +78,7 @@ def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Pat
 
         cache = JudgeCache(judge_cache)
         rows = [{"id": s["id"], "question": s["prompt"], "answer": s["answer"], "reference": s["gold"],
-                 "category": s["category"]} for s in samples]  # fmt: skip
+                 "category": s["category"], "image_root": root} | s.get("judge_input", {}) for s in samples]  # fmt: skip
         rows, judged = bench.judge(rows, judge, cache)
         for s, row in zip(samples, rows, strict=True):
             s["judge_output"] = row["judge_output"]
