@@ -32,3 +32,18 @@ def recipe_doc(data, strategy="none", steps=6, save_every=2) -> dict:
                   "chatml", ["connector.*", "llm.*"], dropout=0.1),
         ],
     }  # fmt: skip
+
+
+def labelled_runs(ids, labels):
+    """Contiguous runs of trained ids (each label equal to its id)."""
+    from modalign.data.conversation import IGNORE_INDEX
+
+    runs, cur = [], []
+    for i, lab in zip(ids, labels, strict=True):
+        if lab != IGNORE_INDEX:
+            assert lab == i
+            cur.append(i)
+        elif cur:
+            runs.append(cur)
+            cur = []
+    return runs + ([cur] if cur else [])

@@ -8,6 +8,7 @@ import pytest
 
 from modalign.data.conversation import IGNORE_INDEX, BadSample, Conversation, Message, get_template, render
 from modalign.data.tokenizer import Tokenizer
+from tests.tiny import labelled_runs
 
 transformers = pytest.importorskip("transformers")
 
@@ -115,18 +116,6 @@ def pair(bpe, tmp_path, name):
 def hf_ids(hf, msgs, **kw):
     out = hf.apply_chat_template(msgs, tokenize=True, return_dict=True, **kw)
     return list(out["input_ids"]), out
-
-
-def labelled_runs(ids, labels):
-    runs, cur = [], []
-    for i, lab in zip(ids, labels, strict=True):
-        if lab != IGNORE_INDEX:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
 
 
 @pytest.mark.parametrize("conv_name", sorted(CONVERSATIONS))

@@ -30,6 +30,7 @@ from modalign.data.datasets import (
 )
 from modalign.data.images import ImageProcessor, open_image, patch_at, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
+from tests.tiny import labelled_runs
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<image>", "<|im_start|>", "<|im_end|>", "<|begin_of_text|>",
             "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]  # fmt: skip
@@ -75,19 +76,6 @@ EXPECTED = {
 }
 EOT = {"vicuna_v1": "</s>", "llava_v1": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>",
        "mistral_instruct": "</s>", "plain": "\n"}  # fmt: skip
-
-
-def labelled_runs(ids, labels):
-    """Contiguous runs of trained ids."""
-    runs, cur = [], []
-    for i, lab in zip(ids, labels, strict=True):
-        if lab != IGNORE_INDEX:
-            assert lab == i
-            cur.append(i)
-        elif cur:
-            runs.append(cur)
-            cur = []
-    return runs + ([cur] if cur else [])
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
