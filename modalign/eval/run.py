@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from modalign.data.conversation import BadSample
 from modalign.data.datasets import BadSamplePolicy
 from modalign.data.images import resolve_image_path
-from modalign.eval import benchmarks
+from modalign.eval import benchmarks, submission
 from modalign.eval import metrics as M
 from modalign.infer.chat import ChatModel, user_message
 
@@ -138,6 +138,11 @@ def write_outputs(out: Path, samples: list[dict], skipped: list[dict], results: 
         lines += [f"| {k} | {v:.1%} |" for k, v in results["accuracy_by_category"].items()]
         lines += ["", "![accuracy by category](accuracy_by_category.png)"]
         _plot(results, out / "accuracy_by_category.png")
+    bench = benchmarks.REGISTRY.get(results["task"])
+    writer = submission.writer_for(bench) if bench is not None else None
+    files = writer(out, samples, results) if writer is not None else []
+    if files:
+        lines += ["", "Leaderboard file(s): " + ", ".join(f"`{Path(f).relative_to(out)}`" for f in files)]
     if skipped:
         lines += [
             "",

@@ -36,6 +36,8 @@ class Benchmark:
     # an LLM judge grades the answers (``eval/judge.py``): (rows, client, cache) -> (rows, results)
     judge: Callable | None = None
     prompt_version: str = "v1"
+    # the leaderboard's file next to samples.jsonl (``eval/submission.py``): (out, samples, results) -> paths
+    submission: Callable | None = None
 
 
 REGISTRY: dict[str, Benchmark] = {}

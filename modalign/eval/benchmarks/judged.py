@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from modalign.eval import judge
+from modalign.eval import judge, submission
 from modalign.eval.benchmarks import Benchmark, need, read_rows, register
 
 
@@ -111,5 +111,9 @@ def score(r: dict, opts, gold, raw: str) -> dict:
     }
 
 
-register(Benchmark("llava-bench", read_llava_bench, score, judge=judge.llava_bench))
+register(
+    Benchmark(
+        "llava-bench", read_llava_bench, score, judge=judge.llava_bench, submission=submission.llava_bench
+    )
+)
 register(Benchmark("owleval", read_owleval, score, judge=judge.owleval))

@@ -14,6 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from modalign.eval import metrics as M
+from modalign.eval import submission
 from modalign.eval.benchmarks import Benchmark, need, read_rows, register
 
 
@@ -94,4 +95,4 @@ def aggregate(samples: list[dict], circular: bool) -> dict:
 
 
 register(Benchmark("mc", read, score, "\nAnswer with the option's letter from the given choices directly.",
-                   aggregate))  # fmt: skip
+                   aggregate, submission=submission.mmbench))  # fmt: skip

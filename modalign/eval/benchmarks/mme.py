@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from modalign.eval import metrics as M
+from modalign.eval import submission
 from modalign.eval.benchmarks import Benchmark, need, read_rows, register
 
 
@@ -57,4 +58,4 @@ def aggregate(samples: list[dict], circular: bool) -> dict:
                           "answer": s["gold"]} for s in samples])  # fmt: skip
 
 
-register(Benchmark("mme", read, score, "\nPlease answer yes or no.", aggregate))
+register(Benchmark("mme", read, score, "\nPlease answer yes or no.", aggregate, submission=submission.mme))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from modalign.eval import metrics as M
+from modalign.eval import submission
 from modalign.eval.benchmarks import Benchmark, need, read_rows, register
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
@@ -48,4 +49,4 @@ def score(r: dict, opts, gold, raw: str) -> dict:
     return {"answer": M.normalize_vqa(raw), "score": M.vqa_accuracy(raw, gold)}
 
 
-register(Benchmark("vqa", read, score, SUFFIX))
+register(Benchmark("vqa", read, score, SUFFIX, submission=submission.vqav2))
