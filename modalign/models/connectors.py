@@ -195,11 +195,12 @@ class VisualAbstractor(nn.Module):
             )
         self.cfg = cfg
         c = cfg.hidden_size
-        self.query_embeds = nn.Parameter(torch.zeros(1, cfg.num_queries, c))
+        # distinct random queries (identical ones would stay identical: the same gradient reaches each)
+        self.query_embeds = nn.Parameter(torch.randn(1, cfg.num_queries, c) * 0.02)
         self.encoder = AbstractorEncoder(cfg)
         self.visual_fc = nn.Linear(c, d_llm)
         if cfg.eos_token:
-            self.vit_eos = nn.Parameter(torch.zeros(1, 1, d_llm))
+            self.vit_eos = nn.Parameter(torch.randn(1, 1, d_llm) * 0.02)
         if not cfg.pos_embed:
             self.q_pos_embed = self.k_pos_embed = None
         else:

@@ -138,7 +138,8 @@ class QFormerConnector(nn.Module):
     def __init__(self, cfg: ConnectorConfig, d_vis: int, d_llm: int, num_features: int):
         super().__init__()
         self.cfg = cfg
-        self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_queries, cfg.hidden_size))
+        # distinct random queries, as BLIP-2 initialises them (identical ones would stay identical)
+        self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.hidden_size) * 0.02)
         self.qformer = QFormer(cfg, d_vis)
         self.language_projection = nn.Linear(cfg.hidden_size, d_llm)
 

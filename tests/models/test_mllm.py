@@ -70,6 +70,20 @@ def test_connector_contract(ctype, extra, l_out):
     torch.testing.assert_close(conn(x[1:2]), y[1:2], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("ctype", ["abstractor", "resampler", "qformer"])
+def test_fresh_query_connectors_give_each_query_its_own_output(ctype):
+    """Freshly initialised learned queries differ, so each output token can learn its own part of
+    the image (identical queries get identical gradients and stay identical: one token nine times)."""
+    extra = {"qformer": dict(num_queries=6, num_layers=2, num_heads=4, hidden_size=32, intermediate_size=48,
+                             cross_attention_every=1)}.get(ctype, dict(num_queries=6, num_layers=1, num_heads=4,
+                                                                      hidden_size=32, intermediate_size=48))  # fmt: skip
+    torch.manual_seed(0)
+    conn = build_connector(ConnectorConfig(type=ctype, **extra), d_vis=32, d_llm=40, num_features=17)
+    y = conn(torch.randn(2, 17, 32))[:, :6]
+    gaps = (y[:, :, None] - y[:, None]).abs().amax(-1)  # [N, 6, 6]: between every two query outputs
+    assert (gaps + torch.eye(6)).min() > 1e-4
+
+
 def test_mlp_depth_and_unknown_connector():
     conn = build_connector(ConnectorConfig(type="mlp3x_gelu"), 8, 16, 4)
     assert [n for n, _ in conn.named_children()] == ["linear_1", "linear_2", "linear_3"]
