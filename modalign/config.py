@@ -99,6 +99,11 @@ class ConnectorConfig:
     # qformer: InstructBLIP's instruction-aware Q-Former (the prompt's ids enter the Q-Former)
     text_vocab_size: int | None = None
     text_max_positions: int = 512
+    # resampler: the width of one attention head (None: hidden_size // num_heads; OpenFlamingo: 64)
+    head_dim: int | None = None
+    # resampler: a last Linear to the LLM's width; False keeps the latents at hidden_size (OpenFlamingo,
+    # whose gated cross-attention reads them at the vision width: CrossAttentionConfig.media_dim)
+    output_proj: bool = True
 
 
 @dataclass
@@ -131,6 +136,24 @@ class AdapterConfig:
 
     num_layers: int = 8
     prompt_len: int = 10
+
+
+@dataclass
+class CrossAttentionConfig:
+    """Flamingo's gated cross-attention dense blocks (``models/xattn.py``): before every ``every``-th
+    decoder layer (layers every-1, 2*every-1, ...: OpenFlamingo's ``cross_attn_every_n_layers``)
+    text rows attend to the visual latents of the image before them; the attention output and a
+    feed-forward layer are each scaled by tanh of a gate that starts at 0 (identity at init)."""
+
+    every: int = 4
+    num_heads: int = 8
+    head_dim: int = 64
+    intermediate_size: int | None = None  # the feed-forward width; None: 4 x hidden_size
+    media_dim: int | None = None  # width of the visual latents (the connector's output); None: hidden_size
+    # True: a token sees the latents of the latest image at or before it only (Flamingo); False:
+    # of every image at or before it. Tokens before the first image see none.
+    only_immediate: bool = True
+    layer_norm_eps: float = 1e-5
 
 
 @dataclass
@@ -179,6 +202,7 @@ class LLMConfig:
     plora: PLoRAConfig | None = None
     lora: LoRAConfig | None = None
     adapter: AdapterConfig | None = None
+    cross_attention: CrossAttentionConfig | None = None  # Flamingo blocks (MLLMConfig.fusion)
 
     @property
     def dim_head(self) -> int:
@@ -199,6 +223,11 @@ class MLLMConfig:
     # "per_token": one placeholder per visual token (transformers LLaVA);
     # "per_image": one placeholder per image, expanded by the splice (mPLUG-Owl2's -200)
     placeholder: str = "per_token"
+    # how visual tokens reach the decoder: "splice" puts them into the sequence at the placeholders
+    # (``placeholder``); "cross_attention" (Flamingo) keeps the image token as an ordinary token
+    # marking where the image stands and feeds the connector's output to the decoder's gated
+    # cross-attention blocks (``llm.cross_attention``); ``placeholder`` does not apply
+    fusion: str = "splice"
     # the format the checkpoint came from (informational; e.g. "hf-llava", "mplug_owl2")
     source_format: str | None = None
 

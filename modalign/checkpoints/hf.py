@@ -251,6 +251,10 @@ def llava_config_to_hf(cfg: MLLMConfig) -> dict:
         raise CheckpointError(
             f"transformers' LLaVA holds an mlp2x projector; this model's connector is {cfg.connector.type!r}"
         )
+    if cfg.fusion != "splice" or cfg.llm.cross_attention is not None:
+        raise CheckpointError(
+            "transformers' LLaVA splices visual tokens; this model has cross-attention blocks"
+        )
     v = cfg.vision
     if v.feature_post_norm:
         raise CheckpointError("transformers' LLaVA cannot apply post_layernorm to the selected features")

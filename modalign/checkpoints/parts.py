@@ -13,7 +13,8 @@ A part read from a checkpoint brings its architecture (``part_config``); the rec
 choices that belong to the system being built, not to the part: which layer's features and which
 tokens reach the connector, how images are resized and at what resolution (the tower's position
 table is resized bicubically when the recipe's grid differs), and the modality-aware parts of the
-decoder (MAM, Partial LoRA, LoRA, adapter), which are added after the plain decoder is loaded.
+decoder (MAM, Partial LoRA, LoRA, adapter, Flamingo's gated cross-attention blocks), which are
+added after the plain decoder is loaded.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ VISION_CHOICES = (
     "hd_layout",
 )
 # decoder parts a recipe adds on top of a loaded decoder
-LLM_ADDITIONS = ("mam", "plora", "lora", "adapter")
+LLM_ADDITIONS = ("mam", "plora", "lora", "adapter", "cross_attention")
 
 
 def _is_tower(path: Path) -> bool:
@@ -179,9 +180,14 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
             raise CheckpointError(f"{init['all']}: its vision tower does not fit the recipe's model")
         model.train()
     else:
+        new_xattn = False  # cross-attention blocks the decoder's checkpoint lacks: added after it
         if "llm" in init:  # the decoder as the checkpoint holds it; the recipe's additions come after
             have = MLLMConfig.from_dict({"llm": part_config(init["llm"], "llm")}).llm
             for k in LLM_ADDITIONS:
+                if k == "cross_attention" and have.cross_attention is None:
+                    # kept while building, so the connector gets the blocks' width; removed below
+                    new_xattn = build_cfg.llm.cross_attention is not None
+                    continue
                 setattr(build_cfg.llm, k, getattr(have, k))
         with torch.device("meta"):
             model = MLLM(build_cfg)
@@ -194,6 +200,10 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
         for i, name in enumerate(names):
             if name not in init or i < last_fresh:
                 setattr(model, name, model.new_part(name))
+        if new_xattn:
+            for layer in model.llm.layers:
+                layer.gated_cross_attn = None
+            model.config.llm.cross_attention = None
     for name in model.part_names():
         if name not in init:
             continue
@@ -219,11 +229,13 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
 
 def _add_llm_parts(model, cfg: MLLMConfig) -> None:
     from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
+    from modalign.models.xattn import enable_cross_attention
 
     want, have = cfg.llm, model.config.llm
     if want.mam and not have.mam:
         enable_mam(model)
-    for name, enable in (("plora", enable_plora), ("lora", enable_lora), ("adapter", enable_adapter)):
+    for name, enable in (("plora", enable_plora), ("lora", enable_lora), ("adapter", enable_adapter),
+                         ("cross_attention", enable_cross_attention)):  # fmt: skip
         if getattr(want, name) is not None and getattr(have, name) is None:
             enable(model, getattr(want, name))
 

@@ -1,5 +1,6 @@
-"""Batching: right padding for training, left padding for generation, and a length-grouped
-sampler (optionally keeping text-only and image samples in separate batches)."""
+"""Batching: right padding for training, left padding for generation, sequence packing (several
+samples per row, told apart by ``seq_ids``), and a length-grouped sampler (optionally keeping
+text-only and image samples in separate batches)."""
 
 from __future__ import annotations
 
@@ -23,14 +24,20 @@ def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def collate(batch: list[Example | BadSample], pad_id: int, left: bool = False) -> dict:
+def collate(batch: list[Example | BadSample], pad_id: int, left: bool = False, pack_length: int | None = None,
+            image_extra: int = 0) -> dict:  # fmt: skip
     """Examples -> tensors. Rejected samples are dropped and returned under ``"bad"``.
 
     ``input_ids``/``labels``/``attention_mask`` [B, T]; ``pixel_values`` [N_img, 3, S, S] (the
     images of all rows, in row order) or ``None``; ``image_keys`` (their files) or ``None``;
-    ``image_counts`` per row; ``ids``."""
+    ``image_counts`` per row; ``ids``. With ``pack_length`` the samples are packed
+    (``collate_packed``)."""
     good = [x for x in batch if isinstance(x, Example)]
     bad = [x for x in batch if isinstance(x, BadSample)]
+    if pack_length is not None:
+        if left:
+            raise ValueError("packed rows are right-padded; left padding is for generation")
+        return collate_packed(good, bad, pad_id, pack_length, image_extra)
     pixels = [p for ex in good for p in ex.pixel_values]
     same = pixels and all(p.shape == pixels[0].shape for p in pixels)
     keys = [k for ex in good for k in ex.image_keys]
@@ -47,14 +54,91 @@ def collate(batch: list[Example | BadSample], pad_id: int, left: bool = False) -
     }
 
 
-class Collator:
-    """Picklable collate function for DataLoader workers."""
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit decreasing: the indices of ``lengths`` in bins whose lengths sum to at most
+    ``capacity`` (an item longer than that gets a bin of its own). Each bin lists its indices in
+    ascending order; bins are ordered by their first index. Deterministic."""
+    if capacity < 1:
+        raise ValueError(f"pack length must be >= 1, got {capacity}")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        for b, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(capacity - lengths[i])
+    return sorted((sorted(b) for b in bins), key=lambda b: b[0])
 
-    def __init__(self, pad_id: int, left: bool = False):
+
+def balanced_pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """``pack`` into as few rows as ``capacity`` allows, at the smallest capacity that still gives
+    that few (rows are padded to the longest: even rows pad less)."""
+    bins = pack(lengths, capacity)
+    if len(bins) < 2:
+        return bins
+    lo, hi = max(max(lengths), -(-sum(lengths) // len(bins))), capacity - 1
+    while lo <= hi:  # the smallest capacity found that needs no more rows
+        mid = (lo + hi) // 2
+        tight = pack(lengths, mid)
+        if len(tight) <= len(bins):
+            bins, hi = tight, mid - 1
+        else:
+            lo = mid + 1
+    return bins
+
+
+def collate_packed(good: list[Example], bad: list[BadSample], pad_id: int, pack_length: int,
+                   image_extra: int = 0) -> dict:  # fmt: skip
+    """Several samples per row: whole samples packed first-fit decreasing into rows of at most
+    ``pack_length`` tokens as the decoder sees them (each image counts ``image_extra`` more than
+    its placeholders: a per-image placeholder grows by the image's visual tokens less one), as
+    few rows as fit, evened out (``balanced_pack``), then right-padded to the longest row.
+
+    Besides ``collate``'s keys (``attention_mask`` 1 at every real token; ``ids``,
+    ``pixel_values`` and ``image_keys`` in packed order: row by row, sample by sample, so each
+    sample keeps its images in order), ``seq_ids`` [R, T] numbers the samples of each row 1, 2, ...
+    (0: padding); the model attends causally within a sample only and restarts positions at
+    each sample (``LLM.forward``'s ``seq_ids``). Each sample's first label is ignored, so no loss
+    term predicts a sample from the one before it (an unpacked row never predicts its first
+    token either): the loss is the unpacked batch's."""
+    bins = balanced_pack([len(ex) + image_extra * len(ex.pixel_values) for ex in good], pack_length)
+    rows = [[good[i] for i in b] for b in bins]
+    good = [ex for row in rows for ex in row]
+    # each sample's first label ignored: it would be predicted from the previous sample's last token
+    labels = [[x for ex in row for x in [IGNORE_INDEX, *ex.labels[1:]][: len(ex)]] for row in rows]
+    seq_ids = _pad([[n for n, ex in enumerate(row, 1) for _ in range(len(ex))] for row in rows], 0, False)
+    pixels = [p for ex in good for p in ex.pixel_values]
+    same = pixels and all(p.shape == pixels[0].shape for p in pixels)
+    keys = [k for ex in good for k in ex.image_keys]
+    return {
+        "input_ids": _pad([[x for ex in row for x in ex.input_ids] for row in rows], pad_id, False),
+        "labels": _pad(labels, IGNORE_INDEX, False),
+        "attention_mask": (seq_ids > 0).long(),
+        "seq_ids": seq_ids,
+        "pixel_values": (torch.stack(pixels) if same else pixels) if pixels else None,
+        "image_counts": [sum(len(ex.pixel_values) for ex in row) for row in rows],
+        "image_keys": keys if pixels and len(keys) == len(pixels) else None,
+        "ids": [ex.id for ex in good],
+        "bad": bad,
+    }
+
+
+class Collator:
+    """Picklable collate function for DataLoader workers. ``pack_length``: pack the samples
+    (``collate_packed``; ``image_extra`` tokens more per image than its placeholders)."""
+
+    def __init__(self, pad_id: int, left: bool = False, pack_length: int | None = None, image_extra: int = 0):
         self.pad_id, self.left = pad_id, left
+        self.pack_length, self.image_extra = pack_length, image_extra
 
     def __call__(self, batch):
-        return collate(batch, self.pad_id, self.left)
+        if self.pack_length is None:
+            return collate(batch, self.pad_id, self.left)
+        return collate(batch, self.pad_id, self.left, self.pack_length, self.image_extra)
 
 
 class LengthGroupedSampler(torch.utils.data.Sampler):

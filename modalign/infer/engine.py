@@ -129,7 +129,8 @@ class Engine:
         # row's length; an all-text batch passes no modality ids (no image branch runs)
         sp = self.model.embed(ids, pixels, mask if padded else None, placeholder="per_token")
         out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if pixels is not None else None,
-                         attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1)  # fmt: skip
+                         attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1,
+                         media=sp.media)  # fmt: skip
         return Prefilled(cache, out.logits[:, -1].float(), ids, mask, padded, lengths)
 
     @torch.inference_mode()

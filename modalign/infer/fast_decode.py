@@ -75,9 +75,10 @@ class DecodePlan:
 def supported(llm: LLM, cache: KVCache) -> bool:
     """Whether the fused step covers this model now: Llama-family base layers, MAM (text copy) and
     Partial LoRA (off for text) are covered; LoRA (unmerged), adapters, non-SiLU MLPs, OPT-style
-    decoders and active sliding windows take the module path."""
+    decoders, active sliding windows and Flamingo's gated cross-attention blocks (which read the
+    cached images at every step) take the module path."""
     c = llm.cfg
-    if c.hidden_act != "silu" or c.adapter is not None or llm.training:
+    if c.hidden_act != "silu" or c.adapter is not None or c.cross_attention is not None or llm.training:
         return False
     if (c.norm, c.position, c.mlp) != ("rms", "rope", "gated"):  # OPT-style decoders: the module path
         return False

@@ -24,6 +24,7 @@ import torch
 from modalign.infer.engine import Engine, Prompt, SamplingParams
 from modalign.infer.fast_decode import supported
 from modalign.models.decoder import KVCache
+from modalign.models.xattn import Media
 
 
 @dataclass(eq=False)  # identity, not field equality: a request holds tensors
@@ -145,6 +146,7 @@ class Scheduler:
         valid_m[:b_old, shift : shift + old.length] = self.valid[:, : old.length]
         valid_m[b_old:, front - n : front] = valid[:, :n]
         merged.length = merged.prefill_length = front
+        merged.media = Media.concat(old.media, b_old, cache.media, b_new)  # cross-attention models
         self.cache, self.valid = merged, valid_m
         self.pos = torch.cat([self.pos, positions])
         self.next = torch.cat([self.next, torch.zeros(b_new, dtype=torch.long, device=self.next.device)])
@@ -200,6 +202,7 @@ class Scheduler:
             grown.k[layer][:, :, : old.length] = old.k[layer][:, :, : old.length]
             grown.v[layer][:, :, : old.length] = old.v[layer][:, :, : old.length]
         grown.length = grown.prefill_length = old.length
+        grown.media = old.media
         self.cache, self.valid = grown, _pad_to(self.valid, cap)
 
     def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor, offset: int) -> None:

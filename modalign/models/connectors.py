@@ -246,44 +246,55 @@ def _abstractor(cfg, d_vis, d_llm, n):
 
 
 class PerceiverLayer(nn.Module):
-    def __init__(self, c: int, heads: int, inner: int, eps: float):
+    def __init__(self, c: int, heads: int, inner: int, eps: float, head_dim: int | None = None):
         super().__init__()
         self.heads = heads
+        self.head_dim = head_dim or c // heads
+        a = heads * self.head_dim  # attention width (OpenFlamingo: 8 heads x 64, whatever c is)
         self.norm_media = nn.LayerNorm(c, eps=eps)
         self.norm_latents = nn.LayerNorm(c, eps=eps)
-        self.to_q = nn.Linear(c, c, bias=False)
-        self.to_kv = nn.Linear(c, 2 * c, bias=False)
-        self.to_out = nn.Linear(c, c, bias=False)
+        self.to_q = nn.Linear(c, a, bias=False)
+        self.to_kv = nn.Linear(c, 2 * a, bias=False)
+        self.to_out = nn.Linear(a, c, bias=False)
         self.ff_norm = nn.LayerNorm(c, eps=eps)
         self.ff_in = nn.Linear(c, inner, bias=False)
         self.ff_out = nn.Linear(inner, c, bias=False)
 
     def forward(self, x, lat):
-        n, lq, c = lat.shape
-        h = self.heads
+        n, lq, _ = lat.shape
+        h, d = self.heads, self.head_dim
         xm, lm = self.norm_media(x), self.norm_latents(lat)
-        kv = self.to_kv(torch.cat([xm, lm], dim=1)).view(n, -1, 2, h, c // h)
+        kv = self.to_kv(torch.cat([xm, lm], dim=1)).view(n, -1, 2, h, d)
         k, v = kv.unbind(2)
-        q = self.to_q(lm).view(n, lq, h, c // h)
+        q = self.to_q(lm).view(n, lq, h, d)
         o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-        lat = lat + self.to_out(o.transpose(1, 2).reshape(n, lq, c))
+        lat = lat + self.to_out(o.transpose(1, 2).reshape(n, lq, h * d))
         return lat + self.ff_out(F.gelu(self.ff_in(self.ff_norm(lat))))
 
 
 class PerceiverResampler(nn.Module):
+    """Flamingo's perceiver resampler: ``num_queries`` learned latents attend over
+    concat(image features, latents), then a GELU feed-forward, per layer; a final LayerNorm, then
+    (``output_proj``) a Linear to the LLM's width. One frame per image (no time embeddings, as
+    OpenFlamingo builds it); ``pos`` is a learned per-feature table that starts at zero."""
+
     def __init__(self, cfg: ConnectorConfig, d_vis: int, d_llm: int, num_features: int):
         super().__init__()
         self.cfg = cfg
         c = cfg.hidden_size
+        if not cfg.output_proj and d_llm != c:
+            raise ValueError(
+                f"resampler without output_proj gives {c}-wide latents (hidden_size) but {d_llm} are needed"
+            )
         self.input_proj = nn.Linear(d_vis, c) if d_vis != c else nn.Identity()
         self.latents = nn.Parameter(torch.randn(cfg.num_queries, c) * 0.02)
         self.pos = nn.Parameter(torch.zeros(num_features, c))
         self.layers = nn.ModuleList(
-            PerceiverLayer(c, cfg.num_heads, cfg.intermediate_size, cfg.layer_norm_eps)
+            PerceiverLayer(c, cfg.num_heads, cfg.intermediate_size, cfg.layer_norm_eps, cfg.head_dim)
             for _ in range(cfg.num_layers)
         )
         self.norm = nn.LayerNorm(c, eps=cfg.layer_norm_eps)
-        self.proj = nn.Linear(c, d_llm)
+        self.proj = nn.Linear(c, d_llm) if cfg.output_proj else nn.Identity()
 
     def forward(self, x_NLD: torch.Tensor) -> torch.Tensor:
         x = self.input_proj(x_NLD) + self.pos.to(x_NLD.dtype)

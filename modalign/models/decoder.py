@@ -25,8 +25,10 @@ from modalign.models.layers import (
     attend,
     gated_mlp,
     positions_from_mask,
+    positions_from_seq_ids,
 )
 from modalign.models.modality import ALinear, apply_lora, apply_mam, apply_plora, routed
+from modalign.models.xattn import Media, apply_cross_attention
 
 # ------------------------------------------------------------------------------------ cache
 
@@ -41,6 +43,7 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # filled positions; advanced by the decoder after each forward
         self.prefill_length = 0  # length after the first (prompt) forward
+        self.media: Media | None = None  # cross-attention: the prompt's visual latents (models/xattn.py)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int):
         end = start + k.shape[2]
@@ -54,6 +57,8 @@ class KVCache:
         """Keep only the batch rows ``rows`` (e.g. finished requests removed)."""
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
+        if self.media is not None:
+            self.media = self.media.select(rows)
 
 
 # ------------------------------------------------------------------------------------ layers
@@ -160,8 +165,11 @@ class DecoderLayer(nn.Module):
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = MLP(cfg)
+        self.gated_cross_attn = None  # Flamingo: a GatedCrossAttentionBlock run before this layer
 
-    def forward(self, x, img, cos, sin, mask, cache, start):
+    def forward(self, x, img, cos, sin, mask, cache, start, media: Media | None = None):
+        if self.gated_cross_attn is not None:
+            x = self.gated_cross_attn(x, media)
         h = routed(self.input_layernorm, x, img)
         x = x + self.self_attn(h, img, cos, sin, mask, cache, start)
         h = routed(self.post_attention_layernorm, x, img)
@@ -195,6 +203,8 @@ class LLM(nn.Module):
         if cfg.lora is not None:
             lo = cfg.lora
             apply_lora(self, lo.rank, lo.alpha, lo.dropout, lo.targets)
+        if cfg.cross_attention is not None:
+            apply_cross_attention(self, cfg.cross_attention)
 
     def tie_weights(self) -> None:
         if self.cfg.tie_word_embeddings:
@@ -204,13 +214,14 @@ class LLM(nn.Module):
         w = self.embed_tokens.weight
         return KVCache(self.cfg, batch, max_len, dtype or w.dtype, device or w.device)
 
-    def _masks(self, attention_mask, b, t, start, device):
-        """Boolean masks [B, 1, T, S] (True = attend), or None where plain causal suffices."""
+    def _masks(self, attention_mask, b, t, start, device, seq_ids=None):
+        """Boolean masks [B, 1, T, S] (True = attend), or None where plain causal suffices.
+        ``seq_ids`` [B, T] (packed rows): a query attends to keys of its own sample only."""
         s = start + t
         windowed = self.cfg.sliding_window is not None and any(
             layer.self_attn.sliding for layer in self.layers
         )
-        if attention_mask is None and not windowed and (start == 0 or t == 1):
+        if attention_mask is None and seq_ids is None and not windowed and (start == 0 or t == 1):
             return {"full": None, "sliding": None}
         q_pos = torch.arange(start, s, device=device)[:, None]
         k_pos = torch.arange(s, device=device)[None, :]
@@ -223,6 +234,9 @@ class LLM(nn.Module):
                     f"(cached {start} + new {t} positions)"
                 )
             full = full & attention_mask[:, None, None, :].bool()
+        if seq_ids is not None:  # block-diagonal: causal within each sample, padding (0) unseen
+            same = seq_ids[:, None, :, None] == seq_ids[:, None, None, :]
+            full = full & same & (seq_ids > 0)[:, None, None, :]
         # a query row with nothing to attend to (left padding) attends to itself: no NaNs
         diag = (k_pos == q_pos)[None, None]
         masks = {"full": full | diag, "sliding": None}
@@ -241,16 +255,29 @@ class LLM(nn.Module):
         cache: KVCache | None = None,
         return_hidden: bool = False,
         logits_to_keep: int = 0,
+        seq_ids: torch.Tensor | None = None,
+        media: Media | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] or inputs_embeds [B, T, D]; modality_ids [B, T] (0 text / 1 image);
-        attention_mask [B, cached + T] (1 = real token). Returns logits [B, T, V]."""
+        attention_mask [B, cached + T] (1 = real token). Returns logits [B, T, V].
+        ``seq_ids`` [B, T] instead of ``attention_mask`` for packed rows (training, no cache): each
+        token's sample in its row (1, 2, ...; 0 padding); attention stays within a sample and
+        positions restart at each (``data/collate.py``'s ``collate_packed``).
+        ``media``: the visual latents and each token's image for the cross-attention blocks
+        (``models/xattn.py``); a cache keeps the prompt's, which later steps read."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if seq_ids is not None and (attention_mask is not None or cache is not None):
+            raise ValueError("seq_ids (packed rows) take the place of attention_mask and need no cache")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = x.shape
         start = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, start, t, x.device)
+            position_ids = (
+                positions_from_mask(attention_mask, start, t, x.device)
+                if seq_ids is None
+                else positions_from_seq_ids(seq_ids)
+            )
         if position_ids.shape[0] != b:
             position_ids = position_ids.expand(b, -1)
         img = None if modality_ids is None else modality_ids == 1
@@ -259,14 +286,20 @@ class LLM(nn.Module):
             cos = sin = None
         else:
             cos, sin = self.rotary(position_ids, x.dtype)
-        masks = self._masks(attention_mask, b, t, start, x.device)
+        masks = self._masks(attention_mask, b, t, start, x.device, seq_ids)
+        if cache is not None and media is not None:  # a prompt with images: its media stay cached
+            if media.kv is None:
+                media.kv = {}  # the blocks' projected keys and values, kept for the decode steps
+            cache.media = media.for_cache()
+        elif cache is not None and start > 0 and cache.media is not None:
+            media = cache.media.step(b, t)  # new tokens follow the prompt's last image
         for layer in self.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, img, cos, sin, masks, None, 0, use_reentrant=False
+                    layer, x, img, cos, sin, masks, None, 0, media, use_reentrant=False
                 )
             else:
-                x = layer(x, img, cos, sin, masks, cache, start)
+                x = layer(x, img, cos, sin, masks, cache, start, media)
         if cache is not None:
             cache.length = start + t
             if start == 0:

@@ -151,3 +151,12 @@ def positions_from_mask(attention_mask, start: int, t: int, device) -> torch.Ten
         return torch.arange(start, start + t, device=device)[None]
     pos = attention_mask.long().cumsum(-1) - 1
     return pos.clamp(min=0)[:, start : start + t]
+
+
+def positions_from_seq_ids(seq_ids: torch.Tensor) -> torch.Tensor:
+    """Positions [B, T] of packed rows: counted from 0 again wherever ``seq_ids`` [B, T] (the
+    sample each token belongs to) changes."""
+    idx = torch.arange(seq_ids.shape[1], device=seq_ids.device).expand_as(seq_ids)
+    first = torch.ones_like(seq_ids, dtype=torch.bool)
+    first[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    return idx - torch.where(first, idx, 0).cummax(-1).values

@@ -4,6 +4,9 @@
     input_ids [B,T] --embed--> [B,T,D] --splice(visual tokens at placeholders)--> decoder
                                          modality_ids [B,T]: 0 text, 1 image
 
+With ``fusion: cross_attention`` (Flamingo) nothing is spliced: the image token stays in the
+sequence and the visual tokens reach the decoder's gated cross-attention blocks (``models/xattn.py``).
+
 A text-only LLM is an ``MLLM`` whose config has no vision part.
 """
 
@@ -21,6 +24,7 @@ from modalign.models.connectors import build_connector
 from modalign.models.decoder import LLM, KVCache
 from modalign.models.t5 import T5LM, shift_right
 from modalign.models.vision import VisionTower
+from modalign.models.xattn import Media
 
 IGNORE_INDEX = -100
 
@@ -36,6 +40,7 @@ class MLLMOutput:
     modality_ids: torch.Tensor | None = None
     attention_mask: torch.Tensor | None = None  # after the splice (per-image placeholders grow it)
     num_tokens: int | None = None  # supervised tokens behind ``loss``
+    seq_ids: torch.Tensor | None = None  # packed rows: each position's sample, after the splice
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Spliced:
     modality_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     labels: torch.Tensor | None
+    media: Media | None = None  # fusion "cross_attention": what the decoder's blocks attend to
 
 
 def splice(
@@ -158,6 +164,36 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Te
     return loss / max(n, 1), n
 
 
+def mask_sample_starts(labels: torch.Tensor, seq_ids: torch.Tensor) -> torch.Tensor:
+    """Packed rows: labels with each sample's first token ignored, so that no loss term predicts
+    a sample's first token from the previous sample's last one."""
+    first = torch.ones_like(seq_ids, dtype=torch.bool)
+    first[:, 1:] = seq_ids[:, 1:] != seq_ids[:, :-1]
+    return labels.masked_fill(first.to(labels.device), IGNORE_INDEX)
+
+
+def _media_dim(c: MLLMConfig) -> int:
+    """The connector's output width: the decoder's, or what the cross-attention blocks read."""
+    x = c.llm.cross_attention
+    return (x.media_dim or c.llm.hidden_size) if c.fusion == "cross_attention" and x else c.llm.hidden_size
+
+
+def _check_fusion(c: MLLMConfig) -> None:
+    if c.fusion not in ("splice", "cross_attention"):
+        raise ValueError(f"unknown fusion {c.fusion!r}; use splice or cross_attention")
+    if c.fusion == "splice" or c.vision is None:
+        return
+    why = None
+    if c.llm.cross_attention is None:
+        why = "needs llm.cross_attention (the gated blocks that read the images)"
+    elif c.llm.is_encoder_decoder or c.vision.hd_layout:
+        why = "supports decoder-only LLMs and one image tensor each (no hd_layout)"
+    elif c.image_token_id is None or not 0 <= c.image_token_id < c.llm.vocab_size:
+        why = f"needs an image_token_id in the vocabulary (the token stays a token), got {c.image_token_id}"
+    if why:
+        raise ValueError(f"fusion cross_attention {why}")
+
+
 def _has_images(pixel_values) -> bool:
     return pixel_values is not None and len(pixel_values) > 0
 
@@ -170,6 +206,7 @@ class MLLM(nn.Module):
         self.config = config
         if config.vision is not None and config.connector is None:
             raise ValueError("a model with a vision tower needs a connector config")
+        _check_fusion(config)
         for name in self.part_names():
             setattr(self, name, self.new_part(name))
 
@@ -183,9 +220,7 @@ class MLLM(nn.Module):
         if name == "vision":
             return VisionTower(c.vision)
         if name == "connector":
-            return build_connector(
-                c.connector, c.vision.feature_dim, c.llm.hidden_size, c.vision.num_features
-            )
+            return build_connector(c.connector, c.vision.feature_dim, _media_dim(c), c.vision.num_features)
         if name == "llm":
             return T5LM(c.llm) if c.llm.is_encoder_decoder else LLM(c.llm)
         raise ValueError(f"unknown part {name!r}; known: vision, connector, llm")
@@ -201,6 +236,8 @@ class MLLM(nn.Module):
         depends on the image's height and width in pixels)."""
         if not self.has_vision:
             return 0
+        if self.config.fusion == "cross_attention":  # the image token itself; the latents go aside
+            return 1
         if self.config.vision.hd_layout:
             t = self.config.vision.image_size
             h, w = image_hw or (t, t)
@@ -231,14 +268,19 @@ class MLLM(nn.Module):
         image_tokens: torch.Tensor | None = None,
         placeholder: str | None = None,
         image_features: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
         **connector_inputs,
     ) -> Spliced:
         """Token embeddings with the visual tokens spliced in, plus modality ids. The visual
         tokens come from ``image_tokens`` (connector outputs), ``image_features`` (vision tower
         outputs) or ``pixel_values``. ``placeholder`` overrides the config's mode (the engine
-        pre-expands per-image placeholders)."""
+        pre-expands per-image placeholders). With ``fusion: cross_attention`` nothing is spliced:
+        the embeddings are the ids' and the visual tokens come back as ``media`` (``seq_ids``:
+        packed rows, whose samples see their own images only)."""
         if image_tokens is None and (image_features is not None or _has_images(pixel_values)):
             image_tokens = self.encode_images(pixel_values, image_features, **connector_inputs)
+        if self.config.fusion == "cross_attention":
+            return self._embed_media(input_ids, image_tokens, attention_mask, labels, seq_ids)
         return splice(
             self.llm.embed_tokens,
             input_ids,
@@ -248,6 +290,29 @@ class MLLM(nn.Module):
             attention_mask,
             labels,
         )
+
+    def _embed_media(self, input_ids, latents, attention_mask, labels, seq_ids) -> Spliced:
+        """Flamingo: each image token stays in the sequence (an ordinary token; its label is
+        ignored) and marks where its image stands; the image's latents go to the cross-attention
+        blocks. Images are consumed row by row, left to right, one per image token."""
+        tok = self.config.image_token_id
+        is_img = input_ids == tok
+        n_tok, n_img = int(is_img.sum()), 0 if latents is None else len(latents)
+        if n_tok != n_img:
+            raise PlaceholderMismatch(
+                f"input_ids hold {n_tok} image token(s) (id {tok}) but {n_img} image(s) were given; "
+                f"each image needs exactly one"
+            )
+        emb = self.llm.embed_tokens(input_ids)
+        if labels is not None:
+            labels = labels.masked_fill(is_img.to(labels.device), IGNORE_INDEX)
+        media = None
+        if n_img or self.training:  # training without images: one zero latent nobody attends to
+            # keeps the blocks' attention in the graph (DDP)
+            if not n_img:
+                latents = emb.new_zeros(0, 1, _media_dim(self.config))
+            media = Media.from_ids(input_ids, tok, latents.to(emb.dtype), seq_ids)
+        return Spliced(emb, torch.zeros_like(input_ids), attention_mask, labels, media)
 
     # ------------------------------------------------------------------ forward
 
@@ -267,6 +332,8 @@ class MLLM(nn.Module):
         qformer_input_ids: torch.Tensor | None = None,
         qformer_attention_mask: torch.Tensor | None = None,
         decoder_input_ids: torch.Tensor | None = None,
+        seq_ids: torch.Tensor | None = None,
+        media: Media | None = None,
     ) -> MLLMOutput:
         """``input_ids`` [B, T] with image placeholders and ``pixel_values`` [N, 3, S, S], as the
         reference class for the checkpoint takes them (InstructBLIP also ``qformer_input_ids``);
@@ -275,7 +342,15 @@ class MLLM(nn.Module):
         vision tower's output, computed beforehand, instead of ``pixel_values``. With ``labels``
         the output carries the mean next-token loss over labels != -100. An encoder-decoder LLM
         (T5) reads the spliced prompt with its encoder; its decoder takes ``decoder_input_ids``
-        (or the ``labels`` shifted right) and ``logits`` / ``loss`` are the decoder's."""
+        (or the ``labels`` shifted right) and ``logits`` / ``loss`` are the decoder's.
+        ``seq_ids`` [B, T] instead of ``attention_mask``: packed rows (several samples a row, numbered
+        1, 2, ... in ``input_ids`` order, 0 padding; ``data/collate.py``'s ``collate_packed``), each
+        sample attended and positioned alone and its first label ignored; the output's ``seq_ids``
+        are the spliced ones. ``media``: with ``inputs_embeds`` of a cross-attention model, the
+        ``embed`` output's ``media`` (``fusion: cross_attention``; a cache keeps the prompt's)."""
+        packed = seq_ids is not None
+        if packed and (attention_mask is not None or cache is not None or self.config.llm.is_encoder_decoder):
+            raise ValueError("seq_ids (packed rows) replace attention_mask; a decoder-only model, no cache")
         if self.config.llm.is_encoder_decoder:
             return self._seq2seq(input_ids, pixel_values, attention_mask, labels, inputs_embeds, decoder_input_ids,
                                  image_features, qformer_input_ids, qformer_attention_mask)  # fmt: skip
@@ -289,10 +364,13 @@ class MLLM(nn.Module):
                 logits = self.llm(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                   cache=cache, logits_to_keep=logits_to_keep)  # fmt: skip
                 return MLLMOutput(logits=logits, attention_mask=attention_mask)
-            sp = self.embed(input_ids, pixel_values, attention_mask, labels, image_features=image_features,
-                            qformer_input_ids=qformer_input_ids,
-                            qformer_attention_mask=qformer_attention_mask)  # fmt: skip
+            sp = self.embed(input_ids, pixel_values, seq_ids if packed else attention_mask, labels,
+                            image_features=image_features, qformer_input_ids=qformer_input_ids,
+                            qformer_attention_mask=qformer_attention_mask, seq_ids=seq_ids)  # fmt: skip
             inputs_embeds, attention_mask, labels = sp.inputs_embeds, sp.attention_mask, sp.labels
+            media = sp.media
+            if packed:  # the splice carried each sample's number onto its visual tokens
+                seq_ids, attention_mask = attention_mask, None
             # all-text inference skips the image branches (bit-identical to the base model); in
             # training the ids are always passed so routed parameters stay in the graph (DDP)
             if modality_ids is None and (
@@ -306,9 +384,15 @@ class MLLM(nn.Module):
             position_ids=position_ids,
             cache=cache,
             logits_to_keep=logits_to_keep,
+            seq_ids=seq_ids,
+            media=media,
         )
-        out = MLLMOutput(logits=logits, modality_ids=modality_ids, attention_mask=attention_mask)
+        out = MLLMOutput(
+            logits=logits, modality_ids=modality_ids, attention_mask=attention_mask, seq_ids=seq_ids
+        )
         if labels is not None:
+            if packed:
+                labels = mask_sample_starts(labels, seq_ids)
             out.loss, out.num_tokens = causal_lm_loss(logits, labels)
         return out
 

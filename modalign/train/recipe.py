@@ -49,6 +49,10 @@ class StageData:
     samples: int | None = None  # mixture draws per epoch (default: the sources' total size)
     group_by_length: bool = True  # off for contrastive stages: similar-length batches are all hard negatives
     group_by_modality: bool = False
+    # several samples a row (lm objective): each batch's samples packed into rows of at most
+    # pack_length tokens (default max_length), attended and positioned per sample; same loss
+    packing: bool = False
+    pack_length: int | None = None
     bad_samples: BadSamples = field(default_factory=BadSamples)
     # resized images kept in memory per process, at most this many MiB (0: decode every time)
     image_cache_mb: float = 512
@@ -63,6 +67,8 @@ class StageData:
             raise ConfigError(f"{where}.sources: a stage needs at least one data source")
         if self.batch_size < 1:
             raise ConfigError(f"{where}.batch_size: expected >= 1, got {self.batch_size}")
+        if self.pack_length is not None and self.pack_length < 1:
+            raise ConfigError(f"{where}.pack_length: expected a token count >= 1, got {self.pack_length}")
         if self.bad_samples.mode not in ("skip", "error"):
             raise ConfigError(
                 f"{where}.bad_samples.mode: expected skip or error, got {self.bad_samples.mode!r}"
@@ -195,6 +201,7 @@ class Stage:
         "fp32"  # fp32 | bf16 (autocast) | bf16-pure (bf16 weights, fp32 masters): train/precision.py
     )
     gradient_checkpointing: bool = False
+    compile: bool = False  # the LLM's forward through torch.compile (dynamic shapes) while the stage trains
     init_from: str | None = "previous"  # previous | none | a checkpoint directory
     enable: dict[str, Any] = field(default_factory=dict)  # parts added at this stage (e.g. lora: {...})
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
@@ -208,6 +215,11 @@ class Stage:
         self.optim.validate(f"{where}.optim")
         self.stop.validate(f"{where}.stop")
         self.objective.validate(f"{where}.objective")
+        if self.data.packing:
+            if self.objective.name != "lm":
+                raise ConfigError(f"{where}.data.packing: only the lm objective packs samples")
+            if self.objective.answer_prior is not None and self.objective.answer_prior.weight:
+                raise ConfigError(f"{where}.data.packing: the answer prior needs one sample a row")
 
 
 # keys of the flat stage layout (before the sections) -> where they live now

@@ -143,6 +143,7 @@ class Trainer:
         self.policy = BadSamplePolicy(data.bad_samples.mode, data.bad_samples.max_fraction)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_file = self.out / "metrics.jsonl"
+        self._padding = 0.0  # the last step's padded share of its token cells
 
     # ------------------------------------------------------------------ data
 
@@ -161,10 +162,16 @@ class Trainer:
     def run(self, resume: bool = True) -> StageResult:
         core = unwrap(self.model)
         features = self._attach_feature_cache(core)
+        llm = getattr(core, "llm", None)
+        compiled = self.stage.compile and llm is not None
+        if compiled:  # for this stage only: the saved model and later stages run eagerly
+            llm.forward = torch.compile(llm.forward, dynamic=True)
         try:
-            with residual_dropout(getattr(core, "llm", None), self.stage.optim.dropout):
+            with residual_dropout(llm, self.stage.optim.dropout):
                 return self._run(resume)
         finally:
+            if compiled:
+                del llm.forward  # the class's forward again
             if features is not None:
                 self._detach_feature_cache(core, features)
 
@@ -258,6 +265,8 @@ class Trainer:
                    "grad_norm": gnorm, "tokens": pr.tokens,
                    "tok_per_s": ntok * self.d.world / max(time.perf_counter() - ts, 1e-9), "epoch": pr.epoch,
                    "skipped": sum(self.policy.skipped.values())}  # fmt: skip
+            if s.data.packing:  # the share of the step's token cells that were padding
+                rec["padding"] = self._padding
             if self.d.main:
                 self._log(rec, tb, bar)
             pr.recent.append(loss_val)
@@ -282,7 +291,7 @@ class Trainer:
         """One optimiser step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
         s = self.stage
         autocast = precision_autocast(s.precision, self.d.device)
-        losses, ntok = [], 0
+        losses, ntok, cells = [], 0, 0
         for _ in range(s.optim.grad_accum):
             pr.epoch, pr.micro, batch = next(data)
             pr.micro += 1
@@ -301,7 +310,9 @@ class Trainer:
                 )
             (loss / s.optim.grad_accum).backward()
             losses.append(loss.item())
-            ntok += int(batch["attention_mask"].sum())
+            ntok += int(batch["attention_mask"].sum())  # real tokens (packed or padded rows)
+            cells += batch["attention_mask"].numel()
+        self._padding = 1 - ntok / max(cells, 1)
         if self.masters is not None:
             self.masters.grads_to_masters()
         self._check_grads(pr.step)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from modalign.data.conversation import IGNORE_INDEX
-from modalign.models.mllm import MLLM
+from modalign.models.mllm import MLLM, mask_sample_starts
 
 
 def supervised_lm_loss(
@@ -70,11 +70,20 @@ class LMObjective(nn.Module):
         if self.features is not None and keys is not None and isinstance(px, torch.Tensor):
             features = self.features(self.model.vision, px, keys)
         labels = batch["labels"].to(device)
-        sp = self.model.embed(batch["input_ids"].to(device), px, batch["attention_mask"].to(device), labels,
-                              image_features=features)  # fmt: skip
+        seq_ids = batch.get("seq_ids")  # packed rows (collate_packed): they take the attention mask's place
+        mask = batch["attention_mask"] if seq_ids is None else seq_ids
+        sp = self.model.embed(batch["input_ids"].to(device), px, mask.to(device), labels, image_features=features,
+                              seq_ids=None if seq_ids is None else seq_ids.to(device))  # fmt: skip
+        if seq_ids is not None:  # the splice carried each sample's number onto its visual tokens
+            if self.prior is not None:
+                raise ValueError("the answer prior needs one sample a row; packing is off for it")
+            hidden = self.model.llm(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids,
+                                    seq_ids=sp.attention_mask, media=sp.media, return_hidden=True)  # fmt: skip
+            return supervised_lm_loss(hidden, mask_sample_starts(sp.labels, sp.attention_mask),
+                                      self.model.llm.lm_head)  # fmt: skip
         # modality ids always go in while training: routed parameters stay in the graph (DDP)
         hidden = self.model.llm(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids,
-                                attention_mask=sp.attention_mask, return_hidden=True)  # fmt: skip
+                                attention_mask=sp.attention_mask, media=sp.media, return_hidden=True)  # fmt: skip
         bias = self.prior.bias(batch["ids"]).to(device) if self.prior is not None else None
         return supervised_lm_loss(hidden, sp.labels, self.model.llm.lm_head, bias)
 
@@ -104,6 +113,11 @@ def setup(ctx):
 
     dataset = ctx.dataset(processor)
     target = LMObjective(model)
+    collator = Collator(tok.pad_id)
+    if stage.data.packing:  # a per-image placeholder grows by the image's visual tokens less one
+        extra = model.num_image_tokens() - 1 if cfg.placeholder == "per_image" and model.has_vision else 0
+        collator = Collator(tok.pad_id, pack_length=stage.data.pack_length or stage.data.max_length,
+                            image_extra=extra)  # fmt: skip
     opts = stage.objective.answer_prior
     if opts is not None and opts.weight:
         from modalign.train.objectives.answer_prior import AnswerPrior
@@ -112,4 +126,4 @@ def setup(ctx):
             dataset, model.llm.lm_head.weight.shape[0], opts.min_count, opts.weight
         )
         ctx.log(f"stage {stage.name}: {target.prior.describe()}")
-    return target, dataset, Collator(tok.pad_id)
+    return target, dataset, collator
