@@ -132,10 +132,19 @@ class LoRAConfig:
 
 @dataclass
 class AdapterConfig:
-    """LLaMA-Adapter: learnable prompts on the top ``num_layers`` layers, zero-init gate."""
+    """LLaMA-Adapter (V1, V2): learnable prompts on the top ``num_layers`` layers, read by every
+    token through their own softmax and scaled by a per-head gate that starts at 0.
+
+    V2's image path (``MLLMConfig.fusion: adapter``): the first ``visual_layers`` layers get visual
+    prompts, their own learned prompts plus the image's projected features (the connector's output,
+    token by token when it has ``prompt_len`` tokens, else its mean), read only by tokens at or
+    after an image, under their own zero-init gates (early fusion). ``bias_tuning``: every decoder
+    linear computes s * (W x + b + b_t), b_t = 0 and s = 1 at first. All three start as identity."""
 
     num_layers: int = 8
     prompt_len: int = 10
+    visual_layers: int = 0
+    bias_tuning: bool = False
 
 
 @dataclass
@@ -226,7 +235,9 @@ class MLLMConfig:
     # how visual tokens reach the decoder: "splice" puts them into the sequence at the placeholders
     # (``placeholder``); "cross_attention" (Flamingo) keeps the image token as an ordinary token
     # marking where the image stands and feeds the connector's output to the decoder's gated
-    # cross-attention blocks (``llm.cross_attention``); ``placeholder`` does not apply
+    # cross-attention blocks (``llm.cross_attention``); "adapter" (LLaMA-Adapter V2) likewise keeps
+    # the image token and adds the connector's output to the visual prompts of the first
+    # ``llm.adapter.visual_layers`` layers; ``placeholder`` does not apply to either
     fusion: str = "splice"
     # the format the checkpoint came from (informational; e.g. "hf-llava", "mplug_owl2")
     source_format: str | None = None

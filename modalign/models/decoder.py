@@ -3,7 +3,8 @@
 Pure PyTorch. Names follow transformers' Llama (``embed_tokens``, ``layers.N.self_attn.q_proj``,
 ``mlp.gate_proj``, ``norm``, ``lm_head``). Every layer receives ``img`` [B, T] (True at image
 rows, from the splice's modality ids); base layers ignore it, modality-routed parts
-(``modalign.models.modality``) use it.
+(``modalign.models.modality``) use it. ``media`` (``fusion`` cross_attention / adapter) carries the
+images to Flamingo's blocks and to LLaMA-Adapter V2's visual prompts.
 
     x = embed(ids) | inputs_embeds
     for layer:  x = x + o(attn(rope(q(n1 x)), rope(k(n1 x)), v(n1 x)))   n1 = input_layernorm
@@ -27,7 +28,7 @@ from modalign.models.layers import (
     positions_from_mask,
     positions_from_seq_ids,
 )
-from modalign.models.modality import ALinear, apply_lora, apply_mam, apply_plora, routed
+from modalign.models.modality import ALinear, apply_bias_tuning, apply_lora, apply_mam, apply_plora, routed
 from modalign.models.xattn import Media, apply_cross_attention
 
 # ------------------------------------------------------------------------------------ cache
@@ -79,8 +80,11 @@ class Attention(nn.Module):
         self.o_proj = ALinear(self.nh * hd, h, bias=cfg.o_bias)
         self.sliding = (cfg.layer_types or ["full"] * (layer_idx + 1))[layer_idx] == "sliding"
         self.adapter_prompt = None
+        self.adapter_prompt_visual = None
         if cfg.adapter is not None and layer_idx >= cfg.num_layers - cfg.adapter.num_layers:
             self.add_adapter(cfg.adapter.prompt_len, h)
+        if cfg.adapter is not None and layer_idx < cfg.adapter.visual_layers:
+            self.add_visual_adapter(cfg.adapter.prompt_len, h)
 
     def add_adapter(self, prompt_len: int, hidden: int) -> None:
         """LLaMA-Adapter: learnable prompt whose attention output is scaled by a per-head gate
@@ -89,20 +93,55 @@ class Attention(nn.Module):
         self.adapter_prompt = nn.Parameter(torch.randn(prompt_len, hidden, device=dev) * 0.02)
         self.adapter_gate = nn.Parameter(torch.zeros(self.nh, device=dev))
 
-    def _adapter(self, q_BHTD: torch.Tensor) -> torch.Tensor:
-        """Gated attention of every query over the adaptation prompt (no RoPE, no mask)."""
-        b = q_BHTD.shape[0]
-        p = self.adapter_prompt.to(q_BHTD.dtype)[None]
+    def add_visual_adapter(self, prompt_len: int, hidden: int) -> None:
+        """LLaMA-Adapter V2's early fusion: a learnable prompt to which each image's projected
+        features are added, read under its own per-head gate that starts at zero."""
+        dev = self.o_proj.weight.device
+        self.adapter_prompt_visual = nn.Parameter(torch.randn(prompt_len, hidden, device=dev) * 0.02)
+        self.adapter_gate_visual = nn.Parameter(torch.zeros(self.nh, device=dev))
+
+    def _prompt_kv(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, H_kv, L, D] of prompt rows [B, L, hidden] (the text projections; no RoPE)."""
+        b = p.shape[0]
         if hasattr(self, "qkv_proj"):
             _, k, v = self.qkv_proj(p).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
         else:
             k, v = routed(self.k_proj, p, None), routed(self.v_proj, p, None)
-        k = k.view(1, -1, self.nkv, self.hd).transpose(1, 2).expand(b, -1, -1, -1)
-        v = v.view(1, -1, self.nkv, self.hd).transpose(1, 2).expand(b, -1, -1, -1)
-        o = attend(q_BHTD, k, v)
+        k, v = (t.view(b, -1, self.nkv, self.hd).transpose(1, 2) for t in (k, v))
+        return k, v
+
+    def _adapter(self, q_BHTD: torch.Tensor) -> torch.Tensor:
+        """Gated attention of every query over the adaptation prompt (no RoPE, no mask)."""
+        b = q_BHTD.shape[0]
+        k, v = self._prompt_kv(self.adapter_prompt.to(q_BHTD.dtype)[None])
+        o = attend(q_BHTD, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1))
         return o * self.adapter_gate.to(o.dtype)[None, :, None, None]
 
-    def forward(self, x, img, cos, sin, mask, cache: KVCache | None, start: int):
+    def _visual_adapter(self, q_BHTD: torch.Tensor, media: Media) -> torch.Tensor:
+        """Gated attention over the visual prompts: the prompt plus the features of image k
+        (``media.latents`` [B, M, n, hidden]; token by token when n is the prompt's length, else
+        their mean added to every prompt row) for a token whose ``media.time`` is k; zero for tokens
+        before any image. The prompts' keys and values are kept in ``media.kv`` during generation."""
+        lat = media.latents
+        m, n, plen = lat.shape[1], lat.shape[2], self.adapter_prompt_visual.shape[0]
+        key = ("adapter", self.layer_idx)
+        if media.kv is not None and key in media.kv:
+            k, v = media.kv[key]
+        else:
+            feat = lat.to(q_BHTD.dtype)
+            if n != plen:
+                feat = feat.mean(2, keepdim=True)  # one global feature per image (V1's multimodal prompt)
+            k, v = self._prompt_kv((self.adapter_prompt_visual.to(q_BHTD.dtype) + feat).flatten(1, 2))
+            if media.kv is not None:
+                media.kv[key] = (k, v)
+        time = media.time[:, None, :, None]  # [B, 1, T, 1]
+        key_time = torch.arange(1, m + 1, device=time.device).repeat_interleave(plen)
+        keep = time > 0
+        o = attend(q_BHTD, k, v, (time == key_time) | ~keep)  # rows without an image: any (then zeroed)
+        o = torch.where(keep, o, 0.0)
+        return o * self.adapter_gate_visual.to(o.dtype)[None, :, None, None]
+
+    def forward(self, x, img, cos, sin, mask, cache: KVCache | None, start: int, media: Media | None = None):
         b, t, _ = x.shape
         if hasattr(self, "qkv_proj"):
             qkv = routed(self.qkv_proj, x, img)
@@ -123,6 +162,8 @@ class Attention(nn.Module):
         o = attend(q, k, v, m, causal=t > 1)
         if self.adapter_prompt is not None:
             o = o + self._adapter(q)
+        if self.adapter_prompt_visual is not None and media is not None:
+            o = o + self._visual_adapter(q, media)
         return routed(self.o_proj, o.transpose(1, 2).reshape(b, t, self.nh * self.hd), img)
 
 
@@ -171,7 +212,7 @@ class DecoderLayer(nn.Module):
         if self.gated_cross_attn is not None:
             x = self.gated_cross_attn(x, media)
         h = routed(self.input_layernorm, x, img)
-        x = x + self.self_attn(h, img, cos, sin, mask, cache, start)
+        x = x + self.self_attn(h, img, cos, sin, mask, cache, start, media)
         h = routed(self.post_attention_layernorm, x, img)
         return x + self.mlp(h, img)
 
@@ -189,6 +230,10 @@ class LLM(nn.Module):
             )
         elif cfg.position != "rope":
             raise ValueError(f"unknown position {cfg.position!r}; known: rope, learned")
+        if cfg.adapter is not None and not 0 <= cfg.adapter.visual_layers <= cfg.num_layers:
+            raise ValueError(
+                f"adapter.visual_layers must be in 0..{cfg.num_layers}, got {cfg.adapter.visual_layers}"
+            )
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -203,6 +248,8 @@ class LLM(nn.Module):
         if cfg.lora is not None:
             lo = cfg.lora
             apply_lora(self, lo.rank, lo.alpha, lo.dropout, lo.targets)
+        if cfg.adapter is not None and cfg.adapter.bias_tuning:
+            apply_bias_tuning(self)
         if cfg.cross_attention is not None:
             apply_cross_attention(self, cfg.cross_attention)
 

@@ -5,7 +5,9 @@
                                          modality_ids [B,T]: 0 text, 1 image
 
 With ``fusion: cross_attention`` (Flamingo) nothing is spliced: the image token stays in the
-sequence and the visual tokens reach the decoder's gated cross-attention blocks (``models/xattn.py``).
+sequence and the visual tokens reach the decoder's gated cross-attention blocks (``models/xattn.py``);
+with ``fusion: adapter`` (LLaMA-Adapter V2) they are added to the visual prompts of the decoder's
+first ``llm.adapter.visual_layers`` layers the same way.
 
 A text-only LLM is an ``MLLM`` whose config has no vision part.
 """
@@ -49,7 +51,7 @@ class Spliced:
     modality_ids: torch.Tensor
     attention_mask: torch.Tensor | None
     labels: torch.Tensor | None
-    media: Media | None = None  # fusion "cross_attention": what the decoder's blocks attend to
+    media: Media | None = None  # fusion cross_attention / adapter: what the decoder reads the images from
 
 
 def splice(
@@ -179,19 +181,24 @@ def _media_dim(c: MLLMConfig) -> int:
 
 
 def _check_fusion(c: MLLMConfig) -> None:
-    if c.fusion not in ("splice", "cross_attention"):
-        raise ValueError(f"unknown fusion {c.fusion!r}; use splice or cross_attention")
+    if c.fusion not in ("splice", "cross_attention", "adapter"):
+        raise ValueError(f"unknown fusion {c.fusion!r}; use splice, cross_attention or adapter")
+    a = c.llm.adapter
+    if c.vision is not None and a is not None and a.visual_layers and c.fusion != "adapter":
+        raise ValueError(f"llm.adapter.visual_layers (visual prompts) need fusion adapter, got {c.fusion}")
     if c.fusion == "splice" or c.vision is None:
         return
     why = None
-    if c.llm.cross_attention is None:
+    if c.fusion == "cross_attention" and c.llm.cross_attention is None:
         why = "needs llm.cross_attention (the gated blocks that read the images)"
+    elif c.fusion == "adapter" and c.llm.cross_attention is not None:
+        why = "reads the images with visual prompts; llm.cross_attention blocks need fusion cross_attention"
     elif c.llm.is_encoder_decoder or c.vision.hd_layout:
         why = "supports decoder-only LLMs and one image tensor each (no hd_layout)"
     elif c.image_token_id is None or not 0 <= c.image_token_id < c.llm.vocab_size:
         why = f"needs an image_token_id in the vocabulary (the token stays a token), got {c.image_token_id}"
     if why:
-        raise ValueError(f"fusion cross_attention {why}")
+        raise ValueError(f"fusion {c.fusion} {why}")
 
 
 def _has_images(pixel_values) -> bool:
@@ -236,7 +243,7 @@ class MLLM(nn.Module):
         depends on the image's height and width in pixels)."""
         if not self.has_vision:
             return 0
-        if self.config.fusion == "cross_attention":  # the image token itself; the latents go aside
+        if self.config.fusion in ("cross_attention", "adapter"):  # the image token; the latents go aside
             return 1
         if self.config.vision.hd_layout:
             t = self.config.vision.image_size
@@ -274,12 +281,12 @@ class MLLM(nn.Module):
         """Token embeddings with the visual tokens spliced in, plus modality ids. The visual
         tokens come from ``image_tokens`` (connector outputs), ``image_features`` (vision tower
         outputs) or ``pixel_values``. ``placeholder`` overrides the config's mode (the engine
-        pre-expands per-image placeholders). With ``fusion: cross_attention`` nothing is spliced:
-        the embeddings are the ids' and the visual tokens come back as ``media`` (``seq_ids``:
-        packed rows, whose samples see their own images only)."""
+        pre-expands per-image placeholders). With ``fusion: cross_attention`` or ``adapter`` nothing
+        is spliced: the embeddings are the ids' and the visual tokens come back as ``media``
+        (``seq_ids``: packed rows, whose samples see their own images only)."""
         if image_tokens is None and (image_features is not None or _has_images(pixel_values)):
             image_tokens = self.encode_images(pixel_values, image_features, **connector_inputs)
-        if self.config.fusion == "cross_attention":
+        if self.config.fusion in ("cross_attention", "adapter"):
             return self._embed_media(input_ids, image_tokens, attention_mask, labels, seq_ids)
         return splice(
             self.llm.embed_tokens,
@@ -294,7 +301,8 @@ class MLLM(nn.Module):
     def _embed_media(self, input_ids, latents, attention_mask, labels, seq_ids) -> Spliced:
         """Flamingo: each image token stays in the sequence (an ordinary token; its label is
         ignored) and marks where its image stands; the image's latents go to the cross-attention
-        blocks. Images are consumed row by row, left to right, one per image token."""
+        blocks (LLaMA-Adapter V2, ``fusion: adapter``: to the visual prompts). Images are consumed
+        row by row, left to right, one per image token."""
         tok = self.config.image_token_id
         is_img = input_ids == tok
         n_tok, n_img = int(is_img.sum()), 0 if latents is None else len(latents)
@@ -303,6 +311,9 @@ class MLLM(nn.Module):
                 f"input_ids hold {n_tok} image token(s) (id {tok}) but {n_img} image(s) were given; "
                 f"each image needs exactly one"
             )
+        a = self.config.llm.adapter
+        if n_img and self.config.fusion == "adapter" and (a is None or not a.visual_layers):
+            raise ValueError("fusion adapter: the decoder has no visual prompts (llm.adapter.visual_layers)")
         emb = self.llm.embed_tokens(input_ids)
         if labels is not None:
             labels = labels.masked_fill(is_img.to(labels.device), IGNORE_INDEX)
@@ -347,7 +358,7 @@ class MLLM(nn.Module):
         1, 2, ... in ``input_ids`` order, 0 padding; ``data/collate.py``'s ``collate_packed``), each
         sample attended and positioned alone and its first label ignored; the output's ``seq_ids``
         are the spliced ones. ``media``: with ``inputs_embeds`` of a cross-attention model, the
-        ``embed`` output's ``media`` (``fusion: cross_attention``; a cache keeps the prompt's)."""
+        ``embed`` output's ``media`` (``fusion`` cross_attention or adapter; a cache keeps the prompt's)."""
         packed = seq_ids is not None
         if packed and (attention_mask is not None or cache is not None or self.config.llm.is_encoder_decoder):
             raise ValueError("seq_ids (packed rows) replace attention_mask; a decoder-only model, no cache")

@@ -7,6 +7,7 @@ when the input is known to be all text (decode steps, text-only inference)::
     ALinear(x, img):   y = W x + b                                   base
                          + s_lora  * B_l A_l x                         LoRA (every row)
                          + s_plora * B_p A_p x * img[..., None]        Partial LoRA (image rows)
+                       y = s_bt * (y + b_bt)                           bias tuning (LLaMA-Adapter V2)
 
     Multiway(x, img):  where(img, part[1](x), part[0](x))              MAM norms and K/V
 
@@ -19,6 +20,7 @@ branch entirely, which makes a text-only forward bit-identical to the base model
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import torch
@@ -27,12 +29,41 @@ from torch import nn
 
 
 class ALinear(nn.Linear):
-    """``nn.Linear`` with optional LoRA (all rows) and Partial LoRA (image rows)."""
+    """``nn.Linear`` with optional LoRA (all rows), Partial LoRA (image rows) and bias tuning."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lora_A: nn.Linear | None = None
         self.plora_A: nn.Linear | None = None
+        self.adapter_bias: nn.Parameter | None = None
+        self.adapter_scale: nn.Parameter | None = None
+
+    def add_bias_tune(self) -> None:
+        """LLaMA-Adapter V2's bias tuning: a learnable bias (0) and scale (1) per output feature,
+        ``y = scale * (linear(x) + bias)``, so the layer is unchanged at first."""
+        dev, dt = self.weight.device, self.weight.dtype
+        self.adapter_bias = nn.Parameter(torch.zeros(self.out_features, device=dev, dtype=dt))
+        self.adapter_scale = nn.Parameter(torch.ones(self.out_features, device=dev, dtype=dt))
+
+    @torch.no_grad()
+    def merge_bias_tune(self) -> None:
+        """Fold the scale into the weight, the base bias, LoRA's and Partial LoRA's B (and the tuned
+        bias into the base bias where there is one): the same function, with scale 1 afterwards.
+        Exact up to rounding; LoRA may be merged or not (both stay consistent)."""
+        if self.adapter_bias is None:
+            return
+        s = self.adapter_scale
+        self.weight.mul_(s[:, None].to(self.weight.dtype))
+        if self.bias is not None:
+            self.bias.add_(self.adapter_bias.to(self.bias.dtype)).mul_(s.to(self.bias.dtype))
+            self.adapter_bias.zero_()
+        else:
+            self.adapter_bias.mul_(s)
+        for kind in ("lora", "plora"):
+            if getattr(self, f"{kind}_A") is not None:
+                b = getattr(self, f"{kind}_B").weight
+                b.mul_(s[:, None].to(b.dtype))
+        s.fill_(1.0)
 
     def add_lora(self, rank: int, alpha: float, dropout: float = 0.0) -> None:
         dev, dt = self.weight.device, self.weight.dtype
@@ -77,6 +108,8 @@ class ALinear(nn.Linear):
         if self.plora_A is not None and img is not None:
             delta = self.plora_B(self.plora_A(self.plora_dropout(x))) * self.plora_scaling
             y = y + delta * img.unsqueeze(-1).to(delta.dtype)
+        if self.adapter_bias is not None:
+            y = (y + self.adapter_bias.to(y.dtype)) * self.adapter_scale.to(y.dtype)
         return y
 
 
@@ -142,6 +175,11 @@ def _rows(lin: nn.Linear, start: int, stop: int) -> ALinear:
         with torch.no_grad():
             getattr(out, f"{kind}_A").weight.copy_(a.weight)
             getattr(out, f"{kind}_B").weight.copy_(getattr(lin, f"{kind}_B").weight[start:stop])
+    if getattr(lin, "adapter_bias", None) is not None:
+        out.add_bias_tune()
+        with torch.no_grad():
+            out.adapter_bias.copy_(lin.adapter_bias[start:stop])
+            out.adapter_scale.copy_(lin.adapter_scale[start:stop])
     out.train(lin.training)
     return out
 
@@ -190,6 +228,24 @@ def apply_lora(llm: nn.Module, rank: int, alpha: float, dropout: float, targets:
     return n
 
 
+def apply_bias_tuning(llm: nn.Module) -> int:
+    """Bias tuning (bias 0, scale 1) on every decoder-layer linear that has none; returns how many
+    got one. The head and Flamingo's blocks are plain ``nn.Linear`` and stay as they are."""
+    n = 0
+    for name, module in llm.named_modules():
+        if isinstance(module, ALinear) and name.startswith("layers.") and module.adapter_bias is None:
+            module.add_bias_tune()
+            n += 1
+    return n
+
+
+def merge_bias_tuning(model: nn.Module) -> None:
+    """Fold every bias-tuning scale into its layer's weights (``ALinear.merge_bias_tune``)."""
+    for m in model.modules():
+        if isinstance(m, ALinear):
+            m.merge_bias_tune()
+
+
 def set_lora_merged(model: nn.Module, merged: bool) -> None:
     for m in model.modules():
         if isinstance(m, ALinear) and m.lora_A is not None:
@@ -226,11 +282,32 @@ def enable_lora(model, cfg) -> int:
 
 
 def enable_adapter(model, cfg) -> int:
-    """Add LLaMA-Adapter prompts with zero-init gates to the top ``cfg.num_layers`` layers."""
-    model.config.llm.adapter = cfg
+    """Add LLaMA-Adapter (``AdapterConfig``) to the decoder: prompts with zero-init gates on the
+    top ``cfg.num_layers`` layers; visual prompts (zero-init gates) on the first
+    ``cfg.visual_layers``, which switch a model with a vision tower to ``fusion: adapter``; bias
+    tuning with ``cfg.bias_tuning``. Returns how many layers got text prompts."""
+    c = model.config
     layers = model.llm.layers
+    if not 0 <= cfg.visual_layers <= len(layers):
+        raise ValueError(f"adapter.visual_layers must be in 0..{len(layers)}, got {cfg.visual_layers}")
+    if cfg.visual_layers and c.vision is not None and c.fusion != "adapter":
+        if c.fusion != "splice":
+            raise ValueError(
+                f"visual prompts read the images through fusion adapter; this model uses {c.fusion}"
+            )
+        from modalign.models.mllm import _check_fusion  # (mllm imports this module)
+
+        _check_fusion(dataclasses.replace(c, fusion="adapter", llm=dataclasses.replace(c.llm, adapter=cfg)))
+        c.fusion = "adapter"  # the image token stays a token; its image goes to the visual prompts
+    c.llm.adapter = cfg
+    hidden = c.llm.hidden_size
     first = max(len(layers) - cfg.num_layers, 0)
     for layer in layers[first:]:
         if layer.self_attn.adapter_prompt is None:
-            layer.self_attn.add_adapter(cfg.prompt_len, model.config.llm.hidden_size)
+            layer.self_attn.add_adapter(cfg.prompt_len, hidden)
+    for layer in layers[: cfg.visual_layers]:
+        if layer.self_attn.adapter_prompt_visual is None:
+            layer.self_attn.add_visual_adapter(cfg.prompt_len, hidden)
+    if cfg.bias_tuning:
+        apply_bias_tuning(model.llm)
     return len(layers) - first
