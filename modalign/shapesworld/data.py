@@ -14,6 +14,7 @@ training split and are the subject of the held-out "unseen pairs" questions.
     OUT/instruct_ground.json stage-2 curriculum: single position, count and read questions
     OUT/eval.json          held-out questions          OUT/text.jsonl       text corpus
     OUT/text_eval.jsonl    text for perplexity         OUT/text_instruct.json text-only chats
+    OUT/text_qa_eval.json  held-out text-only questions (answered from a scene described in words)
     OUT/scenes.jsonl       annotations (captions + normalised boxes)    OUT/meta.json
 """
 
@@ -56,7 +57,7 @@ GROUND_TYPES = ("position", "count", "read")
 BACKGROUND = (240, 240, 240)
 # every file generate() writes beside images/ (a data set missing one was written by an older version)
 FILES = ("captions.json", "instruct.json", "instruct_basic.json", "instruct_ground.json", "eval.json",
-         "text_instruct.json", "text.jsonl", "text_eval.jsonl", "scenes.jsonl", "meta.json")  # fmt: skip
+         "text_instruct.json", "text.jsonl", "text_eval.jsonl", "text_qa_eval.json", "scenes.jsonl", "meta.json")  # fmt: skip
 
 
 @dataclass
@@ -361,7 +362,7 @@ def generate(
                           "conversations": [{"from": "human", "value": _with_image(q["question"], image_placement == "after")},
                                             {"from": "gpt", "value": q["answer"]}]})  # fmt: skip
     text, text_chat = text_corpus(random.Random(seed + 7), num_text)
-    text_eval, _ = text_corpus(random.Random(seed + 8), max(num_text // 10, 50))
+    text_eval, text_qa_eval = text_corpus(random.Random(seed + 8), max(num_text // 10, 50))
     _write_json(out / "captions.json", captions)
     _write_json(out / "instruct.json", instruct)
     random.Random(seed + 3).shuffle(basic)
@@ -370,6 +371,7 @@ def generate(
     _write_json(out / "instruct_ground.json", ground)
     _write_json(out / "eval.json", evals)
     _write_json(out / "text_instruct.json", text_chat)
+    _write_json(out / "text_qa_eval.json", text_qa_eval)
     _write_jsonl(out / "text.jsonl", [{"id": f"text-{i}", "text": t} for i, t in enumerate(text)])
     _write_jsonl(
         out / "text_eval.jsonl", [{"id": f"text-eval-{i}", "text": t} for i, t in enumerate(text_eval)]

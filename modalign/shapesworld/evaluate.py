@@ -108,3 +108,19 @@ def evaluate_shapes(
         "prompt_version": PROMPT_VERSION,
         "samples": samples,
     }
+
+
+def evaluate_text_qa(model: MLLM, tok: Tokenizer, file: str | Path, template: str = "chatml",
+                     batch_size: int = 256, max_new_tokens: int = 8) -> dict:  # fmt: skip
+    """The LLM's text ability in form and content: greedy answers to held-out questions about a
+    scene described in words (no image), exact match after normalisation."""
+    records = json.loads(Path(file).read_text())
+    cm = ChatModel(model, tok, template)
+    params = cm.params(max_new_tokens=max_new_tokens)
+    correct = 0
+    for s in range(0, len(records), batch_size):
+        chunk = records[s : s + batch_size]
+        prompts = [Prompt(cm.prompt_ids([user_message(r["conversations"][0]["value"], 0)])) for r in chunk]
+        for rec, r in zip(chunk, cm.engine.generate(prompts, params), strict=True):
+            correct += normalize_answer(r.text) == normalize_answer(rec["conversations"][1]["value"])
+    return {"accuracy": correct / max(len(records), 1), "questions": len(records)}

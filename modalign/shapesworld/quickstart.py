@@ -22,7 +22,7 @@ from modalign.eval.perplexity import text_perplexity
 from modalign.models.mllm import MLLM
 from modalign.shapesworld import RECIPES
 from modalign.shapesworld import data as shapes
-from modalign.shapesworld.evaluate import evaluate_shapes
+from modalign.shapesworld.evaluate import evaluate_shapes, evaluate_text_qa
 from modalign.train.recipe import load_recipe
 from modalign.train.run import run_recipe
 
@@ -71,10 +71,11 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
     model = MLLM.from_pretrained(mdir / "model", dtype=torch.float32)
     template = recipe.stages[-1].data.template
     ev = evaluate_shapes(model, tok, data / "eval.json", template=template, progress=progress)
-    before = text_perplexity(
-        MLLM.from_pretrained(stage0 / "model", dtype=torch.float32), tok, data / "text_eval.jsonl"
-    )
+    base = MLLM.from_pretrained(stage0 / "model", dtype=torch.float32)
+    before = text_perplexity(base, tok, data / "text_eval.jsonl")
     after = text_perplexity(model, tok, data / "text_eval.jsonl")
+    qa_before = evaluate_text_qa(base, tok, data / "text_qa_eval.json", template)["accuracy"]
+    qa_after = evaluate_text_qa(model, tok, data / "text_qa_eval.json", template)["accuracy"]
     trainable = _trainable_params(mdir)
     results = {
         "method": method,
@@ -85,6 +86,8 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
         "position_parts": ev["position_parts"],
         "text_ppl_before": before,
         "text_ppl_after": after,
+        "text_qa_before": qa_before,
+        "text_qa_after": qa_after,
         "trainable_params": trainable,
         "wall_seconds": time.perf_counter() - t0,
         "questions": ev["questions"],
@@ -142,6 +145,8 @@ def format_results(results: list[dict]) -> str:
         "held-out",
         "unseen pairs",
         *types,
+        "text QA before",
+        "after",
         "text ppl before",
         "after",
         "trainable (last stage)",
@@ -152,7 +157,8 @@ def format_results(results: list[dict]) -> str:
         last = list(r["trainable_params"].values())[-1] if r["trainable_params"] else 0
         unseen = r["unseen_pairs_accuracy"]
         rows.append([r["method"], f"{r['heldout_accuracy']:.1%}", "-" if unseen is None else f"{unseen:.1%}",
-                     *(f"{r['accuracy_by_type'].get(t, 0):.0%}" for t in types), f"{r['text_ppl_before']:.3f}",
+                     *(f"{r['accuracy_by_type'].get(t, 0):.0%}" for t in types), f"{r['text_qa_before']:.1%}",
+                     f"{r['text_qa_after']:.1%}", f"{r['text_ppl_before']:.3f}",
                      f"{r['text_ppl_after']:.3f}", f"{last:,}", f"{r['wall_seconds']:.0f}"])  # fmt: skip
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731

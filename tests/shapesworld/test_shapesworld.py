@@ -287,15 +287,17 @@ def test_quickstart_end_to_end_in_miniature(tmp_path, capsys):
     import torch
 
     from modalign.eval.perplexity import text_perplexity
+    from modalign.shapesworld.evaluate import evaluate_text_qa
     from modalign.shapesworld.quickstart import quickstart
 
     sets = [f"stages.{s}.stop.max_steps=2" for s in ("align", "basic", "ground", "instruct")]
-    sets += [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip")]
+    sets += [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip", "chat")]
     (res,) = quickstart("llava", tmp_path, scale=0.02, sets=sets, progress=False)
     out = tmp_path / "llava"
     saved = json.loads((out / "results.json").read_text())
     need = {"method", "heldout_accuracy", "unseen_pairs_accuracy", "accuracy_by_type", "text_ppl_before",
-            "text_ppl_after", "trainable_params", "wall_seconds", "accuracy_by_type_seen_unseen"}  # fmt: skip
+            "text_ppl_after", "text_qa_before", "text_qa_after", "trainable_params", "wall_seconds",
+            "accuracy_by_type_seen_unseen"}  # fmt: skip
     assert need <= set(saved) and saved["method"] == "llava"
     rows = [json.loads(line) for line in (out / "eval_samples.jsonl").read_text().splitlines()]
     assert len(rows) == saved["questions"] == len(json.loads((tmp_path / "data" / "eval.json").read_text()))
@@ -312,6 +314,9 @@ def test_quickstart_end_to_end_in_miniature(tmp_path, capsys):
     tok = Tokenizer.from_dir(out / "model")
     before = MLLM.from_pretrained(tmp_path / "stage0" / "model", dtype=torch.float32)
     assert saved["text_ppl_before"] == text_perplexity(before, tok, tmp_path / "data" / "text_eval.jsonl")
+    qa = evaluate_text_qa(before, tok, tmp_path / "data" / "text_qa_eval.json", "chatml")
+    assert saved["text_qa_before"] == qa["accuracy"] and qa["questions"] == 50
+    assert (tmp_path / "stage0" / "chat" / "result.json").is_file()  # stage 0 ends chat-tuned
     assert (out / "accuracy_by_type.png").stat().st_size > 0 and (out / "instruct" / "loss.png").is_file()
     assert "| llava" in capsys.readouterr().out and res["heldout_accuracy"] == saved["heldout_accuracy"]
 
