@@ -11,7 +11,6 @@ import torch
 from modalign import MLLM, MLLMConfig, PlaceholderMismatch
 from modalign.config import AdapterConfig, ConnectorConfig, LLMConfig, LoRAConfig, VisionConfig
 from modalign.infer.engine import Engine, Prompt, SamplingParams
-from modalign.infer.scheduler import Scheduler
 from modalign.models.decoder import LLM
 from modalign.models.modality import (
     enable_adapter,
@@ -21,8 +20,12 @@ from modalign.models.modality import (
     set_lora_merged,
 )
 from modalign.train.freeze import apply_trainable
-from tests.infer.test_scheduler import Sink, run
-from tests.models.test_xattn import greedy_without_cache
+from tests.models.fusion import (
+    continuous_batching_matches_greedy,
+    greedy_without_cache,
+    mixed_prompts,
+    save_load_round_trip,
+)
 
 IMG = 63  # the image token: an ordinary id of the vocabulary
 LAYERS = 3  # visual prompts in layer 0, nothing in layer 1, text prompts in layer 2
@@ -231,11 +234,7 @@ def test_a_packed_row_gives_each_sample_its_own_logits():
 
 
 def prompts():
-    px = pixels(4, seed=3)
-    return [Prompt([1, 7, IMG, 9, 10, 11, IMG, 12], [px[0], px[1]]),
-            Prompt([1, IMG, 13], [px[2]]),
-            Prompt([1, 14, 15, 16, 17]),  # text only, in a batch with images
-            Prompt([1, 20, IMG, 21, 22], [px[3]])]  # fmt: skip
+    return mixed_prompts(IMG, pixels(4, seed=3))
 
 
 @pytest.mark.parametrize("prompt_len", [4, 3])
@@ -255,29 +254,14 @@ def test_generation_with_the_cache_equals_a_greedy_loop_without(prompt_len):
 
 
 def test_continuous_batching_keeps_each_rows_images():
-    m = tiny(trained=True)
-    ps = prompts()
-    want = [
-        greedy_without_cache(m, p.input_ids, p.pixel_values, n) for p, n in zip(ps, [5, 3, 6, 4], strict=True)
-    ]
-    sinks = [Sink() for _ in ps]
-    reqs = [
-        s.request(p, SamplingParams(max_new_tokens=len(w))) for s, p, w in zip(sinks, ps, want, strict=True)
-    ]
-    run(Scheduler(Engine(m), max_batch=3, headroom=4), {0: reqs[2:3], 1: reqs[:2], 3: reqs[3:]})
-    assert [s.tokens for s in sinks] == want
+    continuous_batching_matches_greedy(tiny(trained=True), prompts())
 
 
 # ------------------------------------------------------------------------------ checkpoints
 
 
 def test_save_load_round_trip(tmp_path):
-    m = tiny(trained=True)
-    m.save_pretrained(tmp_path / "m")
-    back = MLLM.from_pretrained(tmp_path / "m")
-    assert back.config == m.config and back.config.fusion == "adapter"
-    with torch.no_grad():
-        assert torch.equal(back.eval()(IDS, pixels(3), MASK).logits, m(IDS, pixels(3), MASK).logits)
+    save_load_round_trip(tiny(trained=True), tmp_path / "m", "adapter", IDS, pixels(3), MASK)
 
 
 def test_enabling_on_a_splice_model_and_on_a_released_decoder(tmp_path):

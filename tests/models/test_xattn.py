@@ -14,11 +14,15 @@ from modalign import MLLM, MLLMConfig, PlaceholderMismatch
 from modalign.config import ConnectorConfig, CrossAttentionConfig, LLMConfig, VisionConfig
 from modalign.infer.engine import Engine, Prompt, SamplingParams
 from modalign.infer.fast_decode import supported
-from modalign.infer.scheduler import Scheduler
 from modalign.models.decoder import LLM
 from modalign.models.layers import positions_from_mask
 from modalign.models.xattn import GatedCrossAttentionBlock, Media
-from tests.infer.test_scheduler import Sink, run
+from tests.models.fusion import (
+    continuous_batching_matches_greedy,
+    greedy_without_cache,
+    mixed_prompts,
+    save_load_round_trip,
+)
 
 IMG = 5  # the image token: an ordinary id of the vocabulary
 
@@ -245,22 +249,8 @@ def test_a_packed_row_gives_each_sample_its_own_logits():
 # ------------------------------------------------------------------------------ generation
 
 
-def greedy_without_cache(m: MLLM, ids: list[int], images: list[torch.Tensor], n: int) -> list[int]:
-    seq = list(ids)
-    for _ in range(n):
-        with torch.no_grad():
-            px = torch.stack(images) if images else None
-            logits = m(torch.tensor([seq]), px).logits[0, -1]
-        seq.append(int(logits.argmax()))
-    return seq[len(ids) :]
-
-
 def flamingo_prompts():
-    px = pixels(4, seed=3)
-    return [Prompt([1, 7, IMG, 9, 10, 11, IMG, 12], [px[0], px[1]]),
-            Prompt([1, IMG, 13], [px[2]]),
-            Prompt([1, 14, 15, 16, 17]),  # text only, in a batch with images
-            Prompt([1, 20, IMG, 21, 22], [px[3]])]  # fmt: skip
+    return mixed_prompts(IMG, pixels(4, seed=3))
 
 
 def test_generation_with_the_cache_equals_a_greedy_loop_without():
@@ -280,31 +270,14 @@ def test_generation_with_the_cache_equals_a_greedy_loop_without():
 
 
 def test_continuous_batching_keeps_each_rows_images():
-    m = tiny(open_gates=True)
-    prompts = flamingo_prompts()
-    want = [
-        greedy_without_cache(m, p.input_ids, p.pixel_values, n)
-        for p, n in zip(prompts, [5, 3, 6, 4], strict=True)
-    ]
-    sinks = [Sink() for _ in prompts]
-    reqs = [
-        s.request(p, SamplingParams(max_new_tokens=len(w)))
-        for s, p, w in zip(sinks, prompts, want, strict=True)
-    ]
-    run(Scheduler(Engine(m), max_batch=3, headroom=4), {0: reqs[2:3], 1: reqs[:2], 3: reqs[3:]})
-    assert [s.tokens for s in sinks] == want
+    continuous_batching_matches_greedy(tiny(open_gates=True), flamingo_prompts())
 
 
 # ------------------------------------------------------------------------------ checkpoints, training
 
 
 def test_save_load_round_trip(tmp_path):
-    m = tiny(open_gates=True)
-    m.save_pretrained(tmp_path / "m")
-    back = MLLM.from_pretrained(tmp_path / "m")
-    assert back.config == m.config and back.config.fusion == "cross_attention"
-    with torch.no_grad():
-        assert torch.equal(back.eval()(IDS, pixels(3), MASK).logits, m(IDS, pixels(3), MASK).logits)
+    save_load_round_trip(tiny(open_gates=True), tmp_path / "m", "cross_attention", IDS, pixels(3), MASK)
 
 
 def test_a_frozen_decoder_trains_only_the_blocks_and_connector():
