@@ -248,7 +248,8 @@ class ModalignLMM(lmms):
                 px = torch.stack(p.pixel_values).to(dev) if same else [x.to(dev) for x in p.pixel_values]
             sp = model.embed(ids, px, None, placeholder="per_token")
             mod = sp.modality_ids if px is not None else None  # all-text: no image branch, as the engine
-            fwd = model(inputs_embeds=sp.inputs_embeds, modality_ids=mod, attention_mask=sp.attention_mask)
+            fwd = model(inputs_embeds=sp.inputs_embeds, modality_ids=mod, attention_mask=sp.attention_mask,
+                        media=sp.media)  # fmt: skip
             logits = fwd.logits[0].float()
             t = ids.shape[1]
             pos = torch.arange(t - n - 1, t - n - 1 + len(cont), device=dev)  # the logits predicting cont

@@ -318,7 +318,8 @@ class MLLM(nn.Module):
         if labels is not None:
             labels = labels.masked_fill(is_img.to(labels.device), IGNORE_INDEX)
         media = None
-        if n_img or self.training:  # training without images: one zero latent nobody attends to
+        # training without images (the decoder's mode: a trainer may hold the parts, not the MLLM):
+        if n_img or self.llm.training:  # one zero latent nobody attends to
             # keeps the blocks' attention in the graph (DDP)
             if not n_img:
                 latents = emb.new_zeros(0, 1, _media_dim(self.config))

@@ -213,6 +213,22 @@ def apply_cross_attention(llm: nn.Module, cfg: CrossAttentionConfig) -> int:
 def enable_cross_attention(model, cfg: CrossAttentionConfig) -> int:
     """Add Flamingo blocks (``CrossAttentionConfig``) to an ``MLLM``'s decoder and switch its
     fusion to cross-attention (recorded in the config, so save/load round-trips)."""
+    import dataclasses
+
+    from modalign.models.mllm import _check_fusion, _media_dim
+
+    want = dataclasses.replace(model.config, fusion="cross_attention",
+                               llm=dataclasses.replace(model.config.llm, cross_attention=cfg))  # fmt: skip
+    _check_fusion(want)
+    if model.has_vision:  # the blocks read the connector's output: its width must be theirs
+        w = model.llm.embed_tokens.weight
+        probe = torch.zeros(1, model.config.vision.num_features, model.config.vision.feature_dim,
+                            device=w.device, dtype=w.dtype)  # fmt: skip
+        with torch.no_grad():
+            got = model.connector(probe).shape[-1]
+        if got != _media_dim(want):
+            raise ValueError(f"cross_attention reads {_media_dim(want)}-wide media (media_dim or the LLM's width) "
+                             f"but the connector gives {got}")  # fmt: skip
     model.config.llm.cross_attention = cfg
     model.config.fusion = "cross_attention"
     return apply_cross_attention(model.llm, cfg)

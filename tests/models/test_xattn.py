@@ -360,6 +360,36 @@ def test_a_released_decoder_gets_fresh_blocks(tmp_path):
         assert torch.equal(m(IDS, pixels(3), MASK).logits, lm(IDS, attention_mask=MASK).logits)
 
 
+def test_a_loaded_model_trains_its_blocks_on_text_only_batches():
+    """A stage starting from a saved model gets it in eval mode and trains its parts through the
+    objective: text-only batches still reach every block (DDP needs each parameter's gradient)."""
+    from modalign.data.collate import collate
+    from modalign.data.datasets import Example
+    from modalign.train.objectives.lm import LMObjective
+
+    m = tiny(open_gates=True)  # eval mode, as MLLM.from_pretrained returns it
+    obj = LMObjective(m).train()
+    batch = collate([Example("t", [1, 20, 21, 22], [1, 20, 21, 22], [], image_keys=[])], 0)
+    loss, _ = obj(batch)
+    loss.backward()
+    for b in blocks(m).values():
+        assert b.attn_gate.grad is not None and b.attn.to_kv.weight.grad is not None
+
+
+def test_adding_blocks_checks_the_model_first():
+    from modalign.models.xattn import enable_cross_attention
+
+    plain = config()
+    plain.llm.cross_attention, plain.fusion = None, "splice"
+    m = MLLM(plain)
+    with pytest.raises(ValueError, match="32-wide media .* connector gives 40"):
+        enable_cross_attention(m, CrossAttentionConfig(every=2, num_heads=2, head_dim=12, media_dim=32))
+    assert m.config.fusion == "splice" and not blocks(m)  # nothing changed
+    m.config.image_token_id = None
+    with pytest.raises(ValueError, match="image_token_id in the vocabulary"):
+        enable_cross_attention(m, CrossAttentionConfig(every=2, num_heads=2, head_dim=12))
+
+
 # ------------------------------------------------------------------------------ OpenFlamingo
 
 
