@@ -300,6 +300,15 @@ def _llava_summary(rows: list[dict], pairs: list[list[float] | None]) -> dict:
     }
 
 
+def _with_judgments(samples: list[dict], names: list[str], raws: dict, key: str, values: dict) -> list[dict]:
+    """Each sample with its judge's raw output and parsed ``key``; with two judges, each by name."""
+    if len(names) == 1:
+        n = names[0]
+        return [s | {"judge_output": raws[n][i], key: values[n][i]} for i, s in enumerate(samples)]
+    return [s | {"judge_output": {n: raws[n][i] for n in names}, key: {n: values[n][i] for n in names}}
+            for i, s in enumerate(samples)]  # fmt: skip
+
+
 def llava_bench(samples: list[dict], judge, cache: JudgeCache) -> tuple[list[dict], dict]:
     """``samples``: {id, question (or question_text), answer (the model's), reference, category,
     context (captions text), boxes (COCO, else None)}. Returns the samples with ``judge_output``
@@ -321,15 +330,7 @@ def llava_bench(samples: list[dict], judge, cache: JudgeCache) -> tuple[list[dic
             )
             raws[n].append(raw)
             pairs[n].append(parse_score(raw) if raw is not None else None)
-    out = []
-    for i, s in enumerate(samples):
-        if len(names) == 1:
-            out.append(s | {"judge_output": raws[names[0]][i], "scores": pairs[names[0]][i]})
-        else:
-            out.append(
-                s
-                | {"judge_output": {n: raws[n][i] for n in names}, "scores": {n: pairs[n][i] for n in names}}
-            )
+    out = _with_judgments(samples, names, raws, "scores", pairs)
     per = {n: _llava_summary(samples, pairs[n]) for n in names}
     res = dict(per[names[0]])
     res |= {"judge_prompt_version": LLAVA_BENCH_VERSION, "judge_temperature": LLAVA_TEMPERATURE}
@@ -433,15 +434,7 @@ def owleval(samples: list[dict], judge, cache: JudgeCache) -> tuple[list[dict], 
             raw = ask(c, cache, OWL_VERSION, msgs, OWL_TEMPERATURE, OWL_MAX_TOKENS, n)
             raws[n].append(raw)
             grades[n].append(parse_grade(raw))
-    out = []
-    for i, s in enumerate(samples):
-        if len(names) == 1:
-            out.append(s | {"judge_output": raws[names[0]][i], "grade": grades[names[0]][i]})
-        else:
-            out.append(
-                s
-                | {"judge_output": {n: raws[n][i] for n in names}, "grade": {n: grades[n][i] for n in names}}
-            )
+    out = _with_judgments(samples, names, raws, "grade", grades)
     per = {n: _owl_summary(grades[n], raws[n]) for n in names}
     res = dict(per[names[0]]) | {"judge_prompt_version": OWL_VERSION}
     if len(names) > 1:
