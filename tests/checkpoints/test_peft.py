@@ -29,12 +29,7 @@ peft = pytest.importorskip("peft")
 def _trained_lora(path):
     model = MLLM.from_pretrained(path)
     enable_lora(model, LoRAConfig(rank=4, alpha=8, targets=["q_proj", "v_proj", "gate_proj", "down_proj"]))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return model
+    return _random_b(model)
 
 
 def test_peft_export_matches_peft_on_transformers(tmp_path):
