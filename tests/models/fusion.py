@@ -1,6 +1,6 @@
 """Checks shared by the fusion designs that keep the image token in the sequence (Flamingo-style
 cross-attention, LLaMA-Adapter's visual prompts): greedy decoding without a cache as the
-reference, continuous batching against it, and a save/load round trip."""
+reference, continuous batching against it, packed rows, and a save/load round trip."""
 
 from __future__ import annotations
 
@@ -53,3 +53,14 @@ def save_load_round_trip(
     assert back.config == m.config and back.config.fusion == fusion
     with torch.no_grad():
         assert torch.equal(back.eval()(ids, px, mask).logits, m(ids, px, mask).logits)
+
+
+def packed_row_matches_samples_alone(m: MLLM, img: int, px: torch.Tensor) -> None:
+    """Two samples packed in one row give each its own logits; the second's text before its image
+    must not see the first's image. ``px`` [2, 3, H, W]."""
+    a, b = [1, img, 7, 8, 9], [1, 10, img, 11]
+    with torch.no_grad():
+        alone = [m(torch.tensor([a]), px[:1]).logits[0], m(torch.tensor([b]), px[1:]).logits[0]]
+        packed = m(torch.tensor([a + b + [0]]), px, seq_ids=torch.tensor([[1] * 5 + [2] * 4 + [0]])).logits[0]
+    torch.testing.assert_close(packed[:5], alone[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed[5:9], alone[1], atol=1e-5, rtol=1e-5)

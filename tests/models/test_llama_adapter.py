@@ -24,6 +24,7 @@ from tests.models.fusion import (
     continuous_batching_matches_greedy,
     greedy_without_cache,
     mixed_prompts,
+    packed_row_matches_samples_alone,
     save_load_round_trip,
 )
 
@@ -220,14 +221,7 @@ def test_v2_disjoint_training_patterns_train_only_their_parts():
 
 
 def test_a_packed_row_gives_each_sample_its_own_logits():
-    m = tiny(trained=True)
-    a, b = [1, IMG, 7, 8, 9], [1, 10, IMG, 11]  # b's text before its image must not see a's image
-    px = pixels(2)
-    with torch.no_grad():
-        alone = [m(torch.tensor([a]), px[:1]).logits[0], m(torch.tensor([b]), px[1:]).logits[0]]
-        packed = m(torch.tensor([a + b + [0]]), px, seq_ids=torch.tensor([[1] * 5 + [2] * 4 + [0]])).logits[0]
-    torch.testing.assert_close(packed[:5], alone[0], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(packed[5:9], alone[1], atol=1e-5, rtol=1e-5)
+    packed_row_matches_samples_alone(tiny(trained=True), IMG, pixels(2))
 
 
 # ------------------------------------------------------------------------------ generation
