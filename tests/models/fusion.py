@@ -6,10 +6,33 @@ from __future__ import annotations
 
 import torch
 
-from modalign import MLLM
+from modalign import MLLM, MLLMConfig
 from modalign.infer.engine import Engine, Prompt, SamplingParams
 from modalign.infer.scheduler import Scheduler
+from modalign.models.decoder import LLM
 from tests.infer.test_scheduler import Sink, run
+
+
+def pixels(n, seed=1):
+    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+def two_rows(img: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, mask): row 0 text, image A, text, image B, text; row 1 (left-padded) text, image C, text."""
+    ids = torch.tensor([[1, 7, 8, img, 9, 10, img, 11, 12],
+                        [0, 0, 1, 13, 14, img, 15, 16, 17]])  # fmt: skip
+    return ids, torch.tensor([[1] * 9, [0, 0] + [1] * 7])
+
+
+def decoder_without(m: MLLM, field: str, marker: str) -> LLM:
+    """``m``'s decoder with ``llm.<field>`` switched off and the parameters named ``marker`` dropped."""
+    cfg = MLLMConfig.from_dict(m.config.to_dict()).llm
+    setattr(cfg, field, None)
+    base = LLM(cfg).eval()
+    base.load_state_dict(
+        {k[4:]: v for k, v in m.state_dict().items() if k.startswith("llm.") and marker not in k}
+    )
+    return base
 
 
 def greedy_without_cache(m: MLLM, ids: list[int], images: list[torch.Tensor], n: int) -> list[int]:

@@ -22,10 +22,13 @@ from modalign.models.modality import (
 from modalign.train.freeze import apply_trainable
 from tests.models.fusion import (
     continuous_batching_matches_greedy,
+    decoder_without,
     greedy_without_cache,
     mixed_prompts,
     packed_row_matches_samples_alone,
+    pixels,
     save_load_round_trip,
+    two_rows,
 )
 
 IMG = 63  # the image token: an ordinary id of the vocabulary
@@ -70,23 +73,10 @@ def train_like(m: MLLM, seed=1) -> None:
 
 def base_llm(m: MLLM) -> LLM:
     """The same decoder without any adapter part."""
-    cfg = MLLMConfig.from_dict(m.config.to_dict()).llm
-    cfg.adapter = None
-    base = LLM(cfg).eval()
-    base.load_state_dict(
-        {k[4:]: v for k, v in m.state_dict().items() if k.startswith("llm.") and ".adapter_" not in k}
-    )
-    return base
+    return decoder_without(m, "adapter", ".adapter_")
 
 
-def pixels(n, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-# row 0: text, image A, text, image B, text; row 1 (left-padded): text, image C, text
-IDS = torch.tensor([[1, 7, 8, IMG, 9, 10, IMG, 11, 12],
-                    [0, 0, 1, 13, 14, IMG, 15, 16, 17]])  # fmt: skip
-MASK = torch.tensor([[1] * 9, [0, 0] + [1] * 7])
+IDS, MASK = two_rows(IMG)
 
 
 def visual(m: MLLM) -> dict[int, torch.nn.Parameter]:

@@ -19,10 +19,13 @@ from modalign.models.layers import positions_from_mask
 from modalign.models.xattn import GatedCrossAttentionBlock, Media
 from tests.models.fusion import (
     continuous_batching_matches_greedy,
+    decoder_without,
     greedy_without_cache,
     mixed_prompts,
     packed_row_matches_samples_alone,
+    pixels,
     save_load_round_trip,
+    two_rows,
 )
 
 IMG = 5  # the image token: an ordinary id of the vocabulary
@@ -63,22 +66,10 @@ def tiny(seed=0, open_gates=False, **kw) -> MLLM:
 
 def base_llm(m: MLLM) -> LLM:
     """The same decoder without its cross-attention blocks."""
-    cfg = MLLMConfig.from_dict(m.config.to_dict()).llm
-    cfg.cross_attention = None
-    base = LLM(cfg).eval()
-    base.load_state_dict({k[4:]: v for k, v in m.state_dict().items()
-                          if k.startswith("llm.") and ".gated_cross_attn." not in k})  # fmt: skip
-    return base
+    return decoder_without(m, "cross_attention", ".gated_cross_attn.")
 
 
-def pixels(n, seed=1):
-    return torch.randn(n, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-# row 0: text, image A, text, image B, text; row 1 (left-padded): text, image C, text
-IDS = torch.tensor([[1, 7, 8, IMG, 9, 10, IMG, 11, 12],
-                    [0, 0, 1, 13, 14, IMG, 15, 16, 17]])  # fmt: skip
-MASK = torch.tensor([[1] * 9, [0, 0] + [1] * 7])
+IDS, MASK = two_rows(IMG)
 
 
 # ------------------------------------------------------------------------------ structure
