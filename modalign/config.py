@@ -96,9 +96,22 @@ class ConnectorConfig:
     pos_embed: bool = False  # abstractor: mPLUG-Owl2 sin-cos position tables on queries/keys
     eos_token: bool = True  # abstractor: append the learned ``vit_eos`` token
     cross_attention_every: int = 2  # qformer: a cross-attention block every N layers
-    # qformer: InstructBLIP's instruction-aware Q-Former (the prompt's ids enter the Q-Former)
+    # qformer: the text branch (word + position embeddings, a text FFN in every layer): InstructBLIP's
+    # instruction-aware Q-Former (the prompt's ids enter the Q-Former), or BLIP-2's stage-1 heads
     text_vocab_size: int | None = None
     text_max_positions: int = 512
+    # qformer: BLIP-2's stage-1 heads, any of itc (vision/text projections to ``embed_dim`` and a
+    # learned temperature), itm (image-text matching, 2 logits) and itg (BERT's LM head, tied to the
+    # word embeddings); with any of them the text branch only serves the heads (the connector's
+    # output reads the queries alone). Needs text_vocab_size.
+    text_heads: list[str] = field(default_factory=list)
+    embed_dim: int = 256  # qformer itc: the shared image-text space (BLIP-2's image_text_hidden_size)
+    # qformer text branch: the ids the stage-1 objective frames a text with (BERT's: [CLS] 101,
+    # [SEP] 102, [PAD] 0, BLIP-2's added [DEC] 30522 that starts a text to generate)
+    text_cls_id: int = 101
+    text_sep_id: int = 102
+    text_pad_id: int = 0
+    text_dec_id: int = 30522
     # resampler: the width of one attention head (None: hidden_size // num_heads; OpenFlamingo: 64)
     head_dim: int | None = None
     # resampler: a last Linear to the LLM's width; False keeps the latents at hidden_size (OpenFlamingo,

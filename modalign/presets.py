@@ -143,7 +143,71 @@ def tiny_llava() -> MLLMConfig:
     return cfg
 
 
+def blip2_opt_27b() -> MLLMConfig:
+    """BLIP-2 as trained from scratch (ViT-g/14 + Q-Former with its stage-1 heads + OPT-2.7B): the
+    ``blip2`` recipe's shape; the tower and LLM come from their releases."""
+    from modalign.checkpoints.opt import llm_config_from_opt
+
+    return MLLMConfig(
+        llm=llm_config_from_opt(
+            dict(
+                vocab_size=50272,
+                hidden_size=2560,
+                ffn_dim=10240,
+                num_hidden_layers=32,
+                num_attention_heads=32,
+                eos_token_id=50118,
+            )
+        ),  # fmt: skip
+        vision=VisionConfig(
+            model_type="blip2",
+            hidden_size=1408,
+            intermediate_size=6144,
+            num_layers=39,
+            num_heads=16,
+            image_size=224,
+            patch_size=14,
+            pre_layernorm=False,
+            post_layernorm=True,
+            patch_bias=True,
+            layer_norm_eps=1e-6,
+            feature_layer=-1,
+            feature_select="full",
+            feature_post_norm=True,
+            resize_mode="squash",
+        ),  # fmt: skip
+        connector=ConnectorConfig(
+            type="qformer",
+            num_queries=32,
+            num_layers=12,
+            num_heads=12,
+            hidden_size=768,
+            intermediate_size=3072,
+            layer_norm_eps=1e-12,
+            cross_attention_every=2,
+            text_vocab_size=30523,
+            text_heads=["itc", "itm", "itg"],
+        ),  # fmt: skip
+        image_token_id=50265,
+        placeholder="per_token",
+    )
+
+
+def tiny_blip2() -> MLLMConfig:
+    """The miniature with a BLIP-2 Q-Former (8 queries, 2 layers, cross-attention in each, the
+    stage-1 heads) over the tiny tower; its text branch reads the miniature's BPE, framing a text
+    with <s> as [CLS], </s> as [SEP] and <|im_start|> as [DEC]."""
+    cfg = tiny_shapes()
+    cfg.connector = ConnectorConfig(type="qformer", num_queries=8, num_layers=2, num_heads=4, hidden_size=96,
+                                    intermediate_size=256, layer_norm_eps=1e-12, cross_attention_every=1,
+                                    text_vocab_size=1024, text_max_positions=64, text_heads=["itc", "itm", "itg"],
+                                    embed_dim=64, text_cls_id=1, text_sep_id=2, text_pad_id=0, text_dec_id=4)  # fmt: skip
+    return cfg
+
+
 PRESETS: dict[str, Callable[[], MLLMConfig]] = {
+    "blip2-opt-2.7b": blip2_opt_27b,
+    "tiny-blip2": tiny_blip2,
     "tiny-shapes": tiny_shapes,
     "llava-1.5-7b": llava_15_7b,
     "mplug-owl-7b": mplug_owl_7b,

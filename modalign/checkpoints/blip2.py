@@ -12,7 +12,14 @@ Llama-family, OPT or T5 (Flan-T5) language model.
 | ``language_model.*`` | ``llm.*`` (Llama as for LLaVA; OPT via ``checkpoints.opt``; T5 encoder-decoder via ``models.t5``) |
 
 BLIP-2's Q-Former text branch (``qformer.embeddings.*``, ``encoder.layer.N.intermediate`` /
-``output``), used only for its image-text matching stage, is not read. InstructBLIP
+``output``), used only by its stage-1 heads, is not read from a ``Blip2ForConditionalGeneration``.
+A ``Blip2ForImageTextRetrieval`` folder (``blip2-itm-vit-g``: no language model) holds the text
+branch and the stage-1 heads: ``embeddings.*`` and ``qformer.layernorm`` become the text branch's
+``connector.qformer.embeddings.*``, ``vision_projection`` / ``text_projection`` / ``itm_head`` the
+itc and itm heads (its itc temperature is not saved: 0.07, the paper's initial value); its vision
+tower and Q-Former are read as a recipe's ``model.init.vision`` / ``connector`` parts (no decoder to
+build a whole model from). LAVIS's own stage-1 files (``blip2_pretrained*.pth``, MiniGPT-4's
+``llama_proj`` file) are read as connector files: ``lavis_connector_state``. InstructBLIP
 (``model_type: instructblip``) reads it: the instruction's ids (``qformer_input_ids``, one row
 per image) enter the Q-Former beside the queries, and ``model(..., qformer_input_ids=...,
 qformer_attention_mask=...)`` passes them on.
@@ -60,6 +67,11 @@ def config_from_instructblip(d: dict) -> MLLMConfig:
     return cfg
 
 
+def is_retrieval(d: dict) -> bool:
+    """A ``Blip2ForImageTextRetrieval`` config: vision tower, Q-Former with text branch and heads, no LM."""
+    return "Blip2ForImageTextRetrieval" in (d.get("architectures") or [])
+
+
 def config_from_blip2(d: dict) -> MLLMConfig:
     text = dict(d.get("text_config") or {})
     kind = text.get("model_type", "opt")
@@ -67,6 +79,8 @@ def config_from_blip2(d: dict) -> MLLMConfig:
         raise CheckpointError(f"BLIP-2 with a {kind!r} language model is not supported; supported: opt, t5, "
                               "llama, mistral, qwen2")  # fmt: skip
     token = d.get("image_token_index", d.get("image_token_id"))
+    if token is None and is_retrieval(d):
+        token = 0  # no language model to splice into
     if token is None:
         raise CheckpointError(
             "BLIP-2 config.json has no image_token_index (re-save it with a current transformers)"
@@ -104,6 +118,12 @@ def config_from_blip2(d: dict) -> MLLMConfig:
     )
     if q.get("encoder_hidden_size", vision.hidden_size) != vision.hidden_size:
         raise CheckpointError("qformer_config.encoder_hidden_size must equal vision_config.hidden_size")
+    if is_retrieval(d):
+        conn.text_vocab_size = q.get("vocab_size", 30523)
+        conn.text_max_positions = q.get("max_position_embeddings", 512)
+        conn.text_heads = ["itc", "itm"]
+        conn.embed_dim = d.get("image_text_hidden_size", 256)
+        conn.text_pad_id = q.get("pad_token_id", 0)
     llm = {"opt": llm_config_from_opt, "t5": llm_config_from_t5}.get(kind, llm_config_from_hf)(text)
     return MLLMConfig(llm=llm, vision=vision, connector=conn, image_token_id=token,
                       placeholder="per_token", source_format="blip-2")  # fmt: skip
@@ -112,16 +132,23 @@ def config_from_blip2(d: dict) -> MLLMConfig:
 def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     biases: dict[str, dict[str, torch.Tensor]] = {}
+    text = bool(cfg.connector.text_vocab_size)
     for k, v in tensors.items():
         parts = k.split(".")
-        text_branch = k.startswith("qformer.embeddings.") or (
+        text_branch = k.startswith(("qformer.embeddings.", "embeddings.")) or (
             k.startswith("qformer.encoder.layer.") and parts[4] in ("intermediate", "output")
         )
-        if text_branch and not cfg.connector.text_vocab_size:
-            continue  # BLIP-2's Q-Former text branch (image-text matching only)
-        if k == "qformer.embeddings.position_ids":
+        if text_branch and not text:
+            continue  # BLIP-2's Q-Former text branch (its stage-1 heads only)
+        if k.endswith("embeddings.position_ids"):
             continue
-        if k == "query_tokens" or k.startswith(("qformer.", "language_projection.")):
+        if k.startswith("embeddings."):  # Blip2ForImageTextRetrieval: the text branch's embeddings
+            out["connector.qformer." + k] = v
+        elif k.startswith("qformer.layernorm.") and text:  # ... and their LayerNorm
+            out["connector.qformer.embeddings." + k[len("qformer.") :]] = v
+        elif k.startswith(("vision_projection.", "text_projection.", "itm_head.")):
+            out["connector." + k] = v
+        elif k == "query_tokens" or k.startswith(("qformer.", "language_projection.")):
             out["connector." + k] = v
         elif k.startswith("vision_model."):
             rest = k[len("vision_model.") :]
@@ -151,6 +178,8 @@ def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[
             if not name.startswith("llm."):
                 raise CheckpointError(f"unexpected tensor {k!r} in a BLIP-2 checkpoint")
             out[name] = v
+    if "itc" in cfg.connector.text_heads and "connector.temp" not in out:
+        out["connector.temp"] = torch.tensor(0.07)  # not saved by transformers: the paper's initial value
     for stem, b in biases.items():
         if "bias" in b:
             q, kb, vb = b["bias"].chunk(3)
@@ -159,4 +188,63 @@ def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[
             kb = torch.zeros_like(q)
         for proj, t in zip(("q_proj", "k_proj", "v_proj"), (q, kb, vb), strict=True):
             out[f"vision.{stem}.self_attn.{proj}.bias"] = t
+    return out
+
+
+def lavis_connector_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """LAVIS's BLIP-2 file (``Qformer.bert.*``, ``Qformer.cls.predictions.*``, ``query_tokens``,
+    ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``) and MiniGPT-4's (``llama_proj``) ->
+    ``connector.*`` tensors of a ``type: qformer`` connector. The ViT (``visual_encoder.*``,
+    ``ln_vision``) and any LLM are not connector weights and are left out. A Q-Former without the
+    text branch in the recipe takes ``embeddings.LayerNorm`` as its query LayerNorm (MiniGPT-4 drops
+    the text branch and keeps that LayerNorm)."""
+    heads = {"vision_proj.": "vision_projection.", "text_proj.": "text_projection.", "itm_head.": "itm_head.",
+             "llama_proj.": "language_projection.", "opt_proj.": "language_projection.",
+             "t5_proj.": "language_projection."}  # fmt: skip
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        if k.startswith("Qformer.bert.embeddings."):
+            rest = k[len("Qformer.bert.embeddings.") :]
+            if rest == "position_ids":
+                continue
+            out["connector.qformer.embeddings." + rest.replace("LayerNorm.", "layernorm.")] = v
+        elif k.startswith("Qformer.bert.encoder.layer."):
+            rest = k[len("Qformer.bert.") :]
+            rest = rest.replace(".attention.self.", ".attention.attention.")
+            out[
+                "connector.qformer." + rest.replace(".crossattention.self.", ".crossattention.attention.")
+            ] = v
+        elif k.startswith("Qformer.cls.predictions."):
+            rest = k[len("Qformer.cls.predictions.") :]
+            if rest.startswith("decoder."):
+                continue  # tied to the word embeddings; its bias is ``bias``
+            out["connector.itg_head." + rest] = v
+        elif k in ("query_tokens", "temp"):
+            out["connector." + k] = v
+        else:
+            for src, dst in heads.items():
+                if k.startswith(src):
+                    out["connector." + dst + k[len(src) :]] = v
+    return out
+
+
+def fit_lavis_connector(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """``lavis_connector_state``'s tensors (names without ``connector.``) for the recipe's Q-Former
+    ``cfg`` (a ConnectorConfig): the heads it lacks are left out, and without its text branch so are
+    the text embeddings and text FFNs, the embeddings' LayerNorm becoming the query LayerNorm."""
+    heads = set(cfg.text_heads or [])
+    drop = [p for h, ps in (("itc", ("vision_projection.", "text_projection.", "temp")), ("itm", ("itm_head.",)),
+                            ("itg", ("itg_head.",))) if h not in heads for p in ps]  # fmt: skip
+    out = {}
+    for k, v in state.items():
+        if k.startswith(tuple(drop)):
+            continue
+        if not cfg.text_vocab_size:
+            if k.startswith("qformer.embeddings.layernorm."):
+                k = "qformer.layernorm." + k.rsplit(".", 1)[1]
+            elif k.startswith("qformer.embeddings.") or (
+                k.startswith("qformer.encoder.layer.") and k.split(".")[4] in ("intermediate", "output")
+            ):
+                continue
+        out[k] = v
     return out

@@ -66,8 +66,9 @@ def safetensors_files(path: str | Path) -> list[Path]:
 
 
 def read_bin(file: str | Path) -> dict[str, torch.Tensor]:
-    """A PyTorch ``.bin`` state dict, memory-mapped, with ``weights_only=True``: a file holding
-    anything but tensors (and plain containers of them) is refused, never executed."""
+    """A PyTorch ``.bin`` / ``.pth`` state dict (or a training file's ``{"model": state dict}``),
+    memory-mapped, with ``weights_only=True``: a file holding anything but tensors (and plain
+    containers of them) is refused, never executed."""
     file = Path(file)
     try:
         try:
@@ -82,6 +83,8 @@ def read_bin(file: str | Path) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{file}: unreadable PyTorch file ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]  # a LAVIS / MiniGPT-4 training file: {"model": state dict, ...}
     if not isinstance(obj, dict) or not all(
         isinstance(k, str) and torch.is_tensor(v) for k, v in obj.items()
     ):

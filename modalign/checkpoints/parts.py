@@ -6,8 +6,14 @@
     llm        a language-model folder (Llama / Mistral / Qwen2, OPT, InternLM2, a native or any
                multimodal folder: its decoder)
     connector  a file of projector weights (the original LLaVA's ``mm_projector.bin``, a native
-               ``connector.*`` or transformers' ``multi_modal_projector.*`` file), or a folder
+               ``connector.*`` or transformers' ``multi_modal_projector.*`` file, LAVIS's BLIP-2
+               ``Qformer.*`` file, MiniGPT-4's ``llama_proj`` file), or a folder (a BLIP-2
+               ``Blip2ForImageTextRetrieval`` one too: its Q-Former with the stage-1 heads)
     all        a whole multimodal model folder
+
+A part may also be a list: the first entry as above, then files whose tensors replace some of
+the part's (``connector: [blip2-folder, pretrained_minigpt4.pth]``: BLIP-2's Q-Former with
+MiniGPT-4's trained projection); each name they hold must be one of the part's, of its shape.
 
 A part read from a checkpoint brings its architecture (``part_config``); the recipe keeps the
 choices that belong to the system being built, not to the part: which layer's features and which
@@ -42,6 +48,14 @@ VISION_CHOICES = (
 LLM_ADDITIONS = ("mam", "plora", "lora", "adapter", "cross_attention")
 
 
+def init_paths(value: str | list[str]) -> list[str]:
+    """A ``model.init`` entry as a list: the base checkpoint, then the files laid over it."""
+    paths = [value] if isinstance(value, str) else list(value)
+    if not paths:
+        raise CheckpointError("recipe.model.init: an empty list of checkpoints")
+    return paths
+
+
 def _is_tower(path: Path) -> bool:
     return path.is_dir() and read_config(path).get("model_type") in hf.VISION_TYPES
 
@@ -73,8 +87,8 @@ def merge_part_configs(base: dict, init: dict[str, str]) -> dict:
     """``base`` (a recipe's MLLMConfig dict) with the architecture of every part named in
     ``init`` taken from its checkpoint; the system's choices stay the recipe's (module docstring)."""
     out = dict(base)
-    for part, path in init.items():
-        got = part_config(path, part)
+    for part, value in init.items():
+        got = part_config(init_paths(value)[0], part)
         if got is None:
             continue
         if part == "all":
@@ -113,8 +127,17 @@ def read_part(path: str | Path, part: str, cfg: MLLMConfig) -> dict[str, torch.T
 
     path = Path(path)
     if part == "connector" and path.is_file():
-        return connector_file(path)
-    if part == "vision" and _is_tower(path):
+        return connector_file(path, cfg)
+    if part in ("vision", "connector") and path.is_dir() and read_config(path).get("model_type") == "blip-2":
+        # the part's tensors alone: a BLIP-2's language model is never built to be thrown away
+        # (and a Blip2ForImageTextRetrieval folder has none)
+        from modalign.checkpoints import blip2
+
+        doc = read_config(path)
+        tensors = {k: v for k, v in read_tensors(path).items() if not k.startswith("language_model.")}
+        state = blip2.state_from_blip2(tensors, blip2.config_from_blip2(doc))
+        state = {k[len(part) + 1 :]: v for k, v in state.items() if k.startswith(part + ".")}
+    elif part == "vision" and _is_tower(path):
         state = {k[len("vision.") :]: v for k, v in hf.remap(read_tensors(path), hf.map_vision_key).items()}
     else:
         src = load_pretrained(path, dtype=torch.float32)
@@ -131,17 +154,26 @@ def read_part(path: str | Path, part: str, cfg: MLLMConfig) -> dict[str, torch.T
     return state
 
 
-def connector_file(file: Path) -> dict[str, torch.Tensor]:
+def connector_file(file: Path, cfg: MLLMConfig | None = None) -> dict[str, torch.Tensor]:
     """Projector weights from one file: the original LLaVA's ``mm_projector.bin`` (``model.mm_projector.*``),
-    transformers LLaVA's ``multi_modal_projector.*`` or a native ``connector.*`` file (.bin or .safetensors)."""
+    transformers LLaVA's ``multi_modal_projector.*``, a native ``connector.*`` file (.bin or
+    .safetensors), or a Q-Former from LAVIS's BLIP-2 file / MiniGPT-4's projection (``.pth`` too),
+    fitted to the recipe's Q-Former (``cfg``)."""
     if file.suffix == ".safetensors":
         from safetensors.torch import load_file
 
         tensors = load_file(str(file))
-    elif file.suffix == ".bin":
+    elif file.suffix in (".bin", ".pth"):
         tensors = read_bin(file)
     else:
-        raise CheckpointError(f"{file}: expected a .bin or .safetensors file of connector weights")
+        raise CheckpointError(f"{file}: expected a .bin, .pth or .safetensors file of connector weights")
+    if any(k.startswith(("Qformer.", "llama_proj.", "opt_proj.", "t5_proj.")) for k in tensors):
+        from modalign.checkpoints import blip2
+
+        state = {k[len("connector.") :]: v for k, v in blip2.lavis_connector_state(tensors).items()}
+        if cfg is not None and cfg.connector is not None:
+            state = blip2.fit_lavis_connector(state, cfg.connector)
+        return state
     for prefix in ("model.mm_projector.", "base_model.model.model.mm_projector."):
         if any(k.startswith(prefix) for k in tensors):
             state = llava_original.projector_state(tensors, prefix)
@@ -175,14 +207,16 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
         raise CheckpointError(f"recipe.model.init: unknown part(s) {unknown}; known: all, {', '.join(PARTS)}")
     build_cfg = MLLMConfig.from_dict(cfg.to_dict())
     if "all" in init:
-        model = load_pretrained(init["all"], dtype=torch.float32)
+        if len(init_paths(init["all"])) > 1:
+            raise CheckpointError("recipe.model.init.all: one checkpoint folder, not a list")
+        model = load_pretrained(init_paths(init["all"])[0], dtype=torch.float32)
         if (model.config.vision is None) != (cfg.vision is None):
             raise CheckpointError(f"{init['all']}: its vision tower does not fit the recipe's model")
         model.train()
     else:
         new_xattn = False  # cross-attention blocks the decoder's checkpoint lacks: added after it
         if "llm" in init:  # the decoder as the checkpoint holds it; the recipe's additions come after
-            have = MLLMConfig.from_dict({"llm": part_config(init["llm"], "llm")}).llm
+            have = MLLMConfig.from_dict({"llm": part_config(init_paths(init["llm"])[0], "llm")}).llm
             for k in LLM_ADDITIONS:
                 if k == "cross_attention" and have.cross_attention is None:
                     # kept while building, so the connector gets the blocks' width; removed below
@@ -191,14 +225,15 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
                 setattr(build_cfg.llm, k, getattr(have, k))
         with torch.device("meta"):
             model = MLLM(build_cfg)
+        partial = _partial_connector(model, init, cfg)
         # the fresh parts get exactly what MLLM(cfg) gives them under the seed: the parts built
         # before them are drawn too (then overwritten), the loaded parts after the last fresh one
         # are not (a 7B decoder is never drawn at random only to be replaced)
         names = model.part_names()
-        last_fresh = max((i for i, n in enumerate(names) if n not in init), default=-1)
+        last_fresh = max((i for i, n in enumerate(names) if n not in init or n in partial), default=-1)
         torch.manual_seed(seed)
         for i, name in enumerate(names):
-            if name not in init or i < last_fresh:
+            if name not in init or name in partial or i < last_fresh:
                 setattr(model, name, model.new_part(name))
         if new_xattn:
             for layer in model.llm.layers:
@@ -219,12 +254,49 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
             reset_buffers(module)
             if name == "llm":
                 module.tie_weights()  # to_empty gave the tied head its own storage
+        first, *over = init_paths(init[name])
         try:
-            load_state_strict(module, read_part(init[name], name, cfg), f"{init[name]} ({name})")
+            if name in partial:  # freshly drawn: the file's tensors over it
+                lay_over(module, partial[name], f"{first} ({name})")
+            else:
+                load_state_strict(module, read_part(first, name, cfg), f"{first} ({name})")
+            for path in over:
+                lay_over(module, read_part(path, name, cfg), f"{path} ({name})")
         except CheckpointError as e:
             raise CheckpointError(f"recipe.model.init.{name}: {e}") from None
     _add_llm_parts(model, cfg)
     return model
+
+
+def _partial_connector(model, init: dict, cfg: MLLMConfig) -> dict[str, dict[str, torch.Tensor]]:
+    """``{"connector": tensors}`` when the connector's checkpoint is a Q-Former without its
+    projection into the LLM (a BLIP-2 stage-1 file: ``Blip2ForImageTextRetrieval``, LAVIS's
+    ``blip2_pretrained.pth``): the projection starts fresh, as BLIP-2's stage 2 starts it."""
+    if "connector" not in init or cfg.connector is None or cfg.connector.type != "qformer":
+        return {}
+    path = Path(init_paths(init["connector"])[0])
+    if not (path.is_file() or (path.is_dir() and read_config(path).get("model_type") == "blip-2")):
+        return {}  # a whole model's folder holds its projection
+    state = read_part(path, "connector", cfg)
+    missing = set(model.connector.state_dict()) - set(state)
+    return (
+        {"connector": state} if missing and all(k.startswith("language_projection.") for k in missing) else {}
+    )
+
+
+@torch.no_grad()
+def lay_over(module: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """Replace some of ``module``'s tensors by ``state``'s: each must be one of its names and shapes."""
+    own = module.state_dict()
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise CheckpointError(f"{where}: tensor(s) the part does not have: {', '.join(unknown[:5])}")
+    for k, v in state.items():
+        if own[k].shape != v.shape:
+            raise CheckpointError(
+                f"{where}: {k} has shape {tuple(v.shape)}, the part's is {tuple(own[k].shape)}"
+            )
+        own[k].copy_(v)
 
 
 def _add_llm_parts(model, cfg: MLLMConfig) -> None:
@@ -240,4 +312,12 @@ def _add_llm_parts(model, cfg: MLLMConfig) -> None:
             enable(model, getattr(want, name))
 
 
-__all__ = ["build_from_parts", "connector_file", "merge_part_configs", "part_config", "read_part"]
+__all__ = [
+    "build_from_parts",
+    "connector_file",
+    "init_paths",
+    "lay_over",
+    "merge_part_configs",
+    "part_config",
+    "read_part",
+]

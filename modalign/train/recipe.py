@@ -147,12 +147,24 @@ class RegionOptions:
 
 
 @dataclass
+class QFormerOptions:
+    """qformer (BLIP-2 stage 1): the weight of each loss (0 leaves it out) and the label smoothing
+    of itc and itg (``objectives/qformer.py``)."""
+
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+    label_smoothing: float = 0.1
+
+
+@dataclass
 class Objective:
     """The stage's training objective (``modalign.train.objectives``) and its options."""
 
-    name: str = "lm"  # lm | contrastive
+    name: str = "lm"  # lm | contrastive | qformer
     answer_prior: AnswerPriorOptions | None = None  # lm
     region: RegionOptions | None = None  # contrastive
+    qformer: QFormerOptions | None = None  # qformer
 
     def validate(self, where: str) -> None:
         from modalign.train.objectives import OBJECTIVES
@@ -160,7 +172,7 @@ class Objective:
         if self.name not in OBJECTIVES:
             raise ConfigError(f"{where}.name: expected one of {', '.join(OBJECTIVES)}, got {self.name!r}")
         allowed = OBJECTIVES[self.name].options
-        for opt in ("answer_prior", "region"):
+        for opt in ("answer_prior", "region", "qformer"):
             if getattr(self, opt) is not None and opt not in allowed:
                 raise ConfigError(f"{where}.{opt}: not an option of the {self.name} objective")
         if self.answer_prior is not None:
@@ -171,6 +183,17 @@ class Objective:
             if self.answer_prior.min_count < 1:
                 raise ConfigError(
                     f"{where}.answer_prior.min_count: expected a sample count >= 1, got {self.answer_prior.min_count}"
+                )
+        if self.qformer is not None:
+            q = self.qformer
+            for k in ("itc", "itm", "itg"):
+                if getattr(q, k) < 0:
+                    raise ConfigError(f"{where}.qformer.{k}: expected a weight >= 0, got {getattr(q, k)}")
+            if not (q.itc or q.itm or q.itg):
+                raise ConfigError(f"{where}.qformer: every loss has weight 0")
+            if not 0 <= q.label_smoothing < 1:
+                raise ConfigError(
+                    f"{where}.qformer.label_smoothing: expected a value in [0, 1), got {q.label_smoothing}"
                 )
         if self.region is not None:
             if self.region.weight < 0:
@@ -258,9 +281,8 @@ class ModelSpec:
     preset: str | None = None
     config: dict[str, Any] | None = None  # a full MLLMConfig dict (instead of a preset)
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the preset/config
-    init: dict[str, str] = field(
-        default_factory=dict
-    )  # part (llm | vision | connector | all) -> checkpoint dir
+    # part (llm | vision | connector | all) -> checkpoint (or [checkpoint, files laid over it])
+    init: dict[str, str | list[str]] = field(default_factory=dict)
     tokenizer: str | None = None
     enable: dict[str, Any] = field(
         default_factory=dict

@@ -8,6 +8,7 @@ objective adds, which are not saved with the model.
 
     lm           next-token loss on supervised tokens (+ answer prior)          lm.py
     contrastive  CLIP-style image-text pretraining of the vision tower (+ regions) contrastive.py
+    qformer      BLIP-2 stage 1: the Q-Former's itc + itm + itg on image-caption pairs qformer.py
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from modalign.train.objectives import contrastive, lm
+from modalign.train.objectives import contrastive, lm, qformer
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     "contrastive": ObjectiveSpec(
         "contrastive", ("region",), contrastive.setup, contrastive.module, contrastive.prepare, heads="clip_"
     ),
+    "qformer": ObjectiveSpec("qformer", ("qformer",), qformer.setup, qformer.module),
 }
 
 
