@@ -9,7 +9,8 @@ marks), and a token is trained iff its character span overlaps a loss span:
     ids   :  1  ...  [img x N]  ...                   ' red' '</s>'
     labels: -100 ... -100 ...                          ' red' '</s>'
 
-Built-in templates: plain, vicuna_v1, llava_v1, chatml, llama3, mistral_instruct; ``jinja``
+Built-in templates: plain, vicuna_v1, llava_v1, chatml, llama3, mistral_instruct, mplug_owl,
+mplug_owl2, internlm2, blip2, minigpt4; ``jinja``
 renders a checkpoint's own ``chat_template`` in a sandboxed Jinja environment, as transformers'
 ``apply_chat_template`` does, with its replies' spans from ``{% generation %}`` blocks or by probing
 (see ``JinjaTemplate``).
@@ -104,6 +105,7 @@ class Template:
     # tokenizer then puts its ``▁`` prefix on the first word: "<s>▁A chat", not "<s>A chat")
     bos_first = False
     stop_tokens: tuple[str, ...] = ()  # tokens that end a reply besides EOS (its end-of-turn)
+    stop_strings: tuple[str, ...] = ()  # text that ends a reply where no single token does
 
     def render(self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False):
         parts: list[tuple] = []  # (text, trained[, content])
@@ -271,6 +273,39 @@ class Blip2Template(Template):
                     out += [(text, False, True), (eos, False)]
             elif m.role == "assistant":
                 out += [(m.content, True, True), (eos, True)]
+
+
+class MiniGPT4Template(Template):
+    """MiniGPT-4 (Vicuna v0): ``###Human: <Img>◆</Img> q ###Assistant: a###``, the release's
+    stage-2 prompt template (``'###Human: {} ###Assistant: '``, the reply ended by ``###``); an
+    image stands in ``<Img>...</Img>`` where the message puts it. A system message, as the demo's
+    conversation has one, goes first; a reply's closing ``###`` opens the next turn (``a###Human:``),
+    as the release's conversation joins turns. Generation stops at ``###``."""
+
+    name = "minigpt4"
+    bos_first = True
+    stop_strings = ("###",)
+
+    def _render(self, messages, tok, out, gen):
+        system = next((m.content for m in messages if m.role == "system"), None)
+        if system is not None:
+            out.append((system, False, True))
+        after_reply = False  # a reply's closing ### also opens the next turn
+        for m in messages:
+            if m.role == "user":
+                out.append(("Human: " if after_reply else "###Human: ", False))
+                pieces = [p.strip() for p in m.content.split(IMAGE_MARK)]
+                for i, p in enumerate(pieces):
+                    if i:
+                        out.append((("<Img>" if i == 1 and not pieces[0] else " <Img>") + IMAGE_MARK + "</Img>", False))
+                    if p:
+                        out += [(" " if i else "", False), (p, False, True)]
+                out.append((" ", False))
+            elif m.role == "assistant":
+                out += [("###Assistant: ", False), (m.content, True, True), ("###", True)]
+            after_reply = m.role == "assistant"
+        if gen:
+            out.append(("###Assistant: ", False))
 
 
 class _GenerationTracker:
@@ -472,6 +507,7 @@ TEMPLATES = {
     "mistral_instruct": MistralTemplate(),
     "mplug_owl": OwlTemplate(),
     "blip2": Blip2Template(),
+    "minigpt4": MiniGPT4Template(),
 }
 
 

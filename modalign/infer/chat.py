@@ -95,6 +95,7 @@ class ChatModel:
     def params(self, **kw) -> SamplingParams:
         p = SamplingParams(**kw)
         p.stop_token_ids = sorted(set(p.stop_token_ids) | set(stop_token_ids(self.tok, self.template)))
+        p.stop = list(dict.fromkeys([*p.stop, *getattr(self.template, "stop_strings", ())]))
         return p
 
     def reply(self, messages: list[Message], images: list, params: SamplingParams) -> Completion:

@@ -254,7 +254,8 @@ class Reply:
 
     async def pieces(self, watch_client: bool):
         """(text delta, finish reason or None, logprob entries) until the job ends; honours stop strings."""
-        delta, text, stops, tok = TextDelta(self.cm.tok), "", self.req.stop, self.cm.tok
+        stops = [*self.req.stop, *getattr(self.cm.template, "stop_strings", ())]
+        delta, text, tok = TextDelta(self.cm.tok), "", self.cm.tok
         while True:
             kind, value, lp = await self._event(watch_client)
             if kind == "error":
