@@ -297,7 +297,12 @@ class MiniGPT4Template(Template):
                 pieces = [p.strip() for p in m.content.split(IMAGE_MARK)]
                 for i, p in enumerate(pieces):
                     if i:
-                        out.append((("<Img>" if i == 1 and not pieces[0] else " <Img>") + IMAGE_MARK + "</Img>", False))
+                        out.append(
+                            (
+                                ("<Img>" if i == 1 and not pieces[0] else " <Img>") + IMAGE_MARK + "</Img>",
+                                False,
+                            )
+                        )
                     if p:
                         out += [(" " if i else "", False), (p, False, True)]
                 out.append((" ", False))

@@ -155,6 +155,9 @@ class QFormerOptions:
     itm: float = 1.0
     itg: float = 1.0
     label_smoothing: float = 0.1
+    # the Q-Former's own tokenizer (BLIP-2: bert-base-uncased's, with [DEC] added) as a folder or
+    # tokenizer.json; None: the model's tokenizer (its ids must fit connector.text_vocab_size)
+    tokenizer: str | None = None
 
 
 @dataclass

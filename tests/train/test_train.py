@@ -50,7 +50,8 @@ def losses(run: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_recipe_validates_and_plans_on_meta(path):
-    recipe = load_recipe(path, {"data": "data", "stage0": "runs/stage0", "llm": "llm", "vision": "vision"})
+    names = ("data", "stage0", "llm", "vision", "blip2", "qformer", "qformer_tokenizer")
+    recipe = load_recipe(path, {n: n for n in names})
     rows = plan(recipe)
     assert len(rows) == len(recipe.stages)
     for r in rows:

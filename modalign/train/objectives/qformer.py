@@ -22,7 +22,8 @@ A caption enters the Q-Former's text branch framed as BERT frames it: ``[CLS] wo
 
 The module holds the model's ``vision`` tower and ``connector`` (the Q-Former with its heads,
 saved with the model); the LLM takes no part. Options (``objective.qformer``): ``itc``, ``itm``,
-``itg`` (weights; 0 leaves a loss out) and ``label_smoothing``.
+``itg`` (weights; 0 leaves a loss out), ``label_smoothing`` and ``tokenizer`` (the Q-Former's own,
+BERT's in BLIP-2; by default the model's).
 """
 
 from __future__ import annotations
@@ -62,6 +63,12 @@ class QFormerObjective(nn.Module):
         """Padded caption ids [B, T] -> ``[first] words [SEP]`` rows padded with ``[PAD]``, at most
         ``text_max_positions`` long (the words cut to fit)."""
         c = self.cfg
+        if mask.any() and int(ids[mask.bool()].max()) >= c.text_vocab_size:
+            raise ValueError(
+                f"a caption token id ({int(ids[mask.bool()].max())}) is outside the Q-Former's text vocabulary "
+                f"(connector.text_vocab_size {c.text_vocab_size}): give the Q-Former's tokenizer as "
+                "objective.qformer.tokenizer"
+            )
         rows = [r[m.bool()].tolist()[: c.text_max_positions - 2] for r, m in zip(ids, mask, strict=True)]
         width = max(len(r) for r in rows) + 2
         out = torch.full((len(rows), width), c.text_pad_id, dtype=torch.long)
@@ -144,13 +151,16 @@ def module(model, stage=None, text_cache: bool = False) -> QFormerObjective:
 def setup(ctx):
     """(module, dataset, collator) of a qformer stage: image-caption pairs (as the contrastive
     objective reads them: a conversation's first reply, or an annotated image's first caption)."""
+    from modalign.data.tokenizer import Tokenizer
     from modalign.train.objectives.contrastive import CaptionProcessor, load_caption_samples
 
     stage = ctx.stage
     target = module(ctx.model, stage).to(ctx.device)
+    opts = stage.objective.qformer
+    tok = Tokenizer.from_dir(opts.tokenizer) if opts is not None and opts.tokenizer else ctx.tok
 
     def processor(root, images):
-        return CaptionProcessor(ctx.tok, root, images, stage.data.max_length)
+        return CaptionProcessor(tok, root, images, stage.data.max_length)
 
     dataset = ctx.dataset(processor, load_caption_samples)
     return target, dataset, functools.partial(collate, pad_id=ctx.tok.pad_id)
