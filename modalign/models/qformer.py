@@ -203,6 +203,18 @@ class QFormerConnector(nn.Module):
             self.itm_head = nn.Linear(d, 2)
         if "itg" in heads:
             self.itg_head = QFormerLMHead(cfg)
+        self._init_bert_style()
+
+    @torch.no_grad()
+    def _init_bert_style(self) -> None:
+        """BERT's initialisation, which BLIP-2's Q-Former starts from (transformers' too): linear
+        and embedding weights N(0, 0.02), biases 0 (the default N(0, 1) embeddings would start the
+        itg head's logits tens of nats off)."""
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, 0.02)
+                if getattr(m, "bias", None) is not None:
+                    m.bias.zero_()
 
     @property
     def instruction_input(self) -> bool:
