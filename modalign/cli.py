@@ -368,7 +368,8 @@ def _add_train(sub) -> None:
 
 def _add_quickstart(sub) -> None:
     q = sub.add_parser("quickstart", help="train a miniature multimodal LLM end to end on CPU")
-    q.add_argument("--method", default="llava", help="llava | mplug-owl | mplug-owl2 | xcomposer2 | all")
+    q.add_argument("--method", default="llava", help="llava | mplug-owl | mplug-owl2 | xcomposer2 | blip2 | minigpt4 | "
+                   "flamingo | llama-adapter, several comma-separated, seed (the first four), survey (the last four) or all")  # fmt: skip
     q.add_argument("--out", default="runs/quickstart")
     q.add_argument("--scale", type=float, default=1.0, help="data size multiplier (1.0: 4000 train scenes)")
     q.add_argument(

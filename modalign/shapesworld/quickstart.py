@@ -27,8 +27,25 @@ from modalign.train.recipe import load_recipe
 from modalign.train.run import run_recipe
 
 METHODS = {"llava": "tiny-llava", "mplug-owl": "tiny-mplug-owl", "mplug-owl2": "tiny-mplug-owl2",
-           "xcomposer2": "tiny-xcomposer2"}  # fmt: skip
+           "xcomposer2": "tiny-xcomposer2", "blip2": "tiny-blip2", "minigpt4": "tiny-minigpt4",
+           "flamingo": "tiny-flamingo", "llama-adapter": "tiny-llama-adapter"}  # fmt: skip
 log = logging.getLogger("modalign")
+
+
+GROUPS = {"all": list(METHODS), "seed": ["llava", "mplug-owl", "mplug-owl2", "xcomposer2"],
+          "survey": ["blip2", "minigpt4", "flamingo", "llama-adapter"]}  # fmt: skip
+
+
+def method_list(method: str) -> list[str]:
+    """``--method``: one name, several comma-separated, or a group (all, seed, survey)."""
+    out: list[str] = []
+    for name in (m.strip() for m in method.split(",")):
+        for m in GROUPS.get(name, [name]):
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; known: {', '.join(METHODS)}, {', '.join(GROUPS)}")
+            if m not in out:
+                out.append(m)
+    return out
 
 
 def _data_is_current(data: Path) -> bool:
@@ -61,7 +78,7 @@ def prepare_data(data: Path, scale: float = 1.0) -> bool:
 
 def run_method(method: str, out: Path, variables: dict, sets: list[str], progress: bool) -> dict:
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}, all")
+        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     t0 = time.perf_counter()
     recipe = load_recipe(RECIPES / f"{METHODS[method]}.yaml", variables, sets)
     mdir = out / method
@@ -112,6 +129,7 @@ def _trainable_params(mdir: Path) -> dict:
 def quickstart(method: str = "llava", out: str | Path = "runs/quickstart", scale: float = 1.0,
                sets: list[str] | None = None, progress: bool = True) -> list[dict]:  # fmt: skip
     t0 = time.perf_counter()
+    methods = method_list(method)  # a wrong name fails before any training
     out = Path(out)
     data = out / "data"
     stale = [out / "stage0", *(out / m for m in METHODS)] if (data / "meta.json").is_file() else []
@@ -126,7 +144,6 @@ def quickstart(method: str = "llava", out: str | Path = "runs/quickstart", scale
         [s[len("stage0.") :] for s in (sets or []) if s.startswith("stage0.")],
     )
     run_recipe(stage0, out / "stage0", progress=progress)
-    methods = list(METHODS) if method == "all" else [method]
     method_sets = [s for s in (sets or []) if not s.startswith("stage0.")]
     results = [run_method(m, out, variables, method_sets, progress) for m in methods]
     total = time.perf_counter() - t0
