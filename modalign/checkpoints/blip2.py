@@ -57,6 +57,17 @@ def llm_config_from_t5(d: dict) -> LLMConfig:
     )  # fmt: skip
 
 
+def config_from_t5(d: dict) -> MLLMConfig:
+    """A text-only transformers T5 / Flan-T5 folder (``T5ForConditionalGeneration``): BLIP-2
+    Flan-T5's language model, e.g. a recipe's ``model.init.llm``."""
+    return MLLMConfig(llm=llm_config_from_t5(d), source_format="hf-t5")
+
+
+def state_from_t5(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[str, torch.Tensor]:
+    """T5 names kept under ``llm.``; the encoder's and decoder's ``embed_tokens`` are ``shared``."""
+    return {"llm." + k: v for k, v in tensors.items() if not k.endswith("embed_tokens.weight")}
+
+
 def config_from_instructblip(d: dict) -> MLLMConfig:
     """InstructBLIP: BLIP-2 whose Q-Former also reads the instruction (``qformer_input_ids``)."""
     cfg = config_from_blip2(d)

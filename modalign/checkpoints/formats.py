@@ -10,6 +10,7 @@ parameter names; ``detect`` picks the format by ``model_type`` (a native directo
     llava         llava                           hf.py
     llama etc.    llama, mistral, qwen2           hf.py
     opt           opt                             opt.py
+    t5            t5 (text-only T5 / Flan-T5)     blip2.py
     mplug-owl     mplug-owl                       mplug_owl.py
     mplug_owl2    mplug_owl2                      mplug_owl2.py
     blip-2        blip-2, instructblip            blip2.py
@@ -87,6 +88,9 @@ FORMATS: tuple[Format, ...] = (
         f"transformers {' / '.join(hf.LLM_TYPES)}",
     ),  # fmt: skip
     Format("opt", ("opt",), lambda d, p: opt.config_from_opt(d), opt.state_from_opt, "transformers OPT"),
+    Format(
+        "t5", ("t5",), lambda d, p: blip2.config_from_t5(d), blip2.state_from_t5, "transformers T5 / Flan-T5"
+    ),
     Format(
         "mplug-owl",
         ("mplug-owl",),

@@ -64,6 +64,8 @@ class LMObjective(nn.Module):
         self.features = None  # a FeatureCache of the frozen tower, set by the trainer while it holds one
 
     def forward(self, batch: dict) -> tuple[torch.Tensor, int]:
+        if self.config.llm.is_encoder_decoder:  # T5: encoder input, decoder labels (to_seq2seq)
+            return self._seq2seq(batch)
         device = self.model.llm.embed_tokens.weight.device
         px, keys = to_device(batch["pixel_values"], device), batch.get("image_keys")
         features = None
@@ -87,8 +89,43 @@ class LMObjective(nn.Module):
         bias = self.prior.bias(batch["ids"]).to(device) if self.prior is not None else None
         return supervised_lm_loss(hidden, sp.labels, self.model.llm.lm_head, bias)
 
+    def _seq2seq(self, batch: dict) -> tuple[torch.Tensor, int]:
+        device = next(self.model.llm.parameters()).device
+        out = self.model(batch["input_ids"].to(device), pixel_values=to_device(batch["pixel_values"], device),
+                         attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device))  # fmt: skip
+        return out.loss, out.num_tokens
+
 
 # --------------------------------------------------------------------------- as a recipe objective
+
+
+def to_seq2seq(ex):
+    """An Example rendered for a decoder-only LM -> the same conversation for an encoder-decoder
+    LM (T5; BLIP-2 Flan-T5): the encoder reads everything before the last reply (images, prompt,
+    earlier turns), the decoder is trained on the last reply (its supervised tokens)."""
+    from modalign.data.conversation import BadSample
+    from modalign.data.datasets import Example
+
+    sup = [i for i, lab in enumerate(ex.labels) if lab != IGNORE_INDEX]
+    if not sup:
+        raise BadSample("nothing to learn", "no supervised token (truncated away?)", ex.id)
+    end = sup[-1] + 1
+    start = end - 1
+    while start > 0 and ex.labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    return Example(ex.id, list(ex.input_ids[:start]), list(ex.labels[start:end]), ex.pixel_values, ex.source,
+                   image_keys=ex.image_keys)  # fmt: skip
+
+
+def seq2seq_processor():
+    """``SampleProcessor`` for an encoder-decoder LM: each Example through ``to_seq2seq``."""
+    from modalign.data.datasets import SampleProcessor
+
+    class Seq2SeqProcessor(SampleProcessor):
+        def __call__(self, s, tokens=None):
+            return to_seq2seq(super().__call__(s, tokens))
+
+    return Seq2SeqProcessor
 
 
 def module(model: MLLM, stage=None, text_cache: bool = False) -> LMObjective:
@@ -106,10 +143,17 @@ def setup(ctx):
     per_image = model.num_image_tokens() if cfg.placeholder == "per_token" and model.has_vision else 1
     template = get_template(stage.data.template, tok)
 
-    def processor(root, images):
-        return SampleProcessor(
-            tok, template, root, images, cfg.image_token_id, per_image, stage.data.max_length
+    seq2seq = cfg.llm.is_encoder_decoder
+    if seq2seq and (
+        stage.data.packing or (stage.objective.answer_prior and stage.objective.answer_prior.weight)
+    ):
+        raise ValueError(
+            f"stage {stage.name}: an encoder-decoder LLM trains without packing and answer prior"
         )
+    kind = seq2seq_processor() if seq2seq else SampleProcessor
+
+    def processor(root, images):
+        return kind(tok, template, root, images, cfg.image_token_id, per_image, stage.data.max_length)
 
     dataset = ctx.dataset(processor)
     target = LMObjective(model)
