@@ -25,10 +25,24 @@ transformers = pytest.importorskip("transformers")
 spm = pytest.importorskip("sentencepiece")
 
 VOCAB = 400
-CAPTIONS = ("blip_laion_cc_sbu_558k.json", "captions.json", "pretrain.json")
+CAPTIONS = (
+    "blip_laion_cc_sbu_558k.json",
+    "captions.json",
+    "pretrain.json",
+    "laion_captions.json",
+    "mmc4_interleaved.json",
+    "coco_captions.json",
+)
 INSTRUCT = ("llava_v1_5_mix665k.json", "llava_instruct_150k.json", "multimodal_instructions.json",
             "sft_multimodal.json", "instructions.json")  # fmt: skip
-TEXT = ("alpaca.json", "vicuna.json", "baize.json", "text_instructions.json", "sft_text.json")
+TEXT = (
+    "alpaca.json",
+    "vicuna.json",
+    "baize.json",
+    "text_instructions.json",
+    "sft_text.json",
+    "gpt4_llm_52k.json",
+)
 CHATML = ["[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]"]  # InternLM2's end / start of a turn
 
 
@@ -171,7 +185,11 @@ PARTS = {
     "mplug-owl2": ("clip", "safetensors", "llama", "bin"),
     "xcomposer2": ("clip", "bin", "internlm2", None),
     "blip2-style": ("siglip", "safetensors", "llama", "sharded"),
+    "openflamingo": ("clip", "safetensors", "llama", "sharded"),
+    "llama-adapter-v2": ("clip", "bin", "llama", "bin"),
 }
+# the rehearsal's decoders have 2 layers: blocks before every 2nd (the recipe's every 4th has none)
+EXTRA = {"openflamingo": ["model.overrides.llm.cross_attention.every=2"]}
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +217,11 @@ def released(tmp_path_factory):
 def _train(recipe: str, data: Path, vision: Path, llm: Path, out: Path) -> dict:
     from modalign.train.recipe import load_recipe
 
-    r = load_recipe(recipe, {"data": str(data), "llm": str(llm), "vision": str(vision), "out": str(out)})
+    r = load_recipe(
+        recipe,
+        {"data": str(data), "llm": str(llm), "vision": str(vision), "out": str(out)},
+        EXTRA.get(recipe, []),
+    )
     sets = []
     for s in r.stages:  # 2 steps per stage, 2 samples per step: everything else is the recipe's
         sets += [
@@ -208,6 +230,8 @@ def _train(recipe: str, data: Path, vision: Path, llm: Path, out: Path) -> dict:
             "--set",
             f"stages.{s.name}.data.batch_size=2",
         ]
+    for extra in EXTRA.get(recipe, []):
+        sets += ["--set", extra]
     argv = ["train", recipe, "--out", str(out), "--data", str(data), "--var", f"llm={llm}", "--var",
             f"vision={vision}", "--no-progress", *sets]  # fmt: skip
     assert main(argv) == 0
