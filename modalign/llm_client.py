@@ -67,25 +67,29 @@ class LLMClient:
                 pass
         return min(self.backoff_s * 2**attempt, self.max_backoff_s) * (0.5 + random.random() / 2)
 
-    def _payload(self, messages, temperature, max_tokens) -> dict:
+    def _payload(self, messages, temperature, max_tokens, extra=None) -> dict:
         return {
             "model": self.model,
             "messages": messages,
             "temperature": temperature,
             "max_tokens": max_tokens,
+            **(extra or {}),
         }
 
-    def _handle(self, r: httpx.Response) -> str:
+    def _handle(self, r: httpx.Response, raw: bool = False):
         doc = r.json()
         u = doc.get("usage") or {}
         self.usage.prompt_tokens += int(u.get("prompt_tokens", 0) or 0)
         self.usage.completion_tokens += int(u.get("completion_tokens", 0) or 0)
         try:
-            return doc["choices"][0]["message"]["content"] or ""
+            text = doc["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
             raise LLMError(f"malformed response from {self._url()}: {str(doc)[:200]}") from None
+        return doc if raw else text
 
-    def _outcome(self, attempt: int, r: httpx.Response | None = None, exc: Exception | None = None):
+    def _outcome(
+        self, attempt: int, r: httpx.Response | None = None, exc: Exception | None = None, raw=False
+    ):
         """(text, 0, "") on success; (None, delay, why) when the attempt should be retried."""
         if exc is not None:
             self.usage.add_retry("timeout" if isinstance(exc, httpx.TimeoutException) else "connection")
@@ -96,22 +100,25 @@ class LLMClient:
         if r.status_code != 200:
             self.usage.failures += 1
             raise LLMError(f"{self._url()} answered {r.status_code}: {r.text[:200]}")
-        return self._handle(r), 0.0, ""
+        return self._handle(r, raw), 0.0, ""
 
     def _give_up(self, last: str) -> LLMError:
         self.usage.failures += 1
         return LLMError(f"{self._url()}: gave up after {self.max_retries + 1} attempts (last: {last})")
 
-    def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 512) -> str:
-        """One completion; retries transient failures; raises ``LLMError`` when out of retries."""
+    def chat(self, messages: list[dict], temperature: float = 0.0, max_tokens: int = 512, extra: dict | None = None,
+             raw: bool = False):  # fmt: skip
+        """One completion's text (``raw``: the whole response document; ``extra``: more request
+        fields, e.g. ``stop``, ``logprobs``); retries transient failures; raises ``LLMError`` when
+        out of retries."""
         last = ""
         with httpx.Client(timeout=self.timeout_s) as client:
             for attempt in range(self.max_retries + 1):
                 self.usage.requests += 1
                 try:
-                    r = client.post(self._url(), json=self._payload(messages, temperature, max_tokens),
+                    r = client.post(self._url(), json=self._payload(messages, temperature, max_tokens, extra),
                                     headers=self._headers())  # fmt: skip
-                    text, delay, last = self._outcome(attempt, r=r)
+                    text, delay, last = self._outcome(attempt, r=r, raw=raw)
                 except (httpx.TimeoutException, httpx.TransportError) as e:
                     text, delay, last = self._outcome(attempt, exc=e)
                 if text is not None:

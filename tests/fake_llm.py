@@ -35,8 +35,12 @@ class FakeLLM:
             if n in self.stall_on:
                 time.sleep(self.stall_s)
             text = self.reply(body)
-            return {"id": f"x{n}", "object": "chat.completion", "model": body.get("model"),
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+            choice = {"index": 0, "finish_reason": "stop"}
+            if isinstance(text, tuple):  # (text, [(token, logprob), ...]): with log-probabilities
+                text, lps = text
+                choice["logprobs"] = {"content": [{"token": t, "logprob": lp} for t, lp in lps]}
+            choice["message"] = {"role": "assistant", "content": text}
+            return {"id": f"x{n}", "object": "chat.completion", "model": body.get("model"), "choices": [choice],
                     "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}  # fmt: skip
 
         with socket.socket() as s:
