@@ -225,7 +225,10 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
                 setattr(build_cfg.llm, k, getattr(have, k))
         with torch.device("meta"):
             model = MLLM(build_cfg)
-        partial = _partial_connector(model, init, cfg)
+        try:
+            partial = _partial_connector(model, init, cfg)
+        except CheckpointError as e:
+            raise CheckpointError(f"recipe.model.init.connector: {e}") from None
         # the fresh parts get exactly what MLLM(cfg) gives them under the seed: the parts built
         # before them are drawn too (then overwritten), the loaded parts after the last fresh one
         # are not (a 7B decoder is never drawn at random only to be replaced)

@@ -20,7 +20,8 @@ The prompt, as the paper's code writes it (most similar example first):
 The LLM completes greedily (at most 5 tokens, up to a newline). Multi-query ensembling: with
 ``n_ensemble`` k, the k * n_shot most similar examples make k prompts (the first n_shot, the
 next n_shot, ...) and the answer whose tokens have the highest summed log-probability wins (an
-LLM that returns no log-probabilities: the most frequent answer, the first on ties). Answers are
+empty answer only when every prompt gave one; an LLM that returns no log-probabilities: the most
+frequent answer, the first on ties). Answers are
 cleaned as the paper's code cleans them (``clean_answer``).
 
 Examples are chosen by ``metric``: ``question`` (cosine similarity of question embeddings),
@@ -98,7 +99,7 @@ class EndpointCompleter:
         choice = doc["choices"][0]
         text = (choice["message"].get("content") or "").split("\n")[0]
         content = (choice.get("logprobs") or {}).get("content")
-        if not content:
+        if content is None:
             return text.strip(), None
         total = 0.0
         for t in content:
@@ -187,7 +188,11 @@ class PICa:
             out.candidates.append(clean_answer(text))
             out.logprobs.append(lp)
         if all(lp is not None for lp in out.logprobs):
-            out.answer = out.candidates[max(range(len(out.candidates)), key=lambda i: (out.logprobs[i], -i))]
+            # an empty completion sums no log-probabilities (0, the highest): it never wins over an answer
+            def score(i):
+                return (out.logprobs[i] if out.candidates[i] else float("-inf"), -i)
+
+            out.answer = out.candidates[max(range(len(out.candidates)), key=score)]
         else:
             counts = Counter(out.candidates)
             out.answer = max(out.candidates, key=lambda c: (counts[c], -out.candidates.index(c)))

@@ -81,3 +81,27 @@ def test_a_t5_folder_is_an_llm_part(tmp_path):
     model = build_from_parts(cfg, init, seed=0)
     for k, v in blip.llm.state_dict().items():
         assert torch.equal(model.llm.state_dict()[k], v), k
+
+
+def test_t5_stage_through_the_trainer_uses_the_frozen_towers_cache(tmp_path, world):
+    """A stage with the tower frozen runs it once per image (the feature cache, on by default);
+    the encoder-decoder path must read the cached features, not the blank stand-in pixels: the
+    losses equal a run with the cache off."""
+    import json
+
+    from modalign.train.recipe import load_recipe
+    from modalign.train.run import run_recipe
+
+    blip2_t5(tmp_path)
+    losses = []
+    for mb in (256, 0):
+        doc = {"name": "t5", "seed": 0, "model": {"preset": "tiny-shapes", "tokenizer": str(world / "tokenizer"),
+                                                   "init": {"all": str(tmp_path / "t5")}},
+               "stages": [{"name": "s", "trainable": ["connector.*"], "stop": {"max_steps": 3}, "optim": {"lr": 1e-3},
+                           "data": {"sources": [{"path": str(world / "instruct.json")}], "template": "blip2",
+                                    "batch_size": 4, "feature_cache_mb": mb}}]}  # fmt: skip
+        run_recipe(load_recipe(doc), tmp_path / f"run{mb}", progress=False)
+        rows = (tmp_path / f"run{mb}" / "s" / "metrics.jsonl").read_text().splitlines()
+        losses.append([json.loads(r)["loss"] for r in rows if '"loss"' in r])
+    assert len(losses[0]) == 3
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)

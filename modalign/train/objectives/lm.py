@@ -91,7 +91,11 @@ class LMObjective(nn.Module):
 
     def _seq2seq(self, batch: dict) -> tuple[torch.Tensor, int]:
         device = next(self.model.llm.parameters()).device
-        out = self.model(batch["input_ids"].to(device), pixel_values=to_device(batch["pixel_values"], device),
+        px, keys = to_device(batch["pixel_values"], device), batch.get("image_keys")
+        features = None  # a frozen tower's cached output (the images held by the cache arrive blank)
+        if self.features is not None and keys is not None and isinstance(px, torch.Tensor):
+            features = self.features(self.model.vision, px, keys)
+        out = self.model(batch["input_ids"].to(device), pixel_values=px, image_features=features,
                          attention_mask=batch["attention_mask"].to(device), labels=batch["labels"].to(device))  # fmt: skip
         return out.loss, out.num_tokens
 

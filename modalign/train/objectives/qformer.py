@@ -48,6 +48,8 @@ class QFormerObjective(nn.Module):
                 "the qformer objective trains a Q-Former: the model's connector.type must be qformer"
             )
         need = [h for h, w in (("itc", itc), ("itm", itm), ("itg", itg)) if w]
+        if itm and "itc" not in need:
+            need.append("itc")  # itm draws its hard negatives from the itc similarities
         missing = [h for h in need if h not in (cfg.text_heads or [])]
         if missing:
             raise ValueError(
@@ -58,6 +60,10 @@ class QFormerObjective(nn.Module):
         self.cfg = cfg
         self.weights = {"itc": itc, "itm": itm, "itg": itg}
         self.label_smoothing = label_smoothing
+        c = self.connector
+        heads = {"itc": getattr(c, "text_projection", None), "itm": getattr(c, "itm_head", None),
+                 "itg": getattr(c, "itg_head", None)}  # fmt: skip
+        self.__dict__["_heads"] = {k: m for k, m in heads.items() if m is not None}  # not sub-modules
 
     def frame(self, ids: torch.Tensor, mask: torch.Tensor, first: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded caption ids [B, T] -> ``[first] words [SEP]`` rows padded with ``[PAD]``, at most
@@ -85,6 +91,11 @@ class QFormerObjective(nn.Module):
         image = self.vision(batch["pixel_values"].to(dev))
         parts = self.losses(image, ids, mask)
         loss = sum(self.weights[k] * v for k, v in parts.items())
+        # a head without a loss this step (weight 0, or itm on a batch of one) stays in the graph
+        # at zero: under DDP every trainable parameter must get a gradient each step
+        idle = [self._heads[h] for h in self._heads if h not in parts]
+        if idle:
+            loss = loss + 0.0 * sum(p.sum() for m in idle for p in m.parameters())
         return loss, int(mask.sum())
 
     def losses(self, image: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
