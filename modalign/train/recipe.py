@@ -168,6 +168,9 @@ class Objective:
     answer_prior: AnswerPriorOptions | None = None  # lm
     region: RegionOptions | None = None  # contrastive
     qformer: QFormerOptions | None = None  # qformer
+    # lm with an encoder-decoder LLM (BLIP-2 Flan-T5's stage 2): split each target reply at a
+    # point drawn per sample, the first part read by the encoder, the rest the decoder's target
+    prefix_lm: bool | None = None
 
     def validate(self, where: str) -> None:
         from modalign.train.objectives import OBJECTIVES
@@ -175,7 +178,7 @@ class Objective:
         if self.name not in OBJECTIVES:
             raise ConfigError(f"{where}.name: expected one of {', '.join(OBJECTIVES)}, got {self.name!r}")
         allowed = OBJECTIVES[self.name].options
-        for opt in ("answer_prior", "region", "qformer"):
+        for opt in ("answer_prior", "region", "qformer", "prefix_lm"):
             if getattr(self, opt) is not None and opt not in allowed:
                 raise ConfigError(f"{where}.{opt}: not an option of the {self.name} objective")
         if self.answer_prior is not None:

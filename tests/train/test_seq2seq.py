@@ -105,3 +105,19 @@ def test_t5_stage_through_the_trainer_uses_the_frozen_towers_cache(tmp_path, wor
         losses.append([json.loads(r)["loss"] for r in rows if '"loss"' in r])
     assert len(losses[0]) == 3
     assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+
+
+def test_prefix_lm_splits_the_reply_between_encoder_and_decoder():
+    """BLIP-2's prefix LM: a caption's first part joins the encoder's input, the rest is the target;
+    the split is drawn per sample (the same each epoch) from the inner token boundaries."""
+    ex = Example("cap-7", [410, 410, 5, 6, 7, 8, 2], [-100, -100, 5, 6, 7, 8, 2])
+    cuts = set()
+    for seed in range(30):
+        got = to_seq2seq(ex, prefix_seed=seed)
+        assert got.input_ids + got.labels == ex.input_ids  # nothing lost, nothing repeated
+        assert got.input_ids[:2] == [410, 410] and len(got.labels) >= 2 and got.labels[-1] == 2
+        cuts.add(len(got.input_ids))
+        assert to_seq2seq(ex, prefix_seed=seed).labels == got.labels  # deterministic
+    assert cuts == {3, 4, 5}  # after 1, 2 or 3 of the caption's 4 words
+    short = Example("s", [410, 9, 2], [-100, 9, 2])
+    assert to_seq2seq(short, prefix_seed=0).labels == [9, 2]  # one word: not split

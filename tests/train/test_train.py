@@ -72,6 +72,8 @@ RECIPE_ERRORS = [
     ("stages.align.objective={name: lm, answer_prior: {min_count: 0}}", r"stages\[0\]\.objective\.answer_prior\.min_count: expected a sample count >= 1"),
     ("stages.align.objective={name: contrastive, answer_prior: {weight: 1}}", r"stages\[0\]\.objective\.answer_prior: not an option of the contrastive"),
     ("stages.align.objective={name: contrastive, region: {phrase: '{colour}'}}", r"stages\[0\]\.objective\.region\.phrase: only \{category\} and \{where\}"),
+    ("stages.align.objective={name: contrastive, prefix_lm: true}", r"stages\[0\]\.objective\.prefix_lm: not an option of the contrastive"),
+    ("stages.align.objective={name: qformer, qformer: {itc: 0, itm: 0, itg: 0}}", r"stages\[0\]\.objective\.qformer: every loss has weight 0"),
 ]  # fmt: skip
 
 

@@ -30,7 +30,7 @@ class ObjectiveSpec:
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {
-    "lm": ObjectiveSpec("lm", ("answer_prior",), lm.setup, lm.module),
+    "lm": ObjectiveSpec("lm", ("answer_prior", "prefix_lm"), lm.setup, lm.module),
     "contrastive": ObjectiveSpec(
         "contrastive", ("region",), contrastive.setup, contrastive.module, contrastive.prepare, heads="clip_"
     ),

@@ -103,10 +103,15 @@ class LMObjective(nn.Module):
 # --------------------------------------------------------------------------- as a recipe objective
 
 
-def to_seq2seq(ex):
+def to_seq2seq(ex, prefix_seed: int | None = None):
     """An Example rendered for a decoder-only LM -> the same conversation for an encoder-decoder
     LM (T5; BLIP-2 Flan-T5): the encoder reads everything before the last reply (images, prompt,
-    earlier turns), the decoder is trained on the last reply (its supervised tokens)."""
+    earlier turns), the decoder is trained on the last reply (its supervised tokens).
+
+    ``prefix_seed`` (BLIP-2's prefix LM for encoder-decoder LLMs): the reply is split at a point
+    drawn uniformly from its inner token boundaries (the same for a sample in every epoch: seeded
+    by ``prefix_seed`` and the sample id); its first part joins the encoder's input, the rest
+    (with the end token) is the target. A reply of one token (plus its end) is not split."""
     from modalign.data.conversation import BadSample
     from modalign.data.datasets import Example
 
@@ -117,17 +122,22 @@ def to_seq2seq(ex):
     start = end - 1
     while start > 0 and ex.labels[start - 1] != IGNORE_INDEX:
         start -= 1
-    return Example(ex.id, list(ex.input_ids[:start]), list(ex.labels[start:end]), ex.pixel_values, ex.source,
+    cut = start
+    if prefix_seed is not None and end - start > 2:  # at least two tokens before the end token
+        import random
+
+        cut = random.Random(f"{prefix_seed}:{ex.id}").randrange(start + 1, end - 1)
+    return Example(ex.id, list(ex.input_ids[:cut]), list(ex.labels[cut:end]), ex.pixel_values, ex.source,
                    image_keys=ex.image_keys)  # fmt: skip
 
 
-def seq2seq_processor():
+def seq2seq_processor(prefix_seed: int | None = None):
     """``SampleProcessor`` for an encoder-decoder LM: each Example through ``to_seq2seq``."""
     from modalign.data.datasets import SampleProcessor
 
     class Seq2SeqProcessor(SampleProcessor):
         def __call__(self, s, tokens=None):
-            return to_seq2seq(super().__call__(s, tokens))
+            return to_seq2seq(super().__call__(s, tokens), prefix_seed)
 
     return Seq2SeqProcessor
 
@@ -154,7 +164,9 @@ def setup(ctx):
         raise ValueError(
             f"stage {stage.name}: an encoder-decoder LLM trains without packing and answer prior"
         )
-    kind = seq2seq_processor() if seq2seq else SampleProcessor
+    if stage.objective.prefix_lm and not seq2seq:
+        raise ValueError(f"stage {stage.name}: objective.prefix_lm needs an encoder-decoder LLM (T5)")
+    kind = seq2seq_processor(ctx.seed if stage.objective.prefix_lm else None) if seq2seq else SampleProcessor
 
     def processor(root, images):
         return kind(tok, template, root, images, cfg.image_token_id, per_image, stage.data.max_length)
