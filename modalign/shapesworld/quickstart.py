@@ -93,7 +93,7 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
     after = text_perplexity(model, tok, data / "text_eval.jsonl")
     qa_before = evaluate_text_qa(base, tok, data / "text_qa_eval.json", template)["accuracy"]
     qa_after = evaluate_text_qa(model, tok, data / "text_qa_eval.json", template)["accuracy"]
-    trainable = _trainable_params(mdir)
+    trainable = _trainable_params(mdir, [st.name for st in recipe.stages])
     results = {
         "method": method,
         "heldout_accuracy": ev["accuracy"],
@@ -118,11 +118,13 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
     return results
 
 
-def _trainable_params(mdir: Path) -> dict:
-    """Trainable parameters per stage, from the tables the stages logged."""
+def _trainable_params(mdir: Path, stages: list[str]) -> dict:
+    """Trainable parameters per stage, in the recipe's stage order, from the tables the stages logged."""
     out = {}
-    for res in sorted(mdir.glob("*/trainable.json")):
-        out[res.parent.name] = json.loads(res.read_text())["trainable"]
+    for name in stages:
+        f = mdir / name / "trainable.json"
+        if f.is_file():
+            out[name] = json.loads(f.read_text())["trainable"]
     return out
 
 
