@@ -259,3 +259,56 @@ def fit_lavis_connector(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.
                 continue
         out[k] = v
     return out
+
+
+def is_bert(doc: dict) -> bool:
+    return doc.get("model_type") == "bert"
+
+
+def bert_connector_state(tensors: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """A transformers BERT folder (``BertModel`` / ``BertForMaskedLM``, e.g. bert-base-uncased) as
+    the start of a Q-Former (``cfg``: its ConnectorConfig), as BLIP-2 starts it: BERT's embeddings,
+    self-attention and FFN in every layer, that FFN copied into the queries' FFN too, BERT's LM head
+    as the itg head; the word embeddings (and the head's bias) grown to ``text_vocab_size`` with
+    N(0, 0.02) rows (BLIP-2 adds [DEC]). Cross-attention, queries and the other heads are not in
+    BERT: they start fresh. BERT's token-type embeddings are not used (BLIP-2's Q-Former has none)."""
+    if not cfg.text_vocab_size:
+        raise CheckpointError(
+            "a BERT folder starts a Q-Former with its text branch: set connector.text_vocab_size"
+        )
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        k = k.removeprefix("bert.")
+        if k.startswith("embeddings."):
+            rest = k[len("embeddings.") :]
+            if rest.startswith(("word_embeddings.", "position_embeddings.")):
+                out["qformer.embeddings." + rest] = v
+            elif rest.startswith("LayerNorm."):
+                out["qformer.embeddings.layernorm." + rest.split(".", 1)[1]] = v
+        elif k.startswith("encoder.layer."):
+            parts = k.split(".")
+            if int(parts[2]) >= cfg.num_layers:
+                continue
+            name = "qformer." + k.replace(".attention.self.", ".attention.attention.")
+            out[name] = v
+            if parts[3] in ("intermediate", "output"):
+                out[name.replace(f".{parts[3]}.", f".{parts[3]}_query.", 1)] = v.clone()
+        elif k.startswith("cls.predictions.") and "itg" in (cfg.text_heads or []):
+            rest = k[len("cls.predictions.") :]
+            if not rest.startswith("decoder."):
+                out["itg_head." + rest] = v
+    vocab = cfg.text_vocab_size
+    g = torch.Generator().manual_seed(0)
+    for key in ("qformer.embeddings.word_embeddings.weight", "itg_head.bias"):
+        t = out.get(key)
+        if t is None or t.shape[0] == vocab:
+            continue
+        if t.shape[0] > vocab:
+            raise CheckpointError(
+                f"the BERT folder's vocabulary ({t.shape[0]}) exceeds connector.text_vocab_size ({vocab})"
+            )
+        extra = torch.zeros((vocab - t.shape[0], *t.shape[1:]), dtype=t.dtype)
+        if t.dim() == 2:
+            extra.normal_(0.0, 0.02, generator=g)
+        out[key] = torch.cat([t, extra])
+    return out

@@ -8,7 +8,8 @@
     connector  a file of projector weights (the original LLaVA's ``mm_projector.bin``, a native
                ``connector.*`` or transformers' ``multi_modal_projector.*`` file, LAVIS's BLIP-2
                ``Qformer.*`` file, MiniGPT-4's ``llama_proj`` file), or a folder (a BLIP-2
-               ``Blip2ForImageTextRetrieval`` one too: its Q-Former with the stage-1 heads)
+               ``Blip2ForImageTextRetrieval`` one too: its Q-Former with the stage-1 heads; a
+               BERT folder: a Q-Former's start, as BLIP-2 starts from bert-base-uncased)
     all        a whole multimodal model folder
 
 A part may also be a list: the first entry as above, then files whose tensors replace some of
@@ -70,8 +71,8 @@ def part_config(path: str | Path, part: str) -> dict | None:
         raise CheckpointError(f"unknown part {part!r}; known: all, {', '.join(PARTS)}")
     if not path.exists():
         raise CheckpointError(f"recipe.model.init.{part}: {path} does not exist")
-    if part == "connector" and path.is_file():
-        return None
+    if part == "connector" and (path.is_file() or read_config(path).get("model_type") == "bert"):
+        return None  # weights only: the recipe's connector config stands
     if part == "vision" and _is_tower(path):
         return dataclasses.asdict(hf.image_settings(path, hf.vision_config_from_hf(read_config(path))))
     cfg, _ = config_from_dir(path)
@@ -128,6 +129,10 @@ def read_part(path: str | Path, part: str, cfg: MLLMConfig) -> dict[str, torch.T
     path = Path(path)
     if part == "connector" and path.is_file():
         return connector_file(path, cfg)
+    if part == "connector" and path.is_dir() and read_config(path).get("model_type") == "bert":
+        from modalign.checkpoints import blip2
+
+        return blip2.bert_connector_state(read_tensors(path), cfg.connector)
     if part in ("vision", "connector") and path.is_dir() and read_config(path).get("model_type") == "blip-2":
         # the part's tensors alone: a BLIP-2's language model is never built to be thrown away
         # (and a Blip2ForImageTextRetrieval folder has none)
@@ -278,13 +283,16 @@ def _partial_connector(model, init: dict, cfg: MLLMConfig) -> dict[str, dict[str
     if "connector" not in init or cfg.connector is None or cfg.connector.type != "qformer":
         return {}
     path = Path(init_paths(init["connector"])[0])
-    if not (path.is_file() or (path.is_dir() and read_config(path).get("model_type") == "blip-2")):
+    kind = read_config(path).get("model_type") if path.is_dir() else None
+    if not (path.is_file() or kind in ("blip-2", "bert")):
         return {}  # a whole model's folder holds its projection
     state = read_part(path, "connector", cfg)
     missing = set(model.connector.state_dict()) - set(state)
-    return (
-        {"connector": state} if missing and all(k.startswith("language_projection.") for k in missing) else {}
-    )
+    fresh = ("language_projection.",)
+    if kind == "bert":  # what BERT does not have: queries, cross-attention, the image-side heads
+        fresh += ("query_tokens", "vision_projection.", "text_projection.", "temp", "itm_head.")
+        missing = {k for k in missing if ".crossattention." not in k}
+    return {"connector": state} if missing and all(k.startswith(fresh) for k in missing) else {}
 
 
 @torch.no_grad()

@@ -118,3 +118,37 @@ def test_itg_mask_is_multimodal_causal(tmp_path):
         t.LayerNorm(torch.nn.functional.gelu(t.dense(h))) @ conn.qformer.embeddings.word_embeddings.weight.t()
     )
     torch.testing.assert_close(logits, want + conn.itg_head.bias, atol=1e-5, rtol=1e-5)
+
+
+def test_a_bert_folder_starts_the_qformer(tmp_path):
+    """BLIP-2 starts its Q-Former from BERT: read from a transformers BERT folder, the text branch
+    gives BERT's hidden states, the itg head BERT's masked-LM logits, the queries' FFN is BERT's
+    FFN; the word embeddings grow by BLIP-2's [DEC]; cross-attention and queries start fresh."""
+    from modalign import MLLM as Model
+
+    bc = transformers.BertConfig(vocab_size=1023, hidden_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                 intermediate_size=256, max_position_embeddings=64, layer_norm_eps=1e-12)  # fmt: skip
+    torch.manual_seed(0)
+    ref = randomize(transformers.BertForMaskedLM(bc)).eval()
+    with torch.no_grad():
+        ref.bert.embeddings.token_type_embeddings.weight.zero_()  # BLIP-2's Q-Former has none
+    ref.save_pretrained(tmp_path / "bert")
+    base = MLLMConfig.from_name("tiny-blip2")
+    init = {"connector": str(tmp_path / "bert")}
+    cfg = MLLMConfig.from_dict(merge_part_configs(base.to_dict(), init))
+    model = build_from_parts(cfg, init, seed=0).eval()
+    c = model.connector
+    ids = torch.randint(5, 1023, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        h = c.text_states(ids)
+        torch.testing.assert_close(h, ref.bert(input_ids=ids).last_hidden_state, atol=1e-5, rtol=1e-5)
+        logits = c.itg_head(h, c.qformer.embeddings.word_embeddings.weight)
+        torch.testing.assert_close(logits[..., :1023], ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    layer = c.qformer.encoder.layer[0]
+    assert torch.equal(layer.intermediate_query.dense.weight, layer.intermediate.dense.weight)
+    assert c.qformer.embeddings.word_embeddings.weight.shape[0] == 1024  # + [DEC]
+    torch.manual_seed(0)  # the recipe's seed draws the parts BERT lacks, as MLLM(cfg) would
+    fresh = Model(base)
+    assert torch.equal(c.query_tokens, fresh.connector.query_tokens)
+    assert torch.equal(layer.crossattention.attention.query.weight,
+                       fresh.connector.qformer.encoder.layer[0].crossattention.attention.query.weight)  # fmt: skip

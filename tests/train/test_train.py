@@ -50,7 +50,7 @@ def losses(run: Path) -> list[tuple]:
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
 def test_every_shipped_recipe_validates_and_plans_on_meta(path):
-    names = ("data", "stage0", "llm", "vision", "blip2", "qformer", "qformer_tokenizer")
+    names = ("data", "stage0", "llm", "vision", "blip2", "qformer", "bert")
     recipe = load_recipe(path, {n: n for n in names})
     rows = plan(recipe)
     assert len(rows) == len(recipe.stages)
