@@ -227,16 +227,10 @@ class QFormerConnector(nn.Module):
         """Image features [N, L, D_vis] (+ InstructBLIP's instruction ids [N, T]) -> [N, Q, D_llm]."""
         if not self.instruction_input:
             return self.language_projection(self.query_states(x_NLD))
-        n, nq = x_NLD.shape[0], self.cfg.num_queries
-        q = self.query_tokens.expand(n, -1, -1).to(x_NLD.dtype)
         if qformer_input_ids is None:
             raise ValueError("this Q-Former (InstructBLIP) needs qformer_input_ids: the instruction's ids")
-        x = self.qformer.embeddings(q, qformer_input_ids)
-        key_mask = None
-        if qformer_attention_mask is not None:
-            key_mask = torch.cat([torch.ones(n, nq, dtype=torch.bool, device=x.device),
-                                  qformer_attention_mask.bool()], dim=1)  # fmt: skip
-        return self.language_projection(self._run(x, x_NLD, nq, key_mask)[:, :nq])
+        states = self.joint_states(x_NLD, qformer_input_ids, qformer_attention_mask)
+        return self.language_projection(states[:, : self.cfg.num_queries])
 
     # ------------------------------------------------------------------ the Q-Former's passes
 
@@ -276,8 +270,8 @@ class QFormerConnector(nn.Module):
             full[:, :nq] = True
             full[nq:, nq:] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
             att = full[None] & keys[:, None, :]
-        else:
-            att = keys
+        else:  # every token sees every unpadded token (no padding: no mask)
+            att = keys if mask is not None else None
         return self._run(self._norm(q, ids), image, nq, att)
 
     def _head(self, name: str):
