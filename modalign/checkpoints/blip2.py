@@ -261,10 +261,6 @@ def fit_lavis_connector(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.
     return out
 
 
-def is_bert(doc: dict) -> bool:
-    return doc.get("model_type") == "bert"
-
-
 def bert_connector_state(tensors: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
     """A transformers BERT folder (``BertModel`` / ``BertForMaskedLM``, e.g. bert-base-uncased) as
     the start of a Q-Former (``cfg``: its ConnectorConfig), as BLIP-2 starts it: BERT's embeddings,

@@ -57,8 +57,13 @@ def init_paths(value: str | list[str]) -> list[str]:
     return paths
 
 
+def _model_type(path: Path) -> str | None:
+    """A checkpoint folder's ``model_type`` (None for a file)."""
+    return read_config(path).get("model_type") if path.is_dir() else None
+
+
 def _is_tower(path: Path) -> bool:
-    return path.is_dir() and read_config(path).get("model_type") in hf.VISION_TYPES
+    return _model_type(path) in hf.VISION_TYPES
 
 
 def part_config(path: str | Path, part: str) -> dict | None:
@@ -71,7 +76,7 @@ def part_config(path: str | Path, part: str) -> dict | None:
         raise CheckpointError(f"unknown part {part!r}; known: all, {', '.join(PARTS)}")
     if not path.exists():
         raise CheckpointError(f"recipe.model.init.{part}: {path} does not exist")
-    if part == "connector" and (path.is_file() or read_config(path).get("model_type") == "bert"):
+    if part == "connector" and (path.is_file() or _model_type(path) == "bert"):
         return None  # weights only: the recipe's connector config stands
     if part == "vision" and _is_tower(path):
         return dataclasses.asdict(hf.image_settings(path, hf.vision_config_from_hf(read_config(path))))
@@ -129,11 +134,11 @@ def read_part(path: str | Path, part: str, cfg: MLLMConfig) -> dict[str, torch.T
     path = Path(path)
     if part == "connector" and path.is_file():
         return connector_file(path, cfg)
-    if part == "connector" and path.is_dir() and read_config(path).get("model_type") == "bert":
+    if part == "connector" and _model_type(path) == "bert":
         from modalign.checkpoints import blip2
 
         return blip2.bert_connector_state(read_tensors(path), cfg.connector)
-    if part in ("vision", "connector") and path.is_dir() and read_config(path).get("model_type") == "blip-2":
+    if part in ("vision", "connector") and _model_type(path) == "blip-2":
         # the part's tensors alone: a BLIP-2's language model is never built to be thrown away
         # (and a Blip2ForImageTextRetrieval folder has none)
         from modalign.checkpoints import blip2
@@ -231,7 +236,7 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
         with torch.device("meta"):
             model = MLLM(build_cfg)
         try:
-            partial = _partial_connector(model, init, cfg)
+            pre, partial = _first_connector(model, init, cfg)
         except CheckpointError as e:
             raise CheckpointError(f"recipe.model.init.connector: {e}") from None
         # the fresh parts get exactly what MLLM(cfg) gives them under the seed: the parts built
@@ -264,10 +269,11 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
                 module.tie_weights()  # to_empty gave the tied head its own storage
         first, *over = init_paths(init[name])
         try:
+            state = pre[name] if name in pre else read_part(first, name, cfg)
             if name in partial:  # freshly drawn: the file's tensors over it
-                lay_over(module, partial[name], f"{first} ({name})")
+                lay_over(module, state, f"{first} ({name})")
             else:
-                load_state_strict(module, read_part(first, name, cfg), f"{first} ({name})")
+                load_state_strict(module, state, f"{first} ({name})")
             for path in over:
                 lay_over(module, read_part(path, name, cfg), f"{path} ({name})")
         except CheckpointError as e:
@@ -276,23 +282,28 @@ def build_from_parts(cfg: MLLMConfig, init: dict[str, str], seed: int):
     return model
 
 
-def _partial_connector(model, init: dict, cfg: MLLMConfig) -> dict[str, dict[str, torch.Tensor]]:
-    """``{"connector": tensors}`` when the connector's checkpoint is a Q-Former without its
-    projection into the LLM (a BLIP-2 stage-1 file: ``Blip2ForImageTextRetrieval``, LAVIS's
-    ``blip2_pretrained.pth``): the projection starts fresh, as BLIP-2's stage 2 starts it."""
+def _first_connector(
+    model, init: dict, cfg: MLLMConfig
+) -> tuple[dict[str, dict[str, torch.Tensor]], set[str]]:
+    """The tensors of a Q-Former connector's first checkpoint (read here, once) and whether the
+    part is partial: a Q-Former without its projection into the LLM (a BLIP-2 stage-1 file:
+    ``Blip2ForImageTextRetrieval``, LAVIS's ``blip2_pretrained.pth``), whose projection starts
+    fresh as BLIP-2's stage 2 starts it, or a BERT folder (queries, cross-attention and the
+    image-side heads fresh too). -> ({"connector": tensors} or {}, {"connector"} or set())"""
     if "connector" not in init or cfg.connector is None or cfg.connector.type != "qformer":
-        return {}
+        return {}, set()
     path = Path(init_paths(init["connector"])[0])
-    kind = read_config(path).get("model_type") if path.is_dir() else None
+    kind = _model_type(path)
     if not (path.is_file() or kind in ("blip-2", "bert")):
-        return {}  # a whole model's folder holds its projection
+        return {}, set()  # a whole model's folder holds its projection (read as any part is)
     state = read_part(path, "connector", cfg)
     missing = set(model.connector.state_dict()) - set(state)
     fresh = ("language_projection.",)
     if kind == "bert":  # what BERT does not have: queries, cross-attention, the image-side heads
         fresh += ("query_tokens", "vision_projection.", "text_projection.", "temp", "itm_head.")
         missing = {k for k in missing if ".crossattention." not in k}
-    return {"connector": state} if missing and all(k.startswith(fresh) for k in missing) else {}
+    partial = bool(missing) and all(k.startswith(fresh) for k in missing)
+    return {"connector": state}, ({"connector"} if partial else set())
 
 
 @torch.no_grad()
