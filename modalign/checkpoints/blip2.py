@@ -202,6 +202,27 @@ def state_from_blip2(tensors: dict[str, torch.Tensor], cfg: MLLMConfig) -> dict[
     return out
 
 
+def _bert_name(k: str) -> str | None:
+    """A BERT-layout Q-Former name (LAVIS's ``Qformer.bert.*`` / ``Qformer.cls.*`` without
+    ``Qformer.``, or a transformers BERT folder's) -> the connector's name; None for what the
+    connector does not hold (``position_ids``, the tied LM decoder, BERT's token types, pooler)."""
+    k = k.removeprefix("bert.")
+    if k.startswith("embeddings."):
+        rest = k[len("embeddings.") :]
+        if rest.startswith(("word_embeddings.", "position_embeddings.")):
+            return "qformer.embeddings." + rest
+        if rest.startswith("LayerNorm."):
+            return "qformer.embeddings.layernorm." + rest.split(".", 1)[1]
+        return None
+    if k.startswith("encoder.layer."):
+        k = k.replace(".attention.self.", ".attention.attention.")
+        return "qformer." + k.replace(".crossattention.self.", ".crossattention.attention.")
+    if k.startswith("cls.predictions."):
+        rest = k[len("cls.predictions.") :]
+        return None if rest.startswith("decoder.") else "itg_head." + rest  # the decoder is tied
+    return None
+
+
 def lavis_connector_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """LAVIS's BLIP-2 file (``Qformer.bert.*``, ``Qformer.cls.predictions.*``, ``query_tokens``,
     ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``) and MiniGPT-4's (``llama_proj``) ->
@@ -214,22 +235,10 @@ def lavis_connector_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
              "t5_proj.": "language_projection."}  # fmt: skip
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
-        if k.startswith("Qformer.bert.embeddings."):
-            rest = k[len("Qformer.bert.embeddings.") :]
-            if rest == "position_ids":
-                continue
-            out["connector.qformer.embeddings." + rest.replace("LayerNorm.", "layernorm.")] = v
-        elif k.startswith("Qformer.bert.encoder.layer."):
-            rest = k[len("Qformer.bert.") :]
-            rest = rest.replace(".attention.self.", ".attention.attention.")
-            out[
-                "connector.qformer." + rest.replace(".crossattention.self.", ".crossattention.attention.")
-            ] = v
-        elif k.startswith("Qformer.cls.predictions."):
-            rest = k[len("Qformer.cls.predictions.") :]
-            if rest.startswith("decoder."):
-                continue  # tied to the word embeddings; its bias is ``bias``
-            out["connector.itg_head." + rest] = v
+        if k.startswith("Qformer."):
+            name = _bert_name(k[len("Qformer.") :])
+            if name is not None:
+                out["connector." + name] = v
         elif k in ("query_tokens", "temp"):
             out["connector." + k] = v
         else:
@@ -239,10 +248,11 @@ def lavis_connector_state(tensors: dict[str, torch.Tensor]) -> dict[str, torch.T
     return out
 
 
-def fit_lavis_connector(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
-    """``lavis_connector_state``'s tensors (names without ``connector.``) for the recipe's Q-Former
-    ``cfg`` (a ConnectorConfig): the heads it lacks are left out, and without its text branch so are
-    the text embeddings and text FFNs, the embeddings' LayerNorm becoming the query LayerNorm."""
+def fit_qformer_state(state: dict[str, torch.Tensor], cfg) -> dict[str, torch.Tensor]:
+    """A Q-Former's tensors read from LAVIS's or BERT's layout (names without ``connector.``) for
+    the recipe's Q-Former ``cfg`` (a ConnectorConfig): the heads it lacks are left out, and without
+    its text branch so are the text embeddings and text FFNs, the embeddings' LayerNorm becoming
+    the query LayerNorm."""
     heads = set(cfg.text_heads or [])
     drop = [p for h, ps in (("itc", ("vision_projection.", "text_projection.", "temp")), ("itm", ("itm_head.",)),
                             ("itg", ("itg_head.",))) if h not in heads for p in ps]  # fmt: skip
@@ -274,25 +284,16 @@ def bert_connector_state(tensors: dict[str, torch.Tensor], cfg) -> dict[str, tor
         )
     out: dict[str, torch.Tensor] = {}
     for k, v in tensors.items():
-        k = k.removeprefix("bert.")
-        if k.startswith("embeddings."):
-            rest = k[len("embeddings.") :]
-            if rest.startswith(("word_embeddings.", "position_embeddings.")):
-                out["qformer.embeddings." + rest] = v
-            elif rest.startswith("LayerNorm."):
-                out["qformer.embeddings.layernorm." + rest.split(".", 1)[1]] = v
-        elif k.startswith("encoder.layer."):
-            parts = k.split(".")
-            if int(parts[2]) >= cfg.num_layers:
-                continue
-            name = "qformer." + k.replace(".attention.self.", ".attention.attention.")
-            out[name] = v
-            if parts[3] in ("intermediate", "output"):
-                out[name.replace(f".{parts[3]}.", f".{parts[3]}_query.", 1)] = v.clone()
-        elif k.startswith("cls.predictions.") and "itg" in (cfg.text_heads or []):
-            rest = k[len("cls.predictions.") :]
-            if not rest.startswith("decoder."):
-                out["itg_head." + rest] = v
+        name = _bert_name(k)
+        if name is None:
+            continue
+        parts = name.split(".")
+        if parts[1] == "encoder" and int(parts[3]) >= cfg.num_layers:
+            continue
+        out[name] = v
+        if parts[1] == "encoder" and parts[4] in ("intermediate", "output"):
+            out[name.replace(f".{parts[4]}.", f".{parts[4]}_query.", 1)] = v.clone()
+    out = fit_qformer_state(out, cfg)
     vocab = cfg.text_vocab_size
     g = torch.Generator().manual_seed(0)
     for key in ("qformer.embeddings.word_embeddings.weight", "itg_head.bias"):

@@ -182,7 +182,7 @@ def connector_file(file: Path, cfg: MLLMConfig | None = None) -> dict[str, torch
 
         state = {k[len("connector.") :]: v for k, v in blip2.lavis_connector_state(tensors).items()}
         if cfg is not None and cfg.connector is not None:
-            state = blip2.fit_lavis_connector(state, cfg.connector)
+            state = blip2.fit_qformer_state(state, cfg.connector)
         return state
     for prefix in ("model.mm_projector.", "base_model.model.model.mm_projector."):
         if any(k.startswith(prefix) for k in tensors):

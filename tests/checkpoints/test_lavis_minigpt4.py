@@ -128,7 +128,7 @@ def test_minigpt4_template_is_the_release_prompt():
 
 def test_lavis_itg_head_names():
     """LAVIS's BERT LM head (``Qformer.cls.predictions``) is the itg head; its decoder is tied."""
-    from modalign.checkpoints.blip2 import fit_lavis_connector, lavis_connector_state
+    from modalign.checkpoints.blip2 import fit_qformer_state, lavis_connector_state
 
     t = {k: torch.randn(2) for k in ("Qformer.cls.predictions.bias", "Qformer.cls.predictions.transform.dense.weight",
                                      "Qformer.cls.predictions.transform.LayerNorm.weight",
@@ -138,6 +138,6 @@ def test_lavis_itg_head_names():
                         "connector.itg_head.transform.LayerNorm.weight"}  # fmt: skip
     cfg = MLLMConfig.from_name("tiny-blip2").connector
     state = {k[len("connector.") :]: v for k, v in got.items()}
-    assert set(fit_lavis_connector(state, cfg)) == set(state)  # the miniature's Q-Former has the itg head
+    assert set(fit_qformer_state(state, cfg)) == set(state)  # the miniature's Q-Former has the itg head
     cfg.text_heads = ["itc", "itm"]
-    assert fit_lavis_connector(state, cfg) == {}
+    assert fit_qformer_state(state, cfg) == {}
