@@ -355,3 +355,14 @@ class LLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return x if return_hidden else self.lm_head(x)
+
+    def mean_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The last hidden states averaged over each row's real tokens (every token without a
+        mask): a text's embedding [B, D]."""
+        h = self(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
+        if attention_mask is None:
+            return h.mean(1)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp(min=1)

@@ -202,16 +202,15 @@ class PICa:
 @torch.no_grad()
 def embed_texts(model, tok, texts: Sequence[str], batch_size: int = 64) -> torch.Tensor:
     """Unit vectors of ``texts``: the LLM's last hidden states averaged over each text's tokens."""
+    from modalign.data.collate import _pad
+
     out = []
     dev = next(model.parameters()).device
+    pad = tok.pad_id or 0
     for i in range(0, len(texts), batch_size):
-        rows = [tok.encode(t) or [tok.pad_id or 0] for t in texts[i : i + batch_size]]
-        w = max(map(len, rows))
-        ids = torch.tensor([r + [tok.pad_id or 0] * (w - len(r)) for r in rows], device=dev)
-        mask = torch.tensor([[1] * len(r) + [0] * (w - len(r)) for r in rows], device=dev)
-        h = model.llm(input_ids=ids, attention_mask=mask, return_hidden=True).float()
-        m = mask.unsqueeze(-1).float()
-        out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).cpu())
+        rows = [tok.encode(t) or [pad] for t in texts[i : i + batch_size]]
+        ids, mask = _pad(rows, pad, False).to(dev), _pad([[1] * len(r) for r in rows], 0, False).to(dev)
+        out.append(torch.nn.functional.normalize(model.llm.mean_hidden(ids, mask).float(), dim=-1).cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -121,3 +121,32 @@ def test_local_completer_logprob_equals_a_teacher_forced_pass(world):
         logp = model(torch.tensor([ids + gen])).logits[0].log_softmax(-1)
     want = sum(float(logp[len(ids) - 1 + k, g]) for k, g in enumerate(gen))
     assert len(gen) == 4 and text == tok.decode(gen).strip() and lp == pytest.approx(want, abs=1e-4)
+
+
+def test_embeddings_for_example_selection(world):
+    """Question embeddings: each text's mean last hidden state, padding never read (a batch equals
+    each text alone); image embeddings: the tower's mean feature; both unit vectors."""
+    from modalign import MLLM
+    from modalign.config import MLLMConfig
+    from modalign.data.tokenizer import Tokenizer
+    from modalign.pipelines.pica import embed_images, embed_texts
+    from tests.tiny import TINY
+
+    tok = Tokenizer.from_dir(world / "tokenizer")
+    cfg = MLLMConfig.from_name("tiny-shapes")
+    for part, kw in TINY.items():
+        for k, v in kw.items():
+            setattr(getattr(cfg, part), k, v)
+    torch.manual_seed(0)
+    model = MLLM(cfg).eval()
+    texts = ["What colour is the star?", "How many shapes are there in the picture?"]
+    got = embed_texts(model, tok, texts, batch_size=2)
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            alone = model.llm(input_ids=torch.tensor([tok.encode(t)]), return_hidden=True).mean(1)[0]
+            torch.testing.assert_close(
+                got[i], torch.nn.functional.normalize(alone, dim=-1), atol=1e-5, rtol=1e-5
+            )
+        px = torch.randn(3, 3, 96, 96)
+        want = torch.nn.functional.normalize(model.vision(px).mean(1), dim=-1)
+    torch.testing.assert_close(embed_images(model, px, batch_size=2), want, atol=1e-5, rtol=1e-5)

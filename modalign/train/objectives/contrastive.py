@@ -85,11 +85,7 @@ class ContrastiveModel(nn.Module):
 
     def _mean_hidden(self, input_ids, attention_mask=None):
         """The LM's last hidden states averaged over the real tokens (all of them without a mask)."""
-        h = self.llm(input_ids=input_ids, attention_mask=attention_mask, return_hidden=True)
-        if attention_mask is None:
-            return h.mean(1)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp(min=1)
+        return self.llm.mean_hidden(input_ids, attention_mask)
 
     @torch.no_grad()
     def _texts_cached(self, rows: list[tuple[int, ...]], device) -> torch.Tensor:
