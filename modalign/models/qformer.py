@@ -25,6 +25,8 @@ same self-attention layers with a text FFN of its own (``intermediate`` / ``outp
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,6 +40,8 @@ class QFormerMultiHeadAttention(nn.Module):
     def __init__(self, d: int, d_kv: int, heads: int):
         super().__init__()
         self.heads = heads
+        self.keep_probs = False  # PNP-VQA's GradCAM reads the probabilities (``probs``)
+        self.probs: torch.Tensor | None = None
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d_kv, d)
         self.value = nn.Linear(d_kv, d)
@@ -53,9 +57,17 @@ class QFormerMultiHeadAttention(nn.Module):
         m = None
         if mask is not None:
             m = (mask[:, None, None, :] if mask.dim() == 2 else mask[:, None]).bool()
-        o = F.scaled_dot_product_attention(
-            split(self.query(x)), split(self.key(kv)), split(self.value(kv)), attn_mask=m
-        )
+        q, k, v = split(self.query(x)), split(self.key(kv)), split(self.value(kv))
+        if self.keep_probs:  # the attention probabilities kept, with their gradient (GradCAM)
+            s = q @ k.transpose(-1, -2) / math.sqrt(d // h)
+            if m is not None:
+                s = s.masked_fill(~m, float("-inf"))
+            self.probs = s.softmax(-1)
+            if self.probs.requires_grad:
+                self.probs.retain_grad()
+            o = self.probs @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
         return o.transpose(1, 2).reshape(n, lq, d)
 
 

@@ -91,11 +91,13 @@ class EndpointCompleter:
 
     client: object  # modalign.llm_client.LLMClient
     calls: int = 0
+    tokens: int = 0  # prompt and completion tokens, as the endpoint's usage reports them
 
     def complete(self, prompt: str, max_tokens: int = 5) -> tuple[str, float | None]:
         self.calls += 1
         doc = self.client.chat([{"role": "user", "content": prompt}], temperature=0.0, max_tokens=max_tokens,
                                extra={"stop": ["\n"], "logprobs": True}, raw=True)  # fmt: skip
+        self.tokens += int((doc.get("usage") or {}).get("total_tokens") or 0)
         choice = doc["choices"][0]
         text = (choice["message"].get("content") or "").split("\n")[0]
         content = (choice.get("logprobs") or {}).get("content")
@@ -111,11 +113,13 @@ class EndpointCompleter:
 
 class LocalCompleter:
     """A modalign model as the frozen LLM: the prompt as raw text after BOS, greedy decoding up
-    to a newline, the chosen tokens' log-probabilities summed."""
+    to a newline or a special token (EOS, an end of turn), the chosen tokens' log-probabilities
+    summed."""
 
     def __init__(self, model, tok):
         self.model, self.tok = model.eval(), tok
-        self.calls = 0
+        self.stops = set(getattr(tok, "special_ids", ()) or ())
+        self.calls = self.tokens = 0  # tokens: prompt (with BOS) and completion
 
     @torch.no_grad()
     def complete(self, prompt: str, max_tokens: int = 5) -> tuple[str, float | None]:
@@ -127,11 +131,12 @@ class LocalCompleter:
         for _ in range(max_tokens):
             logp = self.model(x).logits[0, -1].float().log_softmax(-1)
             t = int(logp.argmax())
-            if t == self.tok.eos_id or "\n" in self.tok.decode([t]):
+            if t == self.tok.eos_id or t in self.stops or "\n" in self.tok.decode([t]):
                 break
             out.append(t)
             total += float(logp[t])
             x = torch.cat([x, torch.tensor([[t]], device=dev)], dim=1)
+        self.tokens += len(ids) + len(out)
         return self.tok.decode(out).strip(), total
 
 

@@ -1,0 +1,159 @@
+"""The caption pipelines in miniature: PICa, Img2LLM, PNP-VQA and the tool agent answer
+ShapesWorld's held-out questions with a frozen LLM reasoning over text that the miniature's own
+vision models produce, measured on the same questions as the trained methods.
+
+- captioner: ``tiny-captioner`` (the quickstart's LLaVA model fine-tuned on captions);
+- frozen reasoner: stage 0's chat-tuned text LLM (``OUT/stage0/model``), run locally;
+- PNP-VQA's matching model: ``tiny-itm`` (BLIP-2's stage-1 Q-Former with its itm head);
+- the agent's experts: the captioner and the LLaVA model (VQA), its controller an LLM behind an
+  OpenAI-compatible endpoint (``--llm-endpoint``).
+
+Each row reports accuracy (overall, per type, unseen colour-shape pairs) and the cost: LLM calls,
+LLM tokens (prompt and completion) and seconds per question.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from modalign.data.images import resolve_image_path
+from modalign.data.tokenizer import Tokenizer
+from modalign.infer.chat import ChatModel
+from modalign.models.mllm import MLLM
+from modalign.pipelines.pica import LocalCompleter
+from modalign.pipelines.run import (
+    PIPELINES,
+    Captioner,
+    ChatCompleter,
+    build_shots,
+    load_questions,
+    run_pipeline,
+    score,
+)
+from modalign.shapesworld import RECIPES
+from modalign.train.recipe import load_recipe
+from modalign.train.run import run_recipe
+
+log = logging.getLogger("modalign")
+METHODS = ("llava", "mplug-owl", "mplug-owl2", "xcomposer2", "blip2", "minigpt4", "flamingo", "llama-adapter")
+# the miniature's settings: the stage-0 LLM was trained on 128-token texts, so PICa takes 2 examples
+# a prompt (the paper: 16) and Img2LLM 10 answer candidates (the paper: 30); 9 patches make an image
+SETTINGS = {"pica": {"n_shot": 2, "n_ensemble": 3}, "img2llm": {"captions_per_image": 5, "n_answers": 10},
+            "pnp-vqa": {"num_patches": 3, "num_captions": 3,
+                        "qa_format": "A picture shows {context} {question}"}}  # fmt: skip
+
+
+def ensure_parts(out: Path, variables: dict, need: set[str], progress: bool) -> None:
+    """Train what the pipelines read and ``out`` lacks: stage 0, the LLaVA miniature (the captioner
+    starts from it), ``tiny-captioner`` and ``tiny-itm``."""
+    from modalign.shapesworld.quickstart import run_method
+
+    if not (out / "stage0" / "model").is_dir():
+        run_recipe(
+            load_recipe(RECIPES / "tiny-stage0.yaml", variables, []), out / "stage0", progress=progress
+        )
+    if not (out / "llava" / "model").is_dir():
+        run_method("llava", out, variables, [], progress)
+    for name, recipe in (("captioner", "tiny-captioner"), ("itm", "tiny-itm")):
+        if name in need and not (out / name / "model").is_dir():
+            run_recipe(load_recipe(RECIPES / f"{recipe}.yaml", variables, []), out / name, progress=progress)
+
+
+def heldout_subset(data: Path, images: int) -> list[dict]:
+    """The held-out questions about the first ``images`` held-out images."""
+    recs = load_questions(data / "eval.json")
+    keep = set(list(dict.fromkeys(r["image"] for r in recs))[:images])
+    return [r for r in recs if r["image"] in keep]
+
+
+def method_on_subset(out: Path, method: str, records: list[dict]) -> dict | None:
+    """A trained method's accuracy on the same questions, from its evaluation's samples."""
+    f = out / method / "eval_samples.jsonl"
+    if not f.is_file():
+        return None
+    pred = {s["id"]: s["prediction"] for s in map(json.loads, f.read_text().splitlines())}
+    if not all(r["id"] in pred for r in records):
+        return None
+    return score(records, [pred[r["id"]] for r in records])
+
+
+def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images: int = 100,
+                  progress: bool = True, seed: int = 0) -> list[dict]:  # fmt: skip
+    """Run the named pipelines on the held-out questions about the first ``images`` images of the
+    quickstart run in ``out`` (training what they read where it is missing); write
+    ``OUT/pipelines/<name>.json`` and ``comparison.json`` (with the trained methods found in
+    ``out`` on the same questions) and return the rows."""
+    from modalign.shapesworld.quickstart import prepare_data
+
+    for n in names:
+        if n not in PIPELINES:
+            raise ValueError(f"unknown pipeline {n!r}; known: {', '.join(PIPELINES)}")
+    out = Path(out)
+    data = out / "data"
+    prepare_data(data)
+    variables = {"data": str(data), "stage0": str(out / "stage0"), "out": str(out)}
+    ensure_parts(out, variables, {"captioner"} | ({"itm"} if "pnp-vqa" in names else set()), progress)
+    torch.manual_seed(seed)
+    tok = Tokenizer.from_dir(data / "tokenizer")
+    cm = ChatModel.load(out / "captioner" / "model", template="chatml", dtype="float32", device="cpu")
+    captioner = Captioner(cm)
+    llm = MLLM.from_pretrained(out / "stage0" / "model", dtype=torch.float32)
+    records = heldout_subset(data, images)
+    paths = list(dict.fromkeys(r["image"] for r in records))
+    pixels = {p: cm.images(resolve_image_path(data, p, p)) for p in paths}
+    rows = []
+    for name in names:
+        kw = dict(SETTINGS[name])
+        if name == "pica":  # the training questions about as many training images, as examples
+            train = [r for r in load_questions(data / "instruct.json") if len(r["conversations"]) == 2]
+            keep = set(list(dict.fromkeys(r["image"] for r in train))[:images])
+            train = [r for r in train if r["image"] in keep]
+            spx = {
+                p: cm.images(resolve_image_path(data, p, p)) for p in dict.fromkeys(r["image"] for r in train)
+            }
+            kw["shots"] = build_shots(train, spx, captioner, llm, tok)
+            completer = LocalCompleter(llm, tok)  # PICa's prompt is plain text, as a base LM reads it
+        elif name == "img2llm":
+            completer = LocalCompleter(llm, tok)
+        else:  # the prompted-LLM stand-in for UnifiedQA: the stage-0 LLM in its chat form
+            completer = ChatCompleter(llm, tok)
+            itm = MLLM.from_pretrained(out / "itm" / "model", dtype=torch.float32)
+            kw["itm"] = (itm, tok)
+        run = run_pipeline(name, records, pixels, captioner, completer, llm=llm, tok=tok, progress=progress,
+                           seed=seed, **kw)  # fmt: skip
+        row = {"method": name, **score(records, run.predictions), "llm_calls": run.llm_calls,
+               "llm_tokens": run.llm_tokens, "caption_calls": run.caption_calls,
+               "seconds_per_question": run.seconds / max(len(records), 1), "settings": run.settings}  # fmt: skip
+        rows.append(row)
+        (out / "pipelines").mkdir(parents=True, exist_ok=True)
+        (out / "pipelines" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+        with (out / "pipelines" / f"{name}_samples.jsonl").open("w") as f:
+            for s in run.samples:
+                f.write(json.dumps(s) + "\n")
+    for m in METHODS:
+        r = method_on_subset(out, m, records)
+        if r is not None:
+            rows.append({"method": m, **r, "trained": True})
+    (out / "pipelines" / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(format_rows(rows))
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    types = sorted({t for r in rows for t in r["accuracy_by_type"]})
+    head = ["method", "held-out", "unseen pairs", *types, "LLM calls/q", "LLM tokens/q", "s/q"]
+    lines = []
+    for r in rows:
+        n = max(r["questions"], 1)
+        u = r["unseen_pairs_accuracy"]
+        cost = ["-", "-", "-"] if r.get("trained") else [
+            f"{r['llm_calls'] / n:.1f}", f"{r['llm_tokens'] / n:.0f}", f"{r['seconds_per_question']:.2f}"]  # fmt: skip
+        lines.append([r["method"], f"{r['heldout_accuracy']:.1%}", "-" if u is None else f"{u:.1%}",
+                      *(f"{r['accuracy_by_type'].get(t, 0):.0%}" for t in types), *cost])  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
+    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
+    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
