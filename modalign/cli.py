@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="modalign", description="Modular multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
     for add in (_add_convert, _add_data, _add_generate, _add_chat, _add_serve, _add_eval, _add_train,
-                _add_quickstart):  # fmt: skip
+                _add_quickstart, _add_pipeline, _add_agent):  # fmt: skip
         add(sub)
     return p
 
@@ -379,8 +379,68 @@ def _add_quickstart(sub) -> None:
         metavar="KEY=VALUE",
         help="override a recipe key, e.g. stages.instruct.stop.max_steps=100 (stage0.* for stage 0)",
     )
+    q.add_argument("--pipelines", default=None, help="then the frozen-LLM pipelines on the same questions: pica, "
+                   "img2llm, pnp-vqa, agent, comma-separated, or all (docs/pipelines.md); --set captioner.*, "
+                   "itm.*, agent-llm.* override the parts they train")  # fmt: skip
+    q.add_argument(
+        "--pipeline-images", type=int, default=100, help="held-out images the pipelines answer about"
+    )
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_quickstart)
+
+
+def _llm_flags(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--llm-endpoint", default=None, help=f"OpenAI-compatible base URL of the {what} (…/v1)")
+    p.add_argument("--llm-model", default=None, help="the model name the endpoint serves")
+    p.add_argument("--api-key-env", default=None, help="environment variable holding the endpoint's API key")
+
+
+def _add_pipeline(sub) -> None:
+    pl = sub.add_parser("pipeline", help="answer visual questions with a frozen LLM over captions: PICa, Img2LLM, "
+                        "PNP-VQA (docs/pipelines.md)")  # fmt: skip
+    pl.add_argument("name", choices=["pica", "img2llm", "pnp-vqa"])
+    pl.add_argument(
+        "--questions", required=True, help="LLaVA-format JSON: image, conversations (question, answer)"
+    )
+    pl.add_argument("--captioner", required=True, help="modalign model directory that captions images")
+    pl.add_argument("--caption-prompt", default="Describe the image briefly.")
+    pl.add_argument("--llm", default=None, help="a local modalign model directory as the frozen LLM")
+    pl.add_argument("--llm-chat", action="store_true", help="prompt the local LLM in its chat template")
+    _llm_flags(pl, "frozen LLM")
+    pl.add_argument(
+        "--shots", default=None, help="PICa: answered questions (LLaVA JSON) to draw examples from"
+    )
+    pl.add_argument("--n-shot", type=int, default=16)
+    pl.add_argument("--n-ensemble", type=int, default=5)
+    pl.add_argument("--metric", default="imagequestion", choices=["imagequestion", "question", "random"])
+    pl.add_argument("--captions-per-image", type=int, default=5, help="Img2LLM")
+    pl.add_argument("--n-answers", type=int, default=30, help="Img2LLM: answer candidates")
+    pl.add_argument("--itm", default=None, help="PNP-VQA: a model with a Q-Former itm head")
+    pl.add_argument("--num-patches", type=int, default=20)
+    pl.add_argument("--num-captions", type=int, default=5)
+    pl.add_argument("--qa-format", default=None, help="PNP-VQA: the QA prompt, with {question} and {context}")
+    pl.add_argument("--limit", type=int, default=None, help="answer the first N questions")
+    pl.add_argument("--out", default=None, help="write results.json and samples.jsonl here")
+    pl.add_argument("--seed", type=int, default=0)
+    pl.add_argument("--no-progress", action="store_true")
+    pl.set_defaults(func=_pipeline)
+
+
+def _add_agent(sub) -> None:
+    ag = sub.add_parser("agent", help="an LLM with tool calls over modalign vision experts (MM-REACT style)")
+    _llm_flags(ag, "LLM that calls the tools")
+    ag.add_argument("--captioner", required=True, help="modalign model directory behind caption")
+    ag.add_argument("--vqa", default=None, help="modalign model directory behind vqa, count, read_text, "
+                    "list_objects (default: the captioner)")  # fmt: skip
+    ag.add_argument("--template", default=None, help="the experts' chat template (default: their own)")
+    ag.add_argument("--tools", default="caption,vqa,list_objects,count,read_text")
+    ag.add_argument("--image", action="append", default=[], help="an image (image_1, image_2, ... in order)")
+    ag.add_argument("--question", required=True)
+    ag.add_argument("--max-steps", type=int, default=6)
+    ag.add_argument("--max-tokens", type=int, default=4096, help="LLM tokens over the whole run")
+    ag.add_argument("--log", default=None, help="append each step as a JSON line to this file")
+    ag.add_argument("--json", action="store_true", help="print the answer and every step as JSON")
+    ag.set_defaults(func=_agent)
 
 
 def _generate(args) -> int:
@@ -574,9 +634,142 @@ def torch_threads_for_workers(d) -> None:
 
 
 def _quickstart(args) -> int:
+    from modalign.shapesworld.pipelines import PARTS, SHAPES_PIPELINES
     from modalign.shapesworld.quickstart import quickstart
 
-    quickstart(args.method, args.out, args.scale, args.set, progress=not args.no_progress)
+    names = None
+    if args.pipelines:
+        names = (
+            list(SHAPES_PIPELINES)
+            if args.pipelines == "all"
+            else [n.strip() for n in args.pipelines.split(",")]
+        )
+        bad = [n for n in names if n not in SHAPES_PIPELINES]
+        if bad:
+            raise ValueError(
+                f"--pipelines: unknown {', '.join(bad)}; known: {', '.join(SHAPES_PIPELINES)}, all"
+            )
+    parts = tuple(f"{p}." for p in PARTS)
+    quickstart(args.method, args.out, args.scale, [s for s in args.set if not s.startswith(parts)],
+               progress=not args.no_progress)  # fmt: skip
+    if names:
+        from modalign.shapesworld.pipelines import run_pipelines
+
+        run_pipelines(names, args.out, args.pipeline_images, progress=not args.no_progress,
+                      sets=[s for s in args.set if s.startswith(parts)])  # fmt: skip
+    return 0
+
+
+def _llm_client(args):
+    from modalign.llm_client import LLMClient
+
+    if not args.llm_model:
+        raise ValueError("--llm-endpoint needs --llm-model (the name the endpoint serves)")
+    return LLMClient.from_env(args.llm_endpoint, args.llm_model, args.api_key_env)
+
+
+def _pipeline(args) -> int:
+    import torch
+
+    from modalign.data.images import resolve_image_path
+    from modalign.data.tokenizer import Tokenizer
+    from modalign.infer.chat import ChatModel
+    from modalign.models.mllm import MLLM
+    from modalign.pipelines.pica import EndpointCompleter, LocalCompleter, Shot
+    from modalign.pipelines.run import (
+        Captioner,
+        ChatCompleter,
+        build_shots,
+        load_questions,
+        run_pipeline,
+        score,
+    )
+
+    if (args.llm is None) == (args.llm_endpoint is None):
+        raise ValueError("give the frozen LLM as --llm DIR or --llm-endpoint URL (one of them)")
+    records = load_questions(args.questions)[: args.limit]
+    cm = ChatModel.load(args.captioner)
+    captioner = Captioner(cm, args.caption_prompt)
+
+    def pixels_of(recs, root):
+        return {p: cm.images(resolve_image_path(root, p, p)) for p in dict.fromkeys(r["image"] for r in recs)}
+
+    llm = tok = None
+    if args.llm is not None:
+        llm, tok = MLLM.from_pretrained(args.llm, dtype=torch.float32), Tokenizer.from_dir(args.llm)
+        completer = (
+            ChatCompleter(llm, tok, tok.template_name or "chatml")
+            if args.llm_chat
+            else LocalCompleter(llm, tok)
+        )
+    else:
+        completer = EndpointCompleter(_llm_client(args))
+    kw = {}
+    if args.name == "pica":
+        if not args.shots:
+            raise ValueError("pica needs --shots: answered questions to draw in-context examples from")
+        if args.metric != "random" and llm is None:
+            raise ValueError(f"pica --metric {args.metric} embeds questions with a local model: give --llm, "
+                             "or use --metric random with an endpoint")  # fmt: skip
+        shots_recs = [r for r in load_questions(args.shots) if r["answer"]]
+        spx = pixels_of(shots_recs, Path(args.shots).parent)
+        if llm is not None:
+            kw["shots"] = build_shots(shots_recs, spx, captioner, llm, tok)
+        else:  # random examples: no embeddings needed
+            caps = dict(zip(spx, captioner(torch.stack(list(spx.values()))), strict=True))
+            kw["shots"] = [Shot(caps[r["image"]], r["question"], r["answer"]) for r in shots_recs]
+    if args.name == "pnp-vqa":
+        if not args.itm:
+            raise ValueError(
+                "pnp-vqa needs --itm: a model with a Q-Former itm head (e.g. a BLIP-2 stage-1 run)"
+            )
+        kw["itm"] = (MLLM.from_pretrained(args.itm, dtype=torch.float32), Tokenizer.from_dir(args.itm))
+    run = run_pipeline(args.name, records, pixels_of(records, Path(args.questions).parent), captioner, completer, llm=llm, tok=tok,
+                       progress=not args.no_progress, seed=args.seed, n_shot=args.n_shot, n_ensemble=args.n_ensemble,
+                       metric=args.metric, captions_per_image=args.captions_per_image, n_answers=args.n_answers,
+                       num_patches=args.num_patches, num_captions=args.num_captions, qa_format=args.qa_format,
+                       **kw)  # fmt: skip
+    result = {"pipeline": args.name, "settings": run.settings, "llm_calls": run.llm_calls,
+              "llm_tokens": run.llm_tokens, "caption_calls": run.caption_calls,
+              "seconds_per_question": run.seconds / max(len(records), 1)}  # fmt: skip
+    if all(r["answer"] for r in records):
+        result |= score(records, run.predictions)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+        with (out / "samples.jsonl").open("w") as f:
+            for s in run.samples:
+                f.write(json.dumps(s) + "\n")
+    return 0
+
+
+def _agent(args) -> int:
+    from modalign.infer.chat import ChatModel
+    from modalign.pipelines.agent import Experts, vision_agent
+
+    if not args.llm_endpoint:
+        raise ValueError(
+            "the agent needs --llm-endpoint (any OpenAI-compatible server, modalign serve included)"
+        )
+    for p in args.image:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"--image {p}: no such file")
+    cap = ChatModel.load(args.captioner, args.template)
+    vqa = ChatModel.load(args.vqa, args.template) if args.vqa else cap
+    tools = tuple(t.strip() for t in args.tools.split(",") if t.strip())
+    agent = vision_agent(_llm_client(args), Experts(cap, vqa), tools, max_steps=args.max_steps,
+                         max_tokens=args.max_tokens, log=args.log)  # fmt: skip
+    r = agent.run(args.question, list(args.image))
+    if args.json:
+        print(json.dumps({"answer": r.answer, "stop": r.stop, "llm_calls": r.llm_calls, "tokens": r.tokens,
+                          "tool_calls": r.tool_calls, "steps": r.steps}, indent=2))  # fmt: skip
+        return 0
+    for s in r.steps:
+        for c in s["tool_calls"]:
+            print(f"[step {s['step']}] {c['name']}({c['arguments']}) -> {c['observation']}")
+    print(r.answer if r.answer is not None else f"(no answer: stopped at {r.stop})")
     return 0
 
 

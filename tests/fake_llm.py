@@ -36,6 +36,11 @@ class FakeLLM:
                 time.sleep(self.stall_s)
             text = self.reply(body)
             choice = {"index": 0, "finish_reason": "stop"}
+            if isinstance(text, dict):  # a whole assistant message (e.g. with tool_calls)
+                choice |= {"message": {"role": "assistant", **text},
+                           "finish_reason": "tool_calls" if text.get("tool_calls") else "stop"}  # fmt: skip
+                return {"id": f"x{n}", "object": "chat.completion", "model": body.get("model"), "choices": [choice],
+                        "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}  # fmt: skip
             if isinstance(text, tuple):  # (text, [(token, logprob), ...]): with log-probabilities
                 text, lps = text
                 choice["logprobs"] = {"content": [{"token": t, "logprob": lp} for t, lp in lps]}

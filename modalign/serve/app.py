@@ -34,6 +34,8 @@ from modalign.serve.batcher import Batcher, Job
 from modalign.serve.guard import Guard, Metrics, error_body
 from modalign.serve.images import ImagePolicy, RequestError, load_image_bytes
 from modalign.serve.protocol import ChatRequest, Limits, parse_request
+from modalign.serve.tools import forced_prefix, parse_reply, supports_tools
+from modalign.serve.tools import write as write_tools
 
 log = logging.getLogger("modalign.serve")
 
@@ -198,7 +200,17 @@ def _build_prompt(cm: ChatModel, images: ImageProcessor | None, req: ChatRequest
     for k, (url, param) in enumerate(req.images):
         data = load_image_bytes(url, cfg.images, param)
         pixels.append(images(data, f"image {k}"))
-    ids = cm.prompt_ids(req.messages)
+    msgs = req.messages
+    if (req.tools is not None and req.tools.active) or req.calls or any(m.role == "tool" for m in msgs):
+        if not supports_tools(cm.template):
+            raise RequestError(f"this model's chat template ({cm.template.name}) does not write tool calls; "
+                               "tools need a ChatML-family template (chatml, or a Jinja one with <tool_call>)",
+                               param="tools", code="unsupported_parameter")  # fmt: skip
+        msgs = write_tools(msgs, req.calls, req.tools)
+    ids = cm.prompt_ids(msgs)
+    prefix = forced_prefix(req.tools)
+    if prefix:  # tool_choice required / a named function: the reply starts with the call's opening
+        ids += cm.tok.encode(prefix)
     model = cm.model
     ph = model.config.image_token_id
     per = model.num_image_tokens() if model.config.placeholder == "per_token" else 1
@@ -278,13 +290,28 @@ class Reply:
         n, g = self.job.prompt_tokens, self.job.generated
         return {"prompt_tokens": n, "completion_tokens": g, "total_tokens": n + g}
 
-    async def whole(self) -> dict:
+    async def _collect(self, watch_client: bool):
         text, finish, entries = "", "length", []
-        async for piece, fin, lp in self.pieces(watch_client=True):
+        async for piece, fin, lp in self.pieces(watch_client=watch_client):
             text += piece
             entries += lp
             finish = fin or finish
-        choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+        return text, finish, entries
+
+    def _message(self, text: str, finish: str) -> tuple[dict, str]:
+        """The assistant message (tool calls parsed where tools are active) and the finish reason."""
+        spec = self.req.tools
+        if spec is None or not spec.active:
+            return {"role": "assistant", "content": text}, finish
+        content, calls = parse_reply(forced_prefix(spec) + text, spec)
+        if not calls:
+            return {"role": "assistant", "content": content}, finish
+        return {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+
+    async def whole(self) -> dict:
+        text, finish, entries = await self._collect(watch_client=True)
+        message, finish = self._message(text, finish)
+        choice = {"index": 0, "message": message, "finish_reason": finish,
                   "logprobs": {"content": entries} if self.req.logprobs is not None else None}  # fmt: skip
         return {"id": self.id, "object": "chat.completion", "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage()}  # fmt: skip
@@ -304,11 +331,21 @@ class Reply:
         try:
             try:
                 yield self._chunk({"role": "assistant", "content": ""})
-                async for piece, fin, entries in self.pieces(watch_client=False):
-                    if piece or entries:
-                        yield self._chunk({"content": piece}, entries=entries)
-                    if fin:
-                        yield self._chunk({}, fin)
+                if self.req.tools is not None and self.req.tools.active:  # a call is parsed once it is whole
+                    text, fin, entries = await self._collect(watch_client=False)
+                    message, fin = self._message(text, fin)
+                    if message["content"]:
+                        yield self._chunk({"content": message["content"]}, entries=entries)
+                    if message.get("tool_calls"):
+                        calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
+                        yield self._chunk({"tool_calls": calls})
+                    yield self._chunk({}, fin)
+                else:
+                    async for piece, fin, entries in self.pieces(watch_client=False):
+                        if piece or entries:
+                            yield self._chunk({"content": piece}, entries=entries)
+                        if fin:
+                            yield self._chunk({}, fin)
                 if self.req.include_usage:
                     yield self._chunk({}, with_usage=True)
             except (Deadline, GenerationFailed) as e:

@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 
 from modalign.data.conversation import IMAGE_MARK, RESERVED, Message
 from modalign.serve.images import ImagePolicy, RequestError
+from modalign.serve.tools import ToolSpec, parse_call, parse_tools
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # fields of the API that this server does not implement: refused by name, never silently ignored
-UNSUPPORTED = ("tools", "tool_choice", "functions", "function_call", "parallel_tool_calls", "audio", "prediction",
-               "web_search_options")  # fmt: skip
+UNSUPPORTED = ("functions", "function_call", "audio", "prediction", "web_search_options")  # fmt: skip
 SEED_RANGE = (-(2**63), 2**63 - 1)
 
 
@@ -37,6 +37,8 @@ class ChatRequest:
     logit_bias: dict[int, float] = field(default_factory=dict)
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    tools: ToolSpec | None = None  # tools / tool_choice (modalign.serve.tools)
+    calls: dict[int, list[tuple[str, dict]]] = field(default_factory=dict)  # message index -> its tool calls
 
 
 def _text(value, param: str) -> str:
@@ -48,14 +50,15 @@ def _text(value, param: str) -> str:
     return value.translate(RESERVED).replace(IMAGE_MARK, "")
 
 
-def parse_messages(body: dict, limits: Limits) -> tuple[list[Message], list[tuple[str, str]]]:
+def parse_messages(body: dict, limits: Limits):
+    """(messages, images as (url, param), tool calls by message index)."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise RequestError("'messages' must be a non-empty list", param="messages")
     if len(msgs) > limits.max_messages:
         raise RequestError(f"at most {limits.max_messages} messages per request", param="messages",
                            code="too_many_messages")  # fmt: skip
-    out, images, chars = [], [], 0
+    out, images, chars, calls = [], [], 0, {}
 
     def count(text: str, param: str) -> str:
         nonlocal chars
@@ -67,7 +70,7 @@ def parse_messages(body: dict, limits: Limits) -> tuple[list[Message], list[tupl
 
     for i, m in enumerate(msgs):
         if not isinstance(m, dict) or m.get("role") not in ROLES:
-            raise RequestError(f"messages[{i}].role must be system, developer, user or assistant",
+            raise RequestError(f"messages[{i}].role must be system, developer, user, assistant or tool",
                                param=f"messages[{i}].role")  # fmt: skip
         content, where = m.get("content"), f"messages[{i}].content"
         if content is None and m["role"] == "assistant":
@@ -96,10 +99,19 @@ def parse_messages(body: dict, limits: Limits) -> tuple[list[Message], list[tupl
             text = "".join(pieces)
         else:
             raise RequestError(f"{where} must be a string or a list of parts", param=where)
+        if m["role"] == "tool" and IMAGE_MARK in text:
+            raise RequestError(f"{where}: a tool result is text only", param=where)
+        if m["role"] == "assistant" and m.get("tool_calls"):
+            tc = m["tool_calls"]
+            if not isinstance(tc, list):
+                raise RequestError(
+                    f"messages[{i}].tool_calls must be a list", param=f"messages[{i}].tool_calls"
+                )
+            calls[i] = [parse_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(tc)]
         out.append(Message(ROLES[m["role"]], text))
-    if out[-1].role != "user":
-        raise RequestError("the last message must come from the user", param="messages")
-    return out, images
+    if out[-1].role not in ("user", "tool"):
+        raise RequestError("the last message must come from the user (or a tool)", param="messages")
+    return out, images, calls
 
 
 def _number(body: dict, name: str, lo, hi, default, kind=float, lo_open=False):
@@ -135,7 +147,8 @@ def parse_request(body, limits: Limits) -> ChatRequest:
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise RequestError("only n=1 is supported", param="n")
-    msgs, images = parse_messages(body, limits)
+    msgs, images, calls = parse_messages(body, limits)
+    tools = parse_tools(body)
     max_tokens = _number(body, "max_tokens", 1, 1 << 20, None, int)
     if body.get("max_completion_tokens") is not None:  # the newer name wins
         max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, None, int)
@@ -180,7 +193,7 @@ def parse_request(body, limits: Limits) -> ChatRequest:
             )
         logit_bias[int(k)] = float(v)
     return ChatRequest(
-        messages=msgs, images=images, stop=stop, stream=stream,
+        messages=msgs, images=images, stop=stop, stream=stream, tools=tools, calls=calls,
         include_usage=bool((opts or {}).get("include_usage")),
         logprobs=(top or 0) if want_lp else None, logit_bias=logit_bias,
         presence_penalty=_number(body, "presence_penalty", -2, 2, 0.0),

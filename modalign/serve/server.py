@@ -21,3 +21,27 @@ def make_server(app, host: str = "127.0.0.1", port: int = 8000, max_connections:
 
 def serve(app, **kw) -> None:
     make_server(app, **kw).run()
+
+
+def serve_in_thread(app, host: str = "127.0.0.1", **kw):
+    """Serve ``app`` on a free port of ``host`` in a daemon thread; returns (base URL, stop)."""
+    import socket
+    import threading
+    import time
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port = s.getsockname()[1]
+    srv = make_server(app, host=host, port=port, **kw)
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    for _ in range(400):
+        if srv.started:
+            break
+        time.sleep(0.05)
+
+    def stop():
+        srv.should_exit = True
+        th.join(timeout=15)
+
+    return f"http://{host}:{port}", stop

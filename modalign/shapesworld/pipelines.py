@@ -5,8 +5,8 @@ vision models produce, measured on the same questions as the trained methods.
 - captioner: ``tiny-captioner`` (the quickstart's LLaVA model fine-tuned on captions);
 - frozen reasoner: stage 0's chat-tuned text LLM (``OUT/stage0/model``), run locally;
 - PNP-VQA's matching model: ``tiny-itm`` (BLIP-2's stage-1 Q-Former with its itm head);
-- the agent's experts: the captioner and the LLaVA model (VQA), its controller an LLM behind an
-  OpenAI-compatible endpoint (``--llm-endpoint``).
+- the agent: ``tiny-agent-llm`` (stage 0's LLM tool-tuned on text-only chats) served by
+  ``modalign serve`` on loopback, calling tools backed by the LLaVA model (vqa, count, read_text).
 
 Each row reports accuracy (overall, per type, unseen colour-shape pairs) and the cost: LLM calls,
 LLM tokens (prompt and completion) and seconds per question.
@@ -16,10 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
+import random
+import threading
+import time
 from pathlib import Path
 
 import torch
 
+from modalign.data.conversation import Message
 from modalign.data.images import resolve_image_path
 from modalign.data.tokenizer import Tokenizer
 from modalign.infer.chat import ChatModel
@@ -47,20 +51,77 @@ SETTINGS = {"pica": {"n_shot": 2, "n_ensemble": 3}, "img2llm": {"captions_per_im
                         "qa_format": "A picture shows {context} {question}"}}  # fmt: skip
 
 
-def ensure_parts(out: Path, variables: dict, need: set[str], progress: bool) -> None:
+PARTS = ("captioner", "itm", "agent-llm")  # what the pipelines train besides the quickstart's runs
+AGENT_TOOLS = ("vqa",)  # the system turn with one tool is ~600 tokens; each more adds ~170
+SHAPES_PIPELINES = (*PIPELINES, "agent")
+
+
+def agent_chats(records: list[dict], n: int, seed: int = 0, swap: float = 0.5) -> list[dict]:
+    """Text-only tool-use chats (LLaVA JSON) from answered questions, written as ``modalign
+    serve`` writes a conversation with the agent's tools: the question naming image_1, a vqa call
+    with the question, the tool's answer, that answer given. In a ``swap`` share of the chats the
+    tool's answer is another question's of the same kind (the same first two words): the
+    controller learns to give what the tool saw, not what the question makes likely."""
+    from modalign.pipelines.agent import SYSTEM, Experts, ImageTable, vision_tools
+    from modalign.serve.tools import ToolSpec, write
+
+    tools = [t.spec() for t in vision_tools(Experts(None), ImageTable(), AGENT_TOOLS)]
+    spec = ToolSpec(tools, "auto", True, list(AGENT_TOOLS))
+    rng = random.Random(seed)
+    kind: dict[str, list[str]] = {}
+    for r in records:
+        kind.setdefault(" ".join(r["question"].lower().split()[:2]), []).append(r["answer"])
+    role = {"system": "system", "user": "human", "assistant": "gpt"}
+    out = []
+    for r in rng.sample(records, min(n, len(records))):
+        q, a = r["question"], r["answer"]
+        if rng.random() < swap:
+            a = rng.choice(kind[" ".join(q.lower().split()[:2])])
+        msgs = [Message("system", SYSTEM), Message("user", f"{q}\n(images: image_1)"), Message("assistant", ""),
+                Message("tool", a), Message("assistant", a)]  # fmt: skip
+        conv = write(msgs, {2: [("vqa", {"image": "image_1", "question": q})]}, spec)
+        out.append(
+            {
+                "id": f"agent-{r['id']}",
+                "conversations": [{"from": role[x.role], "value": x.content} for x in conv],
+            }
+        )
+    return out
+
+
+def _sets(sets: list[str], part: str) -> list[str]:
+    return [x[len(part) + 1 :] for x in sets if x.startswith(part + ".")]
+
+
+def ensure_parts(
+    out: Path, variables: dict, need: set[str], progress: bool, sets: list[str] | None = None
+) -> None:
     """Train what the pipelines read and ``out`` lacks: stage 0, the LLaVA miniature (the captioner
-    starts from it), ``tiny-captioner`` and ``tiny-itm``."""
+    starts from it), ``tiny-captioner``, ``tiny-itm`` and ``tiny-agent-llm``. ``sets``: recipe
+    overrides prefixed with the part (``captioner.stages.caption.stop.max_steps=2``; ``stage0.``,
+    ``llava.``)."""
     from modalign.shapesworld.quickstart import run_method
 
+    sets = sets or []
     if not (out / "stage0" / "model").is_dir():
         run_recipe(
             load_recipe(RECIPES / "tiny-stage0.yaml", variables, []), out / "stage0", progress=progress
         )
     if not (out / "llava" / "model").is_dir():
         run_method("llava", out, variables, [], progress)
-    for name, recipe in (("captioner", "tiny-captioner"), ("itm", "tiny-itm")):
+    if "agent-llm" in need and not (out / "agent-llm" / "model").is_dir():
+        train = [r for r in load_questions(Path(variables["data"]) / "instruct.json") if r["answer"]]
+        chats = out / "agent-llm" / "chats.json"
+        chats.parent.mkdir(parents=True, exist_ok=True)
+        chats.write_text(json.dumps(agent_chats(train, 4000)))
+    for name, recipe in (
+        ("captioner", "tiny-captioner"),
+        ("itm", "tiny-itm"),
+        ("agent-llm", "tiny-agent-llm"),
+    ):
         if name in need and not (out / name / "model").is_dir():
-            run_recipe(load_recipe(RECIPES / f"{recipe}.yaml", variables, []), out / name, progress=progress)
+            run_recipe(load_recipe(RECIPES / f"{recipe}.yaml", variables, _sets(sets, name)), out / name,
+                       progress=progress)  # fmt: skip
 
 
 def heldout_subset(data: Path, images: int) -> list[dict]:
@@ -82,7 +143,7 @@ def method_on_subset(out: Path, method: str, records: list[dict]) -> dict | None
 
 
 def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images: int = 100,
-                  progress: bool = True, seed: int = 0) -> list[dict]:  # fmt: skip
+                  progress: bool = True, seed: int = 0, sets: list[str] | None = None) -> list[dict]:  # fmt: skip
     """Run the named pipelines on the held-out questions about the first ``images`` images of the
     quickstart run in ``out`` (training what they read where it is missing); write
     ``OUT/pipelines/<name>.json`` and ``comparison.json`` (with the trained methods found in
@@ -90,13 +151,18 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
     from modalign.shapesworld.quickstart import prepare_data
 
     for n in names:
-        if n not in PIPELINES:
-            raise ValueError(f"unknown pipeline {n!r}; known: {', '.join(PIPELINES)}")
+        if n not in SHAPES_PIPELINES:
+            raise ValueError(f"unknown pipeline {n!r}; known: {', '.join(SHAPES_PIPELINES)}")
     out = Path(out)
     data = out / "data"
     prepare_data(data)
     variables = {"data": str(data), "stage0": str(out / "stage0"), "out": str(out)}
-    ensure_parts(out, variables, {"captioner"} | ({"itm"} if "pnp-vqa" in names else set()), progress)
+    need = (
+        {"captioner"}
+        | ({"itm"} if "pnp-vqa" in names else set())
+        | ({"agent-llm"} if "agent" in names else set())
+    )
+    ensure_parts(out, variables, need, progress, sets or [])
     torch.manual_seed(seed)
     tok = Tokenizer.from_dir(data / "tokenizer")
     cm = ChatModel.load(out / "captioner" / "model", template="chatml", dtype="float32", device="cpu")
@@ -107,6 +173,9 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
     pixels = {p: cm.images(resolve_image_path(data, p, p)) for p in paths}
     rows = []
     for name in names:
+        if name == "agent":
+            rows.append(_agent_row(out, data, records, cm, progress))
+            continue
         kw = dict(SETTINGS[name])
         if name == "pica":  # the training questions about as many training images, as examples
             train = [r for r in load_questions(data / "instruct.json") if len(r["conversations"]) == 2]
@@ -129,11 +198,7 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
                "llm_tokens": run.llm_tokens, "caption_calls": run.caption_calls,
                "seconds_per_question": run.seconds / max(len(records), 1), "settings": run.settings}  # fmt: skip
         rows.append(row)
-        (out / "pipelines").mkdir(parents=True, exist_ok=True)
-        (out / "pipelines" / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
-        with (out / "pipelines" / f"{name}_samples.jsonl").open("w") as f:
-            for s in run.samples:
-                f.write(json.dumps(s) + "\n")
+        _write(out, row, run.samples)
     for m in METHODS:
         r = method_on_subset(out, m, records)
         if r is not None:
@@ -141,6 +206,67 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
     (out / "pipelines" / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(format_rows(rows))
     return rows
+
+
+def _write(out: Path, row: dict, samples: list[dict]) -> None:
+    (out / "pipelines").mkdir(parents=True, exist_ok=True)
+    (out / "pipelines" / f"{row['method']}.json").write_text(json.dumps(row, indent=2) + "\n")
+    with (out / "pipelines" / f"{row['method']}_samples.jsonl").open("w") as f:
+        for s in samples:
+            f.write(json.dumps(s) + "\n")
+
+
+def _agent_row(out: Path, data: Path, records: list[dict], captioner_cm: ChatModel, progress: bool) -> dict:
+    """The agent on the held-out questions: ``tiny-agent-llm`` served by ``modalign serve`` on
+    loopback drives the tools; the LLaVA model answers behind vqa, count and read_text."""
+    from tqdm.auto import tqdm
+
+    from modalign.llm_client import LLMClient
+    from modalign.pipelines.agent import Experts, vision_agent
+    from modalign.serve.app import ServeConfig, create_app
+    from modalign.serve.server import serve_in_thread
+
+    ctl = ChatModel.load(out / "agent-llm" / "model", template="chatml", dtype="float32", device="cpu")
+    vqa = ChatModel.load(out / "llava" / "model", template="chatml", dtype="float32", device="cpu")
+    experts = Experts(captioner_cm, vqa, max_new_tokens=8)
+    url, stop = serve_in_thread(create_app(ctl, ServeConfig(model_name="agent-llm")))
+    preds, samples, calls, tokens, tool_calls = [], [], 0, 0, 0
+    stops: dict[str, int] = {}
+    t0 = time.perf_counter()
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        client = LLMClient(url + "/v1", "agent-llm")
+        local = threading.local()  # an agent per worker: each holds the image table of its question
+
+        def one(r):
+            if not hasattr(local, "agent"):
+                local.agent = vision_agent(client, experts, AGENT_TOOLS, max_steps=4, max_tokens=8192,
+                                           max_reply_tokens=128)  # fmt: skip
+            return local.agent.run(
+                r["question"], {"image_1": str(resolve_image_path(data, r["image"], r["id"]))}
+            )
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent requests share the server's decode batches
+            results = list(
+                tqdm(pool.map(one, records), total=len(records), desc="agent", disable=not progress)
+            )
+        for r, res in zip(records, results, strict=True):
+            preds.append(res.answer or "")
+            calls, tokens, tool_calls = (
+                calls + res.llm_calls,
+                tokens + res.tokens,
+                tool_calls + res.tool_calls,
+            )
+            stops[res.stop] = stops.get(res.stop, 0) + 1
+            samples.append({"id": r["id"], "prediction": res.answer, "stop": res.stop, "steps": res.steps})
+    finally:
+        stop()
+    row = {"method": "agent", **score(records, preds), "llm_calls": calls, "llm_tokens": tokens,
+           "caption_calls": experts.calls, "seconds_per_question": (time.perf_counter() - t0) / max(len(records), 1),
+           "settings": {"tools": list(AGENT_TOOLS), "max_steps": 4, "tool_calls": tool_calls, "stops": stops}}  # fmt: skip
+    _write(out, row, samples)
+    return row
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import struct
-import threading
-import time
 import zlib
 
 import torch
@@ -17,7 +14,7 @@ from PIL import Image
 from modalign import MLLM, MLLMConfig
 from modalign.data.tokenizer import Tokenizer
 from modalign.infer.chat import ChatModel
-from modalign.serve.server import make_server
+from modalign.serve.server import serve_in_thread
 
 KEY = "sk-test"
 
@@ -62,19 +59,4 @@ def bomb_data_url(w: int = 30000, h: int = 30000) -> str:
 
 def start(app, **kw):
     """Serve ``app`` on a free loopback port in a thread (the CLI's server); returns (url, stop)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    srv = make_server(app, host="127.0.0.1", port=port, **kw)
-    th = threading.Thread(target=srv.run, daemon=True)
-    th.start()
-    for _ in range(200):
-        if srv.started:
-            break
-        time.sleep(0.05)
-
-    def stop():
-        srv.should_exit = True
-        th.join(timeout=15)
-
-    return f"http://127.0.0.1:{port}", stop
+    return serve_in_thread(app, **kw)
