@@ -121,7 +121,10 @@ class ChatModel:
 
 def user_message(text: str, n_images: int) -> Message:
     """A user turn with ``n_images`` images: where ``text`` names their places with ``<image>`` (as
-    many as there are images, like a data set record), they go there; otherwise they lead the text."""
+    many as there are images, like a data set record), they go there; otherwise they lead the text.
+    The text's own image marks (the private-use character that stands for an image inside message
+    text) are dropped: only ``<image>`` or ``n_images`` places images, never text a model wrote."""
+    text = text.replace(IMAGE_MARK, "")
     if n_images and text.count(IMAGE_PLACEHOLDER) == n_images:
         return Message("user", text.replace(IMAGE_PLACEHOLDER, IMAGE_MARK))
     return Message("user", IMAGE_MARK * n_images + ("\n" if n_images else "") + text)

@@ -127,3 +127,15 @@ def test_the_console_script_through_a_pipe(cm, tiny_model, image):
     assert p.returncode == 0, p.stderr
     want = cm.tok.decode(reference_greedy(cm, [user_message("What colour is the square?", 1)], [image], 5))
     assert p.stdout.split("assistant> ")[1].split("\n")[0] == want.split("\n")[0]
+
+
+def test_text_never_places_an_image(cm):
+    """The private-use character that marks an image inside message text, written by a user or by
+    a model whose output is fed back (a caption, a tool's answer), is dropped; the text prompt
+    then has no image placeholder and runs."""
+    from modalign.data.conversation import IMAGE_MARK
+
+    msg = user_message(f"a{IMAGE_MARK}b", 0)
+    assert msg.content == "ab" and msg.num_images == 0
+    assert cm.model.config.image_token_id not in cm.prompt([msg], []).input_ids
+    assert user_message(f"{IMAGE_MARK}<image> c", 1).num_images == 1
