@@ -402,6 +402,8 @@ def _add_pipeline(sub) -> None:
     pl.add_argument(
         "--questions", required=True, help="LLaVA-format JSON: image, conversations (question, answer)"
     )
+    pl.add_argument("--image-root", default=None, help="the folder the images' paths are relative to "
+                    "(default: the questions file's; for --shots, the shots file's)")  # fmt: skip
     pl.add_argument("--captioner", required=True, help="modalign model directory that captions images")
     pl.add_argument("--caption-prompt", default="Describe the image briefly.")
     pl.add_argument("--llm", default=None, help="a local modalign model directory as the frozen LLM")
@@ -671,7 +673,7 @@ def _llm_client(args):
 def _pipeline(args) -> int:
     import torch
 
-    from modalign.data.images import resolve_image_path
+    from modalign.data.images import ImageProcessor, resolve_image_path
     from modalign.data.tokenizer import Tokenizer
     from modalign.infer.chat import ChatModel
     from modalign.models.mllm import MLLM
@@ -691,8 +693,12 @@ def _pipeline(args) -> int:
     cm = ChatModel.load(args.captioner)
     captioner = Captioner(cm, args.caption_prompt)
 
-    def pixels_of(recs, root):
-        return {p: cm.images(resolve_image_path(root, p, p)) for p in dict.fromkeys(r["image"] for r in recs)}
+    def pixels_of(recs, root, proc=None):
+        root = Path(args.image_root) if args.image_root else root
+        return {
+            p: (proc or cm.images)(resolve_image_path(root, p, p))
+            for p in dict.fromkeys(r["image"] for r in recs)
+        }
 
     llm = tok = None
     if args.llm is not None:
@@ -723,7 +729,9 @@ def _pipeline(args) -> int:
             raise ValueError(
                 "pnp-vqa needs --itm: a model with a Q-Former itm head (e.g. a BLIP-2 stage-1 run)"
             )
-        kw["itm"] = (MLLM.from_pretrained(args.itm, dtype=torch.float32), Tokenizer.from_dir(args.itm))
+        itm = MLLM.from_pretrained(args.itm, dtype=torch.float32)
+        kw["itm"] = (itm, Tokenizer.from_dir(args.itm))
+        kw["itm_pixels"] = pixels_of(records, Path(args.questions).parent, ImageProcessor(itm.config.vision))
     run = run_pipeline(args.name, records, pixels_of(records, Path(args.questions).parent), captioner, completer, llm=llm, tok=tok,
                        progress=not args.no_progress, seed=args.seed, n_shot=args.n_shot, n_ensemble=args.n_ensemble,
                        metric=args.metric, captions_per_image=args.captions_per_image, n_answers=args.n_answers,

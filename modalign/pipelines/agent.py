@@ -24,6 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modalign.llm_client import LLMError
+
 SYSTEM = (
     "Answer the question about the images. You cannot see them: call the tools with an image's id "
     "(image_1, ...) to look, then answer in a few words."
@@ -98,7 +100,7 @@ def vision_tools(experts: Experts, resolve: ImageTable,
 @dataclass
 class AgentResult:
     answer: str | None
-    stop: str  # "answer" | "max_steps" | "max_tokens"
+    stop: str  # "answer" | "max_steps" | "max_tokens" | "error" (the endpoint failed or answered malformed)
     steps: list[dict] = field(default_factory=list)
     llm_calls: int = 0
     tokens: int = 0
@@ -127,23 +129,23 @@ class Agent:
             with self.log.open("a") as f:
                 f.write(json.dumps(step) + "\n")
 
-    def _observe(self, name: str, raw_args: str) -> str:
+    def _observe(self, name: str, raw_args) -> str:
         tool = self.tools.get(name)
         if tool is None:
             return f"error: no tool named {name!r}; the tools are {', '.join(self.tools)}"
-        try:
-            args = json.loads(raw_args or "{}")
-        except ValueError:
-            return f"error: the arguments of {name} are not JSON: {raw_args[:200]!r}"
+        try:  # a JSON string, as the API sends it (some endpoints send the object itself)
+            args = raw_args if isinstance(raw_args, dict) else json.loads(raw_args or "{}")
+        except (TypeError, ValueError, RecursionError):
+            return f"error: the arguments of {name} are not JSON: {str(raw_args)[:200]!r}"
         if not isinstance(args, dict):
             return f"error: the arguments of {name} must be a JSON object"
         missing = [k for k in tool.parameters.get("required", []) if not isinstance(args.get(k), str)]
         if missing:
             return f"error: {name} needs the argument(s) {', '.join(missing)}"
         try:
-            return tool.run(args)
-        except (ValueError, FileNotFoundError, KeyError) as e:
-            return f"error: {e}"
+            return str(tool.run(args))
+        except Exception as e:  # noqa: BLE001 - a failing expert is an observation, the run goes on
+            return f"error: {type(e).__name__}: {e}" if not isinstance(e, ValueError) else f"error: {e}"
 
     def run(self, question: str, images: dict[str, str] | list[str]) -> AgentResult:
         """Answer ``question`` about ``images`` (id -> path, or paths: ids image_1, image_2, ...)."""
@@ -158,12 +160,20 @@ class Agent:
         for step in range(self.max_steps):
             last = step == self.max_steps - 1
             t0 = time.perf_counter()
-            doc = self.client.chat(messages, temperature=0.0, max_tokens=self.max_reply_tokens,
-                                   extra={"tools": specs, "tool_choice": "none" if last else "auto"}, raw=True)  # fmt: skip
-            result.llm_calls += 1
-            result.tokens += int((doc.get("usage") or {}).get("total_tokens") or 0)
-            msg = doc["choices"][0]["message"]
-            calls = msg.get("tool_calls") or []
+            try:
+                doc = self.client.chat(messages, temperature=0.0, max_tokens=self.max_reply_tokens,
+                                       extra={"tools": specs, "tool_choice": "none" if last else "auto"}, raw=True)  # fmt: skip
+                result.llm_calls += 1
+                result.tokens += int((doc.get("usage") or {}).get("total_tokens") or 0)
+                msg = doc["choices"][0]["message"]
+                calls = msg.get("tool_calls") or []
+                if not isinstance(msg, dict) or not isinstance(calls, list):
+                    raise TypeError("the message is not an object with a tool_calls list")
+            except (LLMError, KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
+                result.stop = "error"
+                self._record(result, {"step": step, "error": f"{type(e).__name__}: {e}"[:500], "tool_calls": [],
+                                      "tokens": result.tokens, "seconds": time.perf_counter() - t0})  # fmt: skip
+                return result
             entry = {"step": step, "content": msg.get("content"), "tool_calls": [], "tokens": result.tokens,
                      "seconds": 0.0}  # fmt: skip
             if not calls:
@@ -173,12 +183,13 @@ class Agent:
                 return result
             messages.append({"role": "assistant", "content": msg.get("content"), "tool_calls": calls})
             for c in calls:
-                fn = c.get("function") or {}
+                fn = (c.get("function") if isinstance(c, dict) else None) or {}
                 obs = self._observe(fn.get("name"), fn.get("arguments") or "{}")
                 result.tool_calls += 1
                 entry["tool_calls"].append({"name": fn.get("name"), "arguments": fn.get("arguments"),
                                             "observation": obs})  # fmt: skip
-                messages.append({"role": "tool", "tool_call_id": c.get("id", ""), "content": obs})
+                messages.append({"role": "tool", "tool_call_id": (c.get("id") if isinstance(c, dict) else "") or "",
+                                 "content": obs})  # fmt: skip
             entry["seconds"] = time.perf_counter() - t0
             self._record(result, entry)
             if result.tokens >= self.max_tokens:

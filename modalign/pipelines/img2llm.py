@@ -8,24 +8,26 @@ made from those captions, so that no training example is needed.
 2. A question for each candidate (``QuestionGenerator``): the paper's T5 question generator reads
    ``"answer: <answer>.  context: <captions>."``; ``TemplateQuestions`` writes the paper's rule
    questions by the candidate's part of speech; ``LLMQuestions`` asks a completer.
-3. Contexts: captions picked by walking the candidates from the least frequent (``yes`` first),
-   each contributing the first caption holding it that is not taken yet, up to ``n_captions``.
+3. Contexts: ``n_captions`` tries walking the candidates from the least frequent (``yes``
+   first, wrapping round), each adding the first caption holding it that is not taken yet.
 4. The prompt, as the authors' code writes it:
 
        Please reason the answer of the questions according to the given contexts.
        Contexts:<caption 1>.<caption 2>.
-       Question:<synthetic question 1>
-       Answer:<answer 1>
-       ...
        Question:<question for "yes">
        Answer:yes
        Question:Is this a toilet?
        Answer:no
+       Question:<synthetic question 1>
+       Answer:<answer 1>
+       ...
        Question:<the question>
        Answer:
 
    Captions are capitalised and end with a full stop; they are joined without a separator, as
-   in the authors' code. Exemplars whose answer has 5 words or more are left out. The frozen
+   in the authors' code. The yes and no exemplars come only with a question generator that makes
+   a question for "yes" (the authors' neural one; not their rule questions). Exemplars whose
+   answer has 5 words or more are left out. The frozen
    LLM completes greedily; the answer is cut at the first full stop or newline, lower-cased.
 
 Parts of speech: spaCy's ``en_core_web_sm`` where it is installed (the paper's tagger), else
@@ -167,20 +169,11 @@ def pick_contexts(answers: Sequence[str], where: dict, n_captions: int) -> list[
     """Caption ids for the contexts: the candidates walked from the last (``yes``) backwards, each
     adding the first caption holding it that is not taken yet (caption 0 for one in none)."""
     used: list[int] = []
-    if not answers:
-        return used
-    k = 0
-    stale = 0
-    while len(used) < n_captions and stale < len(answers):
+    for k in range(n_captions if answers else 0):  # as many tries as captions wanted, as the authors do
         ans = answers[len(answers) - 1 - (k % len(answers))].rstrip(".").lower()
-        k += 1
-        ids = where.get(ans, [0])
-        new = next((i for i in ids if i not in used), None)
-        if new is None:
-            stale += 1
-        else:
+        new = next((i for i in where.get(ans, [0]) if i not in used), None)
+        if new is not None:
             used.append(new)
-            stale = 0
     return used
 
 
@@ -191,12 +184,15 @@ def format_caption(caption: str) -> str:
 
 def build_prompt(captions: Sequence[str], exemplars: Sequence[tuple[str, str]], question: str,
                  yes_question: str | None = None, negative: tuple[str, str] | None = NEGATIVE) -> str:  # fmt: skip
-    """Img2LLM's prompt (module docstring); ``exemplars`` are (question, answer) pairs."""
-    task = "".join(f"Question:{q}\nAnswer:{a.lower()}\n" for q, a in exemplars if len(a.split()) < 5)
+    """Img2LLM's prompt (module docstring); ``exemplars`` are (question, answer) pairs. The yes and
+    the fixed no exemplar come first, and only with a question for "yes" (the authors write
+    neither with their rule questions)."""
+    task = ""
     if yes_question is not None:
         task += f"Question:{yes_question}\nAnswer:yes\n"
-    if negative is not None:
-        task += f"Question:{negative[0]}\nAnswer:{negative[1]}\n"
+        if negative is not None:
+            task += f"Question:{negative[0]}\nAnswer:{negative[1]}\n"
+    task += "".join(f"Question:{q}\nAnswer:{a.lower()}\n" for q, a in exemplars if len(a.split()) < 5)
     contexts = "".join(format_caption(c) for c in captions)
     return f"{HEADER}Contexts:{contexts}\n{task}Question:{question}\nAnswer:"
 

@@ -16,6 +16,11 @@
    (``qa_passages``). Here a prompted LLM stands in for it: ``qa_format`` renders the question and
    the captions joined (``"<caption>. <caption>."``) into one prompt for a completer.
 
+Left out: LAVIS's filter that keeps a caption only where the matching head scores it >= 0.5 (used
+by Img2LLM's captions), and its choice of cross-attention layer (block 7 of BLIP's 12; here the
+last by default, ``layer``). The matching model's patch grid is resampled onto the captioner's
+where they differ (``to_grid``).
+
 Patches "alone": PNP-VQA's BLIP captioner cross-attends to the selected patches' features only.
 To let any captioner (a modalign model or a served endpoint) take part, the patches that are not
 selected are painted over with the image's background (the mean colour of its border pixels)
@@ -24,6 +29,7 @@ before captioning.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,17 +58,35 @@ def question_gradcam(model, pixel_values: torch.Tensor, question: str, tok, laye
     att = crosses[layer]
     dev = next(model.parameters()).device
     ids = itm_ids(question, tok, conn.cfg).to(dev)
+    with torch.no_grad():
+        image = model.vision(pixel_values[None].to(dev))
     att.keep_probs = True
     try:
         with torch.enable_grad():
-            image = model.vision(pixel_values[None].to(dev)).detach()
             logit = conn.itm_logits(image, ids)[0, 1]
             probs = att.probs
             (grad,) = torch.autograd.grad(logit, probs)
     finally:
         att.keep_probs, att.probs = False, None
-    cam = (probs * grad.clamp(min=0)).mean(1)  # [1, Q, P]: over the heads
-    return cam[0].mean(0).detach().float().cpu()  # over the tokens that cross-attend
+    cam = (probs * grad.clamp(min=0)).mean(1)  # [1, Q, L]: over the heads
+    cam = cam[0].mean(0).detach().float().cpu()  # over the tokens that cross-attend
+    v = model.config.vision
+    grid = (v.image_size // v.patch_size) ** 2
+    return cam[cam.shape[0] - grid :]  # the patches (a tower that keeps its CLS token: dropped)
+
+
+def to_grid(relevance: torch.Tensor, grid: int) -> torch.Tensor:
+    """A square patch map [g * g] resampled to ``grid`` x ``grid`` (area-weighted), flattened:
+    the matching model's patches onto the captioner's."""
+    g = math.isqrt(relevance.numel())
+    if g * g != relevance.numel():
+        raise ValueError(f"PNP-VQA: {relevance.numel()} patch relevances do not make a square grid")
+    if g == grid:
+        return relevance
+    m = relevance.view(1, 1, g, g)
+    return torch.nn.functional.interpolate(
+        m, size=(grid, grid), mode="bilinear", align_corners=False
+    ).flatten()
 
 
 def sample_patches(relevance: torch.Tensor, k: int, generator: torch.Generator | None = None) -> list[int]:
@@ -70,8 +94,8 @@ def sample_patches(relevance: torch.Tensor, k: int, generator: torch.Generator |
     where every relevance is 0), sorted."""
     w = relevance.clamp(min=0).double()
     k = min(k, len(w))
-    if float(w.sum()) <= 0 or int((w > 0).sum()) < k:
-        w = w + (1e-12 if float(w.sum()) > 0 else 1.0)
+    if float(w.sum()) <= 0 or int((w > 0).sum()) < k:  # the zeros drawn last, uniformly
+        w = w + (1e-12 * float(w.max()) if float(w.sum()) > 0 else 1.0)
     return sorted(torch.multinomial(w, k, replacement=False, generator=generator).tolist())
 
 
@@ -128,7 +152,8 @@ class PNPVQA:
 
     def __init__(self, itm_model, itm_tok, captioner: Callable, qa: Completer, num_patches: int = 20,
                  num_captions: int = 5, max_tries: int | None = None, layer: int = -1,
-                 qa_format: str = DEFAULT_QA_FORMAT, seed: int = 0, max_tokens: int = 10):  # fmt: skip
+                 qa_format: str = DEFAULT_QA_FORMAT, seed: int = 0, max_tokens: int = 10,
+                 caption_patch_size: int | None = None):  # fmt: skip
         if num_patches < 1 or num_captions < 1:
             raise ValueError(f"PNP-VQA needs num_patches >= 1 and num_captions >= 1, got {num_patches}, "
                              f"{num_captions}")  # fmt: skip
@@ -138,7 +163,7 @@ class PNPVQA:
         self.num_patches, self.num_captions, self.layer = num_patches, num_captions, layer
         self.max_tries = max_tries or 4 * num_captions
         self.qa_format, self.max_tokens = qa_format, max_tokens
-        self.patch_size = itm_model.config.vision.patch_size
+        self.patch_size = caption_patch_size or itm_model.config.vision.patch_size  # the captioner's
         self.gen = torch.Generator().manual_seed(seed)
         self.seed = seed
 
@@ -161,8 +186,14 @@ class PNPVQA:
             tries += n
         return kept, chosen
 
-    def answer(self, question: str, pixel_values: torch.Tensor) -> PNPAnswer:
-        rel = question_gradcam(self.itm, pixel_values, question, self.tok, self.layer)
+    def answer(
+        self, question: str, pixel_values: torch.Tensor, itm_pixels: torch.Tensor | None = None
+    ) -> PNPAnswer:
+        """``pixel_values``: the image as the captioner reads it; ``itm_pixels``: as the matching
+        model reads it (default: the same tensor)."""
+        rel = question_gradcam(self.itm, pixel_values if itm_pixels is None else itm_pixels, question, self.tok,
+                               self.layer)  # fmt: skip
+        rel = to_grid(rel, pixel_values.shape[-1] // self.patch_size)
         caps, patches = self.captions(pixel_values, rel)
         prompt = self.qa_format.format(question=question.strip(), context=join_captions(caps))
         text, _ = self.qa.complete(prompt, max_tokens=self.max_tokens)

@@ -100,10 +100,11 @@ def run_pipeline(name: str, records: list[dict], pixels: dict, captioner: Captio
                  shots: list | None = None, llm=None, tok=None, itm=None, progress: bool = True, seed: int = 0,
                  n_shot: int = 16, n_ensemble: int = 5, metric: str = "imagequestion", captions_per_image: int = 5,
                  n_answers: int = 30, num_patches: int = 20, num_captions: int = 5,
-                 qa_format: str | None = None) -> PipelineRun:  # fmt: skip
+                 qa_format: str | None = None, itm_pixels: dict | None = None) -> PipelineRun:  # fmt: skip
     """Answer ``records`` (``question``, ``image``) with pipeline ``name``. ``pixels``: image path ->
     [3, S, S]. PICa needs ``shots`` (``Shot`` list) and, for the similarity metrics, ``llm`` / ``tok``
-    (question embeddings) and the captioner's tower (image embeddings); PNP-VQA ``itm`` (model, tok)."""
+    (question embeddings) and the captioner's tower (image embeddings); PNP-VQA ``itm`` (model, tok)
+    and ``itm_pixels`` (image path -> the image as the matching model reads it)."""
     from modalign.pipelines.img2llm import Img2LLM
     from modalign.pipelines.pica import PICa, embed_images, embed_texts
     from modalign.pipelines.pnp_vqa import DEFAULT_QA_FORMAT, PNPVQA
@@ -160,9 +161,10 @@ def run_pipeline(name: str, records: list[dict], pixels: dict, captioner: Captio
         fmt = qa_format or DEFAULT_QA_FORMAT
         settings = {"num_patches": num_patches, "num_captions": num_captions, "qa_format": fmt}
         pnp = PNPVQA(itm[0], itm[1], lambda im, s: captioner(im, seed=s, top_k=50), completer,
-                     num_patches=num_patches, num_captions=num_captions, qa_format=fmt, seed=seed)  # fmt: skip
+                     num_patches=num_patches, num_captions=num_captions, qa_format=fmt, seed=seed,
+                     caption_patch_size=captioner.cm.model.config.vision.patch_size)  # fmt: skip
         for r in tqdm(records, desc="pnp-vqa", disable=not progress):
-            a = pnp.answer(r["question"], pixels[r["image"]])
+            a = pnp.answer(r["question"], pixels[r["image"]], (itm_pixels or pixels)[r["image"]])
             preds.append(a.answer)
             samples.append({"id": r["id"], "prediction": a.answer, "prompt": a.prompt, "patches": a.patches})
     return PipelineRun(preds, samples, settings, time.perf_counter() - t0, completer.calls, completer.tokens,

@@ -338,7 +338,9 @@ class Reply:
                         yield self._chunk({"content": message["content"]}, entries=entries)
                     if message.get("tool_calls"):
                         calls = [{"index": k, **c} for k, c in enumerate(message["tool_calls"])]
-                        yield self._chunk({"tool_calls": calls})
+                        yield self._chunk(
+                            {"tool_calls": calls}, entries=None if message["content"] else entries
+                        )
                     yield self._chunk({}, fin)
                 else:
                     async for piece, fin, entries in self.pieces(watch_client=False):

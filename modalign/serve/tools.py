@@ -23,6 +23,8 @@ How a conversation with tools is written (what Qwen2.5 / Qwen3's chat templates 
   ``<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>``, calls joined by a newline;
 - tool results: consecutive ``tool`` messages make one user turn of
   ``<tool_response>\\n...\\n</tool_response>`` blocks joined by a newline.
+- with no system message the tools block is the whole system turn (as Qwen3 writes it; Qwen2.5's
+  own Jinja template would put its default system message before it).
 
 The reply is parsed back: each ``<tool_call>`` block holding a JSON object whose ``name`` is one
 of the request's tools and whose ``arguments`` is an object becomes a ``tool_calls`` entry
@@ -39,7 +41,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from modalign.data.conversation import Message
+from modalign.data.conversation import IMAGE_MARK, RESERVED, Message
 from modalign.serve.images import RequestError
 
 TOOLS_HEAD = (
@@ -57,7 +59,16 @@ MAX_TOOLS = 64
 
 
 def _dumps(x) -> str:
-    return json.dumps(x, ensure_ascii=False)  # as the chat templates' ``tojson`` writes it
+    """As the chat templates' ``tojson`` writes it, less modalign's reserved characters (an image
+    mark in a tool's description must not place an image)."""
+    return json.dumps(x, ensure_ascii=False).translate(RESERVED).replace(IMAGE_MARK, "")
+
+
+def _unicode(x, param: str) -> None:
+    try:
+        json.dumps(x, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("text must be valid Unicode (no lone surrogates)", param=param) from None
 
 
 @dataclass
@@ -102,6 +113,7 @@ def parse_tools(body: dict) -> ToolSpec | None:
         if fn.get("description") is not None and not isinstance(fn["description"], str):
             raise RequestError(f"tools[{i}].function.description must be a string",
                                param=f"tools[{i}].function.description")  # fmt: skip
+        _unicode(t, f"tools[{i}]")
         names.append(name)
     if choice is None:
         choice = "auto"
@@ -130,10 +142,11 @@ def parse_call(call, where: str) -> tuple[str, dict]:
     if isinstance(args, str):
         try:
             args = json.loads(args or "{}")
-        except ValueError:
+        except (ValueError, RecursionError):
             raise RequestError(f"{where}.function.arguments must be a JSON object", param=where) from None
     if not isinstance(args, dict):
         raise RequestError(f"{where}.function.arguments must be a JSON object", param=where)
+    _unicode(args, where)
     return fn["name"], args
 
 
@@ -188,7 +201,7 @@ def parse_reply(text: str, spec: ToolSpec) -> tuple[str | None, list[dict]]:
     for m in CALL.finditer(text if "</tool_call>" in text else text + "</tool_call>"):
         try:
             doc = json.loads(m.group(1))
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
         if (
             not isinstance(doc, dict)

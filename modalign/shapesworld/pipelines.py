@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from modalign.data.conversation import Message
-from modalign.data.images import resolve_image_path
+from modalign.data.images import ImageProcessor, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
 from modalign.infer.chat import ChatModel
 from modalign.models.mllm import MLLM
@@ -192,6 +192,8 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
             completer = ChatCompleter(llm, tok)
             itm = MLLM.from_pretrained(out / "itm" / "model", dtype=torch.float32)
             kw["itm"] = (itm, tok)
+            proc = ImageProcessor(itm.config.vision)
+            kw["itm_pixels"] = {p: proc(resolve_image_path(data, p, p)) for p in paths}
         run = run_pipeline(name, records, pixels, captioner, completer, llm=llm, tok=tok, progress=progress,
                            seed=seed, **kw)  # fmt: skip
         row = {"method": name, **score(records, run.predictions), "llm_calls": run.llm_calls,

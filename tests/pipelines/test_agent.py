@@ -102,6 +102,22 @@ def test_bad_calls_become_observations_and_the_loop_is_bounded():
     assert res.stop == "max_tokens" and res.answer is None and res.llm_calls == 2 and res.tokens == 30
 
 
+def test_failing_experts_and_malformed_replies_end_cleanly():
+    def broken(a):
+        raise OSError("cannot identify image file 'a.png'")
+
+    tools = [Tool("look", "d", {"type": "object"}, broken)]
+    replies = iter([{"content": None, "tool_calls": [{"id": "1", "type": "function",
+                                                      "function": {"name": "look", "arguments": {"x": 1}}}]},
+                    {"content": "done"}])  # fmt: skip
+    with FakeLLM(lambda body: next(replies)) as fake:
+        res = Agent(LLMClient(fake.url, "m"), tools).run("q", [])
+    assert res.answer == "done" and res.steps[0]["tool_calls"][0]["observation"].startswith("error: OSError")
+    with FakeLLM(lambda body: {"content": None, "tool_calls": "oops"}) as fake:
+        res = Agent(LLMClient(fake.url, "m"), tools).run("q", [])
+    assert res.stop == "error" and res.answer is None and "tool_calls" in res.steps[0]["error"]
+
+
 def test_tools_are_checked():
     with pytest.raises(ValueError, match="unknown agent tool"):
         vision_tools(Experts(None), ImageTable(), ("caption", "ocr"))

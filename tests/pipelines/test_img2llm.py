@@ -22,15 +22,17 @@ def test_prompt_is_the_authors():
                        ("What is it?", "a very long answer of words")], "what colour is the dog?",
                        yes_question="Is there a dog?")  # fmt: skip
     # Imape2Prompt_evaluation.py: the instruction line, 'Contexts:' and each caption capitalised with
-    # its full stop, no separator; 'Question:%s\nAnswer:%s\n' per exemplar (answers of 5+ words left
-    # out, answers lower-cased), the yes exemplar, the fixed toilet exemplar, the question
+    # its full stop, no separator; the yes exemplar and the fixed toilet exemplar; then
+    # 'Question:%s\nAnswer:%s\n' per exemplar (answers of 5+ words left out, lower-cased); the question
     want = ("Please reason the answer of the questions according to the given contexts.\n"
             "Contexts:A dog on a sofa.The dog is brown.\n"
-            "Question:What item is this in this picture?\nAnswer:dog\n"
             "Question:Is there a dog?\nAnswer:yes\n"
             "Question:Is this a toilet?\nAnswer:no\n"
+            "Question:What item is this in this picture?\nAnswer:dog\n"
             "Question:what colour is the dog?\nAnswer:")  # fmt: skip
     assert got == want
+    # rule questions make no question for "yes": neither the yes nor the no exemplar is written
+    assert "toilet" not in build_prompt(["a dog"], [("What item is this in this picture?", "dog")], "q?")
 
 
 def test_question_generator_input_is_the_papers():
@@ -82,7 +84,9 @@ def test_answer_end_to_end_with_a_scripted_llm():
     assert out.answer == "red"
     prompt = llm.prompts[0][0]
     assert prompt == out.prompt and prompt.endswith("Question:What colour is the circle?\nAnswer:")
-    assert out.contexts == ["a red circle", "a red star at the top"]
+    # candidates red. circle. "red circle." yes.; two tries: yes. (no caption: caption 0), then
+    # "red circle." (only in caption 0, taken): one context
+    assert out.contexts == ["a red circle"]
     assert all(q in sum(TEMPLATES.values(), []) for q, _ in out.exemplars)
     assert clean_answer("Blue\nsky") == "blue"
 

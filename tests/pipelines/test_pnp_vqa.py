@@ -17,6 +17,7 @@ from modalign.pipelines.pnp_vqa import (
     qa_passages,
     question_gradcam,
     sample_patches,
+    to_grid,
 )
 from tests.helpers import randomize
 from tests.tiny import TINY
@@ -164,3 +165,22 @@ def test_loop_drops_repeated_captions_and_prompts_the_qa_model(itm_model):
         + "\nQuestion: What colour is the star?\nAnswer:"
     )
     assert sum(seen) <= 8
+
+
+def test_a_tower_with_its_class_token_and_another_grid(itm_model):
+    """BLIP-2's tower keeps its CLS token (``feature_select: full``): the relevance is over the
+    patches alone; a matcher's grid is resampled onto the captioner's."""
+    import copy
+
+    m = copy.deepcopy(itm_model)
+    m.config.vision.feature_select = "full"
+    px = torch.randn(3, m.config.vision.image_size, m.config.vision.image_size)
+    grid = (m.config.vision.image_size // m.config.vision.patch_size) ** 2
+    got = question_gradcam(m, px, "what colour is the star?", Tok())
+    assert m.vision(px[None]).shape[1] == grid + 1 and got.shape == (grid,)
+    rel = torch.arange(4.0)
+    assert to_grid(rel, 2).equal(rel)
+    big = to_grid(rel, 4).view(4, 4)
+    assert big.shape == (4, 4) and big[0, 0] < big[3, 3] and big[0, 3] < big[3, 0]
+    with pytest.raises(ValueError, match="square"):
+        to_grid(torch.ones(5), 2)

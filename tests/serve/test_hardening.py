@@ -268,6 +268,11 @@ BAD = [
     ("stream_options", {"stream": True, "stream_options": "yes"}, 400, "stream_options"),
     ("seed", {"seed": 2**64}, 400, "seed"),
     ("tool name", {"tools": [{"type": "function", "function": {"name": "no spaces"}}]}, 400, "tools[0].function.name"),
+    ("tool surrogate", '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": '
+                       '"function", "function": {"name": "f", "description": "\\ud800"}}]}', 400, "tools[0]"),
+    ("tool args nested", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "[" * 100000}}]}, {"role": "tool", "content": "x"}]},
+     400, "messages[1].tool_calls[0]"),
     ("tool_choice unknown", {"tools": [{"type": "function", "function": {"name": "f"}}],
                              "tool_choice": {"type": "function", "function": {"name": "g"}}}, 400, "tool_choice"),
     ("tool call arguments", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None,
