@@ -206,8 +206,36 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
         if r is not None:
             rows.append({"method": m, **r, "trained": True})
     (out / "pipelines" / "comparison.json").write_text(json.dumps(rows, indent=2) + "\n")
+    plot_rows(rows, out / "pipelines" / "comparison.png")
     print(format_rows(rows))
     return rows
+
+
+def plot_rows(rows: list[dict], png: Path) -> None:
+    """Held-out accuracy per question type, one group of bars per row (pipelines and trained
+    methods on the same questions), the pipelines' LLM tokens per question in the legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    types = sorted({t for r in rows for t in r["accuracy_by_type"]})
+    fig, ax = plt.subplots(figsize=(9, 3.6), dpi=110)
+    w = 0.8 / max(len(rows), 1)
+    for k, r in enumerate(rows):
+        n = max(r["questions"], 1)
+        cost = "trained" if r.get("trained") else f"{r['llm_tokens'] / n:.0f} LLM tokens/q"
+        ax.bar([i + (k - (len(rows) - 1) / 2) * w for i in range(len(types))],
+               [r["accuracy_by_type"].get(t, 0) for t in types], w,
+               label=f"{r['method']} {r['heldout_accuracy']:.1%} ({cost})")  # fmt: skip
+    ax.set_xticks(range(len(types)), types)
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title("ShapesWorld: frozen LLMs over captions and tools vs trained methods")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
 
 
 def _write(out: Path, row: dict, samples: list[dict]) -> None:

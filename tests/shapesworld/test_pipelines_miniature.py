@@ -56,6 +56,7 @@ def test_every_pipeline_answers_the_same_questions_with_its_cost(run):
     want = sum(s["correct"] for s in llava if s["id"] in ids) / len(ids)
     assert by["llava"]["heldout_accuracy"] == pytest.approx(want)
     assert json.loads((out / "pipelines" / "comparison.json").read_text()) == json.loads(json.dumps(rows))
+    assert (out / "pipelines" / "comparison.png").stat().st_size > 10_000
 
 
 def test_agent_chats_are_written_as_serve_writes_them(run):
