@@ -1,7 +1,13 @@
 """Decode speed: transformers' LlavaForConditionalGeneration.generate vs modalign's Engine on the
-same tiny random LLaVA checkpoint, in one run. Prints tokens/s and the ratio.
+same random LLaVA checkpoint, in one run. Prints tokens/s, the ratio and, per engine, the share of
+the memory-bandwidth roofline: the bytes a decode step reads (every LLM weight but the input
+embedding, plus the KV cache) over the rate at which this machine reads that many bytes (probed
+by summing a tensor of the same size, so a model that fits the CPU's caches gets their speed).
 
-    python bench/bench_decode.py [--new-tokens 128] [--threads 2] [--no-compile]
+    python bench/bench_decode.py [--size tiny|mid] [--new-tokens 128] [--threads 2] [--no-compile] [--json]
+
+``tiny``: CLIP 2x128 at 64/16, Llama 4x256 (GQA 8/4), vocabulary 512. ``mid``: CLIP 4x256 at
+224/16, Llama 6x512 (GQA 8/4, MLP 1376), vocabulary 32000.
 
 Decode tokens/s = new tokens / (time(N new tokens) - time(1 new token)), i.e. prefill excluded.
 modalign runs twice: the eager engine and ``Engine(compile=True)`` (torch.compile'd decode
@@ -23,16 +29,53 @@ from modalign.infer.engine import Engine, Prompt, SamplingParams
 IMAGE = 500
 
 
-def build(tmp: str):
-    vc = transformers.CLIPVisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                       image_size=64, patch_size=16)  # fmt: skip
-    tc = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                                  num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=1024)  # fmt: skip
+SIZES = {
+    "tiny": (dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=64,
+                  patch_size=16),
+             dict(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=4, max_position_embeddings=1024)),
+    "mid": (dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, image_size=224,
+                 patch_size=16),
+            dict(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=6, num_attention_heads=8,
+                 num_key_value_heads=4, max_position_embeddings=2048)),
+}  # fmt: skip
+
+
+def build(tmp: str, size: str = "tiny"):
+    v, t = SIZES[size]
+    vc = transformers.CLIPVisionConfig(**v)
+    tc = transformers.LlamaConfig(**t)
     cfg = transformers.LlavaConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE)
     torch.manual_seed(0)
     ref = transformers.LlavaForConditionalGeneration(cfg).eval()
     ref.save_pretrained(tmp)
     return ref, MLLM.from_pretrained(tmp).eval()
+
+
+def read_gbs(nbytes: int, repeat: int = 10) -> float:
+    """GB/s reading ``nbytes`` (summing an fp32 tensor of that size; best of ``repeat``)."""
+    x = torch.ones(max(nbytes // 4, 1))
+    x.sum()
+    return x.numel() * 4 / timed(lambda: x.sum(), repeat) / 1e9
+
+
+def bandwidth(threads: int, mib: int = 512, repeat: int = 5) -> dict:
+    """Memory bandwidth (GB/s, best of ``repeat``): summing a ``mib`` MiB fp32 tensor (main
+    memory), and the matrix-vector product of a 32000 x 512 fp32 matrix (an LM head's read)."""
+    torch.set_num_threads(threads)
+    w, v = torch.randn(32000, 512), torch.randn(512)
+    w @ v  # warm
+    t_mv = timed(lambda: w @ v, max(repeat, 20))
+    return {"sum_gbs": read_gbs(mib * 2**20, repeat), "matvec_gbs": w.numel() * 4 / t_mv / 1e9}
+
+
+def step_bytes(model: MLLM, context: int) -> int:
+    """Bytes one decode step reads: the LLM's weights but the input embedding, and the KV cache."""
+    llm = model.llm
+    weights = sum(p.numel() * p.element_size() for n, p in llm.named_parameters() if "embed_tokens" not in n)
+    c = model.config.llm
+    kv_dim = (c.head_dim or c.hidden_size // c.num_heads) * c.num_kv_heads
+    return weights + 2 * c.num_layers * kv_dim * context * 4
 
 
 def timed(fn, repeat=3):
@@ -45,15 +88,29 @@ def timed(fn, repeat=3):
 
 
 def main():
+    import json
+
     ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
+    ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    bw = bandwidth(args.threads)
+    print(f"bandwidth: {bw['sum_gbs']:.1f} GB/s (sum), {bw['matvec_gbs']:.1f} GB/s (32000x512 matrix-vector)")
+    out = {
+        "size": args.size,
+        "threads": args.threads,
+        "new_tokens": args.new_tokens,
+        "bandwidth": bw,
+        "batches": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
-        ref, ours = build(tmp)
+        ref, ours = build(tmp, args.size)
         n_img = ours.num_image_tokens()
+        side = SIZES[args.size][0]["image_size"]
         engines = {"eager": Engine(ours)}
         if not args.no_compile:
             engines["compiled"] = Engine(ours, compile=True)
@@ -61,8 +118,14 @@ def main():
             g = torch.Generator().manual_seed(batch)
             ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),
                              torch.randint(3, 400, (batch, 20), generator=g)], 1)  # fmt: skip
-            px = torch.randn(batch, 3, 64, 64, generator=g)
+            px = torch.randn(batch, 3, side, side, generator=g)
             mask = torch.ones_like(ids)
+            n = args.new_tokens
+            # the roofline: the bytes a step reads at the mean context of the generation, at the rate
+            # this machine reads that many bytes (a working set that fits the CPU's caches reads faster)
+            nbytes = step_bytes(ours, ids.shape[1] + n // 2)
+            rate = read_gbs(nbytes)
+            roof = rate * 1e9 / nbytes * batch
 
             def hf(n, ids=ids, px=px, mask=mask):
                 with torch.inference_mode():
@@ -73,11 +136,17 @@ def main():
                 prompts = [Prompt(ids[i].tolist(), [px[i]]) for i in range(batch)]
                 return eng.generate(prompts, SamplingParams(max_new_tokens=n))
 
-            n = args.new_tokens
             expected = hf(n)[:, ids.shape[1] :].tolist()
             t_hf = timed(lambda: hf(n)) - timed(lambda: hf(1))  # noqa: B023
             hf_tps = batch * (n - 1) / t_hf
-            print(f"batch {batch}: transformers {hf_tps:8.1f} tok/s")
+            row = {
+                "roofline_tps": roof,
+                "step_mb": nbytes / 1e6,
+                "read_gbs": rate,
+                "transformers_tps": hf_tps,
+            }
+            print(f"batch {batch}: roofline {roof:8.1f} tok/s ({nbytes / 1e6:.1f} MB a step at {rate:.1f} GB/s) | "
+                  f"transformers {hf_tps:8.1f} tok/s ({hf_tps / roof:.0%} of the roofline)")  # fmt: skip
             for name, eng in engines.items():
                 t0 = time.perf_counter()
                 got = [r.token_ids for r in me(n, eng)]  # the first call compiles
@@ -90,8 +159,13 @@ def main():
                 warm = time.perf_counter() - t0
                 t_me = timed(lambda: me(n, eng)) - timed(lambda: me(1, eng))  # noqa: B023
                 me_tps = batch * (n - 1) / t_me
+                row[name] = {"tps": me_tps, "ratio": me_tps / hf_tps, "roofline_share": me_tps / roof,
+                             "same_greedy": same, "first_call_s": warm}  # fmt: skip
                 print(f"batch {batch}: modalign {name:8s} {me_tps:8.1f} tok/s | ratio {me_tps / hf_tps:5.2f}x | "
-                      f"same greedy tokens: {same}/{n} | first call {warm:.1f} s")  # fmt: skip
+                      f"{me_tps / roof:.0%} of the roofline | same greedy tokens: {same}/{n} | first call {warm:.1f} s")  # fmt: skip
+            out["batches"][str(batch)] = row
+    if args.json:
+        print(json.dumps(out))
 
 
 if __name__ == "__main__":

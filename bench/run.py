@@ -1,0 +1,132 @@
+"""Every benchmark in one command: decode (tiny and mid-size model, against the memory-bandwidth
+roofline), training throughput and the server under load, each against transformers (or one
+client) in one run. Prints the figures and writes them, with the machine's CPU model and flags,
+into ``docs/benchmarks.md`` (between the "bench/run.py" markers; the rest of the file is kept).
+
+    python bench/run.py [--threads 2] [--quick] [--no-write]
+
+``--quick``: fewer tokens, steps and seconds (a smoke run; its figures are noisier).
+The benchmarks run one after another in their own processes, never side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DOC = HERE.parent / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- bench/run.py: begin -->", "<!-- bench/run.py: end -->"
+FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni")
+
+
+def machine() -> dict:
+    cpu, flags = platform.processor() or "unknown", set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.+)", info).group(1).strip()
+        flags = set(re.search(r"flags\s*:\s*(.+)", info).group(1).split())
+    except (OSError, AttributeError):
+        pass
+    return {"cpu": cpu, "flags": [f for f in FLAGS if f in flags], "cores": os.cpu_count(),
+            "torch": torch.__version__, "python": platform.python_version()}  # fmt: skip
+
+
+def run(args: list[str], threads: int) -> str:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    print("$ python", " ".join(args), flush=True)
+    p = subprocess.run(
+        [sys.executable, *args], cwd=HERE, env=env, capture_output=True, text=True, check=False
+    )
+    if p.returncode:
+        raise SystemExit(f"{args[0]} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    lines = [x for x in p.stdout.splitlines() if x.strip()]
+    for x in lines:
+        if not x.startswith("{"):
+            print("  " + x)
+    return p.stdout
+
+
+def last_json(text: str) -> dict:
+    return json.loads(next(x for x in reversed(text.splitlines()) if x.startswith("{")))
+
+
+def decode_rows(d: dict) -> list[str]:
+    rows = []
+    for b, r in d["batches"].items():
+        for eng in ("eager", "compiled"):
+            if eng in r:
+                e = r[eng]
+                rows.append(f"| {d['size']} | {b} | {r['roofline_tps']:,.0f} ({r['step_mb']:.0f} MB at "
+                            f"{r['read_gbs']:.0f} GB/s) | {r['transformers_tps']:,.1f} "
+                            f"({r['transformers_tps'] / r['roofline_tps']:.0%}) | {eng} {e['tps']:,.1f} "
+                            f"({e['roofline_share']:.0%}) | {e['ratio']:.2f}x | {e['same_greedy']}/{d['new_tokens']} |")  # fmt: skip
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
+    args = ap.parse_args()
+    t = str(args.threads)
+    m = machine()
+    print(f"{m['cpu']} | {m['cores']} cores, {args.threads} threads | flags {' '.join(m['flags']) or '-'} | "
+          f"torch {m['torch']}")  # fmt: skip
+    tokens = "32" if args.quick else "128"
+    decode = [last_json(run(["bench_decode.py", "--size", s, "--new-tokens", tokens, "--threads", t, "--json"],
+                            args.threads)) for s in ("tiny", "mid")]  # fmt: skip
+    train = run(["bench_train.py", "--threads", t, *(["--steps", "5", "--rounds", "1"] if args.quick else [])],
+                args.threads)  # fmt: skip
+    secs = "5" if args.quick else "20"
+    load = last_json(run(["load_test.py", "--seconds", secs, "--single-seconds", secs, "--rounds", "1", "--json"],
+                         args.threads))  # fmt: skip
+    bw = decode[1]["bandwidth"]
+    when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [BEGIN, "", f"## Latest `python bench/run.py`{' --quick' if args.quick else ''}", "",
+             f"{when}; {m['cpu']}, {m['cores']} cores, {args.threads} threads; CPU flags: "
+             f"{', '.join(m['flags']) or 'none of ' + ', '.join(FLAGS)}; torch {m['torch']}, Python {m['python']}.",
+             f"Memory bandwidth probe: {bw['sum_gbs']:.1f} GB/s summing 512 MiB, {bw['matvec_gbs']:.1f} GB/s in a "
+             "32000 x 512 fp32 matrix-vector product.", "",
+             "Decode (greedy, fp32). The roofline is the bytes a step reads (the LLM's weights but the input "
+             "embedding, plus the KV cache) over the rate at which this machine reads that many bytes (a "
+             "tensor of the same size summed): a model that fits the CPU's caches is bounded by their speed.",
+             "",
+             "| model | batch | roofline tok/s | transformers tok/s (of roofline) | modalign tok/s (of roofline) | "
+             "ratio | same greedy tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in decode:
+        lines += decode_rows(d)
+    lines += ["", "Training (forward + backward + AdamW, tiny model):", "", "```text",
+              *[x for x in train.splitlines() if x.startswith(("fp32", "bf16"))], "```", ""]  # fmt: skip
+    single, rnd = load["single"], load["rounds"][-1]
+    lines += [f"Server under load (tiny model): {rnd['clients']} mixed clients {rnd['req_s']:.1f} req/s against one "
+              f"client's {single['req_s']:.1f} ({load['ratio']:.2f}x); p50 {rnd['p50_s'] * 1000:.0f} ms, "
+              f"p99 {rnd['p99_s'] * 1000:.0f} ms; {rnd['failed']} failed.", "", END]  # fmt: skip
+    block = "\n".join(lines)
+    print(block)
+    if args.no_write:
+        return
+    text = DOC.read_text()
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
+    else:
+        head, sep, rest = text.partition("\n## ")
+        text = head.rstrip() + "\n\n" + block + "\n\n" + (sep.lstrip("\n") + rest if sep else "")
+    tmp = DOC.with_suffix(".md.tmp")
+    tmp.write_text(text)
+    tmp.replace(DOC)
+    print(f"wrote {DOC}")
+
+
+if __name__ == "__main__":
+    main()
