@@ -55,6 +55,9 @@ class BadSample(ValueError):
 class Message:
     role: str
     content: str  # text; IMAGE_MARK where an image goes
+    # an assistant's tool calls, [{"type": "function", "function": {"name": ..., "arguments": {...}}}],
+    # for a checkpoint's Jinja template that writes them (modalign serve's tool calls)
+    tool_calls: list | None = None
 
     @property
     def num_images(self) -> int:
@@ -107,7 +110,13 @@ class Template:
     stop_tokens: tuple[str, ...] = ()  # tokens that end a reply besides EOS (its end-of-turn)
     stop_strings: tuple[str, ...] = ()  # text that ends a reply where no single token does
 
-    def render(self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False):
+    def render(
+        self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False, tools=None
+    ):
+        if tools or any(m.tool_calls for m in messages):
+            raise ValueError(
+                f"template {self.name!r} does not write tools or tool calls (a Jinja template does)"
+            )
         parts: list[tuple] = []  # (text, trained[, content])
         self._render(_clean(messages), tok, parts, add_generation_prompt)
         text, spans, content, pos = [], [], [], 0
@@ -130,7 +139,7 @@ def _specials(tok: Tokenizer) -> tuple[str, str]:
 
 def _clean(messages: list[Message]) -> list[Message]:
     """Messages without modalign's reserved sentinel characters (they mark spans while rendering)."""
-    return [Message(m.role, m.content.translate(RESERVED)) for m in messages]
+    return [Message(m.role, m.content.translate(RESERVED), m.tool_calls) for m in messages]
 
 
 class PlainTemplate(Template):
@@ -347,6 +356,30 @@ class _GenerationTracker:
         return Generation
 
 
+def _strings(x):
+    """Every string inside ``x`` (nested dicts, lists; keys included)."""
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(x, list | tuple):
+        for v in x:
+            yield from _strings(v)
+
+
+def _map_strings(x, f):
+    """``x`` with ``f`` applied to every string inside it (keys included)."""
+    if isinstance(x, str):
+        return f(x)
+    if isinstance(x, dict):
+        return {_map_strings(k, f): _map_strings(v, f) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_map_strings(v, f) for v in x]
+    return x
+
+
 def _fresh_chars(avoid: str, n: int) -> list[str]:
     """``n`` characters (Supplementary Private Use Area-A) that do not occur in ``avoid``."""
     out, cp = [], 0xF0000
@@ -411,10 +444,15 @@ class JinjaTemplate(Template):
         self.template = env.from_string(source)
         self.has_generation = re.search(r"\{%-?\s*generation\s*-?%\}", source) is not None
 
-    def _text(self, contents, roles, tok, gen, track=False):
+    def _text(self, contents, roles, tok, gen, track=False, calls=None, tools=None):
         msgs = [{"role": r, "content": c} for r, c in zip(roles, contents, strict=True)]
+        for m, c in zip(msgs, calls or [], strict=False):
+            if c:
+                m["tool_calls"] = c
         kw = dict(messages=msgs, add_generation_prompt=gen, bos_token=tok.bos_token or "<s>",
                   eos_token=tok.eos_token or "</s>")  # fmt: skip
+        if tools:
+            kw["tools"] = tools
         for name in ("pad_token", "unk_token"):
             if getattr(tok, name, None):
                 kw[name] = getattr(tok, name)
@@ -434,21 +472,31 @@ class JinjaTemplate(Template):
                                 "or a captured block cannot be located in the output")  # fmt: skip
         return text, [(a, b) for a, b, _ in spans]
 
-    def render(self, messages, tok, add_generation_prompt=False):
+    def render(self, messages, tok, add_generation_prompt=False, tools=None):
         roles = [m.role for m in messages]
         contents = [m.content for m in messages]
+        calls = [m.tool_calls for m in messages]
         special_re = getattr(tok, "_special_re", None)
-        forged = sorted({x for c in contents for x in special_re.findall(c)}) if special_re else []
-        avoid = self.source + "".join(contents)
+        texts = [*contents, *_strings(calls), *_strings(tools)]  # tool calls and tools are user text too
+        forged = sorted({x for c in texts for x in special_re.findall(c)}) if special_re else []
+        avoid = self.source + "".join(texts)
         *stand_ins, probe = _fresh_chars(avoid, len(forged) + 1)
         if forged:  # each special-token string a message holds becomes one stand-in character
             pattern = re.compile("|".join(re.escape(x) for x in sorted(forged, key=len, reverse=True)))
             to_char = dict(zip(forged, stand_ins, strict=True))
-            contents = [pattern.sub(lambda m: to_char[m.group()], c) for c in contents]
-        raw, spans = self._text(contents, roles, tok, add_generation_prompt, track=self.has_generation)
+
+            def sub(c):
+                return pattern.sub(lambda m: to_char[m.group()], c)
+
+            contents = [sub(c) for c in contents]
+            calls, tools = _map_strings(calls, sub), _map_strings(tools, sub)
+        extra = {"calls": calls, "tools": tools}
+        raw, spans = self._text(
+            contents, roles, tok, add_generation_prompt, track=self.has_generation, **extra
+        )
         if not self.has_generation:
             spans = [s for k in range(len(contents)) if roles[k] == "assistant"
-                     for s in self._probe(raw, contents, roles, k, probe, tok, add_generation_prompt)]  # fmt: skip
+                     for s in self._probe(raw, contents, roles, k, probe, tok, add_generation_prompt, extra)]  # fmt: skip
         # the stand-ins back to their strings: positions shift, and those ranges are protected
         text, where, protected, pos = [], [], [], 0
         back = dict(zip(stand_ins, forged, strict=False))
@@ -466,11 +514,11 @@ class JinjaTemplate(Template):
             spans = [(a, self._end_of_turn(text, b, tok, protected)) for a, b in spans]
         return text, spans, protected
 
-    def _probe(self, raw, contents, roles, k, probe, tok, gen):
+    def _probe(self, raw, contents, roles, k, probe, tok, gen, extra=None):
         """The span of message ``k``'s rendered reply in ``raw`` ([] where it is not rendered)."""
         c = contents[k]
-        pre, _ = self._text([*contents[:k], probe + c, *contents[k + 1 :]], roles, tok, gen)
-        post, _ = self._text([*contents[:k], c + probe, *contents[k + 1 :]], roles, tok, gen)
+        pre, _ = self._text([*contents[:k], probe + c, *contents[k + 1 :]], roles, tok, gen, **(extra or {}))
+        post, _ = self._text([*contents[:k], c + probe, *contents[k + 1 :]], roles, tok, gen, **(extra or {}))
         if probe not in pre and probe not in post and pre == raw == post:
             return []  # the template leaves this message out
         a, b = pre.find(probe), post.find(probe)
@@ -548,10 +596,12 @@ def render(
     image_tokens: int | list[int] = 1,
     max_length: int | None = None,
     add_generation_prompt: bool = False,
+    tools: list | None = None,
 ) -> Rendered:
     """Conversation -> ids + labels. Each image becomes ``image_tokens`` placeholder ids (an
-    int for all images, or one count per image). Truncation never splits an image block."""
-    text, spans, content = template.render(conv.messages, tok, add_generation_prompt)
+    int for all images, or one count per image). Truncation never splits an image block.
+    ``tools``: function definitions for a Jinja template that writes them."""
+    text, spans, content = template.render(conv.messages, tok, add_generation_prompt, tools=tools)
     chunks = text.split(IMAGE_MARK)
     n_images = len(chunks) - 1
     if n_images and image_token_id is None:

@@ -83,13 +83,14 @@ class ChatModel:
         pixels = [self.images(im) for im in images] if images else []
         return Prompt(self.prompt_ids(messages), pixels)
 
-    def prompt_ids(self, messages: list[Message]) -> list[int]:
-        """The rendered prompt (with the generation prompt); image marks become placeholders."""
+    def prompt_ids(self, messages: list[Message], tools: list | None = None) -> list[int]:
+        """The rendered prompt (with the generation prompt); image marks become placeholders.
+        ``tools``: function definitions, for a Jinja template that writes them."""
         cfg = self.model.config
         per = self.model.num_image_tokens() if cfg.placeholder == "per_token" else 1
         conv = Conversation(messages, [None] * sum(m.num_images for m in messages))
         return render(
-            conv, self.tok, self.template, cfg.image_token_id, per, add_generation_prompt=True
+            conv, self.tok, self.template, cfg.image_token_id, per, add_generation_prompt=True, tools=tools
         ).input_ids
 
     def params(self, **kw) -> SamplingParams:

@@ -34,7 +34,9 @@ from modalign.serve.batcher import Batcher, Job
 from modalign.serve.guard import Guard, Metrics, error_body
 from modalign.serve.images import ImagePolicy, RequestError, load_image_bytes
 from modalign.serve.protocol import ChatRequest, Limits, parse_request
+from modalign.serve.tools import clean as clean_tools
 from modalign.serve.tools import forced_prefix, parse_reply, supports_tools
+from modalign.serve.tools import native as native_tools
 from modalign.serve.tools import write as write_tools
 
 log = logging.getLogger("modalign.serve")
@@ -206,8 +208,15 @@ def _build_prompt(cm: ChatModel, images: ImageProcessor | None, req: ChatRequest
             raise RequestError(f"this model's chat template ({cm.template.name}) does not write tool calls; "
                                "tools need a ChatML-family template (chatml, or a Jinja one with <tool_call>)",
                                param="tools", code="unsupported_parameter")  # fmt: skip
-        msgs = write_tools(msgs, req.calls, req.tools)
-    ids = cm.prompt_ids(msgs)
+        if cm.template.name == "jinja":  # the checkpoint's template writes them itself
+            active = req.tools is not None and req.tools.active
+            ids = cm.prompt_ids(
+                native_tools(msgs, req.calls), tools=clean_tools(req.tools.tools) if active else None
+            )
+        else:
+            ids = cm.prompt_ids(write_tools(msgs, req.calls, req.tools))
+    else:
+        ids = cm.prompt_ids(msgs)
     prefix = forced_prefix(req.tools)
     if prefix:  # tool_choice required / a named function: the reply starts with the call's opening
         ids += cm.tok.encode(prefix)

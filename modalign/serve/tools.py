@@ -1,7 +1,10 @@
 """Tool calls (OpenAI ``tools`` / ``tool_choice``) in Qwen2's format, for chat templates of the
 ChatML family (``chatml``, or a checkpoint's own Jinja template that writes ``<tool_call>``).
 
-How a conversation with tools is written (what Qwen2.5 / Qwen3's chat templates write):
+A checkpoint's Jinja template writes the tools, the calls and the results itself: it is given
+``tools`` and messages with ``tool_calls`` and the ``tool`` role, as transformers'
+``apply_chat_template(messages, tools=...)`` gives them (``native``). For ``chatml`` modalign
+writes them (``write``), as Qwen2.5 / Qwen3's chat templates do:
 
 - the system turn: the request's system message, a blank line, then the tools block::
 
@@ -23,8 +26,7 @@ How a conversation with tools is written (what Qwen2.5 / Qwen3's chat templates 
   ``<tool_call>\\n{"name": "f", "arguments": {...}}\\n</tool_call>``, calls joined by a newline;
 - tool results: consecutive ``tool`` messages make one user turn of
   ``<tool_response>\\n...\\n</tool_response>`` blocks joined by a newline.
-- with no system message the tools block is the whole system turn (as Qwen3 writes it; Qwen2.5's
-  own Jinja template would put its default system message before it).
+- with no system message the tools block is the whole system turn (as Qwen3 writes it).
 
 The reply is parsed back: each ``<tool_call>`` block holding a JSON object whose ``name`` is one
 of the request's tools and whose ``arguments`` is an object becomes a ``tool_calls`` entry
@@ -184,6 +186,22 @@ def write(
         else:
             out.insert(0, Message("system", system_text(None, spec.tools)))
     return out
+
+
+def clean(x):
+    """Tools or arguments without modalign's reserved characters (every string, keys included)."""
+    from modalign.data.conversation import _map_strings
+
+    return _map_strings(x, lambda t: t.translate(RESERVED).replace(IMAGE_MARK, ""))
+
+
+def native(messages: list[Message], calls: dict[int, list[tuple[str, dict]]]) -> list[Message]:
+    """The conversation for a checkpoint's own Jinja template, which writes tools, calls and
+    results itself: each assistant message carries its calls (``tool_calls``), tool results
+    keep their role."""
+    return [Message(m.role, m.content, [{"type": "function", "function": {"name": n, "arguments": clean(a)}}
+                                        for n, a in calls[i]] if calls.get(i) else None)
+            for i, m in enumerate(messages)]  # fmt: skip
 
 
 def forced_prefix(spec: ToolSpec | None) -> str:

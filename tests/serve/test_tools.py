@@ -156,3 +156,30 @@ def test_templates_without_tool_format_refuse_tools():
         assert r.status_code == 200  # no tools in the prompt: any template
     finally:
         stop()
+
+
+def test_a_checkpoints_jinja_template_writes_the_tools_itself():
+    """A Jinja template that writes <tool_call>: the server hands it tools, calls and tool
+    messages as transformers would (the ids equal ``apply_chat_template``'s: tests/data)."""
+    from modalign.data.conversation import get_template
+    from modalign.serve.tools import native
+    from tests.data.test_chat_templates import TOOLS
+
+    cm = tiny_chat_model(context=2048)
+    cm.tok.chat_template = TOOLS
+    cm.template = get_template("jinja", cm.tok)
+    url, stop = start(create_app(cm, ServeConfig(model_name="tiny", api_key=KEY)))
+    msgs = [{"role": "user", "content": "what colour"},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function",
+             "function": {"name": "get_weather", "arguments": "{\"city\": \"red\"}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "blue"}]  # fmt: skip
+    try:
+        r = post(url, {"messages": msgs, "tools": [WEATHER]})
+    finally:
+        stop()
+    assert r.status_code == 200, r.text
+    ours = native([Message("user", "what colour"), Message("assistant", ""), Message("tool", "blue")],
+                  {1: [("get_weather", {"city": "red"})]})  # fmt: skip
+    ids = cm.prompt_ids(ours, tools=[WEATHER])
+    assert r.json()["usage"]["prompt_tokens"] == len(ids)
+    assert "# Tools" in cm.tok.decode(ids) and "get_weather" in cm.tok.decode(ids)
