@@ -677,7 +677,7 @@ def _pipeline(args) -> int:
     from modalign.data.tokenizer import Tokenizer
     from modalign.infer.chat import ChatModel
     from modalign.models.mllm import MLLM
-    from modalign.pipelines.pica import EndpointCompleter, LocalCompleter, Shot
+    from modalign.pipelines.pica import EndpointCompleter, LocalCompleter
     from modalign.pipelines.run import (
         Captioner,
         ChatCompleter,
@@ -718,12 +718,9 @@ def _pipeline(args) -> int:
             raise ValueError(f"pica --metric {args.metric} embeds questions with a local model: give --llm, "
                              "or use --metric random with an endpoint")  # fmt: skip
         shots_recs = [r for r in load_questions(args.shots) if r["answer"]]
-        spx = pixels_of(shots_recs, Path(args.shots).parent)
-        if llm is not None:
-            kw["shots"] = build_shots(shots_recs, spx, captioner, llm, tok)
-        else:  # random examples: no embeddings needed
-            caps = dict(zip(spx, captioner(torch.stack(list(spx.values()))), strict=True))
-            kw["shots"] = [Shot(caps[r["image"]], r["question"], r["answer"]) for r in shots_recs]
+        kw["shots"] = build_shots(
+            shots_recs, pixels_of(shots_recs, Path(args.shots).parent), captioner, llm, tok
+        )
     if args.name == "pnp-vqa":
         if not args.itm:
             raise ValueError(

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "modalign"
-CORE = ("models", "checkpoints", "data", "train", "eval", "infer", "serve", "config.py", "presets.py",
+CORE = ("models", "checkpoints", "data", "train", "eval", "infer", "serve", "pipelines", "config.py", "presets.py",
         "llm_client.py")  # fmt: skip
 
 

@@ -47,3 +47,13 @@ def labelled_runs(ids, labels):
             runs.append(cur)
             cur = []
     return runs + ([cur] if cur else [])
+
+
+def tiny_quickstart(out) -> None:
+    """``modalign quickstart`` (LLaVA) on 2% of ShapesWorld, stage 0 two steps a stage and the
+    method one step a stage: the parts later method or pipeline runs start from."""
+    from modalign.shapesworld.quickstart import quickstart
+
+    sets = [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip", "chat")]
+    sets += [f"stages.{s}.stop.max_steps=1" for s in ("align", "basic", "ground", "instruct")]
+    quickstart("llava", out, scale=0.02, sets=sets, progress=False)

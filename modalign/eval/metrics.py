@@ -97,6 +97,11 @@ def _digits_articles(text: str) -> str:
     return " ".join(CONTRACTIONS.get(w, w) for w in words)
 
 
+def normalize_answer(text: str) -> str:
+    """A short answer for exact match: trimmed, lower-cased, a trailing full stop dropped."""
+    return text.strip().lower().rstrip(".").strip()
+
+
 def normalize_vqa(answer: str) -> str:
     a = answer.replace("\n", " ").replace("\t", " ").strip()
     return _digits_articles(_punctuation(a))

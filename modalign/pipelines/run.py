@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -63,8 +63,6 @@ def load_questions(path: str | Path) -> list[dict]:
     """A LLaVA-format JSON list (``id``, ``image``, ``conversations``: the first human turn is the
     question, the first gpt turn or ``answer`` the reference) -> records with ``question``,
     ``answer`` (or None), ``image`` and the record's other fields."""
-    from modalign.shapesworld.evaluate import heldout_question
-
     path = Path(path)
     try:
         recs = json.loads(path.read_text())
@@ -79,7 +77,7 @@ def load_questions(path: str | Path) -> list[dict]:
             raise ValueError(f"{path}: record {rid} needs an 'image' path and 'conversations'")
         conv = r["conversations"]
         answer = r.get("answer") or next((t["value"] for t in conv[1:] if t.get("from") == "gpt"), None)
-        out.append({**r, "id": rid, "question": heldout_question(r).replace("<image>", "").strip(),
+        out.append({**r, "id": rid, "question": conv[0]["value"].replace("<image>", "").strip(),
                     "answer": answer})  # fmt: skip
     return out
 
@@ -93,7 +91,6 @@ class PipelineRun:
     llm_calls: int
     llm_tokens: int
     caption_calls: int
-    extra: dict = field(default_factory=dict)
 
 
 def run_pipeline(name: str, records: list[dict], pixels: dict, captioner: Captioner, completer, *,
@@ -115,9 +112,10 @@ def run_pipeline(name: str, records: list[dict], pixels: dict, captioner: Captio
     t0 = time.perf_counter()
     calls0 = captioner.calls
     preds, samples = [], []
-    greedy = {}
+    greedy, stack = {}, None
     if name in ("pica", "img2llm"):
-        greedy = dict(zip(paths, captioner(torch.stack([pixels[p] for p in paths])), strict=True))
+        stack = torch.stack([pixels[p] for p in paths])
+        greedy = dict(zip(paths, captioner(stack), strict=True))
     if name == "pica":
         if not shots:
             raise ValueError("PICa needs in-context examples (shots)")
@@ -130,8 +128,7 @@ def run_pipeline(name: str, records: list[dict], pixels: dict, captioner: Captio
         )
         iv = {}
         if metric == "imagequestion":
-            iv = dict(zip(paths, embed_images(captioner.cm.model, torch.stack([pixels[p] for p in paths])),
-                          strict=True))  # fmt: skip
+            iv = dict(zip(paths, embed_images(captioner.cm.model, stack), strict=True))
         for r, q in tqdm(list(zip(records, qv, strict=True)), desc="pica", disable=not progress):
             a = pica.answer(r["question"], greedy[r["image"]], q, iv.get(r["image"]))
             preds.append(a.answer)
@@ -171,15 +168,18 @@ def run_pipeline(name: str, records: list[dict], pixels: dict, captioner: Captio
                        captioner.calls - calls0)  # fmt: skip
 
 
-def build_shots(records: list[dict], pixels: dict, captioner: Captioner, llm, tok) -> list:
+def build_shots(records: list[dict], pixels: dict, captioner: Captioner, llm=None, tok=None) -> list:
     """PICa's in-context examples from answered records: each image captioned by ``captioner``
-    (as the test images are), the question embedded by ``llm``, the image by the captioner's tower."""
+    (as the test images are), the question embedded by ``llm``, the image by the captioner's tower
+    (without ``llm``: no embeddings, for random selection)."""
     from modalign.pipelines.pica import Shot, embed_images, embed_texts
 
     records = [r for r in records if r.get("answer")]
     paths = list(dict.fromkeys(r["image"] for r in records))
     stack = torch.stack([pixels[p] for p in paths])
     caps = dict(zip(paths, captioner(stack), strict=True))
+    if llm is None:
+        return [Shot(caps[r["image"]], r["question"], r["answer"]) for r in records]
     ivec = dict(zip(paths, embed_images(captioner.cm.model, stack), strict=True))
     qvec = embed_texts(llm, tok, [r["question"] for r in records])
     return [Shot(caps[r["image"]], r["question"], r["answer"], q, ivec[r["image"]])
@@ -190,7 +190,7 @@ def score(records: list[dict], preds: list[str]) -> dict:
     """Exact match after normalisation, overall, per ``type`` and on ``unseen`` records."""
     from collections import defaultdict
 
-    from modalign.shapesworld.evaluate import normalize_answer
+    from modalign.eval.metrics import normalize_answer
 
     by_type, unseen = defaultdict(lambda: [0, 0]), [0, 0]
     for r, p in zip(records, preds, strict=True):

@@ -14,15 +14,12 @@ from tqdm.auto import tqdm
 
 from modalign.data.images import GRID_PLACES, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
+from modalign.eval.metrics import normalize_answer
 from modalign.infer.chat import ChatModel, user_message
 from modalign.infer.engine import Prompt
 from modalign.models.mllm import MLLM
 
 PROMPT_VERSION = "shapes-v1"
-
-
-def normalize_answer(text: str) -> str:
-    return text.strip().lower().rstrip(".").strip()
 
 
 def heldout_question(rec: dict) -> str:

@@ -6,7 +6,7 @@ vision models produce, measured on the same questions as the trained methods.
 - frozen reasoner: stage 0's chat-tuned text LLM (``OUT/stage0/model``), run locally;
 - PNP-VQA's matching model: ``tiny-itm`` (BLIP-2's stage-1 Q-Former with its itm head);
 - the agent: ``tiny-agent-llm`` (stage 0's LLM tool-tuned on text-only chats) served by
-  ``modalign serve`` on loopback, calling tools backed by the LLaVA model (vqa, count, read_text).
+  ``modalign serve`` on loopback, calling the ``vqa`` tool backed by the LLaVA model.
 
 Each row reports accuracy (overall, per type, unseen colour-shape pairs) and the cost: LLM calls,
 LLM tokens (prompt and completion) and seconds per question.
@@ -15,7 +15,6 @@ LLM tokens (prompt and completion) and seconds per question.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import threading
 import time
@@ -39,11 +38,10 @@ from modalign.pipelines.run import (
     score,
 )
 from modalign.shapesworld import RECIPES
+from modalign.shapesworld.quickstart import METHODS, markdown_table, prepare_data, run_method
 from modalign.train.recipe import load_recipe
 from modalign.train.run import run_recipe
 
-log = logging.getLogger("modalign")
-METHODS = ("llava", "mplug-owl", "mplug-owl2", "xcomposer2", "blip2", "minigpt4", "flamingo", "llama-adapter")
 # the miniature's settings: the stage-0 LLM was trained on 128-token texts, so PICa takes 2 examples
 # a prompt (the paper: 16) and Img2LLM 10 answer candidates (the paper: 30); 9 patches make an image
 SETTINGS = {"pica": {"n_shot": 2, "n_ensemble": 3}, "img2llm": {"captions_per_image": 5, "n_answers": 10},
@@ -100,15 +98,12 @@ def ensure_parts(
     starts from it), ``tiny-captioner``, ``tiny-itm`` and ``tiny-agent-llm``. ``sets``: recipe
     overrides prefixed with the part (``captioner.stages.caption.stop.max_steps=2``; ``stage0.``,
     ``llava.``)."""
-    from modalign.shapesworld.quickstart import run_method
-
     sets = sets or []
     if not (out / "stage0" / "model").is_dir():
-        run_recipe(
-            load_recipe(RECIPES / "tiny-stage0.yaml", variables, []), out / "stage0", progress=progress
-        )
+        run_recipe(load_recipe(RECIPES / "tiny-stage0.yaml", variables, _sets(sets, "stage0")), out / "stage0",
+                   progress=progress)  # fmt: skip
     if not (out / "llava" / "model").is_dir():
-        run_method("llava", out, variables, [], progress)
+        run_method("llava", out, variables, _sets(sets, "llava"), progress)
     if "agent-llm" in need and not (out / "agent-llm" / "model").is_dir():
         train = [r for r in load_questions(Path(variables["data"]) / "instruct.json") if r["answer"]]
         chats = out / "agent-llm" / "chats.json"
@@ -148,8 +143,6 @@ def run_pipelines(names: list[str], out: str | Path = "runs/quickstart", images:
     quickstart run in ``out`` (training what they read where it is missing); write
     ``OUT/pipelines/<name>.json`` and ``comparison.json`` (with the trained methods found in
     ``out`` on the same questions) and return the rows."""
-    from modalign.shapesworld.quickstart import prepare_data
-
     for n in names:
         if n not in SHAPES_PIPELINES:
             raise ValueError(f"unknown pipeline {n!r}; known: {', '.join(SHAPES_PIPELINES)}")
@@ -248,7 +241,7 @@ def _write(out: Path, row: dict, samples: list[dict]) -> None:
 
 def _agent_row(out: Path, data: Path, records: list[dict], captioner_cm: ChatModel, progress: bool) -> dict:
     """The agent on the held-out questions: ``tiny-agent-llm`` served by ``modalign serve`` on
-    loopback drives the tools; the LLaVA model answers behind vqa, count and read_text."""
+    loopback drives the tools; the LLaVA model answers behind vqa."""
     from tqdm.auto import tqdm
 
     from modalign.llm_client import LLMClient
@@ -310,6 +303,4 @@ def format_rows(rows: list[dict]) -> str:
             f"{r['llm_calls'] / n:.1f}", f"{r['llm_tokens'] / n:.0f}", f"{r['seconds_per_question']:.2f}"]  # fmt: skip
         lines.append([r["method"], f"{r['heldout_accuracy']:.1%}", "-" if u is None else f"{u:.1%}",
                       *(f"{r['accuracy_by_type'].get(t, 0):.0%}" for t in types), *cost])  # fmt: skip
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines, strict=True)]
-    fmt = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
-    return "\n".join([fmt(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(fmt, lines)])
+    return markdown_table(head, lines)

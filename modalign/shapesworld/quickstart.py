@@ -179,6 +179,11 @@ def format_results(results: list[dict]) -> str:
                      *(f"{r['accuracy_by_type'].get(t, 0):.0%}" for t in types), f"{r['text_qa_before']:.1%}",
                      f"{r['text_qa_after']:.1%}", f"{r['text_ppl_before']:.3f}",
                      f"{r['text_ppl_after']:.3f}", f"{last:,}", f"{r['wall_seconds']:.0f}"])  # fmt: skip
+    return markdown_table(head, rows)
+
+
+def markdown_table(head: list[str], rows: list[list]) -> str:
+    """A Markdown table with its columns padded to their widest cell."""
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"  # noqa: E731
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"

@@ -10,15 +10,13 @@ from modalign.pipelines.img2llm import HEADER as IMG2LLM_HEADER
 from modalign.pipelines.pica import HEADER as PICA_HEADER
 from modalign.pipelines.run import load_questions
 from modalign.shapesworld.pipelines import agent_chats, heldout_subset, run_pipelines
-from modalign.shapesworld.quickstart import quickstart
+from tests.tiny import tiny_quickstart
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("pipes")
-    sets = [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip", "chat")]
-    sets += [f"stages.{s}.stop.max_steps=1" for s in ("align", "basic", "ground", "instruct")]
-    quickstart("llava", out, scale=0.02, sets=sets, progress=False)
+    tiny_quickstart(out)
     parts = ["captioner.stages.caption.stop.max_steps=2", "itm.stages.qformer.stop.max_steps=2",
              "agent-llm.stages.tools.stop.max_steps=2", "agent-llm.stages.tools.data.batch_size=2"]  # fmt: skip
     rows = run_pipelines(["pica", "img2llm", "pnp-vqa", "agent"], out, images=2, progress=False, sets=parts)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from modalign import MLLM
-from modalign.shapesworld.quickstart import METHODS, quickstart, run_method
+from modalign.shapesworld.quickstart import METHODS, run_method
+from tests.tiny import tiny_quickstart
 
 NEW = ("blip2", "minigpt4", "flamingo", "llama-adapter")
 STAGES = ("qformer", "align", "basic", "ground", "instruct")
@@ -17,9 +18,7 @@ STAGES = ("qformer", "align", "basic", "ground", "instruct")
 @pytest.fixture(scope="module")
 def stage0(tmp_path_factory):
     out = tmp_path_factory.mktemp("qs")
-    sets = [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip", "chat")]
-    sets += [f"stages.{s}.stop.max_steps=1" for s in ("align", "basic", "ground", "instruct")]
-    quickstart("llava", out, scale=0.02, sets=sets, progress=False)
+    tiny_quickstart(out)
     return out
 
 
