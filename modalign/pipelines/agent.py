@@ -166,9 +166,9 @@ class Agent:
                 result.llm_calls += 1
                 result.tokens += int((doc.get("usage") or {}).get("total_tokens") or 0)
                 msg = doc["choices"][0]["message"]
-                calls = msg.get("tool_calls") or []
-                if not isinstance(msg, dict) or not isinstance(calls, list):
+                if not isinstance(msg, dict) or not isinstance(msg.get("tool_calls") or [], list):
                     raise TypeError("the message is not an object with a tool_calls list")
+                calls = msg.get("tool_calls") or []
             except (LLMError, KeyError, IndexError, TypeError, AttributeError, ValueError) as e:
                 result.stop = "error"
                 self._record(result, {"step": step, "error": f"{type(e).__name__}: {e}"[:500], "tool_calls": [],

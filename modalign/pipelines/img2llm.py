@@ -140,13 +140,6 @@ class Tagger:
         out = [(w, t) for w, t in tags if t in CONTENT_POS]
         return out + [(p, "NOUN") for p in _rule_phrases(tags)]
 
-    def pos(self, word: str) -> str:
-        if self.nlp is not None:
-            doc = self.nlp(word)
-            return doc[-1].pos_ if len(doc) else "X"
-        tags = rule_tags(word)
-        return tags[-1][1] if tags else "X"
-
 
 def answer_candidates(captions: Sequence[str], tagger: Tagger, n_answers: int = 30):
     """(ranked candidates each ending with ".", "yes." last; lower-cased candidate -> caption ids;

@@ -30,7 +30,6 @@ before captioning.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -122,11 +121,6 @@ def qa_passages(question: str, captions: Sequence[str], per_passage: int = 1) ->
         ctx = "".join(c.strip() + ". " for c in captions[i : i + per_passage])
         out.append(question.lower().strip() + " \\n " + ctx.lower().strip())
     return out
-
-
-def clean_question(question: str) -> str:
-    """The paper's question processing: lower case, the characters .!"()*#:;~ removed."""
-    return re.sub(r'[.!"()*#:;~]', "", question.lower()).strip()
 
 
 def join_captions(captions: Sequence[str]) -> str:
