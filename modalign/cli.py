@@ -153,7 +153,8 @@ def _load_chat(args, compile: bool = False):
     from modalign.infer.chat import ChatModel
 
     return ChatModel.load(args.model, args.template, device=args.device, dtype=args.dtype, compile=compile,
-                          base=args.base, vision_tower=args.vision_tower)  # fmt: skip
+                          base=args.base, vision_tower=args.vision_tower,
+                          image_cache_mb=getattr(args, "image_cache_mb", 256))  # fmt: skip
 
 
 def _compile_flag(p: argparse.ArgumentParser) -> None:
@@ -295,6 +296,8 @@ def _add_serve(sub) -> None:
     sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
     sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
     sv.add_argument("--max-images", type=int, default=8, help="images per request")
+    sv.add_argument("--image-cache-mb", type=float, default=256,
+                    help="visual tokens of images already seen are reused, up to this many MiB (0: off)")  # fmt: skip
     sv.add_argument("--max-body-mb", type=float, default=20)
     sv.add_argument("--max-connections", type=int, default=256, help="open connections (more get 503)")
     sv.add_argument(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
+from modalign.infer.image_cache import ImageCache, encode_cached
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
 
@@ -93,11 +94,14 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingP
 class Engine:
     """Batched generation for any ``MLLM`` design."""
 
-    def __init__(self, model: MLLM, tokenizer=None, compile: bool = False):
+    def __init__(self, model: MLLM, tokenizer=None, compile: bool = False, image_cache_mb: float = 256):
         """``compile``: decode steps run through ``torch.compile`` (a one-off compile per batch
-        size and cache-length bucket, then several times fewer dispatched ops per token)."""
+        size and cache-length bucket, then several times fewer dispatched ops per token).
+        ``image_cache_mb``: visual tokens of images already seen are kept up to this size and
+        reused (``ImageCache``; 0 keeps none)."""
         self.model, self.tok = model.eval(), tokenizer
         self.fast = FastDecoder(model.llm, compile=compile)
+        self.image_cache = ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb else None
 
     def _device(self):
         return self.model.llm.embed_tokens.weight.device
@@ -116,19 +120,17 @@ class Engine:
         for i, p in enumerate(prompts):
             ids[i, t - lengths[i] :] = torch.tensor(p.input_ids)
             mask[i, t - lengths[i] :] = 1
-        images = [px for p in prompts for px in p.pixel_values]
-        pixels = None
-        if images:
-            same = all(x.shape == images[0].shape for x in images)
-            pixels = torch.stack(images).to(dev) if same else [x.to(dev) for x in images]
+        tokens = self._image_tokens([px for p in prompts for px in p.pixel_values])
         ids, mask = ids.to(dev), mask.to(dev)
         padded = min(lengths) != t
         need = t + room
         cache = self.model.llm.new_cache(b, self.fast.round_cache_len(need) if round_to_graphs else need)
         # per-image placeholders were expanded already (``_expand``), so the splice keeps every
         # row's length; an all-text batch passes no modality ids (no image branch runs)
-        sp = self.model.embed(ids, pixels, mask if padded else None, placeholder="per_token")
-        out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if pixels is not None else None,
+        sp = self.model.embed(
+            ids, None, mask if padded else None, image_tokens=tokens, placeholder="per_token"
+        )
+        out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if tokens is not None else None,
                          attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1,
                          media=sp.media)  # fmt: skip
         return Prefilled(cache, out.logits[:, -1].float(), ids, mask, padded, lengths)
@@ -215,8 +217,8 @@ class Engine:
         for i, p in enumerate(prompts):
             ids[i, t - lengths[i] :] = torch.tensor(p.input_ids, device=dev)
             mask[i, t - lengths[i] :] = 1
-        images = [px.to(dev) for p in prompts for px in p.pixel_values]
-        sp = self.model.embed(ids, torch.stack(images) if images else None, mask)
+        tokens = self._image_tokens([px for p in prompts for px in p.pixel_values])
+        sp = self.model.embed(ids, None, mask, image_tokens=tokens)
         enc = llm.encode(sp.inputs_embeds, mask)
         gen = torch.Generator(device=dev)
         gen.manual_seed(params.seed) if params.seed is not None else gen.seed()
@@ -263,6 +265,14 @@ class Engine:
             if not self.fast.compiled:
                 break
         return time.perf_counter() - t0
+
+    def _image_tokens(self, images: list[torch.Tensor]):
+        """The visual tokens of ``images`` in order ([N, L, D], or a list where their lengths differ),
+        from the image cache where it holds them; None without images."""
+        if not images:
+            return None
+        tokens = encode_cached(self.model, images, self.image_cache)
+        return torch.stack(tokens) if all(t.shape == tokens[0].shape for t in tokens) else tokens
 
     def _expand(self, p: Prompt) -> Prompt:
         """Per-image placeholders (one id per image) -> one id per visual token, so that rows

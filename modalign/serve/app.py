@@ -88,6 +88,7 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
               if cm.model.has_vision else None)  # fmt: skip
     batcher = Batcher(cm.engine, cfg.max_batch, cfg.stall_s)
     metrics = Metrics()
+    metrics.watch_image_cache(cm.engine.image_cache)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -21,6 +21,7 @@ import json
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 ROUTES = ("/v1/chat/completions", "/v1/models", "/health", "/metrics", "/")
@@ -40,6 +41,28 @@ class Metrics:
         )
         self.stream_errors = Counter("modalign_stream_errors", "streams ended by an error event", ["code"],
                                      registry=self.registry)  # fmt: skip
+
+    def watch_image_cache(self, cache) -> None:
+        """Report an engine's ``ImageCache`` (lookups by result, entries, bytes) at each scrape."""
+        if cache is not None:
+            self.registry.register(_ImageCacheCollector(cache))
+
+
+class _ImageCacheCollector:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        c = self.cache
+        lookups = CounterMetricFamily("modalign_image_cache_lookups", "visual-token cache lookups by result",
+                                      labels=["result"])  # fmt: skip
+        lookups.add_metric(["hit"], c.hits)
+        lookups.add_metric(["miss"], c.misses)
+        yield lookups
+        yield GaugeMetricFamily(
+            "modalign_image_cache_entries", "images whose visual tokens are cached", len(c)
+        )
+        yield GaugeMetricFamily("modalign_image_cache_bytes", "bytes of cached visual tokens", c.bytes)
 
 
 def route_label(path: str) -> str:

@@ -153,3 +153,44 @@ def test_compiled_decoding_equals_eager_on_a_padded_batch():
     assert c1.length == c2.length == 4
     assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
     assert torch.allclose(c1.k[0][:, :, :4], c2.k[0][:, :, :4], atol=1e-6)
+
+
+def test_image_cache_reuses_visual_tokens_and_follows_weight_updates():
+    from modalign.infer.image_cache import ImageCache, image_key
+
+    model = tiny()
+    ps = prompts(model, 4)  # 0, 1, 2 and 0 images
+    params = SamplingParams(max_new_tokens=5)
+    plain = Engine(model, image_cache_mb=0).generate(ps, params)
+    eng = Engine(model)
+    first = eng.generate(ps, params)
+    n_img = sum(len(p.pixel_values) for p in ps)
+    assert eng.image_cache.misses == n_img and eng.image_cache.hits == 0 and len(eng.image_cache) == n_img
+    again = eng.generate(ps, params)  # every image met before: no tower, no connector
+    assert eng.image_cache.hits == n_img and eng.image_cache.misses == n_img
+    assert [r.token_ids for r in first] == [r.token_ids for r in again] == [r.token_ids for r in plain]
+    # one image twice in one prompt is encoded once, and a tensor equal in value is the same key
+    p = ps[2]
+    twin = Prompt(p.input_ids, [p.pixel_values[0], p.pixel_values[0].clone()])
+    eng.image_cache.clear()
+    eng.generate([twin], params)
+    assert len(eng.image_cache) == 1 and image_key(twin.pixel_values[0]) == image_key(twin.pixel_values[1])
+    # a training step on the tower changes the visual tokens: the cache must not serve the old ones
+    hits = eng.image_cache.hits
+    with torch.no_grad():
+        model.vision.embeddings.patch_embedding.weight.mul_(-2.0)
+    changed = eng.generate([ps[1]], params)[0].token_ids
+    assert changed == full_forward_greedy(model, ps[1], 5)
+    assert eng.image_cache.hits == hits and len(eng.image_cache) == 1
+
+    # least recently used out first, within the byte bound; an entry larger than the bound is not kept
+    c = ImageCache(max_bytes=3 * 4 * 10)  # three [10] float32 tensors
+    for k in (b"a", b"b", b"c"):
+        c.put(k, torch.zeros(10))
+    assert c.get(b"a") is not None  # a is now the most recent
+    c.put(b"d", torch.zeros(10))
+    assert set(c.entries) == {b"a", b"c", b"d"} and c.bytes == 120
+    c.put(b"e", torch.zeros(31))
+    assert b"e" not in c.entries and c.bytes == 120
+    with pytest.raises(ValueError, match="image cache size"):
+        ImageCache(-1)

@@ -190,3 +190,23 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         browser.close()
     assert answer.startswith("assistant: ") and len(answer) > len("assistant: ")
     assert (tmp_path / "chat.png").stat().st_size > 5000
+
+
+def test_an_image_met_again_is_not_encoded_again(server):
+    """The next turn of a chat carries its image again: its visual tokens come from the cache
+    (counted in /metrics), and the reply is the one a cold cache gives."""
+    url, app, _ = server
+    cache = app.state.batcher.engine.image_cache
+    img = [{"type": "image_url", "image_url": {"url": png_data_url((10, 200, 10))}},
+           {"type": "text", "text": "what colour?"}]  # fmt: skip
+    first = ask(url, messages=[{"role": "user", "content": img}])
+    hits, misses = cache.hits, cache.misses
+    turn2 = [{"role": "user", "content": img}, {"role": "assistant", "content": first.choices[0].message.content or "no"},
+             {"role": "user", "content": "and the shape?"}]  # fmt: skip
+    warm = ask(url, messages=turn2).choices[0].message.content
+    assert (cache.hits, cache.misses) == (hits + 1, misses)
+    metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    assert f'modalign_image_cache_lookups_total{{result="hit"}} {float(cache.hits)}' in metrics
+    assert f"modalign_image_cache_entries {float(len(cache))}" in metrics
+    cache.clear()
+    assert ask(url, messages=turn2).choices[0].message.content == warm and cache.misses == misses + 1
