@@ -10,8 +10,12 @@ by summing a tensor of the same size, so a model that fits the CPU's caches gets
 224/16, Llama 6x512 (GQA 8/4, MLP 1376), vocabulary 32000.
 
 Decode tokens/s = new tokens / (time(N new tokens) - time(1 new token)), i.e. prefill excluded.
-modalign runs twice: the eager engine and ``Engine(compile=True)`` (torch.compile'd decode
-step; its one-off compile time per batch size is printed separately and not in the rate).
+modalign runs three times: the eager engine, ``Engine(compile=True)`` (torch.compile'd decode
+step; its one-off compile time per batch size is printed separately and not in the rate) and
+``Engine(quantize="int8")`` (``--no-int8`` skips it). For int8 it also prints, against modalign's
+fp32 decoding: the speed ratio, the greedy tokens that agree (leading tokens equal, and the share
+of positions equal), the largest logit difference over the fp32 greedy sequence fed to both
+(teacher-forced, batch 1), and the bytes of the decode step's matrices in each.
 """
 
 from __future__ import annotations
@@ -78,6 +82,32 @@ def step_bytes(model: MLLM, context: int) -> int:
     return weights + 2 * c.num_layers * kv_dim * context * 4
 
 
+def int8_report(model: MLLM, fp32: Engine, int8: Engine, prompt: Prompt, tokens: list[int]) -> dict:
+    """The largest logit difference between the fp32 and int8 decode steps over ``tokens`` (the
+    fp32 greedy continuation of ``prompt``, fed to both), and the bytes of the decode matrices."""
+    logits = []
+    for eng in (fp32, int8):
+        with torch.inference_mode():
+            pre = eng.prefill([prompt], len(tokens) + 1)  # the module path: the same for both
+            steps = [eng.fast.step(torch.tensor([[t]]), pre.cache) for t in tokens[:-1]]
+        logits.append(torch.cat(steps))
+    err = (logits[0] - logits[1]).abs()
+    plan32, plan8 = fp32.fast.plan, int8.fast.plan
+    mats32 = [m[0] for layer in plan32.layers for m in (*layer[1:3], *layer[4:])] + [plan32.head]
+    mats8 = [m[0] for layer in plan8.layers for m in (*layer[1:3], *layer[4:])] + [plan8.head]
+    return {"max_logit_err": float(err.max()), "logit_range": float(logits[0].max() - logits[0].min()),
+            "fp32_mb": sum(w.numel() * w.element_size() for w in mats32) / 1e6,
+            "int8_mb": sum(m.nbytes for m in mats8) / 1e6}  # fmt: skip
+
+
+def leading_same(got: list[list[int]], ref: list[list[int]], n: int) -> int:
+    """Leading tokens equal, the minimum over rows."""
+    return min(
+        next((k for k, (a, b) in enumerate(zip(g, e, strict=False)) if a != b), n)
+        for g, e in zip(got, ref, strict=True)
+    )
+
+
 def timed(fn, repeat=3):
     best = float("inf")
     for _ in range(repeat):
@@ -95,6 +125,7 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 engine")
     ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -114,6 +145,8 @@ def main():
         engines = {"eager": Engine(ours)}
         if not args.no_compile:
             engines["compiled"] = Engine(ours, compile=True)
+        if not args.no_int8:
+            engines["int8"] = Engine(ours, quantize="int8")
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
             ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),
@@ -152,10 +185,9 @@ def main():
                 got = [r.token_ids for r in me(n, eng)]  # the first call compiles
                 # leading greedy tokens equal to transformers' (min over rows): random weights have
                 # near-ties that float rounding can flip late in a long generation
-                same = min(
-                    next((k for k, (a, b) in enumerate(zip(g, e, strict=False)) if a != b), n)
-                    for g, e in zip(got, expected, strict=True)
-                )
+                same = leading_same(got, expected, n)
+                if name == "eager":
+                    fp32_tokens = got
                 warm = time.perf_counter() - t0
                 t_me = timed(lambda: me(n, eng)) - timed(lambda: me(1, eng))  # noqa: B023
                 me_tps = batch * (n - 1) / t_me
@@ -163,6 +195,20 @@ def main():
                              "same_greedy": same, "first_call_s": warm}  # fmt: skip
                 print(f"batch {batch}: modalign {name:8s} {me_tps:8.1f} tok/s | ratio {me_tps / hf_tps:5.2f}x | "
                       f"{me_tps / roof:.0%} of the roofline | same greedy tokens: {same}/{n} | first call {warm:.1f} s")  # fmt: skip
+                if name == "int8":
+                    q = row[name]
+                    q["vs_fp32"] = me_tps / row["eager"]["tps"]
+                    q["same_as_fp32"] = leading_same(got, fp32_tokens, n)
+                    q["agree_fp32"] = sum(a == b for g, e in zip(got, fp32_tokens, strict=True)
+                                          for a, b in zip(g, e, strict=False)) / (batch * n)  # fmt: skip
+                    if batch == 1:
+                        q |= int8_report(
+                            ours, engines["eager"], eng, Prompt(ids[0].tolist(), [px[0]]), fp32_tokens[0]
+                        )
+                        print(f"int8: max logit difference {q['max_logit_err']:.3f} (fp32 logits span "
+                              f"{q['logit_range']:.1f}); decode matrices {q['fp32_mb']:.0f} MB fp32, {q['int8_mb']:.0f} MB int8")  # fmt: skip
+                    print(f"batch {batch}: int8 {q['vs_fp32']:.2f}x fp32 | greedy tokens equal to fp32: leading "
+                          f"{q['same_as_fp32']}/{n}, {q['agree_fp32']:.0%} of positions")  # fmt: skip
             out["batches"][str(batch)] = row
     if args.json:
         print(json.dumps(out))

@@ -73,6 +73,19 @@ def decode_rows(d: dict) -> list[str]:
     return rows
 
 
+def int8_rows(d: dict) -> list[str]:
+    rows = []
+    for b, r in d["batches"].items():
+        q = r.get("int8")
+        if q is None:
+            continue
+        err = f"{q['max_logit_err']:.3f} (span {q['logit_range']:.1f})" if "max_logit_err" in q else "-"
+        mem = f"{q['fp32_mb']:.0f} → {q['int8_mb']:.0f}" if "fp32_mb" in q else "-"
+        rows.append(f"| {d['size']} | {b} | {r['eager']['tps']:,.1f} | {q['tps']:,.1f} | {q['vs_fp32']:.2f}x | "
+                    f"{q['ratio']:.2f}x | {q['same_as_fp32']}/{d['new_tokens']}, {q['agree_fp32']:.0%} | {err} | {mem} |")  # fmt: skip
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
@@ -106,6 +119,13 @@ def main() -> None:
              "ratio | same greedy tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += decode_rows(d)
+    lines += ["", "int8 decode (`--quantize int8`) against modalign's fp32 eager decode on the same model: greedy "
+              "tokens equal to fp32's (leading, then the share of positions), the largest logit difference "
+              "over fp32's greedy sequence fed to both (batch 1), and the decode step's matrices in MB.", "",
+              "| model | batch | fp32 tok/s | int8 tok/s | int8 / fp32 | int8 / transformers | same greedy tokens | "
+              "max logit difference | matrices MB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for d in decode:
+        lines += int8_rows(d)
     lines += ["", "Training (forward + backward + AdamW, tiny model):", "", "```text",
               *[x for x in train.splitlines() if x.startswith(("fp32", "bf16"))], "```", ""]  # fmt: skip
     single, rnd = load["single"], load["rounds"][-1]

@@ -16,6 +16,7 @@ import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
 from modalign.infer.image_cache import ImageCache, encode_cached
+from modalign.infer.quant import check_quantize
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
 
@@ -94,13 +95,22 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingP
 class Engine:
     """Batched generation for any ``MLLM`` design."""
 
-    def __init__(self, model: MLLM, tokenizer=None, compile: bool = False, image_cache_mb: float = 256):
+    def __init__(self, model: MLLM, tokenizer=None, compile: bool = False, image_cache_mb: float = 256,
+                 quantize: str | None = None):  # fmt: skip
         """``compile``: decode steps run through ``torch.compile`` (a one-off compile per batch
         size and cache-length bucket, then several times fewer dispatched ops per token).
         ``image_cache_mb``: visual tokens of images already seen are kept up to this size and
-        reused (``ImageCache``; 0 keeps none)."""
+        reused (``ImageCache``; 0 keeps none). ``quantize``: "int8" decodes on int8 copies of the
+        LLM's weights (``infer/quant.py``; the decode step is then eager)."""
         self.model, self.tok = model.eval(), tokenizer
-        self.fast = FastDecoder(model.llm, compile=compile)
+        self.quantize = check_quantize(quantize)
+        if self.quantize and not supported(model.llm, None):
+            raise ValueError(
+                f"quantize {self.quantize}: the int8 decode step covers Llama-family decoders (RMSNorm, RoPE, "
+                "gated SiLU MLP, LoRA merged); this model decodes through its modules, in its own dtype"
+            )
+        compile = compile and not self.quantize
+        self.fast = FastDecoder(model.llm, compile=compile, quantize=self.quantize)
         self.image_cache = ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb else None
 
     def _device(self):

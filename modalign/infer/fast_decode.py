@@ -21,6 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from modalign.infer.quant import Int8Linear
 from modalign.models.decoder import LLM, KVCache
 from modalign.models.layers import apply_rotary, attend, gated_mlp, rms_norm
 from modalign.models.modality import ALinear
@@ -44,7 +45,7 @@ class DecodePlan:
     ``F.linear`` on the [out, in] layout; elsewhere a view. ``stale`` notices in-place updates
     (training, LoRA merges) and replaced modules (a part enabled after the plan was made)."""
 
-    def __init__(self, llm: LLM):
+    def __init__(self, llm: LLM, quantize: str | None = None):
         def text(m):  # MAM: a decode step is text, so the text copy
             return m.multiway[0] if hasattr(m, "multiway") else m
 
@@ -52,6 +53,8 @@ class DecodePlan:
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bs = [m.bias for m in mods]
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
+            if quantize == "int8":
+                return Int8Linear(w, b), None
             wt = w.detach().t()
             return wt.contiguous() if wt.device.type == "cpu" else wt, _d(b)
 
@@ -72,8 +75,8 @@ class DecodePlan:
         return _versions(llm) != self.versions
 
 
-def supported(llm: LLM, cache: KVCache) -> bool:
-    """Whether the fused step covers this model now: Llama-family base layers, MAM (text copy) and
+def supported(llm: LLM, cache: KVCache | None) -> bool:
+    """Whether the fused step covers this model now (``cache`` None: for any cache length): Llama-family base layers, MAM (text copy) and
     Partial LoRA (off for text) are covered; LoRA (unmerged), adapters, non-SiLU MLPs, OPT-style
     decoders, active sliding windows and Flamingo's gated cross-attention blocks (which read the
     cached images at every step) take the module path."""
@@ -86,7 +89,7 @@ def supported(llm: LLM, cache: KVCache) -> bool:
         isinstance(m, ALinear) and m.lora_A is not None and not m.lora_merged for m in llm.modules()
     ):
         return False
-    if c.sliding_window is not None and cache.length + 1 > c.sliding_window:
+    if c.sliding_window is not None and cache is not None and cache.length + 1 > c.sliding_window:
         return False
     return True
 
@@ -104,6 +107,8 @@ def _attend_one(q, k, v, mask):
 
 
 def _lin(x, wt, b=None):
+    if not isinstance(wt, torch.Tensor):  # an int8 matrix (``Int8Linear``), bias included
+        return wt(x)
     y = x @ wt
     return y if b is None else y + b
 
@@ -149,8 +154,8 @@ class FastDecoder:
     as attending over the filled prefix. If compiling fails (e.g. no C++ compiler), it logs why
     once and ``compiled_step`` returns None from then on: the caller uses the eager step."""
 
-    def __init__(self, llm: LLM, compile: bool = False, max_graphs: int = 32):
-        self.llm = llm
+    def __init__(self, llm: LLM, compile: bool = False, max_graphs: int = 32, quantize: str | None = None):
+        self.llm, self.quantize = llm, quantize
         self.plan: DecodePlan | None = None
         self.failed: str | None = None
         self.shapes: set[tuple[int, int]] = set()  # (batch, cache length) of the graphs compiled
@@ -172,7 +177,7 @@ class FastDecoder:
     def _plan(self, cache: KVCache) -> DecodePlan:
         # checked once per generation (right after the prefill), not per step
         if self.plan is None or (cache.length == cache.prefill_length and self.plan.stale(self.llm)):
-            self.plan = DecodePlan(self.llm)
+            self.plan = DecodePlan(self.llm, self.quantize)
         return self.plan
 
     @torch.no_grad()

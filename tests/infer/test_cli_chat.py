@@ -139,3 +139,27 @@ def test_text_never_places_an_image(cm):
     assert msg.content == "ab" and msg.num_images == 0
     assert cm.model.config.image_token_id not in cm.prompt([msg], []).input_ids
     assert user_message(f"{IMAGE_MARK}<image> c", 1).num_images == 1
+
+
+def test_generate_quantized_int8_answers_as_fp32_does(cm, tiny_model, image, capsys, monkeypatch):
+    """``--quantize int8`` on a trained model: its answer's tokens are the fp32 greedy answer's (a
+    trained model's margins are wider than int8's rounding); an unknown scheme is refused."""
+    q = "What colour is the square?"
+    want = reference_greedy(cm, [user_message(q, 1)], [image], 8)
+    args = ["generate", "--model", str(tiny_model), "--image", image, "--prompt", q, "--max-new-tokens", "8",
+            "--device", "cpu", "--json"]  # fmt: skip
+    from modalign.infer.engine import Engine
+
+    engines, init = [], Engine.__init__
+    monkeypatch.setattr(
+        Engine, "__init__", lambda self, *a, **kw: (init(self, *a, **kw), engines.append(self))[0]
+    )
+    assert main([*args, "--quantize", "int8"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["token_ids"] == want
+    assert [e.quantize for e in engines] == ["int8"] and type(
+        engines[0].fast.plan.head
+    ).__name__ == "Int8Linear"
+    with pytest.raises(SystemExit):
+        main([*args, "--quantize", "int4"])
+    assert "invalid choice: 'int4'" in capsys.readouterr().err
