@@ -377,7 +377,7 @@ def _add_quickstart(sub) -> None:
     q = sub.add_parser("quickstart", help="train a miniature multimodal LLM end to end on CPU")
     q.add_argument("--method", default="llava", help="llava | mplug-owl | mplug-owl2 | xcomposer2 | blip2 | minigpt4 | "
                    "flamingo | llama-adapter, several comma-separated, seed (the first four), survey (the last four) or all")  # fmt: skip
-    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--out", default=None, help="runs/quickstart (runs/claims with --study claims)")
     q.add_argument("--scale", type=float, default=1.0, help="data size multiplier (1.0: 4000 train scenes)")
     q.add_argument(
         "--set",
@@ -392,6 +392,11 @@ def _add_quickstart(sub) -> None:
     q.add_argument(
         "--pipeline-images", type=int, default=100, help="held-out images the pipelines answer about"
     )
+    q.add_argument("--study", default=None, choices=["claims"],
+                   help="claims: each seed paper's central claim, its choice against the alternatives, over "
+                   "--seeds (docs/shapesworld.md)")  # fmt: skip
+    q.add_argument("--seeds", default="0,1,2", help="stage-0 seeds of the study, comma-separated")
+    q.add_argument("--claims", default=None, help="only these claims of the study (comma-separated ids)")
     q.add_argument("--no-progress", action="store_true")
     q.set_defaults(func=_quickstart)
 
@@ -658,6 +663,19 @@ def _quickstart(args) -> int:
             raise ValueError(
                 f"--pipelines: unknown {', '.join(bad)}; known: {', '.join(SHAPES_PIPELINES)}, all"
             )
+    if args.study == "claims":
+        from modalign.shapesworld.claims import run_claims
+
+        if names:
+            raise ValueError("--pipelines runs after a quickstart, not after --study claims")
+        try:
+            seeds = [int(x) for x in args.seeds.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds: comma-separated integers expected, got {args.seeds!r}") from None
+        run_claims(args.out or "runs/claims", seeds, args.scale, args.set, args.claims,
+                   progress=not args.no_progress)  # fmt: skip
+        return 0
+    args.out = args.out or "runs/quickstart"
     parts = tuple(f"{p}." for p in PARTS)
     quickstart(args.method, args.out, args.scale, [s for s in args.set if not s.startswith(parts)],
                progress=not args.no_progress)  # fmt: skip

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from modalign.data.datasets import load_samples
 from modalign.data.tokenizer import Tokenizer
@@ -23,7 +24,7 @@ from modalign.models.mllm import MLLM
 from modalign.shapesworld import RECIPES
 from modalign.shapesworld import data as shapes
 from modalign.shapesworld.evaluate import evaluate_shapes, evaluate_text_qa
-from modalign.train.recipe import load_recipe
+from modalign.train.recipe import apply_overrides, load_recipe
 from modalign.train.run import run_recipe
 
 METHODS = {"llava": "tiny-llava", "mplug-owl": "tiny-mplug-owl", "mplug-owl2": "tiny-mplug-owl2",
@@ -76,12 +77,24 @@ def prepare_data(data: Path, scale: float = 1.0) -> bool:
     return wrote
 
 
-def run_method(method: str, out: Path, variables: dict, sets: list[str], progress: bool) -> dict:
+def run_method(method: str, out: Path, variables: dict, sets: list[str], progress: bool,
+               name: str | None = None, without: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """Train ``method``'s recipe into ``out / name`` (default: the method's name) and evaluate it.
+    ``without``: stages left out of the recipe (e.g. a study's run without the alignment stage)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     t0 = time.perf_counter()
-    recipe = load_recipe(RECIPES / f"{METHODS[method]}.yaml", variables, sets)
-    mdir = out / method
+    doc = apply_overrides(yaml.safe_load((RECIPES / f"{METHODS[method]}.yaml").read_text()), sets)
+    if without:
+        names = [st["name"] for st in doc["stages"]]
+        missing = [w for w in without if w not in names]
+        if missing:
+            raise ValueError(
+                f"{method}: no stage named {', '.join(missing)} to leave out (stages: {', '.join(names)})"
+            )
+        doc["stages"] = [st for st in doc["stages"] if st["name"] not in without]
+    recipe = load_recipe(doc, variables)
+    mdir = out / (name or method)
     run_recipe(recipe, mdir, progress=progress)
     data, stage0 = Path(variables["data"]), Path(variables["stage0"])
     tok = Tokenizer.from_dir(mdir / "model")
@@ -95,7 +108,7 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
     qa_after = evaluate_text_qa(model, tok, data / "text_qa_eval.json", template)["accuracy"]
     trainable = _trainable_params(mdir, [st.name for st in recipe.stages])
     results = {
-        "method": method,
+        "method": name or method,
         "heldout_accuracy": ev["accuracy"],
         "unseen_pairs_accuracy": ev["unseen_pairs_accuracy"],
         "accuracy_by_type": ev["accuracy_by_type"],
