@@ -8,8 +8,9 @@ others), on the same data, stage-0 parts and budget, over several stage-0 seeds:
 
 A variant is a method's miniature recipe with ``--set`` overrides and stages left out. A verdict
 is "holds in miniature" when the paper's choice wins on every seed, "does not hold" when it wins
-on none, and "mixed" otherwise; a claim that text ability is kept exactly holds when the text
-perplexity after training equals the one before to the last digit, on every seed.
+on none, and "mixed" otherwise, for each metric the claim names ("partly" when the metrics
+disagree); a claim that text ability is kept exactly holds when the text perplexity after training
+equals the one before to the last digit, on every seed.
 """
 
 from __future__ import annotations
@@ -129,14 +130,15 @@ def run_claims(out: str | Path = "runs/claims", seeds: list[int] | tuple[int, ..
 
 
 def summarise(claim: Claim, runs: dict[str, dict[str, dict]]) -> dict:
-    """The claim's verdict from its variants' per-seed results."""
+    """The claim's verdict from its variants' per-seed results: per metric, then overall."""
     ours, others = claim.variants[0].name, [v.name for v in claim.variants[1:]]
     seeds = sorted(runs[ours])
-    wins = []  # per seed: whether the paper's choice won on every metric against every other variant
-    for s in seeds:
-        ok = True
-        for key, how in claim.metrics:
+    per_metric = {}
+    for key, how in claim.metrics:
+        wins = []  # per seed: whether the paper's choice beat every other variant on this metric
+        for s in seeds:
             a = runs[ours][s][key]
+            ok = True
             for o in others:
                 b = runs[o][s][key]
                 if how == "higher":
@@ -144,19 +146,29 @@ def summarise(claim: Claim, runs: dict[str, dict[str, dict]]) -> dict:
                 elif how == "lower":
                     ok &= a < b
                 else:  # unchanged: ours kept it exactly, the others did not
-                    before = runs[ours][s][key.replace("_after", "_before")]
-                    ok &= a == before and b != runs[o][s][key.replace("_after", "_before")]
-        wins.append(bool(ok))
+                    base = key.replace("_after", "_before")
+                    ok &= a == runs[ours][s][base] and b != runs[o][s][base]
+            wins.append(bool(ok))
+        per_metric[key] = {"how": how, "wins_per_seed": dict(zip(seeds, wins, strict=True)),
+                           "verdict": _verdict(wins)}  # fmt: skip
+    verdicts = {m["verdict"] for m in per_metric.values()}
+    if len(verdicts) == 1:
+        verdict = verdicts.pop()
+    else:
+        verdict = "partly: " + "; ".join(f"{k} ({m['how']}) {m['verdict']}" for k, m in per_metric.items())
+    return {"id": claim.id, "paper": claim.paper, "claim": claim.claim, "variants": [v.name for v in claim.variants],
+            "metrics": claim.metrics, "per_metric": per_metric, "verdict": verdict}  # fmt: skip
+
+
+def _verdict(wins: list[bool]) -> str:
     n = sum(wins)
-    verdict = (
+    return (
         "holds in miniature"
         if n == len(wins)
         else "does not hold"
         if n == 0
         else f"mixed ({n} of {len(wins)} seeds)"
     )
-    return {"id": claim.id, "paper": claim.paper, "claim": claim.claim, "variants": [v.name for v in claim.variants],
-            "metrics": claim.metrics, "wins_per_seed": dict(zip(seeds, wins, strict=True)), "verdict": verdict}  # fmt: skip
 
 
 def _mean_range(vals: list[float], pct: bool = True) -> str:

@@ -72,7 +72,8 @@ def test_verdicts_follow_every_seed():
     )
     # it must beat every alternative on a seed: losing to one on one seed makes it mixed
     res = summarise(claim, _runs({"ours": [0.9, 0.8], "a": [0.5, 0.85], "b": [0.1, 0.2]}))
-    assert res["verdict"] == "mixed (1 of 2 seeds)" and res["wins_per_seed"] == {"0": True, "1": False}
+    assert res["verdict"] == "mixed (1 of 2 seeds)"
+    assert res["per_metric"]["heldout_accuracy"]["wins_per_seed"] == {"0": True, "1": False}
     assert summarise(claim, _runs({"ours": [0.5, 0.5], "a": [0.5, 0.6], "b": [0.1, 0.2]}))["verdict"] == (
         "does not hold"
     )  # a tie is not a win
@@ -96,3 +97,13 @@ def test_claim_names_are_checked_before_training():
             assert set(v.without) <= set(names)
             doc["stages"] = [s for s in doc["stages"] if s["name"] not in v.without]
             load_recipe(doc, {"data": "d", "stage0": "s", "out": "o"})
+
+
+def test_a_claim_on_two_metrics_can_hold_on_one_only():
+    claim = Claim("t", "P", "text kept", [Variant("ours", "mplug-owl"), Variant("a", "mplug-owl")],
+                  [("text_qa_after", "higher"), ("text_ppl_after", "lower")])  # fmt: skip
+    runs = {"ours": {"0": {"text_qa_after": 0.44, "text_ppl_after": 2.87}},
+            "a": {"0": {"text_qa_after": 0.31, "text_ppl_after": 2.62}}}  # fmt: skip
+    assert summarise(claim, runs)["verdict"] == (
+        "partly: text_qa_after (higher) holds in miniature; text_ppl_after (lower) does not hold"
+    )
