@@ -82,7 +82,12 @@ def step_bytes(model: MLLM, context: int) -> int:
     return weights + 2 * c.num_layers * kv_dim * context * 4
 
 
-def int8_report(model: MLLM, fp32: Engine, int8: Engine, prompt: Prompt, tokens: list[int]) -> dict:
+def _matrices(plan) -> list:
+    """The decode plan's matrices: q|k|v, o, gate|up and down of every layer, and the LM head."""
+    return [m[0] for layer in plan.layers for m in (*layer[1:3], *layer[4:])] + [plan.head]
+
+
+def int8_report(fp32: Engine, int8: Engine, prompt: Prompt, tokens: list[int]) -> dict:
     """The largest logit difference between the fp32 and int8 decode steps over ``tokens`` (the
     fp32 greedy continuation of ``prompt``, fed to both), and the bytes of the decode matrices."""
     logits = []
@@ -92,12 +97,9 @@ def int8_report(model: MLLM, fp32: Engine, int8: Engine, prompt: Prompt, tokens:
             steps = [eng.fast.step(torch.tensor([[t]]), pre.cache) for t in tokens[:-1]]
         logits.append(torch.cat(steps))
     err = (logits[0] - logits[1]).abs()
-    plan32, plan8 = fp32.fast.plan, int8.fast.plan
-    mats32 = [m[0] for layer in plan32.layers for m in (*layer[1:3], *layer[4:])] + [plan32.head]
-    mats8 = [m[0] for layer in plan8.layers for m in (*layer[1:3], *layer[4:])] + [plan8.head]
     return {"max_logit_err": float(err.max()), "logit_range": float(logits[0].max() - logits[0].min()),
-            "fp32_mb": sum(w.numel() * w.element_size() for w in mats32) / 1e6,
-            "int8_mb": sum(m.nbytes for m in mats8) / 1e6}  # fmt: skip
+            "fp32_mb": sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)) / 1e6,
+            "int8_mb": sum(m.nbytes for m in _matrices(int8.fast.plan)) / 1e6}  # fmt: skip
 
 
 def leading_same(got: list[list[int]], ref: list[list[int]], n: int) -> int:
@@ -203,7 +205,7 @@ def main():
                                           for a, b in zip(g, e, strict=False)) / (batch * n)  # fmt: skip
                     if batch == 1:
                         q |= int8_report(
-                            ours, engines["eager"], eng, Prompt(ids[0].tolist(), [px[0]]), fp32_tokens[0]
+                            engines["eager"], eng, Prompt(ids[0].tolist(), [px[0]]), fp32_tokens[0]
                         )
                         print(f"int8: max logit difference {q['max_logit_err']:.3f} (fp32 logits span "
                               f"{q['logit_range']:.1f}); decode matrices {q['fp32_mb']:.0f} MB fp32, {q['int8_mb']:.0f} MB int8")  # fmt: skip

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
-from modalign.infer.image_cache import ImageCache, encode_cached
+from modalign.infer.image_cache import ImageCache, encode, encode_cached
 from modalign.infer.quant import check_quantize
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
@@ -111,6 +111,8 @@ class Engine:
             )
         compile = compile and not self.quantize
         self.fast = FastDecoder(model.llm, compile=compile, quantize=self.quantize)
+        if image_cache_mb < 0:
+            raise ValueError(f"image_cache_mb must be >= 0 (0: no cache), got {image_cache_mb}")
         self.image_cache = ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb else None
 
     def _device(self):
@@ -281,6 +283,8 @@ class Engine:
         from the image cache where it holds them; None without images."""
         if not images:
             return None
+        if self.image_cache is None:
+            return encode(self.model, images)
         tokens = encode_cached(self.model, images, self.image_cache)
         return torch.stack(tokens) if all(t.shape == tokens[0].shape for t in tokens) else tokens
 

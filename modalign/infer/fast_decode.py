@@ -76,8 +76,8 @@ class DecodePlan:
 
 
 def supported(llm: LLM, cache: KVCache | None) -> bool:
-    """Whether the fused step covers this model now (``cache`` None: for any cache length): Llama-family base layers, MAM (text copy) and
-    Partial LoRA (off for text) are covered; LoRA (unmerged), adapters, non-SiLU MLPs, OPT-style
+    """Whether the fused step covers this model now (``cache`` None: at any cache length):
+    Llama-family base layers, MAM (text copy) and Partial LoRA (off for text) are covered; LoRA (unmerged), adapters, non-SiLU MLPs, OPT-style
     decoders, active sliding windows and Flamingo's gated cross-attention blocks (which read the
     cached images at every step) take the module path."""
     c = llm.cfg

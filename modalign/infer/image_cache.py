@@ -62,29 +62,27 @@ class ImageCache:
         return tokens
 
     def put(self, key: bytes, tokens: torch.Tensor) -> None:
-        size = tokens.numel() * tokens.element_size()
+        size = _nbytes(tokens)
         if size > self.max_bytes:
             return  # larger than the whole cache: not kept
         old = self.entries.pop(key, None)
         if old is not None:
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(old)
         self.entries[key] = tokens
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, dropped = self.entries.popitem(last=False)
-            self.bytes -= dropped.numel() * dropped.element_size()
+            self.bytes -= _nbytes(dropped)
 
     def clear(self) -> None:
         self.entries.clear()
         self.bytes = 0
 
 
-def encode_cached(model, images: list[torch.Tensor], cache: ImageCache | None) -> list[torch.Tensor]:
+def encode_cached(model, images: list[torch.Tensor], cache: ImageCache) -> list[torch.Tensor]:
     """Each image's visual tokens ``[L_i, D]``, in order: from ``cache`` where it holds them, the
-    rest through ``model.encode_images`` in one batch (a list where their sizes differ), then kept.
-    An image that occurs twice in ``images`` is encoded once."""
-    if cache is None:
-        return list(_encode(model, images))
+    rest through ``encode`` in one batch, then kept. An image that occurs twice in ``images`` is
+    encoded once."""
     cache.follow(model)
     keys = [image_key(px) for px in images]
     out: list[torch.Tensor | None] = [cache.get(k) for k in keys]
@@ -94,19 +92,19 @@ def encode_cached(model, images: list[torch.Tensor], cache: ImageCache | None) -
             todo.setdefault(k, []).append(i)
     if todo:
         first = [idx[0] for idx in todo.values()]
-        for (k, idx), tokens in zip(todo.items(), _encode(model, [images[i] for i in first]), strict=True):
+        for (k, idx), tokens in zip(todo.items(), encode(model, [images[i] for i in first]), strict=True):
             cache.put(k, tokens)
             for i in idx:
                 out[i] = tokens
     return out
 
 
-def _encode(model, images: list[torch.Tensor]):
+def encode(model, images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """``images`` through the tower and connector in one batch: [N, L, D], or a list of [L_i, D]
+    where their sizes differ (HD layouts)."""
     dev = model.llm.embed_tokens.weight.device
     same = all(x.shape == images[0].shape for x in images)
-    pixels = torch.stack(images).to(dev) if same else [x.to(dev) for x in images]
-    tokens = model.encode_images(pixels)
-    return list(tokens) if not isinstance(tokens, list) else tokens
+    return model.encode_images(torch.stack(images).to(dev) if same else [x.to(dev) for x in images])
 
 
 def _versions(model) -> list[tuple[int, int]]:
@@ -117,3 +115,7 @@ def _versions(model) -> list[tuple[int, int]]:
         if name != "llm":
             out += [(t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers())]
     return out
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()

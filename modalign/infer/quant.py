@@ -56,10 +56,8 @@ class Int8Linear:
                 raise ValueError("int8 backend 'dynamic' runs on the CPU only; use 'weight_only'")
             self.bias = None if bias is None else bias.detach().float()
             try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter(
-                        "ignore"
-                    )  # PyTorch's notice that quantized tensor types are deprecated
+                with warnings.catch_warnings():  # PyTorch's notice that quantized tensor types are deprecated
+                    warnings.simplefilter("ignore")
                     qw = torch._make_per_channel_quantized_tensor(
                         self.q, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0
                     )

@@ -194,6 +194,8 @@ def test_image_cache_reuses_visual_tokens_and_follows_weight_updates():
     assert b"e" not in c.entries and c.bytes == 120
     with pytest.raises(ValueError, match="image cache size"):
         ImageCache(-1)
+    with pytest.raises(ValueError, match="image_cache_mb must be >= 0"):
+        Engine(model, image_cache_mb=-1)
 
 
 @pytest.mark.parametrize("backend", ["dynamic", "weight_only"])
