@@ -1,8 +1,12 @@
 """Training throughput: transformers' LlavaForConditionalGeneration vs modalign's MLLM on the same
-tiny LLaVA config and weights, same batch, in one run (forward + backward + AdamW step).
+LLaVA config and weights, same batch, in one run (forward + backward + AdamW step).
 
-    python bench/bench_train.py [--steps 20] [--batch 8] [--threads 2] [--rounds 3] [--precision fp32,bf16]
-                                [--supervised K]
+    python bench/bench_train.py [--size tiny|mid] [--steps 20] [--batch 8] [--threads 2] [--rounds 3]
+                                [--precision fp32,bf16] [--supervised K] [--text 100]
+
+``--size``: the decode benchmark's models (``tiny``: CLIP 2x128 at 64/16, Llama 4x256; ``mid``:
+CLIP 4x256 at 224/16, Llama 6x512 with a 32000-token vocabulary). Each sample is <s>, the image's
+visual tokens, then ``--text`` random text tokens.
 
 modalign's side is called as its trainer calls it (the lm objective, ``LMObjective``: the LM head
 runs on the supervised positions only); transformers' computes the logits of every position. By default
@@ -57,6 +61,8 @@ def run(model, batch, steps, precision, hf):
 
 def main():
     ap = argparse.ArgumentParser()
+    ap.add_argument("--size", choices=("tiny", "mid"), default="tiny")
+    ap.add_argument("--text", type=int, default=100, help="text tokens per sample")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
@@ -68,15 +74,15 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        ref, ours = build(tmp)
-        n = ours.num_image_tokens()
+        ref, ours = build(tmp, args.size)
+        n, px = ours.num_image_tokens(), ours.config.vision.image_size
         g = torch.Generator().manual_seed(0)
         ids = torch.cat([torch.ones(args.batch, 1, dtype=torch.long), torch.full((args.batch, n), IMAGE),
-                         torch.randint(3, 400, (args.batch, 100), generator=g)], 1)  # fmt: skip
+                         torch.randint(3, 400, (args.batch, args.text), generator=g)], 1)  # fmt: skip
         labels = ids.masked_fill(ids == IMAGE, -100)
         if args.supervised:
             labels[:, : -args.supervised] = -100
-        batch = {"ids": ids, "px": torch.randn(args.batch, 3, 64, 64, generator=g), "mask": torch.ones_like(ids),
+        batch = {"ids": ids, "px": torch.randn(args.batch, 3, px, px, generator=g), "mask": torch.ones_like(ids),
                  "labels": labels}  # fmt: skip
         for precision in args.precision.split(","):
             rounds = [(run(ref, batch, args.steps, precision, hf=True), run(ours, batch, args.steps, precision, hf=False))
@@ -84,7 +90,7 @@ def main():
             a, b = (statistics.median(r[i] for r in rounds) for i in (0, 1))
             per = " ".join(f"{o / t:.2f}" for t, o in rounds)
             print(f"{precision}: transformers {a:7.1f} samples/s | modalign {b:7.1f} samples/s | ratio {b / a:4.2f}x "
-                  f"(medians of {args.rounds} rounds; per round {per}; batch {args.batch}, {ids.shape[1]} tokens, "
+                  f"(medians of {args.rounds} rounds; per round {per}; {args.size} model, batch {args.batch}, {ids.shape[1]} tokens, "
                   f"{int((labels != -100).sum()) // args.batch} supervised)")  # fmt: skip
 
 

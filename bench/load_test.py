@@ -144,7 +144,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--rounds", type=int, default=2, help="rounds of the concurrent load (memory after each)")
     ap.add_argument("--single-seconds", type=float, default=20, help="one client at a time (0: skip)")
-    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     ap.add_argument("--model", default=None, help="model directory (default: a tiny random model)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

@@ -99,8 +99,9 @@ def main() -> None:
     tokens = "32" if args.quick else "128"
     decode = [last_json(run(["bench_decode.py", "--size", s, "--new-tokens", tokens, "--threads", t, "--json"],
                             args.threads)) for s in ("tiny", "mid")]  # fmt: skip
-    train = run(["bench_train.py", "--threads", t, *(["--steps", "5", "--rounds", "1"] if args.quick else [])],
-                args.threads)  # fmt: skip
+    quick = ["--steps", "5", "--rounds", "1"] if args.quick else []
+    train = {size: run(["bench_train.py", "--size", size, "--threads", t, *extra, *quick], args.threads)
+             for size, extra in (("tiny", []), ("mid", ["--batch", "4", "--text", "180", "--steps", "10"]))}  # fmt: skip
     secs = "5" if args.quick else "20"
     load = last_json(run(["load_test.py", "--seconds", secs, "--single-seconds", secs, "--rounds", "1", "--json"],
                          args.threads))  # fmt: skip
@@ -126,8 +127,9 @@ def main() -> None:
               "max logit difference | matrices MB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += int8_rows(d)
-    lines += ["", "Training (forward + backward + AdamW, tiny model):", "", "```text",
-              *[x for x in train.splitlines() if x.startswith(("fp32", "bf16"))], "```", ""]  # fmt: skip
+    lines += ["", "Training (forward + backward + AdamW; bf16 is autocast on both sides):", "", "```text",
+              *[x for out in train.values() for x in out.splitlines() if x.startswith(("fp32", "bf16"))], "```",
+              ""]  # fmt: skip
     single, rnd = load["single"], load["rounds"][-1]
     lines += [f"Server under load (tiny model): {rnd['clients']} mixed clients {rnd['req_s']:.1f} req/s against one "
               f"client's {single['req_s']:.1f} ({load['ratio']:.2f}x); p50 {rnd['p50_s'] * 1000:.0f} ms, "

@@ -298,7 +298,12 @@ def _add_serve(sub) -> None:
                     help="without a key, the Host names answered besides localhost (repeatable; '*': any)")  # fmt: skip
     sv.add_argument("--template", default=None)
     sv.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    sv.add_argument("--max-batch", type=int, default=8, help="rows decoded together")
+    sv.add_argument(
+        "--max-batch",
+        type=int,
+        default=32,
+        help="requests decoded together (more clients than this wait for a free row)",
+    )
     sv.add_argument("--max-images", type=int, default=8, help="images per request")
     sv.add_argument("--image-cache-mb", type=float, default=256,
                     help="visual tokens of images already seen are reused, up to this many MiB (0: off)")  # fmt: skip

@@ -8,8 +8,11 @@ settings (temperature, top-k, top-p, penalties, logit bias, seed, logprobs).
 
 A new row's cache slots are placed right-aligned at the running batch's frontier: positions are
 each row's own (RoPE is applied before the keys are stored), so where a row's keys sit among the
-slots does not matter; the validity mask says which slots each row attends to. The scheduler
-belongs to one thread; failures are isolated: a request whose prefill fails fails alone, and a
+slots does not matter; the validity mask says which slots each row attends to. A finished row
+leaves a free batch row behind: the next request admitted takes it over (its prefilled keys are
+written into that row alone), so under steady load the running batch is neither copied to drop a
+row nor to add one; free rows are dropped only when nothing waits to take them and they are half
+the batch or more. The scheduler belongs to one thread; failures are isolated: a request whose prefill fails fails alone, and a
 decode step that fails fails the rows of that step, never the scheduler.
 """
 
@@ -63,7 +66,7 @@ class Scheduler:
         self.engine, self.max_batch, self.headroom = engine, max_batch, headroom
         self.model = engine.model
         self.waiting: list[Request] = []
-        self.rows: list[_Row] = []
+        self.rows: list[_Row | None] = []  # batch rows; None: a free row (decoded, ignored)
         self.cache: KVCache | None = None  # the running batch's slots (cache.length: slots in use)
         self.valid: torch.Tensor | None = None  # [B, S] slots each row attends to
         self.pos: torch.Tensor | None = None  # [B] each row's next position
@@ -72,7 +75,7 @@ class Scheduler:
 
     @property
     def active(self) -> int:
-        return len(self.rows)
+        return sum(r is not None for r in self.rows)
 
     def add(self, req: Request) -> None:
         req.params.validate()
@@ -84,7 +87,7 @@ class Scheduler:
     def admit(self) -> None:
         """Prefill waiting requests (as many as the batch has room for) and merge them in."""
         self.waiting = [r for r in self.waiting if not self._drop_cancelled(r)]
-        room = self.max_batch - len(self.rows)
+        room = self.max_batch - self.active
         if room <= 0 or not self.waiting:
             return
         new, self.waiting = self.waiting[:room], self.waiting[room:]
@@ -119,8 +122,55 @@ class Scheduler:
             rows.append(_Row(r, gen, pre.ids[i][pre.mask[i].bool()].tolist()))
         tokens = self._sample(rows, pre.logits)
         positions = pre.mask.sum(1)  # the next position of each row
-        self._merge(pre.cache, pre.mask.bool(), positions, rows)
-        self._emit(rows, tokens, pre.logits, offset=len(self.rows) - len(rows))
+        slots = self._place(pre.cache, pre.mask.bool(), positions, rows)
+        self._emit(rows, tokens, pre.logits, slots)
+
+    def _place(
+        self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor, rows: list[_Row]
+    ) -> list[int]:
+        """Put prefilled rows into the running batch: into free rows first, the rest appended.
+        Returns each row's batch index."""
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        if self.cache is None or self.cache.media is not None or cache.media is not None or not free:
+            start = len(self.rows)  # cross-attention latents are per row: those rows are appended
+            self._merge(cache, valid, positions, rows)
+            return list(range(start, start + len(rows)))
+        take = min(len(free), len(rows))
+        slots = free[:take]
+        n = cache.length
+        if n > self.cache.length:  # a prompt longer than the running rows' slots: move them right
+            self._shift(n - self.cache.length)
+        end = self.cache.length
+        idx = torch.tensor(slots, device=self.valid.device)
+        for layer in range(len(self.cache.k)):
+            self.cache.k[layer][idx, :, end - n : end] = cache.k[layer][:take, :, :n]
+            self.cache.v[layer][idx, :, end - n : end] = cache.v[layer][:take, :, :n]
+        self.valid[idx] = False
+        self.valid[idx, end - n : end] = valid[:take, :n]
+        self.pos[idx] = positions[:take]
+        for i, row in zip(slots, rows[:take], strict=True):
+            self.rows[i] = row
+        if take == len(rows):
+            return slots
+        rest = torch.arange(take, len(rows), device=positions.device)
+        cache.select(rest)
+        start = len(self.rows)
+        self._merge(cache, valid[take:], positions[take:], rows[take:])
+        return slots + list(range(start, start + len(rows) - take))
+
+    def _shift(self, by: int) -> None:
+        """Move every row's slots ``by`` to the right (room on the left for a longer prompt)."""
+        old = self.cache
+        cap = max(old.max_len, _round(old.length + by + self.headroom, self.headroom))
+        moved = KVCache(self.model.config.llm, len(self.rows), cap, old.k[0].dtype, old.k[0].device)
+        for layer in range(len(old.k)):
+            moved.k[layer][:, :, by : by + old.length] = old.k[layer][:, :, : old.length]
+            moved.v[layer][:, :, by : by + old.length] = old.v[layer][:, :, : old.length]
+        valid = torch.zeros(len(self.rows), cap, dtype=torch.bool, device=self.valid.device)
+        valid[:, by : by + old.length] = self.valid[:, : old.length]
+        moved.length = moved.prefill_length = old.length + by
+        moved.media = old.media
+        self.cache, self.valid = moved, valid
 
     def _merge(self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor, rows: list[_Row]) -> None:
         """Append prefilled rows to the running batch, their slots right-aligned at the frontier."""
@@ -132,7 +182,8 @@ class Scheduler:
             return
         old = self.cache
         front = max(old.length, n)
-        need = front + max(r.req.params.max_new_tokens - r.req.generated for r in [*self.rows, *rows]) + 1
+        live = [r for r in [*self.rows, *rows] if r is not None]
+        need = front + max(r.req.params.max_new_tokens - r.req.generated for r in live) + 1
         cap = max(old.max_len, _round(need, self.headroom))
         shift = front - old.length  # existing rows move right to make room for a longer prompt
         b_old, b_new = len(self.rows), len(rows)
@@ -171,10 +222,13 @@ class Scheduler:
             rows, self.rows = self.rows, []
             self._reset()
             for row in rows:
-                row.req.on_error(e)
+                if row is not None:
+                    row.req.on_error(e)
             return
-        tokens = self._sample(self.rows, logits)
-        self._emit(self.rows, tokens, logits, offset=0)
+        slots = [i for i, r in enumerate(self.rows) if r is not None]
+        rows = [self.rows[i] for i in slots]
+        tokens = self._sample(rows, logits[slots] if len(slots) < len(self.rows) else logits)
+        self._emit(rows, tokens, logits, slots)
         self._evict()
         self.steps += 1
 
@@ -192,6 +246,9 @@ class Scheduler:
         else:
             logits = self.model(ids, cache=cache, attention_mask=mask.long(), position_ids=pos).logits[:, -1]
         self.pos = self.pos + 1
+        free = [i for i, r in enumerate(self.rows) if r is None]
+        if free:  # a free row's position stays put (it may wait long for a request)
+            self.pos[free] = 0
         return logits.float()
 
     def _grow(self, need: int) -> None:
@@ -205,41 +262,51 @@ class Scheduler:
         grown.media = old.media
         self.cache, self.valid = grown, _pad_to(self.valid, cap)
 
-    def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor, offset: int) -> None:
-        """Hand each row its token (and logprobs); mark rows that end (stop token, max tokens)."""
+    def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor, slots: list[int]) -> None:
+        """Hand each row its token (and logprobs); mark rows that end (stop token, max tokens).
+        ``slots``: each row's batch index (into ``self.next``); ``logits`` are in ``rows``' order
+        when there is one row per logit row, else indexed by slot."""
+        self.next[slots] = torch.tensor(tokens, dtype=self.next.dtype, device=self.next.device)
+        by_slot = logits.shape[0] != len(rows)
         for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
             r = row.req
-            self.next[offset + i] = tok
             row.seen.append(tok)
             row.counts[tok] = row.counts.get(tok, 0) + 1
             if tok in r.params.stop_token_ids:
                 row.finish = "stop"
                 continue
             r.generated += 1
-            lp = _logprobs(logits[i], tok, r.logprobs) if r.logprobs is not None else None
+            lp = (
+                _logprobs(logits[slots[i] if by_slot else i], tok, r.logprobs)
+                if r.logprobs is not None
+                else None
+            )
             r.on_token(tok, lp)
             if r.generated >= r.params.max_new_tokens:
                 row.finish = "length"
 
     def _evict(self) -> None:
-        """Remove finished and cancelled rows; compact slots no row attends to any more."""
-        keep = []
+        """End finished and cancelled rows, leaving free rows behind; drop free rows when nothing
+        waits to take them and they are half the batch or more; compact slots no row attends to
+        any more."""
         for i, row in enumerate(self.rows):
+            if row is None:
+                continue
             reason = row.finish or ("cancelled" if row.req.cancelled else None)
             if reason:
                 row.req.on_end(reason)
-            else:
-                keep.append(i)
-        if len(keep) == len(self.rows):
-            return
+                self.rows[i] = None
+                self.valid[i] = False  # it attends to its own new slot only until it is taken over
+        keep = [i for i, r in enumerate(self.rows) if r is not None]
         if not keep:
             self.rows = []
             self._reset()
             return
-        idx = torch.tensor(keep, device=self.valid.device)
-        self.rows = [self.rows[i] for i in keep]
-        self.cache.select(idx)
-        self.valid, self.pos, self.next = self.valid[idx], self.pos[idx], self.next[idx]
+        if len(keep) < len(self.rows) and not self.waiting and 2 * len(keep) <= len(self.rows):
+            idx = torch.tensor(keep, device=self.valid.device)
+            self.rows = [self.rows[i] for i in keep]
+            self.cache.select(idx)
+            self.valid, self.pos, self.next = self.valid[idx], self.pos[idx], self.next[idx]
         used = self.valid[:, : self.cache.length].any(0)
         first = int(used.float().argmax()) if bool(used.any()) else self.cache.length
         if first >= max(self.headroom, self.cache.length // 4):  # a left part nobody reads any more
@@ -255,7 +322,7 @@ class Scheduler:
 
     def fail_all(self, exc: BaseException) -> None:
         """End every running and waiting request with ``exc`` (shutdown, a broken engine)."""
-        for r in [*(row.req for row in self.rows), *self.waiting]:
+        for r in [*(row.req for row in self.rows if row is not None), *self.waiting]:
             r.on_error(exc)
         self.rows, self.waiting = [], []
         self._reset()
@@ -263,9 +330,15 @@ class Scheduler:
     # ------------------------------------------------------------------ sampling
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """One token per row, each with its own settings (see ``adjust``)."""
+        """One token per row, each with its own settings (see ``adjust``); rows decoding greedily
+        with nothing to adjust take one batched argmax."""
+        plain = [_plain_greedy(row) for row in rows]
+        greedy = logits.argmax(-1).tolist() if any(plain) else None
         out = []
         for i, row in enumerate(rows):
+            if plain[i]:
+                out.append(greedy[i])
+                continue
             adj = adjust(logits[i], row)
             p = row.req.params
             if p.temperature > 0:
@@ -273,6 +346,12 @@ class Scheduler:
             else:
                 out.append(int(adj.argmax()))
         return out
+
+
+def _plain_greedy(row: _Row) -> bool:
+    r = row.req
+    return (r.params.temperature <= 0 and r.params.repetition_penalty == 1.0 and not r.logit_bias
+            and not r.presence_penalty and not r.frequency_penalty)  # fmt: skip
 
 
 class _Failed(Exception):

@@ -56,7 +56,7 @@ class ServeConfig:
     max_image_pixels: int = 16_000_000
     max_image_aspect: float = DEFAULT_MAX_ASPECT
     max_tokens_default: int = 256
-    max_batch: int = 8
+    max_batch: int = 32
     stall_s: float = 60.0  # /health answers 503 when work waits and no step finished for this long
     images: ImagePolicy = field(default_factory=ImagePolicy)
 

@@ -84,7 +84,7 @@ class Job:
 class Batcher:
     """The worker thread and its inbox. ``submit`` never blocks; ``health`` never blocks."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, stall_s: float = 60.0):
+    def __init__(self, engine: Engine, max_batch: int = 32, stall_s: float = 60.0):
         self.engine, self.max_batch, self.stall_s = engine, max_batch, stall_s
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.scheduler = Scheduler(engine, max_batch)

@@ -161,3 +161,32 @@ def test_rows_leaving_compact_the_slots(n):
     for s, i, k in zip(sinks, order, lengths, strict=True):
         assert s.tokens == full_forward_greedy(model, ps[i], k)
     assert any(b < a for a, b in zip(slots, slots[1:], strict=False)), slots  # compacted at least once
+
+
+def test_a_new_request_takes_over_a_finished_row():
+    """Under load a finished row is taken over by the next request: its prefilled keys are
+    written into that row (moving the others right when its prompt is longer), the batch is not
+    rebuilt, and every request decodes exactly as alone."""
+    model = tiny()
+    ps = prompts(model, n=3, seed=2)  # 4, 22 and 40 tokens
+    jobs = [(ps[0], 30), (ps[1], 3), (ps[2], 6), (ps[1], 5)]
+    sinks = [Sink() for _ in jobs]
+    reqs = [s.request(p, SamplingParams(max_new_tokens=n)) for s, (p, n) in zip(sinks, jobs, strict=True)]
+    sched = Scheduler(Engine(model), max_batch=2, headroom=8)
+    merges, shifts, batch = [], [], []
+    real_merge, real_shift, real_step = sched._merge, sched._shift, sched.step
+    sched._merge = lambda *a: (merges.append(1), real_merge(*a))[1]
+    sched._shift = lambda by: (shifts.append(by), real_shift(by))[1]
+
+    def step():
+        real_step()
+        batch.append(len(sched.rows))
+
+    sched.step = step
+    run(sched, {0: reqs[:2], 1: reqs[2:]})  # the last two wait for a free row
+    for s, (p, n) in zip(sinks, jobs, strict=True):
+        assert s.error is None and s.end == "length"
+        assert s.tokens == full_forward_greedy(model, p, n)
+    assert len(merges) == 1  # the first two started the batch; the others took over free rows
+    assert shifts  # a prompt longer than the running slots moved the running rows right
+    assert max(batch) == 2 and sched.cache is None
