@@ -12,8 +12,9 @@ slots does not matter; the validity mask says which slots each row attends to. A
 leaves a free batch row behind: the next request admitted takes it over (its prefilled keys are
 written into that row alone), so under steady load the running batch is neither copied to drop a
 row nor to add one; free rows are dropped only when nothing waits to take them and they are half
-the batch or more. The scheduler belongs to one thread; failures are isolated: a request whose prefill fails fails alone, and a
-decode step that fails fails the rows of that step, never the scheduler.
+the batch or more. The scheduler belongs to one thread; failures are isolated: a request whose
+prefill fails fails alone, and a decode step that fails fails the rows of that step, never the
+scheduler.
 """
 
 from __future__ import annotations
@@ -160,17 +161,8 @@ class Scheduler:
 
     def _shift(self, by: int) -> None:
         """Move every row's slots ``by`` to the right (room on the left for a longer prompt)."""
-        old = self.cache
-        cap = max(old.max_len, _round(old.length + by + self.headroom, self.headroom))
-        moved = KVCache(self.model.config.llm, len(self.rows), cap, old.k[0].dtype, old.k[0].device)
-        for layer in range(len(old.k)):
-            moved.k[layer][:, :, by : by + old.length] = old.k[layer][:, :, : old.length]
-            moved.v[layer][:, :, by : by + old.length] = old.v[layer][:, :, : old.length]
-        valid = torch.zeros(len(self.rows), cap, dtype=torch.bool, device=self.valid.device)
-        valid[:, by : by + old.length] = self.valid[:, : old.length]
-        moved.length = moved.prefill_length = old.length + by
-        moved.media = old.media
-        self.cache, self.valid = moved, valid
+        cap = max(self.cache.max_len, _round(self.cache.length + by + self.headroom, self.headroom))
+        self._realloc(cap, by)
 
     def _merge(self, cache: KVCache, valid: torch.Tensor, positions: torch.Tensor, rows: list[_Row]) -> None:
         """Append prefilled rows to the running batch, their slots right-aligned at the frontier."""
@@ -227,7 +219,9 @@ class Scheduler:
             return
         slots = [i for i, r in enumerate(self.rows) if r is not None]
         rows = [self.rows[i] for i in slots]
-        tokens = self._sample(rows, logits[slots] if len(slots) < len(self.rows) else logits)
+        if len(slots) < len(self.rows):
+            logits = logits[slots]  # the live rows' logits, in their order
+        tokens = self._sample(rows, logits)
         self._emit(rows, tokens, logits, slots)
         self._evict()
         self.steps += 1
@@ -252,22 +246,25 @@ class Scheduler:
         return logits.float()
 
     def _grow(self, need: int) -> None:
+        self._realloc(_round(need, self.headroom))
+
+    def _realloc(self, cap: int, shift: int = 0) -> None:
+        """The running batch in a cache of ``cap`` slots, every row's slots moved ``shift`` right."""
         old = self.cache
-        cap = _round(need, self.headroom)
-        grown = KVCache(self.model.config.llm, len(self.rows), cap, old.k[0].dtype, old.k[0].device)
+        new = KVCache(self.model.config.llm, len(self.rows), cap, old.k[0].dtype, old.k[0].device)
         for layer in range(len(old.k)):
-            grown.k[layer][:, :, : old.length] = old.k[layer][:, :, : old.length]
-            grown.v[layer][:, :, : old.length] = old.v[layer][:, :, : old.length]
-        grown.length = grown.prefill_length = old.length
-        grown.media = old.media
-        self.cache, self.valid = grown, _pad_to(self.valid, cap)
+            new.k[layer][:, :, shift : shift + old.length] = old.k[layer][:, :, : old.length]
+            new.v[layer][:, :, shift : shift + old.length] = old.v[layer][:, :, : old.length]
+        valid = torch.zeros(len(self.rows), cap, dtype=torch.bool, device=self.valid.device)
+        valid[:, shift : shift + old.length] = self.valid[:, : old.length]
+        new.length = new.prefill_length = old.length + shift
+        new.media = old.media
+        self.cache, self.valid = new, valid
 
     def _emit(self, rows: list[_Row], tokens: list[int], logits: torch.Tensor, slots: list[int]) -> None:
         """Hand each row its token (and logprobs); mark rows that end (stop token, max tokens).
-        ``slots``: each row's batch index (into ``self.next``); ``logits`` are in ``rows``' order
-        when there is one row per logit row, else indexed by slot."""
+        ``logits``: one row per row; ``slots``: each row's batch index (into ``self.next``)."""
         self.next[slots] = torch.tensor(tokens, dtype=self.next.dtype, device=self.next.device)
-        by_slot = logits.shape[0] != len(rows)
         for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
             r = row.req
             row.seen.append(tok)
@@ -276,11 +273,7 @@ class Scheduler:
                 row.finish = "stop"
                 continue
             r.generated += 1
-            lp = (
-                _logprobs(logits[slots[i] if by_slot else i], tok, r.logprobs)
-                if r.logprobs is not None
-                else None
-            )
+            lp = _logprobs(logits[i], tok, r.logprobs) if r.logprobs is not None else None
             r.on_token(tok, lp)
             if r.generated >= r.params.max_new_tokens:
                 row.finish = "length"
@@ -302,7 +295,7 @@ class Scheduler:
             self.rows = []
             self._reset()
             return
-        if len(keep) < len(self.rows) and not self.waiting and 2 * len(keep) <= len(self.rows):
+        if not self.waiting and 2 * len(keep) <= len(self.rows):  # free rows nobody will take soon
             idx = torch.tensor(keep, device=self.valid.device)
             self.rows = [self.rows[i] for i in keep]
             self.cache.select(idx)
