@@ -2,7 +2,7 @@
 LLaVA config and weights, same batch, in one run (forward + backward + AdamW step).
 
     python bench/bench_train.py [--size tiny|mid] [--steps 20] [--batch 8] [--threads 2] [--rounds 3]
-                                [--precision fp32,bf16] [--supervised K] [--text 100]
+                                [--precision fp32,bf16] [--supervised K] [--text 100] [--compile]
 
 ``--size``: the decode benchmark's models (``tiny``: CLIP 2x128 at 64/16, Llama 4x256; ``mid``:
 CLIP 4x256 at 224/16, Llama 6x512 with a 32000-token vocabulary). Each sample is <s>, the image's
@@ -12,6 +12,10 @@ modalign's side is called as its trainer calls it (the lm objective, ``LMObjecti
 runs on the supervised positions only); transformers' computes the logits of every position. By default
 every text token is supervised (as in captioning / pretraining); ``--supervised K`` supervises
 only the last K, as instruction data supervise the answer and not the prompt.
+
+``--compile``: modalign's LLM forward also through ``torch.compile`` (as a recipe stage's
+``compile: true`` runs it), timed as a third side after its compile; its ratio is printed beside
+the eager one.
 
 The two models take turns for ``--rounds`` rounds and the medians are compared, so a shared
 host's speed drifting during the run shifts both sides alike; each round's ratio is printed too.
@@ -28,10 +32,14 @@ import torch
 from bench_decode import IMAGE, build  # the same tiny LLaVA as the decode benchmark
 
 
-def run(model, batch, steps, precision, hf):
+def run(model, batch, steps, precision, hf, compiled=False):
     if not hf:
         from modalign.train.objectives.lm import LMObjective
 
+        if compiled:  # as the trainer does for a stage with ``compile: true``
+            model.llm.forward = torch.compile(model.llm.__class__.forward.__get__(model.llm), dynamic=True)
+        elif "forward" in vars(model.llm):
+            del model.llm.forward
         model = LMObjective(model)
         inputs = {"input_ids": batch["ids"], "pixel_values": batch["px"], "attention_mask": batch["mask"],
                   "labels": batch["labels"], "ids": [str(i) for i in range(len(batch["ids"]))]}  # fmt: skip
@@ -68,6 +76,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--precision", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--compile", action="store_true", help="also time modalign with its LLM compiled")
     ap.add_argument(
         "--supervised", type=int, default=0, help="supervise only the last K tokens (0: all text)"
     )
@@ -85,11 +94,23 @@ def main():
         batch = {"ids": ids, "px": torch.randn(args.batch, 3, px, px, generator=g), "mask": torch.ones_like(ids),
                  "labels": labels}  # fmt: skip
         for precision in args.precision.split(","):
-            rounds = [(run(ref, batch, args.steps, precision, hf=True), run(ours, batch, args.steps, precision, hf=False))
-                      for _ in range(args.rounds)]  # fmt: skip
+            rounds = []
+            for _ in range(args.rounds):
+                r = [
+                    run(ref, batch, args.steps, precision, hf=True),
+                    run(ours, batch, args.steps, precision, hf=False),
+                ]
+                if args.compile:
+                    r.append(run(ours, batch, args.steps, precision, hf=False, compiled=True))
+                rounds.append(r)
             a, b = (statistics.median(r[i] for r in rounds) for i in (0, 1))
-            per = " ".join(f"{o / t:.2f}" for t, o in rounds)
-            print(f"{precision}: transformers {a:7.1f} samples/s | modalign {b:7.1f} samples/s | ratio {b / a:4.2f}x "
+            per = " ".join(f"{r[1] / r[0]:.2f}" for r in rounds)
+            comp = ""
+            if args.compile:
+                c = statistics.median(r[2] for r in rounds)
+                comp = (f" | compiled {c:7.1f} samples/s, ratio {c / a:4.2f}x (per round "
+                        f"{' '.join(f'{r[2] / r[0]:.2f}' for r in rounds)})")  # fmt: skip
+            print(f"{precision}: transformers {a:7.1f} samples/s | modalign {b:7.1f} samples/s | ratio {b / a:4.2f}x{comp} "
                   f"(medians of {args.rounds} rounds; per round {per}; {args.size} model, batch {args.batch}, {ids.shape[1]} tokens, "
                   f"{int((labels != -100).sum()) // args.batch} supervised)")  # fmt: skip
 

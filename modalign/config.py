@@ -94,6 +94,10 @@ class ConnectorConfig:
     intermediate_size: int = 2816
     layer_norm_eps: float = 1e-6
     pos_embed: bool = False  # abstractor: mPLUG-Owl2 sin-cos position tables on queries/keys
+    # abstractor: a learned attention bias over the patches that starts each query over its own place
+    # (the queries laid on a square grid over the patch grid): ``locality`` * exp(-d^2 / 2) at d patch
+    # widths from the query's centre. 0 (the papers): no bias, the queries route by content alone
+    locality: float = 0.0
     eos_token: bool = True  # abstractor: append the learned ``vit_eos`` token
     cross_attention_every: int = 2  # qformer: a cross-attention block every N layers
     # qformer: the text branch (word + position embeddings, a text FFN in every layer): InstructBLIP's

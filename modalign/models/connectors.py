@@ -109,6 +109,26 @@ def sincos_2d(dim: int, grid: int, cls_token: bool) -> np.ndarray:
     return emb
 
 
+def locality_prior(num_queries: int, num_features: int, strength: float) -> torch.Tensor:
+    """[Q, L] attention bias: ``strength * exp(-d^2 / 2)``, d the distance in patch widths from a
+    query's centre (the Q queries laid row-major on a square grid spread over the square patch
+    grid) to a patch's; 0 over a leading CLS feature."""
+    gq, gp = math.isqrt(num_queries), math.isqrt(num_features)
+    cls = int(gp * gp != num_features)
+    gp = math.isqrt(num_features - cls)
+    if gq * gq != num_queries or gp * gp + cls != num_features:
+        raise ValueError(
+            f"abstractor locality needs a square number of queries and a square patch grid, got "
+            f"{num_queries} queries and {num_features} features"
+        )
+    centre = (torch.arange(gq, dtype=torch.float64) + 0.5) * gp / gq - 0.5  # query centres, patch units
+    qy, qx = torch.meshgrid(centre, centre, indexing="ij")
+    py, px = torch.meshgrid(*(torch.arange(gp, dtype=torch.float64),) * 2, indexing="ij")
+    d2 = (qy.reshape(-1, 1) - py.reshape(1, -1)) ** 2 + (qx.reshape(-1, 1) - px.reshape(1, -1)) ** 2
+    prior = strength * torch.exp(-d2 / 2)
+    return torch.cat([prior.new_zeros(num_queries, cls), prior], dim=1).float()
+
+
 class AbstractorAttention(nn.Module):
     def __init__(self, c: int, heads: int):
         super().__init__()
@@ -117,7 +137,7 @@ class AbstractorAttention(nn.Module):
         self.key = nn.Linear(c, c)
         self.value = nn.Linear(c, c)
 
-    def forward(self, q_in, kv_in, k_pos=None, q_pos=None):
+    def forward(self, q_in, kv_in, k_pos=None, q_pos=None, bias=None):
         n, lq, c = q_in.shape
         h = self.heads
 
@@ -127,7 +147,7 @@ class AbstractorAttention(nn.Module):
         q = self.query(q_in if q_pos is None else q_in + q_pos)
         k = self.key(kv_in if k_pos is None else kv_in + k_pos)
         v = self.value(kv_in)
-        o = F.scaled_dot_product_attention(split(q), split(k), split(v))
+        o = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=bias)
         return o.transpose(1, 2).reshape(n, lq, c)
 
 
@@ -159,11 +179,13 @@ class AbstractorCrossAttention(nn.Module):
         self.attention = AbstractorAttention(c, heads)
         self.output = AbstractorOutput(c, inner, eps)
 
-    def forward(self, q, x, q_pos=None, k_pos=None):
+    def forward(self, q, x, q_pos=None, k_pos=None, bias=None):
         qn, xn = self.norm1(q), self.normk(x)
         kv = torch.cat([qn, xn], dim=1)
         kpos = None if k_pos is None else torch.cat([q_pos, k_pos], dim=0).to(kv.dtype)
-        attn = self.attention(qn, kv, k_pos=kpos, q_pos=None if q_pos is None else q_pos.to(kv.dtype))
+        attn = self.attention(
+            qn, kv, k_pos=kpos, q_pos=None if q_pos is None else q_pos.to(kv.dtype), bias=bias
+        )
         r = qn + self.output.out_proj(attn)
         return r + self.output.mlp(self.output.norm2(r))
 
@@ -212,6 +234,16 @@ class VisualAbstractor(nn.Module):
             self.register_buffer("q_pos_embed", torch.empty(cfg.num_queries, c), persistent=False)
             self.register_buffer("k_pos_embed", torch.empty(num_features, c), persistent=False)
             self.reset_buffers()
+        self.locality_bias = None
+        if cfg.locality:
+            self.locality_bias = nn.Parameter(locality_prior(cfg.num_queries, num_features, cfg.locality))
+
+    def _bias(self, dtype) -> torch.Tensor | None:
+        """[Q, Q + L] additive attention bias (0 over the queries' own keys), or None."""
+        if self.locality_bias is None:
+            return None
+        b = self.locality_bias.to(dtype)
+        return torch.cat([b.new_zeros(b.shape[0], b.shape[0]), b], dim=1)
 
     def reset_buffers(self) -> None:
         """(Re)compute the fixed sin-cos tables (after building on the meta device)."""
@@ -225,8 +257,9 @@ class VisualAbstractor(nn.Module):
 
     def forward(self, x_NLC: torch.Tensor) -> torch.Tensor:
         q = self.query_embeds.expand(x_NLC.shape[0], -1, -1).to(x_NLC.dtype)
+        bias = self._bias(x_NLC.dtype)
         for layer in self.encoder.layers:
-            q = layer.crossattention(q, x_NLC, self.q_pos_embed, self.k_pos_embed)
+            q = layer.crossattention(q, x_NLC, self.q_pos_embed, self.k_pos_embed, bias)
         out = self.visual_fc(q)
         if self.cfg.eos_token:
             out = torch.cat([out, self.vit_eos.expand(out.shape[0], -1, -1).to(out.dtype)], dim=1)

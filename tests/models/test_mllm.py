@@ -84,6 +84,31 @@ def test_fresh_query_connectors_give_each_query_its_own_output(ctype):
     assert (gaps + torch.eye(6)).min() > 1e-4
 
 
+def test_abstractor_locality_starts_each_query_over_its_own_patches():
+    """With a strong locality prior each query reads its own place on the grid: changing one patch
+    changes only the output tokens of the queries over it. The prior is a learned parameter."""
+    torch.manual_seed(0)
+    cfg = ConnectorConfig(type="abstractor", num_queries=4, num_layers=2, num_heads=4, hidden_size=32,
+                          intermediate_size=48, eos_token=False, locality=200.0)  # fmt: skip
+    conn = build_connector(cfg, d_vis=32, d_llm=40, num_features=17)  # CLS + a 4x4 grid
+    assert conn.locality_bias.requires_grad and conn.locality_bias.shape == (4, 17)
+    assert (conn.locality_bias[:, 0] == 0).all()  # no bias towards the CLS feature
+    x = torch.randn(1, 17, 32)
+    y = conn(x)
+    # patch (row 3, col 0) lies in the bottom-left 2x2 block: query 2 of the 2x2 query grid
+    x2 = x.clone()
+    x2[0, 1 + 3 * 4 + 0] = torch.randn(32)
+    changed = (conn(x2) - y).abs().amax(-1)[0]
+    assert changed[2] > 1e-2 and changed[[0, 1, 3]].max() < 1e-6, changed
+    # each query's prior peaks on the four patches of its own block, equally
+    grid = conn.locality_bias[1, 1:].view(4, 4)
+    block = grid[0:2, 2:4]
+    assert torch.allclose(block, block.max().expand(2, 2)) and grid.max() == block.max()
+    with pytest.raises(ValueError, match="square number of queries and a square patch grid, got 5 queries"):
+        build_connector(ConnectorConfig(type="abstractor", num_queries=5, locality=1.0, hidden_size=32,
+                                        num_heads=4), 32, 40, 17)  # fmt: skip
+
+
 def test_mlp_depth_and_unknown_connector():
     conn = build_connector(ConnectorConfig(type="mlp3x_gelu"), 8, 16, 4)
     assert [n for n, _ in conn.named_children()] == ["linear_1", "linear_2", "linear_3"]
