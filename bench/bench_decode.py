@@ -12,7 +12,8 @@ by summing a tensor of the same size, so a model that fits the CPU's caches gets
 Decode tokens/s = new tokens / (time(N new tokens) - time(1 new token)), i.e. prefill excluded.
 modalign runs three times: the eager engine, ``Engine(compile=True)`` (torch.compile'd decode
 step; its one-off compile time per batch size is printed separately and not in the rate) and
-``Engine(quantize="int8")`` (``--no-int8`` skips it). For int8 it also prints, against modalign's
+``Engine(quantize="int8")`` and ``Engine(quantize="int4")`` (``--no-int8`` / ``--no-int4`` skip
+them). For each quantized engine it also prints, against modalign's
 fp32 decoding: the speed ratio, the greedy tokens that agree (leading tokens equal, and the share
 of positions equal), the largest logit difference over the fp32 greedy sequence fed to both
 (teacher-forced, batch 1), and the bytes of the decode step's matrices in each.
@@ -87,11 +88,11 @@ def _matrices(plan) -> list:
     return [m[0] for layer in plan.layers for m in (*layer[1:3], *layer[4:])] + [plan.head]
 
 
-def int8_report(fp32: Engine, int8: Engine, prompt: Prompt, tokens: list[int]) -> dict:
-    """The largest logit difference between the fp32 and int8 decode steps over ``tokens`` (the
-    fp32 greedy continuation of ``prompt``, fed to both), and the bytes of the decode matrices."""
+def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int]) -> dict:
+    """The largest logit difference between the fp32 and quantized decode steps over ``tokens``
+    (the fp32 greedy continuation of ``prompt``, fed to both), and the bytes of the decode matrices."""
     logits = []
-    for eng in (fp32, int8):
+    for eng in (fp32, quant):
         with torch.inference_mode():
             pre = eng.prefill([prompt], len(tokens) + 1)  # the module path: the same for both
             steps = [eng.fast.step(torch.tensor([[t]]), pre.cache) for t in tokens[:-1]]
@@ -99,7 +100,7 @@ def int8_report(fp32: Engine, int8: Engine, prompt: Prompt, tokens: list[int]) -
     err = (logits[0] - logits[1]).abs()
     return {"max_logit_err": float(err.max()), "logit_range": float(logits[0].max() - logits[0].min()),
             "fp32_mb": sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)) / 1e6,
-            "int8_mb": sum(m.nbytes for m in _matrices(int8.fast.plan)) / 1e6}  # fmt: skip
+            "quant_mb": sum(m.nbytes for m in _matrices(quant.fast.plan)) / 1e6}  # fmt: skip
 
 
 def leading_same(got: list[list[int]], ref: list[list[int]], n: int) -> int:
@@ -128,6 +129,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled engine")
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 engine")
+    ap.add_argument("--no-int4", action="store_true", help="skip the int4 engine")
     ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -149,6 +151,8 @@ def main():
             engines["compiled"] = Engine(ours, compile=True)
         if not args.no_int8:
             engines["int8"] = Engine(ours, quantize="int8")
+        if not args.no_int4:
+            engines["int4"] = Engine(ours, quantize="int4")
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
             ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),
@@ -197,19 +201,19 @@ def main():
                              "same_greedy": same, "first_call_s": warm}  # fmt: skip
                 print(f"batch {batch}: modalign {name:8s} {me_tps:8.1f} tok/s | ratio {me_tps / hf_tps:5.2f}x | "
                       f"{me_tps / roof:.0%} of the roofline | same greedy tokens: {same}/{n} | first call {warm:.1f} s")  # fmt: skip
-                if name == "int8":
+                if name in ("int8", "int4"):
                     q = row[name]
                     q["vs_fp32"] = me_tps / row["eager"]["tps"]
                     q["same_as_fp32"] = leading_same(got, fp32_tokens, n)
                     q["agree_fp32"] = sum(a == b for g, e in zip(got, fp32_tokens, strict=True)
                                           for a, b in zip(g, e, strict=False)) / (batch * n)  # fmt: skip
                     if batch == 1:
-                        q |= int8_report(
+                        q |= quant_report(
                             engines["eager"], eng, Prompt(ids[0].tolist(), [px[0]]), fp32_tokens[0]
                         )
-                        print(f"int8: max logit difference {q['max_logit_err']:.3f} (fp32 logits span "
-                              f"{q['logit_range']:.1f}); decode matrices {q['fp32_mb']:.0f} MB fp32, {q['int8_mb']:.0f} MB int8")  # fmt: skip
-                    print(f"batch {batch}: int8 {q['vs_fp32']:.2f}x fp32 | greedy tokens equal to fp32: leading "
+                        print(f"{name}: max logit difference {q['max_logit_err']:.3f} (fp32 logits span "
+                              f"{q['logit_range']:.1f}); decode matrices {q['fp32_mb']:.0f} MB fp32, {q['quant_mb']:.0f} MB {name}")  # fmt: skip
+                    print(f"batch {batch}: {name} {q['vs_fp32']:.2f}x fp32 | greedy tokens equal to fp32: leading "
                           f"{q['same_as_fp32']}/{n}, {q['agree_fp32']:.0%} of positions")  # fmt: skip
             out["batches"][str(batch)] = row
     if args.json:

@@ -73,15 +73,15 @@ def decode_rows(d: dict) -> list[str]:
     return rows
 
 
-def int8_rows(d: dict) -> list[str]:
+def quant_rows(d: dict) -> list[str]:
     rows = []
-    for b, r in d["batches"].items():
-        q = r.get("int8")
+    for (b, r), name in ((br, n) for br in d["batches"].items() for n in ("int8", "int4")):
+        q = r.get(name)
         if q is None:
             continue
         err = f"{q['max_logit_err']:.3f} (span {q['logit_range']:.1f})" if "max_logit_err" in q else "-"
-        mem = f"{q['fp32_mb']:.0f} → {q['int8_mb']:.0f}" if "fp32_mb" in q else "-"
-        rows.append(f"| {d['size']} | {b} | {r['eager']['tps']:,.1f} | {q['tps']:,.1f} | {q['vs_fp32']:.2f}x | "
+        mem = f"{q['fp32_mb']:.0f} → {q['quant_mb']:.0f}" if "fp32_mb" in q else "-"
+        rows.append(f"| {d['size']} | {b} | {name} | {r['eager']['tps']:,.1f} | {q['tps']:,.1f} | {q['vs_fp32']:.2f}x | "
                     f"{q['ratio']:.2f}x | {q['same_as_fp32']}/{d['new_tokens']}, {q['agree_fp32']:.0%} | {err} | {mem} |")  # fmt: skip
     return rows
 
@@ -120,13 +120,13 @@ def main() -> None:
              "ratio | same greedy tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += decode_rows(d)
-    lines += ["", "int8 decode (`--quantize int8`) against modalign's fp32 eager decode on the same model: greedy "
+    lines += ["", "Quantized decode (`--quantize int8` / `int4`) against modalign's fp32 eager decode on the same model: greedy "
               "tokens equal to fp32's (leading, then the share of positions), the largest logit difference "
               "over fp32's greedy sequence fed to both (batch 1), and the decode step's matrices in MB.", "",
-              "| model | batch | fp32 tok/s | int8 tok/s | int8 / fp32 | int8 / transformers | same greedy tokens | "
-              "max logit difference | matrices MB |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| model | batch | scheme | fp32 tok/s | quantized tok/s | quantized / fp32 | quantized / transformers | "
+              "same greedy tokens | max logit difference | matrices MB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
-        lines += int8_rows(d)
+        lines += quant_rows(d)
     lines += ["", "Training (forward + backward + AdamW; bf16 is autocast on both sides):", "", "```text",
               *[x for out in train.values() for x in out.splitlines() if x.startswith(("fp32", "bf16"))], "```",
               ""]  # fmt: skip

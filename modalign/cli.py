@@ -147,9 +147,9 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vision-tower", default=None, help="the vision tower folder a checkpoint names but does not hold"
     )
-    p.add_argument("--quantize", default="none", choices=["none", "int8"],
-                   help="int8: decode on int8 copies of the LLM's weights (about 2x faster on the CPU; "
-                   "docs/benchmarks.md)")  # fmt: skip
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="int8: decode on int8 copies of the LLM's weights (about 2x faster on the CPU); "
+                   "int4: 4-bit groupwise copies on the CPU (docs/benchmarks.md)")  # fmt: skip
 
 
 def _load_chat(args, compile: bool = False):

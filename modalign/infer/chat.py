@@ -62,7 +62,7 @@ class ChatModel:
         ``base`` / ``vision_tower`` as for ``MLLM.from_pretrained``; the template is the given one,
         else the tokenizer's, else the one the checkpoint's release uses; ``compile``:
         torch.compile the decode step; ``image_cache_mb``: visual tokens of images seen kept for
-        reuse up to this size; ``quantize``: "int8" decodes on int8 weights (see ``Engine``)."""
+        reuse up to this size; ``quantize``: "int8" or "int4" decodes on quantized weights (see ``Engine``)."""
         from modalign.checkpoints import default_template
         from modalign.devices import resolve_device, resolve_dtype
 

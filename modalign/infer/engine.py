@@ -101,14 +101,17 @@ class Engine:
         size and cache-length bucket, then several times fewer dispatched ops per token).
         ``image_cache_mb``: visual tokens of images already seen are kept up to this size and
         reused (``ImageCache``; 0 keeps none). ``quantize``: "int8" decodes on int8 copies of the
-        LLM's weights (``infer/quant.py``; the decode step is then eager)."""
+        LLM's weights, "int4" on 4-bit groupwise copies (CPU; a matrix the int4 kernel does not
+        take stays int8) (``infer/quant.py``; the decode step is then eager)."""
         self.model, self.tok = model.eval(), tokenizer
         self.quantize = check_quantize(quantize)
         if self.quantize and not supported(model.llm, None):
             raise ValueError(
-                f"quantize {self.quantize}: the int8 decode step covers Llama-family decoders (RMSNorm, RoPE, "
+                f"quantize {self.quantize}: the quantized decode step covers Llama-family decoders (RMSNorm, RoPE, "
                 "gated SiLU MLP, LoRA merged); this model decodes through its modules, in its own dtype"
             )
+        if self.quantize == "int4" and next(model.llm.parameters()).device.type != "cpu":
+            raise ValueError("quantize int4: its kernel runs on the CPU; on this device use int8")
         compile = compile and not self.quantize
         self.fast = FastDecoder(model.llm, compile=compile, quantize=self.quantize)
         if image_cache_mb < 0:

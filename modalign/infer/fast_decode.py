@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from modalign.infer.quant import Int8Linear
+from modalign.infer.quant import Int4Linear, Int8Linear, int4_fits
 from modalign.models.decoder import LLM, KVCache
 from modalign.models.layers import apply_rotary, attend, gated_mlp, rms_norm
 from modalign.models.modality import ALinear
@@ -53,7 +53,9 @@ class DecodePlan:
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bs = [m.bias for m in mods]
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
-            if quantize == "int8":
+            if quantize == "int4" and int4_fits(w):
+                return Int4Linear(w, b), None
+            if quantize in ("int8", "int4"):  # int4: a matrix its kernel does not take stays int8
                 return Int8Linear(w, b), None
             wt = w.detach().t()
             return wt.contiguous() if wt.device.type == "cpu" else wt, _d(b)

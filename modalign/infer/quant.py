@@ -1,4 +1,4 @@
-"""int8 weights for the decode step: each matrix of the fused decode plan (q|k|v, o, gate|up,
+"""int8 and int4 weights for the decode step (int4: ``Int4Linear`` at the end). Each matrix of the fused decode plan (q|k|v, o, gate|up,
 down, the LM head) stored as int8 with one scale per output channel (symmetric, ``|w| / 127``).
 
     w [out, in] -> scale = max|w_row| / 127, q = round(w / scale) in [-127, 127]
@@ -25,7 +25,7 @@ import warnings
 
 import torch
 
-QUANTIZE = ("int8",)
+QUANTIZE = ("int8", "int4")
 
 
 def check_quantize(quantize: str | None) -> str | None:
@@ -93,3 +93,77 @@ class Int8Linear:
         if self.q is None:
             return torch.ops.quantized.linear_unpack(self.packed)[0].dequantize()
         return self.q.float() * self.scale.float()[:, None]
+
+
+INT4_GROUP_SIZES = (128, 64, 32)
+
+
+def int4_fits(weight: torch.Tensor) -> bool:
+    """Whether the CPU int4 kernel takes this [out, in] matrix (out a multiple of 16, in of 32)."""
+    out, k = weight.shape
+    return weight.device.type == "cpu" and out % 16 == 0 and k % 32 == 0
+
+
+class Int4Linear:
+    """``y = x @ W^T + b`` with ``W`` held in 4 bits, groupwise asymmetric over the input dimension
+    (each group of ``group_size`` weights of a row has its own scale and offset):
+
+        scale = (max - min) / 15, zero = min + 8 * scale, q = round((w - min) / scale) in [0, 15]
+        w ~= (q - 8) * scale + zero
+
+    On the CPU through PyTorch's int4 weight-only GEMM (``_weight_int4pack_mm_for_cpu``, the kernel
+    torchao's int4 CPU layout calls), in bfloat16: its float32 path runs 10-100 times slower than
+    fp32 itself, its bfloat16 path 2.5-4x faster at batch 1 on large matrices (docs/benchmarks.md),
+    so activations are rounded to bfloat16 for the product and the output cast back.
+    ``group_size``: the largest of 128, 64, 32 that divides the input width unless given."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None):
+        if weight.device.type != "cpu":
+            raise ValueError(
+                f"int4 runs on the CPU's int4 GEMM; this weight is on {weight.device.type} (use int8)"
+            )
+        w = weight.detach().float()
+        self.out_features, self.in_features = w.shape
+        k = self.in_features
+        g = group_size or next((g for g in INT4_GROUP_SIZES if k % g == 0), None)
+        if g is None or k % g:
+            raise ValueError(f"int4: input width {k} of a [{self.out_features}, {k}] matrix is not a multiple of "
+                             f"{group_size or 32} (the group size)")  # fmt: skip
+        if self.out_features % 16:
+            raise ValueError(f"int4: output width {self.out_features} of a [{self.out_features}, {k}] matrix is not "
+                             "a multiple of 16 (the CPU kernel's tile)")  # fmt: skip
+        self.group_size = g
+        wg = w.view(self.out_features, k // g, g)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-12)
+        q = ((wg - lo) / scale).round_().clamp_(0, 15).to(torch.int32).view(self.out_features, k)
+        zero = lo + 8 * scale
+        # [groups, out, 2]: the kernel's layout of scales and offsets
+        self.scales_zeros = torch.stack([scale[..., 0], zero[..., 0]], -1).transpose(0, 1).contiguous()
+        self.scales_zeros = self.scales_zeros.to(torch.bfloat16)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+        self.bias = None if bias is None else bias.detach()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed 4-bit matrix and its scales and offsets."""
+        return (
+            self.packed.numel() * self.packed.element_size()
+            + self.scales_zeros.numel() * self.scales_zeros.element_size()
+        )
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).to(self.scales_zeros.dtype).contiguous(), self.packed,
+            self.group_size, self.scales_zeros,
+        )  # fmt: skip
+        y = y.view(*lead, self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight these 4-bit values stand for ([out, in], float32): the kernel's float32 path
+        applied to the identity, with the scales and offsets it multiplies in bfloat16."""
+        eye = torch.eye(self.in_features)
+        y = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_zeros.float())
+        return y.t().contiguous()

@@ -141,9 +141,10 @@ def test_text_never_places_an_image(cm):
     assert user_message(f"{IMAGE_MARK}<image> c", 1).num_images == 1
 
 
-def test_generate_quantized_int8_answers_as_fp32_does(cm, tiny_model, image, capsys, monkeypatch):
-    """``--quantize int8`` on a trained model: its answer's tokens are the fp32 greedy answer's (a
-    trained model's margins are wider than int8's rounding); an unknown scheme is refused."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_generate_quantized_answers_as_fp32_does(scheme, cm, tiny_model, image, capsys, monkeypatch):
+    """``--quantize int8`` / ``int4`` on a trained model: its answer's tokens are the fp32 greedy
+    answer's (a trained model's margins are wider than the rounding); an unknown scheme is refused."""
     q = "What colour is the square?"
     want = reference_greedy(cm, [user_message(q, 1)], [image], 8)
     args = ["generate", "--model", str(tiny_model), "--image", image, "--prompt", q, "--max-new-tokens", "8",
@@ -154,12 +155,12 @@ def test_generate_quantized_int8_answers_as_fp32_does(cm, tiny_model, image, cap
     monkeypatch.setattr(
         Engine, "__init__", lambda self, *a, **kw: (init(self, *a, **kw), engines.append(self))[0]
     )
-    assert main([*args, "--quantize", "int8"]) == 0
+    assert main([*args, "--quantize", scheme]) == 0
     got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert got["token_ids"] == want
-    assert [e.quantize for e in engines] == ["int8"] and type(
-        engines[0].fast.plan.head
-    ).__name__ == "Int8Linear"
+    assert [e.quantize for e in engines] == [scheme]
+    kinds = {type(m[0]).__name__ for layer in engines[0].fast.plan.layers for m in layer[1:3] + layer[4:]}
+    assert (kinds == {"Int8Linear"}) if scheme == "int8" else ("Int4Linear" in kinds)
     with pytest.raises(SystemExit):
-        main([*args, "--quantize", "int4"])
-    assert "invalid choice: 'int4'" in capsys.readouterr().err
+        main([*args, "--quantize", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err

@@ -217,6 +217,78 @@ def test_int8_linear_matches_its_dequantized_weight(backend):
     assert (y - ref).abs().max() <= tol
 
 
+def test_int4_linear_matches_its_dequantized_weight():
+    from modalign.infer.quant import Int4Linear
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
+    lin = Int4Linear(w, b)
+    assert lin.group_size == 32  # the largest of 128, 64, 32 dividing 96
+    wq = lin.dequantize()
+    # groups of 32 along a row, 16 levels from the group's min to its max: within half a level
+    # (and the bfloat16 rounding of the group's scale and offset)
+    wg = w.view(48, 3, 32)
+    half = (wg.amax(-1, keepdim=True) - wg.amin(-1, keepdim=True)) / 30
+    assert torch.all((wq.view(48, 3, 32) - wg).abs() <= half * 1.05 + 2e-2 * wg.abs().amax(-1, keepdim=True))
+    x = torch.randn(2, 3, 96, generator=g)
+    ref = x.bfloat16().float() @ wq.t() + b  # the product in bfloat16, as the kernel runs it
+    torch.testing.assert_close(lin(x), ref, atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+    assert lin(x).dtype == torch.float32
+    # half a byte a weight; a bfloat16 scale and offset a group
+    assert lin.nbytes == 48 * 96 // 2 + 3 * 48 * 2 * 2
+    with pytest.raises(ValueError, match="input width 40 of a \\[48, 40\\] matrix is not a multiple of 32"):
+        Int4Linear(torch.randn(48, 40))
+    with pytest.raises(ValueError, match="output width 40 of a \\[40, 64\\] matrix is not a multiple of 16"):
+        Int4Linear(torch.randn(40, 64))
+
+
+def test_int4_decode_step_is_the_fp32_step_on_its_dequantized_weights():
+    """One int4 decode step equals, to float rounding, the fp32 step of a model whose decoder
+    matrices are their int4 values (same cache state); the engine decodes on it end to end."""
+    import copy
+
+    from modalign.infer.fast_decode import DecodePlan, FastDecoder
+    from modalign.infer.quant import Int4Linear, Int8Linear
+
+    # the tiny LLM's MLP is 344 wide: down_proj's input is no multiple of 32, so it stays int8
+    plan = DecodePlan(tiny(1).llm, "int4")
+    assert [type(m[0]) for m in plan.layers[0][1:3] + plan.layers[0][4:]] == [Int4Linear] * 3 + [Int8Linear]
+    torch.manual_seed(1)
+    cfg = MLLMConfig.from_name("tiny-llava")
+    cfg.llm.num_layers = cfg.vision.num_layers = 2
+    cfg.vision.image_size, cfg.vision.patch_size = 32, 8
+    cfg.placeholder = "per_token"
+    cfg.llm.intermediate_size = 352  # every matrix in the kernel's shapes
+    model = MLLM(cfg).eval()
+    deq = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, m in deq.llm.named_modules():
+            if isinstance(m, torch.nn.Linear) and name.split(".")[-1] in (
+                "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"
+            ):  # fmt: skip
+                m.weight.copy_(Int4Linear(m.weight).dequantize())
+    ids = torch.tensor([[7], [9]])
+    with torch.no_grad():
+        caches = []
+        for _ in range(3):
+            c = model.llm.new_cache(2, 16)
+            model.llm(torch.tensor([[1, 5, 6], [1, 8, 2]]), cache=c)  # the same prefilled state
+            c.prefill_length = c.length
+            caches.append(c)
+        fast = FastDecoder(model.llm, quantize="int4")
+        a = fast.step(ids, caches[0])
+        b = FastDecoder(deq.llm).step(ids, caches[1])
+        fp32 = FastDecoder(model.llm).step(ids, caches[2])
+    assert all(isinstance(m[0], Int4Linear) for layer in fast.plan.layers for m in layer[1:3] + layer[4:])
+    # products in bfloat16: equal to its rounding, with the same greedy token
+    torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max().item(), rtol=0)
+    assert torch.equal(a.argmax(-1), b.argmax(-1))
+    assert (a - fp32).abs().max() > (a - b).abs().max()  # nearer its 4-bit weights than fp32's
+    ps = prompts(model)
+    out = Engine(model, quantize="int4").generate(ps, SamplingParams(max_new_tokens=4))
+    assert [len(r.token_ids) for r in out] == [4, 4, 4]
+
+
 def test_int8_decoding_follows_fp32_and_refuses_what_it_does_not_cover():
     model = tiny()
     ps = prompts(model)
