@@ -152,7 +152,13 @@ def main():
         if not args.no_int8:
             engines["int8"] = Engine(ours, quantize="int8")
         if not args.no_int4:
-            engines["int4"] = Engine(ours, quantize="int4")
+            from modalign.infer.quant import int4_problem
+
+            problem = int4_problem((16, 32))
+            if problem is None:
+                engines["int4"] = Engine(ours, quantize="int4")
+            else:
+                print(f"int4 skipped: {problem}")
         for batch in (1, 8):
             g = torch.Generator().manual_seed(batch)
             ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),

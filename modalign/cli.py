@@ -147,7 +147,7 @@ def _model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--vision-tower", default=None, help="the vision tower folder a checkpoint names but does not hold"
     )
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],  # infer.quant.QUANTIZE
                    help="int8: decode on int8 copies of the LLM's weights (about 2x faster on the CPU); "
                    "int4: 4-bit groupwise copies on the CPU (docs/benchmarks.md)")  # fmt: skip
 

@@ -109,7 +109,7 @@ def _attend_one(q, k, v, mask):
 
 
 def _lin(x, wt, b=None):
-    if not isinstance(wt, torch.Tensor):  # an int8 matrix (``Int8Linear``), bias included
+    if not isinstance(wt, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return wt(x)
     y = x @ wt
     return y if b is None else y + b

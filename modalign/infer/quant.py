@@ -95,13 +95,32 @@ class Int8Linear:
         return self.q.float() * self.scale.float()[:, None]
 
 
-INT4_GROUP_SIZES = (128, 64, 32)
+INT4_GROUP_SIZES = (128, 64, 32)  # the kernel also takes 256; 128 and below keep the error small
+
+
+def int4_problem(
+    shape: tuple[int, int], device: torch.device | str = "cpu", group_size: int | None = None
+) -> str | None:
+    """Why the CPU int4 kernel cannot take an [out, in] matrix (None: it can)."""
+    out, k = shape
+    if torch.device(device).type != "cpu":
+        return f"int4 runs on the CPU's int4 GEMM; this weight is on {torch.device(device)} (use int8)"
+    if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
+        return (f"int4 needs PyTorch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu, torch 2.6 or later); "
+                f"this torch is {torch.__version__}")  # fmt: skip
+    if group_size is not None and group_size not in (32, 64, 128, 256):
+        return f"int4: group size {group_size} is not one the kernel takes (32, 64, 128, 256)"
+    g = group_size or 32
+    if k % g:
+        return f"int4: input width {k} of a [{out}, {k}] matrix is not a multiple of {g} (the group size)"
+    if out % 16:
+        return f"int4: output width {out} of a [{out}, {k}] matrix is not a multiple of 16 (the CPU kernel's tile)"
+    return None
 
 
 def int4_fits(weight: torch.Tensor) -> bool:
     """Whether the CPU int4 kernel takes this [out, in] matrix (out a multiple of 16, in of 32)."""
-    out, k = weight.shape
-    return weight.device.type == "cpu" and out % 16 == 0 and k % 32 == 0
+    return int4_problem(tuple(weight.shape), weight.device) is None
 
 
 class Int4Linear:
@@ -118,20 +137,13 @@ class Int4Linear:
     ``group_size``: the largest of 128, 64, 32 that divides the input width unless given."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None):
-        if weight.device.type != "cpu":
-            raise ValueError(
-                f"int4 runs on the CPU's int4 GEMM; this weight is on {weight.device.type} (use int8)"
-            )
+        problem = int4_problem(tuple(weight.shape), weight.device, group_size)
+        if problem is not None:
+            raise (RuntimeError if "torch 2.6" in problem else ValueError)(problem)
         w = weight.detach().float()
         self.out_features, self.in_features = w.shape
         k = self.in_features
-        g = group_size or next((g for g in INT4_GROUP_SIZES if k % g == 0), None)
-        if g is None or k % g:
-            raise ValueError(f"int4: input width {k} of a [{self.out_features}, {k}] matrix is not a multiple of "
-                             f"{group_size or 32} (the group size)")  # fmt: skip
-        if self.out_features % 16:
-            raise ValueError(f"int4: output width {self.out_features} of a [{self.out_features}, {k}] matrix is not "
-                             "a multiple of 16 (the CPU kernel's tile)")  # fmt: skip
+        g = group_size or next(g for g in INT4_GROUP_SIZES if k % g == 0)
         self.group_size = g
         wg = w.view(self.out_features, k // g, g)
         lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)

@@ -109,18 +109,26 @@ def sincos_2d(dim: int, grid: int, cls_token: bool) -> np.ndarray:
     return emb
 
 
+def patch_grid(num_features: int) -> tuple[int, int] | None:
+    """(side, 1 if a CLS feature leads else 0) of a square patch grid; None if not square."""
+    side = math.isqrt(num_features)
+    cls = int(side * side != num_features)
+    side = math.isqrt(num_features - cls)
+    return (side, cls) if side * side + cls == num_features else None
+
+
 def locality_prior(num_queries: int, num_features: int, strength: float) -> torch.Tensor:
     """[Q, L] attention bias: ``strength * exp(-d^2 / 2)``, d the distance in patch widths from a
     query's centre (the Q queries laid row-major on a square grid spread over the square patch
     grid) to a patch's; 0 over a leading CLS feature."""
-    gq, gp = math.isqrt(num_queries), math.isqrt(num_features)
-    cls = int(gp * gp != num_features)
-    gp = math.isqrt(num_features - cls)
-    if gq * gq != num_queries or gp * gp + cls != num_features:
+    gq = math.isqrt(num_queries)
+    grid = patch_grid(num_features)
+    if gq * gq != num_queries or grid is None:
         raise ValueError(
             f"abstractor locality needs a square number of queries and a square patch grid, got "
             f"{num_queries} queries and {num_features} features"
         )
+    gp, cls = grid
     centre = (torch.arange(gq, dtype=torch.float64) + 0.5) * gp / gq - 0.5  # query centres, patch units
     qy, qx = torch.meshgrid(centre, centre, indexing="ij")
     py, px = torch.meshgrid(*(torch.arange(gp, dtype=torch.float64),) * 2, indexing="ij")
@@ -226,11 +234,10 @@ class VisualAbstractor(nn.Module):
         if not cfg.pos_embed:
             self.q_pos_embed = self.k_pos_embed = None
         else:
-            grid = math.isqrt(num_features)
-            self.has_cls = grid * grid != num_features
-            self.grid = math.isqrt(num_features - int(self.has_cls))
-            if self.grid**2 + int(self.has_cls) != num_features:
+            grid = patch_grid(num_features)
+            if grid is None:
                 raise ValueError(f"abstractor pos_embed needs a square patch grid, got {num_features}")
+            self.grid, self.has_cls = grid[0], bool(grid[1])
             self.register_buffer("q_pos_embed", torch.empty(cfg.num_queries, c), persistent=False)
             self.register_buffer("k_pos_embed", torch.empty(num_features, c), persistent=False)
             self.reset_buffers()

@@ -20,7 +20,7 @@ log = logging.getLogger("modalign")
 
 # parameters that never get weight decay (besides every 0-/1-d tensor: norms and biases)
 NO_DECAY_MARKERS = ("embed_tokens", "position_embedding", "class_embedding", "query_embeds", "latents",
-                    "vit_eos", "adapter_gate", "adapter_prompt", "_GN")  # fmt: skip
+                    "vit_eos", "adapter_gate", "adapter_prompt", "_GN", "locality_bias")  # fmt: skip
 
 
 def matches(name: str, pattern: str) -> bool:

@@ -240,6 +240,10 @@ def test_int4_linear_matches_its_dequantized_weight():
         Int4Linear(torch.randn(48, 40))
     with pytest.raises(ValueError, match="output width 40 of a \\[40, 64\\] matrix is not a multiple of 16"):
         Int4Linear(torch.randn(40, 64))
+    with pytest.raises(ValueError, match="group size 48 is not one the kernel takes"):
+        Int4Linear(torch.randn(48, 96), group_size=48)
+    with pytest.raises(ValueError, match="this weight is on meta"):
+        Int4Linear(torch.empty(16, 32, device="meta"))
 
 
 def test_int4_decode_step_is_the_fp32_step_on_its_dequantized_weights():

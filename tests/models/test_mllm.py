@@ -104,6 +104,12 @@ def test_abstractor_locality_starts_each_query_over_its_own_patches():
     grid = conn.locality_bias[1, 1:].view(4, 4)
     block = grid[0:2, 2:4]
     assert torch.allclose(block, block.max().expand(2, 2)) and grid.max() == block.max()
+    # the prior trains: the loss reaches it
+    conn(x).square().sum().backward()
+    assert conn.locality_bias.grad.abs().sum() > 0
+    from modalign.train.freeze import no_decay
+
+    assert no_decay("connector.locality_bias", conn.locality_bias)  # no weight decay pulls it to 0
     with pytest.raises(ValueError, match="square number of queries and a square patch grid, got 5 queries"):
         build_connector(ConnectorConfig(type="abstractor", num_queries=5, locality=1.0, hidden_size=32,
                                         num_heads=4), 32, 40, 17)  # fmt: skip
