@@ -152,9 +152,9 @@ def main():
         if not args.no_int8:
             engines["int8"] = Engine(ours, quantize="int8")
         if not args.no_int4:
-            from modalign.infer.quant import int4_problem
+            from modalign.infer.quant import int4_unavailable
 
-            problem = int4_problem((16, 32))
+            problem = int4_unavailable("cpu")
             if problem is None:
                 engines["int4"] = Engine(ours, quantize="int4")
             else:

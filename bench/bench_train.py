@@ -36,10 +36,11 @@ def run(model, batch, steps, precision, hf, compiled=False):
     if not hf:
         from modalign.train.objectives.lm import LMObjective
 
+        vars(model.llm).pop(
+            "forward", None
+        )  # the class's forward again (an earlier round may have compiled it)
         if compiled:  # as the trainer does for a stage with ``compile: true``
-            model.llm.forward = torch.compile(model.llm.__class__.forward.__get__(model.llm), dynamic=True)
-        elif "forward" in vars(model.llm):
-            del model.llm.forward
+            model.llm.forward = torch.compile(model.llm.forward, dynamic=True)
         model = LMObjective(model)
         inputs = {"input_ids": batch["ids"], "pixel_values": batch["px"], "attention_mask": batch["mask"],
                   "labels": batch["labels"], "ids": [str(i) for i in range(len(batch["ids"]))]}  # fmt: skip

@@ -75,14 +75,15 @@ def decode_rows(d: dict) -> list[str]:
 
 def quant_rows(d: dict) -> list[str]:
     rows = []
-    for (b, r), name in ((br, n) for br in d["batches"].items() for n in ("int8", "int4")):
-        q = r.get(name)
-        if q is None:
-            continue
-        err = f"{q['max_logit_err']:.3f} (span {q['logit_range']:.1f})" if "max_logit_err" in q else "-"
-        mem = f"{q['fp32_mb']:.0f} → {q['quant_mb']:.0f}" if "fp32_mb" in q else "-"
-        rows.append(f"| {d['size']} | {b} | {name} | {r['eager']['tps']:,.1f} | {q['tps']:,.1f} | {q['vs_fp32']:.2f}x | "
-                    f"{q['ratio']:.2f}x | {q['same_as_fp32']}/{d['new_tokens']}, {q['agree_fp32']:.0%} | {err} | {mem} |")  # fmt: skip
+    for b, r in d["batches"].items():
+        for name in ("int8", "int4"):
+            q = r.get(name)
+            if q is None:
+                continue
+            err = f"{q['max_logit_err']:.3f} (span {q['logit_range']:.1f})" if "max_logit_err" in q else "-"
+            mem = f"{q['fp32_mb']:.0f} → {q['quant_mb']:.0f}" if "fp32_mb" in q else "-"
+            rows.append(f"| {d['size']} | {b} | {name} | {r['eager']['tps']:,.1f} | {q['tps']:,.1f} | {q['vs_fp32']:.2f}x | "
+                        f"{q['ratio']:.2f}x | {q['same_as_fp32']}/{d['new_tokens']}, {q['agree_fp32']:.0%} | {err} | {mem} |")  # fmt: skip
     return rows
 
 

@@ -16,7 +16,7 @@ import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
 from modalign.infer.image_cache import ImageCache, encode, encode_cached
-from modalign.infer.quant import check_quantize, int4_problem
+from modalign.infer.quant import check_quantize, int4_unavailable
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
 
@@ -110,11 +110,8 @@ class Engine:
                 f"quantize {self.quantize}: the quantized decode step covers Llama-family decoders (RMSNorm, RoPE, "
                 "gated SiLU MLP, LoRA merged); this model decodes through its modules, in its own dtype"
             )
-        if self.quantize == "int4":
-            dev = next(model.llm.parameters()).device
-            problem = int4_problem((16, 32), dev)  # the device and the torch build, not a shape
-            if problem is not None:
-                raise ValueError(f"quantize int4: {problem}")
+        if self.quantize == "int4" and (problem := int4_unavailable(next(model.llm.parameters()).device)):
+            raise ValueError(f"quantize int4: {problem}")
         compile = compile and not self.quantize
         self.fast = FastDecoder(model.llm, compile=compile, quantize=self.quantize)
         if image_cache_mb < 0:

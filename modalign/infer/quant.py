@@ -1,5 +1,6 @@
-"""int8 and int4 weights for the decode step (int4: ``Int4Linear`` at the end). Each matrix of the fused decode plan (q|k|v, o, gate|up,
-down, the LM head) stored as int8 with one scale per output channel (symmetric, ``|w| / 127``).
+"""int8 and int4 weights for the decode step (int4: ``Int4Linear``, at the end). int8: each
+matrix of the fused decode plan (q|k|v, o, gate|up, down, the LM head) stored as int8 with one
+scale per output channel (symmetric, ``|w| / 127``).
 
     w [out, in] -> scale = max|w_row| / 127, q = round(w / scale) in [-127, 127]
     y = x @ (q * scale)^T + b
@@ -98,16 +99,19 @@ class Int8Linear:
 INT4_GROUP_SIZES = (128, 64, 32)  # the kernel also takes 256; 128 and below keep the error small
 
 
-def int4_problem(
-    shape: tuple[int, int], device: torch.device | str = "cpu", group_size: int | None = None
-) -> str | None:
-    """Why the CPU int4 kernel cannot take an [out, in] matrix (None: it can)."""
-    out, k = shape
+def int4_unavailable(device: torch.device | str) -> str | None:
+    """Why int4 cannot run on ``device`` with this torch build (None: it can)."""
     if torch.device(device).type != "cpu":
         return f"int4 runs on the CPU's int4 GEMM; this weight is on {torch.device(device)} (use int8)"
     if not hasattr(torch, "_weight_int4pack_mm_for_cpu"):
         return (f"int4 needs PyTorch's CPU int4 GEMM (_weight_int4pack_mm_for_cpu, torch 2.6 or later); "
                 f"this torch is {torch.__version__}")  # fmt: skip
+    return None
+
+
+def int4_problem(shape: tuple[int, int], group_size: int | None = None) -> str | None:
+    """Why the CPU int4 kernel cannot take an [out, in] matrix (None: it can)."""
+    out, k = shape
     if group_size is not None and group_size not in (32, 64, 128, 256):
         return f"int4: group size {group_size} is not one the kernel takes (32, 64, 128, 256)"
     g = group_size or 32
@@ -119,8 +123,8 @@ def int4_problem(
 
 
 def int4_fits(weight: torch.Tensor) -> bool:
-    """Whether the CPU int4 kernel takes this [out, in] matrix (out a multiple of 16, in of 32)."""
-    return int4_problem(tuple(weight.shape), weight.device) is None
+    """Whether the CPU int4 kernel takes this [out, in] matrix here (out a multiple of 16, in of 32)."""
+    return int4_unavailable(weight.device) is None and int4_problem(tuple(weight.shape)) is None
 
 
 class Int4Linear:
@@ -137,9 +141,9 @@ class Int4Linear:
     ``group_size``: the largest of 128, 64, 32 that divides the input width unless given."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, group_size: int | None = None):
-        problem = int4_problem(tuple(weight.shape), weight.device, group_size)
+        problem = int4_unavailable(weight.device) or int4_problem(tuple(weight.shape), group_size)
         if problem is not None:
-            raise (RuntimeError if "torch 2.6" in problem else ValueError)(problem)
+            raise ValueError(problem)
         w = weight.detach().float()
         self.out_features, self.in_features = w.shape
         k = self.in_features
