@@ -14,14 +14,16 @@ modalign runs three times: the eager engine, ``Engine(compile=True)`` (torch.com
 step; its one-off compile time per batch size is printed separately and not in the rate) and
 ``Engine(quantize="int8")`` and ``Engine(quantize="int4")`` (``--no-int8`` / ``--no-int4`` skip
 them). For each quantized engine it also prints, against modalign's
-fp32 decoding: the speed ratio, the greedy tokens that agree (leading tokens equal, and the share
+fp32 engine: the speed ratio, the greedy tokens that agree (leading tokens equal, and the share
 of positions equal), the largest logit difference over the fp32 greedy sequence fed to both
-(teacher-forced, batch 1), and the bytes of the decode step's matrices in each.
+(teacher-forced, batch 1, the prefill included), the prefill's time, and the bytes of the LLM's
+matrices each holds. A quantized engine quantizes its own copy of the model in place.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 
@@ -30,6 +32,7 @@ import transformers
 
 from modalign import MLLM
 from modalign.infer.engine import Engine, Prompt, SamplingParams
+from modalign.infer.quant import linear_bytes
 
 IMAGE = 500
 
@@ -89,18 +92,22 @@ def _matrices(plan) -> list:
 
 
 def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int]) -> dict:
-    """The largest logit difference between the fp32 and quantized decode steps over ``tokens``
-    (the fp32 greedy continuation of ``prompt``, fed to both), and the bytes of the decode matrices."""
-    logits = []
+    """The largest logit difference between the fp32 and quantized engines over ``tokens`` (the
+    fp32 greedy continuation of ``prompt``, fed to both: the prefill's logits, then each decode
+    step's), the prefill's time in each, and the bytes of the LLM's matrices each holds (fp32:
+    the model's and the decode plan's transposed copies; quantized: one copy, read by both)."""
+    logits, prefill_s = [], []
     for eng in (fp32, quant):
         with torch.inference_mode():
-            pre = eng.prefill([prompt], len(tokens) + 1)  # the module path: the same for both
+            pre = eng.prefill([prompt], len(tokens) + 1)
             steps = [eng.fast.step(torch.tensor([[t]]), pre.cache) for t in tokens[:-1]]
-        logits.append(torch.cat(steps))
+            prefill_s.append(timed(lambda eng=eng: eng.prefill([prompt], 1), repeat=5))
+        logits.append(torch.cat([pre.logits, *steps]))
     err = (logits[0] - logits[1]).abs()
+    plan_mb = sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)) / 1e6
     return {"max_logit_err": float(err.max()), "logit_range": float(logits[0].max() - logits[0].min()),
-            "fp32_mb": sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)) / 1e6,
-            "quant_mb": sum(m.nbytes for m in _matrices(quant.fast.plan)) / 1e6}  # fmt: skip
+            "fp32_mb": linear_bytes(fp32.model.llm) / 1e6 + plan_mb, "quant_mb": linear_bytes(quant.model.llm) / 1e6,
+            "prefill_tokens": len(prompt.input_ids), "fp32_prefill_s": prefill_s[0], "prefill_s": prefill_s[1]}  # fmt: skip
 
 
 def leading_same(got: list[list[int]], ref: list[list[int]], n: int) -> int:
@@ -149,14 +156,14 @@ def main():
         engines = {"eager": Engine(ours)}
         if not args.no_compile:
             engines["compiled"] = Engine(ours, compile=True)
-        if not args.no_int8:
-            engines["int8"] = Engine(ours, quantize="int8")
+        if not args.no_int8:  # quantized in place: on a copy of the model
+            engines["int8"] = Engine(copy.deepcopy(ours), quantize="int8")
         if not args.no_int4:
             from modalign.infer.quant import int4_unavailable
 
             problem = int4_unavailable("cpu")
             if problem is None:
-                engines["int4"] = Engine(ours, quantize="int4")
+                engines["int4"] = Engine(copy.deepcopy(ours), quantize="int4")
             else:
                 print(f"int4 skipped: {problem}")
         for batch in (1, 8):
@@ -218,7 +225,9 @@ def main():
                             engines["eager"], eng, Prompt(ids[0].tolist(), [px[0]]), fp32_tokens[0]
                         )
                         print(f"{name}: max logit difference {q['max_logit_err']:.3f} (fp32 logits span "
-                              f"{q['logit_range']:.1f}); decode matrices {q['fp32_mb']:.0f} MB fp32, {q['quant_mb']:.0f} MB {name}")  # fmt: skip
+                              f"{q['logit_range']:.1f}); LLM matrices held {q['fp32_mb']:.0f} MB fp32, "
+                              f"{q['quant_mb']:.0f} MB {name}; prefill of {q['prefill_tokens']} tokens "
+                              f"{q['fp32_prefill_s'] * 1e3:.0f} ms fp32, {q['prefill_s'] * 1e3:.0f} ms {name}")  # fmt: skip
                     print(f"batch {batch}: {name} {q['vs_fp32']:.2f}x fp32 | greedy tokens equal to fp32: leading "
                           f"{q['same_as_fp32']}/{n}, {q['agree_fp32']:.0%} of positions")  # fmt: skip
             out["batches"][str(batch)] = row

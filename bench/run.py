@@ -82,8 +82,10 @@ def quant_rows(d: dict) -> list[str]:
                 continue
             err = f"{q['max_logit_err']:.3f} (span {q['logit_range']:.1f})" if "max_logit_err" in q else "-"
             mem = f"{q['fp32_mb']:.0f} → {q['quant_mb']:.0f}" if "fp32_mb" in q else "-"
+            pre = (f"{q['fp32_prefill_s'] * 1e3:.0f} → {q['prefill_s'] * 1e3:.0f} ms ({q['prefill_tokens']} tokens)"
+                   if "prefill_s" in q else "-")  # fmt: skip
             rows.append(f"| {d['size']} | {b} | {name} | {r['eager']['tps']:,.1f} | {q['tps']:,.1f} | {q['vs_fp32']:.2f}x | "
-                        f"{q['ratio']:.2f}x | {q['same_as_fp32']}/{d['new_tokens']}, {q['agree_fp32']:.0%} | {err} | {mem} |")  # fmt: skip
+                        f"{q['ratio']:.2f}x | {q['same_as_fp32']}/{d['new_tokens']}, {q['agree_fp32']:.0%} | {err} | {mem} | {pre} |")  # fmt: skip
     return rows
 
 
@@ -123,9 +125,12 @@ def main() -> None:
         lines += decode_rows(d)
     lines += ["", "Quantized decode (`--quantize int8` / `int4`) against modalign's fp32 eager decode on the same model: greedy "
               "tokens equal to fp32's (leading, then the share of positions), the largest logit difference "
-              "over fp32's greedy sequence fed to both (batch 1), and the decode step's matrices in MB.", "",
+              "over fp32's greedy sequence fed to both (batch 1, prefill included), the LLM's matrices held in MB "
+              "(fp32: the model's and the decode plan's copies; quantized: one copy, replacing them) and the "
+              "prefill's time (batch 1).", "",
               "| model | batch | scheme | fp32 tok/s | quantized tok/s | quantized / fp32 | quantized / transformers | "
-              "same greedy tokens | max logit difference | matrices MB |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "same greedy tokens | max logit difference | matrices MB | prefill fp32 → quantized |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += quant_rows(d)
     lines += ["", "Training (forward + backward + AdamW; bf16 is autocast on both sides):", "", "```text",

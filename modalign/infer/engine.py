@@ -16,7 +16,7 @@ import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
 from modalign.infer.image_cache import ImageCache, encode, encode_cached
-from modalign.infer.quant import check_quantize, int4_unavailable
+from modalign.infer.quant import check_quantize, quantize_llm_
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
 
@@ -100,9 +100,10 @@ class Engine:
         """``compile``: decode steps run through ``torch.compile`` (a one-off compile per batch
         size and cache-length bucket, then several times fewer dispatched ops per token).
         ``image_cache_mb``: visual tokens of images already seen are kept up to this size and
-        reused (``ImageCache``; 0 keeps none). ``quantize``: "int8" decodes on int8 copies of the
-        LLM's weights, "int4" on 4-bit groupwise copies (CPU; a matrix the int4 kernel does not
-        take stays int8) (``infer/quant.py``; the decode step is then eager)."""
+        reused (``ImageCache``; 0 keeps none). ``quantize``: "int8" replaces the LLM's matrices
+        by int8 values, "int4" by 4-bit groupwise values (CPU; a matrix the int4 kernel does not
+        take is int8), in place: ``model`` is inference-only afterwards (``quantize_llm_`` in
+        ``infer/quant.py``; the decode step is then eager)."""
         self.model, self.tok = model.eval(), tokenizer
         self.quantize = check_quantize(quantize)
         if self.quantize and not supported(model.llm, None):
@@ -110,10 +111,10 @@ class Engine:
                 f"quantize {self.quantize}: the quantized decode step covers Llama-family decoders (RMSNorm, RoPE, "
                 "gated SiLU MLP, LoRA merged); this model decodes through its modules, in its own dtype"
             )
-        if self.quantize == "int4" and (problem := int4_unavailable(next(model.llm.parameters()).device)):
-            raise ValueError(f"quantize int4: {problem}")
+        if self.quantize:
+            quantize_llm_(model.llm, self.quantize)
         compile = compile and not self.quantize
-        self.fast = FastDecoder(model.llm, compile=compile, quantize=self.quantize)
+        self.fast = FastDecoder(model.llm, compile=compile)
         if image_cache_mb < 0:
             raise ValueError(f"image_cache_mb must be >= 0 (0: no cache), got {image_cache_mb}")
         self.image_cache = ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb else None

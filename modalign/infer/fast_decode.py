@@ -21,7 +21,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from modalign.infer.quant import Int4Linear, Int8Linear, int4_fits
+from modalign.infer.quant import quantized_linear
 from modalign.models.decoder import LLM, KVCache
 from modalign.models.layers import apply_rotary, attend, gated_mlp, rms_norm
 from modalign.models.modality import ALinear
@@ -50,13 +50,14 @@ class DecodePlan:
             return m.multiway[0] if hasattr(m, "multiway") else m
 
         def lin(mods):
+            ops = [getattr(m, "quantized", None) for m in mods]
+            if all(op is not None for op in ops):  # quantized in place (``quantize_llm_``): read those
+                return (ops[0] if len(ops) == 1 else Concat(ops)), None
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bs = [m.bias for m in mods]
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
-            if quantize == "int4" and int4_fits(w):
-                return Int4Linear(w, b), None
-            if quantize in ("int8", "int4"):  # int4: a matrix its kernel does not take stays int8
-                return Int8Linear(w, b), None
+            if quantize is not None:
+                return quantized_linear(w, b, quantize), None
             wt = w.detach().t()
             return wt.contiguous() if wt.device.type == "cpu" else wt, _d(b)
 
@@ -64,9 +65,10 @@ class DecodePlan:
         for layer in llm.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv = [a.qkv_proj] if hasattr(a, "qkv_proj") else [text(a.q_proj), text(a.k_proj), text(a.v_proj)]
+            gu = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
             self.layers.append((
                 _d(text(layer.input_layernorm).weight), lin(qkv), lin([a.o_proj]),
-                _d(text(layer.post_attention_layernorm).weight), lin([mlp.gate_proj, mlp.up_proj]),
+                _d(text(layer.post_attention_layernorm).weight), lin(gu),
                 lin([mlp.down_proj]),
             ))  # fmt: skip
         self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
@@ -106,6 +108,16 @@ def _attend_one(q, k, v, mask):
     scores = (qg @ k.transpose(-1, -2)) * (d**-0.5)  # [B, Hkv, G, S]
     scores = scores.masked_fill(~mask.view(b, 1, 1, -1), float("-inf"))
     return (scores.softmax(-1) @ v).view(b, h, 1, d)
+
+
+class Concat:
+    """Quantized matrices read one after another, outputs concatenated (MAM's separate text K/V)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([op(x) for op in self.ops], -1)
 
 
 def _lin(x, wt, b=None):

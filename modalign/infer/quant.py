@@ -15,9 +15,10 @@ reads a quarter of fp32's. Two kernels, chosen by device:
 - ``weight_only`` (CUDA, and any device in bf16/fp16): ``torch._weight_int8pack_mm``, the int8
   weight-only GEMM that torchao's int8 weight-only layout calls; activations stay in their dtype.
 
-The module path (prefill, training) keeps the model's own weights; only the decode step reads the
-int8 copy, so the process holds both (the int8 copy adds a quarter of the LLM's linear weights).
-Measured speed and accuracy: ``docs/benchmarks.md``.
+``quantize_llm_`` replaces the LLM's matrices by their quantized values in place (inference only):
+the prefill and the decode step then both read them, and the fp32 matrices are freed. Without
+it, ``DecodePlan(llm, scheme)`` quantizes copies for the decode step alone. Measured speed,
+memory and accuracy: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from torch import nn
 
 QUANTIZE = ("int8", "int4")
 
@@ -183,3 +185,73 @@ class Int4Linear:
         eye = torch.eye(self.in_features)
         y = torch._weight_int4pack_mm_for_cpu(eye, self.packed, self.group_size, self.scales_zeros.float())
         return y.t().contiguous()
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, scheme: str) -> Int8Linear | Int4Linear:
+    """``weight`` [out, in] (and ``bias``) in ``scheme``; under int4 a matrix its kernel does not
+    take is int8."""
+    if scheme == "int4" and int4_fits(weight):
+        return Int4Linear(weight, bias)
+    if scheme in ("int8", "int4"):
+        return Int8Linear(weight, bias)
+    raise ValueError(f"quantize: unknown scheme {scheme!r}; known: {', '.join(QUANTIZE)}")
+
+
+class QuantizedLinear(nn.Module):
+    """A plain linear layer whose weight is held quantized (``quantized``); inference only."""
+
+    def __init__(self, quantized: Int8Linear | Int4Linear):
+        super().__init__()
+        self.quantized = quantized
+        self.in_features, self.out_features = quantized.in_features, quantized.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quantized(x)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {type(self.quantized).__name__}"
+
+
+def linear_bytes(llm: nn.Module) -> int:
+    """Bytes of the LLM's decoder and head matrices as held now (fp32 or quantized)."""
+    total, seen = 0, set()
+    for name, m in llm.named_modules():
+        q = getattr(m, "quantized", None)
+        if q is not None:
+            total += q.nbytes
+        elif isinstance(m, nn.Linear) and (name.startswith("layers.") or name == "lm_head"):
+            if m.weight.data_ptr() not in seen:  # a tied head is the embedding's matrix
+                seen.add(m.weight.data_ptr())
+                total += m.weight.numel() * m.weight.element_size()
+    return total
+
+
+@torch.no_grad()
+def quantize_llm_(llm: nn.Module, scheme: str) -> nn.Module:
+    """Quantize the decoder's matrices and the LM head in place, for inference.
+
+    q/k/v and gate/up are fused first where they are plain linears (``fuse_projections``), then
+    every decoder linear's base weight and the head are replaced by ``scheme`` values: the fp32
+    matrices are dropped, and the prefill (every token through ``ALinear``) and the decode step
+    (``DecodePlan`` reads the same objects) both multiply with the quantized ones. LoRA must be
+    merged first; Partial LoRA, MAM's image copies and bias tuning keep working on top of the
+    quantized base. The embeddings, norms, vision tower and connector stay as they are. The model
+    cannot be trained or saved afterwards; quantize a fresh copy to keep the original."""
+    from modalign.models.modality import ALinear, fuse_projections
+
+    scheme = check_quantize(scheme)
+    if scheme is None:
+        return llm
+    for name, m in llm.named_modules():
+        if isinstance(m, ALinear) and m.lora_A is not None and not m.lora_merged:
+            raise ValueError(f"quantize {scheme}: merge LoRA first ({name} carries unmerged LoRA)")
+    if scheme == "int4" and (problem := int4_unavailable(llm.embed_tokens.weight.device)):
+        raise ValueError(f"quantize {scheme}: {problem}")
+    fuse_projections(llm)
+    for m in llm.layers.modules():
+        if isinstance(m, ALinear) and m.quantized is None:
+            m.quantized = quantized_linear(m.weight, m.bias, scheme)
+            m.weight, m.bias = None, None
+    if not isinstance(llm.lm_head, QuantizedLinear):
+        llm.lm_head = QuantizedLinear(quantized_linear(llm.lm_head.weight, llm.lm_head.bias, scheme))
+    return llm

@@ -182,12 +182,12 @@ class MLP(nn.Module):
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x, img):
-        up = routed(self.up_proj, x, img)
-        h = (
-            gated_mlp(routed(self.gate_proj, x, img), up, self.act)
-            if hasattr(self, "gate_proj")
-            else self.act(up)
-        )
+        if hasattr(self, "gate_up_proj"):  # fused for inference (``fuse_projections``)
+            h = gated_mlp(*routed(self.gate_up_proj, x, img).chunk(2, -1), self.act)
+        elif hasattr(self, "gate_proj"):
+            h = gated_mlp(routed(self.gate_proj, x, img), routed(self.up_proj, x, img), self.act)
+        else:
+            h = self.act(routed(self.up_proj, x, img))
         return routed(self.down_proj, h, img)
 
 

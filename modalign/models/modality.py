@@ -31,6 +31,8 @@ from torch import nn
 class ALinear(nn.Linear):
     """``nn.Linear`` with optional LoRA (all rows), Partial LoRA (image rows) and bias tuning."""
 
+    quantized = None  # inference: a quantized base (``infer/quant.py``, bias included) in place of ``weight``
+
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.lora_A: nn.Linear | None = None
@@ -98,11 +100,15 @@ class ALinear(nn.Linear):
     @torch.no_grad()
     def unmerge_lora(self) -> None:
         if self.lora_A is not None and self.lora_merged:
+            if self.quantized is not None:
+                raise ValueError(
+                    "this layer was quantized with LoRA merged in; LoRA cannot be taken out again"
+                )
             self.weight -= self.lora_delta_weight().to(self.weight.dtype)
             self.lora_merged = False
 
     def forward(self, x: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
         if self.lora_A is not None and not self.lora_merged:
             y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
         if self.plora_A is not None and img is not None:
@@ -196,6 +202,52 @@ def split_qkv(attn: nn.Module) -> None:
         _rows(qkv, q + kv, q + 2 * kv),
     )
     del attn.qkv_proj
+
+
+def plain(lin: nn.Module) -> bool:
+    """Whether ``lin`` is a base linear only (no LoRA, Partial LoRA, bias tuning or quantized base)."""
+    return (
+        type(lin) is ALinear
+        and lin.quantized is None
+        and all(getattr(lin, a) is None for a in ("lora_A", "plora_A", "adapter_bias"))
+    )
+
+
+def fuse_rows(lins: list[nn.Linear]) -> ALinear:
+    """One linear whose output is the plain linears' outputs concatenated (the inverse of
+    ``_rows``): one matrix read instead of several."""
+    w = lins[0].weight
+    if not all(plain(m) for m in lins) or len({m.bias is None for m in lins}) > 1:
+        raise ValueError("only plain linears (no adapters, all with or all without a bias) can be fused")
+    out = ALinear(w.shape[1], sum(m.out_features for m in lins), bias=lins[0].bias is not None,
+                  device=w.device, dtype=w.dtype)  # fmt: skip
+    with torch.no_grad():
+        out.weight.copy_(torch.cat([m.weight for m in lins]))
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in lins]))
+    out.train(lins[0].training)
+    return out
+
+
+def fuse_projections(llm: nn.Module) -> int:
+    """For inference: q/k/v into one ``qkv_proj`` and gate/up into one ``gate_up_proj`` wherever
+    they are plain linears (MAM's per-modality K/V and adapted projections stay apart), so a
+    forward reads two matrices fewer per block and computes exactly the same. Returns how many
+    modules were fused."""
+    n = 0
+    for layer in llm.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        names = ("q_proj", "k_proj", "v_proj")
+        if all(plain(getattr(attn, k, None)) for k in names):
+            attn.qkv_proj = fuse_rows([getattr(attn, k) for k in names])
+            for k in names:
+                delattr(attn, k)
+            n += 1
+        if plain(getattr(mlp, "gate_proj", None)) and plain(mlp.up_proj):
+            mlp.gate_up_proj = fuse_rows([mlp.gate_proj, mlp.up_proj])
+            del mlp.gate_proj, mlp.up_proj
+            n += 1
+    return n
 
 
 def _target_linears(llm: nn.Module, targets: list[str]):

@@ -312,3 +312,91 @@ def test_int8_decoding_follows_fp32_and_refuses_what_it_does_not_cover():
     model.llm.cfg.hidden_act = "gelu"  # a decoder the fused step does not cover
     with pytest.raises(ValueError, match="Llama-family"):
         Engine(model, quantize="int8")
+
+
+def tiny_variant(kind: str, seed: int = 2):
+    """The tiny LLaVA with every matrix in the int4 kernel's shapes, plain, with MAM or with
+    Partial LoRA; the image-side parts randomised so that routing matters."""
+    from modalign.config import PLoRAConfig
+
+    torch.manual_seed(seed)
+    cfg = MLLMConfig.from_name("tiny-llava")
+    cfg.llm.num_layers = cfg.vision.num_layers = 2
+    cfg.vision.image_size, cfg.vision.patch_size = 32, 8
+    cfg.placeholder = "per_token"
+    cfg.llm.intermediate_size = 352
+    cfg.llm.mam = kind == "mam"
+    if kind == "plora":
+        cfg.llm.plora = PLoRAConfig(rank=8, alpha=16, dropout=0.0)
+    model = MLLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.llm.named_parameters():
+            if "plora_B" in name or "multiway.1" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["plain", "mam", "plora"])
+def test_quantize_in_place_replaces_the_matrices_for_prefill_and_decode(kind):
+    """``quantize_llm_``: every decoder matrix and the head are held quantized only (the fp32
+    weights dropped; plain q/k/v and gate/up fused), a forward with images equals the fp32
+    forward of the model whose matrices are their int4 values (MAM's image copies and Partial
+    LoRA still applied), and the engine's decode plan reads the same quantized objects."""
+    import copy
+
+    from modalign.infer.quant import Int4Linear, QuantizedLinear, linear_bytes, quantize_llm_
+    from modalign.models.modality import ALinear
+
+    model = tiny_variant(kind)
+    deq = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in [*deq.llm.layers.modules(), deq.llm.lm_head]:
+            if isinstance(m, ALinear) or m is deq.llm.lm_head:  # not Partial LoRA's A and B
+                m.weight.copy_(Int4Linear(m.weight).dequantize())
+    fp32_bytes = linear_bytes(model.llm)
+    quantize_llm_(model.llm, "int4")
+    attn, mlp = model.llm.layers[0].self_attn, model.llm.layers[0].mlp
+    assert hasattr(mlp, "gate_up_proj") == (kind != "plora")
+    assert hasattr(attn, "qkv_proj") == (kind == "plain")
+    linears = [m for m in model.llm.modules() if isinstance(m, ALinear)]
+    assert linears and all(m.weight is None and isinstance(m.quantized, Int4Linear) for m in linears)
+    assert isinstance(model.llm.lm_head, QuantizedLinear)
+    assert not any(n.endswith("proj.weight") or "multiway" in n and "weight" in n and "norm" not in n
+                   for n, _ in model.llm.named_parameters())  # fmt: skip
+    adapters = sum(p.numel() * 4 for n, p in model.llm.named_parameters() if "plora" in n)  # stay fp32
+    assert linear_bytes(model.llm) - adapters < (fp32_bytes - adapters) / 6  # 4 bits a weight + scales
+    p = prompts(model, 3)[2]  # two images
+    ids, px = torch.tensor([p.input_ids]), torch.stack(p.pixel_values)
+    with torch.no_grad():
+        got, want = model(ids, pixel_values=px).logits, deq(ids, pixel_values=px).logits
+    torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=0)  # bfloat16 products
+    eng = Engine(model)
+    eng.generate([p], SamplingParams(max_new_tokens=2))
+    ops = {id(m.quantized) for m in model.llm.modules() if getattr(m, "quantized", None) is not None}
+    plan = eng.fast.plan
+    held = [
+        op for layer in plan.layers for m in layer[1:3] + layer[4:] for op in getattr(m[0], "ops", [m[0]])
+    ]
+    assert {id(op) for op in [*held, plan.head]} <= ops  # no second copy
+    with pytest.raises(ValueError, match="merge LoRA first"):
+        lora = tiny_variant("plain")
+        from modalign.models.modality import apply_lora
+
+        apply_lora(lora.llm, 4, 8, 0.0, ["q_proj"])
+        quantize_llm_(lora.llm, "int8")
+
+
+def test_fused_projections_compute_what_the_separate_ones_did():
+    from modalign.models.modality import fuse_projections
+
+    model = tiny_variant("plain")
+    p = prompts(model, 3)[2]
+    ids, px = torch.tensor([p.input_ids]), torch.stack(p.pixel_values)
+    with torch.no_grad():
+        want = model(ids, pixel_values=px).logits
+        assert fuse_projections(model.llm) == 2 * len(model.llm.layers)
+        got = model(ids, pixel_values=px).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert Engine(model).generate([p], SamplingParams(max_new_tokens=5))[0].token_ids == full_forward_greedy(
+        model, p, 5
+    )
