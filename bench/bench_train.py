@@ -9,7 +9,9 @@ CLIP 4x256 at 224/16, Llama 6x512 with a 32000-token vocabulary). Each sample is
 visual tokens, then ``--text`` random text tokens.
 
 modalign's side is called as its trainer calls it (the lm objective, ``LMObjective``: the LM head
-runs on the supervised positions only); transformers' computes the logits of every position. By default
+runs on the supervised positions only); transformers' computes the logits of every position. Both
+step with fused AdamW, as modalign's trainer and transformers' Trainer (its default since torch
+2.8) do. By default
 every text token is supervised (as in captioning / pretraining); ``--supervised K`` supervises
 only the last K, as instruction data supervise the answer and not the prompt.
 
@@ -45,7 +47,9 @@ def run(model, batch, steps, precision, hf, compiled=False):
         inputs = {"input_ids": batch["ids"], "pixel_values": batch["px"], "attention_mask": batch["mask"],
                   "labels": batch["labels"], "ids": [str(i) for i in range(len(batch["ids"]))]}  # fmt: skip
     model.train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    # fused AdamW on both sides: modalign's trainer uses it, as transformers' Trainer does by default
+    # (``adamw_torch_fused``, torch 2.8 or later)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def step():

@@ -129,7 +129,12 @@ class Trainer:
             g["initial_lr"] = g["lr"]
         if masters is not None:
             masters.swap(self.groups)
-        self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8, foreach=True)
+        params = [p for g in self.groups for p in g["params"]]
+        # the fused kernel (one pass over each tensor; 4-5x faster than foreach on the CPU) where it
+        # applies: plain tensors on one CPU or CUDA device; else (FSDP's DTensors) foreach
+        fused = _plain([p.data for p in params]) and params[0].device.type in ("cpu", "cuda")
+        self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8,
+                                     **({"fused": True} if fused else {"foreach": True}))  # fmt: skip
         data = stage.data
         self.sampler = LengthGroupedSampler(
             dataset, data.batch_size * self.d.world, seed, data.group_by_modality,

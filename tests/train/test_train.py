@@ -625,3 +625,30 @@ def test_leftovers_of_a_killed_commit_are_recovered_at_the_next_start(data, tmp_
     left = [p.name for d in (run, run / "align", run / "align" / "checkpoints") for p in d.iterdir()
             if p.name.startswith(".")]  # fmt: skip
     assert left == []
+
+
+def test_the_trainer_steps_with_fused_adamw(data, tmp_path):
+    """On plain CPU tensors the trainer's AdamW is the fused kernel, and its step equals the
+    single-tensor AdamW's with the same groups and settings, to float rounding."""
+    from modalign.train import trainer as tr
+
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0))
+    model = MLLM(recipe.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+    t = tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
+    assert t.opt.defaults["fused"] is True
+    g = torch.Generator().manual_seed(0)
+    params = [p for grp in t.opt.param_groups for p in grp["params"]]
+    copies = {p: torch.nn.Parameter(p.detach().clone()) for p in params}
+    ref = torch.optim.AdamW(
+        [{**{k: v for k, v in grp.items() if k != "params"}, "params": [copies[p] for p in grp["params"]]}
+         for grp in t.opt.param_groups], foreach=False,
+    )  # fmt: skip
+    for _ in range(3):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=g)
+            copies[p].grad = p.grad.clone()
+        t.opt.step()
+        ref.step()
+    for p in params:
+        torch.testing.assert_close(p.detach(), copies[p].detach(), atol=1e-6, rtol=1e-5)
