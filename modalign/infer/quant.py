@@ -242,6 +242,10 @@ def quantize_llm_(llm: nn.Module, scheme: str) -> nn.Module:
     scheme = check_quantize(scheme)
     if scheme is None:
         return llm
+    if (done := getattr(llm, "quantized_scheme", None)) is not None:
+        if done != scheme:
+            raise ValueError(f"quantize {scheme}: this model's matrices are already {done}; load it again")
+        return llm
     for name, m in llm.named_modules():
         if isinstance(m, ALinear) and m.lora_A is not None and not m.lora_merged:
             raise ValueError(f"quantize {scheme}: merge LoRA first ({name} carries unmerged LoRA)")
@@ -254,4 +258,5 @@ def quantize_llm_(llm: nn.Module, scheme: str) -> nn.Module:
             m.weight, m.bias = None, None
     if not isinstance(llm.lm_head, QuantizedLinear):
         llm.lm_head = QuantizedLinear(quantized_linear(llm.lm_head.weight, llm.lm_head.bias, scheme))
+    llm.quantized_scheme = scheme
     return llm

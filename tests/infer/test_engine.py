@@ -378,6 +378,9 @@ def test_quantize_in_place_replaces_the_matrices_for_prefill_and_decode(kind):
         op for layer in plan.layers for m in layer[1:3] + layer[4:] for op in getattr(m[0], "ops", [m[0]])
     ]
     assert {id(op) for op in [*held, plan.head]} <= ops  # no second copy
+    Engine(model, quantize="int4")  # already int4: nothing to do
+    with pytest.raises(ValueError, match="already int4"):
+        Engine(model, quantize="int8")
     with pytest.raises(ValueError, match="merge LoRA first"):
         lora = tiny_variant("plain")
         from modalign.models.modality import apply_lora
