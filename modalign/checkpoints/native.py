@@ -15,6 +15,10 @@ FORMAT_VERSION = 1
 
 def model_state(model: nn.Module) -> dict:
     """Persistent tensors, without tied aliases (safetensors stores no shared tensors)."""
+    scheme = next((m.quantized_scheme for m in model.modules() if getattr(m, "quantized_scheme", None)), None)
+    if scheme is not None:
+        raise ValueError(f"this model's LLM was quantized ({scheme}) for inference and cannot be saved; "
+                         "save the original weights (load them again) instead")  # fmt: skip
     tied = _tied_aliases(model)
     return {k: v for k, v in model.state_dict().items() if k not in tied}
 

@@ -111,12 +111,12 @@ class Engine:
                 f"quantize {self.quantize}: the quantized decode step covers Llama-family decoders (RMSNorm, RoPE, "
                 "gated SiLU MLP, LoRA merged); this model decodes through its modules, in its own dtype"
             )
-        if self.quantize:
-            quantize_llm_(model.llm, self.quantize)
-        compile = compile and not self.quantize
-        self.fast = FastDecoder(model.llm, compile=compile)
         if image_cache_mb < 0:
             raise ValueError(f"image_cache_mb must be >= 0 (0: no cache), got {image_cache_mb}")
+        if self.quantize:
+            quantize_llm_(model.llm, self.quantize)
+        compile = compile and getattr(model.llm, "quantized_scheme", None) is None  # quantized: eager
+        self.fast = FastDecoder(model.llm, compile=compile)
         self.image_cache = ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb else None
 
     def _device(self):

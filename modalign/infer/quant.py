@@ -8,8 +8,9 @@ scale per output channel (symmetric, ``|w| / 127``).
 Decoding one token reads every weight once, so a step's time is mostly the bytes it reads: int8
 reads a quarter of fp32's. Two kernels, chosen by device:
 
-- ``dynamic`` (CPU): PyTorch's x86 int8 GEMM (fbgemm), activations quantized per call to 7 bits
-  (``reduce_range``, as PyTorch's dynamic quantization does on x86). PyTorch marks its quantized
+- ``dynamic`` (CPU): PyTorch's x86 int8 GEMM (fbgemm), activations quantized to 7 bits
+  (``reduce_range``, as PyTorch's dynamic quantization does on x86), each row scaled to its own
+  range first (the kernel takes one scale a call). PyTorch marks its quantized
   tensor types deprecated; if a future release removes them, asking for int8 fails with an error
   that says so instead of running slower.
 - ``weight_only`` (CUDA, and any device in bf16/fp16): ``torch._weight_int8pack_mm``, the int8
@@ -57,14 +58,14 @@ class Int8Linear:
         if self.backend == "dynamic":
             if weight.device.type != "cpu":
                 raise ValueError("int8 backend 'dynamic' runs on the CPU only; use 'weight_only'")
-            self.bias = None if bias is None else bias.detach().float()
+            self.bias = None if bias is None else bias.detach().float()  # added after the row scales
             try:
                 with warnings.catch_warnings():  # PyTorch's notice that quantized tensor types are deprecated
                     warnings.simplefilter("ignore")
                     qw = torch._make_per_channel_quantized_tensor(
                         self.q, self.scale.double(), torch.zeros(self.out_features, dtype=torch.long), 0
                     )
-                    self.packed = torch.ops.quantized.linear_prepack(qw, self.bias)
+                    self.packed = torch.ops.quantized.linear_prepack(qw, None)
             except (RuntimeError, AttributeError) as e:
                 raise RuntimeError(
                     f"int8 on the CPU needs PyTorch's x86 int8 GEMM (quantized.linear_dynamic), which "
@@ -83,7 +84,15 @@ class Int8Linear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "dynamic":
-            return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self.packed, True).to(x.dtype)
+            xf = x.float().contiguous()
+            if xf.numel() == xf.shape[-1]:  # one row (a decode step at batch 1)
+                y = torch.ops.quantized.linear_dynamic(xf, self.packed, True)
+            else:  # the kernel scales a whole call at once: each row (token) gets its own scale first,
+                # so one token's large activations cannot round the others' to zero
+                s = xf.abs().amax(-1, keepdim=True).clamp_min(1e-12)
+                y = torch.ops.quantized.linear_dynamic(xf / s, self.packed, True) * s
+            y = y if self.bias is None else y + self.bias
+            return y.to(x.dtype)
         lead = x.shape[:-1]
         y = torch._weight_int8pack_mm(
             x.reshape(-1, self.in_features).to(self.scale.dtype), self.q, self.scale
@@ -235,7 +244,8 @@ def quantize_llm_(llm: nn.Module, scheme: str) -> nn.Module:
     matrices are dropped, and the prefill (every token through ``ALinear``) and the decode step
     (``DecodePlan`` reads the same objects) both multiply with the quantized ones. LoRA must be
     merged first; Partial LoRA, MAM's image copies and bias tuning keep working on top of the
-    quantized base. The embeddings, norms, vision tower and connector stay as they are. The model
+    quantized base. The embeddings, norms, vision tower and connector stay as they are (a head
+    tied to the embeddings gets its own quantized copy; the embeddings keep theirs). The model
     cannot be trained or saved afterwards; quantize a fresh copy to keep the original."""
     from modalign.models.modality import ALinear, fuse_projections
 
@@ -251,12 +261,12 @@ def quantize_llm_(llm: nn.Module, scheme: str) -> nn.Module:
             raise ValueError(f"quantize {scheme}: merge LoRA first ({name} carries unmerged LoRA)")
     if scheme == "int4" and (problem := int4_unavailable(llm.embed_tokens.weight.device)):
         raise ValueError(f"quantize {scheme}: {problem}")
-    fuse_projections(llm)
-    for m in llm.layers.modules():
-        if isinstance(m, ALinear) and m.quantized is None:
-            m.quantized = quantized_linear(m.weight, m.bias, scheme)
-            m.weight, m.bias = None, None
-    if not isinstance(llm.lm_head, QuantizedLinear):
-        llm.lm_head = QuantizedLinear(quantized_linear(llm.lm_head.weight, llm.lm_head.bias, scheme))
+    fuse_projections(llm)  # exact: the model is still whole if what follows fails
+    todo = [m for m in llm.layers.modules() if isinstance(m, ALinear) and m.quantized is None]
+    ops = [quantized_linear(m.weight, m.bias, scheme) for m in todo]  # every one built before any is set
+    head = quantized_linear(llm.lm_head.weight, llm.lm_head.bias, scheme)
+    for m, op in zip(todo, ops, strict=True):
+        m.quantized, m.weight, m.bias = op, None, None
+    llm.lm_head = QuantizedLinear(head)
     llm.quantized_scheme = scheme
     return llm

@@ -111,17 +111,39 @@ def optimizer_to_flat(opt: torch.optim.Optimizer, model: nn.Module) -> tuple[dic
     return tensors, {"groups": groups, "scalars": scalars}
 
 
+KERNEL_FLAGS = ("fused", "foreach", "capturable", "differentiable")  # how to step, not what: this run's own
+
+
+def _with_kernel(groups: list[dict], opt: torch.optim.Optimizer) -> list[dict]:
+    """Saved parameter groups with this optimiser's kernel choice in place of the checkpoint's (a
+    checkpoint written with foreach resumes fused where fused applies, and the reverse)."""
+    return [{**g, **{k: cur[k] for k in KERNEL_FLAGS if k in cur}}
+            for g, cur in zip(groups, opt.param_groups, strict=True)]  # fmt: skip
+
+
+def _placed(p: torch.Tensor, key: str, v, group: dict):
+    """An optimiser state value on its parameter's device (as ``Optimizer.load_state_dict`` places
+    it): ``step`` stays where it is unless the kernel is fused or capturable."""
+    if not torch.is_tensor(v):
+        return v
+    if key == "step":
+        return v.to(p.device, torch.float32) if group.get("fused") or group.get("capturable") else v
+    return v.to(p.device, p.dtype) if p.is_floating_point() else v.to(p.device)
+
+
 def optimizer_from_flat(opt: torch.optim.Optimizer, model: nn.Module, tensors: dict, meta: dict) -> None:
     params = dict(model.named_parameters())
     if [g["params"] for g in meta["groups"]] != [[n for n in _ids(g, model)] for g in opt.param_groups]:
         raise ValueError("the checkpoint's optimiser groups do not match this stage's trainable parameters")
-    for g, saved in zip(opt.param_groups, meta["groups"], strict=True):
+    for g, saved in zip(opt.param_groups, _with_kernel(meta["groups"], opt), strict=True):
         for k, v in saved.items():
             if k != "params":
                 g[k] = v
+    group_of = {id(p): g for g in opt.param_groups for p in g["params"]}
     opt.state.clear()
     for name, fields in _nest({k: t.clone() for k, t in tensors.items()} | meta["scalars"]).items():
-        opt.state[params[name]].update(fields)
+        p = params[name]
+        opt.state[p].update({k: _placed(p, k, v, group_of[id(p)]) for k, v in fields.items()})
 
 
 def _nest(flat: dict, into: dict | None = None) -> dict:
@@ -320,7 +342,7 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
     _nest(doc["optimizer"]["scalars"], osd["state"])
-    osd["param_groups"] = doc["optimizer"]["groups"]
+    osd["param_groups"] = _with_kernel(doc["optimizer"]["groups"], opt)
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd)
     set_rng_state(_load(path / "rng.safetensors"), doc["rng"])
     return doc["info"]
@@ -336,7 +358,7 @@ def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
         return _load_dcp(path, model, opt, doc)
     msd = _load(path / "model.safetensors")
     state = _nest(_load(path / "optimizer.safetensors") | doc["optimizer"]["scalars"])
-    osd = {"state": state, "param_groups": doc["optimizer"]["groups"]}
+    osd = {"state": state, "param_groups": _with_kernel(doc["optimizer"]["groups"], opt)}
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
     set_rng_state(_load(path / "rng.safetensors"), doc["rng"])

@@ -403,3 +403,29 @@ def test_fused_projections_compute_what_the_separate_ones_did():
     assert Engine(model).generate([p], SamplingParams(max_new_tokens=5))[0].token_ids == full_forward_greedy(
         model, p, 5
     )
+
+
+def test_int8_rows_are_scaled_apart():
+    """The CPU int8 kernel quantizes a whole call's activations with one scale: a row with large
+    activations (a BOS token's, another request's) must not change the other rows' outputs."""
+    from modalign.infer.quant import Int8Linear
+
+    g = torch.Generator().manual_seed(0)
+    lin = Int8Linear(torch.randn(48, 64, generator=g), torch.randn(48, generator=g), backend="dynamic")
+    x = torch.randn(3, 64, generator=g)
+    x_big = x.clone()
+    x_big[0] *= 300
+    assert torch.equal(lin(x_big)[1:], lin(x)[1:])  # rows 1 and 2 untouched by row 0's size
+    ref = x @ lin.dequantize().t() + lin.bias
+    bound = 2 * x.abs().amax(1, keepdim=True) / 127 * lin.dequantize().abs().sum(1)  # 7-bit steps
+    assert torch.all((lin(x_big)[1:] - ref[1:]).abs() <= bound[1:])
+
+
+def test_a_quantized_model_is_not_saved(tmp_path):
+    from modalign.infer.quant import quantize_llm_
+
+    model = tiny()
+    quantize_llm_(model.llm, "int8")
+    with pytest.raises(ValueError, match="quantized \\(int8\\) for inference and cannot be saved"):
+        model.save_pretrained(tmp_path / "q")
+    assert not (tmp_path / "q").exists()

@@ -641,9 +641,10 @@ def test_the_trainer_steps_with_fused_adamw(data, tmp_path):
     params = [p for grp in t.opt.param_groups for p in grp["params"]]
     copies = {p: torch.nn.Parameter(p.detach().clone()) for p in params}
     ref = torch.optim.AdamW(
-        [{**{k: v for k, v in grp.items() if k != "params"}, "params": [copies[p] for p in grp["params"]]}
-         for grp in t.opt.param_groups], foreach=False,
+        [{**{k: v for k, v in grp.items() if k not in ("params", "fused", "foreach")},
+          "params": [copies[p] for p in grp["params"]]} for grp in t.opt.param_groups], foreach=False,
     )  # fmt: skip
+    assert not any(grp["fused"] or grp["foreach"] for grp in ref.param_groups)  # the single-tensor loop
     for _ in range(3):
         for p in params:
             p.grad = torch.randn(p.shape, generator=g)
