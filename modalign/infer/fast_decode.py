@@ -21,7 +21,6 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from modalign.infer.quant import quantized_linear
 from modalign.models.decoder import LLM, KVCache
 from modalign.models.layers import apply_rotary, attend, gated_mlp, rms_norm
 from modalign.models.modality import ALinear
@@ -45,7 +44,7 @@ class DecodePlan:
     ``F.linear`` on the [out, in] layout; elsewhere a view. ``stale`` notices in-place updates
     (training, LoRA merges) and replaced modules (a part enabled after the plan was made)."""
 
-    def __init__(self, llm: LLM, quantize: str | None = None):
+    def __init__(self, llm: LLM):
         def text(m):  # MAM: a decode step is text, so the text copy
             return m.multiway[0] if hasattr(m, "multiway") else m
 
@@ -56,8 +55,6 @@ class DecodePlan:
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bs = [m.bias for m in mods]
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
-            if quantize is not None:
-                return quantized_linear(w, b, quantize), None
             wt = w.detach().t()
             return wt.contiguous() if wt.device.type == "cpu" else wt, _d(b)
 
@@ -168,8 +165,8 @@ class FastDecoder:
     as attending over the filled prefix. If compiling fails (e.g. no C++ compiler), it logs why
     once and ``compiled_step`` returns None from then on: the caller uses the eager step."""
 
-    def __init__(self, llm: LLM, compile: bool = False, max_graphs: int = 32, quantize: str | None = None):
-        self.llm, self.quantize = llm, quantize
+    def __init__(self, llm: LLM, compile: bool = False, max_graphs: int = 32):
+        self.llm = llm
         self.plan: DecodePlan | None = None
         self.failed: str | None = None
         self.shapes: set[tuple[int, int]] = set()  # (batch, cache length) of the graphs compiled
@@ -191,7 +188,7 @@ class FastDecoder:
     def _plan(self, cache: KVCache) -> DecodePlan:
         # checked once per generation (right after the prefill), not per step
         if self.plan is None or (cache.length == cache.prefill_length and self.plan.stale(self.llm)):
-            self.plan = DecodePlan(self.llm, self.quantize)
+            self.plan = DecodePlan(self.llm)
         return self.plan
 
     @torch.no_grad()

@@ -17,9 +17,8 @@ reads a quarter of fp32's. Two kernels, chosen by device:
   weight-only GEMM that torchao's int8 weight-only layout calls; activations stay in their dtype.
 
 ``quantize_llm_`` replaces the LLM's matrices by their quantized values in place (inference only):
-the prefill and the decode step then both read them, and the fp32 matrices are freed. Without
-it, ``DecodePlan(llm, scheme)`` quantizes copies for the decode step alone. Measured speed,
-memory and accuracy: ``docs/benchmarks.md``.
+the prefill and the decode step (``DecodePlan`` reads the same objects) then both use them, and
+the fp32 matrices are freed. Measured speed, memory and accuracy: ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

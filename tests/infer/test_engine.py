@@ -252,10 +252,10 @@ def test_int4_decode_step_is_the_fp32_step_on_its_dequantized_weights():
     import copy
 
     from modalign.infer.fast_decode import DecodePlan, FastDecoder
-    from modalign.infer.quant import Int4Linear, Int8Linear
+    from modalign.infer.quant import Int4Linear, Int8Linear, quantize_llm_
 
     # the tiny LLM's MLP is 344 wide: down_proj's input is no multiple of 32, so it stays int8
-    plan = DecodePlan(tiny(1).llm, "int4")
+    plan = DecodePlan(quantize_llm_(tiny(1).llm, "int4"))
     assert [type(m[0]) for m in plan.layers[0][1:3] + plan.layers[0][4:]] == [Int4Linear] * 3 + [Int8Linear]
     torch.manual_seed(1)
     cfg = MLLMConfig.from_name("tiny-llava")
@@ -279,10 +279,11 @@ def test_int4_decode_step_is_the_fp32_step_on_its_dequantized_weights():
             model.llm(torch.tensor([[1, 5, 6], [1, 8, 2]]), cache=c)  # the same prefilled state
             c.prefill_length = c.length
             caches.append(c)
-        fast = FastDecoder(model.llm, quantize="int4")
-        a = fast.step(ids, caches[0])
         b = FastDecoder(deq.llm).step(ids, caches[1])
         fp32 = FastDecoder(model.llm).step(ids, caches[2])
+        quant = copy.deepcopy(model)  # the caches above were filled by the fp32 model
+        fast = FastDecoder(quantize_llm_(quant.llm, "int4"))
+        a = fast.step(ids, caches[0])
     assert all(isinstance(m[0], Int4Linear) for layer in fast.plan.layers for m in layer[1:3] + layer[4:])
     # products in bfloat16: equal to its rounding, with the same greedy token
     torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max().item(), rtol=0)
