@@ -57,3 +57,12 @@ def tiny_quickstart(out) -> None:
     sets = [f"stage0.stages.{s}.stop.max_steps=2" for s in ("lm", "clip", "chat")]
     sets += [f"stages.{s}.stop.max_steps=1" for s in ("align", "basic", "ground", "instruct")]
     quickstart("llava", out, scale=0.02, sets=sets, progress=False)
+
+
+def tiny_method(method: str, out, stages) -> dict:
+    """One quickstart method (``run_method``) two steps a stage, on the parts ``tiny_quickstart``
+    left in ``out``; returns its results."""
+    from modalign.shapesworld.quickstart import run_method
+
+    v = {"data": str(out / "data"), "stage0": str(out / "stage0"), "out": str(out)}
+    return run_method(method, out, v, [f"stages.{s}.stop.max_steps=2" for s in stages], progress=False)

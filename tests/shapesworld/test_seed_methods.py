@@ -8,21 +8,10 @@ import pytest
 import torch
 
 from modalign import MLLM
-from modalign.shapesworld.quickstart import METHODS, method_list, run_method
-from tests.tiny import tiny_quickstart
+from modalign.shapesworld.quickstart import METHODS, method_list
+from tests.tiny import tiny_method
 
 STAGES = ("align", "basic", "ground", "instruct")
-
-
-@pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs")
-    tiny_quickstart(out)
-    return out
-
-
-def _params(path) -> dict[str, torch.Tensor]:
-    return dict(MLLM.from_pretrained(path, dtype=torch.float32).named_parameters())
 
 
 def _is_mlp(name: str) -> bool:
@@ -41,11 +30,10 @@ def _llm_part(method: str, name: str) -> bool:
 @pytest.mark.parametrize("method", method_list("seed"))
 def test_seed_method_trains_what_its_recipe_says(method, stage0):
     assert METHODS[method] == f"tiny-{method}"
-    v = {"data": str(stage0 / "data"), "stage0": str(stage0 / "stage0"), "out": str(stage0)}
-    res = run_method(method, stage0, v, [f"stages.{s}.stop.max_steps=2" for s in STAGES], progress=False)
+    res = tiny_method(method, stage0, STAGES)
     assert list(res["trainable_params"]) == list(STAGES)
-    out = stage0 / method
-    after = {s: _params(out / s / "model") for s in STAGES}
+    models = {s: MLLM.from_pretrained(stage0 / method / s / "model", dtype=torch.float32) for s in STAGES}
+    after = {s: dict(m.named_parameters()) for s, m in models.items()}
     for stage, before in (("basic", "align"), ("ground", "basic"), ("instruct", "ground")):
         now, then = after[stage], after[before]
         # a parameter new in this stage (mPLUG-Owl's LoRA, enabled in ``basic``) has moved when its
@@ -68,7 +56,5 @@ def test_seed_method_trains_what_its_recipe_says(method, stage0):
         if method in ("mplug-owl", "xcomposer2"):  # the LLM itself stays frozen: only its adapters move
             assert all(_llm_part(method, n) for n in moved if n.startswith("llm.")), (method, stage)
     if method == "mplug-owl":  # LoRA's scale 8 with dropout (see the recipe)
-        lin = (
-            MLLM.from_pretrained(out / "basic" / "model", dtype=torch.float32).llm.layers[0].self_attn.q_proj
-        )
+        lin = models["basic"].llm.layers[0].self_attn.q_proj
         assert lin.lora_scaling == 8.0 and lin.lora_dropout.p == 0.1

@@ -8,18 +8,11 @@ import pytest
 import torch
 
 from modalign import MLLM
-from modalign.shapesworld.quickstart import METHODS, run_method
-from tests.tiny import tiny_quickstart
+from modalign.shapesworld.quickstart import METHODS
+from tests.tiny import tiny_method
 
 NEW = ("blip2", "minigpt4", "flamingo", "llama-adapter")
 STAGES = ("qformer", "align", "basic", "ground", "instruct")
-
-
-@pytest.fixture(scope="module")
-def stage0(tmp_path_factory):
-    out = tmp_path_factory.mktemp("qs")
-    tiny_quickstart(out)
-    return out
 
 
 def _frozen(method: str, name: str) -> bool:
@@ -33,9 +26,8 @@ def _frozen(method: str, name: str) -> bool:
 @pytest.mark.parametrize("method", NEW)
 def test_method_runs_in_miniature_with_its_papers_freezing(method, stage0):
     assert METHODS[method] == f"tiny-{method}"
-    v = {"data": str(stage0 / "data"), "stage0": str(stage0 / "stage0"), "out": str(stage0)}
     stages = [s for s in STAGES if s != "qformer" or method in ("blip2", "minigpt4")]
-    res = run_method(method, stage0, v, [f"stages.{s}.stop.max_steps=2" for s in stages], progress=False)
+    res = tiny_method(method, stage0, stages)
     out = stage0 / method
     assert json.loads((out / "results.json").read_text())["method"] == method
     assert list(res["trainable_params"]) == stages and 0 <= res["heldout_accuracy"] <= 1  # the recipe's order
