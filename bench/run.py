@@ -105,6 +105,8 @@ def main() -> None:
     quick = ["--steps", "5", "--rounds", "1"] if args.quick else []
     train = {size: run(["bench_train.py", "--size", size, "--threads", t, *extra, *quick], args.threads)
              for size, extra in (("tiny", []), ("mid", ["--batch", "4", "--text", "180", "--steps", "10"]))}  # fmt: skip
+    train["tiny LoRA"] = run(["bench_train.py", "--size", "tiny", "--threads", t, "--precision", "fp32", "--lora", "16",
+                              *quick], args.threads)  # fmt: skip
     secs = "5" if args.quick else "20"
     load = last_json(run(["load_test.py", "--seconds", secs, "--single-seconds", secs, "--rounds", "1", "--json"],
                          args.threads))  # fmt: skip

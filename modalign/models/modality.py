@@ -13,8 +13,10 @@ when the input is known to be all text (decode steps, text-only inference)::
 
 Routing is vectorised: both branches are computed for every row and selected with a mask, so
 no per-modality Python loop or host sync happens, and every parameter stays in the autograd
-graph when a batch has no image rows (DDP/FSDP rely on that). ``img=None`` skips the image
-branch entirely, which makes a text-only forward bit-identical to the base model.
+graph when a batch has no image rows (DDP/FSDP rely on that). On a CPU, where a host sync costs
+nothing, Partial LoRA and the image copies compute the image rows alone (gathered, then put
+back). ``img=None`` skips the image branch entirely, which makes a text-only forward
+bit-identical to the base model.
 """
 
 from __future__ import annotations
@@ -110,13 +112,40 @@ class ALinear(nn.Linear):
     def forward(self, x: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
         if self.lora_A is not None and not self.lora_merged:
-            y = y + self.lora_B(self.lora_A(self.lora_dropout(x))) * self.lora_scaling
+            a, b = self.lora_A.weight, self.lora_B.weight
+            y = low_rank_add(y, x, a, b, self.lora_scaling, self.lora_dropout)
         if self.plora_A is not None and img is not None:
-            delta = self.plora_B(self.plora_A(self.plora_dropout(x))) * self.plora_scaling
-            y = y + delta * img.unsqueeze(-1).to(delta.dtype)
+            a, b, s, drop = self.plora_A.weight, self.plora_B.weight, self.plora_scaling, self.plora_dropout
+            if x.device.type == "cpu":  # the image rows alone (finding them is a host sync elsewhere)
+                rows = img.reshape(-1).nonzero().squeeze(1)
+                flat = y.reshape(-1, y.shape[-1])
+                delta = low_rank_add(None, x.reshape(-1, x.shape[-1]).index_select(0, rows), a, b, s, drop)
+                y = flat.index_add(0, rows, delta.to(flat.dtype)).view(y.shape)
+            else:
+                delta = low_rank_add(None, x, a, b, s, drop)
+                y = y + delta * img.unsqueeze(-1).to(delta.dtype)
         if self.adapter_bias is not None:
             y = (y + self.adapter_bias.to(y.dtype)) * self.adapter_scale.to(y.dtype)
         return y
+
+
+def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 dropout: nn.Dropout) -> torch.Tensor:  # fmt: skip
+    """``y + scale * B A dropout(x)`` (``y`` None: without it), the sum one ``addmm``. On a CPU the
+    dropout mask comes from uniform draws (half the time of Bernoulli ones) and its 1 / (1 - p)
+    joins the scale; elsewhere it is the fused dropout kernel."""
+    p = dropout.p if dropout.training else 0.0
+    if p > 0 and x.device.type == "cpu":
+        x = x * torch.rand_like(x).ge_(p)  # 1 where kept, 0 where dropped, in x's dtype
+        scale = scale / (1.0 - p)
+    elif p > 0:
+        x = F.dropout(x, p, True)
+    h = F.linear(x, a)
+    if y is None or y.dtype != h.dtype:  # no base to add to, or one of another dtype (autocast, quantized)
+        out = F.linear(h, b) * scale
+        return out if y is None else y + out
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+    return out.view(y.shape)
 
 
 class Multiway(nn.Module):
@@ -132,6 +161,12 @@ class Multiway(nn.Module):
         text = _call(self.multiway[0], x, None)
         if img is None:
             return text
+        if x.device.type == "cpu":  # the image copy on the image rows alone, as in ``ALinear``
+            rows = img.reshape(-1).nonzero().squeeze(1)
+            flat = text.reshape(-1, text.shape[-1])
+            xs = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+            image = _call(self.multiway[1], xs, torch.ones(len(rows), dtype=torch.bool, device=x.device))
+            return flat.index_copy(0, rows, image.to(flat.dtype)).view(text.shape)
         image = _call(self.multiway[1], x, img)
         return torch.where(img.unsqueeze(-1), image, text)
 

@@ -4,10 +4,20 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from modalign import MLLM, MLLMConfig
 from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
-from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora, set_lora_merged
+from modalign.models.layers import RMSNorm
+from modalign.models.modality import (
+    ALinear,
+    Multiway,
+    enable_adapter,
+    enable_lora,
+    enable_mam,
+    enable_plora,
+    set_lora_merged,
+)
 from modalign.train.freeze import apply_trainable, param_groups
 
 
@@ -89,6 +99,52 @@ def test_plora_on_fused_qkv_and_params_stay_in_graph_without_images():
     assert all(p.grad is None for n, p in model.named_parameters() if "plora" not in n)
 
 
+def test_adapters_equal_their_formulas_in_values_and_gradients():
+    """LoRA (one ``addmm``) and Partial LoRA (on a CPU: the image rows gathered, then added back)
+    against W x + b + s B A x (times the image mask), forward and backward."""
+    torch.manual_seed(0)
+    for kind in ("lora", "plora"):
+        lin = ALinear(24, 20, bias=True)
+        getattr(lin, f"add_{kind}")(4, 8.0)
+        a, b = getattr(lin, f"{kind}_A").weight, getattr(lin, f"{kind}_B").weight
+        perturb([b])
+        x = torch.randn(3, 7, 24, requires_grad=True)
+        img = torch.rand(3, 7) < 0.4
+        mask = img.unsqueeze(-1).float() if kind == "plora" else 1.0
+        ref = F.linear(x, lin.weight, lin.bias) + F.linear(F.linear(x, a), b) * 2.0 * mask
+        y = lin(x, img)
+        torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+        g = torch.randn_like(y)
+        for got, want in zip(
+            torch.autograd.grad(y, (x, a, b), g), torch.autograd.grad(ref, (x, a, b), g), strict=True
+        ):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        if kind == "plora":  # no image rows: the base alone, and A and B still get (zero) gradients
+            none = torch.zeros(3, 7, dtype=torch.bool)
+            y0 = lin(x, none)
+            assert torch.equal(y0, F.linear(x, lin.weight, lin.bias))
+            assert all(torch.equal(gr, torch.zeros_like(gr)) for gr in torch.autograd.grad(y0.sum(), (a, b)))
+
+
+def test_lora_dropout_keeps_each_input_feature_with_probability_1_minus_p():
+    torch.manual_seed(0)
+    lin = ALinear(64, 64, bias=False)
+    lin.add_lora(64, 64.0, dropout=0.25)  # scale 1, A = B = I, W = 0: the output is dropout(x) itself
+    with torch.no_grad():
+        lin.weight.zero_()
+        lin.lora_A.weight.copy_(torch.eye(64))
+        lin.lora_B.weight.copy_(torch.eye(64))
+    x = torch.rand(400, 64) + 1.0
+    lin.train()
+    y = lin(x)
+    kept = y != 0
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)  # survivors scaled by 1 / (1 - p)
+    assert abs(kept.float().mean().item() - 0.75) < 0.01  # 25,600 draws: 3.7 standard deviations
+    assert not torch.equal(kept, lin(x) != 0)  # a new mask each call
+    lin.eval()
+    assert torch.equal(lin(x), x)
+
+
 # ------------------------------------------------------------------------- MAM
 
 
@@ -110,6 +166,25 @@ def test_mam_conversion_preserves_outputs_and_routes_by_modality():
     assert "llm.layers.0.self_attn.k_proj.multiway.1.weight" in names
     assert "llm.layers.1.post_attention_layernorm.multiway.0.weight" in names
     assert not any("q_proj.multiway" in n or "mlp.gate_proj.multiway" in n for n in names)
+
+
+def test_multiway_equals_selecting_between_both_copies_in_values_and_gradients():
+    """On a CPU the image copy runs on the image rows alone; the result is where(img, image, text)."""
+    torch.manual_seed(0)
+    for part in (ALinear(16, 12, bias=True), RMSNorm(16, 1e-6)):
+        m = Multiway(part)
+        perturb(list(m.multiway[1].parameters()))
+        x = torch.randn(2, 9, 16, requires_grad=True)
+        img = torch.rand(2, 9) < 0.4
+        ref = torch.where(img.unsqueeze(-1), m.multiway[1](x), m.multiway[0](x))
+        y = m(x, img)
+        torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+        g = torch.randn_like(y)
+        params = (x, *m.parameters())
+        for got, want in zip(
+            torch.autograd.grad(y, params, g), torch.autograd.grad(ref, params, g), strict=True
+        ):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_mam_on_a_fused_qkv_decoder_with_partial_lora_splits_it_exactly(tmp_path):
