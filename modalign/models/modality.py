@@ -116,8 +116,8 @@ class ALinear(nn.Linear):
             y = low_rank_add(y, x, a, b, self.lora_scaling, self.lora_dropout)
         if self.plora_A is not None and img is not None:
             a, b, s, drop = self.plora_A.weight, self.plora_B.weight, self.plora_scaling, self.plora_dropout
-            if x.device.type == "cpu":  # the image rows alone (finding them is a host sync elsewhere)
-                rows = img.reshape(-1).nonzero().squeeze(1)
+            rows = image_rows(x, img)
+            if rows is not None:  # the image rows alone
                 flat = y.reshape(-1, y.shape[-1])
                 delta = low_rank_add(None, x.reshape(-1, x.shape[-1]).index_select(0, rows), a, b, s, drop)
                 y = flat.index_add(0, rows, delta.to(flat.dtype)).view(y.shape)
@@ -135,8 +135,9 @@ def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: to
     dropout mask comes from uniform draws (half the time of Bernoulli ones) and its 1 / (1 - p)
     joins the scale; elsewhere it is the fused dropout kernel."""
     p = dropout.p if dropout.training else 0.0
-    if p > 0 and x.device.type == "cpu":
-        x = x * torch.rand_like(x).ge_(p)  # 1 where kept, 0 where dropped, in x's dtype
+    if 0 < p < 1 and x.device.type == "cpu":
+        keep = torch.rand(x.shape, device=x.device).ge_(p)  # 1 where kept, 0 where dropped
+        x = x * (keep if keep.dtype == x.dtype else keep.to(x.dtype))  # drawn in float32: exact p
         scale = scale / (1.0 - p)
     elif p > 0:
         x = F.dropout(x, p, True)
@@ -146,6 +147,15 @@ def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: to
         return out if y is None else y + out
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
     return out.view(y.shape)
+
+
+def image_rows(x: torch.Tensor, img: torch.Tensor) -> torch.Tensor | None:
+    """The flat indices of ``x``'s image rows where computing those rows alone pays: on a CPU, run
+    eagerly (finding them is a host sync elsewhere and a graph break under ``torch.compile``), with
+    a mask of exactly ``x``'s rows. None where the masked path applies."""
+    if x.device.type != "cpu" or torch.compiler.is_compiling() or img.shape != x.shape[:-1]:
+        return None
+    return img.reshape(-1).nonzero().squeeze(1)
 
 
 class Multiway(nn.Module):
@@ -161,8 +171,8 @@ class Multiway(nn.Module):
         text = _call(self.multiway[0], x, None)
         if img is None:
             return text
-        if x.device.type == "cpu":  # the image copy on the image rows alone, as in ``ALinear``
-            rows = img.reshape(-1).nonzero().squeeze(1)
+        rows = image_rows(x, img)
+        if rows is not None:  # the image copy on the image rows alone, as in ``ALinear``
             flat = text.reshape(-1, text.shape[-1])
             xs = x.reshape(-1, x.shape[-1]).index_select(0, rows)
             image = _call(self.multiway[1], xs, torch.ones(len(rows), dtype=torch.bool, device=x.device))
