@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from modalign.shapesworld import RECIPES
-from modalign.shapesworld.quickstart import markdown_table, prepare_data, run_method
+from modalign.shapesworld.quickstart import markdown_table, prepare_data, run_method, unconverged_notes
 from modalign.train.recipe import load_recipe
 from modalign.train.run import run_recipe
 
@@ -123,6 +123,14 @@ def run_claims(out: str | Path = "runs/claims", seeds: list[int] | tuple[int, ..
               "claims": [summarise(c, runs) for c in claims], "runs": runs}  # fmt: skip
     (out / "claims.json").write_text(json.dumps(report, indent=2) + "\n")
     table = format_claims(report)
+    notes = unconverged_notes(
+        [
+            {**r, "method": f"{name} (seed {seed})"}
+            for name, by_seed in runs.items()
+            for seed, r in by_seed.items()
+        ]
+    )
+    table += "".join(f"\n{line}" for line in notes)
     (out / "claims.md").write_text(table + "\n")
     plot_claims(report, out / "claims_accuracy.png", out / "claims_text_vs_image.png")
     print(table)

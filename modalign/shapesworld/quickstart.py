@@ -95,7 +95,7 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
         doc["stages"] = [st for st in doc["stages"] if st["name"] not in without]
     recipe = load_recipe(doc, variables)
     mdir = out / (name or method)
-    run_recipe(recipe, mdir, progress=progress)
+    done = run_recipe(recipe, mdir, progress=progress)
     data, stage0 = Path(variables["data"]), Path(variables["stage0"])
     tok = Tokenizer.from_dir(mdir / "model")
     model = MLLM.from_pretrained(mdir / "model", dtype=torch.float32)
@@ -119,6 +119,15 @@ def run_method(method: str, out: Path, variables: dict, sets: list[str], progres
         "text_qa_before": qa_before,
         "text_qa_after": qa_after,
         "trainable_params": trainable,
+        "stages": {
+            st.name: {
+                "steps": done[st.name].steps,
+                "final_loss": done[st.name].final_loss,
+                "stop_at_loss": st.stop.at_loss,
+                "converged": done[st.name].converged,
+            }
+            for st in recipe.stages
+        },
         "wall_seconds": time.perf_counter() - t0,
         "questions": ev["questions"],
         "recipe": METHODS[method],
@@ -192,7 +201,22 @@ def format_results(results: list[dict]) -> str:
                      *(f"{r['accuracy_by_type'].get(t, 0):.0%}" for t in types), f"{r['text_qa_before']:.1%}",
                      f"{r['text_qa_after']:.1%}", f"{r['text_ppl_before']:.3f}",
                      f"{r['text_ppl_after']:.3f}", f"{last:,}", f"{r['wall_seconds']:.0f}"])  # fmt: skip
-    return markdown_table(head, rows)
+    return markdown_table(head, rows) + "".join(f"\n{line}" for line in unconverged_notes(results))
+
+
+def unconverged_notes(results: list[dict]) -> list[str]:
+    """One line per curriculum stage that ran to its cap without meeting its stop rule: such a
+    run's result moves with float rounding, so it may differ on another CPU."""
+    notes = []
+    for r in results:
+        for name, st in (r.get("stages") or {}).items():
+            if st.get("converged") is False:
+                notes.append(
+                    f"note: {r['method']}'s {name} stage ran to its cap ({st['steps']} step{'s' * (st['steps'] != 1)}; last loss "
+                    f"{st['final_loss']:.3f}, stop.at_loss {st['stop_at_loss']}) without the loss it stops at: "
+                    "where such a run ends depends on float rounding (docs/shapesworld.md)"
+                )
+    return notes
 
 
 def markdown_table(head: list[str], rows: list[list]) -> str:

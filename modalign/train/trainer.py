@@ -61,6 +61,8 @@ class StageResult:
     seconds: float
     tokens: int
     skipped: dict
+    # with a ``stop.at_loss`` rule: whether it was met (False: the stage ran to its cap unlearnt)
+    converged: bool | None = None
 
 
 @dataclass
@@ -287,10 +289,14 @@ class Trainer:
         if tb is not None:
             tb.close()
         self.policy.check(final=True)
+        converged = None if s.stop.at_loss is None else pr.stop_at is not None
         if self.d.main:
+            if converged is False:
+                self._note_unconverged(pr)
             plot_loss(self.metrics_file, self.out / "loss.png", s.name)
         self._set_checkpointing(core, False)
-        return StageResult(pr.step, loss_val, time.perf_counter() - t0, pr.tokens, dict(self.policy.skipped))
+        return StageResult(pr.step, loss_val, time.perf_counter() - t0, pr.tokens, dict(self.policy.skipped),
+                           converged)  # fmt: skip
 
     def _step(self, pr: Progress, data) -> tuple[float, int, float | None]:
         """One optimiser step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
@@ -350,6 +356,19 @@ class Trainer:
             log.info(msg)
             with self.metrics_file.open("a") as fh:
                 fh.write(json.dumps({"stage": self.stage.name, "step": pr.step, "stopped": msg}) + "\n")
+
+    def _note_unconverged(self, pr: Progress) -> None:
+        """A stage with a stop rule that ran to its last step without meeting it: said once in the
+        log and in metrics.jsonl, since where such a stage ends depends on the run's float rounding."""
+        stop = self.stage.stop
+        mean = sum(pr.recent) / len(pr.recent) if pr.recent else float("nan")
+        msg = (f"stage {self.stage.name}: ended at its last step ({pr.step}) with the mean loss of the last "
+               f"{len(pr.recent)} steps {mean:.4f}, above stop.at_loss {stop.at_loss}: not learnt")  # fmt: skip
+        log.warning(msg)
+        last = self.metrics_file.read_text().splitlines()[-1:] if self.metrics_file.is_file() else []
+        if not any(json.loads(x).get("unconverged") for x in last):  # a resume at the end says it once
+            with self.metrics_file.open("a") as fh:
+                fh.write(json.dumps({"stage": self.stage.name, "step": pr.step, "unconverged": msg}) + "\n")
 
     @staticmethod
     def _set_checkpointing(core, on: bool) -> None:

@@ -56,6 +56,10 @@ def test_the_study_runs_each_variant_as_its_claim_describes(study):
     assert verdicts["xc2-plora"] == "holds in miniature"
     text = (out / "claims.md").read_text()
     assert "**holds in miniature**" in text and "| xc2-plora   | xcomposer2-full" in text
+    # one step cannot meet the curriculum stages' stop rules: each run's basic and ground say so
+    notes = [line for line in text.splitlines() if line.startswith("note: ")]
+    assert len(notes) == 2 * len(report["runs"])
+    assert "note: llava-no-align (seed 0)'s basic stage ran to its cap (1 step; last loss" in text
     assert (out / "claims_accuracy.png").stat().st_size > 10_000
     assert (out / "claims_text_vs_image.png").stat().st_size > 10_000
 

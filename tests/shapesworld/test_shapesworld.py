@@ -318,7 +318,20 @@ def test_quickstart_end_to_end_in_miniature(tmp_path, capsys):
     assert saved["text_qa_before"] == qa["accuracy"] and qa["questions"] == 50
     assert (tmp_path / "stage0" / "chat" / "result.json").is_file()  # stage 0 ends chat-tuned
     assert (out / "accuracy_by_type.png").stat().st_size > 0 and (out / "instruct" / "loss.png").is_file()
-    assert "| llava" in capsys.readouterr().out and res["heldout_accuracy"] == saved["heldout_accuracy"]
+    printed = capsys.readouterr().out
+    assert "| llava" in printed and res["heldout_accuracy"] == saved["heldout_accuracy"]
+    # two steps cannot meet the curriculum stages' stop rules: the results and the table say so
+    stages = saved["stages"]
+    assert list(stages) == ["align", "basic", "ground", "instruct"]
+    assert [stages[s]["converged"] for s in stages] == [None, False, False, None]
+    assert stages["basic"]["steps"] == 2 and stages["basic"]["stop_at_loss"] == 0.05
+    basic = [
+        json.loads(x) for x in (out / "basic" / "metrics.jsonl").read_text().splitlines() if '"loss"' in x
+    ]
+    assert stages["basic"]["final_loss"] == basic[-1]["loss"]
+    notes = [line for line in printed.splitlines() if line.startswith("note: llava's")]
+    assert [n.split("'s ")[1].split(" ")[0] for n in notes] == ["basic", "ground"]
+    assert "ran to its cap (2 steps" in notes[0] and "stop.at_loss 0.05" in notes[0]
 
 
 # ------------------------------------------------------------------------------ evaluation

@@ -260,7 +260,7 @@ def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_pa
                      progress=False)  # fmt: skip
     recs = [json.loads(x) for x in (run / "align" / "metrics.jsonl").read_text().splitlines()]
     logged = [r["loss"] for r in recs if "loss" in r]
-    assert res["align"].steps == 3 and len(logged) == 3
+    assert res["align"].steps == 3 and len(logged) == 3 and res["align"].converged is True
     assert (
         "mean loss of the last 3 steps" in recs[-1]["stopped"]
         and "at step 3 of 6: stopped at step 3" in recs[-1]["stopped"]
@@ -281,7 +281,24 @@ def test_stop_at_loss_ends_a_learnt_stage_and_stays_ended_on_resume(data, tmp_pa
     unmet = run_recipe(
         load_recipe(doc, sets=["stages.align.stop.at_loss=1e-9"]), tmp_path / "unmet", progress=False
     )
-    assert unmet["align"].steps == 6
+    assert unmet["align"].steps == 6 and unmet["align"].converged is False
+    recs = [json.loads(x) for x in (tmp_path / "unmet" / "align" / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        "ended at its last step (6)" in recs[-1]["unconverged"]
+        and "above stop.at_loss 1e-09" in recs[-1]["unconverged"]
+    )
+    assert sum("unconverged" in r for r in recs) == 1 and not any("stopped" in r for r in recs)
+    # read back from result.json when the run is asked again (finished stages are not retrained)
+    again = run_recipe(
+        load_recipe(doc, sets=["stages.align.stop.at_loss=1e-9"]), tmp_path / "unmet", progress=False
+    )
+    assert again["align"].converged is False and again["align"].steps == 6
+    # no stop rule: nothing to converge to
+    plain = run_recipe(load_recipe(doc), tmp_path / "plain", progress=False)
+    assert plain["align"].converged is None
+    assert not any(
+        "unconverged" in x for x in (tmp_path / "plain" / "align" / "metrics.jsonl").read_text().splitlines()
+    )
     with pytest.raises(ConfigError, match=r"stages\[0\]\.stop\.at_loss: expected a loss > 0"):
         load_recipe(doc, sets=["stages.align.stop.at_loss=0"])
 
