@@ -347,28 +347,30 @@ class Trainer:
         bar.set_postfix(loss=f"{rec['loss']:.4f}", lr=f"{rec['lr']:.2e}", tok_s=f"{rec['tok_per_s']:.0f}")
         bar.update(1)
 
+    def _note(self, pr: Progress, key: str, msg: str, level: int = logging.INFO) -> None:
+        """A line in the log and a ``{key: msg}`` record in metrics.jsonl (main rank only)."""
+        if self.d.main:
+            log.log(level, msg)
+            with self.metrics_file.open("a") as fh:
+                fh.write(json.dumps({"stage": self.stage.name, "step": pr.step, key: msg}) + "\n")
+
     def _note_stop(self, pr: Progress) -> None:
         stop = self.stage.stop
-        msg = (f"stage {self.stage.name}: mean loss of the last {stop.window} steps "
-               f"{sum(pr.recent) / stop.window:.4f} <= stop.at_loss {stop.at_loss} at step {pr.step} of "
-               f"{self.total}: stopped at step {pr.step}")  # fmt: skip
-        if self.d.main:
-            log.info(msg)
-            with self.metrics_file.open("a") as fh:
-                fh.write(json.dumps({"stage": self.stage.name, "step": pr.step, "stopped": msg}) + "\n")
+        self._note(pr, "stopped", f"stage {self.stage.name}: mean loss of the last {stop.window} steps "
+                   f"{sum(pr.recent) / stop.window:.4f} <= stop.at_loss {stop.at_loss} at step {pr.step} of "
+                   f"{self.total}: stopped at step {pr.step}")  # fmt: skip
 
     def _note_unconverged(self, pr: Progress) -> None:
         """A stage with a stop rule that ran to its last step without meeting it: said once in the
         log and in metrics.jsonl, since where such a stage ends depends on the run's float rounding."""
-        stop = self.stage.stop
         mean = sum(pr.recent) / len(pr.recent) if pr.recent else float("nan")
         msg = (f"stage {self.stage.name}: ended at its last step ({pr.step}) with the mean loss of the last "
-               f"{len(pr.recent)} steps {mean:.4f}, above stop.at_loss {stop.at_loss}: not learnt")  # fmt: skip
-        log.warning(msg)
+               f"{len(pr.recent)} steps {mean:.4f}, above stop.at_loss {self.stage.stop.at_loss}: not learnt")  # fmt: skip
         last = self.metrics_file.read_text().splitlines()[-1:] if self.metrics_file.is_file() else []
-        if not any(json.loads(x).get("unconverged") for x in last):  # a resume at the end says it once
-            with self.metrics_file.open("a") as fh:
-                fh.write(json.dumps({"stage": self.stage.name, "step": pr.step, "unconverged": msg}) + "\n")
+        if any(json.loads(x).get("unconverged") for x in last):  # a resume at the end records it once
+            log.warning(msg)
+        else:
+            self._note(pr, "unconverged", msg, logging.WARNING)
 
     @staticmethod
     def _set_checkpointing(core, on: bool) -> None:
