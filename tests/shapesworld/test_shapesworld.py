@@ -380,3 +380,25 @@ def test_seen_unseen_split_adds_up_to_each_type(world, tiny_model):
             sub = [s["correct"] for s in rows if s["unseen"] == (k == "unseen")]
             assert acc == sum(sub) / len(sub)
         assert set(parts) == {("unseen" if s["unseen"] else "seen") for s in rows}
+
+
+def test_every_method_recipe_shares_the_stage2_curriculum_and_budget():
+    """The comparison is fair only if every method's recipe runs the same stage 2: the same data,
+    objective, batch sizes and stop rules (step caps and stop losses) in basic, ground and
+    instruct. The values are written out in each recipe file, so a change to one must reach all."""
+    import yaml
+
+    from modalign.shapesworld import RECIPES
+
+    def stage2(path):
+        stages = {s["name"]: s for s in yaml.safe_load(path.read_text())["stages"]}
+        return {
+            n: {"stop": stages[n]["stop"], "objective": stages[n].get("objective"),
+                **{k: stages[n]["data"][k] for k in ("sources", "batch_size", "max_length")}}
+            for n in ("basic", "ground", "instruct")
+        }  # fmt: skip
+
+    methods = "llava mplug-owl mplug-owl2 xcomposer2 blip2 minigpt4 flamingo llama-adapter".split()
+    found = {m: stage2(RECIPES / f"tiny-{m}.yaml") for m in methods}
+    for m in methods[1:]:
+        assert found[m] == found["llava"], m
