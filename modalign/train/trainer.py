@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from modalign.data.collate import LengthGroupedSampler
 from modalign.data.datasets import BadSamplePolicy
+from modalign.devices import keep_freed_host_memory
 from modalign.train import state as st
 from modalign.train.feature_cache import FeatureCache, RunCache
 from modalign.train.freeze import param_groups
@@ -123,6 +124,8 @@ class Trainer:
         self.masters = masters  # bf16-pure: the optimiser steps these fp32 copies (train/precision.py)
         self.out, self.seed, self.d, self.progress = Path(out), seed, dist or Dist(), progress
         self.cache = cache if cache is not None else RunCache()  # what stages of a run share
+        if self.d.device.type == "cpu":  # a step's tensors reuse freed memory, not fresh pages
+            keep_freed_host_memory()
         opt = stage.optim
         self.groups = param_groups(unwrap(model), opt.lr, opt.weight_decay, opt.lr_groups)
         if not self.groups:
