@@ -810,9 +810,6 @@ def _agent(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from modalign.devices import keep_freed_host_memory
-
-    keep_freed_host_memory()  # freed tensors' memory reused, not fresh pages (devices.py)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:
