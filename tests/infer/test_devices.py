@@ -94,7 +94,6 @@ def test_freed_host_memory_is_reused_not_faulted_in_afresh():
                              capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
         return out[0] == "True", int(out[1])
 
-    took, fresh = run(MODALIGN_HOST_MALLOC="default")
     pages = 10 * 73 * 256  # ten steps of 73 MiB in 4 KiB pages
     # glibc's default hands most of it back to the kernel and faults it in afresh in most runs (not
     # asserted: whether it can depends on where small allocations happened to land)

@@ -389,6 +389,7 @@ def test_every_method_recipe_shares_the_stage2_curriculum_and_budget():
     import yaml
 
     from modalign.shapesworld import RECIPES
+    from modalign.shapesworld.quickstart import METHODS
 
     def stage2(path):
         stages = {s["name"]: s for s in yaml.safe_load(path.read_text())["stages"]}
@@ -398,7 +399,7 @@ def test_every_method_recipe_shares_the_stage2_curriculum_and_budget():
             for n in ("basic", "ground", "instruct")
         }  # fmt: skip
 
-    methods = "llava mplug-owl mplug-owl2 xcomposer2 blip2 minigpt4 flamingo llama-adapter".split()
-    found = {m: stage2(RECIPES / f"tiny-{m}.yaml") for m in methods}
-    for m in methods[1:]:
+    found = {m: stage2(RECIPES / f"{name}.yaml") for m, name in METHODS.items()}  # every method
+    assert len(found) == 8
+    for m in found:
         assert found[m] == found["llava"], m
