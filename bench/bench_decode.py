@@ -95,7 +95,8 @@ def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int])
     """The largest logit difference between the fp32 and quantized engines over ``tokens`` (the
     fp32 greedy continuation of ``prompt``, fed to both: the prefill's logits, then each decode
     step's), the prefill's time in each, and the bytes of the LLM's matrices each holds (fp32:
-    the model's and the decode plan's transposed copies; quantized: one copy, read by both)."""
+    the model's and the decode plan's own copies, its fused q|k|v and gate|up; its other matrices
+    are views of the model's; quantized: one copy, read by both)."""
     logits, prefill_s = [], []
     for eng in (fp32, quant):
         with torch.inference_mode():
@@ -104,7 +105,9 @@ def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int])
             prefill_s.append(timed(lambda eng=eng: eng.prefill([prompt], 1), repeat=5))
         logits.append(torch.cat([pre.logits, *steps]))
     err = (logits[0] - logits[1]).abs()
-    plan_mb = sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)) / 1e6
+    shared = {p.untyped_storage().data_ptr() for p in fp32.model.llm.parameters()}
+    plan_mb = sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)
+                  if w.untyped_storage().data_ptr() not in shared) / 1e6  # fmt: skip
     return {"max_logit_err": float(err.max()), "logit_range": float(logits[0].max() - logits[0].min()),
             "fp32_mb": linear_bytes(fp32.model.llm) / 1e6 + plan_mb, "quant_mb": linear_bytes(quant.model.llm) / 1e6,
             "prefill_tokens": len(prompt.input_ids), "fp32_prefill_s": prefill_s[0], "prefill_s": prefill_s[1]}  # fmt: skip

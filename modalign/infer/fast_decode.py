@@ -39,10 +39,10 @@ def _versions(llm: LLM) -> list[tuple[int, int]]:
 
 class DecodePlan:
     """Per-layer tensors for one text decode step. q/k/v and gate/up are concatenated so that a
-    step makes two matmuls fewer per block, and weights are kept as [in, out] (``x @ w``): on
-    CPU a contiguous transposed copy, whose matrix-vector products run about 20% faster than
-    ``F.linear`` on the [out, in] layout; elsewhere a view. ``stale`` notices in-place updates
-    (training, LoRA merges) and replaced modules (a part enabled after the plan was made)."""
+    step makes two matmuls fewer per block; every matrix is kept as the modules store it,
+    [out, in] (a view where nothing is concatenated), and multiplied as ``_lin`` says.
+    ``stale`` notices in-place updates (training, LoRA merges) and replaced modules (a part
+    enabled after the plan was made)."""
 
     def __init__(self, llm: LLM):
         def text(m):  # MAM: a decode step is text, so the text copy
@@ -55,8 +55,7 @@ class DecodePlan:
             w = torch.cat([m.weight for m in mods]) if len(mods) > 1 else mods[0].weight
             bs = [m.bias for m in mods]
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
-            wt = w.detach().t()
-            return wt.contiguous() if wt.device.type == "cpu" else wt, _d(b)
+            return _d(w), _d(b)
 
         self.layers = []
         for layer in llm.layers:
@@ -117,10 +116,22 @@ class Concat:
         return torch.cat([op(x) for op in self.ops], -1)
 
 
-def _lin(x, wt, b=None):
-    if not isinstance(wt, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
-        return wt(x)
-    y = x @ wt
+def _lin(x, w, b=None):
+    """``x @ w.T (+ b)`` for ``w`` [out, in]. A float32 matrix on the CPU is multiplied as
+    ``(w @ x.T).T`` over at least two rows (one row is doubled): the BLAS then runs a tall
+    product over all its threads, where ``x @ w.T`` with a few rows is a one-thread
+    matrix-vector product per row or a short, wide product it runs slowly (``bench/bench_decode.py``;
+    on an AMD EPYC, 2 threads, a 6-layer 512-wide Llama's matrices: 2.2x faster with one row,
+    1.4x with eight)."""
+    if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
+        return w(x)
+    if w.device.type == "cpu" and w.dtype == torch.float32:
+        rows = x.reshape(-1, x.shape[-1])
+        n = rows.shape[0]
+        y = (w @ (torch.cat([rows, rows]) if n == 1 else rows).t()).t()[:n].contiguous()
+        y = y.view(*x.shape[:-1], w.shape[0])
+    else:
+        y = x @ w.t()
     return y if b is None else y + b
 
 

@@ -406,6 +406,24 @@ def test_fused_projections_compute_what_the_separate_ones_did():
     )
 
 
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (8, 24), (1, 24)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_step_products_equal_linear(shape, dtype):
+    """The decode step's products (on the CPU in float32: the matrix times the rows' transpose,
+    a single row doubled) give F.linear's values, shape and bias for every row."""
+    from modalign.infer.fast_decode import _lin
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
+    x = torch.randn(*shape, generator=g).to(dtype)
+    want = torch.nn.functional.linear(x.float(), w.float(), b.float())
+    got = _lin(x, w, b)
+    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(_lin(x, w).float(), want - b.float(), atol=tol, rtol=tol)
+
+
 def test_int8_rows_are_scaled_apart():
     """The CPU int8 kernel quantizes a whole call's activations with one scale: a row with large
     activations (a BOS token's, another request's) must not change the other rows' outputs."""
