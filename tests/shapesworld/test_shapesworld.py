@@ -403,3 +403,25 @@ def test_every_method_recipe_shares_the_stage2_curriculum_and_budget():
     assert len(found) == 8
     for m in found:
         assert found[m] == found["llava"], m
+
+
+def test_seed_methods_share_the_ground_and_instruct_lr_schedules():
+    """The four seed methods decay `ground`'s and `instruct`'s LR over their caps alike (their rates
+    are their own); `basic` either holds its LR after the same warmup or decays it as `ground` does
+    (which each uses: docs/shapesworld.md)."""
+    import yaml
+
+    from modalign.shapesworld import RECIPES
+    from modalign.shapesworld.quickstart import GROUPS, METHODS
+
+    def schedules(name):
+        stages = {s["name"]: s for s in yaml.safe_load((RECIPES / f"{name}.yaml").read_text())["stages"]}
+        return {n: stages[n]["optim"]["schedule"] for n in ("basic", "ground", "instruct")}
+
+    found = {m: schedules(METHODS[m]) for m in GROUPS["seed"]}
+    assert len(found) == 4
+    for m, sched in found.items():
+        assert (
+            sched["ground"] == found["llava"]["ground"] and sched["instruct"] == found["llava"]["instruct"]
+        ), m
+        assert sched["basic"] in ({"warmup": 0.05, "decay": "constant"}, sched["ground"]), m
