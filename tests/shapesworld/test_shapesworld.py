@@ -382,17 +382,23 @@ def test_seen_unseen_split_adds_up_to_each_type(world, tiny_model):
         assert set(parts) == {("unseen" if s["unseen"] else "seen") for s in rows}
 
 
+def _recipe_stages(path) -> dict:
+    """A recipe file's stages by name."""
+    import yaml
+
+    return {s["name"]: s for s in yaml.safe_load(path.read_text())["stages"]}
+
+
 def test_every_method_recipe_shares_the_stage2_curriculum_and_budget():
     """The comparison is fair only if every method's recipe runs the same stage 2: the same data,
     objective, batch sizes and stop rules (step caps and stop losses) in basic, ground and
     instruct. The values are written out in each recipe file, so a change to one must reach all."""
-    import yaml
 
     from modalign.shapesworld import RECIPES
     from modalign.shapesworld.quickstart import METHODS
 
     def stage2(path):
-        stages = {s["name"]: s for s in yaml.safe_load(path.read_text())["stages"]}
+        stages = _recipe_stages(path)
         return {
             n: {"stop": stages[n]["stop"], "objective": stages[n].get("objective"),
                 **{k: stages[n]["data"][k] for k in ("sources", "batch_size", "max_length")}}
@@ -409,13 +415,12 @@ def test_seed_methods_share_the_ground_and_instruct_lr_schedules():
     """The four seed methods decay `ground`'s and `instruct`'s LR over their caps alike (their rates
     are their own); `basic` either holds its LR after the same warmup or decays it as `ground` does
     (which each uses: docs/shapesworld.md)."""
-    import yaml
 
     from modalign.shapesworld import RECIPES
     from modalign.shapesworld.quickstart import GROUPS, METHODS
 
     def schedules(name):
-        stages = {s["name"]: s for s in yaml.safe_load((RECIPES / f"{name}.yaml").read_text())["stages"]}
+        stages = _recipe_stages(RECIPES / f"{name}.yaml")
         return {n: stages[n]["optim"]["schedule"] for n in ("basic", "ground", "instruct")}
 
     found = {m: schedules(METHODS[m]) for m in GROUPS["seed"]}
@@ -425,3 +430,18 @@ def test_seed_methods_share_the_ground_and_instruct_lr_schedules():
             sched["ground"] == found["llava"]["ground"] and sched["instruct"] == found["llava"]["instruct"]
         ), m
         assert sched["basic"] in ({"warmup": 0.05, "decay": "constant"}, sched["ground"]), m
+
+
+def test_lr_factor_holds_after_warmup_with_constant_decay_and_cosine_reaches_its_floor():
+    """`decay: constant` (the held `basic` LR) ramps over the warmup, then stays at the peak to the
+    cap; `cosine` falls from the peak to `min_lr_ratio` at the cap."""
+    from modalign.train.trainer import lr_factor
+
+    total, warmup = 500, 0.05  # 25 warmup steps
+    held = [lr_factor(s, total, warmup, "constant", 0.05) for s in range(total)]
+    assert held[:25] == [(s + 1) / 25 for s in range(25)]
+    assert held[25:] == [1.0] * (total - 25)
+    cos = [lr_factor(s, total, warmup, "cosine", 0.05) for s in range(total + 1)]
+    assert cos[:25] == held[:25] and cos[25] == 1.0
+    assert all(a > b for a, b in zip(cos[25:total], cos[26 : total + 1], strict=True))
+    assert abs(cos[total] - 0.05) < 1e-12
