@@ -4,7 +4,10 @@ with non-streaming requests. Prints requests, failures, throughput, latency perc
 server's resident memory after each round (the server runs in its own process).
 
     python bench/load_test.py [--clients 64] [--seconds 20] [--rounds 2] [--single-seconds 20]
-                              [--model DIR] [--json]
+                              [--model DIR] [--engine eager|compiled|both] [--json]
+
+``--engine``: the server's decode step, eager (``serve``'s default) or compiled (``--compile``);
+``both`` runs the whole test against each, one server after the other, and prints the ratios.
 
 Without ``--model`` a tiny random model (the quickstart's shape) is written to a temporary folder.
 """
@@ -59,16 +62,19 @@ def images() -> list[str]:
     return out
 
 
-def start_server(model: Path, tmp: Path, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(
+    model: Path, tmp: Path, max_batch: int, compile: bool = False
+) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp / "key").write_text(KEY)
     cmd = [sys.executable, "-m", "modalign.cli", "serve", "--model", str(model), "--port", str(port),
-           "--api-key-file", str(tmp / "key"), "--max-batch", str(max_batch)]  # fmt: skip
+           "--api-key-file", str(tmp / "key"), "--max-batch", str(max_batch),
+           *(["--compile"] if compile else [])]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(3000):  # a compiled server compiles its decode step before it listens
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
                 return proc, url
@@ -138,6 +144,42 @@ def hammer(url: str, clients: int, seconds: float, imgs: list[str]) -> dict:
             "req_s": len(lat) / dt, "tok_s": tokens[0] / dt, "p50_s": q[49], "p99_s": q[98]}  # fmt: skip
 
 
+def run(model: Path, tmp: Path, args, compile: bool) -> dict:
+    t0 = time.monotonic()
+    proc, url = start_server(model, tmp, args.max_batch, compile)
+    started = time.monotonic() - t0
+    try:
+        imgs = images()
+        single = hammer(url, 1, args.single_seconds, imgs) if args.single_seconds else None
+        rounds = []
+        for _ in range(args.rounds):
+            r = hammer(url, args.clients, args.seconds, imgs)
+            time.sleep(1.0)  # the worker goes idle (and hands freed memory back)
+            health = httpx.get(url + "/health", timeout=10).json()
+            metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10).text
+            in_flight = next(
+                float(x.split()[1]) for x in metrics.splitlines() if x.startswith("modalign_in_flight ")
+            )
+            r |= {"rss_mb": rss_mb(proc.pid), "running_after": health["running"], "pending_after": health["pending"],
+                  "in_flight_after": in_flight}  # fmt: skip
+            rounds.append(r)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    return {"engine": "compiled" if compile else "eager", "start_s": started, "single": single, "rounds": rounds,
+            "ratio": rounds[-1]["req_s"] / single["req_s"] if single and single["req_s"] else None}  # fmt: skip
+
+
+def report(out: dict, clients: int) -> None:
+    print(f"{out['engine']} decode step (server ready in {out['start_s']:.1f} s):")
+    for r in ([out["single"]] if out["single"] else []) + out["rounds"]:
+        extra = f", server RSS {r['rss_mb']:.0f} MB" if "rss_mb" in r else ""
+        print(f"  {r['clients']:>3} client(s): {r['requests']} requests, {r['failed']} failed, {r['req_s']:.1f} req/s, "
+              f"{r['tok_s']:.0f} completion tok/s, p50 {r['p50_s'] * 1000:.0f} ms, p99 {r['p99_s'] * 1000:.0f} ms{extra}")  # fmt: skip
+    if out["ratio"]:
+        print(f"  throughput: {clients} clients {out['ratio']:.2f}x one client (requests per second)")
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser()
     ap.add_argument("--clients", type=int, default=64)
@@ -146,43 +188,33 @@ def main(argv=None) -> dict:
     ap.add_argument("--single-seconds", type=float, default=20, help="one client at a time (0: skip)")
     ap.add_argument("--max-batch", type=int, default=64, help="the server's --max-batch")
     ap.add_argument("--model", default=None, help="model directory (default: a tiny random model)")
+    ap.add_argument("--engine", choices=["eager", "compiled", "both"], default="eager",
+                    help="the server's decode step (both: one server each, then the ratios)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    engines = {"compiled": [True], "eager": [False], "both": [False, True]}[args.engine]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = Path(args.model) if args.model else tiny_model(tmp / "model")
-        proc, url = start_server(model, tmp, args.max_batch)
-        try:
-            imgs = images()
-            single = hammer(url, 1, args.single_seconds, imgs) if args.single_seconds else None
-            rounds = []
-            for _ in range(args.rounds):
-                r = hammer(url, args.clients, args.seconds, imgs)
-                time.sleep(1.0)  # the worker goes idle (and hands freed memory back)
-                health = httpx.get(url + "/health", timeout=10).json()
-                metrics = httpx.get(
-                    url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}, timeout=10
-                ).text
-                in_flight = next(
-                    float(x.split()[1]) for x in metrics.splitlines() if x.startswith("modalign_in_flight ")
-                )
-                r |= {"rss_mb": rss_mb(proc.pid), "running_after": health["running"], "pending_after": health["pending"],
-                      "in_flight_after": in_flight}  # fmt: skip
-                rounds.append(r)
-        finally:
-            proc.terminate()
-            proc.wait(30)
-    out = {"single": single, "rounds": rounds,
-           "ratio": rounds[-1]["req_s"] / single["req_s"] if single and single["req_s"] else None}  # fmt: skip
+        runs = [run(model, tmp, args, c) for c in engines]
+    out = runs[0] if len(runs) == 1 else {"runs": runs}
+    if len(runs) == 2:
+        e, c = runs
+        out["compiled_vs_eager"] = {
+            "single": c["single"]["req_s"] / e["single"]["req_s"] if c["single"] and e["single"] else None,
+            "concurrent": c["rounds"][-1]["req_s"] / e["rounds"][-1]["req_s"],
+            "p99": c["rounds"][-1]["p99_s"] / e["rounds"][-1]["p99_s"],
+        }
     if args.json:
         print(json.dumps(out))
         return out
-    for r in ([single] if single else []) + rounds:
-        extra = f", server RSS {r['rss_mb']:.0f} MB" if "rss_mb" in r else ""
-        print(f"{r['clients']:>3} client(s): {r['requests']} requests, {r['failed']} failed, {r['req_s']:.1f} req/s, "
-              f"{r['tok_s']:.0f} completion tok/s, p50 {r['p50_s'] * 1000:.0f} ms, p99 {r['p99_s'] * 1000:.0f} ms{extra}")  # fmt: skip
-    if out["ratio"]:
-        print(f"throughput: {args.clients} clients {out['ratio']:.2f}x one client (requests per second)")
+    for r in runs:
+        report(r, args.clients)
+    if len(runs) == 2:
+        v = out["compiled_vs_eager"]
+        single = f"one client {v['single']:.2f}x, " if v["single"] else ""
+        print(f"compiled against eager: {single}{args.clients} clients {v['concurrent']:.2f}x requests per second, "
+              f"p99 latency {v['p99']:.2f}x")  # fmt: skip
     return out
 
 

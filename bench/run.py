@@ -108,8 +108,8 @@ def main() -> None:
     train["tiny LoRA"] = run(["bench_train.py", "--size", "tiny", "--threads", t, "--precision", "fp32", "--lora", "16",
                               *quick], args.threads)  # fmt: skip
     secs = "5" if args.quick else "20"
-    load = last_json(run(["load_test.py", "--seconds", secs, "--single-seconds", secs, "--rounds", "1", "--json"],
-                         args.threads))  # fmt: skip
+    load = last_json(run(["load_test.py", "--seconds", secs, "--single-seconds", secs, "--rounds", "1",
+                          "--engine", "both", "--json"], args.threads))  # fmt: skip
     bw = decode[1]["bandwidth"]
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [BEGIN, "", f"## Latest `python bench/run.py`{' --quick' if args.quick else ''}", "",
@@ -138,10 +138,18 @@ def main() -> None:
     lines += ["", "Training (forward + backward + AdamW; bf16 is autocast on both sides):", "", "```text",
               *[x for out in train.values() for x in out.splitlines() if x.startswith(("fp32", "bf16"))], "```",
               ""]  # fmt: skip
-    single, rnd = load["single"], load["rounds"][-1]
-    lines += [f"Server under load (tiny model): {rnd['clients']} mixed clients {rnd['req_s']:.1f} req/s against one "
-              f"client's {single['req_s']:.1f} ({load['ratio']:.2f}x); p50 {rnd['p50_s'] * 1000:.0f} ms, "
-              f"p99 {rnd['p99_s'] * 1000:.0f} ms; {rnd['failed']} failed.", "", END]  # fmt: skip
+    lines += [
+        "Server under load (tiny model), its decode step eager (the default) and compiled (`--compile`):",
+        "",
+    ]
+    for one in load["runs"]:
+        single, rnd = one["single"], one["rounds"][-1]
+        lines += [f"- {one['engine']}: {rnd['clients']} mixed clients {rnd['req_s']:.1f} req/s against one client's "
+                  f"{single['req_s']:.1f} ({one['ratio']:.2f}x); p50 {rnd['p50_s'] * 1000:.0f} ms, "
+                  f"p99 {rnd['p99_s'] * 1000:.0f} ms; {rnd['failed']} failed; ready in {one['start_s']:.1f} s."]  # fmt: skip
+    v = load["compiled_vs_eager"]
+    lines += [f"- compiled against eager: one client {v['single']:.2f}x, {rnd['clients']} clients {v['concurrent']:.2f}x "
+              f"requests per second, p99 latency {v['p99']:.2f}x.", "", END]  # fmt: skip
     block = "\n".join(lines)
     print(block)
     if args.no_write:

@@ -312,6 +312,9 @@ def _add_serve(sub) -> None:
     sv.add_argument(
         "--request-timeout", type=float, default=600, help="seconds from a request to its last token"
     )
+    sv.add_argument("--compile", action="store_true",
+                    help="torch.compile the decode step (one graph for any batch, compiled before the server "
+                    "listens; docs/benchmarks.md)")  # fmt: skip
     sv.add_argument("--image-dir", default=None, help="allow local image paths inside this directory")
     sv.add_argument("--allow-http-images", action="append", default=[], metavar="DOMAIN",
                     help="fetch http(s) images from this domain (repeatable); off by default")  # fmt: skip
@@ -545,7 +548,7 @@ def _serve(args) -> int:
     from modalign.serve.server import serve
 
     key = _api_key(args)
-    cm = _load_chat(args)
+    cm = _load_chat(args, compile=args.compile)
     policy = ImagePolicy(local_dir=args.image_dir, allow_http=bool(args.allow_http_images),
                          allowed_domains=[d.lower() for d in args.allow_http_images])  # fmt: skip
     hosts = list(args.allowed_host) + ([args.host] if args.host not in ("0.0.0.0", "::") else [])

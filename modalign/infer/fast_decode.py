@@ -17,6 +17,7 @@ path. ``FastDecoder`` owns a model's plan (rebuilt when its weights change) and,
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -166,27 +167,65 @@ def _static_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx):
     return decode_layers(plan, cfg, x, cos, sin, valid[:, None, None, :], write, _attend_one)
 
 
+def _dynamic_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx):
+    """``_static_step`` compiled once for any batch size and cache length (its own code object, so
+    its graphs are cached apart from the static ones)."""
+    return _static_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx)
+
+
+def _run_dynamic(fn, args):
+    """``fn`` (``_dynamic_step`` compiled) with the batch size and the cache length symbolic and
+    every other size (heads, head size) static: one graph for any batch of two rows or more and
+    any cache length, one for a single row (a size of 1 is specialised). Sizes that happen to be
+    equal when it compiles are not assumed equal afterwards (no duck shaping)."""
+    import torch._dynamo
+    from torch.fx.experimental import _config as fx_config
+
+    _, _, _, ids, pos, valid, ks, vs, _ = args
+    for t in (ids, pos):
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    for t in (valid, *ks, *vs):
+        torch._dynamo.maybe_mark_dynamic(t, [0, t.dim() - 2 if t.dim() == 4 else 1])
+    with fx_config.patch(use_duck_shape=False):
+        return fn(*args)
+
+
+def _persistent_compile_cache() -> None:
+    """Keep the compiler's cache (inductor's compiled graphs) across reboots: under
+    ``$XDG_CACHE_HOME/modalign/inductor`` (``~/.cache``) unless ``TORCHINDUCTOR_CACHE_DIR`` says
+    where; the compiler's own default is a folder under ``/tmp``. A process compiling a decode
+    step it compiled before then loads the kernels instead of building them again."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "modalign", "inductor")
+
+
 class FastDecoder:
     """A model's fused decode step (``step``), eager or compiled.
 
     ``compile``: the step runs through ``torch.compile`` (inductor), so the per-op dispatch of a
-    step becomes a few fused kernels. Shapes are static, one compiled graph per (batch, cache
-    length); callers round the cache length up (``round_cache_len``) so graphs are reused.
-    Attention then runs over every cache slot with a validity mask, which gives the same result
-    as attending over the filled prefix. If compiling fails (e.g. no C++ compiler), it logs why
-    once and ``compiled_step`` returns None from then on: the caller uses the eager step."""
+    step becomes a few fused kernels. ``compiled_step`` has static shapes, one compiled graph per
+    (batch, cache length); callers round the cache length up (``round_cache_len``) so graphs are
+    reused (``Engine.generate``). ``compiled_step(..., dynamic=True)`` runs one graph compiled for
+    any batch size and cache length (and one for a single row), for callers whose batch changes
+    from step to step (the server's continuous batching). Attention then runs over every cache
+    slot with a validity mask, which gives the same result as attending over the filled prefix.
+    If compiling fails (e.g. no C++ compiler), it logs why once and ``compiled_step`` returns None
+    from then on: the caller uses the eager step."""
 
     def __init__(self, llm: LLM, compile: bool = False, max_graphs: int = 32):
         self.llm = llm
         self.plan: DecodePlan | None = None
         self.failed: str | None = None
         self.shapes: set[tuple[int, int]] = set()  # (batch, cache length) of the graphs compiled
-        self.fn = None
+        self.fn = self.fn_dynamic = None
         if compile:
             import torch._dynamo
 
+            _persistent_compile_cache()
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, max_graphs)
             self.fn = torch.compile(_static_step, dynamic=False, fullgraph=True)
+            self.fn_dynamic = torch.compile(_dynamic_step, fullgraph=True)  # batch and cache length marked
 
     @property
     def compiled(self) -> bool:
@@ -220,8 +259,9 @@ class FastDecoder:
 
     @torch.no_grad()
     def compiled_step(self, ids: torch.Tensor, cache: KVCache, position_ids: torch.Tensor,
-                      valid: torch.Tensor) -> torch.Tensor | None:  # fmt: skip
-        """One compiled step; ``valid`` must already mark this step's slot. None if compiling failed."""
+                      valid: torch.Tensor, dynamic: bool = False) -> torch.Tensor | None:  # fmt: skip
+        """One compiled step; ``valid`` [B, cache.max_len] must already mark this step's slot.
+        ``dynamic``: the graph for any shape (else one per shape). None if compiling failed."""
         if not self.compiled:
             return None
         plan = self._plan(cache)
@@ -230,13 +270,13 @@ class FastDecoder:
             raise ValueError(f"KV cache full: need {start + 1} positions, allocated {cache.max_len}")
         idx = torch.tensor([start], device=ids.device)
         try:
-            logits = self.fn(
-                plan, self.llm.cfg, self.llm.rotary, ids, position_ids, valid, cache.k, cache.v, idx
-            )
+            args = (plan, self.llm.cfg, self.llm.rotary, ids, position_ids, valid, cache.k, cache.v, idx)
+            logits = _run_dynamic(self.fn_dynamic, args) if dynamic else self.fn(*args)
         except Exception as e:  # noqa: BLE001 - any backend failure means: use the eager step
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             log.warning("compiled decoding is unavailable (%s); using the eager decode step", self.failed)
             return None
         cache.length = start + 1
-        self.shapes.add((ids.shape[0], cache.max_len))
+        if not dynamic:
+            self.shapes.add((ids.shape[0], cache.max_len))
         return logits

@@ -20,6 +20,7 @@ scheduler.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -195,6 +196,27 @@ class Scheduler:
         self.next = torch.cat([self.next, torch.zeros(b_new, dtype=torch.long, device=self.next.device)])
         self.rows = [*self.rows, *rows]
 
+    @torch.inference_mode()
+    def warmup(self, prompt_len: int = 8, max_new_tokens: int = 4) -> float:
+        """Compile the decode step before the first request (a compiled engine: the graph for one
+        row and the graph for any other batch size and cache length), so that no request waits
+        for the compiler. Returns the seconds it took (0.0 for an eager engine)."""
+        if not self.engine.fast.compiled or not supported(self.model.llm, None):
+            return 0.0
+        t0 = time.perf_counter()
+        tok = self.model.config.llm.bos_token_id
+        tok = 1 if tok is None or tok == self.model.config.image_token_id else tok
+        errors: list[BaseException] = []
+        for batch in (1, 2):
+            for i in range(batch):
+                self.add(Request(Prompt([tok] * (prompt_len + i)), SamplingParams(max_new_tokens=max_new_tokens),
+                                 on_token=lambda t, lp: None, on_end=lambda r: None, on_error=errors.append))  # fmt: skip
+            while self.active or self.waiting:
+                self.step()
+        if errors:
+            raise errors[0]
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ decoding
 
     @torch.inference_mode()
@@ -235,8 +257,13 @@ class Scheduler:
         self.valid[:, slot] = True
         ids, pos = self.next[:, None], self.pos[:, None]
         mask = self.valid[:, : slot + 1]
+        fast = self.engine.fast
+        logits = None
         if supported(llm, cache):
-            logits = self.engine.fast.step(ids, cache, pos, mask)
+            if fast.compiled:  # one graph for every batch size and cache length (``dynamic``)
+                logits = fast.compiled_step(ids, cache, pos, self.valid, dynamic=True)
+            if logits is None:
+                logits = fast.step(ids, cache, pos, mask)
         else:
             logits = self.model(ids, cache=cache, attention_mask=mask.long(), position_ids=pos).logits[:, -1]
         self.pos = self.pos + 1
@@ -304,11 +331,11 @@ class Scheduler:
         first = int(used.float().argmax()) if bool(used.any()) else self.cache.length
         if first >= max(self.headroom, self.cache.length // 4):  # a left part nobody reads any more
             n = self.cache.length - first
-            self.cache.k = [t[:, :, first:].contiguous() for t in self.cache.k]
-            self.cache.v = [t[:, :, first:].contiguous() for t in self.cache.v]
+            self.cache.k = [_dense(t[:, :, first:]) for t in self.cache.k]
+            self.cache.v = [_dense(t[:, :, first:]) for t in self.cache.v]
             self.cache.max_len -= first
             self.cache.length = self.cache.prefill_length = n
-            self.valid = self.valid[:, first:].contiguous()
+            self.valid = _dense(self.valid[:, first:])
 
     def _reset(self) -> None:
         self.cache = self.valid = self.pos = self.next = None
@@ -384,6 +411,12 @@ def _logprobs(logits: torch.Tensor, token: int, k: int) -> dict:
 
 def _round(n: int, multiple: int) -> int:
     return max(multiple, math.ceil(n / multiple) * multiple)
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """A copy with the strides its sizes give (``contiguous`` keeps a one-row slice's strides,
+    which a compiled step's stride guards would then compile again for)."""
+    return t.clone(memory_format=torch.contiguous_format)
 
 
 def _pad_to(valid: torch.Tensor, cols: int) -> torch.Tensor:

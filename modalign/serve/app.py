@@ -92,6 +92,9 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
+        secs = batcher.scheduler.warmup()  # a compiled engine: its graphs before the first request
+        if secs:
+            log.info("compiled the decode step in %.1f s", secs)
         batcher.start()
         yield
         batcher.stop()

@@ -190,3 +190,31 @@ def test_a_new_request_takes_over_a_finished_row():
     assert len(merges) == 1  # the first two started the batch; the others took over free rows
     assert shifts  # a prompt longer than the running slots moved the running rows right
     assert max(batch) == 2 and sched.cache is None
+
+
+def test_a_compiled_engine_serves_the_running_batch_as_alone_with_no_compile_after_warmup():
+    """With ``Engine(compile=True)`` the scheduler's steps run the compiled step for any batch
+    size and cache length (``dynamic``): rows joining, leaving and taking over, slots compacted
+    and grown, each request decoding its greedy tokens as alone; after ``warmup`` no request
+    waits for the compiler (no new graph)."""
+    from torch._dynamo.utils import counters
+
+    model = tiny()
+    ps = prompts(model, n=3, seed=2)  # 4, 22 and 40 tokens
+    jobs = [(ps[0], 30), (ps[1], 3), (ps[2], 6), (ps[1], 5), (ps[0], 12), (ps[2], 40)]
+    sched = Scheduler(Engine(model, compile=True), max_batch=3, headroom=8)
+    if sched.warmup() == 0.0 or not sched.engine.fast.compiled:
+        pytest.skip(f"torch.compile is unavailable here: {sched.engine.fast.failed}")
+    assert sched.active == 0 and sched.cache is None
+    fast, used = sched.engine.fast, []
+    real = fast.compiled_step
+    fast.compiled_step = lambda *a, **k: used.append(k.get("dynamic")) or real(*a, **k)
+    graphs = counters["stats"]["unique_graphs"]
+    sinks = [Sink() for _ in jobs]
+    reqs = [s.request(p, SamplingParams(max_new_tokens=n)) for s, (p, n) in zip(sinks, jobs, strict=True)]
+    steps = run(sched, {0: reqs[:2], 1: reqs[2:4], 9: reqs[4:]})
+    for s, (p, n) in zip(sinks, jobs, strict=True):
+        assert s.error is None and s.end == "length"
+        assert s.tokens == full_forward_greedy(model, p, n)
+    assert len(used) >= steps and set(used) == {True}  # every decode step compiled
+    assert counters["stats"]["unique_graphs"] == graphs  # warm-up compiled every graph the steps used
