@@ -88,7 +88,7 @@ def step_bytes(model: MLLM, context: int) -> int:
 
 def _matrices(plan) -> list:
     """The decode plan's matrices: q|k|v, o, gate|up and down of every layer, and the LM head."""
-    return [m[0] for layer in plan.layers for m in (*layer[1:3], *layer[4:])] + [plan.head]
+    return [m[0] for layer in plan.layers for m in (*layer[1:3], *layer[4:])] + [plan.head[0]]
 
 
 def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int]) -> dict:

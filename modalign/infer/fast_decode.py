@@ -58,18 +58,29 @@ class DecodePlan:
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
             return _d(w), _d(b)
 
-        self.layers = []
+        def formed(wb):  # (w, b) -> (w, b, forms): how this machine multiplies w fastest
+            return (*wb, _forms(wb[0], groups))
+
+        layers = []
         for layer in llm.layers:
             a, mlp = layer.self_attn, layer.mlp
             qkv = [a.qkv_proj] if hasattr(a, "qkv_proj") else [text(a.q_proj), text(a.k_proj), text(a.v_proj)]
             gu = [mlp.gate_up_proj] if hasattr(mlp, "gate_up_proj") else [mlp.gate_proj, mlp.up_proj]
-            self.layers.append((
+            layers.append((
                 _d(text(layer.input_layernorm).weight), lin(qkv), lin([a.o_proj]),
                 _d(text(layer.post_attention_layernorm).weight), lin(gu),
                 lin([mlp.down_proj]),
             ))  # fmt: skip
+        head = (lin([llm.lm_head])[0], None)
+        groups: dict[tuple[int, int], list[torch.Tensor]] = {}  # matrices of one shape, timed together
+        for w in [m[0] for layer in layers for m in (layer[1], layer[2], layer[4], layer[5])] + [head[0]]:
+            if _timed(w):
+                groups.setdefault(tuple(w.shape), []).append(w)
+        self.layers = [
+            (n1, formed(qkv), formed(o), n2, formed(gu), formed(d)) for n1, qkv, o, n2, gu, d in layers
+        ]
         self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
-        self.head = lin([llm.lm_head])[0]
+        self.head = formed(head)
         self.versions = _versions(llm)
 
     def stale(self, llm: LLM) -> bool:
@@ -117,23 +128,71 @@ class Concat:
         return torch.cat([op(x) for op in self.ops], -1)
 
 
-def _lin(x, w, b=None):
-    """``x @ w.T (+ b)`` for ``w`` [out, in]. A float32 matrix on the CPU is multiplied as
-    ``(w @ x.T).T`` over at least two rows (one row is doubled): the BLAS then runs a tall
-    product over all its threads, where ``x @ w.T`` with a few rows is a one-thread
-    matrix-vector product per row or a short, wide product it runs slowly (``bench/bench_decode.py``;
-    on an AMD EPYC, 2 threads, a 6-layer 512-wide Llama's matrices: 2.2x faster with one row,
-    1.4x with eight)."""
+FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
+_FORMS: dict[
+    tuple, tuple[bool, bool]
+] = {}  # (out, in, threads) -> tall with few rows, with more; per process
+
+
+def _timed(w) -> bool:
+    return isinstance(w, torch.Tensor) and w.device.type == "cpu" and w.dtype == torch.float32
+
+
+def _tall(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    return (w @ (torch.cat([x, x]) if n == 1 else x).t()).t()[:n].contiguous()
+
+
+def _forms(w, groups: dict) -> tuple[bool, bool]:
+    """Whether ``w`` is multiplied in the tall form (``_lin``) with few rows and with more: timed
+    once per matrix shape in a process, over every matrix of that shape (read from memory, as a
+    decode step reads them); the tall form only where it is at least 10% faster."""
+    if not _timed(w):
+        return (False, False)
+    shape = tuple(w.shape)
+    key = (*shape, torch.get_num_threads())
+    if key not in _FORMS:
+        _FORMS[key] = tuple(_faster_tall(groups[shape], rows) for rows in (1, 8))
+        log.debug("decode matrices %s, %d threads: tall form with 1 / 8 rows: %s", shape, key[2], _FORMS[key])
+    return _FORMS[key]
+
+
+@torch.no_grad()
+def _faster_tall(ws: list[torch.Tensor], rows: int, reps: int = 3) -> bool:
+    import time
+
+    x = torch.randn(rows, ws[0].shape[1])
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(reps + 1):  # the first round warms up
+            t0 = time.perf_counter()
+            for w in ws:
+                fn(x, w)
+            times.append(time.perf_counter() - t0)
+        return min(times[1:])
+
+    return best(_tall) < 0.9 * best(F.linear)
+
+
+def _lin(x, w, b=None, forms=(False, False)):
+    """``x @ w.T (+ b)`` for ``w`` [out, in]. ``forms`` (``_forms``): where it is faster on this
+    machine, a float32 matrix on the CPU is multiplied as ``(w @ x.T).T`` over at least two rows
+    (one row is doubled), a tall product the BLAS runs over all its threads, instead of ``x @ w.T``,
+    which with a few rows may be a one-thread matrix-vector product per row. Which is faster
+    depends on the CPU and its BLAS (``bench/bench_decode.py``, a 6-layer 512-wide Llama's
+    matrices, 2 threads: on an AMD EPYC the tall form, 2.2x with one row and 1.4x with eight; on
+    an Intel Xeon ``x @ w.T``, 2.4x with one row, about even with eight, the tall form 1.4x with
+    sixteen)."""
     if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return w(x)
-    if w.device.type == "cpu" and w.dtype == torch.float32:
-        rows = x.reshape(-1, x.shape[-1])
-        n = rows.shape[0]
-        y = (w @ (torch.cat([rows, rows]) if n == 1 else rows).t()).t()[:n].contiguous()
-        y = y.view(*x.shape[:-1], w.shape[0])
-    else:
-        y = x @ w.t()
-    return y if b is None else y + b
+    rows = x.reshape(-1, x.shape[-1])
+    # one form for any row count: no branch on the batch size (a compiled step guards on none)
+    tall = forms[0] if forms[0] == forms[1] else forms[0 if rows.shape[0] <= FEW_ROWS else 1]
+    if tall:
+        y = _tall(rows, w).view(*x.shape[:-1], w.shape[0])
+        return y if b is None else y + b
+    return F.linear(x, w, b)
 
 
 def decode_layers(plan: DecodePlan, cfg, x, cos, sin, mask, write, attention=attend):
@@ -150,7 +209,7 @@ def decode_layers(plan: DecodePlan, cfg, x, cos, sin, mask, write, attention=att
         x = x + _lin(a.reshape(b, 1, nh * hd), *o)
         gate, up = _lin(rms_norm(x, w_post, eps), *gu).split(inter, -1)
         x = x + _lin(gated_mlp(gate, up, F.silu), *d)
-    return _lin(rms_norm(x[:, -1], plan.norm, eps), plan.head)
+    return _lin(rms_norm(x[:, -1], plan.norm, eps), *plan.head)
 
 
 def _static_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx):

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modalign.infer.engine import Engine, Prompt, SamplingParams
-from modalign.infer.fast_decode import supported
+from modalign.infer.fast_decode import FEW_ROWS, supported
 from modalign.models.decoder import KVCache
 from modalign.models.xattn import Media
 
@@ -207,7 +207,7 @@ class Scheduler:
         tok = self.model.config.llm.bos_token_id
         tok = 1 if tok is None or tok == self.model.config.image_token_id else tok
         errors: list[BaseException] = []
-        for batch in (1, 2):
+        for batch in (1, 2, FEW_ROWS + 1):  # the decode step may take another form above FEW_ROWS rows
             for i in range(batch):
                 self.add(Request(Prompt([tok] * (prompt_len + i)), SamplingParams(max_new_tokens=max_new_tokens),
                                  on_token=lambda t, lp: None, on_end=lambda r: None, on_error=errors.append))  # fmt: skip

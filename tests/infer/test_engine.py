@@ -306,7 +306,7 @@ def test_int8_decoding_follows_fp32_and_refuses_what_it_does_not_cover():
     from modalign.infer.quant import Int8Linear
 
     assert all(isinstance(m[0], Int8Linear) for layer in eng.fast.plan.layers for m in layer[1:3] + layer[4:])
-    assert isinstance(eng.fast.plan.head, Int8Linear)
+    assert isinstance(eng.fast.plan.head[0], Int8Linear)
     with pytest.raises(ValueError, match="unknown scheme"):
         Engine(model, quantize="int3")
     model.config.llm.lora = None
@@ -378,7 +378,7 @@ def test_quantize_in_place_replaces_the_matrices_for_prefill_and_decode(kind):
     held = [
         op for layer in plan.layers for m in layer[1:3] + layer[4:] for op in getattr(m[0], "ops", [m[0]])
     ]
-    assert {id(op) for op in [*held, plan.head]} <= ops  # no second copy
+    assert {id(op) for op in [*held, plan.head[0]]} <= ops  # no second copy
     Engine(model, quantize="int4")  # already int4: nothing to do
     with pytest.raises(ValueError, match="already int4"):
         Engine(model, quantize="int8")
@@ -448,3 +448,35 @@ def test_a_quantized_model_is_not_saved(tmp_path):
     with pytest.raises(ValueError, match="quantized \\(int8\\) for inference and cannot be saved"):
         model.save_pretrained(tmp_path / "q")
     assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("forms", [(False, False), (True, True), (True, False), (False, True)])
+def test_both_matrix_forms_decode_as_the_full_forward(forms, monkeypatch):
+    """The decode step multiplies each matrix as ``x @ W.T`` or in the tall form, as timed on the
+    machine (``_forms``); whichever is chosen, with one row or several (a batch of 1 and of 6, on
+    both sides of ``FEW_ROWS``), the greedy tokens are the full forward's, and both forms give
+    the same products to float rounding, with a bias too."""
+    from modalign.infer import fast_decode as fd
+
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 32), torch.randn(48)
+    for rows in (1, 3, 8):
+        x = torch.randn(rows, 1, 32)
+        want = x @ w.T + b
+        for f in ((False, False), (True, True)):
+            assert torch.allclose(fd._lin(x, w, b, f), want, atol=1e-5)
+    # every shape's choice forced; the cache is per process, so restored afterwards
+    monkeypatch.setattr(fd, "_faster_tall", lambda ws, rows: forms[0 if rows == 1 else 1])
+    monkeypatch.setattr(fd, "_FORMS", {})
+    calls, tall = [], fd._tall
+    monkeypatch.setattr(fd, "_tall", lambda x, w: calls.append(x.shape[0]) or tall(x, w))
+    model = tiny(5)
+    ps = prompts(model, n=6, seed=6)
+    eng = Engine(model)
+    for batch in (ps[:1], ps):
+        got = eng.generate(batch, SamplingParams(max_new_tokens=6))
+        assert [r.token_ids for r in got] == [full_forward_greedy(model, p, 6) for p in batch]
+    assert set(fd._FORMS.values()) == {forms}
+    assert {n <= fd.FEW_ROWS for n in calls} == {
+        n <= fd.FEW_ROWS for n, f in ((1, forms[0]), (6, forms[1])) if f
+    }
