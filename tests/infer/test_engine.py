@@ -480,3 +480,18 @@ def test_both_matrix_forms_decode_as_the_full_forward(forms, monkeypatch):
     assert {n <= fd.FEW_ROWS for n in calls} == {
         n <= fd.FEW_ROWS for n, f in ((1, forms[0]), (6, forms[1])) if f
     }
+
+
+def test_timing_the_matrix_forms_leaves_the_global_generator_alone(monkeypatch):
+    """Building a decode plan times the matrix forms; that draws nothing from torch's global
+    generator, so a seeded program samples the same with or without a plan built in between."""
+    from modalign.infer import fast_decode as fd
+
+    monkeypatch.setattr(fd, "_FORMS", {})
+    llm = tiny(7).llm
+    torch.manual_seed(3)
+    want = torch.rand(4)
+    torch.manual_seed(3)
+    fd.DecodePlan(llm)
+    assert fd._FORMS  # the forms were timed
+    assert torch.equal(torch.rand(4), want)
