@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -159,8 +160,6 @@ def _forms(w, groups: dict) -> tuple[bool, bool]:
 
 @torch.no_grad()
 def _faster_tall(ws: list[torch.Tensor], rows: int, reps: int = 3) -> bool:
-    import time
-
     x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
 
     def best(fn) -> float:

@@ -29,7 +29,7 @@ from modalign.train.run import run_recipe
 
 log = logging.getLogger("modalign")
 
-LORA = "{rank: 32, alpha: 32, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}"
+LORA = "{rank: 32, alpha: 32, dropout: 0.1, targets: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}"
 XC2_STAGES = ("align", "basic", "ground", "instruct")
 
 
