@@ -272,8 +272,7 @@ class Engine:
         t0 = time.perf_counter()
         if not self.fast.compiled:
             return 0.0
-        tok = self.model.config.llm.bos_token_id
-        tok = 1 if tok is None or tok == self.model.config.image_token_id else tok
+        tok = self.warmup_token()
         for b in batch_sizes:  # the cache length of a request up to prompt_len + max_new_tokens
             prompts = [Prompt([tok] * prompt_len) for _ in range(b)]
             for _ in self.stream(prompts, SamplingParams(max_new_tokens=max_new_tokens)):
@@ -281,6 +280,12 @@ class Engine:
             if not self.fast.compiled:
                 break
         return time.perf_counter() - t0
+
+    def warmup_token(self) -> int:
+        """A text token to fill warm-up prompts with: BOS, or 1 where there is none (or it is the
+        image placeholder)."""
+        tok = self.model.config.llm.bos_token_id
+        return 1 if tok is None or tok == self.model.config.image_token_id else tok
 
     def _image_tokens(self, images: list[torch.Tensor]):
         """The visual tokens of ``images`` in order ([N, L, D], or a list where their lengths differ),

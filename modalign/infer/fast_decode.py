@@ -59,9 +59,6 @@ class DecodePlan:
             b = None if bs[0] is None else (torch.cat(bs) if len(bs) > 1 else bs[0])
             return _d(w), _d(b)
 
-        def formed(wb):  # (w, b) -> (w, b, forms): how this machine multiplies w fastest
-            return (*wb, _forms(wb[0], groups))
-
         layers = []
         for layer in llm.layers:
             a, mlp = layer.self_attn, layer.mlp
@@ -77,6 +74,10 @@ class DecodePlan:
         for w in [m[0] for layer in layers for m in (layer[1], layer[2], layer[4], layer[5])] + [head[0]]:
             if _timed(w):
                 groups.setdefault(tuple(w.shape), []).append(w)
+
+        def formed(wb):  # (w, b) -> (w, b, forms): how this machine multiplies w fastest
+            return (*wb, _forms(wb[0], groups))
+
         self.layers = [
             (n1, formed(qkv), formed(o), n2, formed(gu), formed(d)) for n1, qkv, o, n2, gu, d in layers
         ]
@@ -130,9 +131,8 @@ class Concat:
 
 
 FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
-_FORMS: dict[
-    tuple, tuple[bool, bool]
-] = {}  # (out, in, threads) -> tall with few rows, with more; per process
+# (out, in, threads) -> tall form with few rows, with more; timed once per process
+_FORMS: dict[tuple, tuple[bool, bool]] = {}
 
 
 def _timed(w) -> bool:
@@ -185,11 +185,10 @@ def _lin(x, w, b=None, forms=(False, False)):
     sixteen)."""
     if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return w(x)
-    rows = x.reshape(-1, x.shape[-1])
     # one form for any row count: no branch on the batch size (a compiled step guards on none)
-    tall = forms[0] if forms[0] == forms[1] else forms[0 if rows.shape[0] <= FEW_ROWS else 1]
+    tall = forms[0] if forms[0] == forms[1] else forms[0 if x.numel() // x.shape[-1] <= FEW_ROWS else 1]
     if tall:
-        y = _tall(rows, w).view(*x.shape[:-1], w.shape[0])
+        y = _tall(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
         return y if b is None else y + b
     return F.linear(x, w, b)
 

@@ -204,8 +204,7 @@ class Scheduler:
         if not self.engine.fast.compiled or not supported(self.model.llm, None):
             return 0.0
         t0 = time.perf_counter()
-        tok = self.model.config.llm.bos_token_id
-        tok = 1 if tok is None or tok == self.model.config.image_token_id else tok
+        tok = self.engine.warmup_token()
         errors: list[BaseException] = []
         for batch in (1, 2, FEW_ROWS + 1):  # the decode step may take another form above FEW_ROWS rows
             for i in range(batch):
