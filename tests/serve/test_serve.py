@@ -210,3 +210,38 @@ def test_an_image_met_again_is_not_encoded_again(server):
     assert f"modalign_image_cache_entries {float(len(cache))}" in metrics
     cache.clear()
     assert ask(url, messages=turn2).choices[0].message.content == warm and cache.misses == misses + 1
+
+
+def test_a_compiled_server_compiles_before_it_listens_and_answers_as_the_eager_one():
+    """``serve --compile``: the app's start-up runs the scheduler's warm-up, so the decode graphs
+    exist before the first request; requests of one and of several rows then compile nothing
+    more, and greedy answers equal the eager server's."""
+    from torch._dynamo.utils import counters
+
+    from modalign.cli import build_parser
+    from modalign.infer.chat import ChatModel
+
+    assert build_parser().parse_args(["serve", "--model", "m", "--compile"]).compile
+    assert not build_parser().parse_args(["serve", "--model", "m"]).compile
+    eager = tiny_chat_model()
+    compiled = ChatModel(eager.model, eager.tok, compile=True)
+    if not compiled.engine.fast.compiled:
+        pytest.skip(f"torch.compile is unavailable here: {compiled.engine.fast.failed}")
+    answers = {}
+    for name, cm in (("eager", eager), ("compiled", compiled)):
+        graphs = counters["stats"]["unique_graphs"]
+        url, stop = start(create_app(cm, ServeConfig(model_name="tiny", api_key=KEY, max_batch=4)))
+        try:
+            warm = counters["stats"]["unique_graphs"]
+            prompts = ["what colour?", "is it red?", "what shape is in the picture?"]
+            with ThreadPoolExecutor(3) as ex:  # several rows at once as well as one
+                got = list(ex.map(lambda q, u=url: ask(u, messages=[{"role": "user", "content": q}], max_tokens=8),
+                                  prompts))  # fmt: skip
+            got.append(ask(url, max_tokens=8))
+            answers[name] = [r.choices[0].message.content for r in got]
+            if name == "compiled":
+                assert warm > graphs  # compiled before the server answered anything
+                assert counters["stats"]["unique_graphs"] == warm  # and nothing after
+        finally:
+            stop()
+    assert answers["compiled"] == answers["eager"]
