@@ -87,16 +87,17 @@ def step_bytes(model: MLLM, context: int) -> int:
 
 
 def _matrices(plan) -> list:
-    """The decode plan's matrices: q|k|v, o, gate|up and down of every layer, and the LM head."""
-    return [m[0] for layer in plan.layers for m in (*layer[1:3], *layer[4:])] + [plan.head[0]]
+    """The decode plan's matrices (q|k|v, o, gate|up and down of every layer, and the LM head)
+    and their packed copies, where a step with more rows made them."""
+    return [w for m in plan.mats() for w in (m.w, m.packed) if w is not None]
 
 
 def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int]) -> dict:
     """The largest logit difference between the fp32 and quantized engines over ``tokens`` (the
     fp32 greedy continuation of ``prompt``, fed to both: the prefill's logits, then each decode
     step's), the prefill's time in each, and the bytes of the LLM's matrices each holds (fp32:
-    the model's and the decode plan's own copies, its fused q|k|v and gate|up; its other matrices
-    are views of the model's; quantized: one copy, read by both)."""
+    the model's and the decode plan's own copies, its fused q|k|v and gate|up and any packed
+    copies; its other matrices are views of the model's; quantized: one copy, read by both)."""
     logits, prefill_s = [], []
     for eng in (fp32, quant):
         with torch.inference_mode():
@@ -234,6 +235,15 @@ def main():
                     print(f"batch {batch}: {name} {q['vs_fp32']:.2f}x fp32 | greedy tokens equal to fp32: leading "
                           f"{q['same_as_fp32']}/{n}, {q['agree_fp32']:.0%} of positions")  # fmt: skip
             out["batches"][str(batch)] = row
+        # how this machine multiplies the fp32 matrices (timed when the first plan was built)
+        from modalign.infer import fast_decode as fd
+
+        plan = engines["eager"].fast.plan
+        out["forms"] = {f"{o}x{i}": list(f) for (o, i, _), f in fd._FORMS.items()}
+        out["packed_mb"] = sum(m.packed.numel() * 4 for m in plan.mats() if m.packed is not None) / 1e6
+        print("decode forms (1 row / 8 rows / 8 rows unpacked) per [out, in] matrix: "
+              + "; ".join(f"{k} {'/'.join(v)}" for k, v in out["forms"].items())
+              + f" | packed copies {out['packed_mb']:.0f} MB")  # fmt: skip
     if args.json:
         print(json.dumps(out))
 

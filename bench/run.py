@@ -125,6 +125,11 @@ def main() -> None:
              "ratio | same greedy tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += decode_rows(d)
+    lines += ["", "How the decode step multiplies each fp32 matrix here, timed on the machine (with 1 row / with "
+              "8 rows / with 8 rows where no packed copies are made; `linear`: `x @ W.T`, `tall`: `(W @ x.T).T`, "
+              "`packed`: MKL's GEMM on a copy packed for 8 rows): "
+              + "; ".join(f"{d['size']} " + ", ".join(f"{k} {'/'.join(v)}" for k, v in d.get("forms", {}).items())
+                          + f" (packed copies {d.get('packed_mb', 0):.0f} MB)" for d in decode) + "."]  # fmt: skip
     lines += ["", "Quantized decode (`--quantize int8` / `int4`) against modalign's fp32 eager decode on the same model: greedy "
               "tokens equal to fp32's (leading, then the share of positions), the largest logit difference "
               "over fp32's greedy sequence fed to both (batch 1, prefill included), the LLM's matrices held in MB "

@@ -42,7 +42,8 @@ def _versions(llm: LLM) -> list[tuple[int, int]]:
 class DecodePlan:
     """Per-layer tensors for one text decode step. q/k/v and gate/up are concatenated so that a
     step makes two matmuls fewer per block; every matrix is kept as the modules store it,
-    [out, in] (a view where nothing is concatenated), and multiplied as ``_lin`` says.
+    [out, in] (a view where nothing is concatenated), in a ``Mat`` with the forms it is
+    multiplied in (``_lin``) and, made by ``pack`` when a step needs them, packed copies.
     ``stale`` notices in-place updates (training, LoRA merges) and replaced modules (a part
     enabled after the plan was made)."""
 
@@ -75,8 +76,8 @@ class DecodePlan:
             if _timed(w):
                 groups.setdefault(tuple(w.shape), []).append(w)
 
-        def formed(wb):  # (w, b) -> (w, b, forms): how this machine multiplies w fastest
-            return (*wb, _forms(wb[0], groups))
+        def formed(wb):  # (w, b) -> Mat(w, b, forms): how this machine multiplies w fastest
+            return Mat(*wb, _forms(wb[0], groups))
 
         self.layers = [
             (n1, formed(qkv), formed(o), n2, formed(gu), formed(d)) for n1, qkv, o, n2, gu, d in layers
@@ -84,6 +85,27 @@ class DecodePlan:
         self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
         self.head = formed(head)
         self.versions = _versions(llm)
+        self.packed: bool | None = None  # None: not tried yet; False: skipped (memory)
+
+    def mats(self) -> list[Mat]:
+        return [m for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])] + [self.head]
+
+    def pack(self, rows: int) -> None:
+        """Before a step of ``rows`` rows: where the packed form is the fastest with that many
+        rows (``_forms``), make the matrices' packed copies, once. They take as much memory
+        again as those matrices, so they are made only when a step needs them, and not at all
+        when that would leave less than half of the memory this machine has free."""
+        if self.packed is not None or not FEW_ROWS < rows <= PACK_ROWS:
+            return
+        todo = [m for m in self.mats() if m.forms[1] == PACKED]
+        need = sum(m.w.numel() * m.w.element_size() for m in todo)
+        free = _free_memory()
+        self.packed = bool(todo) and (free is None or 2 * need <= free)
+        if todo and not self.packed:
+            log.info("decode: %.0f MB of packed matrices would leave under half of the %.0f MB free; "
+                     "multiplying them unpacked", need / 2**20, free / 2**20)  # fmt: skip
+        for m in todo if self.packed else ():
+            m.packed = _pack(m.w)
 
     def stale(self, llm: LLM) -> bool:
         return _versions(llm) != self.versions
@@ -131,8 +153,60 @@ class Concat:
 
 
 FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
-# (out, in, threads) -> tall form with few rows, with more; timed once per process
-_FORMS: dict[tuple, tuple[bool, bool]] = {}
+PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
+LINEAR, TALL, PACKED = "linear", "tall", "packed"  # how a matrix is multiplied (``_lin``)
+# (out, in, threads) -> form with few rows, with more, with more where nothing is packed;
+# timed once per process
+_FORMS: dict[tuple, tuple[str, str, str]] = {}
+_TIMED_BYTES = 64 * 2**20  # the forms are timed over this much of a shape's matrices (beyond caches)
+
+
+class Mat:
+    """One decode matrix ``w`` [out, in] with its bias, its forms (``_forms``) and, once a step
+    needs it, its packed copy (``DecodePlan.pack``)."""
+
+    def __init__(self, w, b=None, forms=(LINEAR, LINEAR, LINEAR)):
+        self.w, self.b, self.forms = w, b, forms
+        self.packed: torch.Tensor | None = None
+
+
+def _has_packed() -> bool:
+    return bool(getattr(torch._C, "has_mkl", False)) and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _pack(w: torch.Tensor) -> torch.Tensor:
+    """``w`` [out, in] packed by the BLAS (MKL) for products with ``PACK_ROWS`` rows."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
+
+
+@torch.library.custom_op("modalign::packed_linear", mutates_args=())
+def _packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None
+) -> torch.Tensor:
+    """MKL's product with a packed matrix, as one operator the compiler calls as it is (its own
+    lowering of this product wants the weights frozen into the graph; the plan passes them in)."""
+    return torch.ops.mkl._mkl_linear(x, packed, w, b, PACK_ROWS)
+
+
+@_packed_linear.register_fake
+def _(x, packed, w, b):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _free_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux's ``MemAvailable``: free memory and
+    caches it can drop), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this system
+        return None
 
 
 def _timed(w) -> bool:
@@ -144,53 +218,99 @@ def _tall(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (w @ (torch.cat([x, x]) if n == 1 else x).t()).t()[:n].contiguous()
 
 
-def _forms(w, groups: dict) -> tuple[bool, bool]:
-    """Whether ``w`` is multiplied in the tall form (``_lin``) with few rows and with more: timed
-    once per matrix shape in a process, over every matrix of that shape (read from memory, as a
-    decode step reads them); the tall form only where it is at least 10% faster."""
+def _forms(w, groups: dict) -> tuple[str, str, str]:
+    """How ``w`` is multiplied (``_lin``) with few rows, with more, and with more where the plan
+    has no packed copies: timed once per matrix shape in a process, over that shape's matrices
+    (read from memory, as a decode step reads them); another form than ``x @ w.T`` only where it
+    is at least 10% faster."""
     if not _timed(w):
-        return (False, False)
+        return (LINEAR, LINEAR, LINEAR)
     shape = tuple(w.shape)
     key = (*shape, torch.get_num_threads())
     if key not in _FORMS:
-        _FORMS[key] = tuple(_faster_tall(groups[shape], rows) for rows in (1, 8))
-        log.debug("decode matrices %s, %d threads: tall form with 1 / 8 rows: %s", shape, key[2], _FORMS[key])
+        ws, size = [], 0
+        for m in groups[shape]:
+            if size >= _TIMED_BYTES:
+                break
+            ws.append(m)
+            size += m.numel() * m.element_size()
+        few = _fastest(_times(ws, 1, (LINEAR, TALL)))
+        times = _times(ws, PACK_ROWS, (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL))
+        unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
+        _FORMS[key] = (few, _fastest(times), unpacked)
+        log.debug("decode matrices %s, %d threads: forms %s", shape, key[2], _FORMS[key])
     return _FORMS[key]
 
 
-@torch.no_grad()
-def _faster_tall(ws: list[torch.Tensor], rows: int, reps: int = 3) -> bool:
-    x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
+def _fastest(times: dict[str, float]) -> str:
+    """``x @ w.T`` unless another form is at least 10% faster: then the fastest."""
+    form = min(times, key=times.get)
+    return form if times[form] < 0.9 * times[LINEAR] else LINEAR
 
-    def best(fn) -> float:
+
+@torch.no_grad()
+def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int = 3) -> dict[str, float]:
+    """Seconds for products of ``rows`` rows with each of the matrices ``ws``, in each form."""
+    x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
+    mats = [Mat(w) for w in ws]
+    if PACKED in forms:
+        for m in mats:
+            m.packed = _pack(m.w)
+
+    def best(form) -> float:
         times = []
         for _ in range(reps + 1):  # the first round warms up
             t0 = time.perf_counter()
-            for w in ws:
-                fn(x, w)
+            for m in mats:
+                _product(x, m, form)
             times.append(time.perf_counter() - t0)
         return min(times[1:])
 
-    return best(_tall) < 0.9 * best(F.linear)
+    return {form: best(form) for form in forms}
 
 
-def _lin(x, w, b=None, forms=(False, False)):
-    """``x @ w.T (+ b)`` for ``w`` [out, in]. ``forms`` (``_forms``): where it is faster on this
-    machine, a float32 matrix on the CPU is multiplied as ``(w @ x.T).T`` over at least two rows
-    (one row is doubled), a tall product the BLAS runs over all its threads, instead of ``x @ w.T``,
-    which with a few rows may be a one-thread matrix-vector product per row. Which is faster
-    depends on the CPU and its BLAS (``bench/bench_decode.py``, a 6-layer 512-wide Llama's
-    matrices, 2 threads: on an AMD EPYC the tall form, 2.2x with one row and 1.4x with eight; on
-    an Intel Xeon ``x @ w.T``, 2.4x with one row, about even with eight, the tall form 1.4x with
-    sixteen)."""
+def _product(x2: torch.Tensor, m: Mat, form: str) -> torch.Tensor:
+    """``x2 @ m.w.T`` for ``x2`` [n, in] in the given form (no bias)."""
+    if form == TALL:
+        return _tall(x2, m.w)
+    if form == PACKED:
+        n = x2.shape[0]
+        xp = F.pad(x2, (0, 0, 0, PACK_ROWS - n))  # padded to the rows it was packed for
+        if torch.compiler.is_compiling():
+            return _packed_linear(xp, m.packed, m.w, None)[:n]
+        return torch.ops.mkl._mkl_linear(xp, m.packed, m.w, None, PACK_ROWS)[:n]
+    return F.linear(x2, m.w)
+
+
+def _lin(x, m: Mat):
+    """``x @ m.w.T (+ m.b)`` for ``m.w`` [out, in], in the form ``m.forms`` says is the fastest
+    on this machine for that many rows (``_forms``). Float32 matrices on the CPU can be
+    multiplied as ``(w @ x.T).T`` over at least two rows (one row is doubled), a tall product
+    the BLAS runs over all its threads, instead of ``x @ w.T``, which with a few rows may be a
+    one-thread matrix-vector product per row; or, with ``FEW_ROWS`` to ``PACK_ROWS`` rows
+    (padded to ``PACK_ROWS``), against a copy packed by MKL for that many rows (made by
+    ``DecodePlan.pack``). Which is faster depends on the CPU and its BLAS
+    (``bench/bench_decode.py``, a 6-layer 512-wide Llama's matrices, 2 threads: on an AMD EPYC
+    the tall form, 2.2x with one row and 1.4x with eight; on an Intel Xeon ``x @ w.T`` with one
+    row (2.6x the tall form), the packed form with eight (1.3x ``x @ w.T`` over all the matrices
+    read from memory, 1.5x on the LM head))."""
+    w = m.w
     if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return w(x)
-    # one form for any row count: no branch on the batch size (a compiled step guards on none)
-    tall = forms[0] if forms[0] == forms[1] else forms[0 if x.numel() // x.shape[-1] <= FEW_ROWS else 1]
-    if tall:
-        y = _tall(x.reshape(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
-        return y if b is None else y + b
-    return F.linear(x, w, b)
+    few, many, unpacked = m.forms
+    if m.packed is None:
+        many = unpacked
+    n = x.numel() // x.shape[-1]
+    # one form for any row count where they agree: no branch on the batch size (a compiled step
+    # guards on none)
+    if few == many == unpacked:
+        form = few
+    else:
+        form = few if n <= FEW_ROWS else (many if n <= PACK_ROWS else unpacked)
+    if form == LINEAR:
+        return F.linear(x, w, m.b)
+    y = _product(x.reshape(-1, x.shape[-1]), m, form).view(*x.shape[:-1], w.shape[0])
+    return y if m.b is None else y + m.b
 
 
 def decode_layers(plan: DecodePlan, cfg, x, cos, sin, mask, write, attention=attend):
@@ -200,14 +320,14 @@ def decode_layers(plan: DecodePlan, cfg, x, cos, sin, mask, write, attention=att
     inter = cfg.intermediate_size
     for i, (w_in, qkv, o, w_post, gu, d) in enumerate(plan.layers):
         h = rms_norm(x, w_in, eps)
-        heads = _lin(h, *qkv).view(b, nh + 2 * nkv, hd)  # [q heads, k heads, v heads]
+        heads = _lin(h, qkv).view(b, nh + 2 * nkv, hd)  # [q heads, k heads, v heads]
         qk = apply_rotary(heads[:, : nh + nkv], cos, sin)  # RoPE on q and k at once
         k, v = write(i, qk[:, nh:, None], heads[:, nh + nkv :, None])
         a = attention(qk[:, :nh, None], k, v, mask)
-        x = x + _lin(a.reshape(b, 1, nh * hd), *o)
-        gate, up = _lin(rms_norm(x, w_post, eps), *gu).split(inter, -1)
-        x = x + _lin(gated_mlp(gate, up, F.silu), *d)
-    return _lin(rms_norm(x[:, -1], plan.norm, eps), *plan.head)
+        x = x + _lin(a.reshape(b, 1, nh * hd), o)
+        gate, up = _lin(rms_norm(x, w_post, eps), gu).split(inter, -1)
+        x = x + _lin(gated_mlp(gate, up, F.silu), d)
+    return _lin(rms_norm(x[:, -1], plan.norm, eps), plan.head)
 
 
 def _static_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx):
@@ -302,6 +422,7 @@ class FastDecoder:
     def step(self, ids: torch.Tensor, cache: KVCache, position_ids=None, attention_mask=None) -> torch.Tensor:
         """One text token per row ([B, 1]) through the cached decoder -> last logits [B, V]."""
         plan = self._plan(cache)
+        plan.pack(ids.shape[0])
         x = F.embedding(ids, plan.embed)
         start = cache.length
         if position_ids is None:
@@ -322,6 +443,7 @@ class FastDecoder:
         if not self.compiled:
             return None
         plan = self._plan(cache)
+        plan.pack(ids.shape[0])
         start = cache.length
         if start >= cache.max_len:
             raise ValueError(f"KV cache full: need {start + 1} positions, allocated {cache.max_len}")

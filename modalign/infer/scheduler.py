@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from modalign.infer.engine import Engine, Prompt, SamplingParams
-from modalign.infer.fast_decode import FEW_ROWS, supported
+from modalign.infer.fast_decode import FEW_ROWS, PACK_ROWS, supported
 from modalign.models.decoder import KVCache
 from modalign.models.xattn import Media
 
@@ -206,7 +206,9 @@ class Scheduler:
         t0 = time.perf_counter()
         tok = self.engine.warmup_token()
         errors: list[BaseException] = []
-        for batch in (1, 2, FEW_ROWS + 1):  # the decode step may take another form above FEW_ROWS rows
+        # the decode step may take other forms above FEW_ROWS and PACK_ROWS rows; packed matrices
+        # (if any) are made first, so that the graphs for fewer rows are compiled with them
+        for batch in (FEW_ROWS + 1, PACK_ROWS + 1, 1, 2):
             for i in range(batch):
                 self.add(Request(Prompt([tok] * (prompt_len + i)), SamplingParams(max_new_tokens=max_new_tokens),
                                  on_token=lambda t, lp: None, on_end=lambda r: None, on_error=errors.append))  # fmt: skip

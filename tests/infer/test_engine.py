@@ -256,7 +256,7 @@ def test_int4_decode_step_is_the_fp32_step_on_its_dequantized_weights():
 
     # the tiny LLM's MLP is 344 wide: down_proj's input is no multiple of 32, so it stays int8
     plan = DecodePlan(quantize_llm_(tiny(1).llm, "int4"))
-    assert [type(m[0]) for m in plan.layers[0][1:3] + plan.layers[0][4:]] == [Int4Linear] * 3 + [Int8Linear]
+    assert [type(m.w) for m in plan.layers[0][1:3] + plan.layers[0][4:]] == [Int4Linear] * 3 + [Int8Linear]
     torch.manual_seed(1)
     cfg = MLLMConfig.from_name("tiny-llava")
     cfg.llm.num_layers = cfg.vision.num_layers = 2
@@ -284,7 +284,7 @@ def test_int4_decode_step_is_the_fp32_step_on_its_dequantized_weights():
         quant = copy.deepcopy(model)  # the caches above were filled by the fp32 model
         fast = FastDecoder(quantize_llm_(quant.llm, "int4"))
         a = fast.step(ids, caches[0])
-    assert all(isinstance(m[0], Int4Linear) for layer in fast.plan.layers for m in layer[1:3] + layer[4:])
+    assert all(isinstance(m.w, Int4Linear) for m in fast.plan.mats()[:-1])
     # products in bfloat16: equal to its rounding, with the same greedy token
     torch.testing.assert_close(a, b, atol=3e-2 * b.abs().max().item(), rtol=0)
     assert torch.equal(a.argmax(-1), b.argmax(-1))
@@ -305,8 +305,8 @@ def test_int8_decoding_follows_fp32_and_refuses_what_it_does_not_cover():
     assert agree >= 0.75 * sum(map(len, fp32))  # random weights have near-ties; most tokens agree
     from modalign.infer.quant import Int8Linear
 
-    assert all(isinstance(m[0], Int8Linear) for layer in eng.fast.plan.layers for m in layer[1:3] + layer[4:])
-    assert isinstance(eng.fast.plan.head[0], Int8Linear)
+    assert all(isinstance(m.w, Int8Linear) for m in eng.fast.plan.mats()[:-1])
+    assert isinstance(eng.fast.plan.head.w, Int8Linear)
     with pytest.raises(ValueError, match="unknown scheme"):
         Engine(model, quantize="int3")
     model.config.llm.lora = None
@@ -375,10 +375,8 @@ def test_quantize_in_place_replaces_the_matrices_for_prefill_and_decode(kind):
     eng.generate([p], SamplingParams(max_new_tokens=2))
     ops = {id(m.quantized) for m in model.llm.modules() if getattr(m, "quantized", None) is not None}
     plan = eng.fast.plan
-    held = [
-        op for layer in plan.layers for m in layer[1:3] + layer[4:] for op in getattr(m[0], "ops", [m[0]])
-    ]
-    assert {id(op) for op in [*held, plan.head[0]]} <= ops  # no second copy
+    held = [op for m in plan.mats() for op in getattr(m.w, "ops", [m.w])]
+    assert {id(op) for op in held} <= ops  # no second copy
     Engine(model, quantize="int4")  # already int4: nothing to do
     with pytest.raises(ValueError, match="already int4"):
         Engine(model, quantize="int8")
@@ -406,22 +404,30 @@ def test_fused_projections_compute_what_the_separate_ones_did():
     )
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (8, 24), (1, 24)])
+@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (8, 24), (1, 24), (6, 1, 24)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_decode_step_products_equal_linear(shape, dtype):
-    """The decode step's products (on the CPU in float32: the matrix times the rows' transpose,
-    a single row doubled) give F.linear's values, shape and bias for every row."""
-    from modalign.infer.fast_decode import _lin
+    """The decode step's products in each form (float32 on the CPU: also the matrix times the
+    rows' transpose, a single row doubled, and against MKL's packed copy, the rows padded) give
+    F.linear's values, shape and bias for every row."""
+    from modalign.infer import fast_decode as fd
 
     g = torch.Generator().manual_seed(0)
     w, b = torch.randn(40, 24, generator=g).to(dtype), torch.randn(40, generator=g).to(dtype)
     x = torch.randn(*shape, generator=g).to(dtype)
     want = torch.nn.functional.linear(x.float(), w.float(), b.float())
-    got = _lin(x, w, b)
-    assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
-    tol = 1e-5 if dtype == torch.float32 else 5e-2
-    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
-    torch.testing.assert_close(_lin(x, w).float(), want - b.float(), atol=tol, rtol=tol)
+    forms = [fd.LINEAR]
+    if dtype == torch.float32:
+        forms += [fd.TALL, fd.PACKED] if fd._has_packed() else [fd.TALL]
+    for form in forms:
+        m, nob = fd.Mat(w, b, (form,) * 3), fd.Mat(w, None, (form,) * 3)
+        if form == fd.PACKED:  # only a step of FEW_ROWS to PACK_ROWS rows takes it
+            m.packed = nob.packed = fd._pack(w)
+        got = fd._lin(x, m)
+        assert got.shape == want.shape and got.dtype == dtype and got.is_contiguous()
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+        torch.testing.assert_close(fd._lin(x, nob).float(), want - b.float(), atol=tol, rtol=tol)
 
 
 def test_int8_rows_are_scaled_apart():
@@ -450,36 +456,68 @@ def test_a_quantized_model_is_not_saved(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-@pytest.mark.parametrize("forms", [(False, False), (True, True), (True, False), (False, True)])
-def test_both_matrix_forms_decode_as_the_full_forward(forms, monkeypatch):
-    """The decode step multiplies each matrix as ``x @ W.T`` or in the tall form, as timed on the
-    machine (``_forms``); whichever is chosen, with one row or several (a batch of 1 and of 6, on
-    both sides of ``FEW_ROWS``), the greedy tokens are the full forward's, and both forms give
-    the same products to float rounding, with a bias too."""
+def _forced_forms(fd, forms):
+    """``_times`` forced: ``forms`` = (few rows, more rows, more rows without packed copies) are
+    timed fastest."""
+    few, many, unpacked = forms
+
+    def times(ws, rows, candidates, reps=3):
+        order = [few] if rows == 1 else [many, unpacked]
+        return {f: (order.index(f) if f in order else 9) / 10 + 0.1 for f in candidates}
+
+    return times
+
+
+_FORM_CASES = [("linear", "linear", "linear"), ("tall", "tall", "tall"), ("tall", "linear", "linear"),
+               ("linear", "tall", "tall"), ("tall", "packed", "linear"), ("linear", "packed", "tall")]  # fmt: skip
+
+
+@pytest.mark.parametrize("forms", _FORM_CASES)
+def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
+    """The decode step multiplies each matrix as ``x @ W.T``, in the tall form or against a
+    packed copy, as timed on the machine (``_forms``); whichever is chosen, with one row or
+    several (a batch of 1, of 6 and of 10: up to ``FEW_ROWS``, up to ``PACK_ROWS`` and above),
+    the greedy tokens are the full forward's, and each form is taken where it was chosen."""
     from modalign.infer import fast_decode as fd
 
-    torch.manual_seed(0)
-    w, b = torch.randn(48, 32), torch.randn(48)
-    for rows in (1, 3, 8):
-        x = torch.randn(rows, 1, 32)
-        want = x @ w.T + b
-        for f in ((False, False), (True, True)):
-            assert torch.allclose(fd._lin(x, w, b, f), want, atol=1e-5)
+    if "packed" in forms and not fd._has_packed():
+        pytest.skip("this torch has no MKL packed products")
     # every shape's choice forced; the cache is per process, so restored afterwards
-    monkeypatch.setattr(fd, "_faster_tall", lambda ws, rows: forms[0 if rows == 1 else 1])
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
     monkeypatch.setattr(fd, "_FORMS", {})
-    calls, tall = [], fd._tall
-    monkeypatch.setattr(fd, "_tall", lambda x, w: calls.append(x.shape[0]) or tall(x, w))
+    calls, product = [], fd._product
+    monkeypatch.setattr(
+        fd, "_product", lambda x, m, form: calls.append((x.shape[0], form)) or product(x, m, form)
+    )
     model = tiny(5)
-    ps = prompts(model, n=6, seed=6)
+    ps = prompts(model, n=10, seed=6)
     eng = Engine(model)
-    for batch in (ps[:1], ps):
+    for batch in (ps[:1], ps[:6], ps):
         got = eng.generate(batch, SamplingParams(max_new_tokens=6))
         assert [r.token_ids for r in got] == [full_forward_greedy(model, p, 6) for p in batch]
     assert set(fd._FORMS.values()) == {forms}
-    assert {n <= fd.FEW_ROWS for n in calls} == {
-        n <= fd.FEW_ROWS for n, f in ((1, forms[0]), (6, forms[1])) if f
-    }
+    want = {(n, f) for n, f in ((1, forms[0]), (6, forms[1]), (10, forms[2])) if f != fd.LINEAR}
+    assert set(calls) == want
+    assert eng.fast.plan.packed == ("packed" in forms)
+
+
+def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
+    """Packed copies take as much memory again as the matrices: with too little free memory
+    the plan makes none and multiplies those matrices unpacked, with the same tokens."""
+    from modalign.infer import fast_decode as fd
+
+    if not fd._has_packed():
+        pytest.skip("this torch has no MKL packed products")
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "packed", "tall")))
+    monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setattr(fd, "_free_memory", lambda: 1000)
+    model = tiny(5)
+    ps = prompts(model, n=6, seed=6)
+    eng = Engine(model)
+    got = eng.generate(ps, SamplingParams(max_new_tokens=6))
+    assert [r.token_ids for r in got] == [full_forward_greedy(model, p, 6) for p in ps]
+    assert eng.fast.plan.packed is False
+    assert all(m.packed is None for m in eng.fast.plan.mats())
 
 
 def test_timing_the_matrix_forms_leaves_the_global_generator_alone(monkeypatch):

@@ -218,3 +218,36 @@ def test_a_compiled_engine_serves_the_running_batch_as_alone_with_no_compile_aft
         assert s.tokens == full_forward_greedy(model, p, n)
     assert len(used) >= steps and set(used) == {True}  # every decode step compiled
     assert counters["stats"]["unique_graphs"] == graphs  # warm-up compiled every graph the steps used
+
+
+@pytest.mark.parametrize("forms", [("linear", "packed", "tall"), ("tall", "linear", "tall")])
+def test_a_compiled_scheduler_takes_every_matrix_form_with_no_compile_after_warmup(forms, monkeypatch):
+    """Above ``FEW_ROWS`` and ``PACK_ROWS`` rows the decode step may multiply its matrices in
+    other forms (packed copies made when a step first needs them): the warm-up compiles the
+    graphs of every range of batch sizes, and batches growing from 1 to 10 rows and shrinking
+    again decode each request as alone with no graph compiled after it."""
+    from torch._dynamo.utils import counters
+
+    from modalign.infer import fast_decode as fd
+    from tests.infer.test_engine import _forced_forms
+
+    if "packed" in forms and not fd._has_packed():
+        pytest.skip("this torch has no MKL packed products")
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
+    monkeypatch.setattr(fd, "_FORMS", {})
+    model = tiny()
+    ps = prompts(model, n=10, seed=5)
+    sched = Scheduler(Engine(model, compile=True), max_batch=10, headroom=8)
+    if sched.warmup() == 0.0 or not sched.engine.fast.compiled:
+        pytest.skip(f"torch.compile is unavailable here: {sched.engine.fast.failed}")
+    assert sched.engine.fast.plan.packed == ("packed" in forms)
+    graphs = counters["stats"]["unique_graphs"]
+    lengths = [12 + i for i in range(10)]  # all ten running at step 9
+    sinks = [Sink() for _ in ps]
+    reqs = [
+        s.request(p, SamplingParams(max_new_tokens=n)) for s, p, n in zip(sinks, ps, lengths, strict=True)
+    ]
+    run(sched, {i: [r] for i, r in enumerate(reqs)})
+    for s, p, n in zip(sinks, ps, lengths, strict=True):
+        assert s.error is None and s.tokens == full_forward_greedy(model, p, n)
+    assert counters["stats"]["unique_graphs"] == graphs
