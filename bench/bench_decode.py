@@ -86,10 +86,13 @@ def step_bytes(model: MLLM, context: int) -> int:
     return weights + 2 * c.num_layers * kv_dim * context * 4
 
 
-def _matrices(plan) -> list:
-    """The decode plan's matrices (q|k|v, o, gate|up and down of every layer, and the LM head)
-    and their packed copies, where a step with more rows made them."""
-    return [w for m in plan.mats() for w in (m.w, m.packed) if w is not None]
+def _plan_bytes(plan, shared: set[int]) -> int:
+    """Bytes of the decode plan's own matrices (q|k|v, o, gate|up and down of every layer, and
+    the LM head) that are no views of ``shared`` storages, and of their packed copies, where a
+    step with more rows made them (opaque MKL buffers of float32)."""
+    own = sum(m.w.numel() * m.w.element_size() for m in plan.mats()
+              if m.w.untyped_storage().data_ptr() not in shared)  # fmt: skip
+    return own + sum(m.packed.numel() * 4 for m in plan.mats() if m.packed is not None)
 
 
 def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int]) -> dict:
@@ -107,8 +110,7 @@ def quant_report(fp32: Engine, quant: Engine, prompt: Prompt, tokens: list[int])
         logits.append(torch.cat([pre.logits, *steps]))
     err = (logits[0] - logits[1]).abs()
     shared = {p.untyped_storage().data_ptr() for p in fp32.model.llm.parameters()}
-    plan_mb = sum(w.numel() * w.element_size() for w in _matrices(fp32.fast.plan)
-                  if w.untyped_storage().data_ptr() not in shared) / 1e6  # fmt: skip
+    plan_mb = _plan_bytes(fp32.fast.plan, shared) / 1e6
     return {"max_logit_err": float(err.max()), "logit_range": float(logits[0].max() - logits[0].min()),
             "fp32_mb": linear_bytes(fp32.model.llm) / 1e6 + plan_mb, "quant_mb": linear_bytes(quant.model.llm) / 1e6,
             "prefill_tokens": len(prompt.input_ids), "fp32_prefill_s": prefill_s[0], "prefill_s": prefill_s[1]}  # fmt: skip

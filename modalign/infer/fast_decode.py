@@ -85,27 +85,36 @@ class DecodePlan:
         self.embed, self.norm = _d(llm.embed_tokens.weight), _d(llm.norm.weight)
         self.head = formed(head)
         self.versions = _versions(llm)
-        self.packed: bool | None = None  # None: not tried yet; False: skipped (memory)
+        self.packed: bool | None = None  # None: not tried yet; else whether copies were made
 
     def mats(self) -> list[Mat]:
         return [m for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])] + [self.head]
 
     def pack(self, rows: int) -> None:
         """Before a step of ``rows`` rows: where the packed form is the fastest with that many
-        rows (``_forms``), make the matrices' packed copies, once. They take as much memory
-        again as those matrices, so they are made only when a step needs them, and not at all
-        when that would leave less than half of the memory this machine has free."""
+        rows (``_forms``), make the matrices' packed copies, once. MKL's packed copy of a matrix
+        is larger than the matrix (1.4x for a 32000 x 512 one, several MB more for a small one),
+        so they are made only when a step needs them, and dropped again (the unpacked forms
+        used) as soon as they would take more than half of the memory available when packing
+        began. Copies of the weights as they are now: an in-place update shows in the next plan
+        (``stale``, checked at each generation's start)."""
         if self.packed is not None or not FEW_ROWS < rows <= PACK_ROWS:
             return
         todo = [m for m in self.mats() if m.forms[1] == PACKED]
-        need = sum(m.w.numel() * m.w.element_size() for m in todo)
-        free = _free_memory()
-        self.packed = bool(todo) and (free is None or 2 * need <= free)
-        if todo and not self.packed:
-            log.info("decode: %.0f MB of packed matrices would leave under half of the %.0f MB free; "
-                     "multiplying them unpacked", need / 2**20, free / 2**20)  # fmt: skip
-        for m in todo if self.packed else ():
-            m.packed = _pack(m.w)
+        free, used = _free_memory(), 0
+        try:
+            for m in todo:
+                m.packed = _pack(m.w)
+                used += m.packed.numel() * 4
+                if free is not None and 2 * used > free:
+                    raise MemoryError(
+                        f"{used / 2**20:.0f} MB of packed matrices, {free / 2**20:.0f} MB available"
+                    )
+        except (MemoryError, RuntimeError) as e:  # RuntimeError: an allocation the BLAS refused
+            for m in todo:
+                m.packed = None
+            log.info("decode: packed matrices skipped (%s); multiplying them unpacked", e)
+        self.packed = all(m.packed is not None for m in todo) and bool(todo)
 
     def stale(self, llm: LLM) -> bool:
         return _versions(llm) != self.versions
@@ -153,6 +162,7 @@ class Concat:
 
 
 FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
+# (packed copies up to PACK_ROWS rows, the best unpacked form above)
 PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
 LINEAR, TALL, PACKED = "linear", "tall", "packed"  # how a matrix is multiplied (``_lin``)
 # (out, in, threads) -> form with few rows, with more, with more where nothing is packed;
@@ -194,19 +204,28 @@ def _(x, packed, w, b):
 
 
 def _free_memory() -> int | None:
-    """Bytes of memory available to a new allocation (Linux's ``MemAvailable``: free memory and
-    caches it can drop), None where unknown."""
+    """Bytes a new allocation can take: Linux's ``MemAvailable`` (free memory and caches it can
+    drop), less where a control group's limit leaves less; None where unknown."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    free = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        try:
+            free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):  # not on this system
+            pass
+    try:  # cgroup v2: the container's limit less what it uses
+        with open("/sys/fs/cgroup/memory.max") as f, open("/sys/fs/cgroup/memory.current") as g:
+            limit = f.read().strip()
+            if limit != "max":
+                left = int(limit) - int(g.read())
+                free = left if free is None else min(free, left)
+    except (OSError, ValueError):
         pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this system
-        return None
+    return free
 
 
 def _timed(w) -> bool:
@@ -219,21 +238,22 @@ def _tall(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _forms(w, groups: dict) -> tuple[str, str, str]:
-    """How ``w`` is multiplied (``_lin``) with few rows, with more, and with more where the plan
-    has no packed copies: timed once per matrix shape in a process, over that shape's matrices
-    (read from memory, as a decode step reads them); another form than ``x @ w.T`` only where it
-    is at least 10% faster."""
+    """How ``w`` is multiplied (``_lin``) with up to ``FEW_ROWS`` rows, with up to ``PACK_ROWS``,
+    and with more or where the plan has no packed copies: timed once per matrix shape in a
+    process, over up to ``_TIMED_BYTES`` of that shape's matrices (read from memory, as a decode
+    step reads them); another form than ``x @ w.T`` only where it is at least 10% faster."""
     if not _timed(w):
         return (LINEAR, LINEAR, LINEAR)
     shape = tuple(w.shape)
     key = (*shape, torch.get_num_threads())
     if key not in _FORMS:
-        ws, size = [], 0
+        ws, size = [], 0  # up to _TIMED_BYTES of the shape's matrices, the last one's leading rows
         for m in groups[shape]:
+            rows = min(m.shape[0], max(1, (_TIMED_BYTES - size) // (m.shape[1] * m.element_size())))
+            ws.append(m[:rows])
+            size += ws[-1].numel() * m.element_size()
             if size >= _TIMED_BYTES:
                 break
-            ws.append(m)
-            size += m.numel() * m.element_size()
         few = _fastest(_times(ws, 1, (LINEAR, TALL)))
         times = _times(ws, PACK_ROWS, (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL))
         unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
@@ -287,9 +307,9 @@ def _lin(x, m: Mat):
     on this machine for that many rows (``_forms``). Float32 matrices on the CPU can be
     multiplied as ``(w @ x.T).T`` over at least two rows (one row is doubled), a tall product
     the BLAS runs over all its threads, instead of ``x @ w.T``, which with a few rows may be a
-    one-thread matrix-vector product per row; or, with ``FEW_ROWS`` to ``PACK_ROWS`` rows
-    (padded to ``PACK_ROWS``), against a copy packed by MKL for that many rows (made by
-    ``DecodePlan.pack``). Which is faster depends on the CPU and its BLAS
+    one-thread matrix-vector product per row; or, with more than ``FEW_ROWS`` and up to
+    ``PACK_ROWS`` rows (padded to ``PACK_ROWS``), against a copy packed by MKL for that many
+    rows (made by ``DecodePlan.pack``). Which is faster depends on the CPU and its BLAS
     (``bench/bench_decode.py``, a 6-layer 512-wide Llama's matrices, 2 threads: on an AMD EPYC
     the tall form, 2.2x with one row and 1.4x with eight; on an Intel Xeon ``x @ w.T`` with one
     row (2.6x the tall form), the packed form with eight (1.3x ``x @ w.T`` over all the matrices
@@ -298,15 +318,16 @@ def _lin(x, m: Mat):
     if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return w(x)
     few, many, unpacked = m.forms
-    if m.packed is None:
-        many = unpacked
     n = x.numel() // x.shape[-1]
     # one form for any row count where they agree: no branch on the batch size (a compiled step
-    # guards on none)
-    if few == many == unpacked:
+    # guards on none); the packed copy is looked at only above FEW_ROWS rows, so graphs for fewer
+    # rows stay valid when it is made
+    if few == many == unpacked or n <= FEW_ROWS:
         form = few
+    elif n <= PACK_ROWS and (many != PACKED or m.packed is not None):
+        form = many
     else:
-        form = few if n <= FEW_ROWS else (many if n <= PACK_ROWS else unpacked)
+        form = unpacked
     if form == LINEAR:
         return F.linear(x, w, m.b)
     y = _product(x.reshape(-1, x.shape[-1]), m, form).view(*x.shape[:-1], w.shape[0])
@@ -352,9 +373,11 @@ def _dynamic_step(plan, cfg, rotary, ids, pos, valid, ks, vs, idx):
 
 def _run_dynamic(fn, args):
     """``fn`` (``_dynamic_step`` compiled) with the batch size and the cache length symbolic and
-    every other size (heads, head size) static: one graph for any batch of two rows or more and
-    any cache length, one for a single row (a size of 1 is specialised). Sizes that happen to be
-    equal when it compiles are not assumed equal afterwards (no duck shaping)."""
+    every other size (heads, head size) static: one graph for a single row (a size of 1 is
+    specialised) and, for any cache length, one for each range of batch sizes whose matrix forms
+    differ (2 to ``FEW_ROWS``, up to ``PACK_ROWS``, more; one for all where the forms agree).
+    Sizes that happen to be equal when it compiles are not assumed equal afterwards (no duck
+    shaping)."""
     import torch._dynamo
     from torch.fx.experimental import _config as fx_config
 
@@ -383,9 +406,9 @@ class FastDecoder:
     ``compile``: the step runs through ``torch.compile`` (inductor), so the per-op dispatch of a
     step becomes a few fused kernels. ``compiled_step`` has static shapes, one compiled graph per
     (batch, cache length); callers round the cache length up (``round_cache_len``) so graphs are
-    reused (``Engine.generate``). ``compiled_step(..., dynamic=True)`` runs one graph compiled for
-    any batch size and cache length (and one for a single row), for callers whose batch changes
-    from step to step (the server's continuous batching). Attention then runs over every cache
+    reused (``Engine.generate``). ``compiled_step(..., dynamic=True)`` runs graphs compiled for
+    any cache length and a range of batch sizes (``_run_dynamic``), for callers whose batch
+    changes from step to step (the server's continuous batching). Attention then runs over every cache
     slot with a validity mask, which gives the same result as attending over the filled prefix.
     If compiling fails (e.g. no C++ compiler), it logs why once and ``compiled_step`` returns None
     from then on: the caller uses the eager step."""

@@ -199,16 +199,17 @@ class Scheduler:
     @torch.inference_mode()
     def warmup(self, prompt_len: int = 8, max_new_tokens: int = 4) -> float:
         """Compile the decode step before the first request (a compiled engine: the graph for one
-        row and the graph for any other batch size and cache length), so that no request waits
-        for the compiler. Returns the seconds it took (0.0 for an eager engine)."""
+        row and, for any cache length, those for 2 to ``FEW_ROWS`` rows, up to ``PACK_ROWS`` and
+        more, as far as ``max_batch`` reaches), so that no request waits for the compiler. A step
+        of more than ``FEW_ROWS`` rows makes the plan's packed copies where it uses them
+        (``DecodePlan.pack``). Returns the seconds it took (0.0 for an eager engine)."""
         if not self.engine.fast.compiled or not supported(self.model.llm, None):
             return 0.0
         t0 = time.perf_counter()
         tok = self.engine.warmup_token()
         errors: list[BaseException] = []
-        # the decode step may take other forms above FEW_ROWS and PACK_ROWS rows; packed matrices
-        # (if any) are made first, so that the graphs for fewer rows are compiled with them
-        for batch in (FEW_ROWS + 1, PACK_ROWS + 1, 1, 2):
+        # the decode step may take other matrix forms above FEW_ROWS and PACK_ROWS rows
+        for batch in [b for b in (1, 2, FEW_ROWS + 1, PACK_ROWS + 1) if b <= self.max_batch]:
             for i in range(batch):
                 self.add(Request(Prompt([tok] * (prompt_len + i)), SamplingParams(max_new_tokens=max_new_tokens),
                                  on_token=lambda t, lp: None, on_end=lambda r: None, on_error=errors.append))  # fmt: skip

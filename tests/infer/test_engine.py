@@ -495,10 +495,49 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
     for batch in (ps[:1], ps[:6], ps):
         got = eng.generate(batch, SamplingParams(max_new_tokens=6))
         assert [r.token_ids for r in got] == [full_forward_greedy(model, p, 6) for p in batch]
+        if len(batch) == 1:
+            assert eng.fast.plan.packed is None  # copies are made only for a step that uses them
     assert set(fd._FORMS.values()) == {forms}
     want = {(n, f) for n, f in ((1, forms[0]), (6, forms[1]), (10, forms[2])) if f != fd.LINEAR}
     assert set(calls) == want
     assert eng.fast.plan.packed == ("packed" in forms)
+
+
+def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(monkeypatch):
+    """Packed copies are copies: after an in-place update the next generation's plan packs the
+    new weights (tokens equal to the full forward's). A compiled engine's graph for one row,
+    compiled before any copy exists, is still used after a six-row step made them (only steps
+    of more than ``FEW_ROWS`` rows look at the copies)."""
+    from torch._dynamo.utils import counters
+
+    from modalign.infer import fast_decode as fd
+
+    if not fd._has_packed():
+        pytest.skip("this torch has no MKL packed products")
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "packed", "tall")))
+    monkeypatch.setattr(fd, "_FORMS", {})
+    model = tiny(5)
+    ps = prompts(model, n=6, seed=6)
+    eng = Engine(model)
+    a = [r.token_ids for r in eng.generate(ps, SamplingParams(max_new_tokens=6))]
+    assert eng.fast.plan.packed
+    with torch.no_grad():
+        for layer in model.llm.layers:  # matrices the step takes as views, packed above FEW_ROWS
+            layer.self_attn.o_proj.weight.mul_(-2.0)
+            layer.mlp.down_proj.weight.add_(0.3)
+    b = [r.token_ids for r in eng.generate(ps, SamplingParams(max_new_tokens=6))]
+    assert b == [full_forward_greedy(model, p, 6) for p in ps] and b != a
+
+    eng = Engine(model, compile=True)
+    eng.generate(ps[:1], SamplingParams(max_new_tokens=4))
+    if not eng.fast.compiled:
+        pytest.skip(f"torch.compile is unavailable here: {eng.fast.failed}")
+    eng.generate(ps, SamplingParams(max_new_tokens=4))
+    assert eng.fast.compiled and eng.fast.plan.packed
+    graphs = counters["stats"]["unique_graphs"]
+    got = eng.generate(ps[:1], SamplingParams(max_new_tokens=4))[0].token_ids
+    assert got == full_forward_greedy(model, ps[0], 4)
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
