@@ -390,6 +390,16 @@ def _run_dynamic(fn, args):
         return fn(*args)
 
 
+def _recompile_limit(n: int) -> None:
+    """Let the compiler keep up to ``n`` graphs per function (its default, 8, is too few for the
+    static step's batch sizes and cache lengths). Its settings hold per thread (a server compiles
+    in its scheduler's thread), so this is called in the thread that runs the step."""
+    import torch._dynamo
+
+    if torch._dynamo.config.cache_size_limit < n:
+        torch._dynamo.config.cache_size_limit = n
+
+
 def _persistent_compile_cache() -> None:
     """Keep the compiler's cache (inductor's compiled graphs) across reboots: under
     ``$XDG_CACHE_HOME/modalign/inductor`` (``~/.cache``) unless ``TORCHINDUCTOR_CACHE_DIR`` says
@@ -418,12 +428,11 @@ class FastDecoder:
         self.plan: DecodePlan | None = None
         self.failed: str | None = None
         self.shapes: set[tuple[int, int]] = set()  # (batch, cache length) of the graphs compiled
+        self.max_graphs = max_graphs
         self.fn = self.fn_dynamic = None
         if compile:
-            import torch._dynamo
-
             _persistent_compile_cache()
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, max_graphs)
+            _recompile_limit(max_graphs)
             self.fn = torch.compile(_static_step, dynamic=False, fullgraph=True)
             self.fn_dynamic = torch.compile(_dynamic_step, fullgraph=True)  # batch and cache length marked
 
@@ -471,6 +480,7 @@ class FastDecoder:
         if start >= cache.max_len:
             raise ValueError(f"KV cache full: need {start + 1} positions, allocated {cache.max_len}")
         idx = torch.tensor([start], device=ids.device)
+        _recompile_limit(self.max_graphs)  # the compiler's settings are per thread: the caller's
         try:
             args = (plan, self.llm.cfg, self.llm.rotary, ids, position_ids, valid, cache.k, cache.v, idx)
             logits = _run_dynamic(self.fn_dynamic, args) if dynamic else self.fn(*args)

@@ -155,6 +155,37 @@ def test_compiled_decoding_equals_eager_on_a_padded_batch():
     assert torch.allclose(c1.k[0][:, :, :4], c2.k[0][:, :, :4], atol=1e-6)
 
 
+def test_the_compiled_step_raises_the_graph_limit_in_the_thread_that_runs_it():
+    """The compiler's settings hold per thread: a server's scheduler thread runs the compiled
+    step with the decoder's graph limit, not the compiler's default of 8 (which a server with
+    several batch-size ranges and cache lengths would hit, then decode eagerly)."""
+    import threading
+
+    import torch._dynamo
+
+    from modalign.infer.fast_decode import FastDecoder
+
+    llm = tiny().llm
+    dec = FastDecoder(llm, compile=True, max_graphs=40)
+    seen = []
+    dec.fn = lambda *a: seen.append(torch._dynamo.config.cache_size_limit) or torch.zeros(1, 8)
+
+    def run():
+        seen.append(torch._dynamo.config.cache_size_limit)  # this thread's setting before
+        with torch.no_grad():
+            cache = llm.new_cache(1, 16)
+            llm(torch.tensor([[1, 5, 6]]), cache=cache)
+            cache.prefill_length = cache.length
+            valid = torch.zeros(1, 16, dtype=torch.bool)
+            valid[:, :4] = True
+            dec.compiled_step(torch.tensor([[7]]), cache, torch.full((1, 1), 3), valid)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert seen == [8, 40]
+
+
 def test_image_cache_reuses_visual_tokens_and_follows_weight_updates():
     from modalign.infer.image_cache import ImageCache, image_key
 
