@@ -8,6 +8,20 @@ import pytest
 from tests.tiny import recipe_doc
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _decode_forms_file(tmp_path_factory):
+    """The decode forms timed in the tests are kept in a file of their own, not the user's cache."""
+    import os
+
+    old = os.environ.get("MODALIGN_DECODE_FORMS")
+    os.environ["MODALIGN_DECODE_FORMS"] = str(tmp_path_factory.mktemp("forms") / "decode_forms.json")
+    yield
+    if old is None:
+        del os.environ["MODALIGN_DECODE_FORMS"]
+    else:
+        os.environ["MODALIGN_DECODE_FORMS"] = old
+
+
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     """ShapesWorld: 48 training scenes, 6 held-out, 48 text documents, and a byte-level BPE."""

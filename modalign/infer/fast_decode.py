@@ -16,6 +16,7 @@ path. ``FastDecoder`` owns a model's plan (rebuilt when its weights change) and,
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -254,12 +255,79 @@ def _forms(w, groups: dict) -> tuple[str, str, str]:
             size += ws[-1].numel() * m.element_size()
             if size >= _TIMED_BYTES:
                 break
-        few = _fastest(_times(ws, 1, (LINEAR, TALL)))
-        times = _times(ws, PACK_ROWS, (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL))
-        unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
-        _FORMS[key] = (few, _fastest(times), unpacked)
+        saved = _saved_forms()
+        name = f"{shape[0]}x{shape[1]}, {size} bytes timed, {key[2]} threads, packed {_has_packed()}"
+        forms = saved.get(name)
+        if not (isinstance(forms, list) and len(forms) == 3 and set(forms) <= {LINEAR, TALL, PACKED}):
+            few = _fastest(_times(ws, 1, (LINEAR, TALL)))
+            times = _times(ws, PACK_ROWS, (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL))
+            unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
+            forms = [few, _fastest(times), unpacked]
+            saved[name] = forms
+            _save_forms(saved)
+        _FORMS[key] = tuple(forms)
         log.debug("decode matrices %s, %d threads: forms %s", shape, key[2], _FORMS[key])
     return _FORMS[key]
+
+
+def _forms_file() -> str | None:
+    """Where the forms timed on this machine are kept (``MODALIGN_DECODE_FORMS``: a file, or empty
+    for none; by default ``$XDG_CACHE_HOME/modalign/decode_forms.json``, ``~/.cache``): later
+    processes take the same forms instead of timing them again. Timings near the 10% bar can come
+    out either way, and the forms sum in different orders, so a process that timed anew could
+    answer a near-tie otherwise than the one before on the same machine."""
+    path = os.environ.get("MODALIGN_DECODE_FORMS")
+    if path is None:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        path = os.path.join(base, "modalign", "decode_forms.json")
+    return path or None
+
+
+def _machine() -> str:
+    """This machine's CPU and torch, the key the saved forms are kept under."""
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+
+    return f"{cpu or platform.processor() or platform.machine()} | torch {torch.__version__}"
+
+
+def _saved_forms() -> dict:
+    """The forms saved for this machine (``_forms_file``), keyed by shape, bytes and threads."""
+    path = _forms_file()
+    if path is None:
+        return {}
+    try:
+        with open(path) as f:
+            saved = json.load(f).get(_machine(), {})
+        return saved if isinstance(saved, dict) else {}
+    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: time anew
+        return {}
+
+
+def _save_forms(forms: dict) -> None:
+    path = _forms_file()
+    if path is None:
+        return
+    try:
+        try:
+            with open(path) as f:
+                every = json.load(f)
+            every = every if isinstance(every, dict) else {}
+        except (OSError, ValueError):
+            every = {}
+        every[_machine()] = forms
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(every, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+    except OSError as e:  # a read-only home: the forms are timed again next time
+        log.debug("decode forms not saved to %s: %s", path, e)
 
 
 def _fastest(times: dict[str, float]) -> str:

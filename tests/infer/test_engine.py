@@ -516,6 +516,7 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
     # every shape's choice forced; the cache is per process, so restored afterwards
     monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
     monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
     calls, product = [], fd._product
     monkeypatch.setattr(
         fd, "_product", lambda x, m, form: calls.append((x.shape[0], form)) or product(x, m, form)
@@ -547,6 +548,7 @@ def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(m
         pytest.skip("this torch has no MKL packed products")
     monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "packed", "tall")))
     monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
     model = tiny(5)
     ps = prompts(model, n=6, seed=6)
     eng = Engine(model)
@@ -580,6 +582,7 @@ def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
         pytest.skip("this torch has no MKL packed products")
     monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "packed", "tall")))
     monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
     monkeypatch.setattr(fd, "_free_memory", lambda: 1000)
     model = tiny(5)
     ps = prompts(model, n=6, seed=6)
@@ -590,12 +593,47 @@ def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
     assert all(m.packed is None for m in eng.fast.plan.mats())
 
 
+def test_timed_forms_are_kept_on_disk_and_taken_by_later_processes(tmp_path, monkeypatch):
+    """The forms timed on a machine are saved (``MODALIGN_DECODE_FORMS``) and a later process takes
+    them without timing, so it sums in the same order as the one before; an unreadable file is
+    timed anew and rewritten."""
+    import json
+
+    from modalign.infer import fast_decode as fd
+
+    path = tmp_path / "forms.json"
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", str(path))
+    monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("tall", "tall", "tall")))
+    llm = tiny(7).llm
+    fd.DecodePlan(llm)
+    first = dict(fd._FORMS)
+    saved = json.loads(path.read_text())
+    assert list(saved) == [fd._machine()] and len(saved[fd._machine()]) == len(first)
+    assert set(first.values()) == {("tall", "tall", "tall")}
+
+    def timed_again(*a, **k):
+        raise AssertionError("timed again")
+
+    monkeypatch.setattr(fd, "_FORMS", {})  # a later process
+    monkeypatch.setattr(fd, "_times", timed_again)
+    plan = fd.DecodePlan(llm)
+    assert fd._FORMS == first and {m.forms for m in plan.mats()} == {("tall", "tall", "tall")}
+
+    path.write_text("{not json")
+    monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "linear", "linear")))
+    fd.DecodePlan(llm)
+    assert {tuple(v) for v in json.loads(path.read_text())[fd._machine()].values()} == {("linear",) * 3}
+
+
 def test_timing_the_matrix_forms_leaves_the_global_generator_alone(monkeypatch):
     """Building a decode plan times the matrix forms; that draws nothing from torch's global
     generator, so a seeded program samples the same with or without a plan built in between."""
     from modalign.infer import fast_decode as fd
 
     monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
     llm = tiny(7).llm
     torch.manual_seed(3)
     want = torch.rand(4)

@@ -236,6 +236,7 @@ def test_a_compiled_scheduler_takes_every_matrix_form_with_no_compile_after_warm
         pytest.skip("this torch has no MKL packed products")
     monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
     monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
     model = tiny()
     ps = prompts(model, n=10, seed=5)
     sched = Scheduler(Engine(model, compile=True), max_batch=10, headroom=8)
