@@ -125,7 +125,7 @@ def main() -> None:
              "ratio | same greedy tokens |", "|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += decode_rows(d)
-    lines += ["", "How the decode step multiplies each fp32 matrix here, timed on the machine (with 1 row / with "
+    lines += ["", "How the decode step multiplies each fp32 matrix here, as timed on this machine (once, then saved: `MODALIGN_DECODE_FORMS`) (with 1 row / with "
               "8 rows / with 8 rows where no packed copies are made; `linear`: `x @ W.T`, `tall`: `(W @ x.T).T`, "
               "`packed`: MKL's GEMM on a copy packed for 8 rows): "
               + "; ".join(f"{d['size']} " + ", ".join(f"{k} {'/'.join(v)}" for k, v in d.get("forms", {}).items())
