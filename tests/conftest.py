@@ -8,18 +8,27 @@ import pytest
 from tests.tiny import recipe_doc
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _decode_forms_file(tmp_path_factory):
-    """The decode forms timed in the tests are kept in a file of their own, not the user's cache."""
+def pytest_configure(config):
+    """The decode forms timed in the tests are kept in a file of their own, not the user's cache
+    (set before test modules are imported, so environments copied from it have it too)."""
+    import os
+    import tempfile
+
+    config._forms_dir = tempfile.TemporaryDirectory(prefix="modalign-forms-")
+    config._forms_env = os.environ.get("MODALIGN_DECODE_FORMS")
+    os.environ["MODALIGN_DECODE_FORMS"] = os.path.join(config._forms_dir.name, "decode_forms.json")
+
+
+def pytest_unconfigure(config):
     import os
 
-    old = os.environ.get("MODALIGN_DECODE_FORMS")
-    os.environ["MODALIGN_DECODE_FORMS"] = str(tmp_path_factory.mktemp("forms") / "decode_forms.json")
-    yield
-    if old is None:
-        del os.environ["MODALIGN_DECODE_FORMS"]
+    if getattr(config, "_forms_dir", None) is None:
+        return
+    if config._forms_env is None:
+        os.environ.pop("MODALIGN_DECODE_FORMS", None)
     else:
-        os.environ["MODALIGN_DECODE_FORMS"] = old
+        os.environ["MODALIGN_DECODE_FORMS"] = config._forms_env
+    config._forms_dir.cleanup()
 
 
 @pytest.fixture(scope="session")

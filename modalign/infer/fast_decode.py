@@ -166,9 +166,10 @@ FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one ro
 # (packed copies up to PACK_ROWS rows, the best unpacked form above)
 PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
 LINEAR, TALL, PACKED = "linear", "tall", "packed"  # how a matrix is multiplied (``_lin``)
-# (out, in, threads) -> form with few rows, with more, with more where nothing is packed;
-# timed once per process
+# (out, in, threads, bytes timed) -> form with few rows, with more, with more where nothing is
+# packed; timed once per machine (``_saved_forms``), then kept here for the process
 _FORMS: dict[tuple, tuple[str, str, str]] = {}
+_FORMS_VERSION = 1  # of how forms are timed and chosen: saved forms of another version are timed again
 _TIMED_BYTES = 64 * 2**20  # the forms are timed over this much of a shape's matrices (beyond caches)
 
 
@@ -240,34 +241,41 @@ def _tall(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def _forms(w, groups: dict) -> tuple[str, str, str]:
     """How ``w`` is multiplied (``_lin``) with up to ``FEW_ROWS`` rows, with up to ``PACK_ROWS``,
-    and with more or where the plan has no packed copies: timed once per matrix shape in a
-    process, over up to ``_TIMED_BYTES`` of that shape's matrices (read from memory, as a decode
-    step reads them); another form than ``x @ w.T`` only where it is at least 10% faster."""
+    and with more or where the plan has no packed copies: timed over up to ``_TIMED_BYTES`` of
+    that shape's matrices (read from memory, as a decode step reads them), once per machine
+    (saved, ``_forms_file``) and kept for the process; another form than ``x @ w.T`` only where
+    it is at least 10% faster."""
     if not _timed(w):
         return (LINEAR, LINEAR, LINEAR)
     shape = tuple(w.shape)
-    key = (*shape, torch.get_num_threads())
+    ws, size = [], 0  # up to _TIMED_BYTES of the shape's matrices, the last one's leading rows
+    for m in groups[shape]:
+        rows = min(m.shape[0], max(1, (_TIMED_BYTES - size) // (m.shape[1] * m.element_size())))
+        ws.append(m[:rows])
+        size += ws[-1].numel() * m.element_size()
+        if size >= _TIMED_BYTES:
+            break
+    key = (*shape, torch.get_num_threads(), size)
     if key not in _FORMS:
-        ws, size = [], 0  # up to _TIMED_BYTES of the shape's matrices, the last one's leading rows
-        for m in groups[shape]:
-            rows = min(m.shape[0], max(1, (_TIMED_BYTES - size) // (m.shape[1] * m.element_size())))
-            ws.append(m[:rows])
-            size += ws[-1].numel() * m.element_size()
-            if size >= _TIMED_BYTES:
-                break
-        saved = _saved_forms()
         name = f"{shape[0]}x{shape[1]}, {size} bytes timed, {key[2]} threads, packed {_has_packed()}"
-        forms = saved.get(name)
-        if not (isinstance(forms, list) and len(forms) == 3 and set(forms) <= {LINEAR, TALL, PACKED}):
+        forms = _valid_forms(_saved_forms().get(name))
+        if forms is None:
             few = _fastest(_times(ws, 1, (LINEAR, TALL)))
             times = _times(ws, PACK_ROWS, (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL))
             unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
-            forms = [few, _fastest(times), unpacked]
-            saved[name] = forms
-            _save_forms(saved)
-        _FORMS[key] = tuple(forms)
-        log.debug("decode matrices %s, %d threads: forms %s", shape, key[2], _FORMS[key])
+            forms = _save_forms(name, (few, _fastest(times), unpacked))  # another process's if it saved first
+        _FORMS[key] = forms
+        log.debug("decode matrices %s, %d threads: forms %s", shape, key[2], forms)
     return _FORMS[key]
+
+
+def _valid_forms(forms) -> tuple[str, str, str] | None:
+    """Saved forms as a tuple, None unless each slot holds a form it may hold here."""
+    if not isinstance(forms, list | tuple) or len(forms) != 3 or not all(isinstance(f, str) for f in forms):
+        return None
+    many = (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL)
+    ok = forms[0] in (LINEAR, TALL) and forms[1] in many and forms[2] in (LINEAR, TALL)
+    return tuple(forms) if ok else None
 
 
 def _forms_file() -> str | None:
@@ -275,7 +283,8 @@ def _forms_file() -> str | None:
     for none; by default ``$XDG_CACHE_HOME/modalign/decode_forms.json``, ``~/.cache``): later
     processes take the same forms instead of timing them again. Timings near the 10% bar can come
     out either way, and the forms sum in different orders, so a process that timed anew could
-    answer a near-tie otherwise than the one before on the same machine."""
+    answer a near-tie otherwise than the one before on the same machine. Delete the file to time
+    again (after a noisy first timing, say)."""
     path = os.environ.get("MODALIGN_DECODE_FORMS")
     if path is None:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
@@ -284,20 +293,29 @@ def _forms_file() -> str | None:
 
 
 def _machine() -> str:
-    """This machine's CPU and torch, the key the saved forms are kept under."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
+    """This machine's CPU, its vector ISA as torch sees it, torch's version and the forms'
+    version: the key saved forms are kept under."""
     import platform
 
-    return f"{cpu or platform.processor() or platform.machine()} | torch {torch.__version__}"
+    cpu = []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k.strip() in ("model name", "CPU implementer", "CPU part") and v.strip() not in cpu:
+                    cpu.append(v.strip())
+    except OSError:
+        pass
+    try:
+        isa = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:
+        isa = "?"
+    return f"{' '.join(cpu) or platform.processor() or platform.machine()} | {isa} | torch {torch.__version__} | forms v{_FORMS_VERSION}"
 
 
 def _saved_forms() -> dict:
-    """The forms saved for this machine (``_forms_file``), keyed by shape, bytes and threads."""
+    """The forms saved for this machine (``_forms_file``), keyed by shape, bytes timed, threads
+    and whether packed products exist."""
     path = _forms_file()
     if path is None:
         return {}
@@ -309,25 +327,50 @@ def _saved_forms() -> dict:
         return {}
 
 
-def _save_forms(forms: dict) -> None:
+def _save_forms(name: str, forms: tuple[str, str, str]) -> tuple[str, str, str]:
+    """Save ``forms`` under ``name`` unless another process saved forms there first: returns the
+    forms saved, so that processes timing at the same moment end up with the same. The file is
+    read and replaced under a lock (where the system has one) and written whole to a temporary
+    file first, so a reader sees the old file or the new one."""
     path = _forms_file()
     if path is None:
-        return
+        return forms
+    import tempfile
+
+    tmp = None
     try:
-        try:
-            with open(path) as f:
-                every = json.load(f)
-            every = every if isinstance(every, dict) else {}
-        except (OSError, ValueError):
-            every = {}
-        every[_machine()] = forms
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(every, f, indent=1, sort_keys=True)
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the new one
+        with open(path + ".lock", "a") as lock:
+            try:
+                import fcntl
+
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except ImportError:  # no advisory locks here: the last writer wins
+                pass
+            try:
+                with open(path) as f:
+                    every = json.load(f)
+                every = every if isinstance(every, dict) else {}
+            except (OSError, ValueError):
+                every = {}
+            mine = every.get(_machine())
+            mine = mine if isinstance(mine, dict) else {}
+            first = _valid_forms(mine.get(name))
+            if first is not None:
+                return first
+            mine[name] = list(forms)
+            every[_machine()] = mine
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(every, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)
+            tmp = None
     except OSError as e:  # a read-only home: the forms are timed again next time
         log.debug("decode forms not saved to %s: %s", path, e)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return forms
 
 
 def _fastest(times: dict[str, float]) -> str:
@@ -460,12 +503,15 @@ def _run_dynamic(fn, args):
 
 def _recompile_limit(n: int) -> None:
     """Let the compiler keep up to ``n`` graphs per function (its default, 8, is too few for the
-    static step's batch sizes and cache lengths). Its settings hold per thread (a server compiles
-    in its scheduler's thread), so this is called in the thread that runs the step."""
+    static step's batch sizes and cache lengths). Its settings hold per thread in recent torch
+    (context variables; a server compiles in its scheduler's thread), so this is called in the
+    thread that runs the step."""
     import torch._dynamo
 
-    if torch._dynamo.config.cache_size_limit < n:
-        torch._dynamo.config.cache_size_limit = n
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < n:
+        setattr(cfg, name, n)
 
 
 def _persistent_compile_cache() -> None:
@@ -548,8 +594,8 @@ class FastDecoder:
         if start >= cache.max_len:
             raise ValueError(f"KV cache full: need {start + 1} positions, allocated {cache.max_len}")
         idx = torch.tensor([start], device=ids.device)
-        _recompile_limit(self.max_graphs)  # the compiler's settings are per thread: the caller's
         try:
+            _recompile_limit(self.max_graphs)  # the compiler's settings are per thread: the caller's
             args = (plan, self.llm.cfg, self.llm.rotary, ids, position_ids, valid, cache.k, cache.v, idx)
             logits = _run_dynamic(self.fn_dynamic, args) if dynamic else self.fn(*args)
         except Exception as e:  # noqa: BLE001 - any backend failure means: use the eager step
