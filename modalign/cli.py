@@ -307,6 +307,9 @@ def _add_serve(sub) -> None:
     sv.add_argument("--max-images", type=int, default=8, help="images per request")
     sv.add_argument("--image-cache-mb", type=float, default=256,
                     help="visual tokens of images already seen are reused, up to this many MiB (0: off)")  # fmt: skip
+    sv.add_argument("--decoded-image-cache-mb", type=float, default=64,
+                    help="uploads seen before skip decoding and resizing: their pixels kept by a digest of the "
+                         "bytes, up to this many MiB (0: off)")  # fmt: skip
     sv.add_argument("--max-body-mb", type=float, default=20)
     sv.add_argument("--max-connections", type=int, default=256, help="open connections (more get 503)")
     sv.add_argument(
@@ -554,7 +557,8 @@ def _serve(args) -> int:
     hosts = list(args.allowed_host) + ([args.host] if args.host not in ("0.0.0.0", "::") else [])
     cfg = ServeConfig(model_name=args.name or Path(args.model).resolve().name, api_key=key, allowed_hosts=hosts,
                       max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                      max_batch=args.max_batch, request_timeout_s=args.request_timeout, images=policy)  # fmt: skip
+                      max_batch=args.max_batch, request_timeout_s=args.request_timeout, images=policy,
+                      decoded_image_cache_mb=args.decoded_image_cache_mb)  # fmt: skip
     if key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(
             "warning: serving without an API key on a non-loopback address (--api-key-file)", file=sys.stderr

@@ -12,8 +12,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
+import threading
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -192,19 +194,30 @@ def to_uint8(img: Image.Image) -> torch.Tensor:
 class ImageProcessor:
     """The vision encoder's preprocessing: safe load -> RGB -> resize policy -> normalise.
 
-    With ``cache_mb`` > 0, image files keep their resized uint8 pixels in memory (least recently
-    used first out, at most ``cache_mb`` MiB), keyed by path, modification time and size: data with
-    one question per sample decodes each image once per epoch instead of once per question. The
-    output is the same tensor either way."""
+    With ``cache_mb`` > 0, images keep their resized uint8 pixels in memory (least recently used
+    first out, at most ``cache_mb`` MiB): files keyed by path, modification time and size (data with
+    one question per sample decodes each image once per epoch instead of once per question), images
+    given as bytes by a digest of the bytes (a server asked about one picture again and again). The
+    output is the same tensor either way. The cache is safe to share between threads."""
 
     def __init__(self, vcfg: VisionConfig, max_pixels: int = DEFAULT_MAX_PIXELS, background=(255, 255, 255),
                  cache_mb: float = 0, max_aspect: float = DEFAULT_MAX_ASPECT):  # fmt: skip
         self.cfg, self.max_pixels, self.background, self.max_aspect = vcfg, max_pixels, background, max_aspect
         self._mean = torch.tensor(vcfg.image_mean)[:, None, None]
         self._std = torch.tensor(vcfg.image_std)[:, None, None]
+        if not cache_mb >= 0:
+            raise ValueError(f"the decoded-image cache size must be >= 0 MiB, got {cache_mb}")
         self.cache_limit = int(cache_mb * 2**20)
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, tuple[int, int]]] = OrderedDict()
         self.cache_bytes = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self):  # data-loader workers get a copy: a lock does not pickle
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def __call__(self, src, sample_id: str | None = None) -> torch.Tensor:
         return self.load(src, sample_id)[0]
@@ -212,9 +225,13 @@ class ImageProcessor:
     def load(self, src, sample_id: str | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
         """(pixels, the original (width, height))."""
         key = self._cache_key(src)
-        hit = self._cache.get(key) if key is not None else None
+        hit = None
+        if key is not None:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
         if hit is not None:
-            self._cache.move_to_end(key)
             u8, size = hit
         else:
             c = self.cfg
@@ -237,7 +254,11 @@ class ImageProcessor:
         return canvas_pixels(w, h, c.image_size, c.resize_mode)
 
     def _cache_key(self, src) -> tuple | None:
-        if not self.cache_limit or not isinstance(src, str | Path):
+        if not self.cache_limit:
+            return None
+        if isinstance(src, bytes | bytearray | memoryview):
+            return "bytes", len(src), hashlib.blake2b(src, digest_size=16).digest()
+        if not isinstance(src, str | Path):
             return None
         try:
             st = os.stat(src)
@@ -249,11 +270,14 @@ class ImageProcessor:
         n = u8.numel()
         if n > self.cache_limit:
             return
-        while self.cache_bytes + n > self.cache_limit:
-            _, (old, _) = self._cache.popitem(last=False)
-            self.cache_bytes -= old.numel()
-        self._cache[key] = (u8, size)
-        self.cache_bytes += n
+        with self._lock:
+            if key in self._cache:  # another thread decoded the same image meanwhile
+                return
+            while self.cache_bytes + n > self.cache_limit:
+                _, (old, _) = self._cache.popitem(last=False)
+                self.cache_bytes -= old.numel()
+            self._cache[key] = (u8, size)
+            self.cache_bytes += n
 
     def _hd(self, img: Image.Image, max_tiles: int = 6) -> torch.Tensor:
         """XComposer2.5: fit into at most ``max_tiles`` tiles (width-major), pad bottom white;

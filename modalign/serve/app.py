@@ -55,6 +55,8 @@ class ServeConfig:
     max_images: int = 8
     max_image_pixels: int = 16_000_000
     max_image_aspect: float = DEFAULT_MAX_ASPECT
+    # uploads seen before skip decoding and resizing: their pixels kept by a digest of the bytes
+    decoded_image_cache_mb: float = 64
     max_tokens_default: int = 256
     max_batch: int = 32
     stall_s: float = 60.0  # /health answers 503 when work waits and no step finished for this long
@@ -84,7 +86,8 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
                          "modalign generate, chat and eval run it")  # fmt: skip
     context = cm.model.config.llm.max_position_embeddings
     limits = Limits(cfg.max_messages, cfg.max_chars or 16 * context, cfg.max_images)
-    images = (ImageProcessor(cm.model.config.vision, max_pixels=cfg.max_image_pixels, max_aspect=cfg.max_image_aspect)
+    images = (ImageProcessor(cm.model.config.vision, max_pixels=cfg.max_image_pixels, max_aspect=cfg.max_image_aspect,
+                             cache_mb=cfg.decoded_image_cache_mb)
               if cm.model.has_vision else None)  # fmt: skip
     batcher = Batcher(cm.engine, cfg.max_batch, cfg.stall_s)
     metrics = Metrics()

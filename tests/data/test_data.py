@@ -260,6 +260,45 @@ def test_image_cache_returns_the_same_pixels_within_its_bound(image_dir, tmp_pat
         assert e.value.reason == reason and "s9" in str(e.value)
 
 
+def test_image_cache_keeps_uploaded_bytes_by_digest_across_threads(image_dir, monkeypatch):
+    """Images given as bytes (a server's uploads) are cached by a digest of the bytes: the same
+    bytes again skip decoding, with pixels equal to an uncached processor's; other bytes miss;
+    bad bytes still fail; many threads at once get the right pixels; the processor pickles (a
+    data-loader worker's copy) with its cache and a lock of its own."""
+    import io
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from modalign.data import images as images_mod
+
+    rng = np.random.default_rng(1)
+    blobs = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (30 + i, 40, 3), dtype=np.uint8)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    vc = VisionConfig(image_size=32, resize_mode="pad")
+    plain = ImageProcessor(vc)
+    want = [plain(b) for b in blobs]
+    cached = ImageProcessor(vc, cache_mb=1)
+    opened, real = [], images_mod.open_image
+    monkeypatch.setattr(images_mod, "open_image", lambda src, *a, **k: opened.append(1) or real(src, *a, **k))
+    for _ in range(3):
+        for b, w in zip(blobs, want, strict=True):
+            assert torch.equal(cached(b), w)
+    assert len(opened) == 3 and len(cached._cache) == 3  # each image decoded once
+    assert torch.equal(cached(bytearray(blobs[1])), want[1]) and len(opened) == 3  # same bytes, any type
+    with pytest.raises(BadSample):
+        cached(blobs[0][:40], sample_id="upload")
+    fresh = ImageProcessor(vc, cache_mb=1)
+    with ThreadPoolExecutor(8) as ex:
+        got = list(ex.map(lambda k: (k % 3, fresh(blobs[k % 3])), range(48)))
+    assert all(torch.equal(g, want[k]) for k, g in got) and len(fresh._cache) == 3
+    assert fresh.cache_bytes == sum(e[0].numel() for e in fresh._cache.values())
+    copy = pickle.loads(pickle.dumps(fresh))
+    assert torch.equal(copy(blobs[2]), want[2]) and copy._lock is not fresh._lock
+
+
 def test_clip_crop_matches_transformers(image_dir):
     transformers = pytest.importorskip("transformers")
     rng = torch.Generator().manual_seed(0)

@@ -192,9 +192,14 @@ def test_web_page_in_headless_chromium(server, tmp_path):
     assert (tmp_path / "chat.png").stat().st_size > 5000
 
 
-def test_an_image_met_again_is_not_encoded_again(server):
+def test_an_image_met_again_is_not_encoded_again(server, monkeypatch):
     """The next turn of a chat carries its image again: its visual tokens come from the cache
-    (counted in /metrics), and the reply is the one a cold cache gives."""
+    (counted in /metrics), and the reply is the one a cold cache gives; its bytes are decoded
+    once (the decoded-image cache), the answers the same."""
+    from modalign.data import images as images_mod
+
+    opened, real = [], images_mod.open_image
+    monkeypatch.setattr(images_mod, "open_image", lambda src, *a, **k: opened.append(1) or real(src, *a, **k))
     url, app, _ = server
     cache = app.state.batcher.engine.image_cache
     img = [{"type": "image_url", "image_url": {"url": png_data_url((10, 200, 10))}},
@@ -210,6 +215,7 @@ def test_an_image_met_again_is_not_encoded_again(server):
     assert f"modalign_image_cache_entries {float(len(cache))}" in metrics
     cache.clear()
     assert ask(url, messages=turn2).choices[0].message.content == warm and cache.misses == misses + 1
+    assert len(opened) <= 1  # the same upload three times: decoded at most once (once unless seen before)
 
 
 def test_a_compiled_server_compiles_before_it_listens_and_answers_as_the_eager_one():
