@@ -16,6 +16,7 @@ path. ``FastDecoder`` owns a model's plan (rebuilt when its weights change) and,
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -287,14 +288,14 @@ def _forms_file() -> str | None:
     again (after a noisy first timing, say)."""
     path = os.environ.get("MODALIGN_DECODE_FORMS")
     if path is None:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        path = os.path.join(base, "modalign", "decode_forms.json")
+        path = os.path.join(_cache_dir(), "decode_forms.json")
     return path or None
 
 
+@functools.cache
 def _machine() -> str:
     """This machine's CPU, its vector ISA as torch sees it, torch's version and the forms'
-    version: the key saved forms are kept under."""
+    version: the key saved forms are kept under (read once per process)."""
     import platform
 
     cpu = []
@@ -429,11 +430,10 @@ def _lin(x, m: Mat):
     if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return w(x)
     few, many, unpacked = m.forms
-    n = x.numel() // x.shape[-1]
     # one form for any row count where they agree: no branch on the batch size (a compiled step
     # guards on none); the packed copy is looked at only above FEW_ROWS rows, so graphs for fewer
     # rows stay valid when it is made
-    if few == many == unpacked or n <= FEW_ROWS:
+    if few == many == unpacked or (n := x.numel() // x.shape[-1]) <= FEW_ROWS:
         form = few
     elif n <= PACK_ROWS and (many != PACKED or m.packed is not None):
         form = many
@@ -520,8 +520,14 @@ def _persistent_compile_cache() -> None:
     where; the compiler's own default is a folder under ``/tmp``. A process compiling a decode
     step it compiled before then loads the kernels instead of building them again."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(base, "modalign", "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(_cache_dir(), "inductor")
+
+
+def _cache_dir() -> str:
+    """modalign's folder for what it keeps between processes: ``$XDG_CACHE_HOME/modalign``
+    (``~/.cache/modalign``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "modalign")
 
 
 class FastDecoder:
