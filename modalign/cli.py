@@ -546,12 +546,15 @@ def _api_key(args) -> str | None:
 
 
 def _serve(args) -> int:
+    from modalign.devices import in_own_thread
     from modalign.serve.app import ServeConfig, create_app
     from modalign.serve.images import ImagePolicy
     from modalign.serve.server import serve
 
     key = _api_key(args)
-    cm = _load_chat(args, compile=args.compile)
+    # loaded in a thread of its own: the generation worker is then the one thread with OpenMP
+    # threads (``in_own_thread``)
+    cm = in_own_thread(_load_chat, args, compile=args.compile)
     policy = ImagePolicy(local_dir=args.image_dir, allow_http=bool(args.allow_http_images),
                          allowed_domains=[d.lower() for d in args.allow_http_images])  # fmt: skip
     hosts = list(args.allowed_host) + ([args.host] if args.host not in ("0.0.0.0", "::") else [])

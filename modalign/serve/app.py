@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 
 from modalign.data.conversation import BadSample
 from modalign.data.images import DEFAULT_MAX_ASPECT, ImageProcessor
+from modalign.devices import in_own_thread
 from modalign.infer.chat import ChatModel, TextDelta
 from modalign.infer.engine import Prompt
 from modalign.serve.batcher import Batcher, Job
@@ -95,7 +96,9 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
-        secs = batcher.scheduler.warmup()  # a compiled engine: its graphs before the first request
+        # a compiled engine: its graphs before the first request, in a thread that ends with them,
+        # so that the worker's OpenMP threads are the process's only ones (``in_own_thread``)
+        secs = in_own_thread(batcher.scheduler.warmup)
         if secs:
             log.info("compiled the decode step in %.1f s", secs)
         batcher.start()
@@ -276,7 +279,12 @@ class Reply:
                     self.job.cancel()
                     raise ClientGone
             try:
-                return await asyncio.wait_for(self.job.out.get(), min(self.deadline - now, 0.5))
+                return self.job.out.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            try:
+                async with asyncio.timeout(min(self.deadline - now, 0.5)):
+                    return await self.job.out.get()
             except TimeoutError:
                 continue
 

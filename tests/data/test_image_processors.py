@@ -108,3 +108,21 @@ def test_preprocessor_config_sets_normalisation_and_policy(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="preprocessor_config.json: invalid JSON"):
         image_settings(tmp_path, v)
+
+
+@pytest.mark.parametrize("mean_std", [None, SIGLIP_MEAN_STD])
+def test_normalise_matches_torch(mean_std):
+    """The NumPy normalisation gives torch's ``(x.float() / 255 - mean) / std`` to the bit, for
+    every channel and byte value, in a vectorised body and a tail, and keeps the input's layout."""
+    vcfg = VisionConfig(image_size=16)
+    if mean_std is not None:
+        vcfg.image_mean = vcfg.image_std = list(mean_std)
+    proc = ImageProcessor(vcfg)
+    mean, std = torch.tensor(vcfg.image_mean)[:, None, None], torch.tensor(vcfg.image_std)[:, None, None]
+    every = torch.arange(256, dtype=torch.uint8).repeat(3, 5, 1)[:, :, torch.randperm(256)]  # [3, 5, 256]
+    hwc = torch.randint(0, 256, (37, 29, 3), dtype=torch.uint8).permute(2, 0, 1)  # as ``to_uint8`` makes it
+    for u8 in (every, hwc, every[:, :1, :13]):
+        want = (u8.float() / 255.0 - mean) / std
+        got = proc._normalise(u8)
+        assert got.dtype == torch.float32 and got.stride() == want.stride()
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32))

@@ -6,6 +6,7 @@ import os
 import platform
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,3 +101,50 @@ def test_freed_host_memory_is_reused_not_faulted_in_afresh():
     assert run(MODALIGN_HOST_MALLOC="default")[0] is False
     took, fresh = run()
     assert took and fresh < pages // 40  # reused: at most a quarter of one step's pages is new
+
+
+def test_in_own_thread_returns_raises_and_runs_elsewhere():
+    import threading
+
+    from modalign.devices import in_own_thread
+
+    main = threading.get_ident()
+    assert in_own_thread(lambda a, b=0: (a + b, threading.get_ident()), 2, b=3)[0] == 5
+    assert in_own_thread(threading.get_ident) != main
+
+    def fails():
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        in_own_thread(fails)
+
+
+OMP_THREADS = """
+import os, time, torch
+from modalign.devices import in_own_thread
+torch.set_num_threads(2)
+def n():
+    return len(os.listdir("/proc/self/task"))
+def work():
+    return float(torch.randn(4_000_000).exp_().sum())
+before = n()
+in_own_thread(work)
+for _ in range(200):  # the pool's threads end soon after the thread that owned them
+    if n() == before:
+        break
+    time.sleep(0.01)
+after_own = n()
+work()
+print(before, after_own, n())
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts threads in /proc")
+def test_in_own_thread_gives_its_openmp_threads_back():
+    """A parallel op in a thread that ends leaves no OpenMP threads behind (one in a thread that
+    lives on, the main thread here, leaves its pool)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's CPU ops are not parallelised by OpenMP here")
+    out = subprocess.run([sys.executable, "-c", OMP_THREADS], capture_output=True, text=True, check=True)
+    before, after_own, after_main = map(int, out.stdout.split())
+    assert after_own == before < after_main
