@@ -3,8 +3,11 @@
 
     request handler --submit(job)--> inbox --> worker thread: admit, decode one step, repeat
          ^                                          |
-         +---- job.out (asyncio.Queue) <-- call_soon_threadsafe: ("token", id, logprobs) | ("end", reason)
-                                                                | ("error", message)
+         +---- job.out (asyncio.Queue) <-- one call_soon_threadsafe per step: ("token", id, logprobs)
+                                                        | ("end", reason) | ("error", message) per job
+
+The events a step makes for all its jobs reach the event loop in one callback (``Outbox``): one
+wake-up of the loop per step, not one per token.
 
 A job is identified by itself (no field equality), one job's failure reaches only that job, and
 the worker survives whatever a step raises: it fails the rows concerned and goes on. ``health``
@@ -36,6 +39,43 @@ def _malloc_trim():
         return None
 
 
+class Outbox:
+    """Events made by the worker thread, held until ``flush`` hands them to their event loops in
+    one ``call_soon_threadsafe`` per loop. Events from any other thread go at once."""
+
+    def __init__(self):
+        self.items: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue, tuple]] = []
+        self.owner: int | None = None  # the worker thread's ident
+
+    def put(self, loop: asyncio.AbstractEventLoop, out: asyncio.Queue, item: tuple) -> None:
+        if threading.get_ident() == self.owner:
+            self.items.append((loop, out, item))
+        else:
+            _post(loop, [(out, item)])
+
+    def flush(self) -> None:
+        if not self.items:
+            return
+        items, self.items = self.items, []
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for loop, out, item in items:
+            by_loop.setdefault(loop, []).append((out, item))
+        for loop, batch in by_loop.items():
+            _post(loop, batch)
+
+
+def _post(loop: asyncio.AbstractEventLoop, batch: list[tuple[asyncio.Queue, tuple]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_deliver, batch)
+    except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
+        pass
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, tuple]]) -> None:
+    for out, item in batch:
+        out.put_nowait(item)
+
+
 @dataclass(eq=False)
 class Job:
     """One chat completion on its way through the worker; ``out`` receives its events."""
@@ -51,6 +91,7 @@ class Job:
     out: asyncio.Queue = field(default_factory=asyncio.Queue)
     generated: int = 0
     request: Request | None = None
+    outbox: Outbox | None = None  # set by ``Batcher.submit``
 
     def __post_init__(self):
         self.request = Request(self.prompt, self.params, self._token, self._end, self._error, self.logprobs,
@@ -65,10 +106,10 @@ class Job:
         self.request.cancelled = True
 
     def _emit(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the event loop is closed (shutdown): nobody is listening
-            pass
+        if self.outbox is not None:
+            self.outbox.put(self.loop, self.out, item)
+        else:
+            _post(self.loop, [(self.out, item)])
 
     def _token(self, token: int, logprobs: dict | None) -> None:
         self.generated += 1
@@ -88,6 +129,7 @@ class Batcher:
         self.engine, self.max_batch, self.stall_s = engine, max_batch, stall_s
         self.inbox: queue.Queue[Job] = queue.Queue()
         self.scheduler = Scheduler(engine, max_batch)
+        self.outbox = Outbox()
         self.stopping = False
         self.steps = 0
         self.restarts = 0
@@ -105,6 +147,7 @@ class Batcher:
             if self._thread is not None:  # it died: whatever it held is lost, say so to its jobs
                 self.restarts += 1
                 log.error("the generation worker died; restarting it (restart %d)", self.restarts)
+                self.outbox.flush()  # what the dead thread made before it died
                 self.scheduler.fail_all(RuntimeError("the generation worker restarted"))
             self.last_progress = time.monotonic()
             self._thread = threading.Thread(target=self._loop, daemon=True, name="modalign-worker")
@@ -120,6 +163,7 @@ class Batcher:
         if self.stopping:
             job._error(RuntimeError("the server is shutting down"))
             return
+        job.outbox = self.outbox
         self.start()  # restarts a dead worker
         self.inbox.put(job)
 
@@ -171,6 +215,7 @@ class Batcher:
 
     def _loop(self) -> None:
         sched = self.scheduler
+        self.outbox.owner = threading.get_ident()
         while not self.stopping:
             try:
                 idle = not (sched.active or sched.waiting)
@@ -189,7 +234,10 @@ class Batcher:
             except Exception as e:  # noqa: BLE001 - what the scheduler did not isolate fails its rows only
                 log.exception("generation step failed")
                 sched.fail_all(e)
+            finally:
+                self.outbox.flush()  # this step's events, one call per event loop
         sched.fail_all(RuntimeError("the server is shutting down"))
+        self.outbox.flush()
         while True:  # and whatever is still in the inbox
             try:
                 job = self.inbox.get_nowait()

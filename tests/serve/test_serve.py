@@ -251,3 +251,48 @@ def test_a_compiled_server_compiles_before_it_listens_and_answers_as_the_eager_o
         finally:
             stop()
     assert answers["compiled"] == answers["eager"]
+
+
+def test_outbox_hands_a_steps_events_over_in_one_call():
+    """Events the worker thread makes are held until ``flush`` and reach each event loop in one
+    call, in order; events from another thread go at once; a closed loop is no error."""
+    import asyncio
+    import threading
+
+    from modalign.serve.batcher import Outbox
+
+    class Loop:  # records what the worker would schedule on the event loop
+        def __init__(self, closed=False):
+            self.calls, self.closed = [], closed
+
+        def call_soon_threadsafe(self, fn, *args):
+            if self.closed:
+                raise RuntimeError("Event loop is closed")
+            self.calls.append((fn, args))
+
+    box, a, b = Outbox(), Loop(), Loop()
+    qa, qb, qc = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+    box.owner = threading.get_ident()
+    for item in (("token", 1, None), ("token", 2, None), ("end", "stop", None)):
+        box.put(a, qa, item)
+    box.put(a, qb, ("token", 7, None))
+    box.put(b, qc, ("error", "x", None))
+    assert not a.calls and not b.calls
+    box.flush()
+    assert len(a.calls) == len(b.calls) == 1 and not box.items
+    for fn, args in a.calls + b.calls:
+        fn(*args)
+    assert [qa.get_nowait() for _ in range(3)] == [
+        ("token", 1, None),
+        ("token", 2, None),
+        ("end", "stop", None),
+    ]
+    assert qb.get_nowait() == ("token", 7, None) and qc.get_nowait() == ("error", "x", None)
+    box.flush()  # nothing held: no call
+    assert len(a.calls) == 1
+    box.owner = None  # another thread's events go at once
+    box.put(a, qa, ("end", "length", None))
+    assert len(a.calls) == 2
+    box.owner = threading.get_ident()
+    box.put(Loop(closed=True), qa, ("token", 3, None))
+    box.flush()  # the loop is gone: dropped quietly
