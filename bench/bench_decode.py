@@ -241,7 +241,8 @@ def main():
         from modalign.infer import fast_decode as fd
 
         plan = engines["eager"].fast.plan
-        out["forms"] = {f"{o}x{i}": list(f) for (o, i, _), f in fd._FORMS.items()}
+        # _FORMS keys: (out, in, threads, bytes timed)
+        out["forms"] = {f"{key[0]}x{key[1]}": list(f) for key, f in fd._FORMS.items()}
         out["packed_mb"] = sum(m.packed.numel() * 4 for m in plan.mats() if m.packed is not None) / 1e6
         print("decode forms (1 row / 8 rows / 8 rows unpacked) per [out, in] matrix: "
               + "; ".join(f"{k} {'/'.join(v)}" for k, v in out["forms"].items())
