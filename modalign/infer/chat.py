@@ -28,18 +28,45 @@ def stop_token_ids(tok: Tokenizer, template=None) -> list[int]:
 
 
 class TextDelta:
-    """Incremental detokenisation: the new text each token adds (multi-byte safe)."""
+    """Incremental detokenisation: the new text each token adds (multi-byte safe), in time that
+    does not grow with the reply. Each push decodes a window, not the whole reply: the ids from a
+    little before the last piece returned, as far back as it takes for the window's known part to
+    hold a character other than white space (tokenizers drop leading spaces: SentencePiece up to
+    two; past such a character both decodes of the window drop the same ones)."""
 
     def __init__(self, tok: Tokenizer):
-        self.tok, self.ids, self.text = tok, [], ""
+        self.tok, self.ids = tok, []
+        self.start = self.done = 0  # the window begins at ids[start]; ids[:done] were returned
+        self.before = ""  # the decode of ids[start:done]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for more bytes
+        text = self.tok.decode(self.ids[self.start :], skip_special_tokens=True)
+        if text.endswith("\ufffd") or len(text) <= len(
+            self.before
+        ):  # an incomplete UTF-8 sequence, or nothing new
             return ""
-        new, self.text = text[len(self.text) :], text
+        new, self.done = text[len(self.before) :], len(self.ids)
+        self.start, self.before = self.done, ""
+        while self.start > 0 and not self.before.strip():
+            self.start -= 1
+            self.before = self.tok.decode(self.ids[self.start : self.done], skip_special_tokens=True)
         return new
+
+
+def find_stop(text: str, new: int, stops) -> int | None:
+    """Where the first of ``stops`` (in their order) that occurs in ``text`` begins, looking only
+    where the last ``new`` characters could have completed one (earlier text was looked at
+    already); None if none does."""
+    stops = [s for s in stops if s]
+    if not stops:
+        return None
+    lo = max(0, len(text) - new - max(map(len, stops)) + 1)
+    for s in stops:
+        at = text.find(s, lo)
+        if at >= 0:
+            return at
+    return None
 
 
 class ChatModel:
@@ -115,7 +142,7 @@ class ChatModel:
                 break
             piece = delta.push(t)
             text += piece
-            cut = next((text.index(s) for s in params.stop if s and s in text), None)
+            cut = find_stop(text, len(piece), params.stop)
             if cut is not None:
                 yield piece[: max(0, len(piece) - (len(text) - cut))]
                 return

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 from modalign.data.conversation import BadSample
 from modalign.data.images import DEFAULT_MAX_ASPECT, ImageProcessor
 from modalign.devices import in_own_thread
-from modalign.infer.chat import ChatModel, TextDelta
+from modalign.infer.chat import ChatModel, TextDelta, find_stop
 from modalign.infer.engine import Prompt
 from modalign.serve.batcher import Batcher, Job
 from modalign.serve.guard import Guard, Metrics, error_body
@@ -302,7 +302,7 @@ class Reply:
             piece = delta.push(value)
             text += piece
             entries = [_logprob_entry(tok, lp)] if lp is not None else []
-            cut = next((text.index(s) for s in stops if s in text), None)
+            cut = find_stop(text, len(piece), stops)
             if cut is not None:
                 self.job.cancel()
                 yield piece[: max(0, len(piece) - (len(text) - cut))], "stop", entries
