@@ -108,7 +108,8 @@ def in_own_thread(fn, *args, **kwargs):
         except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
             out["error"] = e
 
-    t = threading.Thread(target=run, name=getattr(fn, "__name__", "modalign-once"))
+    # a daemon: Ctrl-C in the caller (a long load) ends the process without waiting for it
+    t = threading.Thread(target=run, name=getattr(fn, "__name__", "modalign-once"), daemon=True)
     t.start()
     t.join()
     if "error" in out:
