@@ -30,9 +30,12 @@ def stop_token_ids(tok: Tokenizer, template=None) -> list[int]:
 class TextDelta:
     """Incremental detokenisation: the new text each token adds (multi-byte safe), in time that
     does not grow with the reply. Each push decodes a window, not the whole reply: the ids from a
-    little before the last piece returned, as far back as it takes for the window's known part to
-    hold a character other than white space (tokenizers drop leading spaces: SentencePiece up to
-    two; past such a character both decodes of the window drop the same ones)."""
+    little before the last piece returned (up to ``BACK`` tokens), far enough back that the
+    window's known part holds a character other than white space (tokenizers drop leading
+    spaces: SentencePiece up to two; past such a character both decodes of the window drop the
+    same ones), else from where the last window began (which held one already)."""
+
+    BACK = 4
 
     def __init__(self, tok: Tokenizer):
         self.tok, self.ids = tok, []
@@ -42,15 +45,17 @@ class TextDelta:
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tok.decode(self.ids[self.start :], skip_special_tokens=True)
-        if text.endswith("\ufffd") or len(text) <= len(
-            self.before
-        ):  # an incomplete UTF-8 sequence, or nothing new
+        # an incomplete UTF-8 sequence (wait for more bytes), or nothing new
+        if text.endswith("\ufffd") or len(text) <= len(self.before):
             return ""
         new, self.done = text[len(self.before) :], len(self.ids)
-        self.start, self.before = self.done, ""
-        while self.start > 0 and not self.before.strip():
-            self.start -= 1
-            self.before = self.tok.decode(self.ids[self.start : self.done], skip_special_tokens=True)
+        for s in range(self.done - 1, max(self.start, self.done - self.BACK) - 1, -1):
+            before = self.tok.decode(self.ids[s : self.done], skip_special_tokens=True)
+            if before.strip():
+                self.start, self.before = s, before
+                break
+        else:  # white space only close by: the window keeps its start, whose text is ``text``
+            self.before = text
         return new
 
 

@@ -59,7 +59,7 @@ def tokenizers():
 def test_windowed_pieces_equal_whole_decodes(name, tok):
     rng = random.Random(0)
     vocab = tok.vocab_size if hasattr(tok, "vocab_size") else 400
-    seqs = [tok.encode(t) for t in TEXTS]
+    seqs = [tok.encode(t) for t in TEXTS] + [tok.encode("a" + " \n" * 300 + "b  c")]
     seqs += [[rng.randrange(vocab) for _ in range(rng.randrange(1, 60))] for _ in range(500)]
     for ids in seqs:
         a, b = TextDelta(tok), WholeDecode(tok)
