@@ -318,14 +318,22 @@ def _saved_forms() -> dict:
     """The forms saved for this machine (``_forms_file``), keyed by shape, bytes timed, threads
     and whether packed products exist."""
     path = _forms_file()
-    if path is None:
-        return {}
+    return {} if path is None else _this_machine(_read_forms(path))
+
+
+def _read_forms(path: str) -> dict:
+    """The forms file's machines (empty where there is none yet, or it is unreadable: time anew)."""
     try:
         with open(path) as f:
-            saved = json.load(f).get(_machine(), {})
-        return saved if isinstance(saved, dict) else {}
-    except (OSError, ValueError, AttributeError):  # none yet, or unreadable: time anew
+            every = json.load(f)
+    except (OSError, ValueError):
         return {}
+    return every if isinstance(every, dict) else {}
+
+
+def _this_machine(every: dict) -> dict:
+    mine = every.get(_machine())
+    return mine if isinstance(mine, dict) else {}
 
 
 def _save_forms(name: str, forms: tuple[str, str, str]) -> tuple[str, str, str]:
@@ -348,14 +356,8 @@ def _save_forms(name: str, forms: tuple[str, str, str]) -> tuple[str, str, str]:
                 fcntl.flock(lock, fcntl.LOCK_EX)
             except ImportError:  # no advisory locks here: the last writer wins
                 pass
-            try:
-                with open(path) as f:
-                    every = json.load(f)
-                every = every if isinstance(every, dict) else {}
-            except (OSError, ValueError):
-                every = {}
-            mine = every.get(_machine())
-            mine = mine if isinstance(mine, dict) else {}
+            every = _read_forms(path)
+            mine = _this_machine(every)
             first = _valid_forms(mine.get(name))
             if first is not None:
                 return first
