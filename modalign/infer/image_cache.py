@@ -18,6 +18,8 @@ from collections import OrderedDict
 
 import torch
 
+from modalign.infer.fast_decode import weight_versions
+
 
 def image_key(pixels: torch.Tensor) -> bytes:
     """A digest of one preprocessed image: its dtype, shape and values."""
@@ -110,11 +112,7 @@ def encode(model, images: list[torch.Tensor]) -> torch.Tensor | list[torch.Tenso
 def _versions(model) -> list[tuple[int, int]]:
     """Storage and version counter of every parameter and buffer outside the LLM (the vision tower,
     the connector: what turns pixels into visual tokens)."""
-    out = []
-    for name, mod in model.named_children():
-        if name != "llm":
-            out += [(t.data_ptr(), t._version) for t in (*mod.parameters(), *mod.buffers())]
-    return out
+    return weight_versions([m for name, m in model.named_children() if name != "llm"], buffers=True)
 
 
 def _nbytes(t: torch.Tensor) -> int:

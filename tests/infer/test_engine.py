@@ -234,6 +234,36 @@ def test_image_cache_reuses_visual_tokens_and_follows_weight_updates():
         Engine(model, image_cache_mb=-1)
 
 
+def test_weight_versions_sees_in_place_updates_replaced_tensors_and_modules():
+    from modalign.infer.fast_decode import weight_versions
+
+    model = tiny()
+    parts = [model.vision, model.connector]
+    want = [(t.data_ptr(), t._version) for m in parts for t in (*m.parameters(), *m.buffers())]
+    before = weight_versions(parts, buffers=True)
+    assert sorted(before) == sorted(want) and len(before) == len(want)
+    assert weight_versions([model.llm]) == [(p.data_ptr(), p._version) for p in model.llm.parameters()]
+    assert weight_versions(parts, buffers=True) == before  # nothing changed: an equal list
+    lin = model.connector.linear_1
+    with torch.no_grad():
+        lin.bias.add_(1.0)  # in place: the version counter moves
+    after_update = weight_versions(parts, buffers=True)
+    assert after_update != before
+    lin.weight = torch.nn.Parameter(lin.weight.detach().clone())  # a tensor replaced
+    after_param = weight_versions(parts, buffers=True)
+    assert after_param != after_update
+    model.connector.linear_1 = torch.nn.Linear(lin.in_features, lin.out_features)  # a module replaced
+    assert weight_versions(parts, buffers=True) != after_param
+    model.connector.register_buffer("scale", torch.ones(3))  # buffers count where asked for
+    assert len(weight_versions(parts, buffers=True)) == len(weight_versions(parts)) + 1
+    # a module shared by two parents is walked once, and a module that holds itself ends the walk
+    shared = torch.nn.Linear(2, 2)
+    a, b = torch.nn.Sequential(shared), torch.nn.Sequential(shared)
+    assert len(weight_versions([a, b])) == 2
+    a.add_module("loop", a)
+    assert len(weight_versions([a])) == 2
+
+
 @pytest.mark.parametrize("backend", ["dynamic", "weight_only"])
 def test_int8_linear_matches_its_dequantized_weight(backend):
     from modalign.infer.quant import Int8Linear
