@@ -4,10 +4,12 @@ with non-streaming requests. Prints requests, failures, throughput, latency perc
 server's resident memory after each round (the server runs in its own process).
 
     python bench/load_test.py [--clients 64] [--seconds 20] [--rounds 2] [--single-seconds 20]
-                              [--model DIR] [--engine eager|compiled|both] [--json]
+                              [--model DIR] [--engine eager|compiled|both] [--prefix-cache-mb MB] [--json]
 
 ``--engine``: the server's decode step, eager (``serve``'s default) or compiled (``--compile``);
 ``both`` runs the whole test against each, one server after the other, and prints the ratios.
+``--prefix-cache-mb``: the server's prefix cache (``serve``'s default without it; 0: off). The
+clients repeat a few prompts, so with the cache most of each prompt is reused.
 
 Without ``--model`` a tiny random model (the quickstart's shape) is written to a temporary folder.
 """
@@ -63,7 +65,7 @@ def images() -> list[str]:
 
 
 def start_server(
-    model: Path, tmp: Path, max_batch: int, compile: bool = False
+    model: Path, tmp: Path, max_batch: int, compile: bool = False, prefix_cache_mb: float | None = None
 ) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -71,7 +73,8 @@ def start_server(
     (tmp / "key").write_text(KEY)
     cmd = [sys.executable, "-m", "modalign.cli", "serve", "--model", str(model), "--port", str(port),
            "--api-key-file", str(tmp / "key"), "--max-batch", str(max_batch),
-           *(["--compile"] if compile else [])]  # fmt: skip
+           *(["--compile"] if compile else []),
+           *(["--prefix-cache-mb", str(prefix_cache_mb)] if prefix_cache_mb is not None else [])]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     for _ in range(3000):  # a compiled server compiles its decode step before it listens
@@ -146,7 +149,7 @@ def hammer(url: str, clients: int, seconds: float, imgs: list[str]) -> dict:
 
 def run(model: Path, tmp: Path, args, compile: bool) -> dict:
     t0 = time.monotonic()
-    proc, url = start_server(model, tmp, args.max_batch, compile)
+    proc, url = start_server(model, tmp, args.max_batch, compile, args.prefix_cache_mb)
     started = time.monotonic() - t0
     try:
         imgs = images()
@@ -190,6 +193,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--model", default=None, help="model directory (default: a tiny random model)")
     ap.add_argument("--engine", choices=["eager", "compiled", "both"], default="eager",
                     help="the server's decode step (both: one server each, then the ratios)")  # fmt: skip
+    ap.add_argument("--prefix-cache-mb", type=float, default=None,
+                    help="the server's --prefix-cache-mb (default: the server's default; 0: off)")  # fmt: skip
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     engines = {"compiled": [True], "eager": [False], "both": [False, True]}[args.engine]

@@ -158,12 +158,19 @@ def _load_chat(args, compile: bool = False):
     return ChatModel.load(args.model, args.template, device=args.device, dtype=args.dtype, compile=compile,
                           base=args.base, vision_tower=args.vision_tower,
                           image_cache_mb=getattr(args, "image_cache_mb", 256),
-                          quantize=getattr(args, "quantize", None))  # fmt: skip
+                          quantize=getattr(args, "quantize", None),
+                          prefix_cache_mb=getattr(args, "prefix_cache_mb", 0))  # fmt: skip
 
 
 def _compile_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (a one-off compile per batch shape, then faster tokens)")  # fmt: skip
+
+
+def _prefix_cache_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prefix-cache-mb", type=float, default=1024,
+                   help="keys and values of earlier turns and requests are kept up to this many MiB, and a "
+                   "prompt that begins with one of them runs only what follows (0: off)")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +286,7 @@ def _add_chat(sub) -> None:
     ch.add_argument("--max-new-tokens", type=int, default=256)
     ch.add_argument("--temperature", type=float, default=0.0)
     _compile_flag(ch)
+    _prefix_cache_flag(ch)
     _model_flags(ch)
     ch.set_defaults(func=_chat)
 
@@ -307,6 +315,7 @@ def _add_serve(sub) -> None:
     sv.add_argument("--max-images", type=int, default=8, help="images per request")
     sv.add_argument("--image-cache-mb", type=float, default=256,
                     help="visual tokens of images already seen are reused, up to this many MiB (0: off)")  # fmt: skip
+    _prefix_cache_flag(sv)
     sv.add_argument("--decoded-image-cache-mb", type=float, default=64,
                     help="uploads seen before skip decoding and resizing: their pixels kept by a digest of the "
                          "bytes, up to this many MiB (0: off)")  # fmt: skip

@@ -78,23 +78,25 @@ class ChatModel:
     """A loaded model with its tokenizer, template and image preprocessing."""
 
     def __init__(self, model: MLLM, tok: Tokenizer, template: str | None = None, compile: bool = False,
-                 image_cache_mb: float = 256, quantize: str | None = None):  # fmt: skip
+                 image_cache_mb: float = 256, quantize: str | None = None, prefix_cache_mb: float = 0):  # fmt: skip
         self.model, self.tok = model.eval(), tok
         name = template or tok.template_name or ("jinja" if tok.chat_template else "vicuna_v1")
         self.template = get_template(name, tok)
-        self.engine = Engine(model, tok, compile=compile, image_cache_mb=image_cache_mb, quantize=quantize)
+        self.engine = Engine(model, tok, compile=compile, image_cache_mb=image_cache_mb, quantize=quantize,
+                             prefix_cache_mb=prefix_cache_mb)  # fmt: skip
         self.images = ImageProcessor(model.config.vision) if model.has_vision else None
 
     @classmethod
     def load(cls, path: str | Path, template: str | None = None, device=None, dtype=None, compile: bool = False,
              base: str | Path | None = None, vision_tower: str | Path | None = None,
-             image_cache_mb: float = 256, quantize: str | None = None) -> ChatModel:  # fmt: skip
+             image_cache_mb: float = 256, quantize: str | None = None, prefix_cache_mb: float = 0) -> ChatModel:  # fmt: skip
         """A model directory (any supported format) ready to chat: ``device`` and ``dtype`` by name
         or "auto" (the best available: a GPU in bf16 where it supports it, else the CPU in fp32);
         ``base`` / ``vision_tower`` as for ``MLLM.from_pretrained``; the template is the given one,
         else the tokenizer's, else the one the checkpoint's release uses; ``compile``:
         torch.compile the decode step; ``image_cache_mb``: visual tokens of images seen kept for
-        reuse up to this size; ``quantize``: "int8" or "int4" decodes on quantized weights (see ``Engine``)."""
+        reuse up to this size; ``quantize``: "int8" or "int4" decodes on quantized weights;
+        ``prefix_cache_mb``: keys and values of earlier turns kept for the next (see ``Engine``)."""
         from modalign.checkpoints import default_template
         from modalign.devices import resolve_device, resolve_dtype
 
@@ -109,7 +111,8 @@ class ChatModel:
         tok = Tokenizer.from_dir(tok_dir)
         if template is None and tok.template_name is None and not tok.chat_template:
             template = default_template(path)
-        return cls(model, tok, template, compile=compile, image_cache_mb=image_cache_mb, quantize=quantize)
+        return cls(model, tok, template, compile=compile, image_cache_mb=image_cache_mb, quantize=quantize,
+                   prefix_cache_mb=prefix_cache_mb)  # fmt: skip
 
     def prompt(self, messages: list[Message], images: list) -> Prompt:
         """Render with the generation prompt; ``images`` are paths, bytes or PIL images."""

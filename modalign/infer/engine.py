@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
-from modalign.infer.image_cache import ImageCache, encode, encode_cached
+from modalign.infer.image_cache import ImageCache, encode, encode_cached, image_key
+from modalign.infer.prefix_cache import PrefixCache, block_keys, image_spans
 from modalign.infer.quant import check_quantize, quantize_llm_
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
@@ -96,14 +97,18 @@ class Engine:
     """Batched generation for any ``MLLM`` design."""
 
     def __init__(self, model: MLLM, tokenizer=None, compile: bool = False, image_cache_mb: float = 256,
-                 quantize: str | None = None):  # fmt: skip
+                 quantize: str | None = None, prefix_cache_mb: float = 0):  # fmt: skip
         """``compile``: decode steps run through ``torch.compile`` (a one-off compile per batch
         size and cache-length bucket, then several times fewer dispatched ops per token).
         ``image_cache_mb``: visual tokens of images already seen are kept up to this size and
         reused (``ImageCache``; 0 keeps none). ``quantize``: "int8" replaces the LLM's matrices
         by int8 values, "int4" by 4-bit groupwise values (CPU; a matrix the int4 kernel does not
         take is int8), in place: ``model`` is inference-only afterwards (``quantize_llm_`` in
-        ``infer/quant.py``; the decode step is then eager)."""
+        ``infer/quant.py``; the decode step is then eager). ``prefix_cache_mb``: keys and values
+        of finished one-prompt generations (and the scheduler's requests) are kept up to this
+        size, and a prompt that begins with one of them prefills only the rest (``PrefixCache``:
+        the next turn of a chat; 0 keeps none; decoders that splice images in, not cross-attention
+        ones)."""
         self.model, self.tok = model.eval(), tokenizer
         self.quantize = check_quantize(quantize)
         if self.quantize and not supported(model.llm, None):
@@ -113,21 +118,33 @@ class Engine:
             )
         if image_cache_mb < 0:
             raise ValueError(f"image_cache_mb must be >= 0 (0: no cache), got {image_cache_mb}")
+        if prefix_cache_mb < 0:
+            raise ValueError(f"prefix_cache_mb must be >= 0 (0: no cache), got {prefix_cache_mb}")
         if self.quantize:
             quantize_llm_(model.llm, self.quantize)
         compile = compile and getattr(model.llm, "quantized_scheme", None) is None  # quantized: eager
         self.fast = FastDecoder(model.llm, compile=compile)
         self.image_cache = ImageCache(int(image_cache_mb * (1 << 20))) if image_cache_mb else None
+        reusable = model.config.fusion == "splice" and not model.config.llm.is_encoder_decoder
+        self.prefix = PrefixCache(int(prefix_cache_mb * (1 << 20))) if prefix_cache_mb and reusable else None
 
     def _device(self):
         return self.model.llm.embed_tokens.weight.device
 
     @torch.inference_mode()
-    def prefill(self, prompts: list[Prompt], room: int, round_to_graphs: bool = False) -> Prefilled:
+    def prefill(
+        self, prompts: list[Prompt], room: int, round_to_graphs: bool = False, reuse: bool = True
+    ) -> Prefilled:
         """Run the prompts (left-padded into one batch) through the model into a new KV cache with
-        ``room`` slots left for new tokens; returns the cache and each row's next-token logits."""
-        dev = self._device()
+        ``room`` slots left for new tokens; returns the cache and each row's next-token logits.
+        One prompt that begins with a sequence the prefix cache holds (``reuse``) runs only the
+        tokens after it."""
         prompts = [self._expand(p) for p in prompts]
+        if reuse and self.prefix is not None and len(prompts) == 1:
+            pre = self._prefill_reused(prompts[0], room, round_to_graphs)
+            if pre is not None:
+                return pre
+        dev = self._device()
         b = len(prompts)
         lengths = [len(p.input_ids) for p in prompts]
         t = max(lengths)
@@ -150,6 +167,62 @@ class Engine:
                          attention_mask=sp.attention_mask, cache=cache, logits_to_keep=1,
                          media=sp.media)  # fmt: skip
         return Prefilled(cache, out.logits[:, -1].float(), ids, mask, padded, lengths)
+
+    def image_digests(self, p: Prompt) -> tuple[list[bytes], list[int]]:
+        """Each image's digest and placeholder count in the expanded prompt ``p``."""
+        return ([image_key(px) for px in p.pixel_values],
+                [self.model.num_image_tokens(tuple(px.shape[-2:])) for px in p.pixel_values])  # fmt: skip
+
+    def prefix_keys(self, ids: list[int], images: tuple[list[bytes], list[int]]) -> list[bytes]:
+        return block_keys(ids, self.model.config.image_token_id, *images, self.prefix.block)
+
+    @torch.inference_mode()
+    def prefill_reused(self, prompt: Prompt, room: int, round_to_graphs: bool = False) -> Prefilled | None:
+        """``prefill`` of one prompt from the longest prefix the prefix cache holds; None when it
+        holds none (or no cache is kept)."""
+        if self.prefix is None:
+            return None
+        return self._prefill_reused(self._expand(prompt), room, round_to_graphs)
+
+    def _prefill_reused(self, p: Prompt, room: int, round_to_graphs: bool) -> Prefilled | None:
+        self.prefix.follow(self.model)
+        images = self.image_digests(p)
+        n = len(p.input_ids)
+        hit = self.prefix.lookup(self.prefix_keys(p.input_ids, images), n - 1)
+        if hit is None:
+            return None
+        h = hit.tokens
+        spans = image_spans(p.input_ids, self.model.config.image_token_id, images[1])
+        for start, end in spans:  # an image is run whole: not from the middle of its tokens
+            if start < h < end:
+                h = start
+        if h == 0:
+            return None
+        self.prefix.hit_tokens += h
+        dev = self._device()
+        need = n + room
+        cache = self.model.llm.new_cache(1, self.fast.round_cache_len(need) if round_to_graphs else need)
+        for layer in range(len(cache.k)):
+            cache.k[layer][0, :, :h] = hit.entry.k[layer][:, :h]
+            cache.v[layer][0, :, :h] = hit.entry.v[layer][:, :h]
+        cache.length = h
+        pixels = [px for (start, _), px in zip(spans, p.pixel_values, strict=True) if start >= h]
+        tokens = self._image_tokens(pixels)
+        sp = self.model.embed(torch.tensor([p.input_ids[h:]], device=dev), None, None, image_tokens=tokens,
+                              placeholder="per_token")  # fmt: skip
+        mask = torch.ones(1, n, dtype=torch.long, device=dev)
+        out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if tokens is not None else None,
+                         attention_mask=mask, cache=cache, logits_to_keep=1)  # fmt: skip
+        cache.prefill_length = cache.length
+        ids = torch.tensor([p.input_ids], device=dev)
+        return Prefilled(cache, out.logits[:, -1].float(), ids, mask, False, [n])
+
+    def keep_prefix(self, ids: list[int], images: tuple[list[bytes], list[int]], k: list[torch.Tensor],
+                    v: list[torch.Tensor]) -> None:  # fmt: skip
+        """Offer the prefix cache the keys and values (per layer [H_kv, >= n, D]) of the ``n`` tokens
+        ``ids`` (the prompt and the generated tokens fed back)."""
+        if self.prefix is not None and len(ids) >= self.prefix.block:
+            self.prefix.put(self.prefix_keys(ids, images), k, v)
 
     @torch.inference_mode()
     def stream(
@@ -183,6 +256,7 @@ class Engine:
         if compiled and fast:  # slots the compiled step attends to: prompt, then new tokens
             valid = torch.zeros(b, cache.max_len, dtype=torch.bool, device=dev)
             valid[:, :t] = mask.bool()
+        fed: list[int] = []  # tokens fed back (their keys and values are in the cache)
         for step in range(params.max_new_tokens):
             adj = process_logits(logits, seen, params)
             if params.temperature > 0:
@@ -204,6 +278,8 @@ class Engine:
             if seen is not None:
                 seen = torch.cat([seen, nxt[:, None]], 1)
             step_ids = nxt[:, None]
+            if b == 1:
+                fed.append(toks[0])
             if padded:  # rows keep their own positions; finished rows stop attending to new tokens
                 done = torch.tensor(done_l, device=dev)
                 mask = torch.cat([mask, (~done).long()[:, None]], 1)
@@ -221,6 +297,11 @@ class Engine:
                 logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
             logits = logits.float()
         self.last_finish = finish
+        if self.prefix is not None and b == 1 and cache.media is None:
+            p = self._expand(prompts[0])
+            self.keep_prefix(
+                p.input_ids + fed, self.image_digests(p), [t[0] for t in cache.k], [t[0] for t in cache.v]
+            )
 
     def _stream_seq2seq(self, prompts: list[Prompt], params: SamplingParams, cancelled=None):
         """``stream`` for an encoder-decoder LLM (T5): the prompts (left-padded) through the encoder

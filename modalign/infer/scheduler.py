@@ -58,6 +58,7 @@ class _Row:
     seen: list[int]  # prompt + generated ids (repetition penalty)
     counts: dict[int, int] = field(default_factory=dict)  # generated ids (presence / frequency penalties)
     finish: str | None = None  # "stop" | "length" once the row has ended
+    images: tuple[list[bytes], list[int]] | None = None  # its images' digests and token counts (prefix cache)
 
 
 class Scheduler:
@@ -93,6 +94,10 @@ class Scheduler:
         if room <= 0 or not self.waiting:
             return
         new, self.waiting = self.waiting[:room], self.waiting[room:]
+        if self.engine.prefix is not None:
+            new = self._admit_reused(new)
+            if not new:
+                return
         try:
             self._prefill(new)
         except Exception:  # noqa: BLE001 - find the request that failed; the others go on
@@ -113,15 +118,35 @@ class Scheduler:
             r.on_end("cancelled")
         return r.cancelled
 
+    def _admit_reused(self, reqs: list[Request]) -> list[Request]:
+        """Admit each request the engine's prefix cache holds a prefix for, prefilled alone from
+        it (a failure fails that request only); returns the others."""
+        rest = []
+        for r in reqs:
+            try:
+                pre = self.engine.prefill_reused(r.prompt, r.params.max_new_tokens + 1)
+                if pre is None:
+                    rest.append(r)
+                else:
+                    self._admit_prefilled([r], pre)
+            except Exception as e:  # noqa: BLE001 - this request fails; the others go on
+                r.on_error(e)
+        return rest
+
     def _prefill(self, reqs: list[Request]) -> None:
-        dev = self.engine._device()
+        """Prefill ``reqs`` in one left-padded batch and merge them in."""
         room = max(r.params.max_new_tokens for r in reqs) + 1
-        pre = self.engine.prefill([r.prompt for r in reqs], room)
+        self._admit_prefilled(reqs, self.engine.prefill([r.prompt for r in reqs], room, reuse=False))
+
+    def _admit_prefilled(self, reqs: list[Request], pre) -> None:
+        dev = self.engine._device()
         rows = []
         for i, r in enumerate(reqs):
             gen = torch.Generator(device=dev)
             gen.manual_seed(r.params.seed) if r.params.seed is not None else gen.seed()
             rows.append(_Row(r, gen, pre.ids[i][pre.mask[i].bool()].tolist()))
+            if self.engine.prefix is not None:
+                rows[-1].images = self.engine.image_digests(self.engine._expand(r.prompt))
         tokens = self._sample(rows, pre.logits)
         positions = pre.mask.sum(1)  # the next position of each row
         slots = self._place(pre.cache, pre.mask.bool(), positions, rows)
@@ -316,6 +341,7 @@ class Scheduler:
                 continue
             reason = row.finish or ("cancelled" if row.req.cancelled else None)
             if reason:
+                self._keep_prefix(i, row)
                 row.req.on_end(reason)
                 self.rows[i] = None
                 self.valid[i] = False  # it attends to its own new slot only until it is taken over
@@ -338,6 +364,24 @@ class Scheduler:
             self.cache.max_len -= first
             self.cache.length = self.cache.prefill_length = n
             self.valid = _dense(self.valid[:, first:])
+
+    def _keep_prefix(self, i: int, row: _Row) -> None:
+        """Offer the engine's prefix cache the keys and values of row ``i``'s tokens that have them:
+        the prompt and every generated token but the last (never fed back)."""
+        eng = self.engine
+        if eng.prefix is None or row.images is None or self.cache.media is not None:
+            return
+        ids = row.seen[:-1]
+        n = len(ids) // eng.prefix.block * eng.prefix.block
+        if n == 0:
+            return
+        slots = self.valid[i, : self.cache.length].nonzero().squeeze(1)
+        if len(slots) != len(ids):  # not the row's own tokens, in order: keep nothing
+            return
+        slots = slots[:n]
+        eng.keep_prefix(
+            ids, row.images, [t[i][:, slots] for t in self.cache.k], [t[i][:, slots] for t in self.cache.v]
+        )
 
     def _reset(self) -> None:
         self.cache = self.valid = self.pos = self.next = None

@@ -93,6 +93,7 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
     batcher = Batcher(cm.engine, cfg.max_batch, cfg.stall_s)
     metrics = Metrics()
     metrics.watch_image_cache(cm.engine.image_cache)
+    metrics.watch_prefix_cache(cm.engine.prefix)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -47,6 +47,11 @@ class Metrics:
         if cache is not None:
             self.registry.register(_ImageCacheCollector(cache))
 
+    def watch_prefix_cache(self, cache) -> None:
+        """Report an engine's ``PrefixCache`` (lookups by result, tokens reused, bytes) at each scrape."""
+        if cache is not None:
+            self.registry.register(_PrefixCacheCollector(cache))
+
 
 class _ImageCacheCollector:
     def __init__(self, cache):
@@ -63,6 +68,22 @@ class _ImageCacheCollector:
             "modalign_image_cache_entries", "images whose visual tokens are cached", len(c)
         )
         yield GaugeMetricFamily("modalign_image_cache_bytes", "bytes of cached visual tokens", c.bytes)
+
+
+class _PrefixCacheCollector:
+    def __init__(self, cache):
+        self.cache = cache
+
+    def collect(self):
+        c = self.cache
+        lookups = CounterMetricFamily("modalign_prefix_cache_lookups", "prompt-prefix cache lookups by result",
+                                      labels=["result"])  # fmt: skip
+        lookups.add_metric(["hit"], c.hits)
+        lookups.add_metric(["miss"], c.misses)
+        yield lookups
+        yield CounterMetricFamily("modalign_prefix_cache_reused_tokens", "prompt tokens not prefilled (reused)",
+                                  c.hit_tokens)  # fmt: skip
+        yield GaugeMetricFamily("modalign_prefix_cache_bytes", "bytes of cached keys and values", c.bytes)
 
 
 def route_label(path: str) -> str:

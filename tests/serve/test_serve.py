@@ -218,6 +218,36 @@ def test_an_image_met_again_is_not_encoded_again(server, monkeypatch):
     assert len(opened) <= 1  # the same upload three times: decoded at most once (once unless seen before)
 
 
+def test_a_chat_served_with_the_prefix_cache_runs_only_each_turns_new_part(server):
+    """``serve --prefix-cache-mb``: each turn of a chat with a picture reuses the keys and values
+    of the turns before (counted in /metrics) and answers as the server without the cache."""
+    from modalign.cli import build_parser
+    from modalign.infer.chat import ChatModel
+
+    assert build_parser().parse_args(["serve", "--model", "m"]).prefix_cache_mb == 1024
+    assert build_parser().parse_args(["chat", "--model", "m", "--prefix-cache-mb", "0"]).prefix_cache_mb == 0
+    plain_url, app, _ = server
+    base = app.state.batcher.engine.model
+    cm = tiny_chat_model()
+    cached = ChatModel(base, cm.tok, prefix_cache_mb=16)
+    url, stop = start(create_app(cached, ServeConfig(model_name="tiny", api_key=KEY, max_batch=4)))
+    try:
+        pc, reused = cached.engine.prefix, 0
+        msgs = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url((9, 9, 200))}},
+                                             {"type": "text", "text": "what colour is the shape in the picture?"}]}]  # fmt: skip
+        for i, q in enumerate(["and is it red?", "is it green or blue?", "what shape?"]):
+            got = ask(url, messages=msgs, max_tokens=6).choices[0].message.content
+            assert got == ask(plain_url, messages=msgs, max_tokens=6).choices[0].message.content
+            assert (pc.hit_tokens > reused) == (i > 0)  # every turn after the first reuses the ones before
+            reused = pc.hit_tokens
+            msgs += [{"role": "assistant", "content": got or "no"}, {"role": "user", "content": q}]
+        metrics = httpx.get(url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        assert f"modalign_prefix_cache_reused_tokens_total {float(pc.hit_tokens)}" in metrics
+        assert f'modalign_prefix_cache_lookups_total{{result="hit"}} {float(pc.hits)}' in metrics
+    finally:
+        stop()
+
+
 def test_a_compiled_server_compiles_before_it_listens_and_answers_as_the_eager_one():
     """``serve --compile``: the app's start-up runs the scheduler's warm-up, so the decode graphs
     exist before the first request; requests of one and of several rows then compile nothing
