@@ -1,6 +1,6 @@
 """Every benchmark in one command: decode (tiny and mid-size model, against the memory-bandwidth
-roofline), training throughput and the server under load, each against transformers (or one
-client) in one run. Prints the figures and writes them, with the machine's CPU model and flags,
+roofline), a multi-turn chat about a picture (the prefix cache), training throughput and the
+server under load, each against transformers (or one client) in one run. Prints the figures and writes them, with the machine's CPU model and flags,
 into ``docs/benchmarks.md`` (between the "bench/run.py" markers; the rest of the file is kept).
 
     python bench/run.py [--threads 2] [--quick] [--no-write]
@@ -102,6 +102,8 @@ def main() -> None:
     tokens = "32" if args.quick else "128"
     decode = [last_json(run(["bench_decode.py", "--size", s, "--new-tokens", tokens, "--threads", t, "--json"],
                             args.threads)) for s in ("tiny", "mid")]  # fmt: skip
+    chat = last_json(run(["bench_chat.py", "--size", "mid", "--turns", "3" if args.quick else "6", "--threads", t,
+                          "--json"], args.threads))  # fmt: skip
     quick = ["--steps", "5", "--rounds", "1"] if args.quick else []
     train = {size: run(["bench_train.py", "--size", size, "--threads", t, *extra, *quick], args.threads)
              for size, extra in (("tiny", []), ("mid", ["--batch", "4", "--text", "180", "--steps", "10"]))}  # fmt: skip
@@ -140,6 +142,16 @@ def main() -> None:
               "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for d in decode:
         lines += quant_rows(d)
+    c = chat
+    lines += ["", f"A chat of {c['turns']} turns about one picture ({c['size']} model, {c['reply_tokens']}-token greedy "
+              "replies; each prompt is the last one, its reply and a new message; `bench/bench_chat.py`): time to "
+              "the first token from the second turn on, mean, transformers "
+              f"{c['transformers_ttft_later_mean'] * 1e3:.0f} ms, modalign {c['modalign_ttft_later_mean'] * 1e3:.0f} ms, "
+              f"with its prefix cache {c['modalign+prefix_ttft_later_mean'] * 1e3:.0f} ms "
+              f"({c['transformers_ttft_later_mean'] / c['modalign+prefix_ttft_later_mean']:.1f}x transformers); the "
+              f"whole chat {c['transformers_chat']:.2f} / {c['modalign_chat']:.2f} / {c['modalign+prefix_chat']:.2f} s; "
+              f"same greedy tokens as modalign without the cache: "
+              + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in c["same_tokens"].items()) + "."]  # fmt: skip
     lines += ["", "Training (forward + backward + AdamW; bf16 is autocast on both sides):", "", "```text",
               *[x for out in train.values() for x in out.splitlines() if x.startswith(("fp32", "bf16"))], "```",
               ""]  # fmt: skip

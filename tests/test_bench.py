@@ -30,3 +30,19 @@ def test_bench_decode_runs_and_reports_every_matrix_form(tmp_path):
     # one entry per fp32 matrix shape of the tiny model's decoder, each with its three forms
     assert {"512x256", "256x256", "1376x256", "256x688"} <= set(doc["forms"])
     assert all(len(f) == 3 for f in doc["forms"].values())
+
+
+def test_bench_chat_runs_and_the_prefix_cache_changes_no_token():
+    out = subprocess.run(
+        [sys.executable, "bench_chat.py", "--size", "tiny", "--turns", "3", "--reply", "4", "--threads", "1", "--json"],
+        cwd=BENCH, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    doc = json.loads(out.stdout.strip().splitlines()[-1])
+    assert doc["same_tokens"] == {"transformers": True, "modalign": True, "modalign+prefix": True}
+    assert [r["prompt_tokens"] for r in doc["rows"]] == [
+        47,
+        71,
+        95,
+    ]  # prompt, reply (4) and 20 new tokens a turn
+    assert doc["reused_tokens"] == 48 + 64  # whole blocks of turns 1 and 2: prompt and the 3 replies fed back

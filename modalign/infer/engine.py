@@ -16,7 +16,7 @@ import torch
 
 from modalign.infer.fast_decode import FastDecoder, supported
 from modalign.infer.image_cache import ImageCache, encode, encode_cached, image_key
-from modalign.infer.prefix_cache import PrefixCache, block_keys, image_spans
+from modalign.infer.prefix_cache import Entry, PrefixCache, block_keys, image_spans
 from modalign.infer.quant import check_quantize, quantize_llm_
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
@@ -59,6 +59,17 @@ class Prefilled:
     mask: torch.Tensor
     padded: bool
     lengths: list[int]
+
+
+@dataclass
+class Reuse:
+    """A prompt (placeholders expanded) whose first ``tokens`` tokens the prefix cache's ``entry``
+    holds; ``images``: its pictures after them (those that still run)."""
+
+    prompt: Prompt
+    tokens: int
+    entry: Entry
+    images: list[torch.Tensor]
 
 
 @dataclass
@@ -139,11 +150,9 @@ class Engine:
         ``room`` slots left for new tokens; returns the cache and each row's next-token logits.
         One prompt that begins with a sequence the prefix cache holds (``reuse``) runs only the
         tokens after it."""
+        if reuse and len(prompts) == 1 and (found := self.find_reuse(prompts[0])) is not None:
+            return self.prefill_reused([found], room, round_to_graphs)
         prompts = [self._expand(p) for p in prompts]
-        if reuse and self.prefix is not None and len(prompts) == 1:
-            pre = self._prefill_reused(prompts[0], room, round_to_graphs)
-            if pre is not None:
-                return pre
         dev = self._device()
         b = len(prompts)
         lengths = [len(p.input_ids) for p in prompts]
@@ -176,19 +185,15 @@ class Engine:
     def prefix_keys(self, ids: list[int], images: tuple[list[bytes], list[int]]) -> list[bytes]:
         return block_keys(ids, self.model.config.image_token_id, *images, self.prefix.block)
 
-    @torch.inference_mode()
-    def prefill_reused(self, prompt: Prompt, room: int, round_to_graphs: bool = False) -> Prefilled | None:
-        """``prefill`` of one prompt from the longest prefix the prefix cache holds; None when it
-        holds none (or no cache is kept)."""
+    def find_reuse(self, prompt: Prompt) -> Reuse | None:
+        """What the prefix cache holds of ``prompt``'s beginning (never its last token, never part of
+        a picture's tokens); None when it holds none or no cache is kept."""
         if self.prefix is None:
             return None
-        return self._prefill_reused(self._expand(prompt), room, round_to_graphs)
-
-    def _prefill_reused(self, p: Prompt, room: int, round_to_graphs: bool) -> Prefilled | None:
+        p = self._expand(prompt)
         self.prefix.follow(self.model)
         images = self.image_digests(p)
-        n = len(p.input_ids)
-        hit = self.prefix.lookup(self.prefix_keys(p.input_ids, images), n - 1)
+        hit = self.prefix.lookup(self.prefix_keys(p.input_ids, images), len(p.input_ids) - 1)
         if hit is None:
             return None
         h = hit.tokens
@@ -199,23 +204,46 @@ class Engine:
         if h == 0:
             return None
         self.prefix.hit_tokens += h
+        return Reuse(
+            p, h, hit.entry, [px for (start, _), px in zip(spans, p.pixel_values, strict=True) if start >= h]
+        )
+
+    @torch.inference_mode()
+    def prefill_reused(self, reuses: list[Reuse], room: int, round_to_graphs: bool = False) -> Prefilled:
+        """``prefill`` of prompts that begin with sequences the prefix cache holds (``find_reuse``):
+        each row's held keys and values are copied in, right-aligned at the cache's first ``H``
+        slots (``H`` the longest held part), and only the rest of each prompt runs, left-padded
+        after them; the attention mask leaves the gaps out, so every token keeps its position."""
         dev = self._device()
-        need = n + room
-        cache = self.model.llm.new_cache(1, self.fast.round_cache_len(need) if round_to_graphs else need)
-        for layer in range(len(cache.k)):
-            cache.k[layer][0, :, :h] = hit.entry.k[layer][:, :h]
-            cache.v[layer][0, :, :h] = hit.entry.v[layer][:, :h]
-        cache.length = h
-        pixels = [px for (start, _), px in zip(spans, p.pixel_values, strict=True) if start >= h]
-        tokens = self._image_tokens(pixels)
-        sp = self.model.embed(torch.tensor([p.input_ids[h:]], device=dev), None, None, image_tokens=tokens,
+        b = len(reuses)
+        held = max(r.tokens for r in reuses)
+        rest = [len(r.prompt.input_ids) - r.tokens for r in reuses]
+        t = max(rest)
+        need = held + t + room
+        cache = self.model.llm.new_cache(b, self.fast.round_cache_len(need) if round_to_graphs else need)
+        ids = torch.zeros(b, held + t, dtype=torch.long)
+        mask = torch.zeros(b, held + t, dtype=torch.long)
+        for i, r in enumerate(reuses):
+            h, ps = r.tokens, r.prompt.input_ids
+            for layer in range(len(cache.k)):
+                cache.k[layer][i, :, held - h : held] = r.entry.k[layer][:, :h]
+                cache.v[layer][i, :, held - h : held] = r.entry.v[layer][:, :h]
+            ids[i, held - h : held] = torch.tensor(ps[:h])
+            ids[i, held + t - rest[i] :] = torch.tensor(ps[h:])
+            mask[i, held - h : held] = 1
+            mask[i, held + t - rest[i] :] = 1
+        cache.length = held
+        ids, mask = ids.to(dev), mask.to(dev)
+        tokens = self._image_tokens([px for r in reuses for px in r.images])
+        padded = min(rest) != t
+        sp = self.model.embed(ids[:, held:], None, mask[:, held:] if padded else None, image_tokens=tokens,
                               placeholder="per_token")  # fmt: skip
-        mask = torch.ones(1, n, dtype=torch.long, device=dev)
         out = self.model(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids if tokens is not None else None,
                          attention_mask=mask, cache=cache, logits_to_keep=1)  # fmt: skip
         cache.prefill_length = cache.length
-        ids = torch.tensor([p.input_ids], device=dev)
-        return Prefilled(cache, out.logits[:, -1].float(), ids, mask, False, [n])
+        holes = b > 1 and any(r.tokens != held for r in reuses)
+        return Prefilled(cache, out.logits[:, -1].float(), ids, mask, padded or holes,
+                         [len(r.prompt.input_ids) for r in reuses])  # fmt: skip
 
     def keep_prefix(self, ids: list[int], images: tuple[list[bytes], list[int]], k: list[torch.Tensor],
                     v: list[torch.Tensor]) -> None:  # fmt: skip

@@ -119,19 +119,30 @@ class Scheduler:
         return r.cancelled
 
     def _admit_reused(self, reqs: list[Request]) -> list[Request]:
-        """Admit each request the engine's prefix cache holds a prefix for, prefilled alone from
-        it (a failure fails that request only); returns the others."""
-        rest = []
+        """Admit the requests the engine's prefix cache holds a beginning of, prefilled together
+        from what it holds (one at a time if that fails: a failure fails its request only);
+        returns the others."""
+        found, rest = [], []
         for r in reqs:
             try:
-                pre = self.engine.prefill_reused(r.prompt, r.params.max_new_tokens + 1)
-                if pre is None:
-                    rest.append(r)
-                else:
-                    self._admit_prefilled([r], pre)
-            except Exception as e:  # noqa: BLE001 - this request fails; the others go on
+                reuse = self.engine.find_reuse(r.prompt)
+            except Exception as e:  # noqa: BLE001 - e.g. a placeholder count the prompt gets wrong
                 r.on_error(e)
-        return rest
+                continue
+            (rest if reuse is None else found).append((r, reuse))
+        if not found:
+            return [r for r, _ in rest]
+        eng = self.engine
+        try:
+            room = max(r.params.max_new_tokens for r, _ in found) + 1
+            self._admit_prefilled([r for r, _ in found], eng.prefill_reused([u for _, u in found], room))
+        except Exception:  # noqa: BLE001 - find the request that failed; the others go on
+            for r, u in found:
+                try:
+                    self._admit_prefilled([r], eng.prefill_reused([u], r.params.max_new_tokens + 1))
+                except Exception as e:  # noqa: BLE001
+                    r.on_error(e)
+        return [r for r, _ in rest]
 
     def _prefill(self, reqs: list[Request]) -> None:
         """Prefill ``reqs`` in one left-padded batch and merge them in."""

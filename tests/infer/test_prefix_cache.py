@@ -82,24 +82,38 @@ def test_a_reused_part_ends_before_an_image_it_would_cut_and_other_images_miss()
 
 
 def test_the_continuous_batch_reuses_finished_requests():
+    """Requests that begin with finished ones join the running batch together, each from its own
+    held length (the shorter ones' slots right-aligned, the gaps masked), and decode as alone."""
     model = tiny_variant("mam")
     ph, k = model.config.image_token_id, model.num_image_tokens()
     first = Prompt([1] + [ph] * k + text(22, 5), [image(2)])
     want1 = full_forward_greedy(model, first, 8)
-    second = turn(model, first, want1, text(7, 6))
-    other = Prompt([1] + text(40, 9))
-    want = [want1, full_forward_greedy(model, second, 5), full_forward_greedy(model, other, 9), want1]
-    sinks = [Sink() for _ in range(4)]
-    sched = Scheduler(Engine(model, prefix_cache_mb=16), max_batch=3)
-    reqs = [s.request(p, SamplingParams(max_new_tokens=n))
-            for s, p, n in zip(sinks, [first, second, other, first], [8, 5, 9, 8], strict=True)]  # fmt: skip
-    run(sched, {0: [reqs[0], reqs[2]], 12: [reqs[1]], 13: [reqs[3]]})
+    second = turn(model, first, want1, text(7, 6), [image(3)])  # a second picture after the held part
+    other = Prompt([1] + text(59, 9))
+    ps = [first, other, second, first, other]
+    lengths = [8, 9, 5, 8, 9]
+    want = [full_forward_greedy(model, p, n) for p, n in zip(ps, lengths, strict=True)]
+    sinks = [Sink() for _ in ps]
+    sched = Scheduler(Engine(model, prefix_cache_mb=16), max_batch=4)
+    reqs = [
+        s.request(p, SamplingParams(max_new_tokens=n)) for s, p, n in zip(sinks, ps, lengths, strict=True)
+    ]
+    run(sched, {0: reqs[:2], 12: reqs[2:]})  # the last three are admitted in one step
     for s, w in zip(sinks, want, strict=True):
         assert s.error is None and s.tokens == w
     pc = sched.engine.prefix
-    n = len(first.input_ids)  # held: the prompt and 7 of its 8 tokens (the last is never fed back)
-    assert pc.hits == 2 and pc.hit_tokens == (n + 7) // BLOCK * BLOCK + (n - 1) // BLOCK * BLOCK
+    n, m = len(first.input_ids), len(other.input_ids)  # held: each prompt and 7 / 8 of its tokens
+    assert pc.hits == 3
+    assert pc.hit_tokens == (n + 7) // BLOCK * BLOCK + (n - 1) // BLOCK * BLOCK + (m - 1) // BLOCK * BLOCK
+    assert (n - 1) // BLOCK != (m - 1) // BLOCK  # held parts of different lengths in one prefill
     assert sched.active == 0 and sched.cache is None
+    # the next-token logits of such a prefill are those of each prompt run whole
+    eng, plain = sched.engine, Engine(model)
+    reuses = [eng.find_reuse(p) for p in (second, first, other)]
+    assert len({u.tokens for u in reuses}) == 3  # 64, 32 and 48 tokens held
+    got = eng.prefill_reused(reuses, 4).logits
+    for row, p in zip(got, (second, first, other), strict=True):
+        torch.testing.assert_close(row, plain.prefill([p], 4).logits[0], atol=1e-5, rtol=1e-5)
 
 
 def test_a_per_image_placeholder_model_reuses_its_prompt_and_matches_golden():
