@@ -46,6 +46,9 @@ class SamplingParams:
 class Prompt:
     input_ids: list[int]
     pixel_values: list[torch.Tensor] = field(default_factory=list)  # one [3, S, S] per image, in order
+    # set by the engine: placeholders already one per visual token; the images' digests and counts
+    expanded: bool = field(default=False, repr=False, compare=False)
+    digests: tuple[list[bytes], list[int]] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -178,20 +181,24 @@ class Engine:
         return Prefilled(cache, out.logits[:, -1].float(), ids, mask, padded, lengths)
 
     def image_digests(self, p: Prompt) -> tuple[list[bytes], list[int]]:
-        """Each image's digest and placeholder count in the expanded prompt ``p``."""
-        return ([image_key(px) for px in p.pixel_values],
-                [self.model.num_image_tokens(tuple(px.shape[-2:])) for px in p.pixel_values])  # fmt: skip
+        """Each image's digest and placeholder count in the prompt ``_expand`` made (kept on it)."""
+        if p.digests is None:
+            p.digests = ([image_key(px) for px in p.pixel_values],
+                         [self.model.num_image_tokens(tuple(px.shape[-2:])) for px in p.pixel_values])  # fmt: skip
+        return p.digests
 
     def prefix_keys(self, ids: list[int], images: tuple[list[bytes], list[int]]) -> list[bytes]:
         return block_keys(ids, self.model.config.image_token_id, *images, self.prefix.block)
 
-    def find_reuse(self, prompt: Prompt) -> Reuse | None:
+    def find_reuse(self, prompt: Prompt, follow: bool = True) -> Reuse | None:
         """What the prefix cache holds of ``prompt``'s beginning (never its last token, never part of
-        a picture's tokens); None when it holds none or no cache is kept."""
+        a picture's tokens); None when it holds none or no cache is kept. ``follow``: check the
+        weights first (``PrefixCache.follow``; a caller looking up many prompts at once checks once)."""
         if self.prefix is None:
             return None
         p = self._expand(prompt)
-        self.prefix.follow(self.model)
+        if follow:
+            self.prefix.follow(self.model)
         images = self.image_digests(p)
         hit = self.prefix.lookup(self.prefix_keys(p.input_ids, images), len(p.input_ids) - 1)
         if hit is None:
@@ -263,6 +270,7 @@ class Engine:
         if self.model.config.llm.is_encoder_decoder:
             yield from self._stream_seq2seq(prompts, params, cancelled)
             return
+        prompts = [self._expand(p) for p in prompts]  # once: later expansions return them as they are
         dev = self._device()
         b = len(prompts)
         compiled = self.fast.compiled
@@ -326,7 +334,7 @@ class Engine:
             logits = logits.float()
         self.last_finish = finish
         if self.prefix is not None and b == 1 and cache.media is None:
-            p = self._expand(prompts[0])
+            p = prompts[0]
             self.keep_prefix(
                 p.input_ids + fed, self.image_digests(p), [t[0] for t in cache.k], [t[0] for t in cache.v]
             )
@@ -410,8 +418,10 @@ class Engine:
         """Per-image placeholders (one id per image) -> one id per visual token, so that rows
         keep their length through the splice and left padding stays on the left."""
         cfg = self.model.config
-        if cfg.placeholder != "per_image" or not p.pixel_values:
+        if p.expanded:
             return p
+        if cfg.placeholder != "per_image" or not p.pixel_values:
+            return Prompt(p.input_ids, p.pixel_values, expanded=True)
         counts = [self.model.num_image_tokens(tuple(px.shape[-2:])) for px in p.pixel_values]
         ids, k = [], 0
         for t in p.input_ids:
@@ -426,7 +436,7 @@ class Engine:
                 ids.append(t)
         if k != len(counts):
             raise ValueError(f"the prompt has {k} image placeholder(s) but {len(counts)} image(s)")
-        return Prompt(ids, p.pixel_values)
+        return Prompt(ids, p.pixel_values, expanded=True)
 
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
         """Run ``stream`` to the end; apply stop strings; decode text if a tokenizer is set."""

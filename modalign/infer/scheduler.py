@@ -123,9 +123,11 @@ class Scheduler:
         from what it holds (one at a time if that fails: a failure fails its request only);
         returns the others."""
         found, rest = [], []
+        self.engine.prefix.follow(self.model)
         for r in reqs:
             try:
-                reuse = self.engine.find_reuse(r.prompt)
+                r.prompt = self.engine._expand(r.prompt)  # once: its digests stay with it
+                reuse = self.engine.find_reuse(r.prompt, follow=False)
             except Exception as e:  # noqa: BLE001 - e.g. a placeholder count the prompt gets wrong
                 r.on_error(e)
                 continue
