@@ -8,6 +8,7 @@ preallocated KV cache; batched (left padding), greedy or sampled, streaming.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from modalign.infer.prefix_cache import Entry, PrefixCache, block_keys, image_sp
 from modalign.infer.quant import check_quantize, quantize_llm_
 from modalign.models.decoder import KVCache
 from modalign.models.mllm import MLLM
+
+log = logging.getLogger("modalign")
 
 
 @dataclass
@@ -253,11 +256,16 @@ class Engine:
                          [len(r.prompt.input_ids) for r in reuses])  # fmt: skip
 
     def keep_prefix(self, ids: list[int], images: tuple[list[bytes], list[int]], k: list[torch.Tensor],
-                    v: list[torch.Tensor]) -> None:  # fmt: skip
+                    v: list[torch.Tensor], owned: bool = False) -> None:  # fmt: skip
         """Offer the prefix cache the keys and values (per layer [H_kv, >= n, D]) of the ``n`` tokens
-        ``ids`` (the prompt and the generated tokens fed back)."""
-        if self.prefix is not None and len(ids) >= self.prefix.block:
-            self.prefix.put(self.prefix_keys(ids, images), k, v)
+        ``ids`` (the prompt and the generated tokens fed back); ``owned``: they are copies the cache
+        may keep as they are. A failure (memory) keeps nothing and is only logged."""
+        if self.prefix is None or len(ids) < self.prefix.block:
+            return
+        try:
+            self.prefix.put(self.prefix_keys(ids, images), k, v, owned=owned)
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation: a failed copy keeps nothing
+            log.warning("prefix cache: not kept (%s: %s)", type(e).__name__, e)
 
     @torch.inference_mode()
     def stream(
@@ -293,47 +301,66 @@ class Engine:
             valid = torch.zeros(b, cache.max_len, dtype=torch.bool, device=dev)
             valid[:, :t] = mask.bool()
         fed: list[int] = []  # tokens fed back (their keys and values are in the cache)
-        for step in range(params.max_new_tokens):
-            adj = process_logits(logits, seen, params)
-            if params.temperature > 0:
-                nxt = torch.multinomial(adj.softmax(-1), 1, generator=gen).squeeze(1)
-            else:
-                nxt = adj.argmax(-1)
-            toks = nxt.tolist()
-            row = [None if done_l[i] else t for i, t in enumerate(toks)]
-            for i, t in enumerate(row):
-                if t is not None and t in stops:
-                    finish[i], done_l[i] = "stop", True
-            yield row
-            if cancelled is not None:  # e.g. a client that went away, or a row at its own limit
-                for i in range(b):
-                    if not done_l[i] and cancelled(i):
-                        finish[i], done_l[i] = "cancelled", True
-            if all(done_l) or step == params.max_new_tokens - 1:
-                break
-            if seen is not None:
-                seen = torch.cat([seen, nxt[:, None]], 1)
-            step_ids = nxt[:, None]
-            if b == 1:
-                fed.append(toks[0])
-            if padded:  # rows keep their own positions; finished rows stop attending to new tokens
-                done = torch.tensor(done_l, device=dev)
-                mask = torch.cat([mask, (~done).long()[:, None]], 1)
-                pos = pos + 1
-            fast = fast and supported(self.model.llm, cache)
-            logits = None
-            if valid is not None and fast:
-                valid[:, cache.length] = ~done if padded else True
-                step_pos = pos if padded else torch.full((b, 1), cache.length, dtype=torch.long, device=dev)
-                logits = self.fast.compiled_step(step_ids, cache, step_pos, valid)
-            if logits is None and fast:
-                logits = self.fast.step(step_ids, cache, pos if padded else None, mask if padded else None)
-            elif logits is None:
-                kw = {"attention_mask": mask, "position_ids": pos} if padded else {}
-                logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
-            logits = logits.float()
+        held = self.prefix.weights if self.prefix is not None else None  # the weights they are made with
+        try:
+            for step in range(params.max_new_tokens):
+                adj = process_logits(logits, seen, params)
+                if params.temperature > 0:
+                    nxt = torch.multinomial(adj.softmax(-1), 1, generator=gen).squeeze(1)
+                else:
+                    nxt = adj.argmax(-1)
+                toks = nxt.tolist()
+                row = [None if done_l[i] else t for i, t in enumerate(toks)]
+                for i, t in enumerate(row):
+                    if t is not None and t in stops:
+                        finish[i], done_l[i] = "stop", True
+                yield row
+                if cancelled is not None:  # e.g. a client that went away, or a row at its own limit
+                    for i in range(b):
+                        if not done_l[i] and cancelled(i):
+                            finish[i], done_l[i] = "cancelled", True
+                if all(done_l) or step == params.max_new_tokens - 1:
+                    break
+                if seen is not None:
+                    seen = torch.cat([seen, nxt[:, None]], 1)
+                step_ids = nxt[:, None]
+                if b == 1:
+                    fed.append(toks[0])
+                if padded:  # rows keep their own positions; finished rows stop attending to new tokens
+                    done = torch.tensor(done_l, device=dev)
+                    mask = torch.cat([mask, (~done).long()[:, None]], 1)
+                    pos = pos + 1
+                fast = fast and supported(self.model.llm, cache)
+                logits = None
+                if valid is not None and fast:
+                    valid[:, cache.length] = ~done if padded else True
+                    step_pos = (
+                        pos if padded else torch.full((b, 1), cache.length, dtype=torch.long, device=dev)
+                    )
+                    logits = self.fast.compiled_step(step_ids, cache, step_pos, valid)
+                if logits is None and fast:
+                    logits = self.fast.step(
+                        step_ids, cache, pos if padded else None, mask if padded else None
+                    )
+                elif logits is None:
+                    kw = {"attention_mask": mask, "position_ids": pos} if padded else {}
+                    logits = self.model(step_ids, cache=cache, **kw).logits[:, -1]
+                logits = logits.float()
+        except GeneratorExit:  # the caller stopped reading (a stop token or string): what ran is kept
+            self._keep_streamed(prompts, fed, cache, held)
+            raise
         self.last_finish = finish
-        if self.prefix is not None and b == 1 and cache.media is None:
+        self._keep_streamed(prompts, fed, cache, held)
+
+    def _keep_streamed(self, prompts: list[Prompt], fed: list[int], cache: KVCache, held) -> None:
+        """Offer the prefix cache one prompt's keys and values and those of the tokens fed back,
+        if the weights are still those it was prefilled with (``held``)."""
+        if (
+            self.prefix is not None
+            and len(prompts) == 1
+            and cache.media is None
+            and held is self.prefix.weights
+        ):
             p = prompts[0]
             self.keep_prefix(
                 p.input_ids + fed, self.image_digests(p), [t[0] for t in cache.k], [t[0] for t in cache.v]

@@ -126,9 +126,12 @@ class PrefixCache:
         self.misses += 1
         return None
 
-    def put(self, keys: list[bytes], k: list[torch.Tensor], v: list[torch.Tensor]) -> None:
+    def put(
+        self, keys: list[bytes], k: list[torch.Tensor], v: list[torch.Tensor], owned: bool = False
+    ) -> None:
         """Keep ``k`` / ``v`` (per layer [H_kv, n, D], n >= the blocks' tokens) for the sequence with
-        block digests ``keys``; copies are made only where the cache takes them."""
+        block digests ``keys``; copies are made only where the cache takes them (``owned``: the
+        tensors are the caller's own copies, kept as they are where they hold exactly those tokens)."""
         if not keys:
             return
         old = self.index.get(keys[-1])
@@ -139,7 +142,11 @@ class PrefixCache:
         size = sum(t[:, :n].numel() * t.element_size() for t in (*k, *v))
         if size > self.max_bytes:
             return
-        entry = Entry(list(keys), [t[:, :n].clone() for t in k], [t[:, :n].clone() for t in v], n)
+
+        def kept(t):
+            return t if owned and t.shape[1] == n else t[:, :n].clone()
+
+        entry = Entry(list(keys), [kept(t) for t in k], [kept(t) for t in v], n)
         for key in keys:
             prev = self.index.get(key)
             if prev is not None:

@@ -19,6 +19,7 @@ scheduler.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -30,6 +31,8 @@ from modalign.infer.engine import Engine, Prompt, SamplingParams
 from modalign.infer.fast_decode import FEW_ROWS, PACK_ROWS, supported
 from modalign.models.decoder import KVCache
 from modalign.models.xattn import Media
+
+log = logging.getLogger("modalign")
 
 
 @dataclass(eq=False)  # identity, not field equality: a request holds tensors
@@ -59,6 +62,8 @@ class _Row:
     counts: dict[int, int] = field(default_factory=dict)  # generated ids (presence / frequency penalties)
     finish: str | None = None  # "stop" | "length" once the row has ended
     images: tuple[list[bytes], list[int]] | None = None  # its images' digests and token counts (prefix cache)
+    weights: list | None = None  # the prefix cache's weight versions when it was prefilled
+    failed: bool = False  # its request's token callback raised: it ended with on_error
 
 
 class Scheduler:
@@ -120,46 +125,74 @@ class Scheduler:
 
     def _admit_reused(self, reqs: list[Request]) -> list[Request]:
         """Admit the requests the engine's prefix cache holds a beginning of, prefilled together
-        from what it holds (one at a time if that fails: a failure fails its request only);
-        returns the others."""
-        found, rest = [], []
-        self.engine.prefix.follow(self.model)
+        from what it holds (one at a time if that fails, or where a sliding window counts slots:
+        a batch of them leaves gaps inside rows); a failure fails its request only. Returns the
+        others."""
+        eng, found, rest = self.engine, [], []
+        try:
+            eng.prefix.follow(self.model)
+        except Exception as e:  # noqa: BLE001 - nothing was admitted: these requests fail, the others go on
+            for r in reqs:
+                r.on_error(e)
+            return []
         for r in reqs:
             try:
-                r.prompt = self.engine._expand(r.prompt)  # once: its digests stay with it
-                reuse = self.engine.find_reuse(r.prompt, follow=False)
+                r.prompt = eng._expand(r.prompt)  # once: its digests stay with it
+                reuse = eng.find_reuse(r.prompt, follow=False)
             except Exception as e:  # noqa: BLE001 - e.g. a placeholder count the prompt gets wrong
                 r.on_error(e)
                 continue
             (rest if reuse is None else found).append((r, reuse))
-        if not found:
-            return [r for r, _ in rest]
-        eng = self.engine
-        try:
-            room = max(r.params.max_new_tokens for r, _ in found) + 1
-            self._admit_prefilled([r for r, _ in found], eng.prefill_reused([u for _, u in found], room))
-        except Exception:  # noqa: BLE001 - find the request that failed; the others go on
+        pre = None
+        if len(found) > 1 and self.model.config.llm.sliding_window is None:
+            try:
+                pre = eng.prefill_reused(
+                    [u for _, u in found], max(r.params.max_new_tokens for r, _ in found) + 1
+                )
+            except Exception:  # noqa: BLE001 - one at a time below: the failing request fails alone
+                pre = None
+        if pre is not None:
+            self._admit_safely([r for r, _ in found], pre)
+        else:
             for r, u in found:
                 try:
-                    self._admit_prefilled([r], eng.prefill_reused([u], r.params.max_new_tokens + 1))
+                    one = eng.prefill_reused([u], r.params.max_new_tokens + 1)
                 except Exception as e:  # noqa: BLE001
                     r.on_error(e)
+                    continue
+                self._admit_safely([r], one)
         return [r for r, _ in rest]
 
     def _prefill(self, reqs: list[Request]) -> None:
-        """Prefill ``reqs`` in one left-padded batch and merge them in."""
+        """Prefill ``reqs`` in one left-padded batch and merge them in (a failure of the prefill
+        raises with nothing admitted)."""
         room = max(r.params.max_new_tokens for r in reqs) + 1
-        self._admit_prefilled(reqs, self.engine.prefill([r.prompt for r in reqs], room, reuse=False))
+        self._admit_safely(reqs, self.engine.prefill([r.prompt for r in reqs], room, reuse=False))
+
+    def _admit_safely(self, reqs: list[Request], pre) -> None:
+        """``_admit_prefilled``; if it fails once rows are placed (memory, a callback that raises),
+        those rows are freed and the requests fail: never admitted twice, never left running."""
+        try:
+            self._admit_prefilled(reqs, pre)
+        except Exception as e:  # noqa: BLE001
+            mine = {id(r) for r in reqs}
+            for i, row in enumerate(self.rows):
+                if row is not None and id(row.req) in mine:
+                    self.rows[i] = None
+                    self.valid[i] = False
+            for r in reqs:
+                r.on_error(e)
 
     def _admit_prefilled(self, reqs: list[Request], pre) -> None:
-        dev = self.engine._device()
+        dev, eng = self.engine._device(), self.engine
         rows = []
         for i, r in enumerate(reqs):
             gen = torch.Generator(device=dev)
             gen.manual_seed(r.params.seed) if r.params.seed is not None else gen.seed()
             rows.append(_Row(r, gen, pre.ids[i][pre.mask[i].bool()].tolist()))
-            if self.engine.prefix is not None:
-                rows[-1].images = self.engine.image_digests(self.engine._expand(r.prompt))
+            if eng.prefix is not None:
+                rows[-1].images = eng.image_digests(eng._expand(r.prompt))
+                rows[-1].weights = eng.prefix.weights
         tokens = self._sample(rows, pre.logits)
         positions = pre.mask.sum(1)  # the next position of each row
         slots = self._place(pre.cache, pre.mask.bool(), positions, rows)
@@ -341,7 +374,15 @@ class Scheduler:
                 continue
             r.generated += 1
             lp = _logprobs(logits[i], tok, r.logprobs) if r.logprobs is not None else None
-            r.on_token(tok, lp)
+            try:
+                r.on_token(tok, lp)
+            except Exception as e:  # noqa: BLE001 - a callback that raises ends its own row only
+                row.finish, row.failed = "error", True
+                try:
+                    r.on_error(e)
+                except Exception:  # noqa: BLE001
+                    log.exception("a request's error callback raised")
+                continue
             if r.generated >= r.params.max_new_tokens:
                 row.finish = "length"
 
@@ -354,8 +395,9 @@ class Scheduler:
                 continue
             reason = row.finish or ("cancelled" if row.req.cancelled else None)
             if reason:
-                self._keep_prefix(i, row)
-                row.req.on_end(reason)
+                if not row.failed:  # a failed row was told so already
+                    self._keep_prefix(i, row)
+                    row.req.on_end(reason)
                 self.rows[i] = None
                 self.valid[i] = False  # it attends to its own new slot only until it is taken over
         keep = [i for i, r in enumerate(self.rows) if r is not None]
@@ -380,9 +422,12 @@ class Scheduler:
 
     def _keep_prefix(self, i: int, row: _Row) -> None:
         """Offer the engine's prefix cache the keys and values of row ``i``'s tokens that have them:
-        the prompt and every generated token but the last (never fed back)."""
+        the prompt and every generated token but the last (never fed back); not if the weights
+        changed since its prefill. A failure (memory) keeps nothing and fails no request."""
         eng = self.engine
         if eng.prefix is None or row.images is None or self.cache.media is not None:
+            return
+        if row.weights is not eng.prefix.weights:
             return
         ids = row.seen[:-1]
         n = len(ids) // eng.prefix.block * eng.prefix.block
@@ -392,9 +437,13 @@ class Scheduler:
         if len(slots) != len(ids):  # not the row's own tokens, in order: keep nothing
             return
         slots = slots[:n]
-        eng.keep_prefix(
-            ids, row.images, [t[i][:, slots] for t in self.cache.k], [t[i][:, slots] for t in self.cache.v]
-        )
+        try:
+            k = [t[i][:, slots] for t in self.cache.k]  # gathered: copies the cache may keep
+            v = [t[i][:, slots] for t in self.cache.v]
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation
+            log.warning("prefix cache: not kept (%s: %s)", type(e).__name__, e)
+            return
+        eng.keep_prefix(ids, row.images, k, v, owned=True)
 
     def _reset(self) -> None:
         self.cache = self.valid = self.pos = self.next = None

@@ -154,3 +154,81 @@ def test_prefix_cache_keeps_the_newest_within_its_bound():
         PrefixCache(-1)
     with pytest.raises(ValueError, match="prefix_cache_mb"):
         Engine(tiny_variant("plain"), prefix_cache_mb=-1)
+
+
+def test_a_reply_the_caller_stops_reading_is_kept_and_a_failed_copy_fails_nothing(monkeypatch):
+    model = tiny_variant("plain")
+    eng = Engine(model, prefix_cache_mb=16)
+    p = Prompt([1] + text(30, 4))
+    gen = eng.stream([p], SamplingParams(max_new_tokens=8))
+    got = [next(gen)[0] for _ in range(4)]  # a stop string or token found after four tokens
+    gen.close()
+    assert len(eng.prefix) == 1  # the prompt and the three tokens fed back: two blocks
+    nxt = Prompt(p.input_ids + got + text(5, 5))
+    assert eng.generate([nxt], SamplingParams(max_new_tokens=3))[0].token_ids == full_forward_greedy(
+        model, nxt, 3
+    )
+    assert eng.prefix.hit_tokens == (len(p.input_ids) + 3) // BLOCK * BLOCK
+
+    def fail(*a, **k):
+        raise MemoryError("no room")
+
+    held = len(eng.prefix)
+    monkeypatch.setattr(PrefixCache, "put", fail)
+    other = Prompt([1] + text(40, 6))
+    assert eng.generate([other], SamplingParams(max_new_tokens=3))[0].token_ids == full_forward_greedy(
+        model, other, 3
+    )
+    sink = Sink()
+    sched = Scheduler(eng, max_batch=2)
+    run(sched, {0: [sink.request(other, SamplingParams(max_new_tokens=3))]})
+    assert (
+        sink.error is None and sink.end == "length" and len(eng.prefix) == held
+    )  # kept nothing, failed nothing
+
+
+def test_a_sliding_window_model_reuses_one_request_at_a_time():
+    """Rows prefilled together from held parts of different lengths have gaps inside them, and a
+    sliding window counts slots: such a model's requests are prefilled from the cache one by one."""
+    model = tiny_variant("plain")
+    model.config.llm.sliding_window = 8
+    model.config.llm.layer_types = ["sliding", "full"]
+    for i, layer in enumerate(model.llm.layers):
+        layer.self_attn.sliding = model.config.llm.layer_types[i] == "sliding"
+    first, other = Prompt([1] + text(30, 7)), Prompt([1] + text(52, 8))
+    later = [Prompt(first.input_ids + text(6, 9)), Prompt(other.input_ids + text(3, 10))]
+    runs = {}
+    for mb in (0, 16):
+        sinks = [Sink() for _ in range(4)]
+        sched = Scheduler(Engine(model, prefix_cache_mb=mb), max_batch=4)
+        reqs = [s.request(p, SamplingParams(max_new_tokens=4), logprobs=0)
+                for s, p in zip(sinks, [first, other, *later], strict=True)]  # fmt: skip
+        run(sched, {0: reqs[:2], 8: reqs[2:]})
+        assert all(s.error is None for s in sinks)
+        runs[mb] = sinks
+        if mb:
+            assert sched.engine.prefix.hits == 2
+    for a, b in zip(runs[0], runs[16], strict=True):
+        assert a.tokens == b.tokens
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert abs(x["logprob"] - y["logprob"]) < 1e-5
+
+
+def test_a_request_whose_admission_fails_after_its_row_is_placed_fails_alone():
+    model = tiny_variant("plain")
+    sched = Scheduler(Engine(model, prefix_cache_mb=16), max_batch=3)
+    good, bad = Sink(), Sink()
+
+    def boom(t, lp):
+        raise RuntimeError("the client's queue is gone")
+
+    p = Prompt([1] + text(20, 11))
+    reqs = [
+        good.request(p, SamplingParams(max_new_tokens=5)),
+        bad.request(p, SamplingParams(max_new_tokens=5)),
+    ]
+    reqs[1].on_token = boom
+    run(sched, {0: reqs})
+    assert good.error is None and good.tokens == full_forward_greedy(model, p, 5)
+    assert isinstance(bad.error, RuntimeError) and bad.end is None  # failed once, never decoded on
+    assert sched.active == 0 and sched.cache is None

@@ -1,7 +1,8 @@
 """The server under sustained load: 64 concurrent clients sharing prompts and images, mixing
 streaming with non-streaming requests and greedy with sampled ones, for three 20-second rounds
 against ``modalign serve`` in its own process (``bench/load_test.py``): no request fails, nothing
-is left running or pending, and the server's memory does not grow from one round to the next."""
+is left running or pending, and the server's memory does not grow from one round to the next
+(its prefix cache bounded small, so that it is full after the first round)."""
 
 import json
 import subprocess
@@ -12,8 +13,10 @@ BENCH = Path(__file__).resolve().parents[2] / "bench" / "load_test.py"
 
 
 def test_64_clients_for_20_seconds_lose_nothing_and_leak_nothing(tiny_model):
+    # the prefix cache fills up to its bound with the sampled replies' keys and values, then holds
+    # there: a bound of 4 MiB is reached within the first round
     cmd = [sys.executable, str(BENCH), "--model", str(tiny_model), "--clients", "64", "--seconds", "20",
-           "--rounds", "3", "--single-seconds", "0", "--json"]  # fmt: skip
+           "--rounds", "3", "--single-seconds", "0", "--prefix-cache-mb", "4", "--json"]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rounds = json.loads(proc.stdout.strip().splitlines()[-1])["rounds"]
