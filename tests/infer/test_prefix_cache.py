@@ -126,6 +126,12 @@ def test_a_per_image_placeholder_model_reuses_its_prompt_and_matches_golden():
     for _ in range(2):
         assert eng.generate([p], params)[0].token_ids == exp["multi.generated_ids"][0].tolist()
     assert eng.prefix.hits == 1 and eng.prefix.hit_tokens > 0
+    # in the continuous batch: the prompt expanded once, reused by the request after it
+    sinks = [Sink(), Sink()]
+    sched = Scheduler(Engine(model, prefix_cache_mb=64), max_batch=2)
+    run(sched, {0: [sinks[0].request(p, params)], 10: [sinks[1].request(p, params)]})
+    assert [s.tokens for s in sinks] == [exp["multi.generated_ids"][0].tolist()] * 2
+    assert sched.engine.prefix.hits == 1 and p.input_ids == inp["multi.input_ids"][0].tolist()
 
 
 def test_prefix_cache_keeps_the_newest_within_its_bound():
