@@ -256,14 +256,17 @@ class Engine:
                          [len(r.prompt.input_ids) for r in reuses])  # fmt: skip
 
     def keep_prefix(self, ids: list[int], images: tuple[list[bytes], list[int]], k: list[torch.Tensor],
-                    v: list[torch.Tensor], owned: bool = False) -> None:  # fmt: skip
-        """Offer the prefix cache the keys and values (per layer [H_kv, >= n, D]) of the ``n`` tokens
-        ``ids`` (the prompt and the generated tokens fed back); ``owned``: they are copies the cache
-        may keep as they are. A failure (memory) keeps nothing and is only logged."""
+                    v: list[torch.Tensor], slots: torch.Tensor | None = None) -> None:  # fmt: skip
+        """Offer the prefix cache the keys and values (per layer [H_kv, S, D]) of the ``n`` tokens
+        ``ids`` (the prompt and the generated tokens fed back): the first ``n`` slots, or the
+        ``slots`` given (gathered into copies the cache keeps as they are). A failure (memory)
+        keeps nothing and is only logged."""
         if self.prefix is None or len(ids) < self.prefix.block:
             return
         try:
-            self.prefix.put(self.prefix_keys(ids, images), k, v, owned=owned)
+            if slots is not None:
+                k, v = [t[:, slots] for t in k], [t[:, slots] for t in v]
+            self.prefix.put(self.prefix_keys(ids, images), k, v, owned=slots is not None)
         except Exception as e:  # noqa: BLE001 - the cache is an optimisation: a failed copy keeps nothing
             log.warning("prefix cache: not kept (%s: %s)", type(e).__name__, e)
 

@@ -56,15 +56,10 @@ def block_keys(ids: list[int], image_token_id: int | None, image_keys: list[byte
     digest and how many placeholders it has in ``ids``, in order (placeholders of consecutive images
     may touch: the counts say where one ends)."""
     starts: dict[int, list[bytes]] = {}
-    pos, i = 0, 0
-    for key, n in zip(image_keys, counts, strict=True):
-        while pos < len(ids) and ids[pos] != image_token_id:
-            pos += 1
+    for key, (pos, _) in zip(image_keys, image_spans(ids, image_token_id, counts), strict=True):
         if pos >= len(ids):
             raise ValueError(f"the prompt has fewer image placeholders than its {len(image_keys)} image(s)")
         starts.setdefault(pos // block, []).append(pos.to_bytes(4, "little") + key)
-        pos += n
-        i += 1
     out, prev = [], b""
     for j in range(len(ids) // block):
         h = hashlib.blake2b(prev, digest_size=16)

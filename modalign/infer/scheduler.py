@@ -436,14 +436,9 @@ class Scheduler:
         slots = self.valid[i, : self.cache.length].nonzero().squeeze(1)
         if len(slots) != len(ids):  # not the row's own tokens, in order: keep nothing
             return
-        slots = slots[:n]
-        try:
-            k = [t[i][:, slots] for t in self.cache.k]  # gathered: copies the cache may keep
-            v = [t[i][:, slots] for t in self.cache.v]
-        except Exception as e:  # noqa: BLE001 - the cache is an optimisation
-            log.warning("prefix cache: not kept (%s: %s)", type(e).__name__, e)
-            return
-        eng.keep_prefix(ids, row.images, k, v, owned=True)
+        eng.keep_prefix(
+            ids, row.images, [t[i] for t in self.cache.k], [t[i] for t in self.cache.v], slots[:n]
+        )
 
     def _reset(self) -> None:
         self.cache = self.valid = self.pos = self.next = None

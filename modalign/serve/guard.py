@@ -45,45 +45,34 @@ class Metrics:
     def watch_image_cache(self, cache) -> None:
         """Report an engine's ``ImageCache`` (lookups by result, entries, bytes) at each scrape."""
         if cache is not None:
-            self.registry.register(_ImageCacheCollector(cache))
+            self.registry.register(_CacheCollector(cache, "image_cache", "visual-token cache", lambda c: [
+                GaugeMetricFamily("modalign_image_cache_entries", "images whose visual tokens are cached", len(c)),
+                GaugeMetricFamily("modalign_image_cache_bytes", "bytes of cached visual tokens", c.bytes)]))  # fmt: skip
 
     def watch_prefix_cache(self, cache) -> None:
         """Report an engine's ``PrefixCache`` (lookups by result, tokens reused, bytes) at each scrape."""
         if cache is not None:
-            self.registry.register(_PrefixCacheCollector(cache))
+            self.registry.register(_CacheCollector(cache, "prefix_cache", "prompt-prefix cache", lambda c: [
+                CounterMetricFamily("modalign_prefix_cache_reused_tokens", "prompt tokens not prefilled (reused)",
+                                    c.hit_tokens),
+                GaugeMetricFamily("modalign_prefix_cache_bytes", "bytes of cached keys and values", c.bytes)]))  # fmt: skip
 
 
-class _ImageCacheCollector:
-    def __init__(self, cache):
-        self.cache = cache
+class _CacheCollector:
+    """A cache's lookups by result (its ``hits`` and ``misses``), then the figures ``extra(cache)``
+    makes, read at each scrape."""
+
+    def __init__(self, cache, name: str, what: str, extra):
+        self.cache, self.name, self.what, self.extra = cache, name, what, extra
 
     def collect(self):
         c = self.cache
-        lookups = CounterMetricFamily("modalign_image_cache_lookups", "visual-token cache lookups by result",
+        lookups = CounterMetricFamily(f"modalign_{self.name}_lookups", f"{self.what} lookups by result",
                                       labels=["result"])  # fmt: skip
         lookups.add_metric(["hit"], c.hits)
         lookups.add_metric(["miss"], c.misses)
         yield lookups
-        yield GaugeMetricFamily(
-            "modalign_image_cache_entries", "images whose visual tokens are cached", len(c)
-        )
-        yield GaugeMetricFamily("modalign_image_cache_bytes", "bytes of cached visual tokens", c.bytes)
-
-
-class _PrefixCacheCollector:
-    def __init__(self, cache):
-        self.cache = cache
-
-    def collect(self):
-        c = self.cache
-        lookups = CounterMetricFamily("modalign_prefix_cache_lookups", "prompt-prefix cache lookups by result",
-                                      labels=["result"])  # fmt: skip
-        lookups.add_metric(["hit"], c.hits)
-        lookups.add_metric(["miss"], c.misses)
-        yield lookups
-        yield CounterMetricFamily("modalign_prefix_cache_reused_tokens", "prompt tokens not prefilled (reused)",
-                                  c.hit_tokens)  # fmt: skip
-        yield GaugeMetricFamily("modalign_prefix_cache_bytes", "bytes of cached keys and values", c.bytes)
+        yield from self.extra(c)
 
 
 def route_label(path: str) -> str:
