@@ -93,11 +93,11 @@ def test_answers_match_the_scenes(big_world):
         json.loads(line)["id"]: json.loads(line)
         for line in (big_world / "scenes.jsonl").read_text().splitlines()
     }
-    # the curriculum files: single colour / shape questions, then single position, count and read
-    # questions, answered right
+    # the curriculum files: single colour / shape questions, then single position, count, read and
+    # relation questions, answered right
     for name, sep, prefixes in (("instruct_basic.json", "-b", ("What colour is the", "What shape is the")),
                                 ("instruct_ground.json", "-g", ("Where is the", "How many shapes",
-                                                                 "What word is written"))):  # fmt: skip
+                                                                 "What word is written", "Is the "))):  # fmt: skip
         recs = json.loads((big_world / name).read_text())
         assert len({r["id"] for r in recs}) == len(recs) > 0, name
         for rec in recs:
@@ -105,8 +105,9 @@ def test_answers_match_the_scenes(big_world):
             (h, g) = rec["conversations"]
             q = question_of(h["value"])
             assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
-    # one position question per object of every training scene, one count question per scene and
-    # one read question per scene with a word
+    # one position question per object of every training scene, one count question per scene, one
+    # read question per scene with a word and one relation question per scene with two objects or
+    # more (the same as instruct.json's)
     ground = json.loads((big_world / "instruct_ground.json").read_text())
     asked = [question_of(r["conversations"][0]["value"]) for r in ground]
     assert sum(q.startswith("Where is the") for q in asked) == sum(
@@ -126,6 +127,11 @@ def test_answers_match_the_scenes(big_world):
         assert g["value"] == (shapes.describe(scene) if q == "Describe the image." else answer(scene, q))
         per_scene.setdefault(sid, []).append(q)
     assert set(per_scene) == set(scenes)
+    relations = {(sid, q) for sid, qs in per_scene.items() for q in qs if q.startswith("Is the ")}
+    assert relations and relations == {
+        (r["id"].rsplit("-g", 1)[0], q) for r, q in zip(ground, asked, strict=True) if q.startswith("Is the ")
+    }
+    assert len(relations) == sum(len(s["scene"]["objects"]) >= 2 for s in scenes.values())
     for sid, qs in per_scene.items():
         objs = scenes[sid]["scene"]["objects"]
         assert len(qs) == len(set(qs)) and qs.count("How many shapes are there?") == 1, sid
