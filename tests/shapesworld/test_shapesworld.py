@@ -34,6 +34,7 @@ TRAINING_FILES = [
     "instruct.json",
     "instruct_basic.json",
     "instruct_ground.json",
+    "instruct_ground_relation.json",
     "eval.json",
 ]
 
@@ -93,11 +94,12 @@ def test_answers_match_the_scenes(big_world):
         json.loads(line)["id"]: json.loads(line)
         for line in (big_world / "scenes.jsonl").read_text().splitlines()
     }
-    # the curriculum files: single colour / shape questions, then single position, count, read and
-    # relation questions, answered right
+    # the curriculum files: single colour / shape questions, then single position, count and read
+    # questions (and relation questions in the second grounding file), answered right
+    grounding = ("Where is the", "How many shapes", "What word is written")
     for name, sep, prefixes in (("instruct_basic.json", "-b", ("What colour is the", "What shape is the")),
-                                ("instruct_ground.json", "-g", ("Where is the", "How many shapes",
-                                                                 "What word is written", "Is the "))):  # fmt: skip
+                                ("instruct_ground.json", "-g", grounding),
+                                ("instruct_ground_relation.json", "-g", (*grounding, "Is the "))):  # fmt: skip
         recs = json.loads((big_world / name).read_text())
         assert len({r["id"] for r in recs}) == len(recs) > 0, name
         for rec in recs:
@@ -105,11 +107,20 @@ def test_answers_match_the_scenes(big_world):
             (h, g) = rec["conversations"]
             q = question_of(h["value"])
             assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
-    # one position question per object of every training scene, one count question per scene, one
-    # read question per scene with a word and one relation question per scene with two objects or
-    # more (the same as instruct.json's)
+    # one position question per object of every training scene, one count question per scene and
+    # one read question per scene with a word; the second file holds the same questions and one
+    # relation question per scene with two objects or more (the same as instruct.json's)
     ground = json.loads((big_world / "instruct_ground.json").read_text())
     asked = [question_of(r["conversations"][0]["value"]) for r in ground]
+    with_relation = json.loads((big_world / "instruct_ground_relation.json").read_text())
+    asked_relation = [question_of(r["conversations"][0]["value"]) for r in with_relation]
+
+    def by_scene(recs, qs):
+        return sorted((r["id"].rsplit("-g", 1)[0], q) for r, q in zip(recs, qs, strict=True))
+
+    assert by_scene(ground, asked) == [
+        x for x in by_scene(with_relation, asked_relation) if not x[1].startswith("Is the ")
+    ]
     assert sum(q.startswith("Where is the") for q in asked) == sum(
         len(s["scene"]["objects"]) for s in scenes.values()
     )
@@ -129,7 +140,9 @@ def test_answers_match_the_scenes(big_world):
     assert set(per_scene) == set(scenes)
     relations = {(sid, q) for sid, qs in per_scene.items() for q in qs if q.startswith("Is the ")}
     assert relations and relations == {
-        (r["id"].rsplit("-g", 1)[0], q) for r, q in zip(ground, asked, strict=True) if q.startswith("Is the ")
+        (r["id"].rsplit("-g", 1)[0], q)
+        for r, q in zip(with_relation, asked_relation, strict=True)
+        if q.startswith("Is the ")
     }
     assert len(relations) == sum(len(s["scene"]["objects"]) >= 2 for s in scenes.values())
     for sid, qs in per_scene.items():
@@ -398,23 +411,32 @@ def _recipe_stages(path) -> dict:
 def test_every_method_recipe_shares_the_stage2_curriculum_and_budget():
     """The comparison is fair only if every method's recipe runs the same stage 2: the same data,
     objective, batch sizes and stop rules (step caps and stop losses) in basic, ground and
-    instruct. The values are written out in each recipe file, so a change to one must reach all."""
+    instruct. The values are written out in each recipe file, so a change to one must reach all.
+    The one choice: `ground` reads the grounding file with or without relation questions (in the
+    same share; which each uses: docs/shapesworld.md)."""
 
     from modalign.shapesworld import RECIPES
     from modalign.shapesworld.quickstart import METHODS
 
+    grounding = {"${data}/instruct_ground.json", "${data}/instruct_ground_relation.json"}
+
     def stage2(path):
         stages = _recipe_stages(path)
-        return {
+        found = {
             n: {"stop": stages[n]["stop"], "objective": stages[n].get("objective"),
                 **{k: stages[n]["data"][k] for k in ("sources", "batch_size", "max_length")}}
             for n in ("basic", "ground", "instruct")
         }  # fmt: skip
+        first = found["ground"]["sources"][0]
+        assert first["path"] in grounding, path
+        found["ground"]["sources"][0] = {**first, "path": "grounding"}
+        return found, first["path"]
 
     found = {m: stage2(RECIPES / f"{name}.yaml") for m, name in METHODS.items()}  # every method
     assert len(found) == 8
     for m in found:
-        assert found[m] == found["llava"], m
+        assert found[m][0] == found["llava"][0], m
+    assert {path for _, path in found.values()} == grounding  # both files are in use
 
 
 def test_seed_methods_share_the_ground_and_instruct_lr_schedules():
