@@ -312,8 +312,10 @@ def generate(
     out = Path(out)
     prng = random.Random(seed + 5)
 
-    def after() -> bool:
-        return image_placement == "after" or (image_placement == "mixed" and prng.random() < 0.5)
+    def after(gen: random.Random = prng) -> bool:
+        return image_placement == "after" or (image_placement == "mixed" and gen.random() < 0.5)
+
+    rel_prng = random.Random(seed + 6)  # the relation questions' placements: the other files' draws as in v3
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -327,10 +329,14 @@ def generate(
             _one_turn(f"{sid}-cap", name, "Describe the image briefly.", caption(scene), after=False)
         )
         qs = questions(scene, rng, allow_unseen_absent=False)
-        for suffix, types, dest in (("b", BASIC_TYPES, basic), ("g", GROUND_TYPES, ground),
-                                    ("g", GROUND_RELATION_TYPES, ground_relation)):  # fmt: skip
-            for k, q in enumerate(q for q in qs if q["type"] in types):
-                dest.append(_one_turn(f"{sid}-{suffix}{k}", name, q["question"], q["answer"], after()))
+        for k, q in enumerate(q for q in qs if q["type"] in BASIC_TYPES):
+            basic.append(_one_turn(f"{sid}-b{k}", name, q["question"], q["answer"], after()))
+        # each grounding question is one sample in both grounding files (its own id in each)
+        placed = {j: after() for j, q in enumerate(qs) if q["type"] in GROUND_TYPES}
+        for dest, types in ((ground, GROUND_TYPES), (ground_relation, GROUND_RELATION_TYPES)):
+            for k, j in enumerate(j for j, q in enumerate(qs) if q["type"] in types):
+                at = placed[j] if j in placed else after(rel_prng)
+                dest.append(_one_turn(f"{sid}-g{k}", name, qs[j]["question"], qs[j]["answer"], at))
         pool = list(qs)
         rng.shuffle(qs)  # drawn in both layouts, so that the scenes do not depend on the layout
         describe_it = rng.random() < 0.25

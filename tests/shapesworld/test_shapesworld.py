@@ -237,6 +237,13 @@ def test_image_placement(big_world, tmp_path):
             after = sum(t.endswith("\n<image>") for t in mixed) / len(mixed)
             assert 0.35 < after < 0.65 and all(t.count("<image>") == 1 for t in mixed), (name, after)
     assert json.loads((runs["mixed"] / "meta.json").read_text())["image_placement"] == "mixed"
+    # a grounding question is the same sample, its image where it was drawn, in both grounding files
+    ground, with_relation = (
+        {(r["id"].rsplit("-g", 1)[0], question_of(r["conversations"][0]["value"])): r["conversations"]
+         for r in json.loads((runs["mixed"] / name).read_text())}
+        for name in ("instruct_ground.json", "instruct_ground_relation.json")
+    )  # fmt: skip
+    assert ground.items() <= with_relation.items() and len(with_relation) > len(ground)
     with pytest.raises(ValueError, match="image_placement must be one of"):
         shapes.generate(tmp_path / "x", num_train=1, num_eval=1, image_placement="middle")
 
