@@ -23,8 +23,11 @@ def serve(app, **kw) -> None:
     make_server(app, **kw).run()
 
 
-def serve_in_thread(app, host: str = "127.0.0.1", **kw):
-    """Serve ``app`` on a free port of ``host`` in a daemon thread; returns (base URL, stop)."""
+def serve_in_thread(app, host: str = "127.0.0.1", start_timeout_s: float = 300.0, **kw):
+    """Serve ``app`` on a free port of ``host`` in a daemon thread; returns (base URL, stop) once
+    it listens. Start-up (the app's lifespan: a compiled server's warm-up) may take a while on a
+    busy machine; a server that fails to start, or is not listening after ``start_timeout_s``
+    seconds, raises ``RuntimeError``."""
     import socket
     import threading
     import time
@@ -33,12 +36,25 @@ def serve_in_thread(app, host: str = "127.0.0.1", **kw):
         s.bind((host, 0))
         port = s.getsockname()[1]
     srv = make_server(app, host=host, port=port, **kw)
-    th = threading.Thread(target=srv.run, daemon=True)
+    exit_codes: list = []
+
+    def run():
+        try:
+            srv.run()
+        except SystemExit as e:  # uvicorn exits on a failed start-up (lifespan error, port taken)
+            exit_codes.append(e.code)
+
+    th = threading.Thread(target=run, daemon=True)
     th.start()
-    for _ in range(400):
-        if srv.started:
-            break
-        time.sleep(0.05)
+    deadline = time.monotonic() + start_timeout_s
+    while not srv.started:
+        if not th.is_alive():
+            code = f" (exit code {exit_codes[0]})" if exit_codes else ""
+            raise RuntimeError(f"the server on {host}:{port} exited during start-up{code}; see the log above")
+        if time.monotonic() > deadline:
+            srv.should_exit = True
+            raise RuntimeError(f"the server on {host}:{port} was not listening after {start_timeout_s:g} s")
+        time.sleep(0.02)
 
     def stop():
         srv.should_exit = True
