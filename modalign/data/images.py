@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -30,6 +31,16 @@ from modalign.data.conversation import BadSample
 DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_MAX_ASPECT = 32.0  # longest side / shortest side
 Image.MAX_IMAGE_PIXELS = None  # modalign checks the size itself, before decoding
+# the formats decoded: each gives its size from its header before any pixel is decoded (ICO and
+# ICNS decode an embedded image of any size while opening or loading, past the size check)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+
+
+@functools.cache
+def _decoders() -> tuple[str, ...]:
+    """``IMAGE_FORMATS`` this Pillow can open (a build without WebP lacks it)."""
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
 def resolve_image_path(root: str | Path, rel: str, sample_id: str | None = None) -> Path:
@@ -89,9 +100,10 @@ def open_image(
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                img = Image.open(fh)
+                img = Image.open(fh, formats=_decoders())
                 check_size(*img.size, name, sample_id, max_pixels, max_aspect, canvas)
                 img.load()
+                check_size(*img.size, name, sample_id, max_pixels, max_aspect, canvas)  # as decoded
             return to_rgb(img, background)
         except BadSample:
             raise
@@ -99,7 +111,9 @@ def open_image(
             raise BadSample("image too large", f"image {name}: out of memory decoding it ({e.__class__.__name__})",
                             sample_id) from None  # fmt: skip
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            kind = "empty file" if fh.seek(0, 2) == 0 else "corrupt or not an image"
+            kind = ("empty file" if fh.seek(0, 2) == 0 else
+                    f"not an image in a supported format ({', '.join(_decoders())})"
+                    if isinstance(e, UnidentifiedImageError) else "corrupt or not an image")  # fmt: skip
             raise BadSample(
                 "corrupt image", f"image {name}: {kind} ({e.__class__.__name__}: {e})", sample_id
             ) from None

@@ -90,15 +90,26 @@ class Completion:
         return len(self.token_ids)
 
 
+MIN_TEMPERATURE = 1e-4  # below it, logits over the temperature could overflow float32 (inf, then NaN)
+
+
 def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingParams) -> torch.Tensor:
-    """[B, V] logits -> adjusted logits (repetition penalty, temperature, top-k, top-p)."""
-    if p.repetition_penalty != 1.0 and seen is not None:
-        score = logits.gather(1, seen)
-        score = torch.where(score > 0, score / p.repetition_penalty, score * p.repetition_penalty)
-        logits = logits.scatter(1, seen, score)
+    """[B, V] logits -> adjusted logits (repetition penalty, temperature, top-k, top-p).
+    ``seen``: [B, N] ids the repetition penalty applies to, once per distinct id; ids outside the
+    vocabulary (image placeholders, -1 for padding) are not tokens and are passed over. A
+    temperature above 0 counts as at least ``MIN_TEMPERATURE`` (sampling there is greedy but for
+    exact ties)."""
+    if p.repetition_penalty != 1.0 and seen is not None and seen.numel():
+        v = logits.shape[-1]
+        valid = (seen >= 0) & (seen < v)
+        hit = torch.zeros_like(logits).scatter_reduce_(
+            1, seen.clamp(0, v - 1), valid.to(logits.dtype), "amax"
+        )
+        penalised = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
+        logits = torch.where(hit > 0, penalised, logits)
     if p.temperature <= 0:
         return logits
-    logits = logits / p.temperature
+    logits = logits / max(p.temperature, MIN_TEMPERATURE)
     if p.top_k:
         kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -108,6 +119,19 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingP
         drop = probs.cumsum(-1) - probs > p.top_p
         logits = logits.masked_fill(drop.scatter(1, idx, drop), float("-inf"))
     return logits
+
+
+def draw(adjusted: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """One token per row [B] from adjusted logits [B, V]: a draw from their softmax; a row whose
+    softmax is not a distribution (non-finite logits, e.g. from a degenerate repetition penalty)
+    takes its largest logit instead of failing."""
+    probs = adjusted.softmax(-1)
+    ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+    if bool(ok.all()):
+        return torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    greedy = torch.nan_to_num(adjusted, nan=float("-inf")).argmax(-1)
+    drawn = torch.multinomial(torch.where(ok[:, None], probs, 1.0), 1, generator=gen).squeeze(1)
+    return torch.where(ok, drawn, greedy)
 
 
 class Engine:
@@ -295,7 +319,7 @@ class Engine:
         else:
             gen.seed()
         finish = ["length"] * b
-        seen = ids.clone() if params.repetition_penalty != 1.0 else None
+        seen = ids.masked_fill(mask == 0, -1) if params.repetition_penalty != 1.0 else None  # not the padding
         stops = set(params.stop_token_ids)
         done_l = [False] * b
         fast = supported(self.model.llm, cache)
@@ -309,7 +333,7 @@ class Engine:
             for step in range(params.max_new_tokens):
                 adj = process_logits(logits, seen, params)
                 if params.temperature > 0:
-                    nxt = torch.multinomial(adj.softmax(-1), 1, generator=gen).squeeze(1)
+                    nxt = draw(adj, gen)
                 else:
                     nxt = adj.argmax(-1)
                 toks = nxt.tolist()
@@ -391,11 +415,7 @@ class Engine:
         finish, done, stops = ["length"] * b, [False] * b, set(params.stop_token_ids)
         for _ in range(params.max_new_tokens):
             logits = process_logits(llm.decode(step, enc, mask, cache)[:, -1].float(), seen, params)
-            nxt = (
-                torch.multinomial(logits.softmax(-1), 1, generator=gen).squeeze(1)
-                if params.temperature > 0
-                else logits.argmax(-1)
-            )
+            nxt = draw(logits, gen) if params.temperature > 0 else logits.argmax(-1)
             row = [None if done[i] else tok for i, tok in enumerate(nxt.tolist())]
             for i, tok in enumerate(row):
                 if tok is not None and tok in stops:

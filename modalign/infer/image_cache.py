@@ -67,6 +67,8 @@ class ImageCache:
         size = _nbytes(tokens)
         if size > self.max_bytes:
             return  # larger than the whole cache: not kept
+        if tokens.untyped_storage().nbytes() > size:  # a view into a batch's output: kept alone,
+            tokens = tokens.clone()  # or the whole batch would stay in memory, uncounted
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= _nbytes(old)

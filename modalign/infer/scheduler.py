@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from modalign.infer.engine import Engine, Prompt, SamplingParams
+from modalign.infer.engine import Engine, Prompt, SamplingParams, draw
 from modalign.infer.fast_decode import FEW_ROWS, PACK_ROWS, supported
 from modalign.models.decoder import KVCache
 from modalign.models.xattn import Media
@@ -366,6 +366,8 @@ class Scheduler:
         ``logits``: one row per row; ``slots``: each row's batch index (into ``self.next``)."""
         self.next[slots] = torch.tensor(tokens, dtype=self.next.dtype, device=self.next.device)
         for i, (row, tok) in enumerate(zip(rows, tokens, strict=True)):
+            if row.failed:  # its sampling failed (``_sample``): it was told so, it gets no token
+                continue
             r = row.req
             row.seen.append(tok)
             row.counts[tok] = row.counts.get(tok, 0) + 1
@@ -405,7 +407,10 @@ class Scheduler:
             self.rows = []
             self._reset()
             return
-        if not self.waiting and 2 * len(keep) <= len(self.rows):  # free rows nobody will take soon
+        # free rows nobody will take soon: none waits, or a batch with cross-attention latents (its
+        # new rows are always appended, so waiting requests never take a free row over)
+        media = self.cache is not None and self.cache.media is not None
+        if (not self.waiting or media) and 2 * len(keep) <= len(self.rows):
             idx = torch.tensor(keep, device=self.valid.device)
             self.rows = [self.rows[i] for i in keep]
             self.cache.select(idx)
@@ -462,12 +467,17 @@ class Scheduler:
             if plain[i]:
                 out.append(greedy[i])
                 continue
-            adj = adjust(logits[i], row)
-            p = row.req.params
-            if p.temperature > 0:
-                out.append(int(torch.multinomial(adj.softmax(-1), 1, generator=row.gen)))
-            else:
-                out.append(int(adj.argmax()))
+            try:
+                adj = adjust(logits[i], row)
+                p = row.req.params
+                out.append(int(draw(adj[None], row.gen)[0]) if p.temperature > 0 else int(adj.argmax()))
+            except Exception as e:  # noqa: BLE001 - a row whose settings fail ends alone
+                row.finish, row.failed = "error", True
+                out.append(0)  # a stand-in: the row leaves at the next eviction
+                try:
+                    row.req.on_error(e)
+                except Exception:  # noqa: BLE001
+                    log.exception("a request's error callback raised")
         return out
 
 
@@ -498,7 +508,7 @@ def adjust(logits: torch.Tensor, row: _Row) -> torch.Tensor:
         for tok, n in row.counts.items():
             logits[tok] -= r.presence_penalty + r.frequency_penalty * n
     seen = None
-    if r.params.repetition_penalty != 1.0:
+    if r.params.repetition_penalty != 1.0:  # process_logits passes over ids that are not tokens
         seen = torch.tensor([row.seen], device=logits.device)
     return process_logits(logits[None], seen, r.params)[0]
 

@@ -10,7 +10,9 @@
 - every response is counted in ``/metrics`` by route template and status (never the raw path).
 
 ``GuardedH11`` (uvicorn's h11 protocol): a connection that has not sent a complete request head
-within ``header_timeout`` seconds (a new connection, or an idle kept-alive one) is closed.
+within ``header_timeout`` seconds (a new connection, or an idle kept-alive one) is closed; one
+whose client stops reading (the response's bytes wait in a full write buffer for
+``write_timeout`` seconds) is aborted, so it neither holds a connection slot nor its generation.
 """
 
 from __future__ import annotations
@@ -193,9 +195,28 @@ def _replay(body: bytes, receive):
 
 
 class GuardedH11(H11Protocol):
-    """uvicorn's h11 protocol, closing connections that do not send a request head in time."""
+    """uvicorn's h11 protocol, closing connections that do not send a request head in time and
+    aborting those that stop reading what they are sent."""
 
     header_timeout = 10.0
+    write_timeout = 60.0
+
+    def pause_writing(self) -> None:  # the transport's buffer is full: the client is not reading
+        super().pause_writing()
+        self._stop("_write_timer")
+        self._write_timer = self.loop.call_later(self.write_timeout, self._write_expired)
+
+    def resume_writing(self) -> None:
+        self._stop("_write_timer")
+        super().resume_writing()
+
+    def _write_expired(self) -> None:
+        self.transport.abort()  # close() would wait for the buffer to drain, which never happens
+
+    def _stop(self, name: str) -> None:
+        timer = getattr(self, name, None)
+        if timer is not None:
+            timer.cancel()
 
     def connection_made(self, transport) -> None:
         super().connection_made(transport)
@@ -216,7 +237,6 @@ class GuardedH11(H11Protocol):
             self.transport.close()
 
     def connection_lost(self, exc) -> None:
-        timer = getattr(self, "_head_timer", None)
-        if timer is not None:
-            timer.cancel()
+        self._stop("_head_timer")
+        self._stop("_write_timer")
         super().connection_lost(exc)

@@ -120,14 +120,21 @@ def load_image_bytes(url: str, policy: ImagePolicy, param: str) -> bytes:
         raise RequestError(
             "local image paths are disabled on this server", param=param, code="invalid_image_url"
         )
-    root = Path(policy.local_dir).resolve()
-    full = (root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
-    if full != root and root not in full.parents:
-        raise RequestError(
-            "local image path is outside the allowed directory", param=param, code="invalid_image_url"
-        )
-    if not full.is_file():
-        raise RequestError(f"no image file {path!r}", param=param, code="invalid_image_url")
-    if full.stat().st_size > policy.max_bytes:
-        raise RequestError(f"image over {policy.max_bytes} bytes", 413, param, "image_too_large")
-    return full.read_bytes()
+    if "\x00" in path or len(path) > 4096:
+        raise RequestError("local image path has a NUL byte or is over 4096 characters", param=param,
+                           code="invalid_image_url")  # fmt: skip
+    try:
+        root = Path(policy.local_dir).resolve()
+        full = (root / path).resolve() if not Path(path).is_absolute() else Path(path).resolve()
+        if full != root and root not in full.parents:
+            raise RequestError(
+                "local image path is outside the allowed directory", param=param, code="invalid_image_url"
+            )
+        if not full.is_file():
+            raise RequestError(f"no image file {path!r:.200}", param=param, code="invalid_image_url")
+        if full.stat().st_size > policy.max_bytes:
+            raise RequestError(f"image over {policy.max_bytes} bytes", 413, param, "image_too_large")
+        return full.read_bytes()
+    except OSError as e:  # a name too long, a file it may not read
+        raise RequestError(f"local image {path!r:.200} cannot be read ({e.strerror or e.__class__.__name__})",
+                           param=param, code="invalid_image_url") from None  # fmt: skip

@@ -183,7 +183,7 @@ def parse_request(body, limits: Limits) -> ChatRequest:
     logit_bias = {}
     for k, v in bias.items():
         if (
-            not str(k).isdigit()
+            not (isinstance(k, str) and k.isascii() and k.isdigit() and len(k) <= 12)  # "²" is a digit too
             or isinstance(v, bool)
             or not isinstance(v, int | float)
             or not -100 <= v <= 100

@@ -210,6 +210,81 @@ def test_masked_cross_attention_equals_the_rule_written_out(only_immediate):
     assert torch.equal(got[2], torch.zeros_like(got[2]))  # no image: nothing read
 
 
+def test_gated_block_adds_tanh_gated_attention_then_a_tanh_gated_feed_forward():
+    """Flamingo's gated xattn-dense block written out: y = x + tanh(a) * attn(x);
+    out = y + tanh(f) * W2 gelu(W1 LayerNorm(y)); without images only the feed-forward term."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(1)
+    cfg = CrossAttentionConfig(num_heads=2, head_dim=12, media_dim=24, only_immediate=True)
+    block = GatedCrossAttentionBlock(cfg, 40, 0)
+    with torch.no_grad():
+        block.attn_gate.fill_(0.7)
+        block.ff_gate.fill_(-0.4)
+        block.ff.norm.weight.normal_()
+        block.ff.norm.bias.normal_()
+    ids = torch.tensor([[3, IMG, 4, 4, IMG, 4], [3, 3, IMG, 4, 4, 4]])
+    media = Media.from_ids(ids, IMG, torch.randn(3, 5, 24))
+    x = torch.randn(2, 6, 40)
+
+    def ff(y):
+        n = F.layer_norm(y, (40,), block.ff.norm.weight, block.ff.norm.bias, block.ff.norm.eps)
+        return F.gelu(n @ block.ff.fc_in.weight.T) @ block.ff.fc_out.weight.T
+
+    with torch.no_grad():
+        y = x + torch.tanh(torch.tensor(0.7)) * reference_attention(block, x, media.latents, media.time, True)
+        want = y + torch.tanh(torch.tensor(-0.4)) * ff(y)
+        torch.testing.assert_close(block(x, media), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            block(x, None), x + torch.tanh(torch.tensor(-0.4)) * ff(x), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_perceiver_resampler_equals_openflamingos_rule_written_out():
+    """OpenFlamingo's resampler: per layer the latents attend (queries from the normed latents) over
+    concat(normed media, normed latents), keys and values the two halves of one projection, then
+    a residual GELU feed-forward; a final LayerNorm, then the output projection."""
+    import torch.nn.functional as F
+
+    from modalign.models.connectors import PerceiverResampler
+
+    torch.manual_seed(2)
+    cfg = ConnectorConfig(type="resampler", num_queries=3, num_layers=2, num_heads=2, head_dim=8, hidden_size=16,
+                          intermediate_size=24, output_proj=True)  # fmt: skip
+    r = PerceiverResampler(cfg, d_vis=12, d_llm=20, num_features=5)
+    with torch.no_grad():
+        r.pos.normal_()
+        for m in r.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.normal_()
+                m.bias.normal_()
+    feats = torch.randn(2, 5, 12)
+
+    def ln(t, m):
+        return F.layer_norm(t, (16,), m.weight, m.bias, m.eps)
+
+    with torch.no_grad():
+        x = feats @ r.input_proj.weight.T + r.input_proj.bias + r.pos
+        want = []
+        for n in range(2):
+            lat = r.latents.clone()
+            for layer in r.layers:
+                xm, lm = ln(x[n], layer.norm_media), ln(lat, layer.norm_latents)
+                kv = torch.cat([xm, lm]) @ layer.to_kv.weight.T
+                k, v = kv[:, :16], kv[:, 16:]  # OpenFlamingo: to_kv(...).chunk(2, dim=-1)
+                q = lm @ layer.to_q.weight.T
+                heads = []
+                for h in range(2):
+                    sl = slice(8 * h, 8 * h + 8)
+                    w = (q[:, sl] * 8**-0.5 @ k[:, sl].T).softmax(-1)
+                    heads.append(w @ v[:, sl])
+                lat = lat + torch.cat(heads, -1) @ layer.to_out.weight.T
+                lat = lat + F.gelu(ln(lat, layer.ff_norm) @ layer.ff_in.weight.T) @ layer.ff_out.weight.T
+            want.append(ln(lat, r.norm) @ r.proj.weight.T + r.proj.bias)
+        torch.testing.assert_close(r(feats), torch.stack(want), atol=1e-5, rtol=1e-5)
+    assert r(feats).shape == (2, 3, 20) and r.num_output_tokens(5) == 3
+
+
 def test_packed_rows_see_only_their_own_samples_images():
     """Packed rows (``seq_ids``): a sample's tokens never read an earlier sample's image."""
     torch.manual_seed(0)
@@ -236,6 +311,32 @@ def test_a_packed_row_gives_each_sample_its_own_logits():
 
 def flamingo_prompts():
     return mixed_prompts(IMG, pixels(4, seed=3))
+
+
+def test_a_cross_attention_batch_drops_its_free_rows_while_requests_keep_waiting():
+    """Rows of a batch with cross-attention latents are never taken over (new rows are appended):
+    under a steady queue the finished rows are still dropped, so the batch stays within twice
+    ``max_batch`` rows while a long request runs, and every request gets its greedy tokens."""
+    from modalign.infer.scheduler import Scheduler
+    from tests.infer.test_scheduler import Sink
+
+    m = tiny(open_gates=True)
+    ps = flamingo_prompts()
+    sched = Scheduler(Engine(m), max_batch=3, headroom=4)
+    long = Sink()
+    sched.add(long.request(ps[1], SamplingParams(max_new_tokens=30)))
+    shorts, sizes = [], []
+    for _ in range(30):
+        while len(sched.waiting) < 3:  # a queue that never empties
+            shorts.append((Sink(), ps[len(shorts) % 4]))
+            sched.add(shorts[-1][0].request(shorts[-1][1], SamplingParams(max_new_tokens=2)))
+        sched.step()
+        sizes.append(len(sched.rows))
+    assert max(sizes) <= 2 * 3 and len(shorts) > 20
+    assert long.tokens == greedy_without_cache(m, ps[1].input_ids, ps[1].pixel_values, 30)
+    for sink, p in shorts:
+        if sink.end is not None:
+            assert sink.tokens == greedy_without_cache(m, p.input_ids, p.pixel_values, 2)
 
 
 def test_generation_with_the_cache_equals_a_greedy_loop_without():

@@ -283,6 +283,8 @@ BAD = [
     ("n true", {"n": True}, 400, "n"),
     ("top_logprobs alone", {"top_logprobs": 2}, 400, "top_logprobs"),
     ("logit_bias", {"logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("logit_bias unicode digit", {"logit_bias": {"\u00b2": 1}}, 400, "logit_bias"),
+    ("logit_bias long key", {"logit_bias": {"1" * 5000: 1}}, 400, "logit_bias"),
 ]  # fmt: skip
 
 
@@ -481,3 +483,103 @@ def test_remote_images_connect_to_the_address_that_was_checked(monkeypatch):
         )
         with pytest.raises(im.RequestError, match="non-public address"):
             im.load_image_bytes("https://img.example.com/a.png", policy, "p")
+
+
+# ------------------------------------------------------------------------------ review of 2026-12-07
+
+
+def ico_bytes() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 0, 0)).save(buf, format="ICO")
+    return buf.getvalue()
+
+
+def test_images_in_formats_that_decode_while_opening_are_refused(served, tmp_path):
+    """ICO (and ICNS) decode an embedded image of any size while opening, before the size check:
+    they are not decoded at all; the formats that give their size first still are."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from modalign.data.conversation import BadSample
+    from modalign.data.images import open_image
+
+    with pytest.raises(BadSample, match=r"not an image in a supported format \(PNG, JPEG"):
+        open_image(ico_bytes())
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP"):
+        buf = io.BytesIO()
+        Image.new("RGB", (20, 10), (0, 0, 255)).save(buf, format=fmt)
+        assert open_image(buf.getvalue()).size == (20, 10), fmt
+    url, _ = served()
+    r = post(url, chat(image="data:image/x-icon;base64," + base64.b64encode(ico_bytes()).decode()))
+    assert r.status_code == 400 and "supported format" in r.json()["error"]["message"], r.text
+    assert post(url, chat()).status_code == 200
+
+
+def test_local_image_paths_the_os_refuses_are_bad_requests(served, tmp_path):
+    from modalign.serve.images import ImagePolicy
+
+    (tmp_path / "ok.png").write_bytes(b"")
+    url, _ = served(images=ImagePolicy(local_dir=str(tmp_path)))
+    for bad in ("a\u0000b.png", "x" * 5000 + ".png", "y" * 300 + ".png"):
+        r = post(url, chat(image=bad))
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_image_url", (bad[:20], r.text)
+    assert healthy(url) and post(url, chat()).status_code == 200
+
+
+def test_a_client_that_stops_reading_is_aborted_after_the_write_timeout():
+    """``GuardedH11``: a full write buffer (the client reads nothing) for ``write_timeout`` seconds
+    aborts the connection; a buffer that drains in time cancels the timer."""
+    import asyncio
+
+    import uvicorn
+    from uvicorn.server import ServerState
+
+    from modalign.serve.guard import GuardedH11
+
+    class Transport:
+        def __init__(self):
+            self.aborted = False
+
+        def get_extra_info(self, name, default=None):
+            return ("127.0.0.1", 1) if name in ("peername", "sockname") else default
+
+        def is_closing(self):
+            return self.aborted
+
+        def abort(self):
+            self.aborted = True
+
+        def close(self):
+            pass
+
+        def pause_reading(self):
+            pass
+
+        def resume_reading(self):
+            pass
+
+        def set_protocol(self, p):
+            pass
+
+    async def scenario(drain_in_time: bool) -> bool:
+        proto = type("P", (GuardedH11,), {"write_timeout": 0.2, "header_timeout": 30.0})(
+            uvicorn.Config(app=lambda *a: None), ServerState(), {}
+        )
+        t = Transport()
+        proto.connection_made(t)
+        proto.pause_writing()
+        await asyncio.sleep(0.1)
+        if drain_in_time:
+            proto.resume_writing()
+        await asyncio.sleep(0.3)
+        proto._stop("_head_timer")
+        return t.aborted
+
+    assert asyncio.run(scenario(False)) is True
+    assert asyncio.run(scenario(True)) is False
