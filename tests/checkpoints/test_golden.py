@@ -150,7 +150,8 @@ def test_ixc2_vl_490_layout_from_either_position_table(tmp_path, rows):
     c = tensors["vit.vision_tower.vision_model.embeddings.class_embedding"].shape[0]
     tensors["vision_proj.0.weight"] = torch.randn(tensors["vision_proj.0.weight"].shape[0], c) * 0.1
     g = int((rows - 1) ** 0.5)
-    tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"] = torch.randn(g * g + 1, c)
+    table = torch.randn(g * g + 1, c)
+    tensors["vit.vision_tower.vision_model.embeddings.position_embedding.weight"] = table
     out = tmp_path / "ixc2vl"
     out.mkdir()
     save_file(tensors, str(out / "model.safetensors"))
@@ -163,3 +164,8 @@ def test_ixc2_vl_490_layout_from_either_position_table(tmp_path, rows):
     assert model.num_image_tokens() == 35 * 35
     with torch.no_grad():
         assert model.encode_images(torch.randn(1, 3, 490, 490)).shape == (1, 1225, 64)
+    # the file's table: CLIP-336's 24 x 24 grid resized to 35 x 35 on load, a 35 x 35 one as it is
+    from modalign.models.vision import resize_position_table
+
+    got = model.vision.embeddings.position_embedding.weight.detach()
+    assert torch.equal(got, resize_position_table(table, 35) if rows == 577 else table)

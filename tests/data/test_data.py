@@ -420,8 +420,13 @@ def test_mixture_proportions():
 
     c = Counter(k for k, _ in pairs)
     assert c == {0: 180, 1: 20}
-    firsts = [i for k, i in pairs if k == 1][:10]
-    assert len(set(firsts)) <= 10
+    # within a source every sample comes before any repeats: 20 draws of 10 samples are each
+    # sample twice; 180 of 50, each three or four times (30 of them four: 3 x 50 + 30)
+    assert Counter(i for k, i in pairs if k == 1) == {i: 2 for i in range(10)}
+    per = Counter(i for k, i in pairs if k == 0)
+    assert set(per) == set(range(50)) and sorted(Counter(per.values()).items()) == [(3, 20), (4, 30)]
+    assert pairs != sorted(pairs) and mixture_indices([50, 10], [0.9, 0.1], 200, seed=0) == pairs
+    assert mixture_indices([50, 10], [0.9, 0.1], 200, seed=1) != pairs
     with pytest.raises(ValueError, match="non-negative"):
         mixture_indices([1], [-1.0], 5)
 

@@ -14,6 +14,10 @@ from modalign.eval.run import evaluate
 from modalign.infer.chat import ChatModel
 
 
+def samples_of(out):
+    return [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+
+
 def read_records(task, path, references=None):
     return benchmarks.get(task).read(path, references)
 
@@ -37,7 +41,16 @@ def test_formats_metrics_and_missing_images(setup, tmp_path):
                                           "text": "Is there a dog?", "label": ["yes", "no"][i % 2]}) for i in range(5)))  # fmt: skip
     res = evaluate(cm, "pope", pope, None, tmp_path / "pope", progress=False, max_new_tokens=3)
     assert res["samples"] == 4 and res["skipped"] == 1 and res["skipped_by_reason"] == {"missing image": 1}
-    assert res["tp"] + res["fp"] + res["tn"] + res["fn"] == 4 and 0 <= res["f1"] <= 1
+    assert res["tp"] + res["fp"] + res["tn"] + res["fn"] == 4
+    # what reaches the metric: each kept record's gold label and the model's parsed raw answer
+    from modalign.eval import metrics as M
+
+    got = samples_of(tmp_path / "pope")
+    assert [x["id"] for x in got] == [0, 1, 2, 4] and [x["gold"] for x in got] == ["yes", "no", "yes", "yes"]
+    assert all(x["answer"] == M.pope_answer(x["raw"]) for x in got)
+    want = M.pope_metrics([M.pope_answer(x["raw"]) for x in got], [x["gold"] for x in got])
+    assert {k: res[k] for k in want} == want
+    assert res["accuracy"] == sum(x["answer"] == x["gold"] for x in got) / 4
     with pytest.raises(Exception, match="gone.png"):
         evaluate(
             cm, "pope", pope, None, tmp_path / "p2", progress=False, bad_samples="error", max_new_tokens=2
@@ -49,11 +62,19 @@ def test_formats_metrics_and_missing_images(setup, tmp_path):
     tsv.write_text("index\tquestion\tA\tB\tC\tanswer\tcategory\timage\n"
                    f"0\tWhat colour?\tred\tblue\tgreen\tB\tcolour\t{img}\n")  # fmt: skip
     res = evaluate(cm, "mc", tsv, None, tmp_path / "mmb", circular=True, progress=False, max_new_tokens=3)
-    assert res["samples"] == 3 and res["circular_accuracy"] in (0.0, 1.0)
+    assert res["samples"] == 3
+    got = samples_of(tmp_path / "mmb")  # each rotation of the options, its gold letter moving with blue
+    rotations = [(x["prompt"], x["gold"]) for x in got]
+    assert len(set(rotations)) == 3 and all(f"{g}. blue" in t for t, g in rotations)
+    assert res["circular_accuracy"] == float(all(x["score"] == 1.0 for x in got))
     cap = tmp_path / "cap.json"
     cap.write_text(json.dumps([{"id": 1, "image": "red.png", "captions": ["a red image", "red"]}]))
     res = evaluate(cm, "caption", cap, None, tmp_path / "cap", progress=False, max_new_tokens=4)
-    assert res["bleu4"] is not None and res["cider"] is not None
+    (x,) = samples_of(tmp_path / "cap")
+    assert x["gold"] == ["a red image", "red"]
+    assert res["bleu4"] == M.bleu4([x["answer"]], [x["gold"]]) and res["cider"] == M.cider_d(
+        [x["answer"]], [x["gold"]]
+    )
 
 
 def test_bad_benchmark_files_name_the_record(tmp_path):
@@ -88,6 +109,21 @@ def test_cli_eval_and_compare(setup, tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert out.count("results.json") == 2 and "| run" in out
+    # the table's cells are the run's figures: its accuracy, and each question type's
+    res = json.loads((tmp_path / "a" / "results.json").read_text())
+    got = samples_of(tmp_path / "a")
+    assert len(got) == 10 and res["accuracy"] == sum(x["score"] for x in got) / 10
+    header, _, row, _ = [line for line in out.splitlines() if line.startswith("|")]
+    cells = dict(
+        zip(
+            [c.strip() for c in header.split("|")[1:-1]],
+            [c.strip() for c in row.split("|")[1:-1]],
+            strict=True,
+        )
+    )
+    assert cells["accuracy"] == f"{res['accuracy']:.4f}"
+    for cat, acc in res["accuracy_by_category"].items():
+        assert cells[cat] == f"{acc:.1%}"
 
 
 def test_llm_judge_llava_bench_and_owleval_with_cache(setup, tmp_path):
@@ -162,7 +198,16 @@ def test_official_layouts(setup, tmp_path):
     (sub / "questions_answers_YN" / "001.txt").write_text("Is it green?\tYes\nIs it red?\tNo\n")
     cm = ChatModel.load(d / "model")
     res = evaluate(cm, "mme", tmp_path / "mme", None, tmp_path / "mme_out", progress=False, max_new_tokens=2)
-    assert res["samples"] == 2 and set(res["subtasks"]) == {"color"} and res["perception"] >= 0
+    assert res["samples"] == 2 and set(res["subtasks"]) == {"color"}
+    from modalign.eval import metrics as M
+
+    got = samples_of(tmp_path / "mme_out")
+    assert [x["gold"] for x in got] == ["Yes", "No"]
+    # one image: MME's accuracy+ counts its two questions as a pair
+    assert {x["image"] for x in got} == {"color/images/001.jpg"}
+    want = M.mme_scores([{"subtask": "color", "image": x["image"], "prediction": M.mme_answer(x["raw"]),
+                          "answer": x["gold"]} for x in got])  # fmt: skip
+    assert res["perception"] == want["perception"] and res["subtasks"] == want["subtasks"]
     # COCO captions annotations
     (tmp_path / "caps.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "COCO_val2014_000000000042.jpg"}],
                                                     "annotations": [{"image_id": 1, "caption": "a green square"},

@@ -49,12 +49,28 @@ def test_bf16_loads_straight_in_bf16_and_answers_like_fp32(tiny_model, world):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_generate_on_a_named_device_and_dtype(tiny_model, capsys, dtype):
+def test_generate_on_a_named_device_and_dtype(tiny_model, capsys, monkeypatch, dtype):
+    """The model ``generate`` answers with is loaded in the named dtype on the named device, and
+    its reply is that model's greedy reply."""
+    loaded = []
+    real = ChatModel.load.__func__
+
+    def spy(cls, *a, **k):
+        loaded.append(real(cls, *a, **k))
+        return loaded[-1]
+
+    monkeypatch.setattr(ChatModel, "load", classmethod(spy))
     argv = ["generate", "--model", str(tiny_model), "--prompt", "Hello", "--max-new-tokens", "4", "--json",
             "--device", "cpu", "--dtype", dtype]  # fmt: skip
     assert main(argv) == 0
     reply = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert reply["completion_tokens"] >= 1
+    (cm,) = loaded
+    assert {p.dtype for p in cm.model.parameters()} == {getattr(torch, dtype)}
+    assert {p.device.type for p in cm.model.parameters()} == {"cpu"}
+    again = ChatModel.load(tiny_model, dtype=dtype).reply(
+        [user_message("Hello", 0)], [], cm.params(max_new_tokens=4)
+    )
+    assert reply["token_ids"] == again.token_ids and reply["completion_tokens"] == len(again.token_ids) >= 1
 
 
 def test_a_bad_device_or_dtype_is_a_clear_cli_error(tiny_model, capsys):

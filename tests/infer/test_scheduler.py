@@ -4,13 +4,12 @@ alone, each with its own settings; finished rows leave at once; a failing reques
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from modalign import MLLM
 from modalign.infer.engine import Engine, Prompt, SamplingParams
 from modalign.infer.scheduler import Request, Scheduler
-from tests.infer.test_engine import full_forward_greedy, prompts, tiny
+from tests.infer.test_engine import full_forward_greedy, prompts, require_compiled, tiny
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
@@ -204,8 +203,8 @@ def test_a_compiled_engine_serves_the_running_batch_as_alone_with_no_compile_aft
     ps = prompts(model, n=3, seed=2)  # 4, 22 and 40 tokens
     jobs = [(ps[0], 30), (ps[1], 3), (ps[2], 6), (ps[1], 5), (ps[0], 12), (ps[2], 40)]
     sched = Scheduler(Engine(model, compile=True), max_batch=3, headroom=8)
-    if sched.warmup() == 0.0 or not sched.engine.fast.compiled:
-        pytest.skip(f"torch.compile is unavailable here: {sched.engine.fast.failed}")
+    sched.warmup()
+    require_compiled(sched.engine.fast)
     assert sched.active == 0 and sched.cache is None
     fast, used = sched.engine.fast, []
     real = fast.compiled_step
@@ -242,12 +241,7 @@ def test_a_compiled_scheduler_takes_every_matrix_form_with_no_compile_after_warm
     sched = Scheduler(Engine(model, compile=True), max_batch=10, headroom=8)
     sched.warmup()
     fast = sched.engine.fast
-    if not fast.compiled:
-        try:  # the compiler itself missing (no C++ compiler) skips; the decode step failing fails
-            torch.compile(lambda t: t * 2, fullgraph=True)(torch.ones(3))
-        except Exception:  # noqa: BLE001
-            pytest.skip(f"torch.compile is unavailable here: {fast.failed}")
-        pytest.fail(f"the decode step did not compile: {fast.failed}")
+    require_compiled(fast)
     assert fast.plan.packed == ("packed" in forms)
     used, real = [], fast.compiled_step
     fast.compiled_step = lambda *a, **k: used.append(k.get("dynamic")) or real(*a, **k)

@@ -208,7 +208,9 @@ def test_native_save_load_is_exact_and_atomic(tmp_path):
     with pytest.raises(RuntimeError), atomic_dir(tmp_path / "m") as tmp:
         (tmp / "config.json").write_text("{}")
         raise RuntimeError("killed")
-    assert MLLM.from_pretrained(tmp_path / "m") is not None
+    kept = MLLM.from_pretrained(tmp_path / "m").state_dict()
+    assert kept.keys() == model.state_dict().keys()
+    assert all(torch.equal(kept[k], v) for k, v in model.state_dict().items())
     assert [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
@@ -220,3 +222,5 @@ def test_build_skips_init_and_loads_dtype(tmp_path):
     assert again.llm.rotary.inv_freq.dtype == torch.float32  # rope stays fp32
     m = build(MLLMConfig.from_name("tiny-llava"))
     assert m.llm.rotary.inv_freq.device.type == "cpu"
+    # the buffers a build fills in are the ones a normal construction computes
+    assert torch.equal(m.llm.rotary.inv_freq, MLLM(MLLMConfig.from_name("tiny-llava")).llm.rotary.inv_freq)

@@ -121,7 +121,7 @@ def test_concurrent_load_is_batched_and_loses_nothing(server):
     n = 24
 
     def one(i):
-        return ask(url, max_tokens=6, messages=[{"role": "user", "content": f"what colour {i}?"}])
+        return ask(url, max_tokens=2 + i % 5, messages=[{"role": "user", "content": f"what colour {i}?"}])
 
     t = time.perf_counter()
     seq = [one(i) for i in range(4)]
@@ -131,6 +131,19 @@ def test_concurrent_load_is_batched_and_loses_nothing(server):
         results = list(ex.map(one, range(n)))
     parallel = (time.perf_counter() - t) / n
     assert len(results) == n and all(r.choices[0].message.content is not None for r in results)
+    # each reply is its own prompt's greedy reply, as the model gives it alone
+    from modalign.infer.chat import user_message
+
+    cm = tiny_chat_model()  # the server's model (seeded)
+    want = []
+    for i in range(n):
+        msgs, params = [user_message(f"what colour {i}?", 0)], cm.params(max_new_tokens=2 + i % 5)
+        r = cm.reply(msgs, [], params)
+        # the text as streamed (a trailing incomplete UTF-8 character is held back, as the server does)
+        want.append(("".join(cm.stream(msgs, [], params)), r.completion_tokens))
+    assert len(set(want)) > 1  # replies differ (lengths too), so one delivered to another request would show
+    assert [(r.choices[0].message.content, r.usage.completion_tokens) for r in results] == want
+    assert [(r.choices[0].message.content, r.usage.completion_tokens) for r in seq] == want[:4]
     tokens = sum(r.usage.completion_tokens for r in seq + results)
     steps = app.state.batcher.steps - before
     assert steps < tokens  # concurrent requests decoded in shared steps

@@ -260,6 +260,25 @@ def _frozen_equal_to_files(stage_model: Path, vision: Path, llm: Path, trainable
             assert torch.equal(v, src[k.replace(".multiway.0", "")]), k
 
 
+def _stage_froze_what_it_should(before: Path, after: Path, trainable: list[str]) -> None:
+    """A stage leaves every parameter its trainable patterns do not name bit-identical to the
+    stage before it, and changes some that they name (parameters it added, such as LoRA, aside)."""
+    from modalign.train.freeze import match_any
+
+    a = dict(MLLM.from_pretrained(before).named_parameters())
+    b = dict(MLLM.from_pretrained(after).named_parameters())
+    changed = []
+    for k, v in b.items():
+        if k not in a:
+            continue
+        same = torch.equal(a[k].float(), v.float())
+        if not match_any(k, trainable):
+            assert same, f"{after.parent.name}: {k} is frozen there but changed"
+        elif not same:
+            changed.append(k)
+    assert changed, f"{after.parent.name}: nothing it trains changed ({trainable})"
+
+
 @pytest.mark.parametrize("recipe", list(PARTS))
 def test_full_scale_recipe_dress_rehearsal(recipe, released, tmp_path, capsys):
     data, parts = released
@@ -268,6 +287,9 @@ def test_full_scale_recipe_dress_rehearsal(recipe, released, tmp_path, capsys):
     stages = _train(recipe, data, vision, llm, out)
     first = next(iter(stages.values()))
     _frozen_equal_to_files(out / first.name / "model", vision, llm, first.trainable)
+    names = list(stages)
+    for prev, name in zip(names[:-1], names[1:], strict=True):  # each later stage against the one before
+        _stage_froze_what_it_should(out / prev / "model", out / name / "model", stages[name].trainable)
     for name in stages:
         assert json.loads((out / name / "result.json").read_text())["steps"] == 2
     model = MLLM.from_pretrained(out / "model")

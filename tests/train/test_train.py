@@ -2,6 +2,7 @@
 a SIGKILLed run resumes to the same losses (also DDP with 2 gloo processes), NaN stops cleanly."""
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -506,6 +507,14 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
     with_regions = cm.loss(*args, batch["regions"])
     assert cm(batch) == (with_regions, int(batch["attention_mask"].sum()))
     assert with_regions > plain
+    want_plain, want_regions = _contrastive_written_out(cm, batch)
+    assert plain.item() == pytest.approx(want_plain, abs=1e-5)
+    assert with_regions.item() == pytest.approx(want_plain + want_regions, abs=1e-5)
+    with torch.no_grad():  # the learned temperature is clamped at 100
+        cm.clip_logit_scale.fill_(math.log(150.0))
+        want_plain, want_regions = _contrastive_written_out(cm, batch)
+        assert cm.loss(*args, batch["regions"]).item() == pytest.approx(want_plain + want_regions, abs=1e-5)
+        cm.clip_logit_scale.fill_(math.log(1 / 0.07))
     with_regions.backward()
     assert cm.clip_region_proj.weight.grad.abs().sum() > 0
     assert model.vision.embeddings.patch_embedding.weight.grad.abs().sum() > 0
@@ -562,6 +571,52 @@ def test_region_contrastive_stage_reads_boxes_and_trains_the_region_term(data, t
     losses = [[json.loads(x)["loss"] for x in (d / "clip" / "metrics.jsonl").read_text().splitlines()]
               for d in (tmp_path / "stage0", tmp_path / "again")]  # fmt: skip
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def _contrastive_written_out(cm, batch) -> tuple[float, float]:
+    """The contrastive loss pair by pair, from the parts: CLIP's symmetric InfoNCE between the
+    tower's class token (after its post-LayerNorm) and the LM's mean last hidden state over each
+    caption's own tokens, at the learned temperature clamped to 100; and the region term: the
+    tower's state at the connector's layer under each box's patch (after the class token) against
+    the batch's distinct phrases, each phrase embedded alone. Returns (image-text loss, region
+    loss times its weight)."""
+    model_v, llm = cm.vision, cm.llm
+    with torch.no_grad():
+        states = model_v.hidden_states(batch["pixel_values"])
+        img = model_v.post_layernorm(states[-1][:, 0])
+
+        def embed(ids):
+            return llm(input_ids=torch.tensor([ids]), return_hidden=True)[0].mean(0)
+
+        rows = [
+            r[m.bool()].tolist() for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
+        txt = torch.stack([embed(r) for r in rows])
+        a = torch.nn.functional.normalize(cm.clip_image_proj(img), dim=-1)
+        b = torch.nn.functional.normalize(cm.clip_text_proj(txt), dim=-1)
+        s = min(math.exp(cm.clip_logit_scale.item()), 100.0)
+        n = len(rows)
+        i2t = t2i = 0.0
+        for i in range(n):
+            sims = [s * float(a[i] @ b[j]) for j in range(n)]
+            i2t += -(sims[i] - math.log(sum(math.exp(x) for x in sims)))
+            sims = [s * float(a[j] @ b[i]) for j in range(n)]
+            t2i += -(sims[i] - math.log(sum(math.exp(x) for x in sims)))
+        clip_loss = (i2t / n + t2i / n) / 2
+        vc = model_v.cfg
+        fl = vc.feature_layer if isinstance(vc.feature_layer, int) else vc.feature_layer[0]
+        layer = fl % (vc.num_layers + 1)
+        phrases = list(dict.fromkeys(tuple(ids) for regs in batch["regions"] for _, ids in regs))
+        t = torch.nn.functional.normalize(
+            cm.clip_text_proj(torch.stack([embed(list(p)) for p in phrases])), dim=-1
+        )
+        terms = []
+        for row, regs in enumerate(batch["regions"]):
+            for patch, ids in regs:
+                r = torch.nn.functional.normalize(cm.clip_region_proj(states[layer][row, 1 + patch]), dim=-1)
+                sims = [s * float(r @ t[k]) for k in range(len(phrases))]
+                terms.append(-(sims[phrases.index(tuple(ids))] - math.log(sum(math.exp(x) for x in sims))))
+        return clip_loss, cm.region_weight * sum(terms) / len(terms)
 
 
 def _corrupt(ckpt: Path, how: str) -> str:
