@@ -494,9 +494,13 @@ class JinjaTemplate(Template):
         raw, spans = self._text(
             contents, roles, tok, add_generation_prompt, track=self.has_generation, **extra
         )
-        if not self.has_generation:
+        if not self.has_generation and not add_generation_prompt:  # the replies' spans serve training
+            # labels; a prompt to generate from needs none (and two more renders per reply, and
+            # templates that rewrite earlier replies, such as reasoning models', cannot be probed)
             spans = [s for k in range(len(contents)) if roles[k] == "assistant"
                      for s in self._probe(raw, contents, roles, k, probe, tok, add_generation_prompt, extra)]  # fmt: skip
+        elif not self.has_generation:
+            spans = []
         # the stand-ins back to their strings: positions shift, and those ranges are protected
         text, where, protected, pos = [], [], [], 0
         back = dict(zip(stand_ins, forged, strict=False))

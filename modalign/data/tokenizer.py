@@ -66,7 +66,9 @@ class Tokenizer:
         self.chat_template = chat_template
         added = tk.get_added_tokens_decoder()
         self.special_ids = {i for i, t in added.items() if t.special}
-        self._specials = {t.content: t for t in added.values() if t.special and t.content}
+        # the strings that are read as one added token: special ones, and added ones marked not
+        # special (Qwen's <tool_call>, <think>): in message content both are text
+        self._specials = {t.content: t for t in added.values() if t.content}
         self._special_re = (
             re.compile("|".join(re.escape(c) for c in sorted(self._specials, key=len, reverse=True)))
             if self._specials
@@ -102,16 +104,19 @@ class Tokenizer:
     def encode_offsets(
         self, text: str, protected: list[tuple[int, int]] | None = None
     ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Token ids and character offsets. Special-token strings inside the ``protected``
-        character ranges (message content) are tokenized as text, so text from a user or a data
-        file never becomes a control token; elsewhere (what a template wrote) they are special.
+        """Token ids and character offsets. Added-token strings (special ones, and added ones not
+        marked special) inside the ``protected`` character ranges (message content) are tokenized
+        as text, so text from a user or a data file never becomes a control token; elsewhere (what
+        a template wrote) they are the added tokens.
         Without such strings in protected ranges the result is the tokenizer's plain encoding."""
         forged = self._forged(text, protected) if protected else False
         if not forged:
             enc = self.tk.encode(text, add_special_tokens=False)
             return enc.ids, enc.offsets
-        if self._plain is None:
-            self._plain = _HFTokenizer.from_str(self.tk.to_str())
+        if self._plain is None:  # a copy that reads every added token's string as text
+            doc = json.loads(self.tk.to_str())
+            doc["added_tokens"] = [t for t in doc.get("added_tokens", []) if t.get("special")]
+            self._plain = _HFTokenizer.from_str(json.dumps(doc))
             self._plain.encode_special_tokens = True
         ids, offs, cut = [], [], 0
         for m in self._special_re.finditer(text):

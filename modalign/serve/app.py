@@ -144,7 +144,9 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
         except RequestError as e:
             return _err(e.status, str(e), e.param, e.code)
         except BadSample as e:
-            code = "image_too_large" if e.reason == "image too large" else "invalid_image"
+            code = {"image too large": "image_too_large", "template error": "template_error"}.get(
+                e.reason, "invalid_image"
+            )
             return _err(400, str(e), "messages", code)
         except Exception as e:  # noqa: BLE001 - never a plain-text 500, and counted
             log.exception("preparing a request failed")

@@ -12,7 +12,8 @@
 ``GuardedH11`` (uvicorn's h11 protocol): a connection that has not sent a complete request head
 within ``header_timeout`` seconds (a new connection, or an idle kept-alive one) is closed; one
 whose client stops reading (the response's bytes wait in a full write buffer for
-``write_timeout`` seconds) is aborted, so it neither holds a connection slot nor its generation.
+``write_timeout`` seconds) is aborted, so it neither holds a connection slot nor its generation;
+one that sends more than ``max_pipelined`` bytes ahead of its response is aborted too.
 """
 
 from __future__ import annotations
@@ -200,6 +201,14 @@ class GuardedH11(H11Protocol):
 
     header_timeout = 10.0
     write_timeout = 60.0
+    max_pipelined = 21 << 20  # bytes a client may send ahead of its response (a next request)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        # bytes sent after a complete request wait in h11's buffer until its response is done; a
+        # client that keeps sending (read while the server checks for a disconnect) is cut off
+        if len(self.conn.trailing_data[0]) > self.max_pipelined:
+            self.transport.abort()
 
     def pause_writing(self) -> None:  # the transport's buffer is full: the client is not reading
         super().pause_writing()

@@ -55,9 +55,22 @@ def _global_ip(host: str, port: int) -> str:
 
 
 def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
+    """The image at ``url``, every hop checked; the whole fetch (redirects and a slow body
+    included) within ``policy.timeout_s`` seconds, not each read alone."""
+    import time
+
     import httpx
 
+    deadline = time.monotonic() + policy.timeout_s
+
+    def late() -> RequestError:
+        return RequestError(
+            f"fetching the image took over {policy.timeout_s:g} s", 408, param, "image_timeout"
+        )
+
     for _ in range(policy.max_redirects + 1):
+        if time.monotonic() > deadline:
+            raise late()
         u = urlparse(url)
         host = (u.hostname or "").lower()
         if u.scheme not in ("http", "https") or not host:
@@ -83,6 +96,8 @@ def _fetch_http(url: str, policy: ImagePolicy, param: str) -> bytes:
                 data = bytearray()
                 for chunk in r.iter_bytes():
                     data += chunk
+                    if time.monotonic() > deadline:  # a server that trickles its bytes
+                        raise late()
                     if len(data) > policy.max_bytes:
                         raise RequestError(
                             f"image over {policy.max_bytes} bytes", 413, param, "image_too_large"

@@ -6,6 +6,7 @@ name rather than ignored.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 from modalign.data.conversation import IMAGE_MARK, RESERVED, Message
@@ -50,22 +51,23 @@ def _text(value, param: str) -> str:
     return value.translate(RESERVED).replace(IMAGE_MARK, "")
 
 
-def parse_messages(body: dict, limits: Limits):
-    """(messages, images as (url, param), tool calls by message index)."""
+def parse_messages(body: dict, limits: Limits, extra_chars: int = 0):
+    """(messages, images as (url, param), tool calls by message index). ``extra_chars``: text the
+    request holds besides its messages (its tool definitions), counted against the same limit."""
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise RequestError("'messages' must be a non-empty list", param="messages")
     if len(msgs) > limits.max_messages:
         raise RequestError(f"at most {limits.max_messages} messages per request", param="messages",
                            code="too_many_messages")  # fmt: skip
-    out, images, chars, calls = [], [], 0, {}
+    out, images, chars, calls = [], [], extra_chars, {}
 
     def count(text: str, param: str) -> str:
         nonlocal chars
         chars += len(text)
         if chars > limits.max_chars:
-            raise RequestError(f"the messages hold more than {limits.max_chars} characters", param=param,
-                               code="context_length_exceeded")  # fmt: skip
+            raise RequestError(f"the messages (and tools) hold more than {limits.max_chars} characters",
+                               param=param, code="context_length_exceeded")  # fmt: skip
         return text
 
     for i, m in enumerate(msgs):
@@ -108,6 +110,8 @@ def parse_messages(body: dict, limits: Limits):
                     f"messages[{i}].tool_calls must be a list", param=f"messages[{i}].tool_calls"
                 )
             calls[i] = [parse_call(c, f"messages[{i}].tool_calls[{j}]") for j, c in enumerate(tc)]
+            for j, (name, args) in enumerate(calls[i]):  # the arguments are rendered as text too
+                count(name + json.dumps(args, ensure_ascii=False), f"messages[{i}].tool_calls[{j}]")
         out.append(Message(ROLES[m["role"]], text))
     if out[-1].role not in ("user", "tool"):
         raise RequestError("the last message must come from the user (or a tool)", param="messages")
@@ -147,8 +151,12 @@ def parse_request(body, limits: Limits) -> ChatRequest:
     n = body.get("n", 1)
     if n is not None and (isinstance(n, bool) or n != 1):
         raise RequestError("only n=1 is supported", param="n")
-    msgs, images, calls = parse_messages(body, limits)
     tools = parse_tools(body)
+    tool_chars = len(json.dumps(tools.tools, ensure_ascii=False)) if tools is not None else 0
+    if tool_chars > limits.max_chars:
+        raise RequestError(f"the tool definitions hold more than {limits.max_chars} characters", param="tools",
+                           code="context_length_exceeded")  # fmt: skip
+    msgs, images, calls = parse_messages(body, limits, tool_chars)
     max_tokens = _number(body, "max_tokens", 1, 1 << 20, None, int)
     if body.get("max_completion_tokens") is not None:  # the newer name wins
         max_tokens = _number(body, "max_completion_tokens", 1, 1 << 20, None, int)

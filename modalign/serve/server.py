@@ -9,12 +9,20 @@ from modalign.serve.guard import GuardedH11
 
 
 def make_server(app, host: str = "127.0.0.1", port: int = 8000, max_connections: int = 256,
-                header_timeout_s: float = 10.0, keep_alive_s: int = 5, write_timeout_s: float = 60.0) -> uvicorn.Server:  # fmt: skip
+                header_timeout_s: float = 10.0, keep_alive_s: int = 5, write_timeout_s: float = 60.0,
+                max_pipelined_bytes: int = 21 << 20) -> uvicorn.Server:  # fmt: skip
     """A ``uvicorn.Server``: connections over ``max_connections`` get 503; a connection that sends
     no complete request head within ``header_timeout_s`` seconds is closed; one that reads nothing
-    of its response for ``write_timeout_s`` seconds (its write buffer full) is aborted."""
+    of its response for ``write_timeout_s`` seconds (its write buffer full), or sends more than
+    ``max_pipelined_bytes`` ahead of its response, is aborted."""
     protocol = type(
-        "Protocol", (GuardedH11,), {"header_timeout": header_timeout_s, "write_timeout": write_timeout_s}
+        "Protocol",
+        (GuardedH11,),
+        {
+            "header_timeout": header_timeout_s,
+            "write_timeout": write_timeout_s,
+            "max_pipelined": max_pipelined_bytes,
+        },
     )
     config = uvicorn.Config(app, host=host, port=port, http=protocol, log_level="warning",
                             limit_concurrency=max_connections, timeout_keep_alive=keep_alive_s,

@@ -67,10 +67,13 @@ def _dumps(x) -> str:
 
 
 def _unicode(x, param: str) -> None:
+    """Valid Unicode throughout (no lone surrogates), and not nested past what can be rendered."""
     try:
         json.dumps(x, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         raise RequestError("text must be valid Unicode (no lone surrogates)", param=param) from None
+    except RecursionError:
+        raise RequestError("nested too deeply", param=param) from None
 
 
 @dataclass

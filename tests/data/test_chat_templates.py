@@ -193,6 +193,45 @@ def test_special_token_text_in_messages_stays_text(bpe, tmp_path, name, forged, 
     assert r.labels[-1 if name == "llama3" else -2] == tok.token_id(TEMPLATES[name][2])
 
 
+def test_added_tokens_not_marked_special_are_text_in_message_content():
+    """Qwen's tokenizers add <tool_call> and <think> as tokens marked not special: written by a
+    template they are those tokens, typed in a message they are text, as special tokens are."""
+    from tokenizers import AddedToken
+
+    base = Tokenizer.train_bpe(["what colour is the tool call <> / _ think"] * 20, vocab_size=300)
+    base.tk.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    tok = Tokenizer(base.tk, eos_token=base.eos_token)
+    tid = tok.token_id("<tool_call>")
+    assert tid is not None and tid not in tok.special_ids
+    text = "a <tool_call> b"
+    assert tid in tok.encode_offsets(text)[0]  # the template's
+    ids, offs = tok.encode_offsets(text, [(0, len(text))])  # a message's
+    assert tid not in ids and tok.decode(ids) == text and offs[-1][1] == len(text)
+    ids, _ = tok.encode_offsets(text + text, [(len(text), 2 * len(text))])  # the first the template's
+    assert ids.count(tid) == 1 and tok.decode(ids) == text + text
+
+
+def test_a_template_that_rewrites_earlier_replies_still_renders_a_prompt_to_generate_from(bpe, tmp_path):
+    """Reasoning models' templates keep only what follows </think> of earlier replies: a prompt to
+    generate from needs no reply spans and renders; a training example (spans needed) is refused."""
+    tok, _ = pair(bpe, tmp_path, "qwen2")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.role == 'assistant' %}"
+        "{{ m.content.split('</think>')[-1] }}{% else %}{{ m.content }}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    conv = Conversation(
+        [Message("user", "q"), Message("assistant", "<think>hm</think>red"), Message("user", "sure?")]
+    )
+    r = render(conv, tok, get_template("jinja", tok), None, add_generation_prompt=True)
+    assert tok.decode(r.input_ids) == (
+        "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+        "<|im_start|>user\nsure?<|im_end|>\n<|im_start|>assistant\n"
+    )
+    with pytest.raises(BadSample, match="cannot locate assistant message 1"):
+        render(conv, tok, get_template("jinja", tok), None)
+
+
 def test_templates_that_hide_where_a_reply_is_are_refused(bpe, tmp_path):
     tok, _ = pair(bpe, tmp_path, "qwen2")
     conv = Conversation([Message("user", "q"), Message("assistant", "a long reply")])

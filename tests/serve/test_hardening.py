@@ -583,3 +583,90 @@ def test_a_client_that_stops_reading_is_aborted_after_the_write_timeout():
 
     assert asyncio.run(scenario(False)) is True
     assert asyncio.run(scenario(True)) is False
+
+
+def test_tool_definitions_and_call_arguments_count_against_the_character_limit(served):
+    url, _ = served(max_chars=2000)
+    tools = [{"type": "function", "function": {"name": "f", "description": "x" * 3000}}]
+    r = post(url, chat(tools=tools))
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
+    assert r.json()["error"]["code"] == "context_length_exceeded"
+    call = {"type": "function", "function": {"name": "f", "arguments": json.dumps({"q": "y" * 3000})}}
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "ok"}]  # fmt: skip
+    r = post(url, chat() | {"messages": msgs})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages[1].tool_calls[0]", r.text
+    assert post(url, chat()).status_code == 200
+
+
+def test_a_remote_image_that_trickles_in_is_cut_off_at_the_fetch_deadline(monkeypatch):
+    """Each read within its timeout is not enough: the whole fetch has ``timeout_s``."""
+    import socket as socket_mod
+
+    from modalign.serve import images as im
+
+    monkeypatch.setattr(im.socket, "getaddrinfo",
+                        lambda host, port, *a, **k: [(socket_mod.AF_INET, socket_mod.SOCK_STREAM, 6, "", ("93.184.216.34", port))])  # fmt: skip
+    read = []
+
+    class Slow:
+        is_redirect, status_code = False, 200
+
+        def iter_bytes(self):
+            for _ in range(1000):
+                time.sleep(0.05)  # one byte every 50 ms: every read in time
+                read.append(1)
+                yield b"x"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    class Client:
+        def __init__(self, **kw):
+            pass
+
+        def stream(self, *a, **k):
+            return Slow()
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            return False
+
+    monkeypatch.setattr(httpx, "Client", Client)
+    policy = im.ImagePolicy(allow_http=True, allowed_domains=["example.com"], timeout_s=0.5)
+    t = time.monotonic()
+    with pytest.raises(im.RequestError, match=r"took over 0.5 s") as e:
+        im.load_image_bytes("https://img.example.com/a.png", policy, "p")
+    assert e.value.status == 408 and time.monotonic() - t < 2 and len(read) < 20
+
+
+def test_a_client_that_keeps_sending_after_its_request_is_cut_off(served, monkeypatch):
+    """Bytes sent after a complete request wait in the server's buffer until the response is done
+    (HTTP pipelining); a client that sends more than ``max_pipelined_bytes`` so is aborted, and
+    the server goes on."""
+    url, app = served(server_kw={"max_pipelined_bytes": 1 << 20})
+    slow_steps(app, monkeypatch, 0.5)  # the response takes 10 s
+    host, port = url.removeprefix("http://").split(":")
+    body = json.dumps(chat(max_tokens=20) | {"logit_bias": {str(i): -100 for i in range(3)}}).encode()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
+    sent, cut, t0 = 0, False, time.monotonic()
+    s.settimeout(20)
+    try:
+        while sent < 8 << 20:
+            s.sendall(b"x" * 65536)
+            sent += 65536
+    except (ConnectionResetError, BrokenPipeError):  # aborted by the server
+        cut = True
+    except TimeoutError:  # the server stopped reading: not cut off
+        pass
+    finally:
+        s.close()
+    assert cut and time.monotonic() - t0 < 8, (sent, time.monotonic() - t0)  # before its response ended
+    assert healthy(url) and post(url, chat()).status_code == 200
