@@ -426,6 +426,16 @@ def test_clients_that_leave_free_their_rows_and_short_requests_are_not_starved(s
 # ------------------------------------------------------------------------------ 12. remote images
 
 
+class _Context:
+    """A stand-in for httpx's clients and streamed responses: a context manager returning itself."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
 def test_remote_images_connect_to_the_address_that_was_checked(monkeypatch):
     """A host that resolves to a public address, then (rebinding) to loopback: the fetch goes to
     the address that was checked, resolved once; non-global ranges (shared 100.64/10, mapped
@@ -444,31 +454,19 @@ def test_remote_images_connect_to_the_address_that_was_checked(monkeypatch):
 
     seen = {}
 
-    class FakeResponse:
+    class FakeResponse(_Context):
         is_redirect, status_code = False, 200
 
         def iter_bytes(self):
             yield b"png-bytes"
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    class FakeClient:
+    class FakeClient(_Context):
         def __init__(self, **kw):
             seen["client"] = kw
 
         def stream(self, method, url, headers=None, extensions=None):
             seen.update(url=url, headers=headers, extensions=extensions)
             return FakeResponse()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
 
     monkeypatch.setattr(im.socket, "getaddrinfo", fake_getaddrinfo)
     monkeypatch.setattr(httpx, "Client", FakeClient)
@@ -609,7 +607,7 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_fetch_deadline(monkey
                         lambda host, port, *a, **k: [(socket_mod.AF_INET, socket_mod.SOCK_STREAM, 6, "", ("93.184.216.34", port))])  # fmt: skip
     read = []
 
-    class Slow:
+    class Slow(_Context):
         is_redirect, status_code = False, 200
 
         def iter_bytes(self):
@@ -618,24 +616,12 @@ def test_a_remote_image_that_trickles_in_is_cut_off_at_the_fetch_deadline(monkey
                 read.append(1)
                 yield b"x"
 
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
-
-    class Client:
+    class Client(_Context):
         def __init__(self, **kw):
             pass
 
         def stream(self, *a, **k):
             return Slow()
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
-            return False
 
     monkeypatch.setattr(httpx, "Client", Client)
     policy = im.ImagePolicy(allow_http=True, allowed_domains=["example.com"], timeout_s=0.5)
