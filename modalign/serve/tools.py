@@ -56,7 +56,6 @@ TOOLS_TAIL = (
     "<args-json-object>}\n</tool_call>"
 )
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 MAX_TOOLS = 64
 
 
@@ -219,9 +218,9 @@ def forced_prefix(spec: ToolSpec | None) -> str:
 def parse_reply(text: str, spec: ToolSpec) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a reply (the forced prefix included)."""
     calls = []
-    for m in CALL.finditer(text if "</tool_call>" in text else text + "</tool_call>"):
+    for body in _call_bodies(text if "</tool_call>" in text else text + "</tool_call>"):
         try:
-            doc = json.loads(m.group(1))
+            doc = json.loads(body)
         except (ValueError, RecursionError):
             continue
         if (
@@ -238,6 +237,17 @@ def parse_reply(text: str, spec: ToolSpec) -> tuple[str | None, list[dict]]:
         return text, []
     head = text[: text.index("<tool_call>")].strip()
     return head or None, calls
+
+
+def _call_bodies(text: str) -> list[str]:
+    """What each <tool_call> ... </tool_call> holds, stripped, in order: one pass over the text
+    (a pattern with a lazy body retried from every opening tag takes quadratic time when a reply
+    opens many tags after its last closing one)."""
+    out, i = [], 0
+    while (a := text.find("<tool_call>", i)) >= 0 and (b := text.find("</tool_call>", a + 11)) >= 0:
+        out.append(text[a + 11 : b].strip())
+        i = b + 12
+    return out
 
 
 def supports_tools(template) -> bool:

@@ -183,3 +183,21 @@ def test_a_checkpoints_jinja_template_writes_the_tools_itself():
     ids = cm.prompt_ids(ours, tools=[WEATHER])
     assert r.json()["usage"]["prompt_tokens"] == len(ids)
     assert "# Tools" in cm.tok.decode(ids) and "get_weather" in cm.tok.decode(ids)
+
+
+def test_call_bodies_are_the_tagged_spans_a_lazy_pattern_finds():
+    """One pass finds what ``<tool_call>\\s*(.*?)\\s*</tool_call>`` finds, on random replies of tags,
+    white space and text (the pattern took quadratic time on many unclosed tags)."""
+    import random
+    import re
+
+    from modalign.serve.tools import _call_bodies
+
+    pattern = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
+    parts = ["<tool_call>", "</tool_call>", " ", "\n", "\u2003", '{"name": "f"}', "x", "<tool", "call>"]
+    rng = random.Random(0)
+    for _ in range(2000):
+        text = "".join(rng.choice(parts) for _ in range(rng.randint(0, 12)))
+        assert _call_bodies(text) == [m.group(1) for m in pattern.finditer(text)], text
+    many = "</tool_call>" + "<tool_call>x" * 20000  # every tag opened after the last closing one
+    assert _call_bodies(many) == []
