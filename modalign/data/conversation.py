@@ -608,6 +608,10 @@ def render(
     text, spans, content = template.render(conv.messages, tok, add_generation_prompt, tools=tools)
     chunks = text.split(IMAGE_MARK)
     n_images = len(chunks) - 1
+    if n_images != len(conv.images):  # each placeholder takes the next image: one lost shifts the rest
+        raise BadSample("image count mismatch", f"the chat template ({getattr(template, 'name', template)}) "
+                        f"rendered {n_images} of its {len(conv.images)} image(s): it leaves out or moves the turn "
+                        "that holds the others (a system turn, an image in a reply)", conv.id)  # fmt: skip
     if n_images and image_token_id is None:
         raise BadSample("image count mismatch", "has images but the model takes none", conv.id)
     counts = [image_tokens] * n_images if isinstance(image_tokens, int) else list(image_tokens)

@@ -199,7 +199,9 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
                     _check_text(piece, sid, f"messages[{i}].content[{j}].text")
                     pieces.append(piece)
                 elif kind in ("image", "image_url"):
-                    ref = part.get("image") if kind == "image" else (part.get("image_url") or {}).get("url")
+                    ref = part.get("image") if kind == "image" else part.get("image_url")
+                    if isinstance(ref, dict):  # OpenAI's {"url": ...}; a plain string is taken too
+                        ref = ref.get("url")
                     if not isinstance(ref, str):
                         raise BadSample(
                             "malformed record", f"messages[{i}].content[{j}] has no image path", sid
@@ -220,6 +222,10 @@ def _from_messages(rec: dict, sid: str, source: str) -> Conversation:
             raise BadSample("image count mismatch",
                             f"has {len(images)} <image> placeholder(s) but {len(listed)} entries in 'images'", sid)  # fmt: skip
         images = list(listed)
+    elif rec.get("images"):  # listed images that no placeholder places: not a text-only chat
+        listed = _image_refs(rec["images"], sid)
+        raise BadSample("image count mismatch", f"lists {len(listed)} image(s) in 'images' but its messages have "
+                        f"{len(images)} <image> placeholder(s) for them", sid)  # fmt: skip
     conv = Conversation(msgs, images, sid, source)
     conv.validate()
     return conv

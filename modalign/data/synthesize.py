@@ -61,14 +61,33 @@ def read_annotations(path: str | Path, captions: str | Path | None = None) -> li
         for n, line in enumerate(path.read_text().splitlines(), 1):
             if not line.strip():
                 continue
-            r = json.loads(line)
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path.name}:{n}: not a JSON object ({e})") from None
+            if not isinstance(r, dict):
+                raise ValueError(f"{path.name}:{n}: expected a JSON object, got {type(r).__name__}")
             missing = [k for k in ("id", "image") if k not in r]
             if missing or not (r.get("captions") or r.get("objects")):
                 raise ValueError(f"{path.name}:{n}: needs id, image and captions or objects")
-            for j, o in enumerate(r.get("objects", [])):
-                b = o.get("bbox")
-                if not isinstance(b, list) or len(b) != 4 or not all(0 <= float(x) <= 1 for x in b):
+            caps = r.get("captions", [])
+            if not isinstance(caps, list) or not all(isinstance(c, str) for c in caps):
+                raise ValueError(f"{path.name}:{n}: captions must be a list of strings")
+            objs = r.get("objects", [])
+            if not isinstance(objs, list):
+                raise ValueError(f"{path.name}:{n}: objects must be a list")
+            for j, o in enumerate(objs):
+                b = o.get("bbox") if isinstance(o, dict) else None
+                if (
+                    not isinstance(b, list)
+                    or len(b) != 4
+                    or not all(
+                        isinstance(x, int | float) and not isinstance(x, bool) and 0 <= x <= 1 for x in b
+                    )
+                ):
                     raise ValueError(f"{path.name}:{n}: objects[{j}].bbox must be 4 numbers in [0, 1]")
+                if not isinstance(o.get("category"), str) or not o["category"]:
+                    raise ValueError(f"{path.name}:{n}: objects[{j}].category must be a non-empty string")
             out.append({"id": str(r["id"]), "image": r["image"], "captions": list(r.get("captions", [])),
                         "objects": r.get("objects", [])})  # fmt: skip
         return out

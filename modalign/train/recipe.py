@@ -69,6 +69,13 @@ class StageData:
             raise ConfigError(f"{where}.batch_size: expected >= 1, got {self.batch_size}")
         if self.pack_length is not None and self.pack_length < 1:
             raise ConfigError(f"{where}.pack_length: expected a token count >= 1, got {self.pack_length}")
+        if self.max_length < 1:
+            raise ConfigError(f"{where}.max_length: expected a token count >= 1, got {self.max_length}")
+        if self.samples is not None and self.samples < 1:
+            raise ConfigError(f"{where}.samples: expected a number of draws >= 1, got {self.samples}")
+        if not 0.0 <= self.bad_samples.max_fraction <= 1.0:
+            raise ConfigError(f"{where}.bad_samples.max_fraction: expected a fraction in [0, 1] (0.05 is 5%), "
+                              f"got {self.bad_samples.max_fraction}")  # fmt: skip
         if self.bad_samples.mode not in ("skip", "error"):
             raise ConfigError(
                 f"{where}.bad_samples.mode: expected skip or error, got {self.bad_samples.mode!r}"
@@ -106,6 +113,16 @@ class Optim:
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {self.dropout}")
+        if self.clip is not None and not self.clip >= 0:  # a negative norm would flip every gradient
+            raise ConfigError(f"{where}.clip: expected a gradient norm >= 0 (or null), got {self.clip}")
+        if not self.lr >= 0 or any(not v >= 0 for v in self.lr_groups.values()):
+            raise ConfigError(f"{where}.lr / lr_groups: learning rates must be >= 0")
+        if not 0.0 <= self.schedule.min_lr_ratio <= 1.0:
+            raise ConfigError(
+                f"{where}.schedule.min_lr_ratio: expected [0, 1], got {self.schedule.min_lr_ratio}"
+            )
+        if not self.schedule.warmup >= 0:
+            raise ConfigError(f"{where}.schedule.warmup: expected >= 0, got {self.schedule.warmup}")
 
 
 @dataclass
@@ -122,6 +139,13 @@ class Stop:
     def validate(self, where: str) -> None:
         if (self.max_steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: give exactly one of max_steps and epochs")
+        if (
+            self.max_steps is not None
+            and self.max_steps < 1
+            or self.epochs is not None
+            and not self.epochs > 0
+        ):
+            raise ConfigError(f"{where}: max_steps must be >= 1 and epochs > 0")
         if self.at_loss is not None and not self.at_loss > 0:
             raise ConfigError(f"{where}.at_loss: expected a loss > 0, got {self.at_loss}")
         if self.window < 1:
@@ -236,6 +260,10 @@ class Stage:
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
 
     def validate(self, where: str) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) \
+                or self.name == "model":  # fmt: skip
+            raise ConfigError(f"{where}.name: {self.name!r} is not a stage name (letters, digits, '_', '.', '-'; "
+                              "not 'model', the run's final folder)")  # fmt: skip
         if self.precision not in ("fp32", "bf16", "bf16-pure"):
             raise ConfigError(f"{where}.precision: expected fp32, bf16 or bf16-pure, got {self.precision!r}")
         if not self.trainable:

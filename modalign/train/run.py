@@ -211,9 +211,11 @@ def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: T
     if src == "previous" and i > 0:
         if prev is None:
             raise ValueError(f"stage {stage.name}: init_from previous, but the previous stage has no model")
-        return load_pretrained(prev, dtype=torch.float32)
+        return _fits(
+            load_pretrained(prev, dtype=torch.float32), tok, f"stage {stage.name}: the model of {prev}"
+        )
     if src not in (None, "none", "previous"):
-        return load_pretrained(src, dtype=torch.float32)
+        return _fits(load_pretrained(src, dtype=torch.float32), tok, f"stage {stage.name}: init_from {src}")
     cfg = recipe.model.build_config()
     if recipe.model.init:  # released parts (checkpoints.parts); the others freshly initialised
         model = build_from_parts(cfg, recipe.model.init, recipe.seed)
@@ -221,8 +223,13 @@ def _stage_model(recipe: Recipe, stage: Stage, i: int, prev: Path | None, tok: T
         torch.manual_seed(recipe.seed)
         model = MLLM(cfg)
     enable_parts(model, recipe.model.enable)
+    return _fits(model, tok, "the model")
+
+
+def _fits(model: MLLM, tok: Tokenizer, what: str) -> MLLM:
+    """``model``, if its vocabulary holds every id the tokenizer makes (padding included)."""
     if model.config.llm.vocab_size < tok.vocab_size:
-        raise ValueError(f"the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
+        raise ValueError(f"{what}: the tokenizer has {tok.vocab_size} tokens but the model's vocab_size is "
                          f"{model.config.llm.vocab_size}")  # fmt: skip
     return model
 

@@ -141,6 +141,9 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8,
                                      **({"fused": True} if fused else {"foreach": True}))  # fmt: skip
         data = stage.data
+        if len(dataset) == 0:  # the sampler would give no batch, and the step would wait forever
+            files = ", ".join(src.path for src in data.sources)
+            raise ValueError(f"stage {stage.name}: its data ({files}) holds no samples")
         self.sampler = LengthGroupedSampler(
             dataset, data.batch_size * self.d.world, seed, data.group_by_modality,
             mega=32 if data.group_by_length else 1,
@@ -262,6 +265,7 @@ class Trainer:
         bar = tqdm(total=self.total, initial=pr.step, desc=s.name, disable=not (self.d.main and self.progress),
                    dynamic_ncols=True, leave=True)  # fmt: skip
         t0, loss_val = time.perf_counter(), (pr.recent[-1] if pr.recent else float("nan"))
+        empty = 0  # steps in a row without a usable sample
         while pr.step < self._end(pr):
             ts = time.perf_counter()
             sched = s.optim.schedule
@@ -269,6 +273,13 @@ class Trainer:
             for g in self.opt.param_groups:
                 g["lr"] = g["initial_lr"] * f
             loss_val, ntok, gnorm = self._step(pr, data)
+            if loss_val is None:  # no usable sample in the whole step: no update, no step counted
+                empty += 1
+                if empty * s.optim.grad_accum >= max(self.micro_per_epoch, 1):
+                    raise ValueError(f"stage {s.name}: no usable sample in a whole epoch of its data "
+                                     f"(skipped: {dict(self.policy.skipped)})")  # fmt: skip
+                continue
+            empty = 0
             pr.step += 1
             pr.tokens += ntok * self.d.world
             rec = {"stage": s.name, "step": pr.step, "loss": loss_val, "lr": self.opt.param_groups[0]["lr"],
@@ -301,7 +312,7 @@ class Trainer:
         return StageResult(pr.step, loss_val, time.perf_counter() - t0, pr.tokens, dict(self.policy.skipped),
                            converged)  # fmt: skip
 
-    def _step(self, pr: Progress, data) -> tuple[float, int, float | None]:
+    def _step(self, pr: Progress, data) -> tuple[float | None, int, float | None]:
         """One optimiser step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
         s = self.stage
         autocast = precision_autocast(s.precision, self.d.device)
@@ -327,6 +338,9 @@ class Trainer:
             ntok += int(batch["attention_mask"].sum())  # real tokens (packed or padded rows)
             cells += batch["attention_mask"].numel()
         self._padding = 1 - ntok / max(cells, 1)
+        if not losses and self.d.world == 1:  # every sample of the step was bad (within the budget):
+            self.opt.zero_grad(set_to_none=True)  # no update, and no loss of 0.0 for the stop rule
+            return None, 0, None
         if self.masters is not None:
             self.masters.grads_to_masters()
         self._check_grads(pr.step)

@@ -523,6 +523,61 @@ def test_training_examples_end_at_the_last_supervised_token(tok, image_dir, tmp_
     torch.testing.assert_close(losses[0], losses[1])
 
 
+def test_images_are_never_lost_or_shifted_between_a_record_and_its_rendering(tok, image_dir, tmp_path):
+    """The messages format takes ``image_url`` as a string too; images it lists with no placeholder
+    are a count mismatch (not a text-only chat); a template that leaves out the turn holding an
+    image (``plain`` drops images in replies) is a mismatch, not a shift of the images after it."""
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in [
+        {"id": "url-string", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "ok.png"},
+                                                                        {"type": "text", "text": "what?"}]},
+                                          {"role": "assistant", "content": "red"}]},
+        {"id": "unplaced", "messages": [{"role": "user", "content": "what?"}, {"role": "assistant", "content": "red"}],
+         "images": ["ok.png"]},
+    ]))  # fmt: skip
+    a, b = load_samples(tmp_path / "m.jsonl")
+    assert isinstance(a, Conversation) and a.images == ["ok.png"]
+    assert isinstance(b, BadSample) and b.reason == "image count mismatch" and "unplaced" in str(b)
+    assert "lists 1 image(s) in 'images' but its messages have 0" in str(b)
+    reply_image = Conversation([Message("user", "describe"), Message("assistant", f"{IMAGE_MARK}a red circle")],
+                               ["ok.png"], "in-reply")  # fmt: skip
+    proc = SampleProcessor(tok, get_template("plain"), image_dir, ImageProcessor(VisionConfig(image_size=16)), IMG,
+                           image_tokens=4)  # fmt: skip
+    with pytest.raises(
+        BadSample, match=r"sample in-reply: the chat template \(plain\) rendered 0 of its 1 image"
+    ):
+        proc(reply_image)
+    assert proc(Conversation([Message("user", f"{IMAGE_MARK}describe"), Message("assistant", "red")],
+                             ["ok.png"], "fine")).pixel_values  # fmt: skip
+
+
+def test_annotation_lines_with_wrong_shapes_name_their_line(tmp_path):
+    from modalign.data.synthesize import read_annotations
+
+    cases = [
+        ('{"id": "s1", "image": "a.png", "captions": ["x"]', r"a\.jsonl:1: not a JSON object"),
+        ('[1, 2]', r"a\.jsonl:1: expected a JSON object, got list"),
+        ('{"id": "s1", "image": "a.png", "captions": "a red circle"}', r"a\.jsonl:1: captions must be a list of strings"),
+        ('{"id": "s1", "image": "a.png", "captions": ["x"], "objects": [{"bbox": [0, 0, 0.5, 0.5]}]}',
+         r"a\.jsonl:1: objects\[0\]\.category must be a non-empty string"),
+        ('{"id": "s1", "image": "a.png", "objects": [{"category": "dog", "bbox": [0, 0, "1", 1]}]}',
+         r"a\.jsonl:1: objects\[0\]\.bbox must be 4 numbers"),
+    ]  # fmt: skip
+    for line, err in cases:
+        (tmp_path / "a.jsonl").write_text(line + "\n")
+        with pytest.raises(ValueError, match=err):
+            read_annotations(tmp_path / "a.jsonl")
+    (tmp_path / "a.jsonl").write_text('{"id": 3, "image": "a.png", "captions": ["x"], "objects": [{"category": "dog", '
+                                      '"bbox": [0, 0, 0.5, 1]}]}\n')  # fmt: skip
+    assert read_annotations(tmp_path / "a.jsonl") == [
+        {
+            "id": "3",
+            "image": "a.png",
+            "captions": ["x"],
+            "objects": [{"category": "dog", "bbox": [0, 0, 0.5, 1]}],
+        }
+    ]
+
+
 def test_each_malformed_record_is_rejected_alone_naming_it(tok, image_dir, tmp_path, capsys):
     """Records whose fields have the wrong type, a NUL byte in a path, a lone surrogate in text, a
     line that is not UTF-8 or not JSON: under ``skip`` each is rejected with its line / id and

@@ -75,6 +75,15 @@ RECIPE_ERRORS = [
     ("stages.align.objective={name: contrastive, region: {phrase: '{colour}'}}", r"stages\[0\]\.objective\.region\.phrase: only \{category\} and \{where\}"),
     ("stages.align.objective={name: contrastive, prefix_lm: true}", r"stages\[0\]\.objective\.prefix_lm: not an option of the contrastive"),
     ("stages.align.objective={name: qformer, qformer: {itc: 0, itm: 0, itg: 0}}", r"stages\[0\]\.objective\.qformer: every loss has weight 0"),
+    # values whose range was not checked: gradient ascent, a negative LR, cuts that drop every token
+    ("stages.align.optim.clip=-1", r"stages\[0\]\.optim\.clip: expected a gradient norm >= 0"),
+    ("stages.align.optim.schedule={min_lr_ratio: -0.1}", r"stages\[0\]\.optim\.schedule\.min_lr_ratio"),
+    ("stages.align.data.max_length=0", r"stages\[0\]\.data\.max_length: expected a token count >= 1"),
+    ("stages.align.data.samples=-1", r"stages\[0\]\.data\.samples: expected a number of draws >= 1"),
+    ("stages.align.data.bad_samples={max_fraction: 5}", r"stages\[0\]\.data\.bad_samples\.max_fraction: expected a fraction in \[0, 1\] \(0\.05 is 5%\)"),
+    ("stages.align.stop={max_steps: 0}", r"stages\[0\]\.stop: max_steps must be >= 1"),
+    ("stages.align.name=model", r"stages\[0\]\.name: 'model' is not a stage name"),
+    ("stages.align.name=../x", r"stages\[0\]\.name: '\.\./x' is not a stage name"),
 ]  # fmt: skip
 
 
@@ -398,6 +407,36 @@ def test_interrupted_save_is_ignored_and_nan_stops_with_checkpoint(data, tmp_pat
     assert checkpoints(ckdir)[-1].name == "step-000003"
     res = run_recipe(recipe, tmp_path / "run", progress=False)
     assert res["instruct"].steps == 6
+
+
+def test_data_with_no_sample_or_no_usable_sample_is_an_error_not_a_hang(data, tmp_path):
+    """An empty source used to give the sampler no batch and the step waited forever; a source
+    whose every sample is bad (within a budget of 100%) trained to its end on losses of 0.0."""
+    from modalign.train import trainer as tr
+
+    (tmp_path / "empty.json").write_text("[]")
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0), sets=[
+        f"stages.instruct.data.sources=[{{path: {tmp_path / 'empty.json'}}}]"])  # fmt: skip
+    model = MLLM(recipe.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+    with pytest.raises(ValueError, match=r"stage instruct: its data \(.*empty\.json\) holds no samples"):
+        tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
+    recs = json.loads((data / "instruct.json").read_text())[:6]
+    for r in recs:
+        r["image"] = "gone.png"  # every sample's image missing
+    (tmp_path / "bad.json").write_text(json.dumps(recs))
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0), sets=[
+        f"stages.instruct.data.sources=[{{path: {tmp_path / 'bad.json'}, images: {data / 'images'}}}]",
+        "stages.instruct.data.bad_samples={max_fraction: 1.0}", "stages.instruct.data.batch_size=2"])  # fmt: skip
+    model = MLLM(recipe.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s2", progress=False)
+    with pytest.raises(
+        ValueError, match=r"stage instruct: no usable sample in a whole epoch .*missing image"
+    ):
+        t.run()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no update was made
 
 
 def test_nonfinite_gradients_name_the_group(data, tmp_path):
