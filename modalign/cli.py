@@ -47,7 +47,7 @@ def _convert(args) -> int:
                 tok.template_name = default_template(model_dir)
             break
     if args.to == "native":
-        model.save_pretrained(args.dst)
+        model.save_pretrained(args.dst, keep_tokenizer=False)  # the source's tokenizer only (below)
     else:
         if model.config.llm.lora is not None:
             raise SystemExit("modalign convert: transformers' LLaVA holds no LoRA: add --merge")

@@ -36,10 +36,30 @@ def _require(d: dict, keys: tuple[str, ...], what: str) -> None:
         raise CheckpointError(f"{what} config.json lacks required field(s): {', '.join(missing)}")
 
 
-def llm_config_from_hf(d: dict) -> LLMConfig:
+# what transformers' config class of each decoder type fills in for a field its config.json leaves
+# out. A nested config (a LLaVA release's ``text_config``) is written as a diff against these: the
+# config.json of llava-1.5-7b-hf names no width, depth or head count (Llama's defaults).
+HF_LLM_DEFAULTS = {
+    "llama": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 2048, "bos_token_id": 1, "eos_token_id": 2},
+    "mistral": {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "max_position_embeddings": 131072,
+                "sliding_window": 4096, "bos_token_id": 1, "eos_token_id": 2},
+    "qwen2": {"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32,
+              "num_attention_heads": 32, "max_position_embeddings": 32768, "sliding_window": 4096,
+              "max_window_layers": 28},
+}  # fmt: skip
+
+
+def llm_config_from_hf(d: dict, nested: bool = False) -> LLMConfig:
+    """A decoder's LLMConfig from its transformers config. ``nested``: a sub-config (a LLaVA
+    ``text_config``), written as a diff against its class's defaults, which fill what it leaves
+    out; a model's own config.json names its sizes (they are required)."""
     mt = d.get("model_type", "llama")
     if mt not in LLM_TYPES:
         raise CheckpointError(f"unsupported language model_type {mt!r}; supported: {', '.join(LLM_TYPES)}")
+    if nested:
+        d = {**HF_LLM_DEFAULTS[mt], **d}
     _require(
         d, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"), mt
     )
@@ -160,9 +180,9 @@ def vision_config_from_hf(d: dict) -> VisionConfig:
 
 
 def image_settings(path: str | Path, v: VisionConfig, resize: bool = True) -> VisionConfig:
-    """``v`` with the normalisation (and, with ``resize``, the resize policy: ``crop`` where the
-    processor centre-crops, else ``squash``) of the checkpoint's ``preprocessor_config.json``,
-    where it has one."""
+    """``v`` with the normalisation (and, with ``resize``, the resize policy: ``pad`` where the
+    processor pads to a square, ``crop`` where it centre-crops, else ``squash``) of the
+    checkpoint's ``preprocessor_config.json``, where it has one."""
     f = Path(path) / "preprocessor_config.json"
     if not f.is_file():
         return v
@@ -175,7 +195,9 @@ def image_settings(path: str | Path, v: VisionConfig, resize: bool = True) -> Vi
         v.image_mean = tuple(float(x) for x in d["image_mean"])
     if d.get("image_std") is not None:
         v.image_std = tuple(float(x) for x in d["image_std"])
-    if resize and "do_center_crop" in d:
+    if resize and (d.get("pad_to_square") or d.get("do_pad") is True):  # LLaVA-1.5's pad to a square
+        v.resize_mode = "pad"  # (modalign's export writes pad_to_square; LlavaImageProcessor do_pad)
+    elif resize and "do_center_crop" in d:
         v.resize_mode = "crop" if d["do_center_crop"] else "squash"
     return v
 
@@ -233,7 +255,7 @@ def llava_config_from_hf(d: dict) -> MLLMConfig:
     act = d.get("projector_hidden_act", "gelu")
     image_token = d.get("image_token_index", d.get("image_token_id", 32000))
     return MLLMConfig(
-        llm=llm_config_from_hf(text),
+        llm=llm_config_from_hf(text, nested=True),
         vision=vision,
         connector=ConnectorConfig(
             type=f"mlp2x_{act}", hidden_act=act, bias=d.get("multimodal_projector_bias", True)
@@ -258,6 +280,14 @@ def llava_config_to_hf(cfg: MLLMConfig) -> dict:
     v = cfg.vision
     if v.feature_post_norm:
         raise CheckpointError("transformers' LLaVA cannot apply post_layernorm to the selected features")
+    if cfg.llm.lora is not None:  # transformers would drop the lora_* tensors and run the base model
+        raise CheckpointError(
+            "this model has unmerged LoRA adapters: merge them first (or export them with --to peft)"
+        )
+    if getattr(v, "hd_layout", None) is not None:
+        raise CheckpointError(
+            f"transformers' LLaVA has no {v.hd_layout!r} high-resolution layout; save it natively"
+        )
     return {
         "architectures": ["LlavaForConditionalGeneration"],
         "model_type": "llava",

@@ -23,7 +23,11 @@ def model_state(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if k not in tied}
 
 
-def save_native(model: nn.Module, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
+def save_native(model: nn.Module, path: str | Path, extra_files: dict[str, str] | None = None,
+                keep_tokenizer: bool = True) -> None:  # fmt: skip
+    """Write ``config.json`` + ``model.safetensors`` into ``path``, atomically. ``keep_tokenizer``:
+    the tokenizer files already in ``path`` stay (a training run's saves); a converted checkpoint
+    gets only the tokenizer its source has (``convert`` writes it), never one left from before."""
     cfg = model.config
     with atomic_dir(path) as tmp:
         doc = {"modalign": cfg.to_dict(), "format_version": FORMAT_VERSION}
@@ -33,7 +37,7 @@ def save_native(model: nn.Module, path: str | Path, extra_files: dict[str, str] 
         # keep tokenizer files that live beside the weights
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        if src.is_dir():
+        if keep_tokenizer and src.is_dir():
             for f in src.glob("tokenizer*.json"):
                 if not (tmp / f.name).exists():
                     (tmp / f.name).write_bytes(f.read_bytes())

@@ -440,8 +440,9 @@ class MLLM(nn.Module):
 
         return load_pretrained(path, dtype=dtype, device=device, base=base, vision_tower=vision_tower)
 
-    def save_pretrained(self, path: str | Path) -> None:
-        """Write ``config.json`` + ``model.safetensors`` (native format), atomically."""
+    def save_pretrained(self, path: str | Path, keep_tokenizer: bool = True) -> None:
+        """Write ``config.json`` + ``model.safetensors`` (native format), atomically; tokenizer
+        files already in ``path`` stay unless ``keep_tokenizer`` is False."""
         from modalign.checkpoints.native import save_native
 
-        save_native(self, path)
+        save_native(self, path, keep_tokenizer=keep_tokenizer)
