@@ -293,6 +293,10 @@ def _build(cls: type, d: Any, path: str) -> Any:
         raise ConfigError(
             f"{path}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
         )
+    required = [n for n, f in fields.items() if f.init and f.default is dataclasses.MISSING
+                and f.default_factory is dataclasses.MISSING and n not in d]  # fmt: skip
+    if required:
+        raise ConfigError(f"{path}: missing required key(s) {', '.join(required)}")
     kwargs = {}
     for name, value in d.items():
         kwargs[name] = _coerce(hints[name], value, f"{path}.{name}")

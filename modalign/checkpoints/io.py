@@ -190,6 +190,18 @@ def atomic_dir(path: str | Path):
         raise
 
 
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part of it (a temp file, flushed,
+    then renamed over it)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def commit_dir(tmp: Path, path: Path) -> None:
     """Flush every file under the finished directory ``tmp`` to disk, then rename it to ``path``
     (replacing an existing one only after the new one is complete)."""

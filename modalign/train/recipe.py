@@ -260,6 +260,7 @@ class Stage:
     checkpoints: Checkpoints = field(default_factory=Checkpoints)
 
     def validate(self, where: str) -> None:
+        check_enable(self.enable, f"{where}.enable")
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name) \
                 or self.name == "model":  # fmt: skip
             raise ConfigError(f"{where}.name: {self.name!r} is not a stage name (letters, digits, '_', '.', '-'; "
@@ -336,6 +337,25 @@ class ModelSpec:
         return MLLMConfig.from_dict(merged)
 
 
+def check_enable(spec: dict, where: str) -> None:
+    """The parts a recipe switches on, checked when it is read (not when their stage starts, after
+    the stages before it have trained): known names, and each part's options as its config takes
+    them."""
+    from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
+
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where}: expected a mapping of parts (mam, plora, lora, adapter)")
+    parts = {"plora": PLoRAConfig, "lora": LoRAConfig, "adapter": AdapterConfig}
+    for name, value in spec.items():
+        if name == "mam":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}.mam: expected true or false, got {value!r}")
+        elif name in parts:
+            _build(parts[name], value or {}, f"{where}.{name}")
+        else:
+            raise ConfigError(f"{where}: unknown part {name!r}; known: mam, plora, lora, adapter")
+
+
 @dataclass
 class Parallel:
     strategy: str = "none"  # none | ddp | fsdp
@@ -352,6 +372,7 @@ class Recipe:
 
     def validate(self) -> None:
         self.model.build_config(read_init=False)
+        check_enable(self.model.enable, "recipe.model.enable")
         if self.parallel.strategy not in ("none", "ddp", "fsdp"):
             raise ConfigError(
                 f"recipe.parallel.strategy: expected none, ddp or fsdp, got {self.parallel.strategy!r}"

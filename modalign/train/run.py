@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from modalign.checkpoints import load_pretrained
-from modalign.checkpoints.io import copy_dir_atomic, recover_dirs
+from modalign.checkpoints.io import copy_dir_atomic, recover_dirs, write_text_atomic
 from modalign.checkpoints.parts import build_from_parts
 from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 from modalign.data.datasets import ConversationDataset, MixtureDataset, load_samples
@@ -202,7 +202,9 @@ def _save_stage(model: MLLM, target, spec, stage: Stage, tok: Tokenizer, sdir: P
         if stage.objective.name == "lm":
             tok.template_name = stage.data.template  # what chat/serve render prompts with
         tok.save(sdir / "model")
-        (sdir / "result.json").write_text(json.dumps(asdict(res), indent=2) + "\n")
+        write_text_atomic(
+            sdir / "result.json", json.dumps(asdict(res), indent=2) + "\n"
+        )  # a kill: old or new
     barrier(d)
 
 

@@ -141,9 +141,10 @@ class Trainer:
         self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8,
                                      **({"fused": True} if fused else {"foreach": True}))  # fmt: skip
         data = stage.data
-        if len(dataset) == 0:  # the sampler would give no batch, and the step would wait forever
+        if len(dataset) < self.d.world:  # the sampler would give no batch, and the step would wait forever
             files = ", ".join(src.path for src in data.sources)
-            raise ValueError(f"stage {stage.name}: its data ({files}) holds no samples")
+            raise ValueError(f"stage {stage.name}: its data ({files}) holds {len(dataset)} sample(s)"
+                             + (f", fewer than the {self.d.world} processes" if len(dataset) else ": no samples"))  # fmt: skip
         self.sampler = LengthGroupedSampler(
             dataset, data.batch_size * self.d.world, seed, data.group_by_modality,
             mega=32 if data.group_by_length else 1,
@@ -166,6 +167,9 @@ class Trainer:
             self.sampler.set_epoch(epoch)
             batches = self.sampler.batches()
             for i in range(start, len(batches)):
+                if len(batches[i]) < self.d.world:  # a tail too short to give every process a row:
+                    continue  # left out this epoch on every process (a process without rows would
+                    # skip the step's collectives while the others wait in them)
                 rows = batches[i][self.d.rank :: self.d.world]
                 yield epoch, i, self.collator([self.dataset[j] for j in rows])
             epoch, start = epoch + 1, 0
@@ -325,7 +329,10 @@ class Trainer:
             for _ in batch["ids"]:
                 self.policy.ok()
             if not batch["ids"]:
+                if self.d.world > 1:  # every process runs the step's collectives: a stand-in forward
+                    self._stand_in_step(autocast, pr)  # and backward with no gradient
                 continue
+            self._last_batch = batch
             with autocast:
                 loss, _ = self.model(batch)
             if not torch.isfinite(loss):
@@ -353,6 +360,23 @@ class Trainer:
         if self.masters is not None:
             self.masters.masters_to_model()
         return all_mean(sum(losses) / max(len(losses), 1), self.d), ntok, gnorm
+
+    def _stand_in_step(self, autocast, pr: Progress) -> None:
+        """Under DDP / FSDP, for a micro-batch whose rows on this process are all bad: the last
+        usable batch through the model with its loss times 0, so this process joins the
+        collectives of the forward and backward (its gradient for that micro-batch is zero)."""
+        last = getattr(self, "_last_batch", None)
+        for j in range(len(self.dataset)) if last is None else ():  # none yet: the first usable sample
+            batch = self.collator([self.dataset[j]])
+            if batch["ids"]:
+                last = self._last_batch = batch
+                break
+        if last is None:
+            raise ValueError(f"stage {self.stage.name}: no usable sample in its data (skipped so far: "
+                             f"{dict(self.policy.skipped)})")  # fmt: skip
+        with autocast:
+            loss, _ = self.model(last)
+        (loss * 0.0).backward()
 
     def _log(self, rec: dict, tb, bar) -> None:
         with self.metrics_file.open("a") as f:

@@ -84,6 +84,11 @@ RECIPE_ERRORS = [
     ("stages.align.stop={max_steps: 0}", r"stages\[0\]\.stop: max_steps must be >= 1"),
     ("stages.align.name=model", r"stages\[0\]\.name: 'model' is not a stage name"),
     ("stages.align.name=../x", r"stages\[0\]\.name: '\.\./x' is not a stage name"),
+    # parts a later stage switches on are checked when the recipe is read, not after earlier stages trained
+    ("stages.instruct.enable={lora: {rnak: 16}}", r"stages\[1\]\.enable\.lora: unknown key\(s\) rnak"),
+    ("stages.instruct.enable={lora: 16}", r"stages\[1\]\.enable\.lora: expected a mapping"),
+    ("stages.instruct.enable={lorra: {}}", r"stages\[1\]\.enable: unknown part 'lorra'"),
+    ("model.enable={mam: yes please}", r"recipe\.model\.enable\.mam: expected true or false"),
 ]  # fmt: skip
 
 
@@ -94,6 +99,10 @@ def test_recipe_errors_name_the_key(data, override, error):
 
 
 def test_recipe_values_are_checked_and_coerced(data):
+    doc = recipe_doc(data)
+    del doc["stages"][0]["stop"]
+    with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]: missing required key\(s\) stop"):
+        load_recipe(doc)
     doc = recipe_doc(data)
     doc["stages"][0]["learning_rate"] = 1
     with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]: unknown key\(s\) learning_rate"):
@@ -331,6 +340,55 @@ def _train_cmd(recipe: Path, out: Path, data: Path, ddp: bool) -> list[str]:
     return [sys.executable, *base]
 
 
+def test_ddp_runs_through_short_tails_and_bad_rows_without_losing_step(data, tmp_path):
+    """Two processes, one sample each a micro-batch, five samples of which one has no image: the
+    tail batch of one sample (no row for the second process) is left out, and a process whose row
+    is bad still runs the step's collectives (a stand-in with no gradient), so neither waits for
+    the other forever; the run ends with the steps it was given."""
+    recs = json.loads((data / "instruct.json").read_text())[:5]
+    recs[2]["image"] = "gone.png"
+    (tmp_path / "five.json").write_text(json.dumps(recs))
+    doc = recipe_doc(data, "ddp", steps=5, save_every=0)
+    doc["stages"] = doc["stages"][1:]
+    doc["stages"][0]["data"] |= {"sources": [{"path": str(tmp_path / "five.json"), "images": str(data)}],
+                                 "batch_size": 1, "bad_samples": {"max_fraction": 0.5}}  # fmt: skip
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    out = tmp_path / "run"
+    r = subprocess.run(
+        _train_cmd(recipe, out, data, True), env=ENV, capture_output=True, timeout=400, text=True
+    )
+    assert r.returncode == 0, [x for x in r.stderr.splitlines() if "error" in x.lower()][:5]
+    steps = [json.loads(x)["step"] for x in (out / "instruct" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
+    # what each process is given, in one process: the same micro-batch indices, each with a row
+    # (the tail of one sample is left out on both), and a stand-in step that gives no gradient
+    from contextlib import nullcontext
+
+    from modalign.train import trainer as tr
+    from modalign.train.parallel import Dist
+
+    recipe_obj = load_recipe(doc)
+    model = MLLM(recipe_obj.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe_obj, 0, model, Tokenizer.from_dir(data / "tokenizer"))
+    seen = {}
+    for rank in (0, 1):
+        t = tr.Trainer(target, recipe_obj.stages[0], dataset, collator, tmp_path / f"r{rank}", progress=False,
+                       dist=Dist(rank=rank, world=2))  # fmt: skip
+        gen = t._micro_batches(0, 0)
+        got = [next(gen) for _ in range(6)]
+        seen[rank] = [(e, i) for e, i, _ in got]
+        assert all(len(b["ids"]) + len(b["bad"]) == 1 for _, _, b in got)
+        t.sampler.set_epoch(0)
+        batches = t.sampler.batches()  # two of two samples and a tail of one
+        assert sorted(len(b) for b in batches) == [1, 2, 2]
+        assert [i for e, i in seen[rank] if e == 0] == [i for i, b in enumerate(batches) if len(b) == 2]
+    assert seen[0] == seen[1]
+    t._stand_in_step(nullcontext(), tr.Progress())
+    grads = [p.grad for p in target.parameters() if p.requires_grad]
+    assert grads and all(g is not None and not g.any() for g in grads)
+
+
 @pytest.mark.parametrize("strategy", ["none", "ddp", "fsdp"], ids=["single", "ddp-gloo-2", "fsdp-gloo-2"])
 def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
     ddp = strategy != "none"  # launched as two torchrun processes
@@ -419,7 +477,9 @@ def test_data_with_no_sample_or_no_usable_sample_is_an_error_not_a_hang(data, tm
         f"stages.instruct.data.sources=[{{path: {tmp_path / 'empty.json'}}}]"])  # fmt: skip
     model = MLLM(recipe.model.build_config())
     target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
-    with pytest.raises(ValueError, match=r"stage instruct: its data \(.*empty\.json\) holds no samples"):
+    with pytest.raises(
+        ValueError, match=r"stage instruct: its data \(.*empty\.json\) holds 0 sample\(s\): no samples"
+    ):
         tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
     recs = json.loads((data / "instruct.json").read_text())[:6]
     for r in recs:
