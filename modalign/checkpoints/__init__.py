@@ -66,19 +66,29 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     path = Path(path)
     doc = read_config(path)
     fmt = formats.detect(doc, path)
-    if fmt.load is not None:
-        cfg, tensors = fmt.load(path, doc, base, vision_tower)
-    else:
-        if base is not None:
-            raise CheckpointError(f"{path} is a complete {fmt.description} checkpoint: it takes no base")
-        cfg = fmt.config(doc, path)
-        tensors = read_tensors(path)
-        if fmt.state is not None:
-            tensors = fmt.state(tensors, cfg)
+    try:
+        if fmt.load is not None:
+            cfg, tensors = fmt.load(path, doc, base, vision_tower)
+        else:
+            if base is not None:
+                raise CheckpointError(f"{path} is a complete {fmt.description} checkpoint: it takes no base")
+            cfg = fmt.config(doc, path)
+            tensors = read_tensors(path)
+            if fmt.state is not None:
+                tensors = fmt.state(tensors, cfg)
+    except CheckpointError as e:  # every error names the folder and the format it was read as
+        raise CheckpointError(_named(e, path, fmt)) from None
+    except (KeyError, ValueError, TypeError, IndexError) as e:  # a field or key the format lacks
+        raise CheckpointError(_named(f"malformed checkpoint ({type(e).__name__}: {e})", path, fmt)) from None
     model = build(cfg, dtype or _floating_dtype(tensors), device)
     load_state_strict(model, tensors, str(path))
     model.eval()
     return model
+
+
+def _named(e, path: Path, fmt) -> str:
+    msg = str(e)
+    return msg if str(path) in msg else f"{path} (read as {fmt.description}): {msg}"
 
 
 def default_template(path: str | Path) -> str | None:

@@ -41,7 +41,16 @@ _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
 
 def is_llava_original(doc: dict) -> bool:
-    return doc.get("model_type") in MODEL_TYPES or ("mm_vision_tower" in doc and "mm_projector_type" in doc)
+    """An original LLaVA folder: its own model types; or a tower named the repo's way
+    (``mm_vision_tower``) in a Llama-family config (a LoRA run says "llama"; LLaVA v1, from before
+    ``mm_projector_type``, said "llava", which a transformers LLaVA config, naming no
+    ``mm_vision_tower``, says too), or beside an ``mm_projector_type``."""
+    mt = doc.get("model_type")
+    if mt in MODEL_TYPES:
+        return True
+    return "mm_vision_tower" in doc and (
+        "mm_projector_type" in doc or mt in (None, "llava", "llama", "mistral")
+    )
 
 
 def find_tower(name: str, ckpt: Path, given: str | Path | None = None) -> Path:
@@ -157,19 +166,24 @@ def _base(path: Path, base, what: str) -> Path:
 
 def _lora_run(path: Path, base: Path) -> dict:
     """The base LLM with the run's LoRA merged in, plus the run's projector."""
-    adapter = json.loads((path / "adapter_config.json").read_text())
+    from modalign.checkpoints.peft import _read_config
+
+    adapter = _read_config(path)  # what it cannot merge exactly (DoRA, per-module ranks, ...) is refused
     scale = adapter["lora_alpha"] / adapter["r"]
-    if adapter.get("use_rslora") or adapter.get("use_dora"):
-        raise CheckpointError(f"{path}: rsLoRA / DoRA adapters are not supported")
     files = [path / n for n in ("adapter_model.safetensors", "adapter_model.bin") if (path / n).is_file()]
     if not files:
         raise CheckpointError(f"{path}: no adapter_model.safetensors or adapter_model.bin")
     lora = read_bin(files[0]) if files[0].suffix == ".bin" else _safetensors(files[0])
+    other = sorted(k for k in lora if ".lora_A." not in k and ".lora_B." not in k)
+    if other:  # saved embeddings, DoRA magnitudes, ...: not silently left out
+        raise CheckpointError(f"{files[0]}: tensors that are no LoRA A / B matrix: {', '.join(other[:5])}")
     state = _llm_state(read_tensors(base))
     pre = "base_model.model."
     for k, a in lora.items():
         if ".lora_A." not in k:
             continue
+        if k.replace(".lora_A.", ".lora_B.") not in lora:
+            raise CheckpointError(f"{files[0]}: {k} has no lora_B beside it")
         b = lora[k.replace(".lora_A.", ".lora_B.")]
         target = hf.map_llm_key(k[len(pre) :].replace(".lora_A.weight", ".weight"))
         if target not in state:
@@ -177,7 +191,12 @@ def _lora_run(path: Path, base: Path) -> dict:
         state[target] = state[target] + scale * (b.float() @ a.float()).to(state[target].dtype)
     extra = path / "non_lora_trainables.bin"
     if extra.is_file():
-        state |= projector_state(read_bin(extra), prefix=pre + "model.mm_projector.")
+        trained = read_bin(extra)
+        beyond = sorted(k for k in trained if not k.startswith(pre + "model.mm_projector."))
+        if beyond:  # the reference loads every one of them; modalign reads the projector only
+            raise CheckpointError(f"{extra}: trained tensors beyond the projector ({', '.join(beyond[:5])}) "
+                                  "are not supported; merge the run with LLaVA's scripts first")  # fmt: skip
+        state |= projector_state(trained, prefix=pre + "model.mm_projector.")
     return state
 
 

@@ -100,3 +100,24 @@ def test_convert_into_a_used_folder_keeps_only_the_sources_tokenizer(tmp_path):
     assert (tmp_path / "out" / "tokenizer.json").is_file()
     assert main(["convert", str(tmp_path / "no-tok"), str(tmp_path / "out")]) == 0
     assert not list((tmp_path / "out").glob("tokenizer*"))  # not the earlier source's
+
+
+def test_llava_v1_folders_without_a_projector_type_are_original_llava(tmp_path):
+    """LLaVA v1 saved ``model_type: llava`` (or ``llama`` for a LoRA run) and ``mm_vision_tower``
+    before ``mm_projector_type`` existed: read as the original format (its linear projector), not
+    as a transformers LLaVA; a transformers LLaVA config (no ``mm_vision_tower``) stays one."""
+    from modalign.checkpoints import formats
+
+    for mt in ("llava", "llama"):
+        doc = {"model_type": mt, "mm_vision_tower": "openai/clip-vit-large-patch14", "hidden_size": 64}
+        assert formats.detect(doc, tmp_path).name == "llava-original", mt
+    assert formats.detect({"model_type": "llava", "text_config": {}}, tmp_path).name != "llava-original"
+
+
+def test_a_malformed_checkpoint_names_its_folder_and_format(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(
+        json.dumps({"model_type": "llava", "text_config": {"model_type": "gpt2"}})
+    )
+    with pytest.raises(CheckpointError, match=r"m \(read as .*\): unsupported language model_type 'gpt2'"):
+        MLLM.from_pretrained(tmp_path / "m")

@@ -162,3 +162,33 @@ def test_sentencepiece_ids_equal_transformers_slow_tokenizer(legacy):
     # message content is text: a user's "</s>" is not the end-of-sequence token
     ids, _ = tok.encode_offsets("a</s>b", protected=[(0, 6)])
     assert tok.eos_id not in ids and tok.decode(ids) == "a</s>b"
+
+
+def test_a_lora_run_holding_what_the_merge_would_leave_out_is_refused(tmp_path):
+    """The LoRA run's loader merges A / B pairs at one scale and reads the projector from
+    non_lora_trainables.bin: per-module scales, tensors that are no A / B pair and trained tensors
+    beyond the projector are refused by name rather than left out."""
+    src = G / "llava_llama_lora" / "llava-v1.5-tiny-llama-lora"
+    run = tmp_path / "run"  # a copy: its tower named by folder
+    tower = G / "openai" / "clip-vit-tiny-patch14-56"
+    shutil.copytree(src, run)
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    (run / "adapter_config.json").write_text(json.dumps(cfg | {"alpha_pattern": {"q_proj": 64}}))
+    with pytest.raises(CheckpointError, match="alpha_pattern"):
+        MLLM.from_pretrained(run, base=BASE, vision_tower=tower)
+    (run / "adapter_config.json").write_text(json.dumps(cfg))
+    extra = torch.load(src / "non_lora_trainables.bin", weights_only=True)
+    torch.save(
+        extra | {"base_model.model.model.embed_tokens.weight": torch.zeros(2, 2)},
+        run / "non_lora_trainables.bin",
+    )
+    with pytest.raises(
+        CheckpointError, match=r"beyond the projector \(base_model\.model\.model\.embed_tokens"
+    ):
+        MLLM.from_pretrained(run, base=BASE, vision_tower=tower)
+    shutil.copy(src / "non_lora_trainables.bin", run / "non_lora_trainables.bin")
+    a, b = (
+        MLLM.from_pretrained(run, base=BASE, vision_tower=tower).state_dict(),
+        MLLM.from_pretrained(src, base=BASE).state_dict(),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # restored: loads as released
