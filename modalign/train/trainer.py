@@ -77,10 +77,10 @@ class Progress:
     recent: deque = field(default_factory=deque)  # the last losses, for the stop rule
     stop_at: int | None = None  # the step at which the stop rule was met
 
-    def info(self, stage: str, policy: BadSamplePolicy) -> dict:
+    def info(self, stage: str, policy: BadSamplePolicy, layout: dict | None = None) -> dict:
         return {"step": self.step, "epoch": self.epoch, "micro": self.micro, "tokens": self.tokens, "stage": stage,
                 "seen": policy.seen, "skipped": dict(policy.skipped), "recent_losses": list(self.recent),
-                "stop_at": self.stop_at}  # fmt: skip
+                "stop_at": self.stop_at, **({"layout": layout} if layout else {})}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -242,6 +242,14 @@ class Trainer:
         else:
             raise st.CorruptCheckpoint(f"stage {self.stage.name}: no usable checkpoint in {self.ckpt_dir} "
                                        f"({'; '.join(problems)}); remove the directory to start the stage afresh")  # fmt: skip
+        saved, now = info.get("layout"), self._layout()
+        if saved is not None and saved != now:  # (older checkpoints hold none)
+            raise ValueError(
+                f"stage {self.stage.name}: {path} was saved with {saved}, this run has {now}: its position "
+                f"(epoch {info['epoch']}, micro-batch {info['micro']}) would point elsewhere in the data. Resume with "
+                f"the same global batch (batch size x processes), grad_accum, data and seed, or remove {self.ckpt_dir} "
+                "to train the stage afresh"
+            )
         pr.step, pr.epoch, pr.micro, pr.tokens = info["step"], info["epoch"], info["micro"], info["tokens"]
         pr.recent.extend(info.get("recent_losses", []))
         pr.stop_at = info.get("stop_at", pr.step if self._learnt(pr.recent) else None)
@@ -250,6 +258,12 @@ class Trainer:
         if self.d.main:
             log.info("stage %s: resumed from %s (step %d)", self.stage.name, path.name, pr.step)
         return pr
+
+    def _layout(self) -> dict:
+        """What a saved position (epoch, micro-batch) means: the sampler's global batch, the
+        micro-batches a step takes, the data's size and the seed of its order."""
+        return {"global_batch": self.stage.data.batch_size * self.d.world, "grad_accum": self.stage.optim.grad_accum,
+                "samples": len(self.dataset), "seed": self.seed}  # fmt: skip
 
     def _end(self, pr: Progress) -> int:
         """The last step: max_steps (or the epochs' steps), or where the stop rule was met."""
@@ -444,7 +458,7 @@ class Trainer:
                 )
 
     def _save(self, core, pr: Progress) -> None:
-        info = pr.info(self.stage.name, self.policy)
+        info = pr.info(self.stage.name, self.policy, self._layout())
         path = self.ckpt_dir / f"step-{pr.step:06d}"
         ranks = st.gather_rank_rng()  # collective: each rank's generator (its dropout masks go on from it)
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)

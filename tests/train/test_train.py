@@ -499,6 +499,26 @@ def test_data_with_no_sample_or_no_usable_sample_is_an_error_not_a_hang(data, tm
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no update was made
 
 
+def test_a_resume_with_another_data_layout_is_refused(data, tmp_path):
+    """A checkpoint's position (epoch, micro-batch) means something only for the global batch,
+    grad_accum, data and seed it was saved with: another batch size stops with both layouts named;
+    the same layout resumes."""
+    from modalign.train import trainer as tr
+
+    def trainer(sets):
+        recipe = load_recipe(recipe_doc(data, steps=2, save_every=2), sets=sets)
+        model = MLLM(recipe.model.build_config())
+        target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+        return tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
+
+    assert trainer([]).run().steps == 2
+    with pytest.raises(
+        ValueError, match=r"was saved with \{'global_batch': 8, .*this run has \{'global_batch': 4, .*remove"
+    ):
+        trainer(["stages.instruct.data.batch_size=4", "stages.instruct.stop.max_steps=4"]).run()
+    assert trainer(["stages.instruct.stop.max_steps=4"]).run().steps == 4
+
+
 def test_nonfinite_gradients_name_the_group(data, tmp_path):
     from modalign.train import trainer as tr
 
