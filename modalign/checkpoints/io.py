@@ -37,12 +37,12 @@ def _index_files(d: Path, index: Path) -> list[Path]:
         weight_map = json.loads(index.read_text())["weight_map"]
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{index}: malformed shard index ({e})") from None
-    root = d.resolve()
-    for name in set(weight_map.values()) if isinstance(weight_map, dict) else ():
-        if not isinstance(name, str) or root not in (d / name).resolve().parents:
-            raise CheckpointError(f"{index}: shard {name!r} is not a file inside {d}")
     if not isinstance(weight_map, dict):
         raise CheckpointError(f"{index}: malformed shard index (weight_map is not an object)")
+    root = d.resolve()
+    for name in set(weight_map.values()):
+        if not isinstance(name, str) or root not in (d / name).resolve().parents:
+            raise CheckpointError(f"{index}: shard {name!r} is not a file inside {d}")
     files = sorted({d / name for name in weight_map.values()})
     missing = [str(f) for f in files if not f.is_file()]
     if missing:

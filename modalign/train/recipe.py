@@ -139,12 +139,9 @@ class Stop:
     def validate(self, where: str) -> None:
         if (self.max_steps is None) == (self.epochs is None):
             raise ConfigError(f"{where}: give exactly one of max_steps and epochs")
-        if (
-            self.max_steps is not None
-            and self.max_steps < 1
-            or self.epochs is not None
-            and not self.epochs > 0
-        ):
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"{where}: max_steps must be >= 1 and epochs > 0")
+        if self.epochs is not None and not self.epochs > 0:
             raise ConfigError(f"{where}: max_steps must be >= 1 and epochs > 0")
         if self.at_loss is not None and not self.at_loss > 0:
             raise ConfigError(f"{where}.at_loss: expected a loss > 0, got {self.at_loss}")
@@ -337,23 +334,30 @@ class ModelSpec:
         return MLLMConfig.from_dict(merged)
 
 
-def check_enable(spec: dict, where: str) -> None:
-    """The parts a recipe switches on, checked when it is read (not when their stage starts, after
-    the stages before it have trained): known names, and each part's options as its config takes
-    them."""
+def part_config(name: str, value, where: str):
+    """The config of a part a recipe switches on (``enable``: plora, lora, adapter), checked as its
+    config class takes it; ``mam`` takes true or false and has none."""
     from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 
+    parts = {"plora": PLoRAConfig, "lora": LoRAConfig, "adapter": AdapterConfig}
+    if name == "mam":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return None
+    if name not in parts:
+        raise ConfigError(
+            f"{where.rpartition('.')[0]}: unknown part {name!r}; known: mam, plora, lora, adapter"
+        )
+    return _build(parts[name], value or {}, where)
+
+
+def check_enable(spec: dict, where: str) -> None:
+    """The parts a recipe switches on, checked when it is read (not when their stage starts, after
+    the stages before it have trained)."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a mapping of parts (mam, plora, lora, adapter)")
-    parts = {"plora": PLoRAConfig, "lora": LoRAConfig, "adapter": AdapterConfig}
     for name, value in spec.items():
-        if name == "mam":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{where}.mam: expected true or false, got {value!r}")
-        elif name in parts:
-            _build(parts[name], value or {}, f"{where}.{name}")
-        else:
-            raise ConfigError(f"{where}: unknown part {name!r}; known: mam, plora, lora, adapter")
+        part_config(name, value, f"{where}.{name}")
 
 
 @dataclass

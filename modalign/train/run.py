@@ -20,7 +20,6 @@ import torch
 from modalign.checkpoints import load_pretrained
 from modalign.checkpoints.io import copy_dir_atomic, recover_dirs, write_text_atomic
 from modalign.checkpoints.parts import build_from_parts
-from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
 from modalign.data.datasets import ConversationDataset, MixtureDataset, load_samples
 from modalign.data.tokenizer import Tokenizer
 from modalign.models.mllm import MLLM
@@ -30,27 +29,26 @@ from modalign.train.feature_cache import RunCache
 from modalign.train.freeze import apply_trainable, format_table
 from modalign.train.parallel import Dist, barrier, wrap
 from modalign.train.precision import MasterWeights
-from modalign.train.recipe import Recipe, Stage
+from modalign.train.recipe import Recipe, Stage, part_config
 from modalign.train.state import full_model_state, is_sharded
 from modalign.train.trainer import StageResult, Trainer
 
 log = logging.getLogger("modalign")
 
 
+ENABLERS = {"plora": enable_plora, "lora": enable_lora, "adapter": enable_adapter}
+
+
 def enable_parts(model: MLLM, spec: dict) -> None:
-    """Switch on modality-aware parts named in a recipe (``mam``, ``plora``, ``lora``, ``adapter``)."""
+    """Switch on modality-aware parts named in a recipe (``mam``, ``plora``, ``lora``, ``adapter``;
+    each part's options read as the recipe check reads them: ``recipe.part_config``)."""
     for name, value in spec.items():
+        cfg = part_config(name, value, f"enable.{name}")
         if name == "mam":
             if value and not model.config.llm.mam:
                 enable_mam(model)
-        elif name == "plora" and model.config.llm.plora is None:
-            enable_plora(model, PLoRAConfig(**(value or {})))
-        elif name == "lora" and model.config.llm.lora is None:
-            enable_lora(model, LoRAConfig(**(value or {})))
-        elif name == "adapter" and model.config.llm.adapter is None:
-            enable_adapter(model, AdapterConfig(**(value or {})))
-        elif name not in ("mam", "plora", "lora", "adapter"):
-            raise ValueError(f"unknown part to enable {name!r}; known: mam, plora, lora, adapter")
+        elif getattr(model.config.llm, name) is None:
+            ENABLERS[name](model, cfg)
 
 
 @dataclass

@@ -346,7 +346,8 @@ class Trainer:
                 if self.d.world > 1:  # every process runs the step's collectives: a stand-in forward
                     self._stand_in_step(autocast, pr)  # and backward with no gradient
                 continue
-            self._last_batch = batch
+            if self.d.world > 1:  # kept for a stand-in step (``_stand_in_step``); alone, nothing needs it
+                self._last_batch = batch
             with autocast:
                 loss, _ = self.model(batch)
             if not torch.isfinite(loss):
