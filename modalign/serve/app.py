@@ -17,6 +17,7 @@ import json
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +63,10 @@ class ServeConfig:
     max_batch: int = 32
     stall_s: float = 60.0  # /health answers 503 when work waits and no step finished for this long
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    # threads that fetch remote images (a slow host holds one for up to images.timeout_s), apart
+    # from those that parse bodies and render prompts, which a slow host can therefore never hold
+    fetch_threads: int = 16
+    prepare_threads: int = 4
 
 
 def _err(status: int, message: str, param=None, code=None) -> Response:
@@ -94,6 +99,26 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
     metrics = Metrics()
     metrics.watch_image_cache(cm.engine.image_cache)
     metrics.watch_prefix_cache(cm.engine.prefix)
+    for name in ("fetch_threads", "prepare_threads"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"ServeConfig.{name} must be at least 1, got {getattr(cfg, name)}")
+    fetch = ThreadPoolExecutor(cfg.fetch_threads, thread_name_prefix="modalign-fetch")
+    prepare = ThreadPoolExecutor(cfg.prepare_threads, thread_name_prefix="modalign-prepare")
+
+    async def in_pool(pool, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+
+    async def image_bytes(req: ChatRequest) -> list[bytes]:
+        """The request's images: remote ones on the fetch threads, the rest on the prepare ones."""
+        if req.images and images is None:
+            raise RequestError("this model takes no images", param="messages")
+        jobs = [in_pool(fetch if url.startswith(("http://", "https://")) else prepare, load_image_bytes, url,
+                        cfg.images, param) for url, param in req.images]  # fmt: skip
+        got = await asyncio.gather(*jobs, return_exceptions=True)
+        for x in got:  # the first image's error, as one after the other would give
+            if isinstance(x, BaseException):
+                raise x
+        return got
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -105,6 +130,8 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
         batcher.start()
         yield
         batcher.stop()
+        for pool in (fetch, prepare):
+            pool.shutdown(wait=False, cancel_futures=True)
 
     app = FastAPI(title="modalign", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.batcher, app.state.metrics, app.state.config = batcher, metrics, cfg
@@ -137,9 +164,10 @@ def create_app(cm: ChatModel, cfg: ServeConfig | None = None) -> FastAPI:
         t0 = time.monotonic()
         deadline = t0 + cfg.request_timeout_s
         try:
-            body = await asyncio.to_thread(_parse_json, await request.body())
+            body = await in_pool(prepare, _parse_json, await request.body())
             req = parse_request(body, limits)
-            prompt, n_prompt = await asyncio.to_thread(_build_prompt, cm, images, req, cfg)
+            data = await image_bytes(req)
+            prompt, n_prompt = await in_pool(prepare, _build_prompt, cm, images, req, data)
             params = _sampling(cm, req, n_prompt, context, cfg)
         except RequestError as e:
             return _err(e.status, str(e), e.param, e.code)
@@ -206,15 +234,10 @@ def _parse_json(raw: bytes):
         raise RequestError(f"invalid JSON body: {msg}") from None
 
 
-def _build_prompt(cm: ChatModel, images: ImageProcessor | None, req: ChatRequest, cfg: ServeConfig):
-    """Fetch and decode the images (sizes checked before decoding) and render the prompt; runs in
-    a worker thread. Returns the prompt and its length as the model sees it (images expanded)."""
-    if req.images and images is None:
-        raise RequestError("this model takes no images", param="messages")
-    pixels = []
-    for k, (url, param) in enumerate(req.images):
-        data = load_image_bytes(url, cfg.images, param)
-        pixels.append(images(data, f"image {k}"))
+def _build_prompt(cm: ChatModel, images: ImageProcessor | None, req: ChatRequest, data: list[bytes]):
+    """Decode the images' bytes (sizes checked before decoding) and render the prompt; runs on a
+    prepare thread. Returns the prompt and its length as the model sees it (images expanded)."""
+    pixels = [images(b, f"image {k}") for k, b in enumerate(data)]
     msgs = req.messages
     if (req.tools is not None and req.tools.active) or req.calls or any(m.role == "tool" for m in msgs):
         if not supports_tools(cm.template):

@@ -656,3 +656,37 @@ def test_a_client_that_keeps_sending_after_its_request_is_cut_off(served, monkey
         s.close()
     assert cut and time.monotonic() - t0 < 8, (sent, time.monotonic() - t0)  # before its response ended
     assert healthy(url) and post(url, chat()).status_code == 200
+
+
+def test_slow_image_hosts_never_hold_the_threads_that_prepare_other_requests(served, monkeypatch):
+    """Remote fetches have their own threads: requests whose image hosts hang (more of them than
+    Python's default thread pool has threads) leave text and uploaded images answered at once."""
+    import base64
+
+    from modalign.serve import app as app_mod
+
+    release, started = threading.Event(), []
+    real = app_mod.load_image_bytes
+    png = base64.b64decode(png_data_url().partition(",")[2])
+
+    def hanging(url, policy, param):
+        if url.startswith("https://"):
+            started.append(url)
+            release.wait(60)
+            return png
+        return real(url, policy, param)
+
+    monkeypatch.setattr(app_mod, "load_image_bytes", hanging)
+    url, _ = served(fetch_threads=4)
+    with ThreadPoolExecutor(40) as ex:
+        slow = [ex.submit(post, url, chat(image=f"https://img.example.com/{i}.png")) for i in range(40)]
+        while len(started) < 4:
+            time.sleep(0.01)
+        try:
+            t = time.monotonic()
+            assert post(url, chat()).status_code == 200
+            assert post(url, chat(image=png_data_url())).status_code == 200
+            assert time.monotonic() - t < 20 and len(started) == 4  # four fetches at a time
+        finally:
+            release.set()
+        assert [f.result().status_code for f in slow] == [200] * 40
