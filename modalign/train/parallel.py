@@ -81,12 +81,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def all_mean(x: float, d: Dist) -> float:
+def all_sum(xs: list[float], d: Dist) -> list[float]:
+    """``xs`` summed over the processes, element by element, in one collective."""
     if not d.enabled:
-        return x
-    t = torch.tensor([x], dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
+        return list(xs)
+    t = torch.tensor(xs, dtype=torch.float64, device=d.device if d.device.type == "cuda" else "cpu")
     dist.all_reduce(t)
-    return float(t.item()) / d.world
+    return t.tolist()
 
 
 def barrier(d: Dist) -> None:

@@ -31,7 +31,7 @@ from modalign.devices import keep_freed_host_memory
 from modalign.train import state as st
 from modalign.train.feature_cache import FeatureCache, RunCache
 from modalign.train.freeze import param_groups
-from modalign.train.parallel import Dist, all_mean, barrier, unwrap
+from modalign.train.parallel import Dist, all_sum, barrier, unwrap
 from modalign.train.precision import MasterWeights
 from modalign.train.precision import autocast as precision_autocast
 from modalign.train.recipe import Stage
@@ -360,7 +360,8 @@ class Trainer:
             ntok += int(batch["attention_mask"].sum())  # real tokens (packed or padded rows)
             cells += batch["attention_mask"].numel()
         self._padding = 1 - ntok / max(cells, 1)
-        if not losses and self.d.world == 1:  # every sample of the step was bad (within the budget):
+        total, count = all_sum([sum(losses), len(losses)], self.d)  # every process's micro-batches
+        if count == 0:  # every sample of the step was bad (within the budget), on every process:
             self.opt.zero_grad(set_to_none=True)  # no update, and no loss of 0.0 for the stop rule
             return None, 0, None
         if self.masters is not None:
@@ -374,7 +375,7 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         if self.masters is not None:
             self.masters.masters_to_model()
-        return all_mean(sum(losses) / max(len(losses), 1), self.d), ntok, gnorm
+        return total / count, ntok, gnorm
 
     def _stand_in_step(self, autocast, pr: Progress) -> None:
         """Under DDP / FSDP, for a micro-batch whose rows on this process are all bad: the last

@@ -499,6 +499,36 @@ def test_data_with_no_sample_or_no_usable_sample_is_an_error_not_a_hang(data, tm
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # no update was made
 
 
+def test_under_ddp_a_step_without_rows_anywhere_makes_no_update(data, tmp_path, monkeypatch):
+    """Under DDP / FSDP (one process standing in for two, the collective summed by hand): a step
+    with no usable row on any process makes no update and gives the stop rule no loss of 0.0 (it
+    took an AdamW step on zero gradients); one where only the other process had rows steps on
+    their mean loss (this process's stand-in gives no gradient)."""
+    from modalign.data.conversation import BadSample
+    from modalign.train import trainer as tr
+    from modalign.train.parallel import Dist
+
+    recipe = load_recipe(recipe_doc(data, steps=4, save_every=0))
+    model = MLLM(recipe.model.build_config())
+    target, dataset, collator, _ = setup_stage(recipe, 1, model, Tokenizer.from_dir(data / "tokenizer"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False,
+                   dist=Dist(rank=0, world=2))  # fmt: skip
+
+    def no_rows():  # every micro-batch of this process's step is bad
+        while True:
+            yield 0, 0, {"ids": [], "bad": [BadSample("missing image", "gone.png", "x")]}
+
+    def other_process(rows: list[float]):
+        return lambda xs, d: [x + y for x, y in zip(xs, rows, strict=True)]
+
+    monkeypatch.setattr(tr, "all_sum", other_process([0.0, 0]))
+    assert t._step(tr.Progress(), no_rows()) == (None, 0, None) and not t.opt.state
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    monkeypatch.setattr(tr, "all_sum", other_process([3.0, 2]))  # two micro-batch losses: 1.0 and 2.0
+    assert t._step(tr.Progress(), no_rows())[0] == 1.5 and t.opt.state
+
+
 def test_a_resume_with_another_data_layout_is_refused(data, tmp_path):
     """A checkpoint's position (epoch, micro-batch) means something only for the global batch,
     grad_accum, data and seed it was saved with: another batch size stops with both layouts named;
