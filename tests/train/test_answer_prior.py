@@ -33,6 +33,9 @@ def test_answer_prior_is_each_prompts_answers_against_its_types(tok):
         + [chat(f"c{i}", circle, "red" if i < 20 else "blue") for i in range(40)]
         + [chat(f"r{i}", rare, "yes") for i in range(5)]  # under min_count: no prior
         + [TextSample("orange blue", "t0")]
+        # s4's id again, in the other source, on a chat of two turns (no prior of its own): the
+        # prior is looked up by id, so neither sample may take the star's row
+        + [Conversation([Message("user", star), Message("assistant", "orange")] * 2, [], "s4")]
     )
     proc = SampleProcessor(tok, get_template("chatml", tok), max_length=64)
     half = len(samples) // 2
@@ -48,7 +51,7 @@ def test_answer_prior_is_each_prompts_answers_against_its_types(tok):
     assert len({o, b, r}) == 3
     # one answer type (the two prompts share "blue"): orange 30, blue 30, red 20 of 80
     assert [sorted(t) for t in prior.types] == [sorted([o, b, r])]
-    bias = prior.bias(["s3", "c0", "r0", "t0", "unknown"])
+    bias = prior.bias(["s3", "c0", "r0", "t0", "s4"])
     expect = torch.zeros(2, tok.vocab_size)
     for row, counts in enumerate([{o: 30, b: 10}, {r: 20, b: 20}]):
         n = sum(counts.values())

@@ -58,12 +58,15 @@ class AnswerPrior:
         for k, src in enumerate(sources):
             for i, s in enumerate(src.samples):
                 pa = _prompt(s)
+                # a sample id used twice (in one source or two) with two prompts, or once with a
+                # prompt and once without one (several turns), gets no prior: both take the id's row
+                p, sid = None if pa is None else pa[0], getattr(s, "id", None)  # a BadSample: none
+                if sid is not None:
+                    prompt_of[sid] = p if prompt_of.get(sid, p) == p else None
                 if pa is None:
                     continue
                 answers[pa[0]][pa[1]] += 1
                 first_at.setdefault(pa, (k, i))
-                # a sample id used twice with two prompts gets no prior
-                prompt_of[s.id] = pa[0] if prompt_of.get(s.id, pa[0]) == pa[0] else None
         # each frequent prompt's first answer tokens, read from one rendered sample per answer
         counts: dict[tuple, Counter] = {}
         for p, by_answer in answers.items():
