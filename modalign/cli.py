@@ -102,14 +102,14 @@ def _data_inspect(args) -> int:
     from modalign.data.inspect import inspect_file
     from modalign.data.tokenizer import Tokenizer
 
-    image_token_id, image_tokens, proc = args.image_token_id, args.image_tokens, None
-    if args.model:
+    image_token_id, image_tokens, proc, takes_images = args.image_token_id, args.image_tokens, None, True
+    if args.model:  # the model's own processing, as its training renders the file
         from modalign import MLLM
 
         model = MLLM.from_pretrained(args.model)
         tok = Tokenizer.from_dir(args.model)
-        if model.has_vision:
-            image_token_id = model.config.image_token_id
+        image_token_id, takes_images = model.config.image_token_id, model.has_vision
+        if model.has_vision:  # without vision, samples with images are refused (image count mismatch)
             image_tokens = 1 if model.config.placeholder == "per_image" else model.num_image_tokens()
             proc = ImageProcessor(model.config.vision)
     elif args.tokenizer:
@@ -124,7 +124,7 @@ def _data_inspect(args) -> int:
         print("(no --model/--tokenizer: token counts use a byte-level BPE trained on this file)")
     if image_token_id is None:
         image_token_id = tok.token_id(tok.image_token) if tok.image_token else -200
-    if proc is None:
+    if proc is None and takes_images:
         from modalign.config import VisionConfig
 
         proc = ImageProcessor(VisionConfig(image_size=args.image_size))

@@ -629,3 +629,28 @@ def test_each_malformed_record_is_rejected_alone_naming_it(tok, image_dir, tmp_p
     report = json.loads(out[out.index("{") :])
     assert report["samples"] == 10 and report["usable"] == 3 and len(report["rejected"]) == 7
     assert report["rejected_by_reason"]["invalid text"] == 2
+
+
+def test_inspect_with_a_model_renders_as_its_training_does(tok, image_dir, tmp_path, capsys):
+    """``data inspect --model``: a model without vision refuses samples with images (image count
+    mismatch), as its training does, instead of counting them as multimodal."""
+    from modalign import MLLM, MLLMConfig
+    from modalign.cli import main
+
+    cfg = MLLMConfig.from_name("tiny-shapes")
+    cfg.vision, cfg.connector = None, None
+    cfg.llm.vocab_size = tok.vocab_size
+    model = MLLM(cfg)
+    model.save_pretrained(tmp_path / "lm")
+    tok.save(tmp_path / "lm")
+    rows = [{"id": "pic", "image": "ok.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhat colour?"}, {"from": "gpt", "value": "red"}]},
+            {"id": "txt", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]  # fmt: skip
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(rows))
+    assert main(["data", "inspect", str(path), "--images", str(image_dir), "--model", str(tmp_path / "lm"),
+                 "--template", "chatml", "--json"]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    report = json.loads(out[out.index("{") :])
+    assert report["usable"] == 1 and report["images"] == 0 and report["by_kind"] == {"text-only chat": 1}
+    assert report["rejected"][0]["id"] == "pic" and report["rejected"][0]["reason"] == "image count mismatch"
