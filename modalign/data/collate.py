@@ -149,13 +149,21 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __init__(self, dataset, batch_size: int, seed: int = 0, by_modality: bool = False, mega: int = 32,
                  drop_last: bool = False):  # fmt: skip
-        self.lengths = [dataset.length(i) for i in range(len(dataset))]
-        self.text_only = [dataset.is_text_only(i) for i in range(len(dataset))] if by_modality else None
+        self.dataset, self.by_modality = dataset, by_modality
+        self._read_lengths()
         self.batch_size, self.seed, self.mega, self.drop_last = batch_size, seed, mega, drop_last
         self.epoch = 0
 
+    def _read_lengths(self) -> None:
+        d = self.dataset
+        self.lengths = [d.length(i) for i in range(len(d))]
+        self.text_only = [d.is_text_only(i) for i in range(len(d))] if self.by_modality else None
+
     def set_epoch(self, epoch: int) -> None:
+        """The epoch's order; a dataset that draws per epoch (a mixture) draws it first."""
         self.epoch = epoch
+        if getattr(self.dataset, "set_epoch", None) is not None and self.dataset.set_epoch(epoch):
+            self._read_lengths()
 
     def batches(self) -> list[list[int]]:
         rng = random.Random(self.seed * 100_003 + self.epoch)

@@ -452,10 +452,13 @@ class ConversationDataset(torch.utils.data.Dataset):
 
 
 def mixture_indices(
-    sizes: list[int], weights: list[float], total: int, seed: int = 0
+    sizes: list[int], weights: list[float], total: int, seed: int = 0, epoch: int = 0
 ) -> list[tuple[int, int]]:
-    """(source, index) pairs: ``total`` draws where source k appears in proportion to weights[k];
-    within a source, indices cycle through a shuffled order (every sample before any repeat)."""
+    """(source, index) pairs of one epoch: ``total`` draws where source k appears in proportion to
+    weights[k]. Within a source, indices cycle through shuffled orders (every sample before any
+    repeat), and each epoch takes the next draws of the cycle in the same places of the list: a
+    source drawn less than its size per epoch gives other samples the next epoch, one drawn whole
+    gives the same list."""
     if len(sizes) != len(weights) or any(w < 0 for w in weights) or sum(weights) <= 0:
         raise ValueError(f"mixture weights {weights} must be non-negative, one per source, not all zero")
     rng = random.Random(seed)
@@ -467,12 +470,12 @@ def mixture_indices(
     for k, (n, size) in enumerate(zip(counts, sizes, strict=True)):
         if n and not size:
             raise ValueError(f"mixture source {k} is empty but has weight {weights[k]}")
-        order: list[int] = []
-        while len(order) < n:
+        cycle: list[int] = []  # one period: whole shuffled orders of the source
+        while len(cycle) < n:
             block = list(range(size))
             rng.shuffle(block)
-            order += block
-        pairs += [(k, i) for i in order[:n]]
+            cycle += block
+        pairs += [(k, cycle[(n * epoch + j) % len(cycle)]) for j in range(n)]
     rng.shuffle(pairs)
     return pairs
 
@@ -483,9 +486,19 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __init__(
         self, datasets: list[ConversationDataset], weights: list[float], total: int | None = None, seed=0
     ):
-        self.datasets = datasets
-        total = total or sum(len(d) for d in datasets)
-        self.pairs = mixture_indices([len(d) for d in datasets], weights, total, seed)
+        self.datasets, self.weights, self.seed, self.epoch = datasets, weights, seed, 0
+        self.total = total or sum(len(d) for d in datasets)
+        self.pairs = mixture_indices([len(d) for d in datasets], weights, self.total, seed)
+
+    def set_epoch(self, epoch: int) -> bool:
+        """Draw the pairs of ``epoch`` (deterministic for (seed, epoch)); True if they changed."""
+        if epoch == self.epoch:
+            return False
+        self.pairs = mixture_indices(
+            [len(d) for d in self.datasets], self.weights, self.total, self.seed, epoch
+        )
+        self.epoch = epoch
+        return True
 
     def __len__(self) -> int:
         return len(self.pairs)

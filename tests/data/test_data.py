@@ -23,6 +23,7 @@ from modalign.data.conversation import (
 from modalign.data.datasets import (
     BadSamplePolicy,
     ConversationDataset,
+    MixtureDataset,
     SampleProcessor,
     SkipBudgetExceeded,
     load_samples,
@@ -429,6 +430,50 @@ def test_mixture_proportions():
     assert mixture_indices([50, 10], [0.9, 0.1], 200, seed=1) != pairs
     with pytest.raises(ValueError, match="non-negative"):
         mixture_indices([1], [-1.0], 5)
+
+
+def test_a_mixture_draws_the_next_samples_of_each_source_every_epoch():
+    """A source drawn less than its size per epoch gives other samples the next epoch (the same
+    draw every epoch left the rest of it unseen for the whole run), deterministically, with the
+    sampler's lengths those of the epoch's draw; a source drawn whole keeps its list."""
+    from collections import Counter
+
+    def draws(epoch, k):
+        return [i for s, i in mixture_indices([50, 10], [0.5, 0.5], 20, seed=3, epoch=epoch) if s == k]
+
+    assert mixture_indices([50, 10], [0.5, 0.5], 20, seed=3) == mixture_indices(
+        [50, 10], [0.5, 0.5], 20, 3, 0
+    )
+    # five epochs of ten draws from fifty samples: each sample once
+    assert sorted(i for e in range(5) for i in draws(e, 0)) == list(range(50))
+    assert all(draws(e, 1) == draws(0, 1) and sorted(draws(0, 1)) == list(range(10)) for e in range(3))
+    assert Counter(i for e in range(10) for i in draws(e, 0)) == {i: 2 for i in range(50)}
+    assert mixture_indices([50, 10], [0.5, 0.5], 20, 3, 2) != mixture_indices([50, 10], [0.5, 0.5], 20, 3, 1)
+
+    class Source:  # sample j of source k is (k, j), of length 100 k + j
+        def __init__(self, k, n):
+            self.k, self.n = k, n
+
+        def __len__(self):
+            return self.n
+
+        def __getitem__(self, j):
+            return (self.k, j)
+
+        def length(self, j):
+            return 100 * self.k + j
+
+        def is_text_only(self, j):
+            return self.k == 1
+
+    mix = MixtureDataset([Source(0, 50), Source(1, 10)], [0.5, 0.5], 20, seed=3)
+    sampler = LengthGroupedSampler(mix, 4, seed=0, by_modality=True)
+    for epoch in (1, 0, 4):  # any epoch, in any order (a resume starts mid-run)
+        sampler.set_epoch(epoch)
+        got = [mix[i] for b in sampler.batches() for i in b]
+        assert sorted(got) == sorted(mixture_indices([50, 10], [0.5, 0.5], 20, 3, epoch))
+        assert sampler.lengths == [100 * k + j for k, j in mix.pairs]
+        assert all(len({mix[i][0] for i in b}) == 1 for b in sampler.batches())  # modalities apart
 
 
 def test_cli_data_shapes_and_inspect(tmp_path, capsys):
