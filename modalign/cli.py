@@ -527,16 +527,19 @@ def _chat(args) -> int:
             continue
         history.append(user_message(line, len(pending)))
         images += pending
-        pending = []
+        attached, pending = len(pending), []
         print("assistant> ", end="", flush=True)
         reply = ""
         try:
             for piece in cm.stream(history, images, params):
                 reply += piece
                 print(piece, end="", flush=True)
-        except ValueError as e:
-            print(f"(error: {e})")
+        except ValueError as e:  # the turn is undone, its images with it: the next one starts clean
             history.pop()
+            del images[len(images) - attached :]
+            dropped = f"; its {attached} image(s) dropped" if attached else ""
+            hint = " (/reset starts a new conversation)" if "context length" in str(e) else ""
+            print(f"(error: {e}{dropped}){hint}")
             continue
         print()
         history.append(Message("assistant", reply))

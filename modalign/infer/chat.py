@@ -16,6 +16,7 @@ from modalign.data.conversation import (
 )
 from modalign.data.images import ImageProcessor
 from modalign.data.tokenizer import Tokenizer
+from modalign.infer.detok import StopText
 from modalign.infer.engine import Completion, Engine, Prompt, SamplingParams
 from modalign.models.mllm import MLLM
 
@@ -25,53 +26,6 @@ def stop_token_ids(tok: Tokenizer, template=None) -> list[int]:
     names = ("<|im_end|>", "<|eot_id|>", "<|end|>", *(getattr(template, "stop_tokens", ()) or ()))
     ids = {tok.eos_id, *(tok.token_id(n) for n in names)}
     return sorted(i for i in ids if i is not None)
-
-
-class TextDelta:
-    """Incremental detokenisation: the new text each token adds (multi-byte safe), in time that
-    does not grow with the reply. Each push decodes a window, not the whole reply: the ids from a
-    little before the last piece returned (up to ``BACK`` tokens), far enough back that the
-    window's known part holds a character other than white space (tokenizers drop leading
-    spaces: SentencePiece up to two; past such a character both decodes of the window drop the
-    same ones), else from where the last window began (which held one already)."""
-
-    BACK = 4
-
-    def __init__(self, tok: Tokenizer):
-        self.tok, self.ids = tok, []
-        self.start = self.done = 0  # the window begins at ids[start]; ids[:done] were returned
-        self.before = ""  # the decode of ids[start:done]
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tok.decode(self.ids[self.start :], skip_special_tokens=True)
-        # an incomplete UTF-8 sequence (wait for more bytes), or nothing new
-        if text.endswith("\ufffd") or len(text) <= len(self.before):
-            return ""
-        new, self.done = text[len(self.before) :], len(self.ids)
-        for s in range(self.done - 1, max(self.start, self.done - self.BACK) - 1, -1):
-            before = self.tok.decode(self.ids[s : self.done], skip_special_tokens=True)
-            if before.strip():
-                self.start, self.before = s, before
-                break
-        else:  # white space only close by: the window keeps its start, whose text is ``text``
-            self.before = text
-        return new
-
-
-def find_stop(text: str, new: int, stops) -> int | None:
-    """Where the first of ``stops`` (in their order) that occurs in ``text`` begins, looking only
-    where the last ``new`` characters could have completed one (earlier text was looked at
-    already); None if none does."""
-    stops = [s for s in stops if s]
-    if not stops:
-        return None
-    lo = max(0, len(text) - new - max(map(len, stops)) + 1)
-    for s in stops:
-        at = text.find(s, lo)
-        if at >= 0:
-            return at
-    return None
 
 
 class ChatModel:
@@ -133,7 +87,9 @@ class ChatModel:
 
     def params(self, **kw) -> SamplingParams:
         p = SamplingParams(**kw)
-        p.stop_token_ids = sorted(set(p.stop_token_ids) | set(stop_token_ids(self.tok, self.template)))
+        eos = self.model.config.llm.eos_token_id  # the checkpoint's own (Llama-3.1: three of them)
+        eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        p.stop_token_ids = sorted(set(p.stop_token_ids) | set(stop_token_ids(self.tok, self.template)) | eos)
         p.stop = list(dict.fromkeys([*p.stop, *getattr(self.template, "stop_strings", ())]))
         return p
 
@@ -141,21 +97,21 @@ class ChatModel:
         return self.engine.generate([self.prompt(messages, images)], params)[0]
 
     def stream(self, messages: list[Message], images: list, params: SamplingParams) -> Iterator[str]:
-        """Text deltas of the reply as they are generated (stop strings honoured)."""
-        delta, text = TextDelta(self.tok), ""
+        """Text deltas of the reply as they are generated; stop strings honoured (one split over
+        several tokens is never shown in part)."""
+        text = StopText(self.tok, params.stop)
         stops = set(params.stop_token_ids)
         for row in self.engine.stream([self.prompt(messages, images)], params):
             t = row[0]
             if t is None or t in stops:
                 break
-            piece = delta.push(t)
-            text += piece
-            cut = find_stop(text, len(piece), params.stop)
-            if cut is not None:
-                yield piece[: max(0, len(piece) - (len(text) - cut))]
-                return
+            piece = text.push(t)
             if piece:
                 yield piece
+            if text.stopped:
+                return
+        if rest := text.flush():
+            yield rest
 
 
 def user_message(text: str, n_images: int) -> Message:

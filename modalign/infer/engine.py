@@ -8,7 +8,9 @@ preallocated KV cache; batched (left padding), greedy or sampled, streaming.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -39,6 +41,9 @@ class SamplingParams:
     def validate(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        for name in ("temperature", "top_p", "repetition_penalty"):  # NaN passes every comparison
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.repetition_penalty <= 0:
             raise ValueError(
                 "temperature >= 0, 0 < top_p <= 1, top_k >= 0 and repetition_penalty > 0 are required"
@@ -306,6 +311,7 @@ class Engine:
             yield from self._stream_seq2seq(prompts, params, cancelled)
             return
         prompts = [self._expand(p) for p in prompts]  # once: later expansions return them as they are
+        params = self._within_context(prompts, params)
         dev = self._device()
         b = len(prompts)
         compiled = self.fast.compiled
@@ -488,26 +494,50 @@ class Engine:
             raise ValueError(f"the prompt has {k} image placeholder(s) but {len(counts)} image(s)")
         return Prompt(ids, p.pixel_values, expanded=True)
 
+    def _within_context(self, prompts: list[Prompt], params: SamplingParams) -> SamplingParams:
+        """``params`` with ``max_new_tokens`` at most what the model's context leaves after the
+        longest prompt (images expanded); an empty prompt, or one that fills the context, is a
+        ValueError (past the context, learned positions fail and rotary ones give noise)."""
+        for k, p in enumerate(prompts):
+            if not p.input_ids:
+                raise ValueError(f"prompt {k} is empty: there is nothing to continue from")
+        ctx = self.model.config.llm.max_position_embeddings
+        longest = max(len(p.input_ids) for p in prompts)
+        if ctx and longest >= ctx:
+            raise ValueError(f"the prompt ({longest} tokens, images expanded) fills the model's context "
+                             f"length of {ctx} tokens")  # fmt: skip
+        if ctx and longest + params.max_new_tokens > ctx:
+            return dataclasses.replace(params, max_new_tokens=ctx - longest)
+        return params
+
     def generate(self, prompts: list[Prompt], params: SamplingParams) -> list[Completion]:
-        """Run ``stream`` to the end; apply stop strings; decode text if a tokenizer is set."""
+        """Run ``stream`` to the end; decode text if a tokenizer is set. A row whose text reaches a
+        stop string ends there: its text is cut before it, and its ids are those whose text lies
+        wholly before it."""
+        from modalign.infer.detok import StopText
+
         toks: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
-        for row in self.stream(prompts, params):
+        texts = [StopText(self.tok, params.stop) for _ in prompts] if self.tok is not None else None
+        stopped = (lambda i: texts[i].stopped) if texts is not None and any(params.stop) else None
+        for row in self.stream(prompts, params, stopped):
             for i, t in enumerate(row):
                 if t is not None and not finished[i]:
                     if t in params.stop_token_ids:
                         finished[i] = True
-                    else:
-                        toks[i].append(t)
+                        continue
+                    toks[i].append(t)
+                    if texts is not None:
+                        texts[i].push(t)
+                        finished[i] = texts[i].stopped
         results = []
         for i, p in enumerate(prompts):
-            text, reason = None, self.last_finish[i]
-            if self.tok is not None:
-                text = self.tok.decode(toks[i], skip_special_tokens=True)
-                for s in params.stop:
-                    if s and s in text:
-                        text, reason = text[: text.index(s)], "stop"
-            results.append(
-                Completion(toks[i], text, reason, len(self._expand(p).input_ids))
-            )  # images expanded
+            ids, text, reason = toks[i], None, self.last_finish[i]
+            if texts is not None and texts[i].stopped:
+                text, reason = texts[i].text, "stop"
+                while ids and len(self.tok.decode(ids, skip_special_tokens=True)) > len(text):
+                    ids = ids[:-1]
+            elif texts is not None:
+                text = self.tok.decode(ids, skip_special_tokens=True)
+            results.append(Completion(ids, text, reason, len(self._expand(p).input_ids)))  # images expanded
         return results

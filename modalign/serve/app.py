@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException
 from modalign.data.conversation import BadSample
 from modalign.data.images import DEFAULT_MAX_ASPECT, ImageProcessor
 from modalign.devices import in_own_thread
-from modalign.infer.chat import ChatModel, TextDelta, find_stop
+from modalign.infer.chat import ChatModel
+from modalign.infer.detok import StopText
 from modalign.infer.engine import Prompt
 from modalign.serve.batcher import Batcher, Job
 from modalign.serve.guard import Guard, Metrics, error_body
@@ -315,23 +316,21 @@ class Reply:
                 continue
 
     async def pieces(self, watch_client: bool):
-        """(text delta, finish reason or None, logprob entries) until the job ends; honours stop strings."""
-        stops = [*self.req.stop, *getattr(self.cm.template, "stop_strings", ())]
-        delta, text, tok = TextDelta(self.cm.tok), "", self.cm.tok
+        """(text delta, finish reason or None, logprob entries) until the job ends; honours stop
+        strings (text that could begin one is held back until it cannot)."""
+        text = StopText(self.cm.tok, [*self.req.stop, *getattr(self.cm.template, "stop_strings", ())])
         while True:
             kind, value, lp = await self._event(watch_client)
             if kind == "error":
                 raise GenerationFailed(value)
             if kind == "end":
-                yield "", "length" if value == "cancelled" else value, []
+                yield text.flush(), "length" if value == "cancelled" else value, []
                 return
-            piece = delta.push(value)
-            text += piece
-            entries = [_logprob_entry(tok, lp)] if lp is not None else []
-            cut = find_stop(text, len(piece), stops)
-            if cut is not None:
+            piece = text.push(value)
+            entries = [_logprob_entry(self.cm.tok, lp)] if lp is not None else []
+            if text.stopped:
                 self.job.cancel()
-                yield piece[: max(0, len(piece) - (len(text) - cut))], "stop", entries
+                yield piece, "stop", entries
                 return
             if piece or entries:
                 yield piece, None, entries

@@ -183,3 +183,25 @@ def test_generate_quantized(scheme, cm, tiny_model, image, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         main([*args, "--quantize", "int3"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+def test_a_failed_turn_is_undone_with_its_images(cm, tiny_model, image, tmp_path, monkeypatch, capsys):
+    """A corrupt image attached with /image fails its turn, and only that one: the next turn's
+    reply is the one a conversation without it gives (the images of the failed turn stayed
+    attached and failed every later turn)."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    argv = ["chat", "--model", str(tiny_model), "--max-new-tokens", "6", "--device", "cpu"]
+    rc, replies, out = run_chat(
+        monkeypatch, capsys, argv, ["/image " + str(bad), "What colour?", "Hello", "/quit"]
+    )
+    assert rc == 0 and "(error: " in out and "bad.png" in out and "1 image(s) dropped" in out
+    want = cm.tok.decode(reference_greedy(cm, [user_message("Hello", 0)], [], 6))
+    assert replies[1] == want.split("\n")[0]
+
+
+def test_a_chat_past_the_context_says_so_and_goes_on(tiny_model, monkeypatch, capsys):
+    argv = ["chat", "--model", str(tiny_model), "--max-new-tokens", "4", "--device", "cpu"]
+    rc, replies, out = run_chat(monkeypatch, capsys, argv, ["word " * 5000, "Hello", "/quit"])
+    assert rc == 0 and "fills the model's context length" in out and "/reset" in out
+    assert len(replies) == 2 and "(error" not in replies[1]

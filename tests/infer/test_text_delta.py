@@ -1,6 +1,6 @@
 """Incremental detokenisation and stop strings: the windowed ``TextDelta`` gives the pieces that
-decoding the whole reply at every token gives, and ``find_stop`` finds what a search of the whole
-text finds."""
+decoding the whole reply at every token gives, ``find_stop`` finds what a search of the whole
+text finds (the earliest stop), and ``StopText`` never shows text a stop string later cuts."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from modalign.data.tokenizer import Tokenizer, read_tokenizer_config
-from modalign.infer.chat import TextDelta, find_stop
+from modalign.infer.detok import StopText, TextDelta, find_stop
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 LLAMA = GOLDEN / "llava_original" / "llava_llama" / "llava-v1.5-tiny-llama"
@@ -77,9 +77,35 @@ def test_find_stop_equals_a_search_of_the_whole_text():
         for _ in range(40):
             piece = "".join(rng.choice("abc\nUser:xyz ") for _ in range(rng.randrange(0, 4)))
             text += piece
-            want = next((text.index(s) for s in stops if s and s in text), None)
+            want = min((text.index(s) for s in stops if s and s in text), default=None)
             assert find_stop(text, len(piece), stops) == want, (text, piece, stops)
             if want is not None:
                 found = want
                 break
         assert found is None or find_stop(text, len(text), stops) == found
+
+
+@pytest.mark.parametrize("name,tok", tokenizers()[:1], ids=lambda x: x if isinstance(x, str) else "")
+def test_stop_text_shows_exactly_the_text_before_the_earliest_stop(name, tok):
+    """Whatever the token boundaries: the pieces shown, then the flush, are the whole reply cut at
+    its earliest stop string, and at every token what was shown so far is a prefix of that (a stop
+    split over several tokens, "#" "#" "#" for "###", was shown in part before)."""
+    rng = random.Random(2)
+    chars = sorted({c for i in range(tok.vocab_size) for c in tok.decode([i])} - {"\ufffd"})
+    for _ in range(300):
+        stops = rng.choice([["###"], ["ab", "b c"], ["\n\n", "User:"], ["xyz"], []])
+        text = "".join(
+            rng.choice("ab c#\nUser:xyz" + "".join(chars[:20])) for _ in range(rng.randrange(1, 40))
+        )
+        ids = tok.encode(text)
+        whole = tok.decode(ids, skip_special_tokens=True)
+        cut = min((whole.index(s) for s in stops if s in whole), default=None)
+        want = whole if cut is None else whole[:cut]
+        st, shown = StopText(tok, stops), ""
+        for i in ids:
+            shown += st.push(i)
+            assert want.startswith(shown), (stops, whole, shown)
+            if st.stopped:
+                break
+        shown += st.flush()
+        assert shown == want and st.stopped == (cut is not None), (stops, whole, shown)

@@ -78,6 +78,28 @@ def test_streaming_equals_non_streaming(server):
     assert raw.rstrip().endswith("data: [DONE]")
 
 
+def test_a_stop_string_across_tokens_is_cut_whole_streaming_or_not(server):
+    """A stop string whose first characters end one token and whose rest begins the next: the
+    reply ends before it, streamed or not (its first characters were sent before it completed)."""
+    url, _, _ = server
+    tok = tiny_chat_model().tok  # the served model's
+    full = ask(url, max_tokens=12).choices[0].message.content
+    ids = tok.encode(full)
+    pieces = [tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    bounds = [len(p) for p in pieces[1:-1] if 0 < len(p) < len(full)]
+    if not bounds:
+        pytest.skip(f"the greedy reply {full!r} has no boundary between two tokens inside it")
+    at = bounds[0]
+    stop = full[at - 1 : at + 1]  # one character either side of a token boundary
+    want = full[: full.index(stop)]
+    r = ask(url, max_tokens=12, stop=[stop])
+    assert r.choices[0].message.content == want and r.choices[0].finish_reason == "stop"
+    chunks = list(client(url).chat.completions.create(model="tiny", messages=[{"role": "user", "content": "what colour?"}],
+                                                      max_tokens=12, temperature=0, stop=[stop], stream=True))  # fmt: skip
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(deltas) == want
+
+
 BAD = [
     ("no api key", {}, {"key": None}, 401),
     ("body too large", {"messages": [{"role": "user", "content": "x" * 300_000}]}, {}, 413),
