@@ -14,9 +14,12 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter, defaultdict
+
+log = logging.getLogger("modalign.eval")
 
 # --------------------------------------------------------------------------- VQA normalisation
 
@@ -134,9 +137,9 @@ def extract_choice(text: str, options: dict[str, str]) -> str | None:
     m = re.match(r"^\(?([A-Z])(?:[).:,\]]|\s|$)", t)
     if m and m.group(1) in options:
         return m.group(1)
-    m = re.search(r"answer(?: is)?[:\s]*\(?([A-Z])\b", t, re.IGNORECASE)
-    if m and m.group(1).upper() in options:
-        return m.group(1).upper()
+    m = re.search(r"(?i:answer)(?: (?i:is))?[:\s]*\(?([A-Z])\b", t)  # "the answer is a dog": no letter
+    if m and m.group(1) in options:
+        return m.group(1)
     letters = [x for x in _LETTER.findall(t) if x in options]
     if len(set(letters)) == 1:
         return letters[0]
@@ -233,7 +236,16 @@ def mme_scores(records: list[dict]) -> dict:
         out[task] = {"accuracy": acc, "accuracy_plus": acc_plus, "score": 100 * (acc + acc_plus)}
     perception = sum(v["score"] for k, v in out.items() if k in MME_PERCEPTION)
     cognition = sum(v["score"] for k, v in out.items() if k in MME_COGNITION)
-    return {"subtasks": out, "perception": perception, "cognition": cognition}
+    # what the totals leave out or count on one question (the official script refuses them):
+    # subtasks missing, names outside MME's fourteen, images without their two questions
+    missing = [k for k in (*MME_PERCEPTION, *MME_COGNITION) if k not in out]
+    unknown = sorted(k for k in out if k not in MME_PERCEPTION and k not in MME_COGNITION)
+    partial = sum(len(v) != 2 for images in by_task.values() for v in images.values())
+    if missing or unknown or partial:
+        log.warning("MME totals: subtasks missing %s, not MME's %s, %d image(s) without two questions",
+                    missing, unknown, partial)  # fmt: skip
+    return {"subtasks": out, "perception": perception, "cognition": cognition, "missing_subtasks": missing,
+            "unknown_subtasks": unknown, "images_without_two_questions": partial}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- captioning

@@ -72,6 +72,10 @@ def evaluate(cm: ChatModel, task: str, data: Path, images: Path | None, out: Pat
                            | bench.score(r, opts, gold, res.text))  # fmt: skip
         bar.update(len(jobs[s : s + batch_size]))
     bar.close()
+    if recs and not samples:  # a wrong --images, say: no score at all rather than one of 0
+        reasons = ", ".join(f"{k}: {v}" for k, v in policy.skipped.items())
+        raise ValueError(f"no {task} question could be asked: all {len(jobs)} skipped ({reasons}); first: "
+                         f"{skipped[0]['message']}")  # fmt: skip
     judged = {}
     if bench.judge is not None:
         from modalign.eval.judge import JudgeCache

@@ -102,6 +102,8 @@ def mmbench_table(tsv: Path, samples: list[dict]) -> list[list]:
     """The submission table (header first) for the questions of ``tsv`` that were evaluated: the
     prediction of a question is the option letter picked with its options in the file's order
     (under ``--circular``, the unrotated pass)."""
+    from modalign.eval.benchmarks.mc import cell_given
+
     header, rows = _mmbench_rows(tsv)
     letters = [k for k in "ABCDEF" if k in header]
     cols = ["index", "question", *(["hint"] if "hint" in header else []), *letters,
@@ -115,7 +117,7 @@ def mmbench_table(tsv: Path, samples: list[dict]) -> list[list]:
         got = by_id.get(str(r["index"]))
         if not got:
             continue
-        opts = {k: r[k] for k in letters if r.get(k)}
+        opts = {k: r[k] for k in letters if cell_given(r.get(k))}  # as the reader took them
         s = next((x for x in got if x.get("options") == opts), got[0])
         row = {k: (r.get(k) or "") for k in cols} | {"prediction": s.get("answer") or ""}
         table.append([row[k] for k in cols])

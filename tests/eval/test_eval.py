@@ -213,3 +213,58 @@ def test_official_layouts(setup, tmp_path):
                                                     "annotations": [{"image_id": 1, "caption": "a green square"},
                                                                     {"image_id": 1, "caption": "green"}]}))  # fmt: skip
     assert read_records("caption", tmp_path / "caps.json")[0]["gold"] == ["a green square", "green"]
+
+
+def test_readers_follow_the_official_scripts_and_refuse_what_would_score_wrong(tmp_path):
+    from modalign.eval import metrics as M
+
+    # MMBench: the hint before the question (LLaVA's and VLMEvalKit's inference); "nan" is no
+    # hint; a circular set's rotated copies (index + k x 1e6) are left out, --circular rotates
+    t = tmp_path / "mmb.tsv"
+    t.write_text("index\tquestion\thint\tA\tB\tanswer\n"
+                 "3\tWhich is red?\tThe ball is red.\tball\tsky\tA\n"
+                 "4\tWhich is blue?\tnan\tball\tsky\tB\n"
+                 "1000003\tWhich is red?\tThe ball is red.\tsky\tball\tB\n")  # fmt: skip
+    recs = read_records("mc", t)
+    assert [(r["id"], r["question"]) for r in recs] == [("3", "The ball is red.\nWhich is red?"),
+                                                        ("4", "Which is blue?")]  # fmt: skip
+    # rows without ids are told apart by their place; an id given twice is refused
+    rows = [{"question": "q", "choices": ["a", "b"], "answer": 0}] * 3
+    (tmp_path / "mc.json").write_text(json.dumps(rows))
+    assert len({r["id"] for r in read_records("mc", tmp_path / "mc.json")}) == 3
+    samples = [
+        {"id": r["id"], "score": s} for r in read_records("mc", tmp_path / "mc.json") for s in (1.0, 1.0)
+    ]
+    samples[-1]["score"] = 0.0  # one rotation of the last question wrong
+    assert benchmarks.get("mc").aggregate(samples, True)["circular_accuracy"] == 2 / 3
+    (tmp_path / "dup.json").write_text(json.dumps([dict(rows[0], id=7), dict(rows[0], id=7)]))
+    with pytest.raises(ValueError, match="question id 7 is given to more than one question"):
+        read_records("mc", tmp_path / "dup.json")
+    # "a" the article is no option letter; "answer is B" is
+    assert M.extract_choice("The answer is a dog.", {"A": "cat", "B": "dog"}) == "B"
+    assert M.extract_choice("The answer is B.", {"A": "cat", "B": "dog"}) == "B"
+    # gold fields of the wrong shape (a string was read character by character)
+    cases = [("caption", {"image": "a.png", "captions": "a dog"}, "captions must be a list"),
+             ("vqa", {"image": "a.png", "question": "q", "answers": "cat"}, "answers must be a list"),
+             ("vqa", {"image": "a.png", "question": "q", "answers": ["cat"]}, "answers must be a list of at least 2"),
+             ("exact", {"image": "a.png", "question": "q", "answer": ["cat", "dog"]}, "answer must be a string")]  # fmt: skip
+    for task, row, msg in cases:
+        (tmp_path / "b.json").write_text(json.dumps([row]))
+        with pytest.raises(ValueError, match=f"b.json record 0: {msg}"):
+            read_records(task, tmp_path / "b.json")
+    # MME totals say what they leave out
+    got = M.mme_scores([{"subtask": "color", "image": "1", "prediction": "yes", "answer": "Yes"},
+                        {"subtask": "ocr", "image": "2", "prediction": "yes", "answer": "Yes"}])  # fmt: skip
+    assert got["unknown_subtasks"] == ["ocr"] and "OCR" in got["missing_subtasks"]
+    assert len(got["missing_subtasks"]) == 13 and got["images_without_two_questions"] == 2
+
+
+def test_an_evaluation_with_no_image_found_fails_instead_of_scoring_zero(setup, tmp_path):
+    cm = ChatModel.load(setup / "model")
+    pope = tmp_path / "pope.jsonl"
+    pope.write_text("\n".join(json.dumps({"question_id": i, "image": "gone.png", "text": "Is there a dog?",
+                                          "label": "yes"}) for i in range(3)))  # fmt: skip
+    with pytest.raises(
+        ValueError, match=r"no pope question could be asked: all 3 skipped \(missing image: 3\)"
+    ):
+        evaluate(cm, "pope", pope, None, tmp_path / "out", progress=False, max_new_tokens=2)

@@ -61,6 +61,14 @@ def need(rec: dict, keys: tuple[str, ...], where: str) -> None:
         raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
 
 
+def strings(value, field: str, where: str, least: int = 1) -> list[str]:
+    """``value`` as a list of at least ``least`` strings, else a ValueError naming the record (a
+    string in its place was read character by character)."""
+    if not isinstance(value, list) or len(value) < least or not all(isinstance(x, str) for x in value):
+        raise ValueError(f"{where}: {field} must be a list of at least {least} string(s), got {value!r:.80}")
+    return value
+
+
 def rows(path: Path) -> list[tuple[str, dict]]:
     """(where, record) pairs of a JSON list or a JSONL file; ``where`` names the line or index."""
     if path.suffix == ".jsonl":

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from modalign.eval import chair as C
 from modalign.eval import metrics as M
-from modalign.eval.benchmarks import Benchmark, need, read_rows, register
+from modalign.eval.benchmarks import Benchmark, need, read_rows, register, strings
 
 
 def _row(r: dict, where: str) -> dict:
@@ -19,7 +19,8 @@ def _row(r: dict, where: str) -> dict:
     objects = r.get("objects")
     if objects is not None and not (isinstance(objects, list) and all(isinstance(o, str) for o in objects)):
         raise ValueError(f"{where}: objects must be a list of category names")
-    return {"id": r.get("id"), "image": r["image"], "question": "", "gold": r["captions"], "category": "all",
+    gold = strings(r["captions"], "captions", where)
+    return {"id": r.get("id"), "image": r["image"], "question": "", "gold": gold, "category": "all",
             "objects": objects}  # fmt: skip
 
 

@@ -10,6 +10,9 @@ from modalign.eval.benchmarks.vqa import SUFFIX
 
 def _row(r: dict, where: str) -> dict:
     need(r, ("image", "question", "answer"), where)
+    if not isinstance(r["answer"], str):
+        raise ValueError(f"{where}: answer must be a string (several human answers: task vqa), "
+                         f"got {r['answer']!r:.80}")  # fmt: skip
     return {"id": r.get("id"), "image": r["image"], "question": r["question"], "gold": r["answer"],
             "category": r.get("category", "all")}  # fmt: skip
 

@@ -32,7 +32,7 @@ def _row(r: dict, where: str) -> dict:
     need(r, ("question", "choices", "answer"), where)
     letters = _letters(len(r["choices"]))
     k = _answer_index(r["answer"], len(letters), where)
-    return {"id": r.get("id"), "image": r.get("image"), "question": r["question"],
+    return {"id": r.get("id", where), "image": r.get("image"), "question": r["question"],
             "options": dict(zip(letters, r["choices"], strict=True)), "gold": letters[k],
             "category": r.get("subject", r.get("category", "all"))}  # fmt: skip
 
@@ -53,31 +53,54 @@ def _scienceqa(path: Path, doc: dict) -> list[dict]:
     return out
 
 
+def cell_given(v) -> bool:
+    """A TSV cell that holds something (pandas writes missing cells as "nan")."""
+    return bool(v) and v.strip().lower() not in ("nan", "none")
+
+
 def _mmbench(path: Path) -> list[dict]:
+    """The rows of an MMBench ``.tsv``, the hint before the question as the official inference
+    writes it. Rows at index + k x 1,000,000 are the rotated copies of a circular set, and are
+    left out: ``--circular`` makes the rotations itself."""
     csv.field_size_limit(sys.maxsize)
     out = []
     with path.open(newline="") as f:
-        for n, r in enumerate(csv.DictReader(f, delimiter="\t"), 2):
-            need(r, ("index", "question", "A", "B", "answer"), f"{path.name}:{n}")
-            opts = {k: r[k] for k in "ABCDEF" if r.get(k)}
-            if r["answer"] not in opts:
-                raise ValueError(
-                    f"{path.name}:{n}: answer key {r['answer']!r} is not one of the options {sorted(opts)}"
-                )
-            img = base64.b64decode(r["image"]) if r.get("image") else None
-            out.append({"id": r["index"], "image": img, "question": r["question"], "options": opts, "gold": r["answer"],
-                        "category": r.get("category", "all")})  # fmt: skip
+        rows = list(enumerate(csv.DictReader(f, delimiter="\t"), 2))
+    indices = {r.get("index") for _, r in rows}
+    for n, r in rows:
+        need(r, ("index", "question", "A", "B", "answer"), f"{path.name}:{n}")
+        if (
+            r["index"].isdigit()
+            and int(r["index"]) >= 1_000_000
+            and str(int(r["index"]) % 1_000_000) in indices
+        ):
+            continue
+        opts = {k: r[k] for k in "ABCDEF" if cell_given(r.get(k))}
+        if r["answer"] not in opts:
+            raise ValueError(
+                f"{path.name}:{n}: answer key {r['answer']!r} is not one of the options {sorted(opts)}"
+            )
+        img = base64.b64decode(r["image"]) if r.get("image") else None
+        q = f"{r['hint']}\n{r['question']}" if cell_given(r.get("hint")) else r["question"]
+        out.append({"id": r["index"], "image": img, "question": q, "options": opts, "gold": r["answer"],
+                    "category": r.get("category", "all")})  # fmt: skip
     return out
 
 
 def read(path: Path, references: Path | None = None) -> list[dict]:
+    """The questions, each id once (the circular evaluation groups a question's rotations by it)."""
     if path.suffix == ".tsv":
-        return _mmbench(path)
-    if path.suffix != ".jsonl":
-        doc = json.loads(path.read_text())
-        if isinstance(doc, dict):  # ScienceQA problems.json: {id: problem}
-            return _scienceqa(path, doc)
-    return read_rows(_row)(path)
+        out = _mmbench(path)
+    elif path.suffix != ".jsonl" and isinstance(doc := json.loads(path.read_text()), dict):
+        out = _scienceqa(path, doc)  # ScienceQA problems.json: {id: problem}
+    else:
+        out = read_rows(_row)(path)
+    seen = set()
+    for r in out:
+        if r["id"] in seen:
+            raise ValueError(f"{path.name}: question id {r['id']!r} is given to more than one question")
+        seen.add(r["id"])
+    return out
 
 
 def score(r: dict, opts: dict, gold, raw: str) -> dict:

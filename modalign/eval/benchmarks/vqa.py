@@ -9,14 +9,17 @@ from pathlib import Path
 
 from modalign.eval import metrics as M
 from modalign.eval import submission
-from modalign.eval.benchmarks import Benchmark, need, read_rows, register
+from modalign.eval.benchmarks import Benchmark, need, read_rows, register, strings
 
 SUFFIX = "\nAnswer the question using a single word or phrase."
 
 
 def _row(r: dict, where: str) -> dict:
     need(r, ("image", "question", "answers"), where)
-    ans = [a["answer"] if isinstance(a, dict) else a for a in r["answers"]]
+    if not isinstance(r["answers"], list):
+        raise ValueError(f"{where}: answers must be a list (VQAv2 gives 10), got {r['answers']!r:.80}")
+    # VQA's accuracy leaves each human answer out in turn: one answer alone can never score
+    ans = strings([a.get("answer") if isinstance(a, dict) else a for a in r["answers"]], "answers", where, 2)
     return {"id": r.get("question_id", r.get("id")), "image": r["image"], "question": r["question"],
             "gold": ans, "category": r.get("answer_type", "all")}  # fmt: skip
 
