@@ -831,10 +831,16 @@ def _agent(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from modalign.llm_client import LLMError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (
+        ValueError,
+        FileNotFoundError,
+        LLMError,
+    ) as e:  # an endpoint out of retries: said, not a traceback
         print(f"modalign {args.command}: error: {e}", file=sys.stderr)
         return 2
 

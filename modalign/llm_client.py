@@ -77,7 +77,9 @@ class LLMClient:
         }
 
     def _handle(self, r: httpx.Response, raw: bool = False):
-        doc = r.json()
+        doc = r.json()  # a body that is no JSON object: ``_outcome`` retries it
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
         u = doc.get("usage") or {}
         self.usage.prompt_tokens += int(u.get("prompt_tokens", 0) or 0)
         self.usage.completion_tokens += int(u.get("completion_tokens", 0) or 0)
@@ -100,7 +102,11 @@ class LLMClient:
         if r.status_code != 200:
             self.usage.failures += 1
             raise LLMError(f"{self._url()} answered {r.status_code}: {r.text[:200]}")
-        return self._handle(r, raw), 0.0, ""
+        try:
+            return self._handle(r, raw), 0.0, ""
+        except ValueError as e:  # a body cut short (or no JSON object): as a failed attempt
+            self.usage.add_retry("malformed body")
+            return None, self._delay(attempt, None), f"malformed body ({e})"
 
     def _give_up(self, last: str) -> LLMError:
         self.usage.failures += 1
@@ -123,11 +129,12 @@ class LLMClient:
                     text, delay, last = self._outcome(attempt, exc=e)
                 if text is not None:
                     return text
-                time.sleep(delay)
+                if attempt < self.max_retries:  # no wait after the last attempt
+                    time.sleep(delay)
         raise self._give_up(last)
 
     async def achat(self, client: httpx.AsyncClient, messages: list[dict], temperature: float = 0.0,
-                    max_tokens: int = 512) -> str:  # fmt: skip
+                    max_tokens: int = 512, raw: bool = False):  # fmt: skip
         """The async twin of ``chat`` (bounded concurrency is the caller's semaphore)."""
         last = ""
         for attempt in range(self.max_retries + 1):
@@ -135,10 +142,11 @@ class LLMClient:
             try:
                 r = await client.post(self._url(), json=self._payload(messages, temperature, max_tokens),
                                       headers=self._headers(), timeout=self.timeout_s)  # fmt: skip
-                text, delay, last = self._outcome(attempt, r=r)
+                text, delay, last = self._outcome(attempt, r=r, raw=raw)
             except (httpx.TimeoutException, httpx.TransportError) as e:
                 text, delay, last = self._outcome(attempt, exc=e)
             if text is not None:
                 return text
-            await asyncio.sleep(delay)
+            if attempt < self.max_retries:
+                await asyncio.sleep(delay)
         raise self._give_up(last)

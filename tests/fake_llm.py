@@ -10,7 +10,7 @@ import time
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 
 class FakeLLM:
@@ -35,7 +35,13 @@ class FakeLLM:
             if n in self.stall_on:
                 time.sleep(self.stall_s)
             text = self.reply(body)
+            if isinstance(text, bytes):  # a raw body (a truncated or malformed one)
+                return Response(text, 200, media_type="application/json")
             choice = {"index": 0, "finish_reason": "stop"}
+            if isinstance(text, dict) and "finish_reason" in text:  # {"content", "finish_reason"}
+                text = dict(text)
+                choice["finish_reason"] = text.pop("finish_reason")
+                text = text["content"]
             if isinstance(text, dict):  # a whole assistant message (e.g. with tool_calls)
                 choice |= {"message": {"role": "assistant", **text},
                            "finish_reason": "tool_calls" if text.get("tool_calls") else "stop"}  # fmt: skip

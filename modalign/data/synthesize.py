@@ -157,6 +157,8 @@ def parse_reply(kind: str, reply: str, ann: dict) -> list[dict]:
     text = (reply or "").strip()
     if not text:
         raise Rejected("empty reply", "the model returned nothing")
+    if "<image>" in text:  # the record places its one image itself; another would not load
+        raise Rejected("image placeholder", "the reply writes <image>, which would place a second image")
     if kind == "detail":
         if re.search(r"^\s*(Question|Answer):", text, re.M):
             raise Rejected("wrong format", "a description was asked for, the reply has Q/A turns")
@@ -200,16 +202,35 @@ class Summary:
                 "completion_tokens": u.completion_tokens}  # fmt: skip
 
 
-def _finished_ids(*files: Path) -> set[str]:
-    done = set()
-    for f in files:
-        if f.is_file():
-            for line in f.read_text().splitlines():
-                try:
-                    done.add(json.loads(line)["id"])
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut short by a crash: that image is redone
-    return done
+def _records_of(partial: Path, kind: str, version: str) -> dict[str, dict]:
+    """The finished records of an earlier run into the same ``--out`` (by id); a file of another
+    kind or prompt version is refused (resuming from it would write its records as this run's)."""
+    out, other = {}, Counter()
+    if partial.is_file():
+        for line in partial.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (r.get("kind"), r.get("prompt_version")) != (kind, version):
+                other[(r.get("kind"), r.get("prompt_version"))] += 1
+            else:
+                out.setdefault(r["id"], r)
+    if other:
+        (k, v), n = other.most_common(1)[0]
+        raise ValueError(f"{partial} holds {n} record(s) of kind {k!r}, prompt version {v!r}; this run makes "
+                         f"{kind!r}, {version!r}: give another --out, or remove that file to start over")  # fmt: skip
+    return out
+
+
+def _cut_torn_line(path: Path) -> None:
+    """A line a crash cut short (no newline at the end) removed, so the next record starts a line
+    of its own (appended to it, both were lost)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    data = path.read_bytes()
+    if not data.endswith(b"\n"):
+        path.write_bytes(data[: data.rfind(b"\n") + 1])
 
 
 def _append(path: Path, rec: dict) -> None:
@@ -227,7 +248,11 @@ async def _run(anns, kind, prompt, client, partial, rejected_f, concurrency, sum
         async def one(ann):
             async with sem:
                 try:
-                    reply = await client.achat(http, messages(prompt, ann), temperature=0.7, max_tokens=1024)
+                    doc = await client.achat(
+                        http, messages(prompt, ann), temperature=0.7, max_tokens=1024, raw=True
+                    )
+                    reply = doc["choices"][0]["message"]["content"] or ""
+                    cut = doc["choices"][0].get("finish_reason") == "length"
                 except LLMError as e:
                     summary.failed += 1
                     _append(
@@ -237,13 +262,16 @@ async def _run(anns, kind, prompt, client, partial, rejected_f, concurrency, sum
                     bar.update(1)
                     return
             try:
+                if cut:  # the last turn (or the description) ends mid-sentence
+                    raise Rejected("truncated", "the reply reached max_tokens (finish_reason length)")
                 turns = parse_reply(kind, reply, ann)
                 _append(partial, {"id": ann["id"], "image": ann["image"], "conversations": turns,
                                   "kind": kind, "prompt_version": prompt["version"]})  # fmt: skip
                 summary.accepted += 1
             except Rejected as e:
                 summary.rejected[e.reason] += 1
-                _append(rejected_f, {"id": ann["id"], "reason": e.reason, "message": str(e), "reply": reply})
+                _append(rejected_f, {"id": ann["id"], "reason": e.reason, "message": str(e), "reply": reply,
+                                     "kind": kind, "prompt_version": prompt["version"]})  # fmt: skip
             bar.update(1)
 
         await asyncio.gather(*(one(a) for a in anns))
@@ -258,7 +286,10 @@ def synthesize(annotations, kind: str, client: LLMClient, out: str | Path, concu
     anns = read_annotations(annotations, captions)[:limit]
     partial = out.with_name(out.stem + ".partial.jsonl")
     rejected_f = out.with_name(out.stem + ".rejected.jsonl")
-    # request failures may be retried by a re-run; parsed rejections are final
+    for f in (partial, rejected_f):
+        _cut_torn_line(f)
+    kept = _records_of(partial, kind, prompt["version"])  # before anything is rewritten
+    # request failures are retried by a re-run; parsed rejections (of this kind and version) are final
     final_rejects = set()
     if rejected_f.is_file():
         keep = []
@@ -268,24 +299,19 @@ def synthesize(annotations, kind: str, client: LLMClient, out: str | Path, concu
             except json.JSONDecodeError:
                 continue
             if not r.get("retryable"):
-                final_rejects.add(r["id"])
                 keep.append(line)
+                if (r.get("kind"), r.get("prompt_version")) == (kind, prompt["version"]):
+                    final_rejects.add(r["id"])
         rejected_f.write_text("".join(x + "\n" for x in keep))
-    done = _finished_ids(partial) | final_rejects
+    done = set(kept) | final_rejects
     summary = Summary(total=len(anns), already_done=sum(a["id"] in done for a in anns))
     todo = [a for a in anns if a["id"] not in done]
     out.parent.mkdir(parents=True, exist_ok=True)
     asyncio.run(_run(todo, kind, prompt, client, partial, rejected_f, concurrency, summary, progress))
-    records, seen = [], set()
-    if partial.is_file():
-        for line in partial.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if r["id"] not in seen:
-                seen.add(r["id"])
-                records.append({"id": r["id"], "image": r["image"], "conversations": r["conversations"]})
+    records = [
+        {"id": r["id"], "image": r["image"], "conversations": r["conversations"]}
+        for r in _records_of(partial, kind, prompt["version"]).values()
+    ]
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(records, indent=1) + "\n")
     tmp.replace(out)

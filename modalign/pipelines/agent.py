@@ -183,7 +183,8 @@ class Agent:
                 return result
             messages.append({"role": "assistant", "content": msg.get("content"), "tool_calls": calls})
             for c in calls:
-                fn = (c.get("function") if isinstance(c, dict) else None) or {}
+                fn = c.get("function") if isinstance(c, dict) else None
+                fn = fn if isinstance(fn, dict) else {}  # no object: an unknown tool, told to the LLM
                 obs = self._observe(fn.get("name"), fn.get("arguments") or "{}")
                 result.tool_calls += 1
                 entry["tool_calls"].append({"name": fn.get("name"), "arguments": fn.get("arguments"),

@@ -199,8 +199,10 @@ class PICa:
 
             out.answer = out.candidates[max(range(len(out.candidates)), key=score)]
         else:
-            counts = Counter(out.candidates)
-            out.answer = max(out.candidates, key=lambda c: (counts[c], -out.candidates.index(c)))
+            # the most frequent answer (the first on ties); an empty one only when every prompt gave one
+            said = [c for c in out.candidates if c] or out.candidates
+            counts = Counter(said)
+            out.answer = max(said, key=lambda c: (counts[c], -said.index(c)))
         return out
 
 

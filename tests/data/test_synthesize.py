@@ -103,3 +103,57 @@ def test_parse_kinds_and_coco_annotations(tmp_path):
     )
     with pytest.raises(ValueError, match=r"bad.jsonl:1: objects\[0\].bbox must be 4 numbers in \[0, 1\]"):
         read_annotations(tmp_path / "bad.jsonl")
+
+
+def test_bad_bodies_cut_replies_placeholders_and_torn_resumes(scenes, tmp_path):
+    """A 200 whose body is cut short is retried (it ended the run), a reply cut at max_tokens and
+    one that writes <image> are rejected (they were written, the second failing to load), a
+    resume after a line torn by a crash keeps every record (the next one was appended to the torn
+    line and lost), and a resume into another kind's output is refused."""
+    anns = [json.loads(x) for x in (scenes / "scenes.jsonl").read_text().splitlines()][:6]
+    (tmp_path / "six.jsonl").write_text("".join(json.dumps(a) + "\n" for a in anns))
+    first = {a["captions"][0]: k for k, a in enumerate(anns)}
+    seen = set()
+
+    def script(body):
+        k = next(v for c, v in first.items() if body["messages"][-1]["content"].startswith(c))
+        if k == 0 and k not in seen:
+            seen.add(k)
+            return b'{"choices": [{"message": {"content": "Question: x'
+        if k == 1:
+            return {"content": "Question: What is it?\nAnswer: The square is bl", "finish_reason": "length"}
+        if k == 2:
+            return "Question: What is in the <image>?\nAnswer: Shapes."
+        return "Question: How many shapes?\nAnswer: A few."
+
+    out = tmp_path / "c.json"
+    with FakeLLM(script) as fake:
+        client = LLMClient(fake.url, "gen", backoff_s=0.01, max_retries=2)
+        s = synthesize(tmp_path / "six.jsonl", "conversation", client, out, concurrency=1, progress=False)
+    assert s["retry_reasons"].get("malformed body") == 1 and s["failed_requests"] == 0
+    assert s["rejected"] == {"truncated": 1, "image placeholder": 1} and s["accepted"] == 4
+    assert sorted(x.id for x in load_samples(out)) == sorted(anns[k]["id"] for k in (0, 3, 4, 5))
+    # a crash tore the last line of the partial file: the redone record is kept, with the others
+    partial = tmp_path / "c.partial.jsonl"
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:25])
+    with FakeLLM(script) as fake:
+        s = synthesize(
+            tmp_path / "six.jsonl", "conversation", LLMClient(fake.url, "gen"), out, progress=False
+        )
+    assert s["already_done"] == 5 and s["accepted"] == 1 and s["written"] == 4
+    with pytest.raises(
+        ValueError, match="holds 4 record\\(s\\) of kind 'conversation'.*this run makes 'detail'"
+    ):
+        synthesize(
+            tmp_path / "six.jsonl", "detail", LLMClient("http://127.0.0.1:9/v1", "gen"), out, progress=False
+        )
+
+
+def test_the_client_does_not_wait_after_its_last_attempt():
+    with FakeLLM(lambda body: b"not json") as fake:
+        client = LLMClient(fake.url, "gen", backoff_s=5.0, max_retries=0)
+        t = time.monotonic()
+        with pytest.raises(Exception, match="gave up after 1 attempts"):
+            client.chat([{"role": "user", "content": "hi"}])
+        assert time.monotonic() - t < 2.5

@@ -79,7 +79,7 @@ def test_bad_calls_become_observations_and_the_loop_is_bounded():
         {"content": None, "tool_calls": [call("vqa", image="/etc/passwd", question="q")]},
         {"content": None, "tool_calls": [call("nope"), {"id": "x", "type": "function",
                                                          "function": {"name": "caption", "arguments": "{oops"}}]},
-        {"content": None, "tool_calls": [call("vqa", image="image_1")]},
+        {"content": None, "tool_calls": [call("vqa", image="image_1"), {"id": "y", "function": "caption"}]},
     ]  # fmt: skip
     it = iter(replies)
     vqa = FakeChat({})
@@ -93,6 +93,7 @@ def test_bad_calls_become_observations_and_the_loop_is_bounded():
         "error: the arguments of caption"
     )
     assert obs[3] == "error: vqa needs the argument(s) question"
+    assert obs[4].startswith("error: no tool named None")  # a function that is no object (it crashed the run)
     assert choices == ["auto", "auto", "auto", "none"] and res.answer == "no idea" and res.llm_calls == 4
     with FakeLLM(lambda body: {"content": None, "tool_calls": [call("t")]}) as fake:
         agent = Agent(

@@ -76,6 +76,16 @@ def test_selection_and_ensemble():
         PICa(votes, shots, n_shot=1, n_ensemble=3, metric="question").answer("q", "c", unit(1, 0)).answer
         == "blue"
     )
+    # an empty answer is no vote (it won with two of three before); only when every prompt gave one
+    blanks = Scripted({"a0": ("", None), "a1": ("", None), "a2": ("blue", None)})
+    assert (
+        PICa(blanks, shots, n_shot=1, n_ensemble=3, metric="question").answer("q", "c", unit(1, 0)).answer
+        == "blue"
+    )
+    none = Scripted({"a0": ("", None), "a1": ("", None), "a2": ("", None)})
+    assert (
+        PICa(none, shots, n_shot=1, n_ensemble=3, metric="question").answer("q", "c", unit(1, 0)).answer == ""
+    )
     with pytest.raises(ValueError, match="8 examples, 4 given"):
         PICa(comp, shots, n_shot=4, n_ensemble=2)
     with pytest.raises(ValueError, match="example 0 has no i_vec"):
