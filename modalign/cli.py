@@ -32,23 +32,22 @@ def _convert(args) -> int:
     else:
         model_dir = Path(args.src)
         model = MLLM.from_pretrained(args.src, base=args.base, vision_tower=args.vision_tower)
+    reads = tuple(Path(p) for p in (args.src, args.base) if p)  # never replaced by the write
     if args.to == "peft":
-        export_peft(model, args.dst)
+        export_peft(model, args.dst, reads)
         print(f"wrote peft adapter to {args.dst}")
         return 0
     if args.merge:
         merge_lora(model)
     tok = None
-    dirs = (Path(args.src), *([Path(args.base)] if args.base else []))
-    for tok_dir in dirs:
+    for tok_dir in reads:
         if any((tok_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
             tok = Tokenizer.from_dir(tok_dir)
             if tok.template_name is None and not tok.chat_template:
                 tok.template_name = default_template(model_dir)
             break
-    if args.to == "native":
-        model.save_pretrained(args.dst, keep_tokenizer=False)  # the source's tokenizer only (below)
-    else:
+    img = None
+    if args.to != "native":
         if model.config.llm.lora is not None:
             raise SystemExit("modalign convert: transformers' LLaVA holds no LoRA: add --merge")
         img = model.config.image_token_id
@@ -61,14 +60,24 @@ def _convert(args) -> int:
                     raise SystemExit(
                         f"the tokenizer has {img} tokens, more than the model's {model.config.llm.vocab_size}"
                     )
-        img = export_hf_llava(model, args.dst, None if tok is None else img)
-        if tok is not None and tok.token_id("<image>") is None:
-            if tok.add_special_token("<image>") != img:
-                raise SystemExit("the tokenizer cannot give <image> the id the model holds for it")
+        if tok is not None and tok.token_id("<image>") is None and tok.add_special_token("<image>") != img:
+            raise SystemExit("the tokenizer cannot give <image> the id the model holds for it")
         if tok is not None:
             tok.image_token = "<image>" if tok.token_id("<image>") == img else tok.image_token
+    # the tokenizer's files, written with the weights in one atomic step (checked before any write)
+    files: dict[str, bytes] = {}
     if tok is not None:
-        tok.save(args.dst)
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as staged:
+            tok.save(staged)
+            files = {f.name: f.read_bytes() for f in Path(staged).iterdir() if f.is_file()}
+    if args.to == "native":
+        from modalign.checkpoints.native import save_native
+
+        save_native(model, args.dst, extra_files=files, keep_tokenizer=False, reads=reads)
+    else:
+        export_hf_llava(model, args.dst, None if tok is None else img, extra_files=files, reads=reads)
     print(f"wrote {args.to} checkpoint to {args.dst}")
     return 0
 

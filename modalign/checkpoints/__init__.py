@@ -122,16 +122,20 @@ def load_vision_tower(path: str | Path, feature_layer: int | list[int] = -2, fea
     return tower.eval()
 
 
-def export_hf_llava(model, path: str | Path, image_token_id: int | None = None) -> int:
+def export_hf_llava(model, path: str | Path, image_token_id: int | None = None,
+                    extra_files: dict[str, bytes] | None = None, reads: tuple = ()) -> int:  # fmt: skip
     """Write a LLaVA-shaped model in transformers' LLaVA format (released key layout) with its
     ``generation_config.json`` and ``preprocessor_config.json``; returns the image token's id.
     A model whose placeholder is no token of its vocabulary (the per-image ``-200`` of models
     trained from a released LLM) is given one: ``image_token_id`` (default: the vocabulary size,
-    for which the embedding and the head get a zero row, never generated: ``suppress_tokens``)."""
+    for which the embedding and the head get a zero row, never generated: ``suppress_tokens``).
+    ``extra_files`` (a tokenizer's) are written with it; ``reads`` as for ``save_native``."""
     import copy
 
+    from modalign.checkpoints.io import check_replaceable
     from modalign.checkpoints.native import model_state
 
+    check_replaceable(path, reads)
     cfg = copy.deepcopy(model.config)
     state = model_state(model)
     vocab, img = cfg.llm.vocab_size, cfg.image_token_id
@@ -159,6 +163,8 @@ def export_hf_llava(model, path: str | Path, image_token_id: int | None = None) 
             json.dumps(hf.image_processor_config(cfg.vision), indent=2) + "\n"
         )
         save_tensors(hf.llava_state_to_hf(state), tmp / "model.safetensors", {"format": "pt"})
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
     return img
 
 

@@ -190,6 +190,38 @@ def atomic_dir(path: str | Path):
         raise
 
 
+# what a checkpoint folder may hold: a save replaces the whole folder, so one holding anything else
+# (a user's files, sub-folders, the checkpoint being read) is refused, never deleted
+_CHECKPOINT_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "README.md",
+                     ".gitattributes", "adapter_config.json")  # fmt: skip
+_CHECKPOINT_PATTERNS = ("tokenizer*", "chat_template*", "*.safetensors", "*.safetensors.index.json", "*.bin",
+                        "*.bin.index.json", "*.model")  # fmt: skip
+TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
+                      "merges.txt", "*.model")  # fmt: skip
+
+
+def check_replaceable(path: str | Path, reads: tuple = ()) -> None:
+    """Refuse to write a checkpoint to ``path`` when that would delete what is not a checkpoint's:
+    a file, a folder holding other files or sub-folders, or a folder that is (or holds) one of
+    ``reads`` (the checkpoints the write reads from)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file, not a checkpoint folder")
+    here = path.resolve()
+    for r in reads:
+        r = Path(r).resolve()
+        if here == r or here in r.parents:
+            raise CheckpointError(f"writing a checkpoint to {path} would replace {r}, which this write reads")
+    other = sorted(p.name for p in path.iterdir()
+                   if p.is_dir() or not (p.name in _CHECKPOINT_FILES or any(p.match(g) for g in _CHECKPOINT_PATTERNS)))  # fmt: skip
+    if other:
+        raise CheckpointError(f"{path} holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}, no "
+                              "checkpoint's files: a save replaces the whole folder; give a new or empty one")  # fmt: skip
+
+
 def write_text_atomic(path: str | Path, text: str) -> None:
     """``path`` holds ``text`` or what it held before, never a part of it (a temp file, flushed,
     then renamed over it)."""

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from modalign.checkpoints import hf, internlm2
-from modalign.checkpoints.io import CheckpointError, atomic_dir, read_bin, save_tensors
+from modalign.checkpoints.io import CheckpointError, atomic_dir, check_replaceable, read_bin, save_tensors
 from modalign.config import LoRAConfig
 from modalign.models.modality import ALinear, enable_lora
 
@@ -75,17 +75,26 @@ def _is_internlm2(model) -> bool:
 # ------------------------------------------------------------------------------ export
 
 
-def export_peft(model, path: str | Path) -> None:
-    """Write the model's LoRA weights (unmerged) as a PEFT adapter."""
+def export_peft(model, path: str | Path, reads: tuple = ()) -> None:
+    """Write the model's LoRA weights (unmerged) as a PEFT adapter; a model with trained parts a
+    PEFT LoRA adapter cannot hold (Partial LoRA, LLaMA-Adapter's prompts, bias tuning) is refused."""
     cfg, llm = model.config.llm.lora, model.config.llm
     mods = list(_lora_modules(model))
     if cfg is None or not mods:
         raise CheckpointError("this model has no LoRA adapter to export")
+    official = _is_internlm2(model)
+    # parts beyond the LoRA that the adapter would load without; an InternLM-XComposer2 release's own
+    # Partial LoRA is part of the base the adapter goes onto, so it is not counted there
+    parts = (("Partial LoRA", llm.plora and not official), ("LLaMA-Adapter / bias tuning", llm.adapter))
+    beyond = [name for name, part in parts if part]
+    if beyond:
+        raise CheckpointError(f"this model also has {' and '.join(beyond)}, which a PEFT LoRA adapter cannot "
+                              "hold; save it whole (--to native)")  # fmt: skip
+    check_replaceable(path, reads)
     if llm.mam:
         raise CheckpointError(
             "this decoder has per-modality (MAM) projections, which a PEFT adapter cannot name"
         )
-    official = _is_internlm2(model)
     if not official and (llm.model_type not in hf.LLM_TYPES or llm.fused_qkv):
         raise CheckpointError(
             f"no PEFT layout for a {llm.model_type!r} decoder"

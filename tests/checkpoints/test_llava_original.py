@@ -192,3 +192,38 @@ def test_a_lora_run_holding_what_the_merge_would_leave_out_is_refused(tmp_path):
         MLLM.from_pretrained(src, base=BASE).state_dict(),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # restored: loads as released
+
+
+def test_writes_never_replace_what_is_not_a_checkpoint_and_keep_the_tokenizer(tmp_path, capsys, monkeypatch):
+    """A conversion into a folder holding its source (or a user's files) is refused, not replaced
+    with everything in it; a save into a converted folder keeps its SentencePiece tokenizer; a
+    failed <image> check leaves the destination as it was; a model whose LoRA is merged for
+    speed is not saved with it twice."""
+    monkeypatch.chdir(G)  # where the release's vision tower is found
+    src = tmp_path / "p" / "src"
+    shutil.copytree(G / "llava_llama" / "llava-v1.5-tiny-llama", src)
+    (tmp_path / "p" / "notes.txt").write_text("mine")
+    assert main(["convert", str(src), str(tmp_path / "p"), "--to", "hf-llava"]) == 2
+    assert "would replace" in capsys.readouterr().err and (tmp_path / "p" / "notes.txt").is_file()
+    assert main(["convert", str(src), str(src)]) == 2 and (src / "tokenizer.model").is_file()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("x")
+    assert main(["convert", str(src), str(tmp_path / "mine")]) == 2
+    assert "thesis.tex" in capsys.readouterr().err and (tmp_path / "mine" / "thesis.tex").is_file()
+    # a converted folder saved over: its tokenizer.model stays (only tokenizer*.json did)
+    assert main(["convert", str(src), str(tmp_path / "n")]) == 0
+    before = sorted(p.name for p in (tmp_path / "n").iterdir())
+    assert "tokenizer.model" in before
+    MLLM.from_pretrained(tmp_path / "n").save_pretrained(tmp_path / "n")
+    assert sorted(p.name for p in (tmp_path / "n").iterdir()) == before
+    assert Tokenizer.from_dir(tmp_path / "n").vocab_size == Tokenizer.from_dir(src).vocab_size
+    # LoRA merged into the weights (set_lora_merged, for speed) is refused by name, not saved twice
+    from modalign.config import LoRAConfig
+    from modalign.models.modality import enable_lora, set_lora_merged
+
+    model = MLLM.from_pretrained(src)
+    enable_lora(model, LoRAConfig(rank=2, alpha=4, targets=["q_proj"]))
+    set_lora_merged(model, True)
+    with pytest.raises(ValueError, match="is merged into their weights"):
+        model.save_pretrained(tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()

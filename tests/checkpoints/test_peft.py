@@ -312,3 +312,20 @@ def test_convert_to_and_from_peft(tmp_path):
     with pytest.raises(SystemExit, match="needs --base"):
         main(["convert", str(tmp_path / "adapter"), str(tmp_path / "x"), "--from", "peft"])
     assert main(["convert", str(path), str(tmp_path / "x"), "--to", "peft"]) == 2  # no LoRA: named error
+
+
+def test_an_adapter_beside_parts_peft_cannot_hold_is_refused(tmp_path):
+    """LoRA trained with Partial LoRA or LLaMA-Adapter's bias tuning: the PEFT adapter would load
+    without them (another model, 0.07 apart in logits) and was written anyway."""
+    from modalign import MLLMConfig
+    from modalign.config import AdapterConfig, LoRAConfig, PLoRAConfig
+    from modalign.models.modality import enable_adapter, enable_lora, enable_plora
+
+    for extra in (lambda m: enable_plora(m, PLoRAConfig(rank=2, alpha=2, targets=["q_proj"])),
+                  lambda m: enable_adapter(m, AdapterConfig(bias_tuning=True))):  # fmt: skip
+        model = MLLM(MLLMConfig.from_name("tiny-shapes"))
+        enable_lora(model, LoRAConfig(rank=2, alpha=4, targets=["q_proj"]))
+        extra(model)
+        with pytest.raises(CheckpointError, match="which a PEFT LoRA adapter cannot hold"):
+            export_peft(model, tmp_path / "adapter")
+        assert not (tmp_path / "adapter").exists()
