@@ -184,7 +184,7 @@ class Tokenizer:
 
                 return SentencePieceTokenizer.from_dir(path, cfg)
             raise FileNotFoundError(f"{path}: no tokenizer.json or tokenizer.model")
-        return cls(
+        tok = cls(
             _HFTokenizer.from_file(str(f)),
             bos_token=_token_str(cfg.get("bos_token")),
             eos_token=_token_str(cfg.get("eos_token")),
@@ -193,12 +193,15 @@ class Tokenizer:
             chat_template=cfg.get("chat_template"),
             template_name=cfg.get("modalign_template"),
         )
+        tok.source_config = cfg  # the keys modalign does not own are written back by ``save``
+        return tok
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(path / "tokenizer.json"))
-        cfg = {
+        # the source's other keys (padding_side, model_max_length, tokenizer_class, ...) kept
+        cfg = dict(getattr(self, "source_config", None) or {}) | {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,

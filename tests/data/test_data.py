@@ -168,6 +168,16 @@ def test_tokenizer_round_trip(tok, tmp_path):
     text = "the red circle <|im_end|> is left"
     assert again.encode(text) == tok.encode(text) and again.decode(again.encode(text)) == text
     assert again.bos_id == 1 and again.eos_id == 2 and again.pad_id == 0
+    # the source's own tokenizer_config keys survive a save (transformers reads padding_side and
+    # the class from them; left padding matters for its batched generation)
+    cfg_file = tmp_path / "t" / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text()) | {"padding_side": "left", "model_max_length": 4096,
+                                               "tokenizer_class": "Qwen2Tokenizer"}  # fmt: skip
+    cfg_file.write_text(json.dumps(cfg))
+    Tokenizer.from_dir(tmp_path / "t").save(tmp_path / "t2")
+    saved = json.loads((tmp_path / "t2" / "tokenizer_config.json").read_text())
+    assert {k: saved[k] for k in ("padding_side", "model_max_length", "tokenizer_class")} == {
+        "padding_side": "left", "model_max_length": 4096, "tokenizer_class": "Qwen2Tokenizer"}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ images
