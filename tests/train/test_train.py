@@ -874,3 +874,24 @@ def test_the_trainer_steps_with_fused_adamw(data, tmp_path):
         ref.step()
     for p in params:
         torch.testing.assert_close(p.detach(), copies[p].detach(), atol=1e-6, rtol=1e-5)
+
+
+def test_blip2_stage_two_leaves_out_only_the_text_branch_of_the_qformer():
+    """The generative stage leaves out the Q-Former's text FFN (layer.N.intermediate / output, as
+    LAVIS removes them), not the output projections of its self- and cross-attention, whose
+    names also hold ".output." (a glob's * crosses dots: 10.7M trained parameters were frozen)."""
+    from modalign import MLLMConfig
+    from modalign.train.freeze import match_any
+
+    recipe = load_recipe(RECIPES_DIR / "blip2.yaml", {n: n for n in ("data", "llm", "vision", "bert")})
+    patterns = next(s for s in recipe.stages if s.name == "generative").trainable
+    names = [
+        n for n, _ in MLLM(MLLMConfig.from_name("tiny-blip2")).named_parameters() if "qformer.encoder" in n
+    ]
+    kept = {n for n in names if match_any(n, patterns)}
+    attention_out = [n for n in names if ".attention.output." in n or ".crossattention.output." in n]
+    text_ffn = [
+        n for n in names if any(f".{k}.{p}" in n for k in range(99) for p in ("output.", "intermediate."))
+    ]
+    assert attention_out and text_ffn and set(attention_out) <= kept and not kept & set(text_ffn)
+    assert any(".output_query." in n for n in kept) and any(".intermediate_query." in n for n in kept)
