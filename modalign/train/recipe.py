@@ -99,6 +99,7 @@ class Optim:
     lr: float = 2e-5
     lr_groups: dict[str, float] = field(default_factory=dict)  # glob -> LR (first match wins)
     weight_decay: float = 0.0  # never on norms, biases and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # AdamW's (LLaVA's trainer: 0.9, 0.999)
     grad_accum: int = 1
     clip: float | None = 1.0
     schedule: Schedule = field(default_factory=Schedule)
@@ -109,6 +110,8 @@ class Optim:
     def validate(self, where: str) -> None:
         if self.grad_accum < 1:
             raise ConfigError(f"{where}.grad_accum: expected >= 1, got {self.grad_accum}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"{where}.betas: expected two numbers in [0, 1), got {self.betas}")
         if self.schedule.decay not in ("cosine", "linear", "constant"):
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
         if not 0.0 <= self.dropout < 1.0:

@@ -138,7 +138,7 @@ class Trainer:
         # the fused kernel (one pass over each tensor; 4-5x faster than foreach on the CPU) where it
         # applies: plain tensors on one CPU or CUDA device; else (FSDP's DTensors) foreach
         fused = _plain([p.data for p in params]) and params[0].device.type in ("cpu", "cuda")
-        self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=(0.9, 0.98), eps=1e-8,
+        self.opt = torch.optim.AdamW(self.groups, lr=opt.lr, betas=tuple(opt.betas), eps=1e-8,
                                      **({"fused": True} if fused else {"foreach": True}))  # fmt: skip
         data = stage.data
         if len(dataset) < self.d.world:  # the sampler would give no batch, and the step would wait forever

@@ -98,7 +98,7 @@ def test_recipe_errors_name_the_key(data, override, error):
         load_recipe(recipe_doc(data), sets=[override])
 
 
-def test_recipe_values_are_checked_and_coerced(data):
+def test_recipe_values_are_checked_and_coerced(data, tmp_path):
     doc = recipe_doc(data)
     del doc["stages"][0]["stop"]
     with pytest.raises(ConfigError, match=r"recipe\.stages\[0\]: missing required key\(s\) stop"):
@@ -114,6 +114,19 @@ def test_recipe_values_are_checked_and_coerced(data):
     assert load_recipe(doc, sets=sets).stages[0].optim.lr_groups == {"connector.*": 1e-3}
     sets = ['stages.align.data.sources=[{path: "${data}/x.json"}]']
     assert load_recipe(doc, {"data": "D"}, sets=sets).stages[0].data.sources[0].path == "D/x.json"
+    # AdamW's betas: the recipe's reach the optimiser (LLaVA's trainer keeps 0.999)
+    from modalign.train.trainer import Trainer
+
+    recipe = load_recipe(doc, sets=["stages.instruct.optim.betas=[0.9, 0.999]"])
+    target, dataset, collator, _ = setup_stage(recipe, 1, MLLM(recipe.model.build_config()),
+                                               Tokenizer.from_dir(data / "tokenizer"))  # fmt: skip
+    t = Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "betas", progress=False)
+    assert t.opt.param_groups[0]["betas"] == (0.9, 0.999)
+    assert load_recipe(RECIPES_DIR / "llava-1.5.yaml", {n: n for n in ("data", "llm", "vision")}).stages[
+        1
+    ].optim.betas == [0.9, 0.999]
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.optim\.betas: expected two numbers in \[0, 1\)"):
+        load_recipe(doc, sets=["stages.align.optim.betas=[0.9]"])
 
 
 def test_a_recipe_in_the_flat_layout_says_where_each_key_went(data):
