@@ -845,11 +845,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (
-        ValueError,
-        FileNotFoundError,
-        LLMError,
-    ) as e:  # an endpoint out of retries: said, not a traceback
+    # bad input, and an endpoint out of retries: said in one line, not a traceback
+    except (ValueError, FileNotFoundError, LLMError) as e:
         print(f"modalign {args.command}: error: {e}", file=sys.stderr)
         return 2
 

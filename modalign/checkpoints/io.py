@@ -190,15 +190,14 @@ def atomic_dir(path: str | Path):
         raise
 
 
-# what a checkpoint folder may hold: a save replaces the whole folder, so one holding anything else
-# (a user's files, sub-folders, the checkpoint being read) is refused, never deleted
-_CHECKPOINT_FILES = ("config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
-                     "special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "README.md",
-                     ".gitattributes", "adapter_config.json")  # fmt: skip
-_CHECKPOINT_PATTERNS = ("tokenizer*", "chat_template*", "*.safetensors", "*.safetensors.index.json", "*.bin",
-                        "*.bin.index.json", "*.model")  # fmt: skip
+# a tokenizer's files (a save over a checkpoint keeps them)
 TOKENIZER_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "vocab.json",
                       "merges.txt", "*.model")  # fmt: skip
+# what a checkpoint folder may hold: a save replaces the whole folder, so one holding anything else
+# (a user's files, sub-folders, the checkpoint being read) is refused, never deleted
+_CHECKPOINT_PATTERNS = (*TOKENIZER_PATTERNS, "config.json", "generation_config.json", "preprocessor_config.json",
+                        "processor_config.json", "adapter_config.json", "README.md", ".gitattributes", "*.safetensors",
+                        "*.safetensors.index.json", "*.bin", "*.bin.index.json")  # fmt: skip
 
 
 def check_replaceable(path: str | Path, reads: tuple = ()) -> None:
@@ -216,7 +215,7 @@ def check_replaceable(path: str | Path, reads: tuple = ()) -> None:
         if here == r or here in r.parents:
             raise CheckpointError(f"writing a checkpoint to {path} would replace {r}, which this write reads")
     other = sorted(p.name for p in path.iterdir()
-                   if p.is_dir() or not (p.name in _CHECKPOINT_FILES or any(p.match(g) for g in _CHECKPOINT_PATTERNS)))  # fmt: skip
+                   if p.is_dir() or not any(p.match(g) for g in _CHECKPOINT_PATTERNS))  # fmt: skip
     if other:
         raise CheckpointError(f"{path} holds {', '.join(other[:5])}{' ...' if len(other) > 5 else ''}, no "
                               "checkpoint's files: a save replaces the whole folder; give a new or empty one")  # fmt: skip

@@ -60,6 +60,7 @@ class Tokenizer:
         template_name: str | None = None,
     ):
         self.tk = tk
+        self.source_config: dict = {}  # the tokenizer_config.json read; ``save`` keeps the keys it does not own
         self.template_name = template_name  # the built-in template a model was trained with
         self.bos_token, self.eos_token = bos_token, eos_token
         self.pad_token, self.image_token = pad_token, image_token
@@ -193,7 +194,7 @@ class Tokenizer:
             chat_template=cfg.get("chat_template"),
             template_name=cfg.get("modalign_template"),
         )
-        tok.source_config = cfg  # the keys modalign does not own are written back by ``save``
+        tok.source_config = cfg
         return tok
 
     def save(self, path: str | Path) -> None:
@@ -201,7 +202,7 @@ class Tokenizer:
         path.mkdir(parents=True, exist_ok=True)
         self.tk.save(str(path / "tokenizer.json"))
         # the source's other keys (padding_side, model_max_length, tokenizer_class, ...) kept
-        cfg = dict(getattr(self, "source_config", None) or {}) | {
+        cfg = dict(self.source_config) | {
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
             "pad_token": self.pad_token,

@@ -518,8 +518,10 @@ class Engine:
 
         toks: list[list[int]] = [[] for _ in prompts]
         finished = [False] * len(prompts)
-        texts = [StopText(self.tok, params.stop) for _ in prompts] if self.tok is not None else None
-        stopped = (lambda i: texts[i].stopped) if texts is not None and any(params.stop) else None
+        # the text followed token by token only where a stop string may end it; else decoded once
+        watch = self.tok is not None and any(params.stop)
+        texts = [StopText(self.tok, params.stop) for _ in prompts] if watch else None
+        stopped = (lambda i: texts[i].stopped) if watch else None
         for row in self.stream(prompts, params, stopped):
             for i, t in enumerate(row):
                 if t is not None and not finished[i]:
@@ -537,7 +539,7 @@ class Engine:
                 text, reason = texts[i].text, "stop"
                 while ids and len(self.tok.decode(ids, skip_special_tokens=True)) > len(text):
                     ids = ids[:-1]
-            elif texts is not None:
+            elif self.tok is not None:
                 text = self.tok.decode(ids, skip_special_tokens=True)
             results.append(Completion(ids, text, reason, len(self._expand(p).input_ids)))  # images expanded
         return results
