@@ -94,7 +94,7 @@ class StageContext:
             weights.append(src.weight)
         if len(sets) == 1 and data.samples is None:
             return sets[0]
-        return MixtureDataset(sets, weights, data.samples)
+        return MixtureDataset(sets, weights, data.samples, seed=self.seed)  # which draws: the recipe's seed
 
 
 def run_recipe(recipe: Recipe, out: str | Path, d: Dist | None = None, progress: bool = True,

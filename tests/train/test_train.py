@@ -129,6 +129,23 @@ def test_recipe_values_are_checked_and_coerced(data, tmp_path):
         load_recipe(doc, sets=["stages.align.optim.betas=[0.9]"])
 
 
+def test_the_recipe_seed_draws_the_mixture(data):
+    """A mixture's draws follow the recipe's seed: a source drawn in part gives other samples under
+    another seed (every seed drew the same subset before)."""
+    doc = recipe_doc(data)
+    doc["stages"][1]["data"]["samples"] = 40  # 32 draws of instruct.json (a part of it), 8 of the text chats
+    tok = Tokenizer.from_dir(data / "tokenizer")
+
+    def pairs(seed):
+        recipe = load_recipe({**doc, "seed": seed})
+        _, ds, _, _ = setup_stage(recipe, 1, MLLM(recipe.model.build_config()), tok)
+        return ds.pairs
+
+    assert pairs(1) == pairs(1) and len(pairs(1)) == 40
+    drawn = [{i for k, i in pairs(seed) if k == 0} for seed in (1, 2)]
+    assert drawn[0] != drawn[1]
+
+
 def test_a_recipe_in_the_flat_layout_says_where_each_key_went(data):
     """Recipes written before the sections existed get an error naming the new place of a key."""
     doc = recipe_doc(data)
