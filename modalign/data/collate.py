@@ -4,6 +4,7 @@ text-only and image samples in separate batches)."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -189,3 +190,59 @@ class LengthGroupedSampler(torch.utils.data.Sampler):
 
     def __len__(self) -> int:
         return len(self.batches())
+
+
+class SourceBatches:
+    """The batches of ``mix: batch`` over a ``SourcesDataset``: round r holds one batch of every
+    source, in the sources' order (the trainer's step takes whole rounds). Source k's batch r is
+    the next ``batch_sizes[k]`` draws of its own cycle of shuffled orders (every sample before any
+    repeat), so every batch is full and a small source repeats within an epoch; an epoch is as
+    many rounds as the largest source needs to be drawn whole, and the next epoch goes on along
+    each cycle. Deterministic for (seed, epoch); same interface as ``LengthGroupedSampler``."""
+
+    def __init__(self, dataset, batch_sizes: list[int], seed: int = 0):
+        sizes = dataset.sizes()
+        if len(batch_sizes) != len(sizes):
+            raise ValueError(f"{len(batch_sizes)} batch sizes for {len(sizes)} sources")
+        for name, n in zip(dataset.names, sizes, strict=True):
+            if not n:
+                raise ValueError(f"data source {name} holds no samples")
+        self.dataset, self.sizes, self.batch_sizes, self.seed = dataset, sizes, list(batch_sizes), seed
+        self.rounds = max(math.ceil(n / b) for n, b in zip(sizes, self.batch_sizes, strict=True))
+        self.epoch = 0
+
+    @property
+    def num_sources(self) -> int:
+        return len(self.sizes)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _draws(self, k: int, start: int, count: int) -> list[int]:
+        """Positions ``start`` .. ``start + count`` of source k's cycle (indices within it)."""
+        n, out, cur, order = self.sizes[k], [], None, []
+        for pos in range(start, start + count):
+            c = pos // n
+            if c != cur:
+                order = list(range(n))
+                random.Random(f"{self.seed}:{k}:{c}").shuffle(order)
+                cur = c
+            out.append(order[pos % n])
+        return out
+
+    def batches(self) -> list[list[int]]:
+        per_source = []
+        for k, b in enumerate(self.batch_sizes):
+            draws = self._draws(k, self.epoch * self.rounds * b, self.rounds * b)
+            off = self.dataset.offsets[k]
+            per_source.append([[off + j for j in draws[r * b : (r + 1) * b]] for r in range(self.rounds)])
+        return [per_source[k][r] for r in range(self.rounds) for k in range(len(self.sizes))]
+
+    def source_of(self, batch_index: int) -> int:
+        return batch_index % len(self.sizes)
+
+    def __iter__(self):
+        return iter(self.batches())
+
+    def __len__(self) -> int:
+        return self.rounds * len(self.sizes)

@@ -11,6 +11,7 @@ Formats read:
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 from array import array
@@ -480,7 +481,36 @@ def mixture_indices(
     return pairs
 
 
-class MixtureDataset(torch.utils.data.Dataset):
+class _Sources(torch.utils.data.Dataset):
+    """Several ``ConversationDataset``s behind one index: ``locate(i)`` is (source, index in it)."""
+
+    datasets: list[ConversationDataset]
+
+    def locate(self, i: int) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int):
+        k, j = self.locate(i)
+        return self.datasets[k][j]
+
+    def length(self, i: int) -> int:
+        k, j = self.locate(i)
+        return self.datasets[k].length(j)
+
+    def is_text_only(self, i: int) -> bool:
+        k, j = self.locate(i)
+        return self.datasets[k].is_text_only(j)
+
+    def hold_images(self, held: Container) -> None:
+        for d in self.datasets:
+            d.hold_images(held)
+
+    def image_files(self, skip=()):
+        for d in self.datasets:
+            yield from d.image_files(skip)
+
+
+class MixtureDataset(_Sources):
     """A weighted mixture of ``ConversationDataset``s (e.g. 90% multimodal, 10% text-only)."""
 
     def __init__(
@@ -503,25 +533,32 @@ class MixtureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
-    def __getitem__(self, i: int):
-        k, j = self.pairs[i]
-        return self.datasets[k][j]
+    def locate(self, i: int) -> tuple[int, int]:
+        return self.pairs[i]
 
-    def length(self, i: int) -> int:
-        k, j = self.pairs[i]
-        return self.datasets[k].length(j)
 
-    def is_text_only(self, i: int) -> bool:
-        k, j = self.pairs[i]
-        return self.datasets[k].is_text_only(j)
+class SourcesDataset(_Sources):
+    """Sources side by side for ``mix: batch``: one index space (source 0's samples, then source
+    1's, ...), each batch from one source (``SourceBatches``)."""
 
-    def hold_images(self, held: Container) -> None:
-        for d in self.datasets:
-            d.hold_images(held)
+    def __init__(self, datasets: list[ConversationDataset], names: list[str]):
+        self.datasets, self.names = datasets, names
+        self.offsets = [0]
+        for d in datasets:
+            self.offsets.append(self.offsets[-1] + len(d))
 
-    def image_files(self, skip=()):
-        for d in self.datasets:
-            yield from d.image_files(skip)
+    def locate(self, i: int) -> tuple[int, int]:
+        """(source, index within it) of the global index ``i``."""
+        if not 0 <= i < self.offsets[-1]:
+            raise IndexError(f"sample {i} of {self.offsets[-1]}")
+        k = bisect.bisect_right(self.offsets, i) - 1
+        return k, i - self.offsets[k]
+
+    def sizes(self) -> list[int]:
+        return [len(d) for d in self.datasets]
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
 
 
 def supervised_fraction(ex: Example) -> float:

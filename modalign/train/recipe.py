@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,12 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the full-scale 
 class DataSource:
     path: str
     images: str | None = None  # image root (default: the file's folder)
-    weight: float = 1.0
+    weight: float = 1.0  # its share of a mixture's draws (``mix: sample``)
+    max_length: int | None = None  # its samples' token limit (default: the stage's ``max_length``)
+    # ``mix: batch`` only: its micro-batch size per process (default: the stage's ``batch_size``)
+    # and the factor on its batches' loss (OpenFlamingo: LAION's 0.2 beside MMC4's 1.0)
+    batch_size: int | None = None
+    loss_weight: float = 1.0
 
 
 @dataclass
@@ -53,6 +59,11 @@ class StageData:
     # pack_length tokens (default max_length), attended and positioned per sample; same loss
     packing: bool = False
     pack_length: int | None = None
+    # how several sources make batches: ``sample`` draws samples from a weighted mixture (each
+    # batch mixes them); ``batch`` gives every optimiser step one micro-batch of each source, in
+    # the sources' order, with each source's own batch size, token limit and loss weight, and
+    # the step's loss the weighted sum (OpenFlamingo's LAION and MMC4 batches)
+    mix: str = "sample"
     bad_samples: BadSamples = field(default_factory=BadSamples)
     # resized images kept in memory per process, at most this many MiB (0: decode every time)
     image_cache_mb: float = 512
@@ -83,6 +94,35 @@ class StageData:
         for key in ("image_cache_mb", "token_cache_mb", "feature_cache_mb"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{where}.{key}: expected a size in MiB >= 0, got {getattr(self, key)}")
+        if self.mix not in ("sample", "batch"):
+            raise ConfigError(f"{where}.mix: expected sample or batch, got {self.mix!r}")
+        for i, src in enumerate(self.sources):
+            at = f"{where}.sources[{i}]"
+            if src.max_length is not None and src.max_length < 1:
+                raise ConfigError(f"{at}.max_length: expected a token count >= 1, got {src.max_length}")
+            if self.mix == "sample":
+                for key, default in (("batch_size", None), ("loss_weight", 1.0)):
+                    if getattr(src, key) != default:
+                        raise ConfigError(f"{at}.{key}: a source's own {key} needs {where}.mix: batch "
+                                          "(each step one batch of each source)")  # fmt: skip
+                continue
+            if src.batch_size is not None and src.batch_size < 1:
+                raise ConfigError(f"{at}.batch_size: expected >= 1, got {src.batch_size}")
+            if not (src.loss_weight >= 0 and math.isfinite(src.loss_weight)):
+                raise ConfigError(f"{at}.loss_weight: expected a finite number >= 0, got {src.loss_weight}")
+            if src.weight != 1.0:
+                raise ConfigError(f"{at}.weight: with {where}.mix: batch every step takes one batch of each "
+                                  "source; set their sizes (batch_size) and loss factors (loss_weight) instead")  # fmt: skip
+        if self.mix == "batch":
+            if self.packing:
+                raise ConfigError(
+                    f"{where}.packing: not with mix: batch (each batch is one source's, unpacked)"
+                )
+            if self.samples is not None:
+                raise ConfigError(f"{where}.samples: mixture draws do not apply to mix: batch (its epoch is "
+                                  "the largest source's batches)")  # fmt: skip
+            if all(src.loss_weight == 0 for src in self.sources):
+                raise ConfigError(f"{where}.sources: every loss_weight is 0: nothing would train")
 
 
 @dataclass

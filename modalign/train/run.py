@@ -20,7 +20,7 @@ import torch
 from modalign.checkpoints import load_pretrained
 from modalign.checkpoints.io import copy_dir_atomic, recover_dirs, write_text_atomic
 from modalign.checkpoints.parts import build_from_parts
-from modalign.data.datasets import ConversationDataset, MixtureDataset, load_samples
+from modalign.data.datasets import ConversationDataset, MixtureDataset, SourcesDataset, load_samples
 from modalign.data.tokenizer import Tokenizer
 from modalign.models.mllm import MLLM
 from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
@@ -80,18 +80,22 @@ class StageContext:
             log.info(msg)
 
     def dataset(self, make_processor: Callable, loader: Callable = load_samples):
-        """The stage's dataset (a mixture where it names several sources): each source's samples
-        read by ``loader`` and processed by ``make_processor(image_root, image_processor)``. One
-        image processor (and its cache of decoded images) serves every source and is kept for the
-        next stage of the run."""
+        """The stage's dataset (a mixture where it names several sources; with ``mix: batch``
+        the sources side by side, ``SourcesDataset``): each source's samples read by ``loader``
+        and processed by ``make_processor(image_root, image_processor, max_length)``. One image
+        processor (and its cache of decoded images) serves every source and is kept for the next
+        stage of the run."""
         data, cfg = self.stage.data, self.model.config
         images = self.cache.image_processor(cfg.vision, data.image_cache_mb) if cfg.vision else None
         sets, weights = [], []
         for src in data.sources:
             path = Path(src.path)
             root = Path(src.images) if src.images else path.parent
-            sets.append(ConversationDataset(loader(path), make_processor(root, images), data.token_cache_mb))
+            proc = make_processor(root, images, src.max_length or data.max_length)
+            sets.append(ConversationDataset(loader(path), proc, data.token_cache_mb))
             weights.append(src.weight)
+        if data.mix == "batch":
+            return SourcesDataset(sets, [src.path for src in data.sources])
         if len(sets) == 1 and data.samples is None:
             return sets[0]
         return MixtureDataset(sets, weights, data.samples, seed=self.seed)  # which draws: the recipe's seed

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from modalign.data.collate import LengthGroupedSampler
+from modalign.data.collate import LengthGroupedSampler, SourceBatches
 from modalign.data.datasets import BadSamplePolicy
 from modalign.devices import keep_freed_host_memory
 from modalign.train import state as st
@@ -145,15 +145,24 @@ class Trainer:
             files = ", ".join(src.path for src in data.sources)
             raise ValueError(f"stage {stage.name}: its data ({files}) holds {len(dataset)} sample(s)"
                              + (f", fewer than the {self.d.world} processes" if len(dataset) else ": no samples"))  # fmt: skip
-        self.sampler = LengthGroupedSampler(
-            dataset, data.batch_size * self.d.world, seed, data.group_by_modality,
-            mega=32 if data.group_by_length else 1,
-        )  # fmt: skip
+        # ``mix: batch``: each step takes whole rounds (one batch of every source), each batch's
+        # loss times its source's loss_weight; else one batch holds samples of any source
+        self.joint = data.mix == "batch"
+        if self.joint:
+            sizes = [(src.batch_size or data.batch_size) * self.d.world for src in data.sources]
+            self.sampler = SourceBatches(dataset, sizes, seed)
+            self.loss_weights = [src.loss_weight for src in data.sources]
+        else:
+            self.sampler = LengthGroupedSampler(
+                dataset, data.batch_size * self.d.world, seed, data.group_by_modality,
+                mega=32 if data.group_by_length else 1,
+            )  # fmt: skip
+        self.micro_per_step = opt.grad_accum * (self.sampler.num_sources if self.joint else 1)
         self.micro_per_epoch = len(self.sampler.batches())
         if stage.stop.max_steps is not None:
             self.total = stage.stop.max_steps
         else:
-            self.total = max(1, math.ceil(stage.stop.epochs * self.micro_per_epoch / opt.grad_accum))
+            self.total = max(1, math.ceil(stage.stop.epochs * self.micro_per_epoch / self.micro_per_step))
         self.policy = BadSamplePolicy(data.bad_samples.mode, data.bad_samples.max_fraction)
         self.ckpt_dir = self.out / "checkpoints"
         self.metrics_file = self.out / "metrics.jsonl"
@@ -171,7 +180,10 @@ class Trainer:
                     continue  # left out this epoch on every process (a process without rows would
                     # skip the step's collectives while the others wait in them)
                 rows = batches[i][self.d.rank :: self.d.world]
-                yield epoch, i, self.collator([self.dataset[j] for j in rows])
+                batch = self.collator([self.dataset[j] for j in rows])
+                if self.joint:  # which source's batch: its loss weight (``_step``)
+                    batch["source"] = self.sampler.source_of(i)
+                yield epoch, i, batch
             epoch, start = epoch + 1, 0
 
     # ------------------------------------------------------------------ run
@@ -262,8 +274,11 @@ class Trainer:
     def _layout(self) -> dict:
         """What a saved position (epoch, micro-batch) means: the sampler's global batch, the
         micro-batches a step takes, the data's size and the seed of its order."""
-        return {"global_batch": self.stage.data.batch_size * self.d.world, "grad_accum": self.stage.optim.grad_accum,
-                "samples": len(self.dataset), "seed": self.seed}  # fmt: skip
+        layout = {"global_batch": self.stage.data.batch_size * self.d.world, "grad_accum": self.stage.optim.grad_accum,
+                  "samples": len(self.dataset), "seed": self.seed}  # fmt: skip
+        if self.joint:  # (only here: the layouts saved before mix: batch stay equal)
+            layout["source_batches"] = self.sampler.batch_sizes
+        return layout
 
     def _end(self, pr: Progress) -> int:
         """The last step: max_steps (or the epochs' steps), or where the stop rule was met."""
@@ -293,7 +308,7 @@ class Trainer:
             loss_val, ntok, gnorm = self._step(pr, data)
             if loss_val is None:  # no usable sample in the whole step: no update, no step counted
                 empty += 1
-                if empty * s.optim.grad_accum >= max(self.micro_per_epoch, 1):
+                if empty * self.micro_per_step >= max(self.micro_per_epoch, 1):
                     raise ValueError(f"stage {s.name}: no usable sample in a whole epoch of its data "
                                      f"(skipped: {dict(self.policy.skipped)})")  # fmt: skip
                 continue
@@ -306,6 +321,8 @@ class Trainer:
                    "skipped": sum(self.policy.skipped.values())}  # fmt: skip
             if s.data.packing:  # the share of the step's token cells that were padding
                 rec["padding"] = self._padding
+            if self.joint:  # each source's loss (mean over the step's batches of it), unweighted
+                rec["source_loss"] = self._source_loss
             if self.d.main:
                 self._log(rec, tb, bar)
             pr.recent.append(loss_val)
@@ -331,11 +348,14 @@ class Trainer:
                            converged)  # fmt: skip
 
     def _step(self, pr: Progress, data) -> tuple[float | None, int, float | None]:
-        """One optimiser step over ``grad_accum`` micro-batches: (mean loss, tokens, grad norm)."""
+        """One optimiser step over ``grad_accum`` micro-batches (``mix: batch``: ``grad_accum``
+        rounds of one batch per source): (mean loss, tokens, grad norm). With ``mix: batch`` the
+        loss is the sum over the sources of loss_weight x the source's loss, as the gradient."""
         s = self.stage
         autocast = precision_autocast(s.precision, self.d.device)
         losses, ntok, cells = [], 0, 0
-        for _ in range(s.optim.grad_accum):
+        by_source: dict[int, list[float]] = {}
+        for _ in range(self.micro_per_step):
             pr.epoch, pr.micro, batch = next(data)
             pr.micro += 1
             for bad in batch["bad"]:
@@ -355,8 +375,12 @@ class Trainer:
                     f"stage {s.name}, step {pr.step}: loss is {loss.item()} (batch {batch['ids'][:4]}...); "
                     f"the last good checkpoint is kept in {self.ckpt_dir}; lower the LR or use fp32"
                 )
-            (loss / s.optim.grad_accum).backward()
-            losses.append(loss.item())
+            w = 1.0
+            if self.joint:
+                w = self.loss_weights[batch["source"]]
+                by_source.setdefault(batch["source"], []).append(loss.item())
+            (loss * w / s.optim.grad_accum).backward()
+            losses.append(loss.item() * w)
             ntok += int(batch["attention_mask"].sum())  # real tokens (packed or padded rows)
             cells += batch["attention_mask"].numel()
         self._padding = 1 - ntok / max(cells, 1)
@@ -364,6 +388,10 @@ class Trainer:
         if count == 0:  # every sample of the step was bad (within the budget), on every process:
             self.opt.zero_grad(set_to_none=True)  # no update, and no loss of 0.0 for the stop rule
             return None, 0, None
+        if self.joint:  # a round's loss is the sum over its batches (this process's view per source)
+            total *= self.sampler.num_sources
+            names = self.dataset.names
+            self._source_loss = {names[k]: sum(v) / len(v) for k, v in sorted(by_source.items())}
         if self.masters is not None:
             self.masters.grads_to_masters()
         self._check_grads(pr.step)

@@ -332,8 +332,8 @@ def setup(ctx):
     target = module(ctx.model, stage, text_cache=ctx.strategy != "fsdp").to(ctx.device)
     phrase = stage.objective.region.phrase if stage.objective.region else "{category}"
 
-    def processor(root, images):
-        return CaptionProcessor(ctx.tok, root, images, stage.data.max_length, phrase)
+    def processor(root, images, max_length):
+        return CaptionProcessor(ctx.tok, root, images, max_length, phrase)
 
     dataset = ctx.dataset(processor, load_caption_samples)
     if target.region_weight > 0:

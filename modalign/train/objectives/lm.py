@@ -168,8 +168,8 @@ def setup(ctx):
         raise ValueError(f"stage {stage.name}: objective.prefix_lm needs an encoder-decoder LLM (T5)")
     kind = seq2seq_processor(ctx.seed if stage.objective.prefix_lm else None) if seq2seq else SampleProcessor
 
-    def processor(root, images):
-        return kind(tok, template, root, images, cfg.image_token_id, per_image, stage.data.max_length)
+    def processor(root, images, max_length):
+        return kind(tok, template, root, images, cfg.image_token_id, per_image, max_length)
 
     dataset = ctx.dataset(processor)
     target = LMObjective(model)

@@ -170,8 +170,8 @@ def setup(ctx):
     opts = stage.objective.qformer
     tok = Tokenizer.from_dir(opts.tokenizer) if opts is not None and opts.tokenizer else ctx.tok
 
-    def processor(root, images):
-        return CaptionProcessor(tok, root, images, stage.data.max_length)
+    def processor(root, images, max_length):
+        return CaptionProcessor(tok, root, images, max_length)
 
     dataset = ctx.dataset(processor, load_caption_samples)
     return target, dataset, functools.partial(collate, pad_id=ctx.tok.pad_id)
