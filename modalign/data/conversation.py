@@ -10,7 +10,7 @@ marks), and a token is trained iff its character span overlaps a loss span:
     labels: -100 ... -100 ...                          ' red' '</s>'
 
 Built-in templates: plain, vicuna_v1, llava_v1, chatml, llama3, mistral_instruct, mplug_owl,
-mplug_owl2, internlm2, blip2, minigpt4; ``jinja``
+mplug_owl2, internlm2, blip2, minigpt4, alpaca; ``jinja``
 renders a checkpoint's own ``chat_template`` in a sandboxed Jinja environment, as transformers'
 ``apply_chat_template`` does, with its replies' spans from ``{% generation %}`` blocks or by probing
 (see ``JinjaTemplate``).
@@ -322,6 +322,62 @@ class MiniGPT4Template(Template):
             out.append(("###Assistant: ", False))
 
 
+ALPACA_SYSTEM = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request."
+)
+ALPACA_SYSTEM_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request."
+)
+
+
+class AlpacaTemplate(Template):
+    """Alpaca's prompt, as Stanford Alpaca and LLaMA-Adapter (V1 and V2) train and generate with it:
+
+        <s>PREAMBLE\n\n### Instruction:\nq\n\n### Response:a</s>
+        <s>PREAMBLE_INPUT\n\n### Instruction:\nq\n\n### Input:\nx\n\n### Response:a</s>
+
+    The reply follows the colon directly and is trained with its EOS; the prompt to generate from
+    ends at ``### Response:``. The input variant: a user message followed directly by another user
+    message (an Alpaca record's ``instruction``, then its ``input``; more than one after the first
+    are joined with blank lines), whose first turn also picks the preamble that says so. A system
+    message takes the preamble's place. Alpaca is single-turn and LLaMA-Adapter's releases have no
+    multi-turn form of it (their chatbot speaks Vicuna's ``###Human:``): a later turn repeats the
+    blocks after the previous reply's EOS, ``a</s>\n\n### Instruction:\nq2\n\n### Response:``.
+    An image stands where the message puts it (LLaVA data: at the instruction's start, where the
+    release's prompts keep the ``<image>`` text of LLaVA's questions)."""
+
+    name = "alpaca"
+    bos_first = True
+
+    def _render(self, messages, tok, out, gen):
+        _, eos = _specials(tok)
+        turns: list[tuple[str, list[str]]] = []  # ("user", [instruction, *inputs]) | ("assistant", [reply])
+        for m in messages:
+            if m.role == "user" and turns and turns[-1][0] == "user":
+                turns[-1][1].append(m.content)
+            elif m.role in ("user", "assistant"):
+                turns.append((m.role, [m.content]))
+        system = next((m.content for m in messages if m.role == "system"), None)
+        if system is None:
+            first = next((body for role, body in turns if role == "user"), [])
+            out.append((ALPACA_SYSTEM_INPUT if len(first) > 1 else ALPACA_SYSTEM, False))
+        else:
+            out.append((system, False, True))
+        gap = "\n\n" if system != "" else ""  # blocks are separated by a blank line
+        for role, body in turns:
+            if role == "user":
+                out += [(f"{gap}### Instruction:\n", False), (body[0], False, True)]
+                for k, x in enumerate(body[1:]):
+                    out += [("\n\n" if k else "\n\n### Input:\n", False), (x, False, True)]
+            else:
+                out += [(f"{gap}### Response:", False), (body[0], True, True), (eos, True)]
+            gap = "\n\n"
+        if gen:
+            out.append((f"{gap}### Response:", False))
+
+
 class _GenerationTracker:
     """Jinja extension for ``{% generation %}...{% endgeneration %}`` (the convention of
     transformers' ``return_assistant_tokens_mask``): the block renders its body unchanged and, while
@@ -565,6 +621,7 @@ TEMPLATES = {
     "mplug_owl": OwlTemplate(),
     "blip2": Blip2Template(),
     "minigpt4": MiniGPT4Template(),
+    "alpaca": AlpacaTemplate(),
 }
 
 

@@ -74,9 +74,13 @@ EXPECTED = {
     "\n\nAnd the size?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is large.<|eot_id|>",
     "mistral_instruct": "<s>[INST] \ue000\nWhat is it? [/INST] A red circle.</s>[INST] And the size? [/INST] It is large.</s>",
     "plain": "<s>\ue000A red circle.\nIt is large.\n",
+    # Alpaca's prompt; a later turn repeats the blocks after the reply's EOS
+    "alpaca": "<s>Below is an instruction that describes a task. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n\ue000\nWhat is it?\n\n### Response:A red circle.</s>\n\n### Instruction:\n"
+    "And the size?\n\n### Response:It is large.</s>",
 }
 EOT = {"vicuna_v1": "</s>", "llava_v1": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>",
-       "mistral_instruct": "</s>", "plain": "\n"}  # fmt: skip
+       "mistral_instruct": "</s>", "plain": "\n", "alpaca": "</s>"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -129,7 +133,7 @@ def test_jinja_template_matches_transformers(tok, tmp_path):
                get_template("jinja", loaded), None)  # fmt: skip
 
 
-@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "llama3", "mistral_instruct"])
+@pytest.mark.parametrize("name", ["vicuna_v1", "chatml", "llama3", "mistral_instruct", "alpaca"])
 def test_property_labelled_ids_decode_to_assistant_texts(tok, name):
     rng = random.Random(1)
     vocab = ["red", "blue", "circle", "big", "it", "is", "the", "a", "yes", "no", "two", "left", "of"]

@@ -188,8 +188,15 @@ PARTS = {
     "openflamingo": ("clip", "safetensors", "llama", "sharded"),
     "llama-adapter-v2": ("clip", "bin", "llama", "bin"),
 }
-# the rehearsal's decoders have 2 layers: blocks before every 2nd (the recipe's every 4th has none)
-EXTRA = {"openflamingo": ["model.overrides.llm.cross_attention.every=2"]}
+# the rehearsal's decoders have 2 layers: blocks before every 2nd (the recipe's every 4th has none);
+# its 400-piece tokenizer writes Alpaca's prompt and a caption in ~150 pieces (LLaMA's in ~60): the
+# caption stage's 96 would leave no caption to learn; OpenFlamingo's sources carry their own batch
+# sizes (mix: batch), 2 each here
+EXTRA = {"openflamingo": ["model.overrides.llm.cross_attention.every=2",
+                          "stages.pretrain.data.sources=[{path: '${data}/laion_captions.json', images: '${data}/images', "
+                          "batch_size: 2, max_length: 32, loss_weight: 0.2}, {path: '${data}/mmc4_interleaved.json', "
+                          "images: '${data}/images', batch_size: 2, max_length: 256}]"],
+         "llama-adapter-v2": ["stages.captions.data.max_length=192"]}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -354,6 +361,7 @@ def test_the_released_parts_read_as_their_reference_libraries_read_them(released
         ("llava-1.5", "vicuna_v1"),
         ("xcomposer2", "internlm2"),
         ("mplug-owl2", "mplug_owl2"),
+        ("llama-adapter-v2", "alpaca"),
     ):
         tok = Tokenizer.from_dir(parts[recipe][1])
         hf = transformers.LlamaTokenizer.from_pretrained(parts[recipe][1])
@@ -361,6 +369,35 @@ def test_the_released_parts_read_as_their_reference_libraries_read_them(released
             text, _, _ = get_template(template, tok).render(s.messages, tok)
             text = text.replace("<image>", "")
             assert tok.encode(text) == hf(text, add_special_tokens=False).input_ids, text
+
+
+def test_llama_adapter_v2_plans_within_an_80_gb_gpu_at_the_releases_batch():
+    """The release's batch (4 per GPU on 8 GPUs, no accumulation: 32) at its lengths, without
+    gradient checkpointing as its scripts: each stage's plan (LLaMA-7B shapes from the preset, no
+    weights) fits an 80 GB GPU under DDP, which keeps the whole model on every GPU (at batch 64 the
+    instruction stage planned 162 GiB)."""
+    from modalign.train.plan import plan
+    from modalign.train.recipe import load_recipe
+
+    r = load_recipe("llama-adapter-v2", {"data": "nowhere", "llm": "missing-llm", "vision": "missing-vision"})
+    assert r.parallel.strategy == "ddp"
+    for gpus in (1, 8):
+        rows = plan(r, gpus=gpus, count_samples=False)
+        assert "part shapes from the preset" in rows[0]["note"]
+        for stage, row in zip(r.stages, rows, strict=True):
+            assert stage.data.batch_size * stage.optim.grad_accum * 8 == 32, stage.name
+            assert not stage.gradient_checkpointing and stage.data.template == "alpaca"
+            assert row["memory_bytes"]["weights"] > 26 * 2**30  # the whole 7B model in fp32, per GPU
+            assert sum(row["memory_bytes"].values()) < 80e9, (stage.name, row["memory_total_gib"])
+    assert [s.data.max_length for s in r.stages] == [96, 512]  # the release's max_words
+
+
+def test_mplug_owl2_global_batches_are_the_papers_on_8_gpus():
+    """Per-GPU batch x 8 GPUs x accumulation: 8,192 for pre-training, 256 for instruction tuning."""
+    from modalign.train.recipe import load_recipe
+
+    r = load_recipe("mplug-owl2", {"data": "d", "llm": "l", "vision": "v"})
+    assert [s.data.batch_size * 8 * s.optim.grad_accum for s in r.stages] == [8192, 256]
 
 
 def test_init_from_a_pretraining_runs_projector_equals_the_released_run():
