@@ -58,7 +58,10 @@ def wrap(model: nn.Module, strategy: str, d: Dist, precision: str = "fp32") -> n
         return model
     if strategy == "ddp":
         ids = [d.local_rank] if d.device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        # a micro-batch may leave parts unused on one process (text-only rows: no tower or
+        # connector; ``mix: batch`` gives every step a text-only source's batch): their gradient
+        # for it is zero, reduced with the rest, instead of a reduction that never completes
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 

@@ -121,6 +121,9 @@ class StageData:
             if self.samples is not None:
                 raise ConfigError(f"{where}.samples: mixture draws do not apply to mix: batch (its epoch is "
                                   "the largest source's batches)")  # fmt: skip
+            if self.group_by_modality:
+                raise ConfigError(f"{where}.group_by_modality: not with mix: batch (each batch is one source's; "
+                                  "group_by_length does nothing there either)")  # fmt: skip
             if all(src.loss_weight == 0 for src in self.sources):
                 raise ConfigError(f"{where}.sources: every loss_weight is 0: nothing would train")
 

@@ -274,11 +274,11 @@ class Trainer:
     def _layout(self) -> dict:
         """What a saved position (epoch, micro-batch) means: the sampler's global batch, the
         micro-batches a step takes, the data's size and the seed of its order."""
-        layout = {"global_batch": self.stage.data.batch_size * self.d.world, "grad_accum": self.stage.optim.grad_accum,
-                  "samples": len(self.dataset), "seed": self.seed}  # fmt: skip
-        if self.joint:  # (only here: the layouts saved before mix: batch stay equal)
-            layout["source_batches"] = self.sampler.batch_sizes
-        return layout
+        if self.joint:  # each source's size and global batch (the stage's batch_size is unused)
+            return {"source_samples": self.sampler.sizes, "source_batches": self.sampler.batch_sizes,
+                    "grad_accum": self.stage.optim.grad_accum, "seed": self.seed}  # fmt: skip
+        return {"global_batch": self.stage.data.batch_size * self.d.world, "grad_accum": self.stage.optim.grad_accum,
+                "samples": len(self.dataset), "seed": self.seed}  # fmt: skip
 
     def _end(self, pr: Progress) -> int:
         """The last step: max_steps (or the epochs' steps), or where the stop rule was met."""
@@ -380,18 +380,21 @@ class Trainer:
                 w = self.loss_weights[batch["source"]]
                 by_source.setdefault(batch["source"], []).append(loss.item())
             (loss * w / s.optim.grad_accum).backward()
-            losses.append(loss.item() * w)
+            losses.append(loss.item())
             ntok += int(batch["attention_mask"].sum())  # real tokens (packed or padded rows)
             cells += batch["attention_mask"].numel()
         self._padding = 1 - ntok / max(cells, 1)
-        total, count = all_sum([sum(losses), len(losses)], self.d)  # every process's micro-batches
+        k_src = self.sampler.num_sources if self.joint else 0  # per source: its losses' sum and count
+        per = [x for k in range(k_src) for x in (sum(by_source.get(k, [])), len(by_source.get(k, [])))]
+        # every process's micro-batches
+        total, count, *per = all_sum([sum(losses), len(losses), *per], self.d)
         if count == 0:  # every sample of the step was bad (within the budget), on every process:
             self.opt.zero_grad(set_to_none=True)  # no update, and no loss of 0.0 for the stop rule
             return None, 0, None
-        if self.joint:  # a round's loss is the sum over its batches (this process's view per source)
-            total *= self.sampler.num_sources
-            names = self.dataset.names
-            self._source_loss = {names[k]: sum(v) / len(v) for k, v in sorted(by_source.items())}
+        if self.joint:  # the step's loss: sum over the sources of loss_weight x the source's mean loss
+            means = {k: per[2 * k] / per[2 * k + 1] for k in range(k_src) if per[2 * k + 1]}
+            self._source_loss = {self.dataset.names[k]: m for k, m in means.items()}
+            total, count = sum(self.loss_weights[k] * m for k, m in means.items()), 1
         if self.masters is not None:
             self.masters.grads_to_masters()
         self._check_grads(pr.step)

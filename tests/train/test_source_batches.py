@@ -180,3 +180,59 @@ def test_joint_stage_resumes_exactly(data, tmp_path):
     doc["stages"][1]["stop"]["max_steps"] = 6
     with pytest.raises(ValueError, match="source_batches"):
         run_recipe(load_recipe(doc), run, progress=False)
+
+
+def test_a_source_without_usable_rows_leaves_the_logged_loss_the_others_weighted_sum(data, tmp_path):
+    """A step whose text-chat batch is all bad (each chat cut to 8 tokens loses its reply) trains
+    and logs 0.2 x the caption batch's loss alone, not that doubled."""
+    doc = joint_doc(data, chat_max=8)
+    doc["stages"][1]["data"]["bad_samples"] = {"mode": "skip", "max_fraction": 1.0}
+    recipe = load_recipe(doc)
+    torch.manual_seed(0)
+    target, dataset, collator, _ = setup_stage(recipe, 1, MLLM(recipe.model.build_config()),
+                                               Tokenizer.from_dir(data / "tokenizer"))  # fmt: skip
+    t = tr.Trainer(target, recipe.stages[1], dataset, collator, tmp_path / "s", progress=False)
+    b0 = t.sampler.batches()[0]
+    with torch.no_grad():
+        l0, _ = copy.deepcopy(target)(collator([dataset[i] for i in b0]))
+    loss, _, _ = t._step(tr.Progress(), t._micro_batches(0, 0))
+    assert loss == pytest.approx(0.2 * l0.item(), rel=1e-6)
+    assert list(t._source_loss) == [recipe.stages[1].data.sources[0].path]
+
+
+def test_under_ddp_a_text_only_source_trains_beside_an_image_one(data, tmp_path):
+    """Two processes of 3 captions and 2 text chats a step (a text-only batch leaves the connector
+    unused: its gradient reduction never completed and the second step failed) train as one
+    process of 6 and 4 does, up to each process taking the mean over its own rows; every step's
+    loss is 0.2 x the captions' loss + the chats' loss, each over both processes' rows."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    runs = {}
+    for name, world in (("one", 1), ("two", 2)):
+        doc = joint_doc(data, steps=3, save_every=0)
+        doc["parallel"] = {"strategy": "ddp" if world > 1 else "none"}
+        doc["stages"] = doc["stages"][1:]
+        for src, b in zip(doc["stages"][0]["data"]["sources"], (3, 2), strict=True):
+            src["batch_size"] = b * (2 // world)
+        doc["stages"][0]["optim"]["dropout"] = 0.0
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(doc))
+        out = tmp_path / name
+        cmd = ["-m", "modalign.cli", "train", str(tmp_path / f"{name}.yaml"), "--out", str(out), "--data", str(data),
+               "--no-progress"]  # fmt: skip
+        if world > 1:
+            cmd = ["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0", "--rdzv_backend=c10d",
+                   "--rdzv_endpoint=127.0.0.1:0", *cmd]  # fmt: skip
+        subprocess.run([sys.executable, *cmd], env=env, check=True, capture_output=True, timeout=600)
+        recs = [json.loads(x) for x in (out / "instruct" / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = ([r["loss"] for r in recs if "loss" in r], [r["source_loss"] for r in recs if "loss" in r],
+                      MLLM.from_pretrained(out / "model").state_dict())  # fmt: skip
+    (la, sa, _), (lb, sb, _) = runs["one"], runs["two"]
+    paths = [src["path"] for src in joint_doc(data)["stages"][1]["data"]["sources"]]
+    for loss, by in zip(la + lb, sa + sb, strict=True):
+        assert list(by) == paths and loss == pytest.approx(0.2 * by[paths[0]] + by[paths[1]], rel=1e-9)
+    assert len(lb) == 3 and lb == pytest.approx(la, rel=2e-2)
