@@ -1,8 +1,9 @@
 """The field's metrics, written from their official definitions.
 
-- VQA accuracy: the VQA challenge's answer normalisation (punctuation, number words, articles,
-  contractions) and min(#matching humans / 3, 1), averaged over the ten leave-one-out subsets.
-- exact match (TextVQA/GQA-style single answers) after the same normalisation.
+- VQA accuracy: the official script's answer normalisation (punctuation, number words, articles,
+  contractions), applied only where the human answers differ, and min(#matching humans / 3, 1),
+  averaged over the ten leave-one-out subsets.
+- exact match (TextVQA/GQA-style single answers) after that normalisation, always applied.
 - multiple choice: option-letter extraction and MMBench's circular evaluation.
 - POPE: free-form answers read as the POPE script reads them; accuracy, precision, recall, F1
   and yes-ratio.
@@ -105,15 +106,49 @@ def normalize_answer(text: str) -> str:
     return text.strip().lower().rstrip(".").strip()
 
 
+def _vqa_spaces(answer: str) -> str:
+    """Line breaks and tabs as spaces, both ends stripped: all the official VQA script does to
+    every answer before it decides whether to normalise."""
+    return answer.replace("\n", " ").replace("\t", " ").strip()
+
+
 def normalize_vqa(answer: str) -> str:
-    a = answer.replace("\n", " ").replace("\t", " ").strip()
-    return _digits_articles(_punctuation(a))
+    """The VQA script's full normalisation: ``_vqa_spaces``, then ``processPunctuation`` and
+    ``processDigitArticle`` (lower case, number words to digits, articles dropped, contractions
+    given their apostrophe)."""
+    return _digits_articles(_punctuation(_vqa_spaces(answer)))
+
+
+def evalai_answer(reply: str) -> str:
+    """A reply as VQAv2 answers are submitted and scored in the field: the EvalAI answer processor
+    LLaVA's ``convert_vqav2_for_submission.py`` applies before upload and lmms-eval's ``vqav2``
+    task before scoring (lower case; commas and question marks dropped; "'s" split off; then the
+    VQA normalisation, ``normalize_vqa``)."""
+    word = reply.lower().replace(",", "").replace("?", "").replace("'s", " 's").strip()
+    return normalize_vqa(word)
 
 
 def vqa_accuracy(prediction: str, answers: list[str]) -> float:
-    """Official VQA accuracy against (usually ten) human answers."""
-    pred = normalize_vqa(prediction)
-    gts = [normalize_vqa(a) for a in answers]
+    """VQA accuracy against (usually ten) human answers, as the official script computes it
+    (GT-Vision-Lab/VQA ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, ``VQAEval.evaluate``
+    since its 2021 fix "Fixed processing answers bug"):
+
+    1. line breaks and tabs become spaces and both ends are stripped, in the prediction and in
+       every human answer;
+    2. only when the human answers are not all the same are they and the prediction normalised
+       (``processPunctuation`` then ``processDigitArticle``: ``normalize_vqa``); when they all
+       agree, the stripped strings are compared as they are, so case, punctuation, number words
+       and articles count ("Yes", "yes." or "the yes" against ten "yes" score 0);
+    3. for each human answer left out in turn, min(1, matching other answers / 3); the accuracy
+       is the mean of these.
+
+    The prediction is scored as given; the ``vqa`` benchmark gives it ``evalai_answer(reply)``,
+    the string the field submits (so "Yes" against ten "yes" scores 1 there, as on EvalAI)."""
+    gts = [_vqa_spaces(a) for a in answers]
+    pred = _vqa_spaces(prediction)
+    if len(set(gts)) > 1:
+        gts = [_digits_articles(_punctuation(a)) for a in gts]
+        pred = _digits_articles(_punctuation(pred))
     scores = []
     for i in range(len(gts)):
         others = gts[:i] + gts[i + 1 :]

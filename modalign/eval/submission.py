@@ -23,6 +23,8 @@ import re
 import sys
 from pathlib import Path
 
+from modalign.eval.metrics import evalai_answer
+
 VQAV2_FILE = "vqav2_submission.json"
 MME_DIR = "mme_results"
 MMBENCH_FILE = "mmbench_submission"  # .tsv and .xlsx
@@ -57,8 +59,9 @@ def _question_id(x):
 
 
 def vqav2(out: Path, samples: list[dict], results: dict) -> list[Path]:
-    """``[{"question_id", "answer"}]`` for EvalAI's VQAv2 challenge (one entry per question)."""
-    rows = [{"question_id": _question_id(s["id"]), "answer": one_line(s["raw"]).strip()} for s in samples]
+    """``[{"question_id", "answer"}]`` for EvalAI's VQAv2 challenge (one entry per question): each
+    reply through the EvalAI answer processor, as LLaVA's converter uploads it (``evalai_answer``)."""
+    rows = [{"question_id": _question_id(s["id"]), "answer": evalai_answer(s["raw"])} for s in samples]
     path = Path(out) / VQAV2_FILE
     path.write_text(json.dumps(rows) + "\n")
     return [path]

@@ -48,6 +48,67 @@ def test_vqa_accuracy_leave_one_out():
     assert exact_match("The Dog", "dog") == 1.0 and exact_match("cat", "dog") == 0.0
 
 
+# The official script (GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py,
+# VQAEval.evaluate): line breaks / tabs to spaces and strip, every answer; then, only if the human
+# answers are not all the same, processPunctuation + processDigitArticle on each of them and on the
+# prediction; then the mean over the leave-one-out subsets of min(1, matches / 3).
+@pytest.mark.parametrize(
+    "prediction,answers",
+    [
+        # ten identical answers: nothing is normalised, so each of these differs from every human
+        # answer: 0 matches in every subset, 0 (the full normalisation made them equal: 9 matches, 1)
+        ("yes.", ["yes"] * 10),  # punctuation
+        ("Yes", ["yes"] * 10),  # case
+        ("two", ["2"] * 10),  # a number word
+        ("2", ["two"] * 10),  # a digit against the humans' number word
+        ("a dog", ["dog"] * 10),  # an article
+        ("t shirt", ["t-shirt"] * 10),  # the humans' own punctuation is kept
+        # "all the same" is decided after the stripping: " yes\t" is "yes", so these are ten "yes"
+        # and "Yes" is compared as it is: 0 (decided before it, the answers differ: normalised, 1)
+        ("Yes", ["yes"] * 9 + [" yes\t"]),
+    ],
+)
+def test_vqa_accuracy_leaves_ten_identical_answers_unnormalised(prediction, answers):
+    assert vqa_accuracy(prediction, answers) == 0.0
+
+
+def test_vqa_accuracy_normalises_answers_that_differ():
+    # the same strings as ten identical answers: 9 matches in every subset, min(1, 9/3) = 1;
+    # line breaks, tabs and the ends are still stripped
+    assert vqa_accuracy("yes", ["yes"] * 10) == 1.0
+    assert vqa_accuracy(" yes\n", ["yes"] * 10) == 1.0
+    # answers that differ: all normalised. "two" x 4, "2" x 3, "three" x 3 become "2" x 7, "3" x 3;
+    # "2", "two" and "Two." (period stripped, lower-cased) become "2": 6 or 7 matches in every
+    # subset, so 1 each
+    differ = ["two"] * 4 + ["2"] * 3 + ["three"] * 3
+    assert vqa_accuracy("2", differ) == vqa_accuracy("two", differ) == vqa_accuracy("Two.", differ) == 1.0
+    # a digit word among differing answers: "two" becomes "2", the rest "x"; the prediction "2"
+    # matches 1 other answer in the 9 subsets that keep "two" (1/3) and 0 in the one that drops it:
+    # 9 * (1/3) / 10 = 0.3
+    assert vqa_accuracy("2", ["two"] + ["x"] * 9) == pytest.approx(0.3)
+    # articles among differing answers: "a dog", "a dog", "the dog" become "dog" x 3 (the rest
+    # "cat"); the 3 subsets without one of them see 2 matches (2/3), the other 7 see 3 (1):
+    # (3 * 2/3 + 7) / 10 = 0.9
+    assert vqa_accuracy("dog", ["a dog"] * 2 + ["the dog"] + ["cat"] * 7) == pytest.approx(0.9)
+    # exact match, a separate scorer, normalises both sides always
+    assert exact_match("Yes.", "yes") == 1.0
+
+
+def test_the_vqa_benchmark_scores_the_reply_the_field_submits():
+    """The ``vqa`` benchmark passes a reply through EvalAI's answer processor (as LLaVA uploads it
+    and lmms-eval scores it), then the official rule: "Yes" against ten "yes" is "yes": 1, where the
+    raw reply scores 0; "Two." against ten "2" is "2": 1; "two" against ten "two" becomes "2", which
+    no unnormalised human answer equals: 0, as EvalAI scores LLaVA's uploads."""
+    from modalign.eval.benchmarks.vqa import score
+
+    assert vqa_accuracy("Yes", ["yes"] * 10) == 0.0 and score({}, None, ["yes"] * 10, "Yes") == {
+        "answer": "yes",
+        "score": 1.0,
+    }
+    assert score({}, None, ["2"] * 10, "Two.")["score"] == 1.0
+    assert score({}, None, ["two"] * 10, "two")["score"] == 0.0
+
+
 def test_choice_extraction_and_circular():
     opts = {"A": "red", "B": "blue", "C": "green"}
     assert extract_choice("B", opts) == "B"

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from modalign.eval import submission
+from modalign.eval.metrics import evalai_answer
 from modalign.eval.run import evaluate, write_outputs
 from modalign.infer.chat import ChatModel
 
@@ -28,12 +29,23 @@ def test_vqav2_json(tmp_path):
         {"id": 262148000, "category": "number", "prompt": "q", "raw": " Two dogs\n", "gold": ["2"] * 10},
         {"id": "17", "category": "yes/no", "prompt": "q", "raw": "yes", "gold": ["yes"] * 10},
         {"id": 5, "category": "other", "prompt": "q", "raw": "a\tred\r\nball.", "gold": ["red"] * 10},
+        {
+            "id": 6,
+            "category": "other",
+            "prompt": "q",
+            "raw": "The man's hat, isn't it?",
+            "gold": ["hat"] * 10,
+        },
     ]
     write_outputs(tmp_path, samples, [], results_for("vqa"))
+    # as LLaVA's converter uploads them (EvalAI's answer processor): lower case, commas and
+    # question marks dropped, "'s" split off, number words to digits, articles and the full stop
+    # dropped, contractions given their apostrophe
     assert json.loads((tmp_path / "vqav2_submission.json").read_text()) == [
-        {"question_id": 262148000, "answer": "Two dogs"},
+        {"question_id": 262148000, "answer": "2 dogs"},
         {"question_id": 17, "answer": "yes"},
-        {"question_id": 5, "answer": "a red ball."},
+        {"question_id": 5, "answer": "red ball"},
+        {"question_id": 6, "answer": "man 's hat isn't it"},
     ]
     assert "`vqav2_submission.json`" in (tmp_path / "report.md").read_text()
 
@@ -184,7 +196,7 @@ def test_evaluate_writes_the_files_from_real_records(world, tiny_model, tmp_path
     evaluate(cm, "vqa", vqa, None, tmp_path / "vqa", progress=False, max_new_tokens=4)
     got = json.loads((tmp_path / "vqa" / "vqav2_submission.json").read_text())
     assert got == [
-        {"question_id": s["id"], "answer": line(s["raw"]).strip()} for s in samples(tmp_path / "vqa")
+        {"question_id": s["id"], "answer": evalai_answer(s["raw"])} for s in samples(tmp_path / "vqa")
     ]
     assert [g["question_id"] for g in got] == [4001, 4002]
 

@@ -1,6 +1,9 @@
 """VQAv2: the official questions JSON with ``--references`` annotations JSON (COCO image names),
 or a JSON list / JSONL of ``{"question_id"|"id", "image", "question", "answers": [10 strings]}``.
-Scored with the official accuracy (normalised answers, min(#agreeing / 3, 1))."""
+The reply goes through the EvalAI answer processor, as LLaVA submits it and lmms-eval scores it
+(``metrics.evalai_answer``), and is scored as the official ``vqaEval.py`` scores that string
+(``metrics.vqa_accuracy``: the humans' answers normalised only where they disagree, min(#agreeing /
+3, 1) over the leave-one-out subsets): the local score is what EvalAI gives the submitted file."""
 
 from __future__ import annotations
 
@@ -49,7 +52,8 @@ def read(path: Path, references: Path | None = None) -> list[dict]:
 
 
 def score(r: dict, opts, gold, raw: str) -> dict:
-    return {"answer": M.normalize_vqa(raw), "score": M.vqa_accuracy(raw, gold)}
+    answer = M.evalai_answer(raw)
+    return {"answer": answer, "score": M.vqa_accuracy(answer, gold)}
 
 
 register(Benchmark("vqa", read, score, SUFFIX, submission=submission.vqav2))
