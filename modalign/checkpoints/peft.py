@@ -218,7 +218,13 @@ def _split_key(key: str, file: Path) -> tuple[str, str, str, str]:
 
 
 def import_peft(model, path: str | Path) -> int:
-    """Add a PEFT LoRA adapter to ``model``; returns how many linears received LoRA."""
+    """Add a PEFT LoRA adapter to ``model``; returns how many linears received LoRA.
+
+    The LoRA matrices are held in float32 on a float16 / bfloat16 base (in the base's dtype on a
+    float32 or float64 one), as PEFT holds them (``autocast_adapter_dtype=True``, its default):
+    an fp32 file's values are kept bit for bit, a bf16 / fp16 file's exactly widened. Outside
+    autocast the LoRA then runs in fp32 and its sum with the base output is rounded once to the
+    base's dtype (``low_rank_add``); ``export_peft`` writes the fp32 values back unchanged."""
     path = Path(path)
     doc = _read_config(path)
     file = _adapter_file(path)
@@ -287,6 +293,10 @@ def import_peft(model, path: str | Path) -> int:
     enable_lora(model, LoRAConfig(rank=r, alpha=alpha, dropout=float(doc.get("lora_dropout") or 0.0),
                                   targets=leaves))  # fmt: skip
     mods = dict(_lora_modules(model))
+    for m in mods.values():  # held in fp32 on a half-precision base, as PEFT holds an adapter
+        dtype = torch.promote_types(m.weight.dtype, torch.float32)
+        m.lora_A.to(dtype=dtype)
+        m.lora_B.to(dtype=dtype)
     with torch.no_grad():
         for name, t in tensors.items():
             lin, ab = name.removesuffix(".weight").rsplit(".lora_", 1)

@@ -95,8 +95,10 @@ class ALinear(nn.Linear):
 
     @torch.no_grad()
     def merge_lora(self) -> None:
+        """``W += alpha/r B A``; an adapter held wider than the weight (fp32 on a bf16 base) adds in
+        its dtype and the sum is rounded once, as PEFT's (default, unsafe) merge does."""
         if self.lora_A is not None and not self.lora_merged:
-            self.weight += self.lora_delta_weight().to(self.weight.dtype)
+            self.weight += self.lora_delta_weight()
             self.lora_merged = True
 
     @torch.no_grad()
@@ -109,11 +111,28 @@ class ALinear(nn.Linear):
             self.weight -= self.lora_delta_weight().to(self.weight.dtype)
             self.lora_merged = False
 
+    def _lora_adds_nothing(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        """Whether LoRA's ``B A x`` is exactly zero and needs no gradient: both frozen and ``B`` all
+        zeros (as initialised, before its first trained step); plain tensors, run eagerly. The
+        zero check is redone only when ``B`` changes (its identity or version counter)."""
+        if a.requires_grad or b.requires_grad or type(b.data) is not torch.Tensor or b.device.type == "meta":
+            return False
+        if torch.compiler.is_compiling():
+            return False
+        key = (id(b), b._version)
+        seen = getattr(self, "_lora_zero", None)
+        if seen is None or seen[0] != key:
+            seen = self._lora_zero = (key, not bool(b.count_nonzero()))
+        return seen[1]
+
     def forward(self, x: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
         if self.lora_A is not None and not self.lora_merged:
             a, b = self.lora_A.weight, self.lora_B.weight
-            y = low_rank_add(y, x, a, b, self.lora_scaling, self.lora_dropout)
+            if self._lora_adds_nothing(a, b):  # frozen with B all zero (a curriculum step training others)
+                draw_dropout(x, self.lora_dropout)  # the same draw: other layers' masks stay as they were
+            else:
+                y = low_rank_add(y, x, a, b, self.lora_scaling, self.lora_dropout)
         if self.plora_A is not None and img is not None:
             a, b, s, drop = self.plora_A.weight, self.plora_B.weight, self.plora_scaling, self.plora_dropout
             rows = image_rows(x, img)
@@ -129,11 +148,27 @@ class ALinear(nn.Linear):
         return y
 
 
+def draw_dropout(x: torch.Tensor, dropout: nn.Dropout) -> None:
+    """The random draw ``low_rank_add`` makes for ``x``'s dropout mask, without the mask's use: an
+    adapter that adds nothing keeps the generator where computing it would leave it."""
+    p = dropout.p if dropout.training else 0.0
+    if 0 < p < 1 and x.device.type == "cpu":
+        torch.rand(x.shape, device=x.device)
+    elif p > 0:
+        F.dropout(x.detach(), p, True)
+
+
 def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
                  dropout: nn.Dropout) -> torch.Tensor:  # fmt: skip
     """``y + scale * B A dropout(x)`` (``y`` None: without it), the sum one ``addmm``. On a CPU the
     dropout mask comes from uniform draws (half the time of Bernoulli ones) and its 1 / (1 - p)
-    joins the scale; elsewhere it is the fused dropout kernel."""
+    joins the scale; elsewhere it is the fused dropout kernel. An adapter held in a dtype other
+    than the activations' (an fp32 LoRA on a bf16 base, as PEFT holds one) outside autocast
+    computes in its own dtype, ``x`` cast to it, and the sum is rounded once to ``y``'s dtype
+    (PEFT's LoRA ``Linear.forward``)."""
+    own = a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type)
+    if own:
+        x = x.to(a.dtype)
     p = dropout.p if dropout.training else 0.0
     if 0 < p < 1 and x.device.type == "cpu":
         keep = torch.rand(x.shape, device=x.device).ge_(p)  # 1 where kept, 0 where dropped
@@ -144,7 +179,9 @@ def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: to
     h = F.linear(x, a)
     if y is None or y.dtype != h.dtype:  # no base to add to, or one of another dtype (autocast, quantized)
         out = F.linear(h, b) * scale
-        return out if y is None else y + out
+        if y is None:
+            return out
+        return (y + out).to(y.dtype) if own else y + out
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
     return out.view(y.shape)
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from modalign import MLLM
 from modalign.checkpoints.io import CheckpointError
-from modalign.checkpoints.peft import export_peft, import_peft
+from modalign.checkpoints.peft import export_peft, import_peft, merge_lora
 from modalign.cli import main
 from modalign.config import LoRAConfig
 from modalign.models.modality import enable_lora
@@ -329,3 +329,92 @@ def test_an_adapter_beside_parts_peft_cannot_hold_is_refused(tmp_path):
         with pytest.raises(CheckpointError, match="which a PEFT LoRA adapter cannot hold"):
             export_peft(model, tmp_path / "adapter")
         assert not (tmp_path / "adapter").exists()
+
+
+# ------------------------------------------------------------------ an fp32 adapter on a bf16 base
+
+
+def _fp32_adapter_on_bf16(tmp_path):
+    """A peft-made fp32 adapter (A as peft initialises it, B random: values bf16 cannot hold),
+    imported onto the bf16 model, and peft's own bf16 model with it (peft keeps the adapter in
+    fp32: ``autocast_adapter_dtype``)."""
+    path = _llama(tmp_path)
+    _peft_adapter(transformers.LlamaForCausalLM.from_pretrained(path), tmp_path / "adapter",
+                  target_modules=ALL, task_type="CAUSAL_LM")  # fmt: skip
+    model = MLLM.from_pretrained(path, dtype=torch.bfloat16)
+    assert import_peft(model, tmp_path / "adapter") == 2 * len(ALL)
+    base = transformers.LlamaForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    ref = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    return path, model, ref
+
+
+def test_fp32_adapter_on_bf16_base_keeps_its_values_and_matches_peft(tmp_path):
+    path, model, ref = _fp32_adapter_on_bf16(tmp_path)
+    file = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    assert {t.dtype for t in file.values()} == {torch.float32}
+    ours = _lora_tensors(model)
+    assert len(ours) == len(file)
+    for k, t in file.items():  # bit for bit: not rounded to the base's bf16
+        got = ours["llm." + k.removeprefix("base_model.model.model.")]
+        assert got.dtype == torch.float32 and torch.equal(got, t), k
+    assert all(p.dtype == torch.bfloat16 for n, p in model.named_parameters() if ".lora_" not in n)
+    assert {p.dtype for n, p in ref.named_parameters() if ".lora_" in n} == {torch.float32}
+    ids = _text_ids()
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(input_ids=ids).logits
+    assert got.dtype == torch.bfloat16
+    # the bf16 base computes as transformers' does and the LoRA as peft's Linear.forward (input cast
+    # to fp32, B A x in fp32, the sum rounded once to bf16): the same logits. With the adapter
+    # rounded to bf16 they were a bf16 step (0.06) apart.
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    # greedy generation through the unmerged adapter: peft's tokens
+    from modalign.infer.engine import Engine, Prompt, SamplingParams
+
+    prompt = ids[:1]
+    with torch.no_grad():
+        tokens = ref.generate(input_ids=prompt, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    out = Engine(model).generate([Prompt(prompt[0].tolist())], SamplingParams(max_new_tokens=8))
+    assert out[0].token_ids == tokens[0, prompt.shape[1] :].tolist()
+    # merged (W + alpha/r B A computed in fp32, rounded once into the bf16 weight): peft's merge
+    merge_lora(model)
+    merged = ref.merge_and_unload()
+    assert not _lora_tensors(model) and all(p.dtype == torch.bfloat16 for p in model.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, merged(input_ids=ids).logits, atol=0, rtol=0)
+
+
+def test_fp32_adapter_on_bf16_base_exports_unchanged_and_trains(tmp_path):
+    path, model, ref = _fp32_adapter_on_bf16(tmp_path)
+    export_peft(model, tmp_path / "again")
+    want = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    got = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert got.keys() == want.keys()
+    for k, t in want.items():  # written as read: fp32, bit for bit
+        assert got[k].dtype == torch.float32 and torch.equal(got[k], t), k
+    fresh = MLLM.from_pretrained(path, dtype=torch.bfloat16)
+    import_peft(fresh, tmp_path / "again")
+    _assert_same_lora(fresh, model)
+    # a training step on the bf16 model (no autocast): fp32 gradients for the fp32 adapter, equal to
+    # peft's on its bf16 model (the same operations)
+    ids = _text_ids()
+    grads = {}
+    for name, m in (("ours", model), ("peft", ref)):
+        m.train()
+        for n, p in m.named_parameters():
+            p.requires_grad_(".lora_" in n)
+        logits = m(ids).logits if name == "ours" else m(input_ids=ids).logits
+        logits.float().logsumexp(-1).mean().backward()
+        grads[name] = {n.removeprefix("llm.").removeprefix("base_model.model.model.").replace(".default", ""): p.grad
+                       for n, p in m.named_parameters() if p.requires_grad}  # fmt: skip
+    assert grads["ours"].keys() == grads["peft"].keys() and len(grads["ours"]) == 4 * len(ALL)
+    for k, g in grads["ours"].items():
+        assert g.dtype == torch.float32, k
+        torch.testing.assert_close(g, grads["peft"][k], atol=1e-6, rtol=1e-4)
+    lora = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in lora]
+    torch.optim.AdamW(lora, lr=1e-3).step()
+    assert all(p.dtype == torch.float32 and not torch.equal(p, q) for p, q in zip(lora, before, strict=True))
+    # under autocast (the bf16 training precisions) the adapter runs in bf16 as before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()

@@ -152,6 +152,54 @@ def test_lora_dropout_keeps_each_input_feature_with_probability_1_minus_p(dtype,
     assert torch.equal(lin(x), x)
 
 
+def test_frozen_lora_with_zero_b_is_skipped_and_training_stays_bit_identical(monkeypatch):
+    """A curriculum step that freezes some adapters before their first update (B still zero)
+    skips computing them; its losses and weights equal computing them, bit for bit, dropout
+    draws included (the skipped adapter's draw is still made, so the others' masks are the same)."""
+
+    def run(skip: bool):
+        if not skip:
+            monkeypatch.setattr(ALinear, "_lora_adds_nothing", lambda self, a, b: False)
+        model = tiny()
+        enable_lora(model, LoRAConfig(rank=4, alpha=8, dropout=0.1,
+                                      targets=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]))  # fmt: skip
+        apply_trainable(model, ["connector.*", "llm.**.lora_*", "!llm.layers.*.mlp.*"])
+        perturb([p for n, p in model.named_parameters() if "self_attn" in n and "lora_B" in n])
+        model.train()
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        torch.manual_seed(5)
+        ids, px = inputs(model)
+        losses = []
+        for _ in range(3):
+            loss = model(ids, pixel_values=px, labels=ids).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        monkeypatch.undo()
+        return losses, model.state_dict(), torch.get_rng_state()
+
+    calls = []
+    real = ALinear._lora_adds_nothing
+    monkeypatch.setattr(
+        ALinear, "_lora_adds_nothing", lambda self, a, b: calls.append(real(self, a, b)) or calls[-1]
+    )
+    fast = run(skip=True)
+    assert sum(calls) == 3 * 2 * 3 and len(calls) == 3 * 2 * 5  # the MLPs' adapters, every step and layer
+    slow = run(skip=False)
+    assert fast[0] == slow[0] and torch.equal(fast[2], slow[2])
+    assert all(torch.equal(fast[1][k], slow[1][k]) for k in fast[1])
+    # once B has trained it is computed again
+    lin = ALinear(8, 8)
+    lin.add_lora(2, 4)
+    a, b = lin.lora_A.weight.requires_grad_(False), lin.lora_B.weight.requires_grad_(False)
+    assert lin._lora_adds_nothing(a, b)
+    with torch.no_grad():
+        b[0, 0] = 1.0
+    assert not lin._lora_adds_nothing(a, b)
+    assert not lin._lora_adds_nothing(a.requires_grad_(True), b.zero_())
+
+
 def test_lora_dropout_of_one_drops_the_adapter():
     lin = ALinear(8, 8)
     lin.add_lora(2, 2.0, dropout=1.0)
