@@ -81,9 +81,31 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     except (KeyError, ValueError, TypeError, IndexError) as e:  # a field or key the format lacks
         raise CheckpointError(_named(f"malformed checkpoint ({type(e).__name__}: {e})", path, fmt)) from None
     model = build(cfg, dtype or _floating_dtype(tensors), device)
+    if dtype is None:
+        _widen_adapters(model, tensors)
     load_state_strict(model, tensors, str(path))
     model.eval()
     return model
+
+
+def _widen_adapters(model, tensors: dict) -> None:
+    """LoRA / Partial LoRA matrices the file holds wider than the model's dtype (an fp32 adapter
+    saved from a bf16 model, as PEFT keeps adapters) stay that wide: the forward computes them in
+    their own dtype (``modality.low_rank_add``)."""
+    from modalign.models.modality import ALinear
+
+    for name, m in model.named_modules():
+        if not isinstance(m, ALinear):
+            continue
+        for kind in ("lora_A", "lora_B", "plora_A", "plora_B"):
+            sub, t = getattr(m, kind, None), tensors.get(f"{name}.{kind}.weight")
+            if (
+                sub is not None
+                and t is not None
+                and t.is_floating_point()
+                and t.element_size() > sub.weight.element_size()
+            ):
+                sub.to(t.dtype)
 
 
 def _named(e, path: Path, fmt) -> str:

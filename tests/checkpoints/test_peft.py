@@ -394,6 +394,15 @@ def test_fp32_adapter_on_bf16_base_exports_unchanged_and_trains(tmp_path):
     fresh = MLLM.from_pretrained(path, dtype=torch.bfloat16)
     import_peft(fresh, tmp_path / "again")
     _assert_same_lora(fresh, model)
+    # a native save and load keeps the fp32 adapter on the bf16 model (it was rounded to bf16)
+    model.save_pretrained(tmp_path / "native")
+    back = MLLM.from_pretrained(tmp_path / "native")
+    for k, t in _lora_tensors(model).items():
+        got = _lora_tensors(back)[k]
+        assert got.dtype == torch.float32 and torch.equal(got, t), k
+    assert all(p.dtype == torch.bfloat16 for n, p in back.named_parameters() if ".lora_" not in n)
+    with torch.no_grad():
+        torch.testing.assert_close(back(_text_ids()).logits, model(_text_ids()).logits, atol=0, rtol=0)
     # a training step on the bf16 model (no autocast): fp32 gradients for the fp32 adapter, equal to
     # peft's on its bf16 model (the same operations)
     ids = _text_ids()
