@@ -81,7 +81,7 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
     except (KeyError, ValueError, TypeError, IndexError) as e:  # a field or key the format lacks
         raise CheckpointError(_named(f"malformed checkpoint ({type(e).__name__}: {e})", path, fmt)) from None
     model = build(cfg, dtype or _floating_dtype(tensors), device)
-    if dtype is None:
+    if dtype is None or dtype in (torch.bfloat16, torch.float16):
         _widen_adapters(model, tensors)
     load_state_strict(model, tensors, str(path))
     model.eval()
@@ -89,9 +89,9 @@ def load_pretrained(path: str | Path, dtype: torch.dtype | None = None, device=N
 
 
 def _widen_adapters(model, tensors: dict) -> None:
-    """LoRA / Partial LoRA matrices the file holds wider than the model's dtype (an fp32 adapter
-    saved from a bf16 model, as PEFT keeps adapters) stay that wide: the forward computes them in
-    their own dtype (``modality.low_rank_add``)."""
+    """LoRA / Partial LoRA matrices the file holds in fp32 on a 16-bit model (an adapter saved from a
+    bf16 model, which keeps adapters in fp32 as PEFT does; or a 16-bit load of an fp32 checkpoint)
+    stay fp32: the forward computes them in their own dtype (``modality.low_rank_add``)."""
     from modalign.models.modality import ALinear
 
     for name, m in model.named_modules():
@@ -102,10 +102,10 @@ def _widen_adapters(model, tensors: dict) -> None:
             if (
                 sub is not None
                 and t is not None
-                and t.is_floating_point()
-                and t.element_size() > sub.weight.element_size()
+                and t.dtype == torch.float32
+                and sub.weight.element_size() < 4
             ):
-                sub.to(t.dtype)
+                sub.to(torch.float32)
 
 
 def _named(e, path: Path, fmt) -> str:

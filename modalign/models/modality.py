@@ -108,29 +108,26 @@ class ALinear(nn.Linear):
                 raise ValueError(
                     "this layer was quantized with LoRA merged in; LoRA cannot be taken out again"
                 )
-            self.weight -= self.lora_delta_weight().to(self.weight.dtype)
+            self.weight -= self.lora_delta_weight()  # in the adapter's dtype, as merged
             self.lora_merged = False
 
     def _lora_adds_nothing(self, a: torch.Tensor, b: torch.Tensor) -> bool:
         """Whether LoRA's ``B A x`` is exactly zero and needs no gradient: both frozen and ``B`` all
-        zeros (as initialised, before its first trained step); plain tensors, run eagerly. The
-        zero check is redone only when ``B`` changes (its identity or version counter)."""
+        zeros (as initialised, before its first trained step); plain tensors, run eagerly. ``B`` is
+        looked at every call (a count over rank x out elements): writes that leave no trace in its
+        version counter (a fused optimiser step, ``.data``) are seen too."""
         if a.requires_grad or b.requires_grad or type(b.data) is not torch.Tensor or b.device.type == "meta":
             return False
         if torch.compiler.is_compiling():
             return False
-        key = (id(b), b._version)
-        seen = getattr(self, "_lora_zero", None)
-        if seen is None or seen[0] != key:
-            seen = self._lora_zero = (key, not bool(b.count_nonzero()))
-        return seen[1]
+        return not bool(b.count_nonzero())
 
     def forward(self, x: torch.Tensor, img: torch.Tensor | None = None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias) if self.quantized is None else self.quantized(x)
         if self.lora_A is not None and not self.lora_merged:
             a, b = self.lora_A.weight, self.lora_B.weight
             if self._lora_adds_nothing(a, b):  # frozen with B all zero (a curriculum step training others)
-                draw_dropout(x, self.lora_dropout)  # the same draw: other layers' masks stay as they were
+                draw_dropout(x, a, self.lora_dropout)  # the same draw: other layers' masks stay as they were
             else:
                 y = low_rank_add(y, x, a, b, self.lora_scaling, self.lora_dropout)
         if self.plora_A is not None and img is not None:
@@ -139,18 +136,23 @@ class ALinear(nn.Linear):
             if rows is not None:  # the image rows alone
                 flat = y.reshape(-1, y.shape[-1])
                 delta = low_rank_add(None, x.reshape(-1, x.shape[-1]).index_select(0, rows), a, b, s, drop)
-                y = flat.index_add(0, rows, delta.to(flat.dtype)).view(y.shape)
+                if delta.dtype == flat.dtype:
+                    y = flat.index_add(0, rows, delta).view(y.shape)
+                else:  # an adapter wider than the base (fp32 on bf16): added wide, rounded once
+                    y = flat.to(delta.dtype).index_add(0, rows, delta).to(flat.dtype).view(y.shape)
             else:
                 delta = low_rank_add(None, x, a, b, s, drop)
-                y = y + delta * img.unsqueeze(-1).to(delta.dtype)
+                y = (y + delta * img.unsqueeze(-1).to(delta.dtype)).to(y.dtype)
         if self.adapter_bias is not None:
             y = (y + self.adapter_bias.to(y.dtype)) * self.adapter_scale.to(y.dtype)
         return y
 
 
-def draw_dropout(x: torch.Tensor, dropout: nn.Dropout) -> None:
-    """The random draw ``low_rank_add`` makes for ``x``'s dropout mask, without the mask's use: an
-    adapter that adds nothing keeps the generator where computing it would leave it."""
+def draw_dropout(x: torch.Tensor, a: torch.Tensor, dropout: nn.Dropout) -> None:
+    """The random draw ``low_rank_add`` makes for ``x``'s dropout mask (adapter ``a``), without the
+    mask's use: an adapter that adds nothing keeps the generator where computing it would leave it."""
+    if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        x = x.to(a.dtype)  # as low_rank_add casts it
     p = dropout.p if dropout.training else 0.0
     if 0 < p < 1 and x.device.type == "cpu":
         torch.rand(x.shape, device=x.device)

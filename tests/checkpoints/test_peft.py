@@ -403,6 +403,9 @@ def test_fp32_adapter_on_bf16_base_exports_unchanged_and_trains(tmp_path):
     assert all(p.dtype == torch.bfloat16 for n, p in back.named_parameters() if ".lora_" not in n)
     with torch.no_grad():
         torch.testing.assert_close(back(_text_ids()).logits, model(_text_ids()).logits, atol=0, rtol=0)
+    # so does a load that asks for bf16 (chat, serve and eval on a GPU ask for it)
+    asked = MLLM.from_pretrained(tmp_path / "native", dtype=torch.bfloat16)
+    assert {t.dtype for t in _lora_tensors(asked).values()} == {torch.float32}
     # a training step on the bf16 model (no autocast): fp32 gradients for the fp32 adapter, equal to
     # peft's on its bf16 model (the same operations)
     ids = _text_ids()

@@ -189,15 +189,47 @@ def test_frozen_lora_with_zero_b_is_skipped_and_training_stays_bit_identical(mon
     slow = run(skip=False)
     assert fast[0] == slow[0] and torch.equal(fast[2], slow[2])
     assert all(torch.equal(fast[1][k], slow[1][k]) for k in fast[1])
-    # once B has trained it is computed again
+    # once B has trained it is computed again, however it was written (a fused AdamW step and a
+    # .data write leave its version counter as it was)
     lin = ALinear(8, 8)
     lin.add_lora(2, 4)
     a, b = lin.lora_A.weight.requires_grad_(False), lin.lora_B.weight.requires_grad_(False)
+    x = torch.randn(3, 8)
+    assert lin._lora_adds_nothing(a, b) and torch.equal(lin(x), F.linear(x, lin.weight, lin.bias))
+    b.requires_grad_(True)
+    opt = torch.optim.AdamW([b], lr=0.1, fused=True)
+    lin(x).sum().backward()
+    opt.step()
+    b.requires_grad_(False)
+    assert b.count_nonzero() and not lin._lora_adds_nothing(a, b)
+    torch.testing.assert_close(lin(x), F.linear(x, lin.weight, lin.bias) + 2 * x @ a.T @ b.T)
+    b.data = torch.zeros_like(b)
     assert lin._lora_adds_nothing(a, b)
-    with torch.no_grad():
-        b[0, 0] = 1.0
+    b.data[0, 0] = 1.0
     assert not lin._lora_adds_nothing(a, b)
     assert not lin._lora_adds_nothing(a.requires_grad_(True), b.zero_())
+
+
+def test_an_fp32_partial_lora_on_a_bf16_layer_keeps_the_layers_dtype_on_both_paths(monkeypatch):
+    """Image rows alone (the CPU path) or the whole input masked (CUDA, torch.compile): a bf16
+    output, the fp32 adapter added before one rounding, so both paths agree exactly."""
+    from modalign.models import modality
+
+    torch.manual_seed(0)
+    lin = ALinear(16, 16, dtype=torch.bfloat16)
+    lin.add_plora(4, 8)
+    lin.plora_A.float(), lin.plora_B.float()
+    torch.nn.init.normal_(lin.plora_B.weight)
+    x = torch.randn(2, 5, 16).to(torch.bfloat16)
+    img = torch.zeros(2, 5, dtype=torch.bool)
+    img[0, 1:3] = img[1, 4] = True
+    rows = lin(x, img)
+    monkeypatch.setattr(modality, "image_rows", lambda x, img: None)
+    masked = lin(x, img)
+    assert rows.dtype == masked.dtype == torch.bfloat16 and torch.equal(rows, masked)
+    base = F.linear(x, lin.weight, lin.bias).float()
+    delta = (x.float() @ lin.plora_A.weight.T @ lin.plora_B.weight.T) * 2
+    assert torch.equal(masked, (base + delta * img.unsqueeze(-1)).to(torch.bfloat16))
 
 
 def test_lora_dropout_of_one_drops_the_adapter():
