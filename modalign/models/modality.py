@@ -262,6 +262,8 @@ def _rows(lin: nn.Linear, start: int, stop: int) -> ALinear:
             continue
         getattr(out, f"add_{kind}")(a.out_features, 1.0, getattr(lin, f"{kind}_dropout").p)
         setattr(out, f"{kind}_scaling", getattr(lin, f"{kind}_scaling"))
+        getattr(out, f"{kind}_A").to(a.weight.dtype)  # an adapter wider than the weight stays so
+        getattr(out, f"{kind}_B").to(getattr(lin, f"{kind}_B").weight.dtype)
         with torch.no_grad():
             getattr(out, f"{kind}_A").weight.copy_(a.weight)
             getattr(out, f"{kind}_B").weight.copy_(getattr(lin, f"{kind}_B").weight[start:stop])

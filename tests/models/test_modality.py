@@ -310,6 +310,28 @@ def test_mam_on_a_fused_qkv_decoder_with_partial_lora_splits_it_exactly(tmp_path
         assert torch.equal(back(ids, pixel_values=px).logits, model(ids, pixel_values=px).logits)
 
 
+def test_splitting_rows_keeps_an_adapter_wider_than_the_weight():
+    """An fp32 LoRA / Partial LoRA on a bf16 fused projection stays fp32 in each row piece (its
+    values were rounded to bf16), and the pieces compute what the whole did."""
+    from modalign.models.modality import _rows
+
+    torch.manual_seed(0)
+    lin = ALinear(16, 24, bias=False, dtype=torch.bfloat16)
+    lin.add_lora(4, 8)
+    lin.add_plora(4, 8)
+    for sub in (lin.lora_A, lin.lora_B, lin.plora_A, lin.plora_B):
+        sub.float()
+        torch.nn.init.normal_(sub.weight)
+    x = torch.randn(3, 16).to(torch.bfloat16)
+    img = torch.tensor([True, False, True])
+    pieces = [_rows(lin, 0, 8), _rows(lin, 8, 24)]
+    for piece, (lo, hi) in zip(pieces, [(0, 8), (8, 24)], strict=True):
+        assert {piece.lora_B.weight.dtype, piece.plora_A.weight.dtype} == {torch.float32}
+        assert torch.equal(piece.lora_B.weight, lin.lora_B.weight[lo:hi])
+    with torch.no_grad():
+        assert torch.equal(torch.cat([p(x, img) for p in pieces], -1), lin(x, img))
+
+
 @pytest.mark.parametrize("part", ["mam", "plora", "mam+plora", "adapter"])
 def test_kv_cache_decoding_equals_full_forward_with_images(part):
     model = tiny()
