@@ -148,26 +148,11 @@ class ALinear(nn.Linear):
         return y
 
 
-def draw_dropout(x: torch.Tensor, a: torch.Tensor, dropout: nn.Dropout) -> None:
-    """The random draw ``low_rank_add`` makes for ``x``'s dropout mask (adapter ``a``), without the
-    mask's use: an adapter that adds nothing keeps the generator where computing it would leave it."""
-    if a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-        x = x.to(a.dtype)  # as low_rank_add casts it
-    p = dropout.p if dropout.training else 0.0
-    if 0 < p < 1 and x.device.type == "cpu":
-        torch.rand(x.shape, device=x.device)
-    elif p > 0:
-        F.dropout(x.detach(), p, True)
-
-
-def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-                 dropout: nn.Dropout) -> torch.Tensor:  # fmt: skip
-    """``y + scale * B A dropout(x)`` (``y`` None: without it), the sum one ``addmm``. On a CPU the
-    dropout mask comes from uniform draws (half the time of Bernoulli ones) and its 1 / (1 - p)
-    joins the scale; elsewhere it is the fused dropout kernel. An adapter held in a dtype other
-    than the activations' (an fp32 LoRA on a bf16 base, as PEFT holds one) outside autocast
-    computes in its own dtype, ``x`` cast to it, and the sum is rounded once to ``y``'s dtype
-    (PEFT's LoRA ``Linear.forward``)."""
+def _adapter_input(x: torch.Tensor, a: torch.Tensor, dropout: nn.Dropout, scale: float):
+    """``x`` as the adapter ``a`` reads it, with its dropout mask drawn: (input, scale, whether it
+    was cast to the adapter's own dtype). On a CPU the mask comes from uniform draws (half the time
+    of Bernoulli ones) and its 1 / (1 - p) joins the scale; elsewhere it is the fused dropout
+    kernel. The one place the draw is made, so a skipped adapter (``draw_dropout``) draws alike."""
     own = a.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type)
     if own:
         x = x.to(a.dtype)
@@ -178,6 +163,23 @@ def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: to
         scale = scale / (1.0 - p)
     elif p > 0:
         x = F.dropout(x, p, True)
+    return x, scale, own
+
+
+@torch.no_grad()
+def draw_dropout(x: torch.Tensor, a: torch.Tensor, dropout: nn.Dropout) -> None:
+    """The random draw ``low_rank_add`` makes for ``x``'s dropout mask (adapter ``a``), without the
+    mask's use: an adapter that adds nothing keeps the generator where computing it would leave it."""
+    _adapter_input(x, a, dropout, 1.0)
+
+
+def low_rank_add(y: torch.Tensor | None, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 dropout: nn.Dropout) -> torch.Tensor:  # fmt: skip
+    """``y + scale * B A dropout(x)`` (``y`` None: without it), the sum one ``addmm``; the mask as
+    ``_adapter_input`` draws it. An adapter held in a dtype other than the activations' (an fp32
+    LoRA on a bf16 base, as PEFT holds one) outside autocast computes in its own dtype, ``x`` cast
+    to it, and the sum is rounded once to ``y``'s dtype (PEFT's LoRA ``Linear.forward``)."""
+    x, scale, own = _adapter_input(x, a, dropout, scale)
     h = F.linear(x, a)
     if y is None or y.dtype != h.dtype:  # no base to add to, or one of another dtype (autocast, quantized)
         out = F.linear(h, b) * scale
