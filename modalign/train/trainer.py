@@ -158,7 +158,7 @@ class Trainer:
                 mega=32 if data.group_by_length else 1,
             )  # fmt: skip
         self.micro_per_step = opt.grad_accum * (self.sampler.num_sources if self.joint else 1)
-        self.micro_per_epoch = len(self.sampler.batches())
+        self.micro_per_epoch = len(self.sampler)  # (SourceBatches counts rounds without drawing them)
         if stage.stop.max_steps is not None:
             self.total = stage.stop.max_steps
         else:
