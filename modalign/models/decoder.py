@@ -14,6 +14,8 @@ images to Flamingo's blocks and to LLaMA-Adapter V2's visual prompts.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -63,6 +65,49 @@ class KVCache:
 
 
 # ------------------------------------------------------------------------------------ layers
+
+
+class Rows(NamedTuple):
+    """Some positions of each row of a batch: ``pos`` [B, K] (each row's positions first, in order,
+    then fillers) and ``valid`` [B, K] (which are real). Training asks the last decoder layer for
+    the positions whose next token is supervised alone: its queries, output projection and MLP
+    then run on a few rows of each sample instead of all of them."""
+
+    pos: torch.Tensor
+    valid: torch.Tensor
+
+    @staticmethod
+    def of(keep: torch.Tensor) -> Rows | None:
+        """The positions where ``keep`` [B, T] is True; None where there are none."""
+        counts = keep.sum(1)
+        k = int(counts.max()) if keep.numel() else 0
+        if k == 0:
+            return None
+        # kept positions first, in order (a stable sort of 0 = kept before 1); fillers point at
+        # positions that are not kept, whose results are dropped (never NaN: each attends to itself)
+        pos = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices[:, :k]
+        return Rows(pos, torch.arange(k, device=keep.device)[None] < counts[:, None])
+
+    def take(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """``x`` [B, T, ...] at these positions: [B, K, ...]."""
+        if x is None:
+            return None
+        if x.shape[0] != self.pos.shape[0]:  # broadcast over the batch
+            x = x.expand(self.pos.shape[0], *x.shape[1:])
+        return x[torch.arange(x.shape[0], device=x.device)[:, None], self.pos]
+
+    def masks(self, masks: dict, s: int) -> dict:
+        """The attention masks [B, 1, K, S] of these positions as queries: the rows of ``masks``
+        (``LLM._masks``), or causal where those are None (plain causal attention)."""
+        out = {}
+        for name, m in masks.items():
+            if m is not None:
+                out[name] = m.gather(2, self.pos[:, None, :, None].expand(-1, 1, -1, m.shape[-1]))
+            elif name == "full":
+                out[name] = torch.arange(s, device=self.pos.device) <= self.pos[:, None, :, None]
+            else:
+                out[name] = None
+        return out
 
 
 class Attention(nn.Module):
@@ -141,30 +186,37 @@ class Attention(nn.Module):
         o = torch.where(keep, o, 0.0)
         return o * self.adapter_gate_visual.to(o.dtype)[None, :, None, None]
 
-    def forward(self, x, img, cos, sin, mask, cache: KVCache | None, start: int, media: Media | None = None):
+    def forward(self, x, img, cos, sin, mask, cache: KVCache | None, start: int, media: Media | None = None,
+                rows: Rows | None = None):  # fmt: skip
+        """``rows``: queries at those positions alone (keys and values at every position); the
+        output is [B, K, hidden] for ``rows``' K positions a row, and ``mask`` is theirs (``Rows.masks``)."""
         b, t, _ = x.shape
+        xq, iq = (x, img) if rows is None else (rows.take(x), rows.take(img))
         if hasattr(self, "qkv_proj"):
             qkv = routed(self.qkv_proj, x, img)
             q, k, v = qkv.split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], dim=-1)
+            q = q if rows is None else rows.take(q)
         else:
-            q = routed(self.q_proj, x, img)
+            q = routed(self.q_proj, xq, iq)
             k = routed(self.k_proj, x, img)
             v = routed(self.v_proj, x, img)
-        q = q.view(b, t, self.nh, self.hd).transpose(1, 2)
+        tq = q.shape[1]
+        q = q.view(b, tq, self.nh, self.hd).transpose(1, 2)
         k = k.view(b, t, self.nkv, self.hd).transpose(1, 2)
         v = v.view(b, t, self.nkv, self.hd).transpose(1, 2)
         if cos is not None:  # RoPE (learned absolute positions were added to the input instead)
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # broadcast over heads
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            cq, sq = (cos, sin) if rows is None else (rows.take(cos), rows.take(sin))
+            q = apply_rotary(q, cq.unsqueeze(1), sq.unsqueeze(1))  # broadcast over heads
+            k = apply_rotary(k, cos.unsqueeze(1), sin.unsqueeze(1))
         if cache is not None:
             k, v = cache.write(self.layer_idx, k, v, start)
         m = mask["sliding" if self.sliding else "full"]
-        o = attend(q, k, v, m, causal=t > 1)
+        o = attend(q, k, v, m, causal=t > 1 and rows is None)
         if self.adapter_prompt is not None:
             o = o + self._adapter(q)
         if self.adapter_prompt_visual is not None and media is not None:
             o = o + self._visual_adapter(q, media)
-        return routed(self.o_proj, o.transpose(1, 2).reshape(b, t, self.nh * self.hd), img)
+        return routed(self.o_proj, o.transpose(1, 2).reshape(b, tq, self.nh * self.hd), iq)
 
 
 class MLP(nn.Module):
@@ -208,11 +260,17 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg)
         self.gated_cross_attn = None  # Flamingo: a GatedCrossAttentionBlock run before this layer
 
-    def forward(self, x, img, cos, sin, mask, cache, start, media: Media | None = None):
+    def forward(
+        self, x, img, cos, sin, mask, cache, start, media: Media | None = None, rows: Rows | None = None
+    ):
+        """``rows``: the layer's output at those positions alone, [B, K, hidden] (``Rows``)."""
         if self.gated_cross_attn is not None:
             x = self.gated_cross_attn(x, media)
         h = routed(self.input_layernorm, x, img)
-        x = x + self.self_attn(h, img, cos, sin, mask, cache, start, media)
+        a = self.self_attn(h, img, cos, sin, mask, cache, start, media, rows)
+        if rows is not None:
+            x, img = rows.take(x), rows.take(img)
+        x = x + a
         h = routed(self.post_attention_layernorm, x, img)
         return x + self.mlp(h, img)
 
@@ -304,6 +362,7 @@ class LLM(nn.Module):
         logits_to_keep: int = 0,
         seq_ids: torch.Tensor | None = None,
         media: Media | None = None,
+        keep: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """input_ids [B, T] or inputs_embeds [B, T, D]; modality_ids [B, T] (0 text / 1 image);
         attention_mask [B, cached + T] (1 = real token). Returns logits [B, T, V].
@@ -311,9 +370,18 @@ class LLM(nn.Module):
         token's sample in its row (1, 2, ...; 0 padding); attention stays within a sample and
         positions restart at each (``data/collate.py``'s ``collate_packed``).
         ``media``: the visual latents and each token's image for the cross-attention blocks
-        (``models/xattn.py``); a cache keeps the prompt's, which later steps read."""
+        (``models/xattn.py``); a cache keeps the prompt's, which later steps read.
+        ``keep`` [B, T] (bool; no cache): the outputs at those positions alone, [N, D | V] in
+        row-major order (``out[keep]`` of the whole output): training's loss reads the positions
+        before supervised tokens only, so the last layer computes its queries, attention output
+        and MLP for those rows alone (keys and values for all), equal to the whole computation up
+        to float rounding."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if keep is not None and (cache is not None or logits_to_keep):
+            raise ValueError(
+                "keep (some positions' outputs) is for a forward without cache or logits_to_keep"
+            )
         if seq_ids is not None and (attention_mask is not None or cache is not None):
             raise ValueError("seq_ids (packed rows) take the place of attention_mask and need no cache")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -340,13 +408,20 @@ class LLM(nn.Module):
             cache.media = media.for_cache()
         elif cache is not None and start > 0 and cache.media is not None:
             media = cache.media.step(b, t)  # new tokens follow the prompt's last image
-        for layer in self.layers:
+        rows = None if keep is None or not self._rows_apply() else Rows.of(keep)
+        n = len(self.layers)
+        for i, layer in enumerate(self.layers):
+            r, m = (rows, rows.masks(masks, t)) if rows is not None and i == n - 1 else (None, masks)
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(
-                    layer, x, img, cos, sin, masks, None, 0, media, use_reentrant=False
+                    layer, x, img, cos, sin, m, None, 0, media, r, use_reentrant=False
                 )
             else:
-                x = layer(x, img, cos, sin, masks, cache, start, media)
+                x = layer(x, img, cos, sin, m, cache, start, media, r)
+        if rows is not None:
+            x = x[rows.valid]
+        elif keep is not None:
+            x = x[keep]
         if cache is not None:
             cache.length = start + t
             if start == 0:
@@ -355,6 +430,12 @@ class LLM(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return x if return_hidden else self.lm_head(x)
+
+    def _rows_apply(self) -> bool:
+        """Whether the last layer can compute some positions alone: not under ``torch.compile``
+        (the row count is data), nor with LLaMA-Adapter V2's visual prompts (read per position)."""
+        last = self.layers[-1].self_attn if len(self.layers) else None
+        return last is not None and last.adapter_prompt_visual is None and not torch.compiler.is_compiling()
 
     def mean_hidden(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None

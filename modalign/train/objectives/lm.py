@@ -19,19 +19,32 @@ from modalign.data.conversation import IGNORE_INDEX
 from modalign.models.mllm import MLLM, mask_sample_starts
 
 
+def predicting(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] True at the positions whose next token is supervised (the rows the loss reads)."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
 def supervised_lm_loss(
     hidden: torch.Tensor,
     labels: torch.Tensor,
     head: nn.Module | None = None,
     answer_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over labels != -100 from the final hidden states [B, T, D],
-    running ``head`` only where a label is supervised (``head`` None: ``hidden`` are logits
-    already). ``answer_bias`` [B, V] is added to the logits that predict each row's first
-    supervised token (training against an answer prior). Returns (loss, supervised tokens)."""
+    """Mean next-token cross-entropy over labels != -100 from the final hidden states [B, T, D]
+    (or [N, D]: those of ``predicting(labels)``'s positions alone, in row-major order), running
+    ``head`` only where a label is supervised (``head`` None: ``hidden`` are logits already).
+    ``answer_bias`` [B, V] is added to the logits that predict each row's first supervised token
+    (training against an answer prior). Returns (loss, supervised tokens)."""
     keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
     n = int(keep.sum())
-    rows = hidden[:, :-1][keep]
+    if hidden.dim() == 2:
+        if hidden.shape[0] != n:
+            raise ValueError(f"{hidden.shape[0]} hidden rows for {n} supervised tokens")
+        rows = hidden
+    else:
+        rows = hidden[:, :-1][keep]
     logits = (rows if head is None else head(rows)).float()
     if answer_bias is not None:
         first = keep & (keep.cumsum(1) == 1)  # [B, T-1]: each row's first supervised position
@@ -79,13 +92,16 @@ class LMObjective(nn.Module):
         if seq_ids is not None:  # the splice carried each sample's number onto its visual tokens
             if self.prior is not None:
                 raise ValueError("the answer prior needs one sample a row; packing is off for it")
+            labels = mask_sample_starts(sp.labels, sp.attention_mask)
             hidden = self.model.llm(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids,
-                                    seq_ids=sp.attention_mask, media=sp.media, return_hidden=True)  # fmt: skip
-            return supervised_lm_loss(hidden, mask_sample_starts(sp.labels, sp.attention_mask),
-                                      self.model.llm.lm_head)  # fmt: skip
-        # modality ids always go in while training: routed parameters stay in the graph (DDP)
+                                    seq_ids=sp.attention_mask, media=sp.media, return_hidden=True,
+                                    keep=predicting(labels))  # fmt: skip
+            return supervised_lm_loss(hidden, labels, self.model.llm.lm_head)
+        # modality ids always go in while training: routed parameters stay in the graph (DDP);
+        # the hidden states come back for the positions the loss reads alone (``keep``)
         hidden = self.model.llm(inputs_embeds=sp.inputs_embeds, modality_ids=sp.modality_ids,
-                                attention_mask=sp.attention_mask, media=sp.media, return_hidden=True)  # fmt: skip
+                                attention_mask=sp.attention_mask, media=sp.media, return_hidden=True,
+                                keep=predicting(sp.labels))  # fmt: skip
         bias = self.prior.bias(batch["ids"]).to(device) if self.prior is not None else None
         return supervised_lm_loss(hidden, sp.labels, self.model.llm.lm_head, bias)
 
