@@ -98,15 +98,16 @@ class Rows(NamedTuple):
 
     def masks(self, masks: dict, s: int) -> dict:
         """The attention masks [B, 1, K, S] of these positions as queries: the rows of ``masks``
-        (``LLM._masks``), or causal where those are None (plain causal attention)."""
+        (``LLM._masks``), or causal where one is None (plain causal attention)."""
+        causal = None
         out = {}
         for name, m in masks.items():
             if m is not None:
                 out[name] = m.gather(2, self.pos[:, None, :, None].expand(-1, 1, -1, m.shape[-1]))
-            elif name == "full":
-                out[name] = torch.arange(s, device=self.pos.device) <= self.pos[:, None, :, None]
-            else:
-                out[name] = None
+            else:  # plain causal attention (the whole forward's is_causal)
+                if causal is None:
+                    causal = torch.arange(s, device=self.pos.device) <= self.pos[:, None, :, None]
+                out[name] = causal
         return out
 
 
@@ -344,7 +345,8 @@ class LLM(nn.Module):
             full = full & same & (seq_ids > 0)[:, None, None, :]
         # a query row with nothing to attend to (left padding) attends to itself: no NaNs
         diag = (k_pos == q_pos)[None, None]
-        masks = {"full": full | diag, "sliding": None}
+        masks = {"full": full | diag}
+        masks["sliding"] = masks["full"]  # layers typed "sliding" without a window attend as full ones
         if windowed:
             w = self.cfg.sliding_window
             masks["sliding"] = (full & (q_pos - k_pos < w)[None, None]) | diag

@@ -19,6 +19,8 @@ VARIANTS = {
     "mam+plora": {"mam": True, "plora": PLoRAConfig(rank=4, alpha=8, targets=ALL)},
     "fused-qkv+lora": {"fused_qkv": True, "lora": LoRAConfig(rank=4, alpha=8, targets=ALL)},
     "sliding": {"sliding_window": 3, "layer_types": ["full", "full", "sliding"]},
+    # layers typed "sliding" with the window switched off attend as full ones
+    "sliding-no-window": {"sliding_window": None, "layer_types": ["sliding", "full", "sliding"]},
     "opt": {
         "norm": "layer",
         "position": "learned",
@@ -121,3 +123,14 @@ def test_nothing_kept_and_refused_combinations():
     assert out.shape == (0, 32)
     with pytest.raises(ValueError, match="keep"):
         llm(ids, attention_mask=mask, keep=mask.bool(), cache=llm.new_cache(3, 16))
+
+
+def test_layers_typed_sliding_without_a_window_attend_as_full_ones():
+    """A config may type layers "sliding" and switch the window off (``sliding_window`` None): they
+    attend as full layers do, with the padding mask and causally (the kept rows too)."""
+    llm, ref = _llm("sliding-no-window"), _llm("llama")
+    ref.load_state_dict(llm.state_dict())
+    ids, mask, keep, _ = _inputs()
+    torch.testing.assert_close(llm(ids, attention_mask=mask), ref(ids, attention_mask=mask))
+    torch.testing.assert_close(llm(ids), ref(ids))
+    torch.testing.assert_close(llm(ids, keep=keep, return_hidden=True), ref(ids, return_hidden=True)[keep])
