@@ -136,10 +136,9 @@ class ALinear(nn.Linear):
             if rows is not None:  # the image rows alone
                 flat = y.reshape(-1, y.shape[-1])
                 delta = low_rank_add(None, x.reshape(-1, x.shape[-1]).index_select(0, rows), a, b, s, drop)
-                if delta.dtype == flat.dtype and self.quantized is None:  # in place: ``y`` is this
-                    y = flat.index_add_(0, rows, delta).view(y.shape)  # call's own, read by no backward
-                elif delta.dtype == flat.dtype:
-                    y = flat.index_add(0, rows, delta).view(y.shape)
+                if delta.dtype == flat.dtype:  # in place where ``y`` is this call's own linear output,
+                    add = flat.index_add_ if self.quantized is None else flat.index_add  # read by no backward
+                    y = add(0, rows, delta).view(y.shape)
                 else:  # an adapter wider than the base (fp32 on bf16): added wide, rounded once
                     y = flat.to(delta.dtype).index_add(0, rows, delta).to(flat.dtype).view(y.shape)
             else:

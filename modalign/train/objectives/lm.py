@@ -37,7 +37,7 @@ def supervised_lm_loss(
     ``head`` only where a label is supervised (``head`` None: ``hidden`` are logits already).
     ``answer_bias`` [B, V] is added to the logits that predict each row's first supervised token
     (training against an answer prior). Returns (loss, supervised tokens)."""
-    keep = labels[:, 1:].to(hidden.device) != IGNORE_INDEX
+    keep = predicting(labels.to(hidden.device))[:, :-1]  # [B, T-1]: the positions the loss reads
     n = int(keep.sum())
     if hidden.dim() == 2:
         if hidden.shape[0] != n:
