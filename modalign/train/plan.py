@@ -55,6 +55,7 @@ Memory per GPU (bytes per parameter; FSDP divides every term but activations by 
     bf16        4 x all (autocast)            4 x trainable    8 x trainable
     bf16-pure   2 x all + 4 x trainable       2 x trainable    8 x trainable
                 (fp32 master copies; under FSDP the shards are the fp32 masters: 4 x all)
+    with ``optim.ema`` the optimiser holds 4 x trainable more (the weights' fp32 average)
 
 Activations, kept only by the parts gradients flow through (a frozen tower that feeds the rest
 keeps none; an LLM the objective does not run none), in bf16 (fp32: twice), per micro-batch
@@ -379,7 +380,8 @@ def plan(recipe: Recipe, gpus: int = 1, gpu_tflops: float = 312.0, mfu: float = 
                 act, acts = sum(micro.values()), {**dict.fromkeys(FLOW, 0.0), **micro}
             images += (b.images if cfg.vision is not None else 0.0) * b.size * accum
             tokens += b.size * accum * b.max_length
-        mem = {"weights": weights / shard, "gradients": grads / shard, "optimizer": trainable * 8 / shard,
+        moments = 12 if stage.optim.ema else 8  # AdamW's two moments (and the weights' fp32 average)
+        mem = {"weights": weights / shard, "gradients": grads / shard, "optimizer": trainable * moments / shard,
                "activations_estimate": act}  # fmt: skip
         step_s = sum(flops.values()) / (gpu_tflops * 1e12 * mfu)
         steps = stage.stop.max_steps

@@ -149,6 +149,10 @@ class Optim:
     # dropout on the LLM's residual branches (each layer's attention and MLP outputs) while this
     # stage trains; not saved with the model
     dropout: float = 0.0
+    # an exponential moving average of the trainable weights, updated after every optimiser step
+    # (from the first) with this decay, kept in fp32 in the optimiser's state (so a resume goes on
+    # with it); the stage's model is the average. 0: off
+    ema: float = 0.0
 
     def validate(self, where: str) -> None:
         if self.grad_accum < 1:
@@ -159,6 +163,8 @@ class Optim:
             raise ConfigError(f"{where}.schedule.decay: expected cosine, linear or constant")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"{where}.dropout: expected a probability in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.ema < 1.0:
+            raise ConfigError(f"{where}.ema: expected a decay in [0, 1) (0: no average), got {self.ema}")
         if self.clip is not None and not self.clip >= 0:  # a negative norm would flip every gradient
             raise ConfigError(f"{where}.clip: expected a gradient norm >= 0 (or null), got {self.clip}")
         if not self.lr >= 0 or any(not v >= 0 for v in self.lr_groups.values()):

@@ -34,6 +34,9 @@ from torch import nn
 from modalign.checkpoints.io import CheckpointError, atomic_dir, commit_dir, save_tensors
 from modalign.checkpoints.native import model_state
 
+# the optimiser state's field holding a parameter's moving average (``optim.ema``), in fp32
+AVERAGE = "average"
+
 INFO_KEYS = {"step": int, "epoch": int, "micro": int, "tokens": int, "seen": int, "skipped": dict}
 
 
@@ -126,6 +129,8 @@ def _placed(p: torch.Tensor, key: str, v, group: dict):
     it): ``step`` stays where it is unless the kernel is fused or capturable."""
     if not torch.is_tensor(v):
         return v
+    if key == AVERAGE:  # fp32 whatever the parameter's dtype
+        return v.to(p.device, torch.float32)
     if key == "step":
         return v.to(p.device, torch.float32) if group.get("fused") or group.get("capturable") else v
     return v.to(p.device, p.dtype) if p.is_floating_point() else v.to(p.device)
@@ -278,12 +283,18 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=_opts())
 
 
-def _flat_sharded(model: nn.Module, opt) -> tuple[dict, dict, dict, dict]:
+def _flat_sharded(model: nn.Module, opt, average: bool = False) -> tuple[dict, dict, dict, dict]:
     """(model state, optimiser state, flat tensors for DCP, JSON scalars); the tensors are this
-    rank's shards (DTensors) and alias the returned state dicts, so a DCP load fills both."""
+    rank's shards (DTensors) and alias the returned state dicts, so a DCP load fills both.
+    ``average``: a place for each parameter's average where the state has none (a load of a
+    checkpoint that holds them)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, opt)  # initialises empty optimiser state (a zero-lr step)
+    if average:
+        for name, fields in osd["state"].items():
+            if fields and AVERAGE not in fields:  # (a parameter never stepped has neither)
+                fields[AVERAGE] = torch.zeros_like(msd[name], dtype=torch.float32)
     flat = {f"model/{k}": v for k, v in msd.items()}
     scalars = {}
     for name, fields in osd["state"].items():
@@ -337,7 +348,7 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    msd, osd, flat, _ = _flat_sharded(model, opt)
+    msd, osd, flat, _ = _flat_sharded(model, opt, average=bool(doc["info"].get("average")))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))

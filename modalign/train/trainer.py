@@ -262,6 +262,7 @@ class Trainer:
                 f"the same global batch (batch size x processes), grad_accum, data and seed, or remove {self.ckpt_dir} "
                 "to train the stage afresh"
             )
+        self._resume_average(info, path)
         pr.step, pr.epoch, pr.micro, pr.tokens = info["step"], info["epoch"], info["micro"], info["tokens"]
         pr.recent.extend(info.get("recent_losses", []))
         pr.stop_at = info.get("stop_at", pr.step if self._learnt(pr.recent) else None)
@@ -270,6 +271,18 @@ class Trainer:
         if self.d.main:
             log.info("stage %s: resumed from %s (step %d)", self.stage.name, path.name, pr.step)
         return pr
+
+    def _resume_average(self, info: dict, path: Path) -> None:
+        """A checkpoint's averages go on where the stage keeps one (a checkpoint without them, saved
+        before ``optim.ema`` was set: the average begins at the resumed weights, said in the log),
+        and are dropped where it no longer does."""
+        state = self.opt.state
+        if not self.stage.optim.ema:
+            for p in self._params():
+                state.get(p, {}).pop(st.AVERAGE, None)
+        elif not info.get("average") and self.d.main:
+            log.warning("stage %s: %s holds no average of the weights: the average (ema %s) begins anew from its "
+                        "weights", self.stage.name, path.name, self.stage.optim.ema)  # fmt: skip
 
     def _layout(self) -> dict:
         """What a saved position (epoch, micro-batch) means: the sampler's global batch, the
@@ -338,6 +351,8 @@ class Trainer:
         if tb is not None:
             tb.close()
         self.policy.check(final=True)
+        if s.optim.ema:
+            self._take_average()
         converged = None if s.stop.at_loss is None else pr.stop_at is not None
         if self.d.main:
             if converged is False:
@@ -404,9 +419,52 @@ class Trainer:
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.optim.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
+        if s.optim.ema:
+            self._average()
         if self.masters is not None:
             self.masters.masters_to_model()
         return total / count, ntok, gnorm
+
+    def _params(self) -> list[torch.Tensor]:
+        """What the optimiser steps: the trainable parameters (bf16-pure: their fp32 masters)."""
+        return [p for g in self.opt.param_groups for p in g["params"]]
+
+    @torch.no_grad()
+    def _average(self) -> None:
+        """``optim.ema``: each parameter's average (fp32, in the optimiser's state, so checkpoints
+        carry it) moves toward the weights just stepped; the first step's weights begin it. A
+        parameter AdamW has not stepped yet (no gradient so far) has none: its weights are their
+        own average, and its state stays empty for AdamW to begin."""
+        state, new, avgs, cur = self.opt.state, [], [], []
+        for p in self._params():
+            if not state.get(p):
+                continue
+            a = state[p].get(st.AVERAGE)
+            if a is None:
+                new.append(p)
+            else:
+                avgs.append(a)
+                cur.append(p.detach() if p.dtype == torch.float32 else p.detach().float())
+        for p in new:
+            state[p][st.AVERAGE] = p.detach().float().clone()
+        if avgs and _plain(avgs + cur):
+            torch._foreach_lerp_(avgs, cur, 1.0 - self.stage.optim.ema)
+        else:  # DTensor shards (FSDP): one at a time
+            for a, c in zip(avgs, cur, strict=True):
+                a.lerp_(c, 1.0 - self.stage.optim.ema)
+
+    @torch.no_grad()
+    def _take_average(self) -> None:
+        """The stage's model becomes its weights' average (bf16-pure: the fp32 masters do, which
+        the stage then saves)."""
+        params = [p for p in self._params() if st.AVERAGE in self.opt.state.get(p, {})]
+        for p in params:
+            p.copy_(self.opt.state[p][st.AVERAGE])
+        if self.masters is not None:
+            self.masters.masters_to_model()
+        if params and self.d.main:
+            log.info("stage %s: the model is the average of its weights (ema %s)", self.stage.name,
+                     self.stage.optim.ema)  # fmt: skip
 
     def _stand_in_step(self, autocast, pr: Progress) -> None:
         """Under DDP / FSDP, for a micro-batch whose rows on this process are all bad: the last
@@ -492,6 +550,8 @@ class Trainer:
 
     def _save(self, core, pr: Progress) -> None:
         info = pr.info(self.stage.name, self.policy, self._layout())
+        if self.stage.optim.ema:  # the optimiser state holds the weights' averages (a sharded load looks)
+            info["average"] = self.stage.optim.ema
         path = self.ckpt_dir / f"step-{pr.step:06d}"
         ranks = st.gather_rank_rng()  # collective: each rank's generator (its dropout masks go on from it)
         if st.is_sharded(core):  # FSDP: every rank writes its shards (collective)

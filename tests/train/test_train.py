@@ -2,6 +2,7 @@
 a SIGKILLed run resumes to the same losses (also DDP with 2 gloo processes), NaN stops cleanly."""
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from modalign import MLLM
 from modalign.checkpoints import CheckpointError
@@ -226,6 +228,114 @@ def test_each_stage_changes_exactly_its_trainable_parameters(data, tmp_path):
     assert (tmp_path / "run" / "model" / "tokenizer.json").is_file()
 
 
+def test_a_stage_with_ema_saves_the_average_of_its_steps_weights(data, tmp_path, monkeypatch, caplog):
+    """``optim.ema``: after every optimiser step each trainable weight's fp32 average moves toward
+    it (the first step's weights begin it); the stage's model is the average, its frozen parts
+    untouched, and the checkpoints carry the averages. A resume from a checkpoint without them
+    (saved before the setting) begins them anew, and one without the setting drops them."""
+    from modalign.train import trainer as tr
+    from modalign.train.state import AVERAGE
+
+    doc = recipe_doc(data, steps=5, save_every=0)
+    doc["stages"] = doc["stages"][:1]
+    doc["stages"][0]["optim"]["ema"] = 0.6
+    stepped = []
+    real = tr.Trainer._average
+
+    def spy(self):  # the weights just stepped (bf16-pure: their fp32 masters)
+        src = self.masters.named_parameters() if self.masters else self.model.named_parameters()
+        stepped.append({n: p.detach().clone() for n, p in src if p.requires_grad})
+        real(self)
+
+    def average(sets):
+        stepped.clear()
+        run_recipe(load_recipe(doc, sets=sets), tmp_path / "_".join(["ema", *sets]), progress=False)
+        assert len(stepped) == 5
+        want = dict(stepped[0])
+        for w in stepped[1:]:
+            want = {n: torch.lerp(want[n], w[n], 1 - 0.6) for n in want}
+        return want, dict(
+            MLLM.from_pretrained(tmp_path / "_".join(["ema", *sets]) / "align" / "model").named_parameters()
+        )
+
+    monkeypatch.setattr(tr.Trainer, "_average", spy)
+    want, model = average(["stages.align.precision=bf16-pure"])  # the masters' average, in fp32
+    assert all(model[n].dtype == torch.float32 and torch.equal(model[n], want[n]) for n in want) and want
+    want, model = average([])
+    assert all(torch.equal(model[n], want[n]) for n in want) and want
+    assert not any(torch.equal(model[n], stepped[-1][n]) for n in want)  # the average, not the last step
+    plain = run_recipe(
+        load_recipe(doc, sets=["stages.align.optim.ema=0"]), tmp_path / "plain", progress=False
+    )
+    assert plain["align"].steps == 5
+    last = dict(MLLM.from_pretrained(tmp_path / "plain" / "align" / "model").named_parameters())
+    assert all(torch.equal(last[n], model[n]) for n in last if n not in want)  # the frozen parts alike
+    assert all(torch.equal(last[n], stepped[-1][n]) for n in want)  # without: the last step's weights
+    # checkpoints: the averages beside AdamW's moments; a resume goes on with them
+    with pytest.raises(ConfigError, match=r"optim\.ema: expected a decay in \[0, 1\)"):
+        load_recipe(doc, sets=["stages.align.optim.ema=1"])
+    saved = recipe_doc(data, steps=5, save_every=2)
+    saved["stages"] = saved["stages"][:1]
+    saved["stages"][0]["optim"]["ema"] = 0.6
+    run_recipe(load_recipe(saved), tmp_path / "saved", progress=False)
+    ckpt = checkpoints(tmp_path / "saved" / "align" / "checkpoints")[-1]
+    opt_keys = list(load_file(ckpt / "optimizer.safetensors"))
+    assert sum(k.endswith(f"/{AVERAGE}") for k in opt_keys) == len(want)
+    assert json.loads((ckpt / "state.json").read_text())["info"]["average"] == 0.6
+    run = tmp_path / "saved" / "align"
+    assert all(torch.equal(MLLM.from_pretrained(run / "model").state_dict()[n], want[n]) for n in want)
+
+    def resume(sets):  # from step 4's checkpoint: the fifth step again
+        shutil.rmtree(run / "model")
+        (run / "result.json").unlink()
+        shutil.rmtree(checkpoints(run / "checkpoints")[-1])
+        stepped.clear()
+        run_recipe(load_recipe(saved, sets=sets), tmp_path / "saved", progress=False)
+        return MLLM.from_pretrained(run / "model").state_dict()
+
+    assert [p.name for p in checkpoints(run / "checkpoints")] == ["step-000004", "step-000005"]
+    after = resume([])
+    assert len(stepped) == 1 and all(torch.equal(after[n], want[n]) for n in want)  # exactly as unbroken
+    after = resume(["stages.align.optim.ema=0"])  # averages dropped: the fifth step's weights
+    assert not stepped and all(torch.equal(after[n], last[n]) for n in want)
+    ckpt = checkpoints(run / "checkpoints")[-1]
+    assert not any(k.endswith(f"/{AVERAGE}") for k in load_file(ckpt / "optimizer.safetensors"))
+    # that checkpoint (no averages) resumed with the setting: said in the log, the average begins anew
+    shutil.rmtree(run / "model")
+    (run / "result.json").unlink()
+    shutil.rmtree(checkpoints(run / "checkpoints")[0])
+    with caplog.at_level(logging.WARNING, logger="modalign"):
+        run_recipe(load_recipe(saved), tmp_path / "saved", progress=False)
+    assert "step-000005 holds no average of the weights" in caplog.text
+    after = MLLM.from_pretrained(run / "model").state_dict()
+    assert not stepped and all(torch.equal(after[n], last[n]) for n in want)
+
+
+def test_ema_leaves_a_parameter_adamw_has_not_stepped_to_adamw():
+    """A trainable parameter without a gradient so far (a part the loss has not reached) gets no
+    average and no optimiser state: AdamW begins its moments at its first gradient, and the average
+    begins then too."""
+    from types import SimpleNamespace
+
+    from modalign.train import trainer as tr
+    from modalign.train.state import AVERAGE
+
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([a, b], lr=0.1)
+    t = SimpleNamespace(opt=opt, stage=SimpleNamespace(optim=SimpleNamespace(ema=0.5)))
+    t._params = lambda: tr.Trainer._params(t)
+    a.sum().backward()
+    opt.step()
+    tr.Trainer._average(t)
+    assert torch.equal(opt.state[a][AVERAGE], a.detach()) and not opt.state.get(b)
+    first = a.detach().clone()
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    opt.step()  # b's first step
+    tr.Trainer._average(t)
+    assert torch.equal(opt.state[b][AVERAGE], b.detach()) and int(opt.state[b]["step"]) == 1
+    assert torch.equal(opt.state[a][AVERAGE], torch.lerp(first, a.detach(), 0.5))
+
+
 def test_a_frozen_vision_tower_runs_once_per_image(data, tmp_path, monkeypatch):
     """With the tower frozen (both stages here), its output per image file is computed before the
     first stage, once, in file order (``feature_cache_mb``), and the second stage, whose tower is the
@@ -428,6 +538,7 @@ def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
         "name": "lm",
         "answer_prior": {"weight": 1.0, "min_count": 5},
     }  # resumes exactly with it too
+    doc["stages"][1]["optim"]["ema"] = 0.8  # and with the weights' average (the saved model: equal below)
     recipe.write_text(yaml.safe_dump(doc))
     full, cut = tmp_path / "full", tmp_path / "cut"
     subprocess.run(_train_cmd(recipe, full, data, ddp), env=ENV, check=True, capture_output=True, timeout=600)
@@ -459,10 +570,13 @@ def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
         assert json.loads((last / "state.json").read_text())["info"]["step"] == 6
         assert sorted(p.suffix for p in last.rglob("*") if p.is_file()) == [".json", *[".safetensors"] * 3]
         assert len(list((last / "sharded").glob("shard-*.safetensors"))) == 2
-        # one process reads the shards back (DCP reshards) into the final weights
-        sd = {f"model/{k}": torch.zeros_like(v) for k, v in a.state_dict().items()}
+        # one process reads the shards back (DCP reshards) into the final weights: the trained
+        # ones' averages (the stage's model), the frozen ones as they are
+        trained = {k for k, _ in a.named_parameters() if k.startswith(("connector.", "llm."))}
+        keys = {k: f"optim/{k}/average" if k in trained else f"model/{k}" for k in a.state_dict()}
+        sd = {keys[k]: torch.zeros_like(v) for k, v in a.state_dict().items()}
         dcp.load(sd, storage_reader=dcp.HuggingFaceStorageReader(str(last / "sharded")))
-        assert all(torch.equal(sd[f"model/{k}"], v) for k, v in a.state_dict().items())
+        assert trained and all(torch.equal(sd[keys[k]], v) for k, v in a.state_dict().items())
 
 
 def test_interrupted_save_is_ignored_and_nan_stops_with_checkpoint(data, tmp_path):
