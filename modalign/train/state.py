@@ -359,6 +359,18 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
     return doc["info"]
 
 
+def _average_slots(model: nn.Module, opt) -> None:
+    """A zero fp32 average, sharded as its parameter, in the optimiser's live state for each
+    parameter with state (initialised here, as a zero-lr step) and no average yet."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    get_state_dict(model, opt)
+    for p in (p for g in opt.param_groups for p in g["params"]):
+        fields = opt.state.get(p)
+        if fields and AVERAGE not in fields:
+            fields[AVERAGE] = torch.zeros_like(p.detach(), dtype=torch.float32)
+
+
 def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
     """Load a checkpoint into an FSDP model: DCP shards (any world size: DCP reshards) or, for a
     checkpoint written without sharding, the full state scattered to the shards."""
@@ -370,6 +382,8 @@ def load_training_state_sharded(path: Path, model: nn.Module, opt) -> dict:
     msd = _load(path / "model.safetensors")
     state = _nest(_load(path / "optimizer.safetensors") | doc["optimizer"]["scalars"])
     osd = {"state": state, "param_groups": _with_kernel(doc["optimizer"]["groups"], opt)}
+    if doc["info"].get("average"):  # a place (sharded as its parameter) for each full average to be
+        _average_slots(model, opt)  # scattered into: a key the live state lacks is copied in whole
     set_state_dict(model, opt, model_state_dict=msd, optim_state_dict=osd,
                    options=StateDictOptions(full_state_dict=True))  # fmt: skip
     set_rng_state(_load(path / "rng.safetensors"), doc["rng"])

@@ -283,6 +283,9 @@ class Trainer:
         elif not info.get("average") and self.d.main:
             log.warning("stage %s: %s holds no average of the weights: the average (ema %s) begins anew from its "
                         "weights", self.stage.name, path.name, self.stage.optim.ema)  # fmt: skip
+        elif info["average"] != self.stage.optim.ema and self.d.main:
+            log.warning("stage %s: %s averaged the weights with decay %s; the average goes on with %s",
+                        self.stage.name, path.name, info["average"], self.stage.optim.ema)  # fmt: skip
 
     def _layout(self) -> dict:
         """What a saved position (epoch, micro-batch) means: the sampler's global batch, the

@@ -579,6 +579,43 @@ def test_sigkill_and_resume_logs_the_same_losses(data, tmp_path, strategy):
         assert trained and all(torch.equal(sd[keys[k]], v) for k, v in a.state_dict().items())
 
 
+def test_a_full_checkpoint_with_averages_resumes_under_fsdp(data, tmp_path):
+    """A stage saved by one process with ``optim.ema`` resumed under FSDP (two gloo processes, the
+    same global batch): its averages are scattered to the shards as the weights are (left whole,
+    they stood as plain tensors beside the sharded weights and the next step failed), the run goes
+    on, and its model is the uninterrupted run's up to FSDP's other order of sums."""
+    doc = recipe_doc(data, steps=6, save_every=2)
+    doc["stages"] = doc["stages"][:1]
+    doc["stages"][0]["optim"]["ema"] = 0.8
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(doc))
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    subprocess.run(
+        _train_cmd(recipe, full, data, False), env=ENV, check=True, capture_output=True, timeout=300
+    )
+    shutil.copytree(full, cut)
+    shutil.rmtree(cut / "align" / "model")
+    shutil.rmtree(cut / "model")
+    (cut / "align" / "result.json").unlink()
+    shutil.rmtree(checkpoints(cut / "align" / "checkpoints")[-1])  # step 6: resumed from step 4
+    doc["parallel"]["strategy"] = "fsdp"
+    doc["stages"][0]["data"]["batch_size"] = 4  # per process: 8 a step, as saved
+    recipe.write_text(yaml.safe_dump(doc))
+    r = subprocess.run(
+        _train_cmd(recipe, cut, data, True), env=ENV, capture_output=True, timeout=400, text=True
+    )
+    assert r.returncode == 0, [x for x in r.stderr.splitlines() if "Error" in x][-3:]
+    assert (
+        [x[0] for x in losses_of(cut / "align")]
+        == [x[0] for x in losses_of(full / "align")]
+        == list(range(1, 7))
+    )
+    a, b = MLLM.from_pretrained(full / "model").state_dict(), MLLM.from_pretrained(cut / "model").state_dict()
+    trained = [k for k in a if k.startswith("connector.")]
+    assert trained and all(torch.allclose(a[k], b[k], atol=1e-4, rtol=1e-3) for k in trained)
+    assert all(torch.equal(a[k], b[k]) for k in a if k not in trained)
+
+
 def test_interrupted_save_is_ignored_and_nan_stops_with_checkpoint(data, tmp_path):
     from modalign.train import trainer as tr
     from modalign.train.objectives.lm import LMObjective
