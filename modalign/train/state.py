@@ -283,18 +283,12 @@ def full_model_state(model: nn.Module) -> dict:
     return get_model_state_dict(model, options=_opts())
 
 
-def _flat_sharded(model: nn.Module, opt, average: bool = False) -> tuple[dict, dict, dict, dict]:
+def _flat_sharded(model: nn.Module, opt) -> tuple[dict, dict, dict, dict]:
     """(model state, optimiser state, flat tensors for DCP, JSON scalars); the tensors are this
-    rank's shards (DTensors) and alias the returned state dicts, so a DCP load fills both.
-    ``average``: a place for each parameter's average where the state has none (a load of a
-    checkpoint that holds them)."""
+    rank's shards (DTensors) and alias the returned state dicts, so a DCP load fills both."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, opt)  # initialises empty optimiser state (a zero-lr step)
-    if average:
-        for name, fields in osd["state"].items():
-            if fields and AVERAGE not in fields:  # (a parameter never stepped has neither)
-                fields[AVERAGE] = torch.zeros_like(msd[name], dtype=torch.float32)
     flat = {f"model/{k}": v for k, v in msd.items()}
     scalars = {}
     for name, fields in osd["state"].items():
@@ -348,7 +342,9 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
 
-    msd, osd, flat, _ = _flat_sharded(model, opt, average=bool(doc["info"].get("average")))
+    if doc["info"].get("average"):  # a place for each of the checkpoint's averages to be read into
+        _average_slots(model, opt)
+    msd, osd, flat, _ = _flat_sharded(model, opt)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(path / "sharded")))
@@ -361,7 +357,8 @@ def _load_dcp(path: Path, model: nn.Module, opt, doc: dict) -> dict:
 
 def _average_slots(model: nn.Module, opt) -> None:
     """A zero fp32 average, sharded as its parameter, in the optimiser's live state for each
-    parameter with state (initialised here, as a zero-lr step) and no average yet."""
+    parameter with state (initialised here, as a zero-lr step) and no average yet (one never
+    stepped has neither): where a load of a checkpoint holding averages puts them."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     get_state_dict(model, opt)

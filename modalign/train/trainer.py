@@ -418,8 +418,7 @@ class Trainer:
         self._check_grads(pr.step)
         gnorm = None
         if s.optim.clip:
-            params = [p for g in self.opt.param_groups for p in g["params"]]
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.optim.clip))
+            gnorm = float(torch.nn.utils.clip_grad_norm_(self._params(), s.optim.clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         if s.optim.ema:
@@ -447,7 +446,7 @@ class Trainer:
                 new.append(p)
             else:
                 avgs.append(a)
-                cur.append(p.detach() if p.dtype == torch.float32 else p.detach().float())
+                cur.append(p.detach().float())  # (the tensor itself where it is fp32)
         for p in new:
             state[p][st.AVERAGE] = p.detach().float().clone()
         if avgs and _plain(avgs + cur):
