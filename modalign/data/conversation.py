@@ -9,7 +9,7 @@ marks), and a token is trained iff its character span overlaps a loss span:
     ids   :  1  ...  [img x N]  ...                   ' red' '</s>'
     labels: -100 ... -100 ...                          ' red' '</s>'
 
-Built-in templates: plain, vicuna_v1, llava_v1, chatml, llama3, mistral_instruct, mplug_owl,
+Built-in templates: plain, interleaved, vicuna_v1, llava_v1, chatml, llama3, mistral_instruct, mplug_owl,
 mplug_owl2, internlm2, blip2, minigpt4, alpaca; ``jinja``
 renders a checkpoint's own ``chat_template`` in a sandboxed Jinja environment, as transformers'
 ``apply_chat_template`` does, with its replies' spans from ``{% generation %}`` blocks or by probing
@@ -155,6 +155,33 @@ class PlainTemplate(Template):
             elif m.role == "assistant":
                 out.append((m.content.replace(IMAGE_MARK, ""), True, True))
                 out.append(("\n", True))
+
+
+class InterleavedTemplate(Template):
+    """Interleaved image-text documents (MMC4, OBELICS) and image-caption pairs as a Flamingo-style
+    model trains on them (OpenFlamingo's ``train_utils``): every message's text with each image where
+    it stands in it, an assistant message ended by EOS; the loss on an assistant's text after the
+    document's first image (text before any image has none to read) and never on an image token.
+    A document is one assistant message with ``<image>`` where each image goes; a caption pair is
+    an ``<image>`` turn and its caption. OpenFlamingo ends each image's chunk with an added
+    ``<|endofchunk|>`` token; here the document's EOS alone is learnt."""
+
+    name = "interleaved"
+    bos_first = True
+
+    def _render(self, messages, tok, out, gen):
+        _, eos = _specials(tok)
+        seen = False  # an image came before
+        for m in messages:
+            trained = m.role == "assistant"
+            for i, piece in enumerate(m.content.split(IMAGE_MARK)):
+                if i:
+                    out.append((IMAGE_MARK, False))
+                    seen = True
+                if piece:
+                    out.append((piece, trained and seen, True))
+            if trained:
+                out.append((eos, seen))
 
 
 class SepTemplate(Template):
@@ -611,6 +638,7 @@ class JinjaTemplate(Template):
 
 TEMPLATES = {
     "plain": PlainTemplate(),
+    "interleaved": InterleavedTemplate(),
     "vicuna_v1": SepTemplate("vicuna_v1", VICUNA_SYSTEM),
     "llava_v1": SepTemplate("llava_v1", LLAVA_SYSTEM),
     "chatml": ChatMLTemplate(),

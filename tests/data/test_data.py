@@ -28,6 +28,7 @@ from modalign.data.datasets import (
     SkipBudgetExceeded,
     load_samples,
     mixture_indices,
+    parse_record,
 )
 from modalign.data.images import ImageProcessor, open_image, patch_at, resolve_image_path
 from modalign.data.tokenizer import Tokenizer
@@ -74,13 +75,14 @@ EXPECTED = {
     "\n\nAnd the size?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is large.<|eot_id|>",
     "mistral_instruct": "<s>[INST] \ue000\nWhat is it? [/INST] A red circle.</s>[INST] And the size? [/INST] It is large.</s>",
     "plain": "<s>\ue000A red circle.\nIt is large.\n",
+    "interleaved": "<s>\ue000\nWhat is it?A red circle.</s>And the size?It is large.</s>",
     # Alpaca's prompt; a later turn repeats the blocks after the reply's EOS
     "alpaca": "<s>Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n\ue000\nWhat is it?\n\n### Response:A red circle.</s>\n\n### Instruction:\n"
     "And the size?\n\n### Response:It is large.</s>",
 }
 EOT = {"vicuna_v1": "</s>", "llava_v1": "</s>", "chatml": "<|im_end|>", "llama3": "<|eot_id|>",
-       "mistral_instruct": "</s>", "plain": "\n", "alpaca": "</s>"}  # fmt: skip
+       "mistral_instruct": "</s>", "plain": "\n", "alpaca": "</s>", "interleaved": "</s>"}  # fmt: skip
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -98,6 +100,24 @@ def test_template_golden_text_and_labelled_spans(tok, name):
     if name == "plain":  # stage-1 text: the replies are adjacent and form one trained run
         replies = ["".join(replies)]
     assert runs == replies
+
+
+def test_interleaved_document_trains_the_text_after_its_first_image(tok):
+    """An MMC4-style document (one ``gpt`` turn, two images inside its text) keeps its images where
+    they stand; the loss covers the text after the first image and the EOS, not the text before
+    it nor the image tokens (OpenFlamingo's masking)."""
+    rec = {"id": "doc-1", "image": ["a.png", "b.png"], "conversations": [
+        {"from": "gpt", "value": "The blue house. <image> A red circle. <image> It is large."}]}  # fmt: skip
+    conv = parse_record(rec, "doc-1", "mmc4")
+    r = render(conv, tok, get_template("interleaved"), IMG, image_tokens=3)
+    assert r.num_images == 2 and r.input_ids.count(IMG) == 6
+    first, second = r.input_ids.index(IMG), len(r.input_ids) - r.input_ids[::-1].index(IMG) - 1
+    assert tok.decode(r.input_ids[1:first]).strip() == "The blue house."
+    assert tok.decode(r.input_ids[first + 3 : second - 2]).strip() == "A red circle."
+    assert all(label == -100 for label in r.labels[: first + 3])
+    assert all(r.labels[i] == -100 for i, t in enumerate(r.input_ids) if t == IMG)
+    runs = [tok.decode(run).strip() for run in labelled_runs(r.input_ids, r.labels)]
+    assert runs == ["A red circle.", "It is large.</s>"]
 
 
 def test_generation_prompt_has_no_labels(tok):

@@ -76,6 +76,13 @@ def _data(root: Path) -> Path:
     for names, records in ((CAPTIONS, caps), (INSTRUCT, inst), (TEXT, convs)):
         for name in names:
             (data / name).write_text(json.dumps(records))
+    # MMC4-style documents: text, then two images, each followed by its caption
+    docs = []
+    for i, (a, b) in enumerate(zip(caps, caps[1:], strict=False)):
+        text = f"A page of pictures. <image> {a['conversations'][-1]['value']} <image> {b['conversations'][-1]['value']}"
+        docs.append({"id": f"doc-{i}", "image": [a["image"], b["image"]],
+                     "conversations": [{"from": "gpt", "value": text}]})  # fmt: skip
+    (data / "mmc4_interleaved.json").write_text(json.dumps(docs))
     return data
 
 
