@@ -109,6 +109,7 @@ class Template:
     bos_first = False
     stop_tokens: tuple[str, ...] = ()  # tokens that end a reply besides EOS (its end-of-turn)
     stop_strings: tuple[str, ...] = ()  # text that ends a reply where no single token does
+    needs_image = False  # a sample without an image trains nothing (``interleaved``)
 
     def render(
         self, messages: list[Message], tok: Tokenizer, add_generation_prompt: bool = False, tools=None
@@ -159,29 +160,36 @@ class PlainTemplate(Template):
 
 class InterleavedTemplate(Template):
     """Interleaved image-text documents (MMC4, OBELICS) and image-caption pairs as a Flamingo-style
-    model trains on them (OpenFlamingo's ``train_utils``): every message's text with each image where
-    it stands in it, an assistant message ended by EOS; the loss on an assistant's text after the
-    document's first image (text before any image has none to read) and never on an image token.
-    A document is one assistant message with ``<image>`` where each image goes; a caption pair is
-    an ``<image>`` turn and its caption. OpenFlamingo ends each image's chunk with an added
-    ``<|endofchunk|>`` token; here the document's EOS alone is learnt."""
+    model trains on them (OpenFlamingo's ``train_utils``): an assistant message's text with each
+    image where it stands in it, then EOS; the loss on that text after the sample's first image
+    (text before any image has none to read) and never on an image token. A document is one
+    assistant message with ``<image>`` where each image goes; a caption pair is an ``<image>`` turn
+    and its caption. Other turns give only their images, in place, as ``plain``'s do (their words
+    are an instruction, not the document's text), so a chat prompt is its images and the model
+    goes on with the text that follows them. A sample without an image trains nothing and is
+    refused. OpenFlamingo ends each image's chunk with an added ``<|endofchunk|>`` token; here
+    the sample's EOS alone is learnt."""
 
     name = "interleaved"
     bos_first = True
+    needs_image = True
 
     def _render(self, messages, tok, out, gen):
         _, eos = _specials(tok)
         seen = False  # an image came before
         for m in messages:
-            trained = m.role == "assistant"
+            if m.role != "assistant":
+                if m.num_images:
+                    out.append((IMAGE_MARK * m.num_images, False))
+                    seen = True
+                continue
             for i, piece in enumerate(m.content.split(IMAGE_MARK)):
                 if i:
                     out.append((IMAGE_MARK, False))
                     seen = True
                 if piece:
-                    out.append((piece, trained and seen, True))
-            if trained:
-                out.append((eos, seen))
+                    out.append((piece, seen, True))
+            out.append((eos, seen))
 
 
 class SepTemplate(Template):
@@ -699,6 +707,9 @@ def render(
                         "that holds the others (a system turn, an image in a reply)", conv.id)  # fmt: skip
     if n_images and image_token_id is None:
         raise BadSample("image count mismatch", "has images but the model takes none", conv.id)
+    if template.needs_image and not n_images and not add_generation_prompt:
+        raise BadSample("no image", f"the chat template ({template.name}) trains the text after a sample's first "
+                        "image, and this sample has none", conv.id)  # fmt: skip
     counts = [image_tokens] * n_images if isinstance(image_tokens, int) else list(image_tokens)
     ids: list[int] = []
     trained: list[bool] = []

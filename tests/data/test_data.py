@@ -75,7 +75,7 @@ EXPECTED = {
     "\n\nAnd the size?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nIt is large.<|eot_id|>",
     "mistral_instruct": "<s>[INST] \ue000\nWhat is it? [/INST] A red circle.</s>[INST] And the size? [/INST] It is large.</s>",
     "plain": "<s>\ue000A red circle.\nIt is large.\n",
-    "interleaved": "<s>\ue000\nWhat is it?A red circle.</s>And the size?It is large.</s>",
+    "interleaved": "<s>\ue000A red circle.</s>It is large.</s>",
     # Alpaca's prompt; a later turn repeats the blocks after the reply's EOS
     "alpaca": "<s>Below is an instruction that describes a task. Write a response that appropriately completes "
     "the request.\n\n### Instruction:\n\ue000\nWhat is it?\n\n### Response:A red circle.</s>\n\n### Instruction:\n"
@@ -97,7 +97,7 @@ def test_template_golden_text_and_labelled_spans(tok, name):
     assert r.input_ids.count(IMG) == 5 and r.num_images == 1
     runs = [tok.decode(run).lstrip(" ") for run in labelled_runs(r.input_ids, r.labels)]
     replies = ["A red circle." + EOT[name], "It is large." + EOT[name]]
-    if name == "plain":  # stage-1 text: the replies are adjacent and form one trained run
+    if name in ("plain", "interleaved"):  # caption / document text: the replies are adjacent, one trained run
         replies = ["".join(replies)]
     assert runs == replies
 
@@ -107,17 +107,34 @@ def test_interleaved_document_trains_the_text_after_its_first_image(tok):
     they stand; the loss covers the text after the first image and the EOS, not the text before
     it nor the image tokens (OpenFlamingo's masking)."""
     rec = {"id": "doc-1", "image": ["a.png", "b.png"], "conversations": [
-        {"from": "gpt", "value": "The blue house. <image> A red circle. <image> It is large."}]}  # fmt: skip
+        {"from": "gpt", "value": "The blue house.<image>A red circle.<image>It is large."}]}  # fmt: skip
     conv = parse_record(rec, "doc-1", "mmc4")
     r = render(conv, tok, get_template("interleaved"), IMG, image_tokens=3)
-    assert r.num_images == 2 and r.input_ids.count(IMG) == 6
-    first, second = r.input_ids.index(IMG), len(r.input_ids) - r.input_ids[::-1].index(IMG) - 1
-    assert tok.decode(r.input_ids[1:first]).strip() == "The blue house."
-    assert tok.decode(r.input_ids[first + 3 : second - 2]).strip() == "A red circle."
-    assert all(label == -100 for label in r.labels[: first + 3])
-    assert all(r.labels[i] == -100 for i, t in enumerate(r.input_ids) if t == IMG)
-    runs = [tok.decode(run).strip() for run in labelled_runs(r.input_ids, r.labels)]
-    assert runs == ["A red circle.", "It is large.</s>"]
+    assert r.num_images == 2
+    ids, labels = r.input_ids, r.labels
+    blocks = [i for i, t in enumerate(ids) if t == IMG and ids[i - 1] != IMG]  # each image's first token
+    assert len(blocks) == 2 and all(ids[b : b + 3] == [IMG] * 3 for b in blocks)
+    pieces = [ids[1 : blocks[0]], ids[blocks[0] + 3 : blocks[1]], ids[blocks[1] + 3 :]]
+    assert [tok.decode(p) for p in pieces] == ["The blue house.", "A red circle.", "It is large.</s>"]
+    trained = [i for i, label in enumerate(labels) if label != -100]
+    assert trained == [*range(blocks[0] + 3, blocks[1]), *range(blocks[1] + 3, len(ids))]
+    assert all(labels[i] == ids[i] for i in trained)
+
+
+def test_interleaved_chat_prompt_is_its_images_and_a_sample_without_one_is_refused(tok):
+    """A chat turn gives its images alone (as in ``plain``), so the prompt ends where the model
+    writes the text that follows them; a sample without an image has nothing to learn and is
+    refused by name."""
+    t = get_template("interleaved")
+    conv = Conversation(
+        [Message("system", "Be brief."), Message("user", IMAGE_MARK + "\nWhat is it?")], ["x.png"]
+    )
+    r = render(conv, tok, t, IMG, image_tokens=4, add_generation_prompt=True)
+    assert r.input_ids == [tok.bos_id] + [IMG] * 4 and r.num_trained == 0
+    text_only = Conversation([Message("user", "hi"), Message("assistant", "A red circle.")], id="t-1")
+    with pytest.raises(BadSample, match="t-1.*interleaved.*first image") as e:
+        render(text_only, tok, t, IMG)
+    assert e.value.reason == "no image"
 
 
 def test_generation_prompt_has_no_labels(tok):

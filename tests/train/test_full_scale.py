@@ -30,7 +30,6 @@ CAPTIONS = (
     "captions.json",
     "pretrain.json",
     "laion_captions.json",
-    "mmc4_interleaved.json",
     "coco_captions.json",
 )
 INSTRUCT = ("llava_v1_5_mix665k.json", "llava_instruct_150k.json", "multimodal_instructions.json",
@@ -314,6 +313,13 @@ def test_full_scale_recipe_dress_rehearsal(recipe, released, tmp_path, capsys):
         assert cfg.llm.mam and any(".multiway.1." in n for n, _ in model.named_parameters())
     if recipe == "xcomposer2":
         assert cfg.llm.plora is not None and cfg.llm.fused_qkv
+    if recipe == "openflamingo":  # every step trained on a batch of each source, the documents too
+        rows = [json.loads(x) for x in (out / first.name / "metrics.jsonl").read_text().splitlines()]
+        losses = [r["source_loss"] for r in rows if "source_loss" in r]
+        assert len(losses) == 2 and all(
+            {Path(k).stem for k in x} == {"laion_captions", "mmc4_interleaved"} for x in losses
+        )
+        assert all(0 < v < 100 for x in losses for v in x.values())
     png = data / "images" / "train_00000.png"
     argv = ["generate", "--model", str(out / "model"), "--image", str(png), "--prompt", "What is in the image?",
             "--max-new-tokens", "6", "--json"]  # fmt: skip
