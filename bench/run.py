@@ -152,7 +152,7 @@ def main() -> None:
               f"whole chat {c['transformers_chat']:.2f} / {c['modalign_chat']:.2f} / {c['modalign+prefix_chat']:.2f} s; "
               f"same greedy tokens as modalign without the cache: "
               + ", ".join(f"{k} {'yes' if v else 'no'}" for k, v in c["same_tokens"].items()) + "."]  # fmt: skip
-    lines += ["", "Training (forward + backward + AdamW; bf16 is autocast on both sides; below each, the FLOPs a "
+    lines += ["", "Training (forward + backward + AdamW; `bf16` is autocast on both sides; below each, the FLOPs a "
               "sample's step computes on each side, counted by torch's FLOP counter):", "", "```text",
               *[x for out in train.values() for x in out.splitlines() if x.startswith(("fp32", "bf16", "  a sample"))],
               "```", ""]  # fmt: skip

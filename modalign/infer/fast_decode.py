@@ -189,8 +189,8 @@ LINEAR, TALL, PACKED = "linear", "tall", "packed"  # how a matrix is multiplied 
 # (out, in, threads, bytes timed) -> form with few rows, with more, with more where nothing is
 # packed; timed once per machine (``_saved_forms``), then kept here for the process
 _FORMS: dict[tuple, tuple[str, str, str]] = {}
-_FORMS_VERSION = 1  # of how forms are timed and chosen: saved forms of another version are timed again
-_TIMED_BYTES = 64 * 2**20  # the forms are timed over this much of a shape's matrices (beyond caches)
+_FORMS_VERSION = 2  # of how forms are timed and chosen: saved forms of another version are timed again
+_TIMED_BYTES = 64 * 2**20  # the forms are timed over up to this much of a shape's matrices
 
 
 class Mat:
@@ -262,12 +262,14 @@ def _tall(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def _forms(w, groups: dict) -> tuple[str, str, str]:
     """How ``w`` is multiplied (``_lin``) with up to ``FEW_ROWS`` rows, with up to ``PACK_ROWS``,
     and with more or where the plan has no packed copies: timed over up to ``_TIMED_BYTES`` of
-    that shape's matrices (read from memory, as a decode step reads them), once per machine
-    (saved, ``_forms_file``) and kept for the process; another form than ``x @ w.T`` only where
-    it is at least 10% faster."""
+    that shape's matrices, once per machine (saved, ``_forms_file``) and kept for the process;
+    another form than ``x @ w.T`` only where it is at least 10% faster. They are read as a decode
+    step reads them: from memory where all the plan's matrices (``groups``) are more than the
+    last-level cache holds (the cache is flushed before each timed round), else from the cache."""
     if not _timed(w):
         return (LINEAR, LINEAR, LINEAR)
     shape = tuple(w.shape)
+    cold = sum(m.numel() * m.element_size() for ms in groups.values() for m in ms) > _llc_bytes()
     ws, size = [], 0  # up to _TIMED_BYTES of the shape's matrices, the last one's leading rows
     for m in groups[shape]:
         rows = min(m.shape[0], max(1, (_TIMED_BYTES - size) // (m.shape[1] * m.element_size())))
@@ -275,13 +277,15 @@ def _forms(w, groups: dict) -> tuple[str, str, str]:
         size += ws[-1].numel() * m.element_size()
         if size >= _TIMED_BYTES:
             break
-    key = (*shape, torch.get_num_threads(), size)
+    key = (*shape, torch.get_num_threads(), size, cold)
     if key not in _FORMS:
-        name = f"{shape[0]}x{shape[1]}, {size} bytes timed, {key[2]} threads, packed {_has_packed()}"
+        read = "from memory" if cold else "from the cache"
+        name = f"{shape[0]}x{shape[1]}, {size} bytes timed {read}, {key[2]} threads, packed {_has_packed()}"
         forms = _valid_forms(_saved_forms().get(name))
         if forms is None:
-            few = _fastest(_times(ws, 1, (LINEAR, TALL)))
-            times = _times(ws, PACK_ROWS, (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL))
+            few = _fastest(_times(ws, 1, (LINEAR, TALL), cold=cold))
+            many = (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL)
+            times = _times(ws, PACK_ROWS, many, cold=cold)
             unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
             forms = _save_forms(name, (few, _fastest(times), unpacked))  # another process's if it saved first
         _FORMS[key] = forms
@@ -401,18 +405,45 @@ def _fastest(times: dict[str, float]) -> str:
     return form if times[form] < 0.9 * times[LINEAR] else LINEAR
 
 
+@functools.cache
+def _llc_bytes() -> int:
+    """The size of the largest cache the first CPU sees (Linux's sysfs), 32 MiB where unknown."""
+    sizes = []
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for d in os.listdir(base):
+            if d.startswith("index"):
+                with open(os.path.join(base, d, "size")) as f:
+                    sizes.append(_cache_size(f.read()))
+    except (OSError, ValueError):
+        pass
+    return max(sizes, default=0) or 32 * 2**20
+
+
+def _cache_size(text: str) -> int:
+    """sysfs's cache size ("32768K", "1M", "512") in bytes."""
+    text = text.strip().upper()
+    scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+    return int(text.rstrip("KMG")) * scale
+
+
 @torch.no_grad()
-def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int = 3) -> dict[str, float]:
-    """Seconds for products of ``rows`` rows with each of the matrices ``ws``, in each form."""
+def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int = 3,
+           cold: bool = False) -> dict[str, float]:  # fmt: skip
+    """Seconds for products of ``rows`` rows with each of the matrices ``ws``, in each form;
+    ``cold``: each round reads the matrices from memory (twice the last-level cache read before)."""
     x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
     mats = [Mat(w) for w in ws]
     if PACKED in forms:
         for m in mats:
             m.packed = _pack(m.w)
+    flush = torch.ones(2 * _llc_bytes() // 4) if cold else None
 
     def best(form) -> float:
         times = []
         for _ in range(reps + 1):  # the first round warms up
+            if flush is not None:
+                flush.sum()  # the matrices leave the caches
             t0 = time.perf_counter()
             for m in mats:
                 _product(x, m, form)

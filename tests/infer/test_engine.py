@@ -543,7 +543,7 @@ def _forced_forms(fd, forms):
     timed fastest."""
     few, many, unpacked = forms
 
-    def times(ws, rows, candidates, reps=3):
+    def times(ws, rows, candidates, reps=3, cold=False):
         order = [few] if rows == 1 else [many, unpacked]
         return {f: (order.index(f) if f in order else 9) / 10 + 0.1 for f in candidates}
 
@@ -683,6 +683,43 @@ def test_timed_forms_are_kept_on_disk_and_taken_by_later_processes(tmp_path, mon
         fd.DecodePlan(llm)
         assert set(fd._FORMS.values()) == {("linear",) * 3}
         assert {tuple(v) for v in json.loads(path.read_text())[fd._machine()].values()} == {("linear",) * 3}
+
+
+def test_matrix_forms_are_timed_from_memory_where_the_plan_outgrows_the_last_level_cache(
+    tmp_path, monkeypatch
+):
+    """A decode step reads its matrices from memory when all of them are more than the largest
+    cache holds, and from the cache when they fit: the forms are timed the same way (a cache
+    flushed before each timed round, or not), and saved under names that say which."""
+    import json
+
+    from modalign.infer import fast_decode as fd
+
+    assert (fd._cache_size("32768K\n"), fd._cache_size("1M"), fd._cache_size("512")) == (
+        32 * 2**20,
+        2**20,
+        512,
+    )
+    assert fd._llc_bytes() >= 2**10
+    llm = tiny(7).llm
+    plan_bytes = sum(m.w.numel() * 4 for m in fd.DecodePlan(llm).mats())
+    timed, seen = fd._times, []
+
+    def times(*a, **k):
+        seen.append(k["cold"])
+        return timed(*a, **k)
+
+    monkeypatch.setattr(fd, "_times", times)
+    for llc, cold in ((plan_bytes - 1, True), (plan_bytes + 1, False)):
+        path = tmp_path / f"forms-{cold}.json"
+        monkeypatch.setenv("MODALIGN_DECODE_FORMS", str(path))
+        monkeypatch.setattr(fd, "_FORMS", {})
+        monkeypatch.setattr(fd, "_llc_bytes", lambda llc=llc: llc)
+        seen.clear()
+        fd.DecodePlan(llm)
+        assert seen and set(seen) == {cold}
+        names = list(json.loads(path.read_text())[fd._machine()])
+        assert all(("from memory" in n) == cold and ("from the cache" in n) != cold for n in names)
 
 
 def test_timing_the_matrix_forms_leaves_the_global_generator_alone(monkeypatch):
