@@ -431,13 +431,14 @@ def _cache_size(text: str) -> int:
 def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int = 3,
            cold: bool = False) -> dict[str, float]:  # fmt: skip
     """Seconds for products of ``rows`` rows with each of the matrices ``ws``, in each form;
-    ``cold``: each round reads the matrices from memory (twice the last-level cache read before)."""
+    ``cold``: each round reads the matrices from memory (twice the last-level cache, up to 1 GiB,
+    read before)."""
     x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
     mats = [Mat(w) for w in ws]
     if PACKED in forms:
         for m in mats:
             m.packed = _pack(m.w)
-    flush = torch.ones(2 * _llc_bytes() // 4) if cold else None
+    flush = torch.ones(min(2 * _llc_bytes(), 2**30) // 4) if cold else None
 
     def best(form) -> float:
         times = []
