@@ -186,8 +186,8 @@ FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one ro
 # (packed copies up to PACK_ROWS rows, the best unpacked form above)
 PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
 LINEAR, TALL, PACKED = "linear", "tall", "packed"  # how a matrix is multiplied (``_lin``)
-# (out, in, threads, bytes timed) -> form with few rows, with more, with more where nothing is
-# packed; timed once per machine (``_saved_forms``), then kept here for the process
+# (out, in, threads, bytes timed, from memory) -> form with few rows, with more, with more where
+# nothing is packed; timed once per machine (``_saved_forms``), then kept here for the process
 _FORMS: dict[tuple, tuple[str, str, str]] = {}
 _FORMS_VERSION = 2  # of how forms are timed and chosen: saved forms of another version are timed again
 _TIMED_BYTES = 64 * 2**20  # the forms are timed over up to this much of a shape's matrices
@@ -407,17 +407,41 @@ def _fastest(times: dict[str, float]) -> str:
 
 @functools.cache
 def _llc_bytes() -> int:
-    """The size of the largest cache the first CPU sees (Linux's sysfs), 32 MiB where unknown."""
-    sizes = []
-    base = "/sys/devices/system/cpu/cpu0/cache"
+    """The last-level cache the process's CPUs have (Linux's sysfs): the largest cache level's size,
+    summed over its distinct instances among the CPUs this process may run on (chiplets and sockets
+    each have their own); 32 MiB where unknown."""
     try:
-        for d in os.listdir(base):
-            if d.startswith("index"):
-                with open(os.path.join(base, d, "size")) as f:
-                    sizes.append(_cache_size(f.read()))
-    except (OSError, ValueError):
-        pass
-    return max(sizes, default=0) or 32 * 2**20
+        cpus = sorted(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = [0]
+    found: dict[tuple[int, str], int] = {}  # (level, the CPUs sharing it) -> bytes
+    for cpu in cpus:
+        base = f"/sys/devices/system/cpu/cpu{cpu}/cache"
+        try:
+            entries = [d for d in os.listdir(base) if d.startswith("index")]
+        except OSError:
+            continue
+        for d in entries:  # an entry that cannot be read is passed over, the others still count
+            try:
+                level, size, shared = (_sysfs(base, d, f) for f in ("level", "size", "shared_cpu_list"))
+                found[(int(level), shared)] = _cache_size(size)
+            except (OSError, ValueError):
+                continue
+    top = max((level for level, _ in found), default=None)
+    return sum(size for (level, _), size in found.items() if level == top) or 32 * 2**20
+
+
+def _sysfs(*path: str) -> str:
+    with open(os.path.join(*path)) as f:
+        return f.read().strip()
+
+
+def _flush_buffer() -> torch.Tensor:
+    """What ``_times`` reads before a round to push the matrices out of the caches: twice the
+    last-level cache, at most 1 GiB and a quarter of the memory available."""
+    free = _free_memory()
+    size = min(2 * _llc_bytes(), 2**30, free // 4 if free else 2**30)
+    return torch.ones(max(size, 4) // 4)
 
 
 def _cache_size(text: str) -> int:
@@ -431,14 +455,13 @@ def _cache_size(text: str) -> int:
 def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int = 3,
            cold: bool = False) -> dict[str, float]:  # fmt: skip
     """Seconds for products of ``rows`` rows with each of the matrices ``ws``, in each form;
-    ``cold``: each round reads the matrices from memory (twice the last-level cache, up to 1 GiB,
-    read before)."""
+    ``cold``: each round reads the matrices from memory (``_flush_buffer`` read before it)."""
     x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
     mats = [Mat(w) for w in ws]
     if PACKED in forms:
         for m in mats:
             m.packed = _pack(m.w)
-    flush = torch.ones(min(2 * _llc_bytes(), 2**30) // 4) if cold else None
+    flush = _flush_buffer() if cold else None
 
     def best(form) -> float:
         times = []

@@ -688,38 +688,50 @@ def test_timed_forms_are_kept_on_disk_and_taken_by_later_processes(tmp_path, mon
 def test_matrix_forms_are_timed_from_memory_where_the_plan_outgrows_the_last_level_cache(
     tmp_path, monkeypatch
 ):
-    """A decode step reads its matrices from memory when all of them are more than the largest
-    cache holds, and from the cache when they fit: the forms are timed the same way (a cache
-    flushed before each timed round, or not), and saved under names that say which."""
+    """A decode step reads its matrices from memory when all of them are more than the last-level
+    cache holds, and from the cache when they fit: the forms are timed the same way (the caches
+    flushed before every timed round, or never), kept apart in the process and saved under names
+    that say which."""
     import json
 
     from modalign.infer import fast_decode as fd
 
-    assert (fd._cache_size("32768K\n"), fd._cache_size("1M"), fd._cache_size("512")) == (
-        32 * 2**20,
-        2**20,
-        512,
-    )
-    assert fd._llc_bytes() >= 2**10
+    assert (fd._cache_size("32768K"), fd._cache_size("1M"), fd._cache_size("512")) == (32 * 2**20, 2**20, 512)
+    assert fd._llc_bytes() >= 2**10 and 4 <= fd._flush_buffer().numel() * 4 <= 2**30
     llm = tiny(7).llm
     plan_bytes = sum(m.w.numel() * 4 for m in fd.DecodePlan(llm).mats())
-    timed, seen = fd._times, []
+    timed, product, seen, events = fd._times, fd._product, [], []
 
     def times(*a, **k):
         seen.append(k["cold"])
         return timed(*a, **k)
 
+    class Flush:  # what _times reads before each timed round
+        def sum(self):
+            events.append("flush")
+
+    def flush_buffer():
+        events.append("buffer")
+        return Flush()
+
     monkeypatch.setattr(fd, "_times", times)
-    for llc, cold in ((plan_bytes - 1, True), (plan_bytes + 1, False)):
-        path = tmp_path / f"forms-{cold}.json"
-        monkeypatch.setenv("MODALIGN_DECODE_FORMS", str(path))
-        monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setattr(fd, "_flush_buffer", flush_buffer)
+    monkeypatch.setattr(fd, "_product", lambda *a: events.append("product") or product(*a))
+    monkeypatch.setattr(fd, "_FORMS", {})
+    path = tmp_path / "forms.json"
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", str(path))
+    for llc, cold in ((plan_bytes + 1, False), (plan_bytes - 1, True)):  # one process: both kept apart
         monkeypatch.setattr(fd, "_llc_bytes", lambda llc=llc: llc)
-        seen.clear()
+        seen.clear(), events.clear()
         fd.DecodePlan(llm)
-        assert seen and set(seen) == {cold}
-        names = list(json.loads(path.read_text())[fd._machine()])
-        assert all(("from memory" in n) == cold and ("from the cache" in n) != cold for n in names)
+        assert seen and set(seen) == {cold}  # timed again for the other case, as it says
+        assert ("flush" in events) == ("buffer" in events) == cold
+        if cold:  # every round (the warm-up too) after a flush: at most one shape's matrices between two
+            runs = "".join(e[0] for e in events if e != "buffer").split("f")
+            assert runs[0] == "" and 0 < max(map(len, runs)) <= len(llm.layers)
+    names = list(json.loads(path.read_text())[fd._machine()])
+    assert {("from memory" in n) for n in names} == {True, False}
+    assert all(("from memory" in n) != ("from the cache" in n) for n in names)
 
 
 def test_timing_the_matrix_forms_leaves_the_global_generator_alone(monkeypatch):
