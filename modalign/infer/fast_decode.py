@@ -113,7 +113,7 @@ class DecodePlan:
 
     def pack(self, rows: int) -> None:
         """Before a step of ``rows`` rows: where the packed form is the fastest with that many
-        rows (``_forms``), make the matrices' packed copies, once. MKL's packed copy of a matrix
+        rows (``_forms``), make the matrices' packed copies (MKL's or oneDNN's), once. MKL's packed copy of a matrix
         is larger than the matrix (1.4x for a 32000 x 512 one, several MB more for a small one),
         so they are made only when a step needs them, and dropped again (the unpacked forms
         used) as soon as they would take more than half of the memory available when packing
@@ -121,11 +121,11 @@ class DecodePlan:
         (``stale``, checked at each generation's start)."""
         if self.packed is not None or not FEW_ROWS < rows <= PACK_ROWS:
             return
-        todo = [m for m in self.mats() if m.forms[1] == PACKED]
+        todo = [m for m in self.mats() if m.forms[1] in PACKS]
         free, used = _free_memory(), 0
         try:
             for m in todo:
-                m.packed = _pack(m.w)
+                m.packed = _pack(m.w, m.forms[1])
                 used += m.packed.numel() * 4
                 if free is not None and 2 * used > free:
                     raise MemoryError(
@@ -185,11 +185,12 @@ class Concat:
 FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
 # (packed copies up to PACK_ROWS rows, the best unpacked form above)
 PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
-LINEAR, TALL, PACKED = "linear", "tall", "packed"  # how a matrix is multiplied (``_lin``)
+LINEAR, TALL, PACKED, DNN = "linear", "tall", "packed", "onednn"  # how a matrix is multiplied (``_lin``)
+PACKS = (PACKED, DNN)  # the forms that multiply a packed copy (MKL's, oneDNN's)
 # (out, in, threads, bytes timed, from memory) -> form with few rows, with more, with more where
 # nothing is packed; timed once per machine (``_saved_forms``), then kept here for the process
 _FORMS: dict[tuple, tuple[str, str, str]] = {}
-_FORMS_VERSION = 2  # of how forms are timed and chosen: saved forms of another version are timed again
+_FORMS_VERSION = 3  # of how forms are timed and chosen: saved forms of another version are timed again
 _TIMED_BYTES = 64 * 2**20  # the forms are timed over up to this much of a shape's matrices
 
 
@@ -206,9 +207,23 @@ def _has_packed() -> bool:
     return bool(getattr(torch._C, "has_mkl", False)) and hasattr(torch.ops.mkl, "_mkl_linear")
 
 
-def _pack(w: torch.Tensor) -> torch.Tensor:
-    """``w`` [out, in] packed by the BLAS (MKL) for products with ``PACK_ROWS`` rows."""
+def _has_dnn() -> bool:
+    ops = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(ops, "_reorder_linear_weight")
+            and hasattr(ops, "_linear_pointwise"))  # fmt: skip
+
+
+def _pack(w: torch.Tensor, form: str = PACKED) -> torch.Tensor:
+    """``w`` [out, in] packed for products with ``PACK_ROWS`` rows: by MKL (``PACKED``) or in
+    oneDNN's blocked layout (``DNN``, an opaque tensor that takes any number of rows)."""
+    if form == DNN:
+        return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
     return torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
+
+
+def _many_forms() -> tuple[str, ...]:
+    """The forms timed with ``PACK_ROWS`` rows: the packed ones where this torch has them."""
+    return (LINEAR, TALL) + ((PACKED,) if _has_packed() else ()) + ((DNN,) if _has_dnn() else ())
 
 
 @torch.library.custom_op("modalign::packed_linear", mutates_args=())
@@ -280,13 +295,13 @@ def _forms(w, groups: dict) -> tuple[str, str, str]:
     key = (*shape, torch.get_num_threads(), size, cold)
     if key not in _FORMS:
         read = "from memory" if cold else "from the cache"
-        name = f"{shape[0]}x{shape[1]}, {size} bytes timed {read}, {key[2]} threads, packed {_has_packed()}"
+        name = (f"{shape[0]}x{shape[1]}, {size} bytes timed {read}, {key[2]} threads, packed {_has_packed()}, "
+                f"onednn {_has_dnn()}")  # fmt: skip
         forms = _valid_forms(_saved_forms().get(name))
         if forms is None:
             few = _fastest(_times(ws, 1, (LINEAR, TALL), cold=cold))
-            many = (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL)
-            times = _times(ws, PACK_ROWS, many, cold=cold)
-            unpacked = _fastest({f: t for f, t in times.items() if f != PACKED})
+            times = _times(ws, PACK_ROWS, _many_forms(), cold=cold)
+            unpacked = _fastest({f: t for f, t in times.items() if f not in PACKS})
             forms = _save_forms(name, (few, _fastest(times), unpacked))  # another process's if it saved first
         _FORMS[key] = forms
         log.debug("decode matrices %s, %d threads: forms %s", shape, key[2], forms)
@@ -297,8 +312,7 @@ def _valid_forms(forms) -> tuple[str, str, str] | None:
     """Saved forms as a tuple, None unless each slot holds a form it may hold here."""
     if not isinstance(forms, list | tuple) or len(forms) != 3 or not all(isinstance(f, str) for f in forms):
         return None
-    many = (LINEAR, TALL, PACKED) if _has_packed() else (LINEAR, TALL)
-    ok = forms[0] in (LINEAR, TALL) and forms[1] in many and forms[2] in (LINEAR, TALL)
+    ok = forms[0] in (LINEAR, TALL) and forms[1] in _many_forms() and forms[2] in (LINEAR, TALL)
     return tuple(forms) if ok else None
 
 
@@ -458,9 +472,6 @@ def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int 
     ``cold``: each round reads the matrices from memory (``_flush_buffer`` read before it)."""
     x = torch.full((rows, ws[0].shape[1]), 0.5)  # any values (not random: the global generator stays put)
     mats = [Mat(w) for w in ws]
-    if PACKED in forms:
-        for m in mats:
-            m.packed = _pack(m.w)
     flush = _flush_buffer() if cold else None
 
     def best(form) -> float:
@@ -474,7 +485,12 @@ def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int 
             times.append(time.perf_counter() - t0)
         return min(times[1:])
 
-    return {form: best(form) for form in forms}
+    out = {}
+    for form in forms:
+        for m in mats:  # the copies this form multiplies (one kind at a time)
+            m.packed = _pack(m.w, form) if form in PACKS else None
+        out[form] = best(form)
+    return out
 
 
 def _product(x2: torch.Tensor, m: Mat, form: str) -> torch.Tensor:
@@ -487,6 +503,8 @@ def _product(x2: torch.Tensor, m: Mat, form: str) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return _packed_linear(xp, m.packed, m.w, None)[:n]
         return torch.ops.mkl._mkl_linear(xp, m.packed, m.w, None, PACK_ROWS)[:n]
+    if form == DNN:
+        return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), m.packed, None, "none", [], "")
     return F.linear(x2, m.w)
 
 
@@ -496,8 +514,9 @@ def _lin(x, m: Mat):
     multiplied as ``(w @ x.T).T`` over at least two rows (one row is doubled), a tall product
     the BLAS runs over all its threads, instead of ``x @ w.T``, which with a few rows may be a
     one-thread matrix-vector product per row; or, with more than ``FEW_ROWS`` and up to
-    ``PACK_ROWS`` rows (padded to ``PACK_ROWS``), against a copy packed by MKL for that many
-    rows (made by ``DecodePlan.pack``). Which is faster depends on the CPU and its BLAS
+    ``PACK_ROWS`` rows, against a copy packed for that many rows (made by ``DecodePlan.pack``)
+    by MKL (rows padded to ``PACK_ROWS``) or by oneDNN (eager steps only: a compiled one takes the
+    unpacked form). Which is faster depends on the CPU and its BLAS
     (``bench/bench_decode.py``, a 6-layer 512-wide Llama's matrices, 2 threads: on an AMD EPYC
     the tall form, 2.2x with one row and 1.4x with eight; on an Intel Xeon ``x @ w.T`` with one
     row (2.6x the tall form), the packed form with eight (1.3x ``x @ w.T`` over all the matrices
@@ -511,7 +530,13 @@ def _lin(x, m: Mat):
     # rows stay valid when it is made
     if few == many == unpacked or (n := x.numel() // x.shape[-1]) <= FEW_ROWS:
         form = few
-    elif n <= PACK_ROWS and (many != PACKED or m.packed is not None):
+    elif (
+        n <= PACK_ROWS
+        and (many not in PACKS or m.packed is not None)
+        and not (
+            many == DNN and torch.compiler.is_compiling()  # an opaque oneDNN tensor: eager steps only
+        )
+    ):
         form = many
     else:
         form = unpacked

@@ -538,6 +538,14 @@ def test_a_quantized_model_is_not_saved(tmp_path):
     assert not (tmp_path / "q").exists()
 
 
+def _force_forms(monkeypatch, fd, forms):
+    """Every matrix shape's forms timed as ``forms`` (``_forced_forms``), here and now: nothing
+    kept from earlier timings, nothing read from a file."""
+    monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
+    monkeypatch.setattr(fd, "_FORMS", {})
+    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")
+
+
 def _forced_forms(fd, forms):
     """``_times`` forced: ``forms`` = (few rows, more rows, more rows without packed copies) are
     timed fastest."""
@@ -551,7 +559,8 @@ def _forced_forms(fd, forms):
 
 
 _FORM_CASES = [("linear", "linear", "linear"), ("tall", "tall", "tall"), ("tall", "linear", "linear"),
-               ("linear", "tall", "tall"), ("tall", "packed", "linear"), ("linear", "packed", "tall")]  # fmt: skip
+               ("linear", "tall", "tall"), ("tall", "packed", "linear"), ("linear", "packed", "tall"),
+               ("tall", "onednn", "tall"), ("linear", "onednn", "linear")]  # fmt: skip
 
 
 @pytest.mark.parametrize("forms", _FORM_CASES)
@@ -564,10 +573,9 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
 
     if "packed" in forms and not fd._has_packed():
         pytest.skip("this torch has no MKL packed products")
-    # every shape's choice forced; the cache is per process, so restored afterwards
-    monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
-    monkeypatch.setattr(fd, "_FORMS", {})
-    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
+    if "onednn" in forms and not fd._has_dnn():
+        pytest.skip("this torch has no oneDNN packed products")
+    _force_forms(monkeypatch, fd, forms)
     calls, product = [], fd._product
     monkeypatch.setattr(
         fd, "_product", lambda x, m, form: calls.append((x.shape[0], form)) or product(x, m, form)
@@ -583,7 +591,10 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
     assert set(fd._FORMS.values()) == {forms}
     want = {(n, f) for n, f in ((1, forms[0]), (6, forms[1]), (10, forms[2])) if f != fd.LINEAR}
     assert set(calls) == want
-    assert eng.fast.plan.packed == ("packed" in forms)
+    assert eng.fast.plan.packed == (forms[1] in fd.PACKS)
+    if forms[1] in fd.PACKS:  # MKL's copies are flat buffers, oneDNN's keep the matrix's shape
+        mats = eng.fast.plan.mats()
+        assert {m.packed.shape == m.w.shape for m in mats} == {forms[1] == "onednn"}
 
 
 def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(monkeypatch):
@@ -597,9 +608,7 @@ def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(m
 
     if not fd._has_packed():
         pytest.skip("this torch has no MKL packed products")
-    monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "packed", "tall")))
-    monkeypatch.setattr(fd, "_FORMS", {})
-    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
+    _force_forms(monkeypatch, fd, ("linear", "packed", "tall"))
     model = tiny(5)
     ps = prompts(model, n=6, seed=6)
     eng = Engine(model)
@@ -623,6 +632,26 @@ def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(m
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_compiled_step_multiplies_unpacked_where_onednn_packed_copies_are_chosen(monkeypatch):
+    """oneDNN's packed copies are opaque tensors the compiler does not trace: a compiled step of
+    six rows takes the unpacked form instead (the eager step the copies), with the full forward's
+    tokens either way."""
+    from modalign.infer import fast_decode as fd
+
+    if not fd._has_dnn():
+        pytest.skip("this torch has no oneDNN packed products")
+    _force_forms(monkeypatch, fd, ("tall", "onednn", "linear"))
+    model = tiny(5)
+    ps = prompts(model, n=6, seed=6)
+    want = [full_forward_greedy(model, p, 5) for p in ps]
+    eager = Engine(model)
+    assert [r.token_ids for r in eager.generate(ps, SamplingParams(max_new_tokens=5))] == want
+    assert eager.fast.plan.packed
+    compiled = Engine(model, compile=True)
+    assert [r.token_ids for r in compiled.generate(ps, SamplingParams(max_new_tokens=5))] == want
+    require_compiled(compiled.fast)
+
+
 def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
     """Packed copies take as much memory again as the matrices: with too little free memory
     the plan makes none and multiplies those matrices unpacked, with the same tokens."""
@@ -630,9 +659,7 @@ def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
 
     if not fd._has_packed():
         pytest.skip("this torch has no MKL packed products")
-    monkeypatch.setattr(fd, "_times", _forced_forms(fd, ("linear", "packed", "tall")))
-    monkeypatch.setattr(fd, "_FORMS", {})
-    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
+    _force_forms(monkeypatch, fd, ("linear", "packed", "tall"))
     monkeypatch.setattr(fd, "_free_memory", lambda: 1000)
     model = tiny(5)
     ps = prompts(model, n=6, seed=6)

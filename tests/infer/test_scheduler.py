@@ -229,13 +229,11 @@ def test_a_compiled_scheduler_takes_every_matrix_form_with_no_compile_after_warm
     from torch._dynamo.utils import counters
 
     from modalign.infer import fast_decode as fd
-    from tests.infer.test_engine import _forced_forms
+    from tests.infer.test_engine import _force_forms
 
     if "packed" in forms and not fd._has_packed():
         pytest.skip("this torch has no MKL packed products")
-    monkeypatch.setattr(fd, "_times", _forced_forms(fd, forms))
-    monkeypatch.setattr(fd, "_FORMS", {})
-    monkeypatch.setenv("MODALIGN_DECODE_FORMS", "")  # timed here, not read from a file
+    _force_forms(monkeypatch, fd, forms)
     model = tiny()
     ps = prompts(model, n=10, seed=5)
     sched = Scheduler(Engine(model, compile=True), max_batch=10, headroom=8)
