@@ -111,7 +111,7 @@ class DecodePlan:
     def mats(self) -> list[Mat]:
         return [m for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])] + [self.head]
 
-    def pack(self, rows: int) -> None:
+    def pack(self, rows: int, compiled: bool = False) -> None:
         """Before a step of ``rows`` rows: where the packed form is the fastest with that many
         rows (``_forms``), make the matrices' packed copies (MKL's or oneDNN's), once. MKL's packed copy of a matrix
         is larger than the matrix (1.4x for a 32000 x 512 one, several MB more for a small one),
@@ -121,7 +121,8 @@ class DecodePlan:
         (``stale``, checked at each generation's start)."""
         if self.packed is not None or not FEW_ROWS < rows <= PACK_ROWS:
             return
-        todo = [m for m in self.mats() if m.forms[1] in PACKS]
+        # a compiled step multiplies unpacked where oneDNN's copies were chosen: none made for it
+        todo = [m for m in self.mats() if m.forms[1] == PACKED or (m.forms[1] == DNN and not compiled)]
         free, used = _free_memory(), 0
         try:
             for m in todo:
@@ -488,8 +489,14 @@ def _times(ws: list[torch.Tensor], rows: int, forms: tuple[str, ...], reps: int 
     out = {}
     for form in forms:
         for m in mats:  # the copies this form multiplies (one kind at a time)
-            m.packed = _pack(m.w, form) if form in PACKS else None
-        out[form] = best(form)
+            m.packed = None
+        try:
+            for m in mats:
+                m.packed = _pack(m.w, form) if form in PACKS else None
+            out[form] = best(form)
+        except RuntimeError as e:  # a packed product this build has but cannot run here: never chosen
+            log.debug("decode form %s unavailable: %s", form, e)
+            out[form] = float("inf")
     return out
 
 
@@ -532,10 +539,8 @@ def _lin(x, m: Mat):
         form = few
     elif (
         n <= PACK_ROWS
+        and not (many == DNN and torch.compiler.is_compiling())  # an opaque oneDNN tensor: eager only
         and (many not in PACKS or m.packed is not None)
-        and not (
-            many == DNN and torch.compiler.is_compiling()  # an opaque oneDNN tensor: eager steps only
-        )
     ):
         form = many
     else:
@@ -696,7 +701,7 @@ class FastDecoder:
         if not self.compiled:
             return None
         plan = self._plan(cache)
-        plan.pack(ids.shape[0])
+        plan.pack(ids.shape[0], compiled=True)
         start = cache.length
         if start >= cache.max_len:
             raise ValueError(f"KV cache full: need {start + 1} positions, allocated {cache.max_len}")

@@ -634,8 +634,8 @@ def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(m
 
 def test_a_compiled_step_multiplies_unpacked_where_onednn_packed_copies_are_chosen(monkeypatch):
     """oneDNN's packed copies are opaque tensors the compiler does not trace: a compiled step of
-    six rows takes the unpacked form instead (the eager step the copies), with the full forward's
-    tokens either way."""
+    six rows takes the unpacked form instead, and no copies are made for it (the eager step makes
+    and multiplies them), with the full forward's tokens either way."""
     from modalign.infer import fast_decode as fd
 
     if not fd._has_dnn():
@@ -650,6 +650,7 @@ def test_a_compiled_step_multiplies_unpacked_where_onednn_packed_copies_are_chos
     compiled = Engine(model, compile=True)
     assert [r.token_ids for r in compiled.generate(ps, SamplingParams(max_new_tokens=5))] == want
     require_compiled(compiled.fast)
+    assert compiled.fast.plan.packed is False  # no copies made for a step that cannot use them
 
 
 def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):
