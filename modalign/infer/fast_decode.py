@@ -525,9 +525,9 @@ def _lin(x, m: Mat):
     by MKL (rows padded to ``PACK_ROWS``) or by oneDNN (eager steps only: a compiled one takes the
     unpacked form). Which is faster depends on the CPU and its BLAS
     (``bench/bench_decode.py``, a 6-layer 512-wide Llama's matrices, 2 threads: on an AMD EPYC
-    the tall form, 2.2x with one row and 1.4x with eight; on an Intel Xeon ``x @ w.T`` with one
-    row (2.6x the tall form), the packed form with eight (1.3x ``x @ w.T`` over all the matrices
-    read from memory, 1.5x on the LM head))."""
+    the tall form with one row (2.2x ``x @ w.T``) and oneDNN's packed copy with eight (1.9x the
+    tall form); on an Intel Xeon ``x @ w.T`` with one row (2.6x the tall form), MKL's packed copy
+    with eight (1.3x ``x @ w.T`` over all the matrices read from memory, 1.5x on the LM head))."""
     w = m.w
     if not isinstance(w, torch.Tensor):  # a quantized matrix (``Int8Linear``, ``Int4Linear``), bias included
         return w(x)
