@@ -458,27 +458,65 @@ class Scheduler:
     # ------------------------------------------------------------------ sampling
 
     def _sample(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
-        """One token per row, each with its own settings (see ``adjust``); rows decoding greedily
-        with nothing to adjust take one batched argmax."""
+        """One token per row, each with its own settings (see ``adjust``) and its own generator:
+        rows decoding greedily with nothing to adjust take one batched argmax; sampled rows whose
+        settings are temperature, top-k and top-p alone have their logits adjusted and their
+        softmax taken together, one batch per distinct setting, and each then draws from its own
+        row (the same values, row for row, as alone)."""
+        from modalign.infer.engine import process_logits
+
         plain = [_plain_greedy(row) for row in rows]
         greedy = logits.argmax(-1).tolist() if any(plain) else None
-        out = []
+        out = [0] * len(rows)
+        shared: dict[tuple, list[int]] = {}  # settings -> the rows sampled with them
         for i, row in enumerate(rows):
             if plain[i]:
-                out.append(greedy[i])
+                out[i] = greedy[i]
+            elif _settings_alone(row):
+                p = row.req.params
+                shared.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+            else:
+                out[i] = self._sample_row(row, logits[i])
+        for idx in shared.values():
+            if len(idx) == 1:
+                out[idx[0]] = self._sample_row(rows[idx[0]], logits[idx[0]])
                 continue
             try:
-                adj = adjust(logits[i], row)
-                p = row.req.params
-                out.append(int(draw(adj[None], row.gen)[0]) if p.temperature > 0 else int(adj.argmax()))
-            except Exception as e:  # noqa: BLE001 - a row whose settings fail ends alone
-                row.finish, row.failed = "error", True
-                out.append(0)  # a stand-in: the row leaves at the next eviction
+                probs = process_logits(logits[idx], None, rows[idx[0]].req.params).softmax(-1)
+                ok = bool((torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).all())
+            except Exception:  # noqa: BLE001 - each row then finds (and ends with) its own error
+                ok = False
+            for j, i in enumerate(idx):
                 try:
-                    row.req.on_error(e)
-                except Exception:  # noqa: BLE001
-                    log.exception("a request's error callback raised")
+                    if not ok:  # non-finite logits (``draw``'s fallback) or a failed batch: row by row
+                        raise ValueError
+                    out[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=rows[i].gen)[0, 0])
+                except Exception:  # noqa: BLE001 - the row alone, which ends it if it fails there too
+                    out[i] = self._sample_row(rows[i], logits[i])
         return out
+
+    def _sample_row(self, row: _Row, logits: torch.Tensor) -> int:
+        """One row's token, its settings applied alone; a row whose settings fail ends (its
+        request told why) and gets a stand-in token."""
+        try:
+            adj = adjust(logits, row)
+            p = row.req.params
+            return int(draw(adj[None], row.gen)[0]) if p.temperature > 0 else int(adj.argmax())
+        except Exception as e:  # noqa: BLE001 - a row whose settings fail ends alone
+            row.finish, row.failed = "error", True
+            try:
+                row.req.on_error(e)
+            except Exception:  # noqa: BLE001
+                log.exception("a request's error callback raised")
+            return 0  # a stand-in: the row leaves at the next eviction
+
+
+def _settings_alone(row: _Row) -> bool:
+    """Whether ``row`` samples with temperature, top-k and top-p alone (no penalty or bias, which
+    depend on the row's own tokens)."""
+    r = row.req
+    return (r.params.temperature > 0 and r.params.repetition_penalty == 1.0 and not r.logit_bias
+            and not r.presence_penalty and not r.frequency_penalty)  # fmt: skip
 
 
 def _plain_greedy(row: _Row) -> bool:

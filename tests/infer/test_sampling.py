@@ -172,7 +172,8 @@ def test_a_tiny_temperature_samples_the_greedy_tokens_and_a_failing_row_fails_al
     tiny_t = SamplingParams(max_new_tokens=5, temperature=1e-30, seed=0)
     assert [r.token_ids for r in Engine(model).generate(ps, tiny_t)] == want
     sinks = [Sink() for _ in ps]
-    reqs = [s.request(p, SamplingParams(max_new_tokens=5, temperature=1e-30, seed=i))
+    # the failing row samples alone (a temperature of its own); the two others together
+    reqs = [s.request(p, SamplingParams(max_new_tokens=5, temperature=2e-30 if i == 1 else 1e-30, seed=i))
             for i, (s, p) in enumerate(zip(sinks, ps, strict=True))]  # fmt: skip
     real = sched_mod.adjust
     bad = reqs[1]

@@ -4,6 +4,7 @@ alone, each with its own settings; finished rows leave at once; a failing reques
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from modalign import MLLM
@@ -79,6 +80,57 @@ def test_each_row_samples_with_its_own_settings_and_seed():
     lp = c.logprobs[0]
     assert lp["token"] == c.tokens[0] and len(lp["top"]) == 2 and lp["top"][0][1] >= lp["top"][1][1]
     assert lp["logprob"] <= 0
+
+
+def test_rows_sharing_settings_sample_together_as_each_would_alone(monkeypatch):
+    """Sampled rows with the same temperature, top-k and top-p have their logits adjusted and
+    their softmax taken as one batch, each drawing from its own generator: every token and every
+    generator's state after equal sampling each row alone, over several steps. Rows with a
+    penalty or a bias sample alone; a group with non-finite logits, or whose batch fails, falls
+    back to row by row."""
+    from modalign.infer import engine as engine_mod
+    from modalign.infer.scheduler import _Row
+
+    settings = ([{"temperature": 0.7}] * 4 + [{"temperature": 0.9, "top_p": 0.8}] * 3
+                + [{"temperature": 1.0, "top_k": 5}, {}, {}, {"temperature": 0.7, "repetition_penalty": 1.3},
+                   {"temperature": 0.7}])  # fmt: skip
+    bias = {11: {3: 5.0}}  # the last row: 0.7 as the first four, but with a logit bias
+
+    def rows():
+        return [
+            _Row(
+                Request(
+                    Prompt([1]), SamplingParams(seed=i, **kw), None, None, None, logit_bias=bias.get(i, {})
+                ),
+                torch.Generator().manual_seed(100 + i),
+                [1, 5, 7],
+            )  # fmt: skip
+            for i, kw in enumerate(settings)
+        ]
+
+    g = torch.Generator().manual_seed(0)
+    steps = [torch.randn(len(settings), 64, generator=g) * 3 for _ in range(4)]
+    steps[1][2] = float("nan")  # a row of the 0.7 group: that step, the group row by row
+    real, batched, step = engine_mod.process_logits, [], [0]
+
+    def counted(logits, *a):  # at step 2 a batch's adjustment fails: its rows sample alone
+        batched.append(logits.shape[0])
+        if logits.shape[0] > 1 and step[0] == 2:
+            raise RuntimeError("batch")
+        return real(logits, *a)
+
+    monkeypatch.setattr(engine_mod, "process_logits", counted)
+    sched = Scheduler.__new__(Scheduler)
+    together, alone = rows(), rows()
+    for step[0], logits in enumerate(steps):
+        got = sched._sample(together, logits)
+        want = [sched._sample_row(r, logits[i]) for i, r in enumerate(alone)]
+        assert got == want
+    assert all(
+        torch.equal(a.gen.get_state(), b.gen.get_state()) for a, b in zip(together, alone, strict=True)
+    )
+    assert batched.count(4) == 4 and batched.count(3) == 4  # one call per group and step
+    assert not any(r.failed for r in together)
 
 
 def test_stop_tokens_cancel_and_a_failing_prefill_fail_alone():
