@@ -144,6 +144,7 @@ def main():
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 engine")
     ap.add_argument("--no-int4", action="store_true", help="skip the int4 engine")
     ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
+    ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated (default 1,8)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bw = bandwidth(args.threads)
@@ -172,7 +173,7 @@ def main():
                 engines["int4"] = Engine(copy.deepcopy(ours), quantize="int4")
             else:
                 print(f"int4 skipped: {problem}")
-        for batch in (1, 8):
+        for batch in [int(b) for b in args.batches.split(",")]:
             g = torch.Generator().manual_seed(batch)
             ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),
                              torch.randint(3, 400, (batch, 20), generator=g)], 1)  # fmt: skip

@@ -129,7 +129,8 @@ def main() -> None:
         lines += decode_rows(d)
     lines += ["", "How the decode step multiplies each fp32 matrix here, as timed on this machine (once, then saved: `MODALIGN_DECODE_FORMS`) (with 1 row / with "
               "8 rows / with 8 rows where no packed copies are made; `linear`: `x @ W.T`, `tall`: `(W @ x.T).T`, "
-              "`packed`: MKL's GEMM on a copy packed for 8 rows): "
+              "`packed`: MKL's GEMM on a copy packed for 8 rows, `onednn`: oneDNN's product on its packed copy, "
+              "`onednn-any`: the same for any step of more than 4 rows, where it also won with 32): "
               + "; ".join(f"{d['size']} " + ", ".join(f"{k} {'/'.join(v)}" for k, v in d.get("forms", {}).items())
                           + f" (packed copies {d.get('packed_mb', 0):.0f} MB)" for d in decode) + "."]  # fmt: skip
     lines += ["", "Quantized decode (`--quantize int8` / `int4`) against modalign's fp32 eager decode on the same model: greedy "

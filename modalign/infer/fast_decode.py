@@ -113,16 +113,19 @@ class DecodePlan:
 
     def pack(self, rows: int, compiled: bool = False) -> None:
         """Before a step of ``rows`` rows: where the packed form is the fastest with that many
-        rows (``_forms``), make the matrices' packed copies (MKL's or oneDNN's), once. MKL's packed copy of a matrix
+        rows (``_forms``; more than ``PACK_ROWS`` rows: ``DNN_ANY``), make the matrices' packed
+        copies (MKL's or oneDNN's), once. MKL's packed copy of a matrix
         is larger than the matrix (1.4x for a 32000 x 512 one, several MB more for a small one),
         so they are made only when a step needs them, and dropped again (the unpacked forms
         used) as soon as they would take more than half of the memory available when packing
         began. Copies of the weights as they are now: an in-place update shows in the next plan
         (``stale``, checked at each generation's start)."""
-        if self.packed is not None or not FEW_ROWS < rows <= PACK_ROWS:
+        if self.packed is not None or rows <= FEW_ROWS:
             return
+        if rows > PACK_ROWS and (compiled or not any(m.forms[1] == DNN_ANY for m in self.mats())):
+            return  # no copy is multiplied with this many rows (a later step of fewer may make them)
         # a compiled step multiplies unpacked where oneDNN's copies were chosen: none made for it
-        todo = [m for m in self.mats() if m.forms[1] == PACKED or (m.forms[1] == DNN and not compiled)]
+        todo = [m for m in self.mats() if m.forms[1] == PACKED or (m.forms[1] in DNNS and not compiled)]
         free, used = _free_memory(), 0
         try:
             for m in todo:
@@ -186,12 +189,15 @@ class Concat:
 FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
 # (packed copies up to PACK_ROWS rows, the best unpacked form above)
 PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
+MORE_ROWS = 32  # where oneDNN's copy wins with PACK_ROWS rows, it is timed again with this many
 LINEAR, TALL, PACKED, DNN = "linear", "tall", "packed", "onednn"  # how a matrix is multiplied (``_lin``)
-PACKS = (PACKED, DNN)  # the forms that multiply a packed copy (MKL's, oneDNN's)
+DNN_ANY = "onednn-any"  # oneDNN's copy for any step of more than FEW_ROWS rows (it won with MORE_ROWS too)
+DNNS = (DNN, DNN_ANY)  # the forms that multiply oneDNN's copy
+PACKS = (PACKED, *DNNS)  # the forms that multiply a packed copy (MKL's, oneDNN's)
 # (out, in, threads, bytes timed, from memory) -> form with few rows, with more, with more where
 # nothing is packed; timed once per machine (``_saved_forms``), then kept here for the process
 _FORMS: dict[tuple, tuple[str, str, str]] = {}
-_FORMS_VERSION = 3  # of how forms are timed and chosen: saved forms of another version are timed again
+_FORMS_VERSION = 4  # of how forms are timed and chosen: saved forms of another version are timed again
 _TIMED_BYTES = 64 * 2**20  # the forms are timed over up to this much of a shape's matrices
 
 
@@ -217,7 +223,7 @@ def _has_dnn() -> bool:
 def _pack(w: torch.Tensor, form: str = PACKED) -> torch.Tensor:
     """``w`` [out, in] packed for products with ``PACK_ROWS`` rows: by MKL (``PACKED``) or in
     oneDNN's blocked layout (``DNN``, an opaque tensor that takes any number of rows)."""
-    if form == DNN:
+    if form in DNNS:
         return torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS)
     return torch.ops.mkl._mkl_reorder_linear_weight(w, PACK_ROWS)
 
@@ -276,8 +282,9 @@ def _tall(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def _forms(w, groups: dict) -> tuple[str, str, str]:
-    """How ``w`` is multiplied (``_lin``) with up to ``FEW_ROWS`` rows, with up to ``PACK_ROWS``,
-    and with more or where the plan has no packed copies: timed over up to ``_TIMED_BYTES`` of
+    """How ``w`` is multiplied (``_lin``) with up to ``FEW_ROWS`` rows, with up to ``PACK_ROWS``
+    (``DNN_ANY``: oneDNN's copy, timed fastest with ``MORE_ROWS`` rows as well, with any number
+    above ``FEW_ROWS``), and with more or where the plan has no packed copies: timed over up to ``_TIMED_BYTES`` of
     that shape's matrices, once per machine (saved, ``_forms_file``) and kept for the process;
     another form than ``x @ w.T`` only where it is at least 10% faster. They are read as a decode
     step reads them: from memory where all the plan's matrices (``groups``) are more than the
@@ -302,8 +309,10 @@ def _forms(w, groups: dict) -> tuple[str, str, str]:
         if forms is None:
             few = _fastest(_times(ws, 1, (LINEAR, TALL), cold=cold))
             times = _times(ws, PACK_ROWS, _many_forms(), cold=cold)
-            unpacked = _fastest({f: t for f, t in times.items() if f not in PACKS})
-            forms = _save_forms(name, (few, _fastest(times), unpacked))  # another process's if it saved first
+            unpacked, many = _fastest({f: t for f, t in times.items() if f not in PACKS}), _fastest(times)
+            if many == DNN and _fastest(_times(ws, MORE_ROWS, (LINEAR, TALL, DNN), cold=cold)) == DNN:
+                many = DNN_ANY  # oneDNN's copy takes any number of rows, and wins with more too
+            forms = _save_forms(name, (few, many, unpacked))  # another process's if it saved first
         _FORMS[key] = forms
         log.debug("decode matrices %s, %d threads: forms %s", shape, key[2], forms)
     return _FORMS[key]
@@ -313,7 +322,8 @@ def _valid_forms(forms) -> tuple[str, str, str] | None:
     """Saved forms as a tuple, None unless each slot holds a form it may hold here."""
     if not isinstance(forms, list | tuple) or len(forms) != 3 or not all(isinstance(f, str) for f in forms):
         return None
-    ok = forms[0] in (LINEAR, TALL) and forms[1] in _many_forms() and forms[2] in (LINEAR, TALL)
+    many = forms[1] if forms[1] != DNN_ANY else DNN
+    ok = forms[0] in (LINEAR, TALL) and many in _many_forms() and forms[2] in (LINEAR, TALL)
     return tuple(forms) if ok else None
 
 
@@ -510,7 +520,7 @@ def _product(x2: torch.Tensor, m: Mat, form: str) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return _packed_linear(xp, m.packed, m.w, None)[:n]
         return torch.ops.mkl._mkl_linear(xp, m.packed, m.w, None, PACK_ROWS)[:n]
-    if form == DNN:
+    if form in DNNS:
         return torch.ops.mkldnn._linear_pointwise(x2.contiguous(), m.packed, None, "none", [], "")
     return F.linear(x2, m.w)
 
@@ -523,7 +533,9 @@ def _lin(x, m: Mat):
     one-thread matrix-vector product per row; or, with more than ``FEW_ROWS`` and up to
     ``PACK_ROWS`` rows, against a copy packed for that many rows (made by ``DecodePlan.pack``)
     by MKL (rows padded to ``PACK_ROWS``) or by oneDNN (eager steps only: a compiled one takes the
-    unpacked form). Which is faster depends on the CPU and its BLAS
+    unpacked form), whose copy takes any number of rows: ``DNN_ANY``, where it also won with
+    ``MORE_ROWS`` rows, multiplies every eager step of more than ``FEW_ROWS`` rows against it (on
+    the AMD EPYC below 2.1x the tall form with 16 rows, 1.4x with 64). Which is faster depends on the CPU and its BLAS
     (``bench/bench_decode.py``, a 6-layer 512-wide Llama's matrices, 2 threads: on an AMD EPYC
     the tall form with one row (2.2x ``x @ w.T``) and oneDNN's packed copy with eight (1.9x the
     tall form); on an Intel Xeon ``x @ w.T`` with one row (2.6x the tall form), MKL's packed copy
@@ -538,8 +550,8 @@ def _lin(x, m: Mat):
     if few == many == unpacked or (n := x.numel() // x.shape[-1]) <= FEW_ROWS:
         form = few
     elif (
-        n <= PACK_ROWS
-        and not (many == DNN and torch.compiler.is_compiling())  # an opaque oneDNN tensor: eager only
+        (n <= PACK_ROWS or many == DNN_ANY)
+        and not (many in DNNS and torch.compiler.is_compiling())  # an opaque oneDNN tensor: eager only
         and (many not in PACKS or m.packed is not None)
     ):
         form = many

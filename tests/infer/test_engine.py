@@ -548,11 +548,17 @@ def _force_forms(monkeypatch, fd, forms):
 
 def _forced_forms(fd, forms):
     """``_times`` forced: ``forms`` = (few rows, more rows, more rows without packed copies) are
-    timed fastest."""
+    timed fastest (``onednn-any``: oneDNN's copy with ``PACK_ROWS`` rows and with ``MORE_ROWS``;
+    plain ``onednn``: with ``PACK_ROWS`` rows only)."""
     few, many, unpacked = forms
 
     def times(ws, rows, candidates, reps=3, cold=False):
-        order = [few] if rows == 1 else [many, unpacked]
+        if rows == 1:
+            order = [few]
+        elif rows <= fd.PACK_ROWS:
+            order = [fd.DNN if many == fd.DNN_ANY else many, unpacked]
+        else:
+            order = [fd.DNN, unpacked] if many == fd.DNN_ANY else [unpacked]
         return {f: (order.index(f) if f in order else 9) / 10 + 0.1 for f in candidates}
 
     return times
@@ -560,7 +566,8 @@ def _forced_forms(fd, forms):
 
 _FORM_CASES = [("linear", "linear", "linear"), ("tall", "tall", "tall"), ("tall", "linear", "linear"),
                ("linear", "tall", "tall"), ("tall", "packed", "linear"), ("linear", "packed", "tall"),
-               ("tall", "onednn", "tall"), ("linear", "onednn", "linear")]  # fmt: skip
+               ("tall", "onednn", "tall"), ("linear", "onednn", "linear"), ("tall", "onednn-any", "tall"),
+               ("linear", "onednn-any", "linear")]  # fmt: skip
 
 
 @pytest.mark.parametrize("forms", _FORM_CASES)
@@ -573,7 +580,7 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
 
     if "packed" in forms and not fd._has_packed():
         pytest.skip("this torch has no MKL packed products")
-    if "onednn" in forms and not fd._has_dnn():
+    if forms[1] in fd.DNNS and not fd._has_dnn():
         pytest.skip("this torch has no oneDNN packed products")
     _force_forms(monkeypatch, fd, forms)
     calls, product = [], fd._product
@@ -589,12 +596,40 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
         if len(batch) == 1:
             assert eng.fast.plan.packed is None  # copies are made only for a step that uses them
     assert set(fd._FORMS.values()) == {forms}
-    want = {(n, f) for n, f in ((1, forms[0]), (6, forms[1]), (10, forms[2])) if f != fd.LINEAR}
+    above = (
+        forms[1] if forms[1] == fd.DNN_ANY else forms[2]
+    )  # ten rows: oneDNN's copy for any rows, or unpacked
+    want = {(n, f) for n, f in ((1, forms[0]), (6, forms[1]), (10, above)) if f != fd.LINEAR}
     assert set(calls) == want
     assert eng.fast.plan.packed == (forms[1] in fd.PACKS)
     if forms[1] in fd.PACKS:  # MKL's copies are flat buffers, oneDNN's keep the matrix's shape
         mats = eng.fast.plan.mats()
-        assert {m.packed.shape == m.w.shape for m in mats} == {forms[1] == "onednn"}
+        assert {m.packed.shape == m.w.shape for m in mats} == {forms[1] in fd.DNNS}
+
+
+def test_onednn_copies_for_any_row_count_are_made_by_a_first_step_of_many_rows(monkeypatch):
+    """Where oneDNN's copy was also the fastest with ``MORE_ROWS`` rows (``onednn-any``), a first
+    step of ten rows makes the copies and multiplies them; where it won with ``PACK_ROWS`` rows
+    only (``onednn``), ten rows make none and multiply unpacked. The full forward's tokens both."""
+    from modalign.infer import fast_decode as fd
+
+    if not fd._has_dnn():
+        pytest.skip("this torch has no oneDNN packed products")
+    model = tiny(5)
+    ps = prompts(model, n=10, seed=6)
+    want = [full_forward_greedy(model, p, 5) for p in ps]
+    product = fd._product
+    for forms, made in (("tall", "onednn-any", "tall"), True), (("tall", "onednn", "tall"), False):
+        _force_forms(monkeypatch, fd, forms)
+        calls = []
+        monkeypatch.setattr(
+            fd, "_product", lambda x, m, form, calls=calls: calls.append(form) or product(x, m, form)
+        )
+        eng = Engine(model)
+        assert [r.token_ids for r in eng.generate(ps, SamplingParams(max_new_tokens=5))] == want
+        assert set(fd._FORMS.values()) == {forms}
+        assert eng.fast.plan.packed is (True if made else None)
+        assert ("onednn-any" in calls) is made
 
 
 def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(monkeypatch):
