@@ -116,7 +116,8 @@ class DecodePlan:
         rows (``_forms``; more than ``PACK_ROWS`` rows: ``DNN_ANY``), make the matrices' packed
         copies (MKL's or oneDNN's), once. MKL's packed copy of a matrix
         is larger than the matrix (1.4x for a 32000 x 512 one, several MB more for a small one),
-        so they are made only when a step needs them, and dropped again (the unpacked forms
+        so they are made only when a step first needs some of them (all kinds at once: a first
+        step of more than ``PACK_ROWS`` rows makes those of five to eight too), and dropped again (the unpacked forms
         used) as soon as they would take more than half of the memory available when packing
         began. Copies of the weights as they are now: an in-place update shows in the next plan
         (``stale``, checked at each generation's start)."""
@@ -126,6 +127,8 @@ class DecodePlan:
             return  # no copy is multiplied with this many rows (a later step of fewer may make them)
         # a compiled step multiplies unpacked where oneDNN's copies were chosen: none made for it
         todo = [m for m in self.mats() if m.forms[1] == PACKED or (m.forms[1] in DNNS and not compiled)]
+        if compiled and not todo and any(m.forms[1] in DNNS for m in self.mats()):
+            return  # only oneDNN's: not tried, so an eager step (after a failed compile) makes them
         free, used = _free_memory(), 0
         try:
             for m in todo:
@@ -187,7 +190,7 @@ class Concat:
 
 
 FEW_ROWS = 4  # up to this many rows a matrix is multiplied as timed with one row, above as with eight
-# (packed copies up to PACK_ROWS rows, the best unpacked form above)
+# (packed copies up to PACK_ROWS rows; above, oneDNN's where it won with MORE_ROWS, else the best unpacked form)
 PACK_ROWS = 8  # packed matrices are packed for this many rows; fewer (above FEW_ROWS) are padded
 MORE_ROWS = 32  # where oneDNN's copy wins with PACK_ROWS rows, it is timed again with this many
 LINEAR, TALL, PACKED, DNN = "linear", "tall", "packed", "onednn"  # how a matrix is multiplied (``_lin``)
@@ -550,8 +553,8 @@ def _lin(x, m: Mat):
     if few == many == unpacked or (n := x.numel() // x.shape[-1]) <= FEW_ROWS:
         form = few
     elif (
-        (n <= PACK_ROWS or many == DNN_ANY)
-        and not (many in DNNS and torch.compiler.is_compiling())  # an opaque oneDNN tensor: eager only
+        not (many in DNNS and torch.compiler.is_compiling())  # an opaque oneDNN tensor: eager only
+        and (n <= PACK_ROWS or many == DNN_ANY)  # (after it: a compiled step guards on no row count)
         and (many not in PACKS or m.packed is not None)
     ):
         form = many

@@ -63,7 +63,7 @@ class _Row:
     finish: str | None = None  # "stop" | "length" once the row has ended
     images: tuple[list[bytes], list[int]] | None = None  # its images' digests and token counts (prefix cache)
     weights: list | None = None  # the prefix cache's weight versions when it was prefilled
-    failed: bool = False  # its request's token callback raised: it ended with on_error
+    failed: bool = False  # its sampling or its request's token callback raised: it ended with on_error
 
 
 class Scheduler:
@@ -484,7 +484,8 @@ class Scheduler:
             try:
                 probs = process_logits(logits[idx], None, rows[idx[0]].req.params).softmax(-1)
                 ok = bool((torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).all())
-            except Exception:  # noqa: BLE001 - each row then finds (and ends with) its own error
+            except Exception as e:  # noqa: BLE001 - each row then finds (and ends with) its own error
+                log.debug("sampling %d rows together failed (%s): row by row", len(idx), e)
                 ok = False
             for j, i in enumerate(idx):
                 try:

@@ -610,7 +610,8 @@ def test_every_matrix_form_decodes_as_the_full_forward(forms, monkeypatch):
 def test_onednn_copies_for_any_row_count_are_made_by_a_first_step_of_many_rows(monkeypatch):
     """Where oneDNN's copy was also the fastest with ``MORE_ROWS`` rows (``onednn-any``), a first
     step of ten rows makes the copies and multiplies them; where it won with ``PACK_ROWS`` rows
-    only (``onednn``), ten rows make none and multiply unpacked. The full forward's tokens both."""
+    only (``onednn``), ten rows make none and multiply unpacked, and a later step of six makes and
+    takes them. The full forward's tokens throughout."""
     from modalign.infer import fast_decode as fd
 
     if not fd._has_dnn():
@@ -629,7 +630,11 @@ def test_onednn_copies_for_any_row_count_are_made_by_a_first_step_of_many_rows(m
         assert [r.token_ids for r in eng.generate(ps, SamplingParams(max_new_tokens=5))] == want
         assert set(fd._FORMS.values()) == {forms}
         assert eng.fast.plan.packed is (True if made else None)
-        assert ("onednn-any" in calls) is made
+        assert ("onednn-any" in calls) is made and "onednn" not in calls
+        if not made:
+            six = eng.generate(ps[:6], SamplingParams(max_new_tokens=5))
+            assert [r.token_ids for r in six] == want[:6]
+            assert eng.fast.plan.packed and "onednn" in calls
 
 
 def test_packed_copies_follow_weight_updates_and_leave_fewer_rows_graphs_valid(monkeypatch):
@@ -685,7 +690,8 @@ def test_a_compiled_step_multiplies_unpacked_where_onednn_packed_copies_are_chos
     compiled = Engine(model, compile=True)
     assert [r.token_ids for r in compiled.generate(ps, SamplingParams(max_new_tokens=5))] == want
     require_compiled(compiled.fast)
-    assert compiled.fast.plan.packed is False  # no copies made for a step that cannot use them
+    # no copies made for a step that cannot use them (and none tried: an eager step would make them)
+    assert compiled.fast.plan.packed is None and all(m.packed is None for m in compiled.fast.plan.mats())
 
 
 def test_packed_copies_are_skipped_when_memory_is_short(monkeypatch):

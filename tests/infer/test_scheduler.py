@@ -87,7 +87,7 @@ def test_rows_sharing_settings_sample_together_as_each_would_alone(monkeypatch):
     their softmax taken as one batch, each drawing from its own generator: every token and every
     generator's state after equal sampling each row alone, over several steps. Rows with a
     penalty or a bias sample alone; a group with non-finite logits, or whose batch fails, falls
-    back to row by row."""
+    back to row by row, where a row that fails alone too ends with its own error, once."""
     from modalign.infer import engine as engine_mod
     from modalign.infer.scheduler import _Row
 
@@ -96,41 +96,54 @@ def test_rows_sharing_settings_sample_together_as_each_would_alone(monkeypatch):
                    {"temperature": 0.7}])  # fmt: skip
     bias = {11: {3: 5.0}}  # the last row: 0.7 as the first four, but with a logit bias
 
-    def rows():
+    def rows(errors):
         return [
             _Row(
                 Request(
-                    Prompt([1]), SamplingParams(seed=i, **kw), None, None, None, logit_bias=bias.get(i, {})
-                ),
+                    Prompt([1]),
+                    SamplingParams(seed=i, **kw),
+                    None,
+                    None,
+                    errors.append,
+                    logit_bias=bias.get(i, {}),
+                ),  # fmt: skip
                 torch.Generator().manual_seed(100 + i),
                 [1, 5, 7],
-            )  # fmt: skip
+            )
             for i, kw in enumerate(settings)
         ]
 
     g = torch.Generator().manual_seed(0)
     steps = [torch.randn(len(settings), 64, generator=g) * 3 for _ in range(4)]
     steps[1][2] = float("nan")  # a row of the 0.7 group: that step, the group row by row
+    steps[3][5, 0] = 1234.5  # a row of the top-p group whose adjustment fails, together or alone
     real, batched, step = engine_mod.process_logits, [], [0]
 
     def counted(logits, *a):  # at step 2 a batch's adjustment fails: its rows sample alone
         batched.append(logits.shape[0])
-        if logits.shape[0] > 1 and step[0] == 2:
-            raise RuntimeError("batch")
+        if (logits.shape[0] > 1 and step[0] == 2) or bool((logits == 1234.5).any()):
+            raise RuntimeError("broken")
         return real(logits, *a)
 
     monkeypatch.setattr(engine_mod, "process_logits", counted)
-    sched = Scheduler.__new__(Scheduler)
-    together, alone = rows(), rows()
+    sched, ref = Scheduler.__new__(Scheduler), Scheduler.__new__(Scheduler)
+    alone_calls, sample_row = [], sched._sample_row
+    sched._sample_row = lambda row, lg: alone_calls.append(step[0]) or sample_row(row, lg)
+    errors, ref_errors = [], []
+    together, alone = rows(errors), rows(ref_errors)
     for step[0], logits in enumerate(steps):
         got = sched._sample(together, logits)
-        want = [sched._sample_row(r, logits[i]) for i, r in enumerate(alone)]
+        want = [ref._sample_row(r, logits[i]) for i, r in enumerate(alone)]
         assert got == want
     assert all(
         torch.equal(a.gen.get_state(), b.gen.get_state()) for a, b in zip(together, alone, strict=True)
     )
-    assert batched.count(4) == 4 and batched.count(3) == 4  # one call per group and step
-    assert not any(r.failed for r in together)
+    # alone: the top-k row, the penalised one and the biased one every step; the 0.7 group at
+    # step 1 (NaN), both groups at step 2 (the batch failed), the top-p group at step 3 (row 5)
+    assert [alone_calls.count(k) for k in range(4)] == [3, 7, 10, 6]
+    assert batched.count(4) == 4 and batched.count(3) == 4  # one batched call per group and step
+    assert [r.failed for r in together] == [i == 5 for i in range(12)]
+    assert len(errors) == 1 and str(errors[0]) == "broken" and len(ref_errors) == 1
 
 
 def test_stop_tokens_cancel_and_a_failing_prefill_fail_alone():
