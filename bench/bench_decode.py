@@ -133,6 +133,17 @@ def timed(fn, repeat=3):
     return best
 
 
+def batch_sizes(text: str) -> list[int]:
+    """``--batches``: positive batch sizes, comma-separated."""
+    try:
+        sizes = [int(b) for b in text.split(",")]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas, got {text!r}")
+    return sizes
+
+
 def main():
     import json
 
@@ -144,7 +155,9 @@ def main():
     ap.add_argument("--no-int8", action="store_true", help="skip the int8 engine")
     ap.add_argument("--no-int4", action="store_true", help="skip the int4 engine")
     ap.add_argument("--json", action="store_true", help="print one JSON document at the end")
-    ap.add_argument("--batches", default="1,8", help="batch sizes, comma-separated (default 1,8)")
+    ap.add_argument(
+        "--batches", type=batch_sizes, default="1,8", help="batch sizes, comma-separated (default 1,8)"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     bw = bandwidth(args.threads)
@@ -173,7 +186,7 @@ def main():
                 engines["int4"] = Engine(copy.deepcopy(ours), quantize="int4")
             else:
                 print(f"int4 skipped: {problem}")
-        for batch in [int(b) for b in args.batches.split(",")]:
+        for batch in args.batches:
             g = torch.Generator().manual_seed(batch)
             ids = torch.cat([torch.ones(batch, 1, dtype=torch.long), torch.full((batch, n_img), IMAGE),
                              torch.randint(3, 400, (batch, 20), generator=g)], 1)  # fmt: skip

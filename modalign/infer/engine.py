@@ -126,12 +126,17 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, p: SamplingP
     return logits
 
 
+def distributions(probs: torch.Tensor) -> torch.Tensor:
+    """[B] whether each row of a softmax [B, V] is a distribution to draw from (finite, not all 0)."""
+    return torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+
+
 def draw(adjusted: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
     """One token per row [B] from adjusted logits [B, V]: a draw from their softmax; a row whose
     softmax is not a distribution (non-finite logits, e.g. from a degenerate repetition penalty)
     takes its largest logit instead of failing."""
     probs = adjusted.softmax(-1)
-    ok = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
+    ok = distributions(probs)
     if bool(ok.all()):
         return torch.multinomial(probs, 1, generator=gen).squeeze(1)
     greedy = torch.nan_to_num(adjusted, nan=float("-inf")).argmax(-1)

@@ -463,7 +463,7 @@ class Scheduler:
         settings are temperature, top-k and top-p alone have their logits adjusted and their
         softmax taken together, one batch per distinct setting, and each then draws from its own
         row (the same values, row for row, as alone)."""
-        from modalign.infer.engine import process_logits
+        from modalign.infer.engine import distributions, process_logits
 
         plain = [_plain_greedy(row) for row in rows]
         greedy = logits.argmax(-1).tolist() if any(plain) else None
@@ -483,16 +483,15 @@ class Scheduler:
                 continue
             try:
                 probs = process_logits(logits[idx], None, rows[idx[0]].req.params).softmax(-1)
-                ok = bool((torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)).all())
+                ok = bool(distributions(probs).all())
             except Exception as e:  # noqa: BLE001 - each row then finds (and ends with) its own error
                 log.debug("sampling %d rows together failed (%s): row by row", len(idx), e)
                 ok = False
-            for j, i in enumerate(idx):
-                try:
-                    if not ok:  # non-finite logits (``draw``'s fallback) or a failed batch: row by row
-                        raise ValueError
-                    out[i] = int(torch.multinomial(probs[j : j + 1], 1, generator=rows[i].gen)[0, 0])
-                except Exception:  # noqa: BLE001 - the row alone, which ends it if it fails there too
+            for j, i in enumerate(idx):  # non-finite logits (``draw``'s fallback) or a failed batch:
+                try:  # row by row, where a row that fails alone too ends
+                    out[i] = (int(torch.multinomial(probs[j : j + 1], 1, generator=rows[i].gen)[0, 0]) if ok
+                              else self._sample_row(rows[i], logits[i]))  # fmt: skip
+                except Exception:  # noqa: BLE001
                     out[i] = self._sample_row(rows[i], logits[i])
         return out
 
@@ -513,17 +512,19 @@ class Scheduler:
 
 
 def _settings_alone(row: _Row) -> bool:
-    """Whether ``row`` samples with temperature, top-k and top-p alone (no penalty or bias, which
-    depend on the row's own tokens)."""
+    """Whether ``row`` samples with temperature, top-k and top-p alone."""
+    return row.req.params.temperature > 0 and _unadjusted(row)
+
+
+def _unadjusted(row: _Row) -> bool:
+    """Whether ``row`` has no penalty or bias (which depend on the row's own tokens)."""
     r = row.req
-    return (r.params.temperature > 0 and r.params.repetition_penalty == 1.0 and not r.logit_bias
-            and not r.presence_penalty and not r.frequency_penalty)  # fmt: skip
+    return (r.params.repetition_penalty == 1.0 and not r.logit_bias and not r.presence_penalty
+            and not r.frequency_penalty)  # fmt: skip
 
 
 def _plain_greedy(row: _Row) -> bool:
-    r = row.req
-    return (r.params.temperature <= 0 and r.params.repetition_penalty == 1.0 and not r.logit_bias
-            and not r.presence_penalty and not r.frequency_penalty)  # fmt: skip
+    return row.req.params.temperature <= 0 and _unadjusted(row)
 
 
 class _Failed(Exception):
