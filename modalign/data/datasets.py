@@ -452,6 +452,46 @@ class ConversationDataset(torch.utils.data.Dataset):
                     continue
 
 
+def record_groups(path: str | Path, by: str) -> list[str | None]:
+    """The value of field ``by`` of every record of a data file, in ``load_samples``' order (None
+    for a malformed record). A well-formed record without the field is an error naming it."""
+    path = Path(path)
+    out: list[str | None] = []
+    for n, rec in _records(path):
+        if not isinstance(rec, dict):
+            out.append(None)
+            continue
+        if by not in rec:
+            raise ValueError(
+                f"{path.name}:{n}: record {rec.get('id', n)!r} has no field {by!r} to balance by"
+            )
+        out.append(str(rec[by]))
+    return out
+
+
+def balanced_groups(samples: list, groups: list[str | None], alpha: float) -> list[tuple[str, list, float]]:
+    """Split ``samples`` by their group values: (value, its samples, its share of the draws), the
+    shares proportional to each group's size to the power ``alpha`` (XLM's multilingual sampling:
+    1 keeps the file's proportions, 0 draws every group equally, between them rare groups are drawn
+    more often than the file holds them). Groups come sorted by value, so the split does not
+    depend on the file's order; malformed records (value None) join the largest group, where
+    the bad-sample policy meets them as without balancing."""
+    if len(samples) != len(groups):
+        raise ValueError(f"{len(samples)} samples but {len(groups)} group values")
+    by: dict[str, list] = {}
+    for s, g in zip(samples, groups, strict=True):
+        if g is not None:
+            by.setdefault(g, []).append(s)
+    if not by:
+        raise ValueError("no well-formed record to balance")
+    bad = [s for s, g in zip(samples, groups, strict=True) if g is None]
+    if bad:
+        max(by.values(), key=len).extend(bad)
+    sizes = {g: len(v) for g, v in by.items()}
+    total = sum(sizes[g] ** alpha for g in by)
+    return [(g, by[g], sizes[g] ** alpha / total) for g in sorted(by)]
+
+
 def mixture_indices(
     sizes: list[int], weights: list[float], total: int, seed: int = 0, epoch: int = 0
 ) -> list[tuple[int, int]]:

@@ -259,7 +259,8 @@ IMAGE_PLACEMENTS = ("before", "after", "mixed")
 # how instruct.json holds a scene's questions: each one its own sample, or a few as one conversation
 LAYOUTS = ("single", "conversation")
 # meta.json's "version": what the quickstart checks before it reuses a data set written earlier
-DATA_VERSION = 4
+# (5: training records carry their question's ``type``)
+DATA_VERSION = 5
 
 
 def _with_image(question: str, after: bool) -> str:
@@ -267,10 +268,14 @@ def _with_image(question: str, after: bool) -> str:
     return f"{question}\n{IMAGE_PLACEHOLDER}" if after else f"{IMAGE_PLACEHOLDER}\n{question}"
 
 
-def _one_turn(sid: str, image: str, question: str, answer: str, after: bool) -> dict:
-    """A one-question LLaVA-format record, the image placeholder before or after the question."""
-    return {"id": sid, "image": image, "conversations": [
+def _one_turn(
+    sid: str, image: str, question: str, answer: str, after: bool, qtype: str | None = None
+) -> dict:
+    """A one-question LLaVA-format record, the image placeholder before or after the question;
+    ``qtype`` (the question's type) goes in its ``type`` field, which recipes may balance by."""
+    rec = {"id": sid, "image": image, "conversations": [
         {"from": "human", "value": _with_image(question, after)}, {"from": "gpt", "value": answer}]}  # fmt: skip
+    return rec if qtype is None else {**rec, "type": qtype}
 
 
 def _is_unseen(q: dict) -> bool:
@@ -330,21 +335,27 @@ def generate(
         )
         qs = questions(scene, rng, allow_unseen_absent=False)
         for k, q in enumerate(q for q in qs if q["type"] in BASIC_TYPES):
-            basic.append(_one_turn(f"{sid}-b{k}", name, q["question"], q["answer"], after()))
+            basic.append(_one_turn(f"{sid}-b{k}", name, q["question"], q["answer"], after(), q["type"]))
         # each grounding question is one sample in both grounding files (its own id in each)
         placed = {j: after() for j, q in enumerate(qs) if q["type"] in GROUND_TYPES}
         for dest, types in ((ground, GROUND_TYPES), (ground_relation, GROUND_RELATION_TYPES)):
             for k, j in enumerate(j for j, q in enumerate(qs) if q["type"] in types):
                 at = placed[j] if j in placed else after(rel_prng)
-                dest.append(_one_turn(f"{sid}-g{k}", name, qs[j]["question"], qs[j]["answer"], at))
+                dest.append(
+                    _one_turn(f"{sid}-g{k}", name, qs[j]["question"], qs[j]["answer"], at, qs[j]["type"])
+                )
         pool = list(qs)
         rng.shuffle(qs)  # drawn in both layouts, so that the scenes do not depend on the layout
         describe_it = rng.random() < 0.25
         if layout == "single":
             for k, q in enumerate(pool):
-                instruct.append(_one_turn(f"{sid}-q{k}", name, q["question"], q["answer"], after()))
+                instruct.append(
+                    _one_turn(f"{sid}-q{k}", name, q["question"], q["answer"], after(), q["type"])
+                )
             if describe_it:
-                instruct.append(_one_turn(f"{sid}-d", name, "Describe the image.", describe(scene), after()))
+                instruct.append(
+                    _one_turn(f"{sid}-d", name, "Describe the image.", describe(scene), after(), "describe")
+                )
         else:
             conv = []
             for k, q in enumerate(qs[:turns]):
@@ -360,7 +371,7 @@ def generate(
                     {"from": "human", "value": "Describe the image."},
                     {"from": "gpt", "value": describe(scene)},
                 ]
-            instruct.append({"id": sid, "image": name, "conversations": conv})
+            instruct.append({"id": sid, "image": name, "type": "conversation", "conversations": conv})
         scenes_out.append({"id": sid, "image": name, "scene": scene.to_dict(), "captions": [caption(scene)],
                            "objects": boxes(scene)})  # fmt: skip
     erng = random.Random(seed + 1_000_003)

@@ -27,6 +27,16 @@ RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"  # the full-scale 
 
 
 @dataclass
+class Balance:
+    """Draw a source's records by group (``by``: a field of each record, e.g. ShapesWorld's
+    question ``type``), each group in proportion to its size to the power ``alpha``: 1 keeps the
+    file's proportions, 0 draws every group equally (XLM's multilingual sampling)."""
+
+    by: str
+    alpha: float = 0.0
+
+
+@dataclass
 class DataSource:
     path: str
     images: str | None = None  # image root (default: the file's folder)
@@ -36,6 +46,7 @@ class DataSource:
     # and the factor on its batches' loss (OpenFlamingo: LAION's 0.2 beside MMC4's 1.0)
     batch_size: int | None = None
     loss_weight: float = 1.0
+    balance: Balance | None = None  # ``mix: sample`` only: its draws balanced over a field's groups
 
 
 @dataclass
@@ -100,6 +111,18 @@ class StageData:
             at = f"{where}.sources[{i}]"
             if src.max_length is not None and src.max_length < 1:
                 raise ConfigError(f"{at}.max_length: expected a token count >= 1, got {src.max_length}")
+            if src.balance is not None:
+                if not src.balance.by:
+                    raise ConfigError(
+                        f"{at}.balance.by: expected the name of a field of the source's records"
+                    )
+                if not (src.balance.alpha >= 0 and math.isfinite(src.balance.alpha)):
+                    raise ConfigError(f"{at}.balance.alpha: expected a finite number >= 0 (1: the file's "
+                                      f"proportions, 0: every group equally), got {src.balance.alpha}")  # fmt: skip
+                if self.mix != "sample":
+                    raise ConfigError(
+                        f"{at}.balance: needs {where}.mix: sample (it weighs the draws of a mixture)"
+                    )
             if self.mix == "sample":
                 for key, default in (("batch_size", None), ("loss_weight", 1.0)):
                     if getattr(src, key) != default:

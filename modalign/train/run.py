@@ -20,7 +20,15 @@ import torch
 from modalign.checkpoints import load_pretrained
 from modalign.checkpoints.io import copy_dir_atomic, recover_dirs, write_text_atomic
 from modalign.checkpoints.parts import build_from_parts
-from modalign.data.datasets import ConversationDataset, MixtureDataset, SourcesDataset, load_samples
+from modalign.config import ConfigError
+from modalign.data.datasets import (
+    ConversationDataset,
+    MixtureDataset,
+    SourcesDataset,
+    balanced_groups,
+    load_samples,
+    record_groups,
+)
 from modalign.data.tokenizer import Tokenizer
 from modalign.models.mllm import MLLM
 from modalign.models.modality import enable_adapter, enable_lora, enable_mam, enable_plora
@@ -88,12 +96,24 @@ class StageContext:
         data, cfg = self.stage.data, self.model.config
         images = self.cache.image_processor(cfg.vision, data.image_cache_mb) if cfg.vision else None
         sets, weights = [], []
-        for src in data.sources:
+        for k, src in enumerate(data.sources):
             path = Path(src.path)
             root = Path(src.images) if src.images else path.parent
             proc = make_processor(root, images, src.max_length or data.max_length)
-            sets.append(ConversationDataset(loader(path), proc, data.token_cache_mb))
-            weights.append(src.weight)
+            if src.balance is None:
+                sets.append(ConversationDataset(loader(path), proc, data.token_cache_mb))
+                weights.append(src.weight)
+                continue
+            # one mixture source per group of the field, drawn by group size ** alpha
+            try:
+                groups = balanced_groups(loader(path), record_groups(path, src.balance.by), src.balance.alpha)
+            except ValueError as e:
+                raise ConfigError(f"stages.{self.stage.name}.data.sources[{k}].balance: {e}") from None
+            for _, samples, share in groups:
+                sets.append(ConversationDataset(samples, proc, data.token_cache_mb / len(groups)))
+                weights.append(src.weight * share)
+            self.log(f"{path.name} balanced by {src.balance.by} (alpha {src.balance.alpha}): "
+                     + ", ".join(f"{g} {len(v)} -> {100 * share:.1f}%" for g, v, share in groups))  # fmt: skip
         if data.mix == "batch":
             return SourcesDataset(sets, [src.path for src in data.sources])
         if len(sets) == 1 and data.samples is None:

@@ -466,6 +466,21 @@ def test_collate_and_sampler(tok, image_dir, tmp_path):
     assert s.batches() != batches
 
 
+def test_balanced_groups_split_by_value_with_shares_by_size_to_the_alpha():
+    from modalign.data.datasets import balanced_groups
+
+    samples = list(range(10))
+    groups = ["b"] * 6 + ["a"] * 2 + [None] + ["c"]  # one malformed record (None)
+    out = balanced_groups(samples, groups, 1.0)
+    assert [(g, v) for g, v, _ in out] == [("a", [6, 7]), ("b", [0, 1, 2, 3, 4, 5, 8]), ("c", [9])]
+    assert [round(w, 6) for *_, w in out] == [0.2, 0.7, 0.1]  # the malformed one joins the largest group
+    assert [w for *_, w in balanced_groups(samples, groups, 0.0)] == [1 / 3] * 3
+    w = [w for *_, w in balanced_groups(samples, groups, 0.5)]
+    assert w == pytest.approx([x / (2**0.5 + 7**0.5 + 1) for x in (2**0.5, 7**0.5, 1)])
+    with pytest.raises(ValueError, match="10 samples but 9 group values"):
+        balanced_groups(samples, groups[:9], 1.0)
+
+
 def test_mixture_proportions():
     pairs = mixture_indices([50, 10], [0.9, 0.1], 200, seed=0)
     from collections import Counter

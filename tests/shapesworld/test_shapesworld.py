@@ -84,12 +84,23 @@ def answer(scene: Scene, q: str) -> str:
     raise AssertionError(q)
 
 
+# the question type (eval.json's "type", each training record's "type") of a question's words
+TYPE_OF = (("What colour is the", "colour"), ("What shape is the", "shape"), ("Where is the", "position"),
+           ("How many shapes", "count"), ("What word", "read"), ("Is there a", "exist"), ("Is the ", "relation"),
+           ("Describe the image.", "describe"))  # fmt: skip
+
+
+def type_of(question: str) -> str:
+    return next(t for prefix, t in TYPE_OF if question.startswith(prefix))
+
+
 def test_answers_match_the_scenes(big_world):
     evals = json.loads((big_world / "eval.json").read_text())
     assert {e["type"] for e in evals} == set(shapes.QUESTION_TYPES)
     for e in evals:
         q = question_of(e["conversations"][0]["value"])
         assert answer(Scene.from_dict(e["scene"]), q) == e["answer"] == e["conversations"][1]["value"]
+        assert e["type"] == type_of(q)
     scenes = {
         json.loads(line)["id"]: json.loads(line)
         for line in (big_world / "scenes.jsonl").read_text().splitlines()
@@ -107,6 +118,7 @@ def test_answers_match_the_scenes(big_world):
             (h, g) = rec["conversations"]
             q = question_of(h["value"])
             assert q.startswith(prefixes) and g["value"] == answer(scene, q), (name, rec["id"])
+            assert rec["type"] == type_of(q), (name, rec["id"])  # what a recipe may balance by
     # one position question per object of every training scene, one count question per scene and
     # one read question per scene with a word; the second file holds the same questions and one
     # relation question per scene with two objects or more (the same as instruct.json's)
@@ -136,6 +148,7 @@ def test_answers_match_the_scenes(big_world):
         (h, g) = rec["conversations"]
         q = question_of(h["value"])
         assert g["value"] == (shapes.describe(scene) if q == "Describe the image." else answer(scene, q))
+        assert rec["type"] == type_of(q), rec["id"]
         per_scene.setdefault(sid, []).append(q)
     assert set(per_scene) == set(scenes)
     relations = {(sid, q) for sid, qs in per_scene.items() for q in qs if q.startswith("Is the ")}
@@ -167,7 +180,7 @@ def test_conversation_layout(big_world, tmp_path):
     for rec in json.loads((big_world / "instruct.json").read_text()):
         single.setdefault(rec["id"].rsplit("-", 1)[0], []).append(rec["conversations"])
     recs = json.loads((conv / "instruct.json").read_text())
-    assert [r["id"] for r in recs] == list(single)
+    assert [r["id"] for r in recs] == list(single) and {r["type"] for r in recs} == {"conversation"}
     for rec in recs:
         turns = rec["conversations"]
         humans = [t["value"] for t in turns[::2]]

@@ -148,6 +148,50 @@ def test_the_recipe_seed_draws_the_mixture(data):
     assert drawn[0] != drawn[1]
 
 
+def test_a_source_balanced_by_a_field_draws_each_group_by_its_size_to_the_alpha(data):
+    """``balance: {by: type, alpha: a}`` splits a source by its records' ``type`` into mixture
+    sources drawn in proportion to group size ** a: alpha 1 draws every record once (the file's
+    proportions, to rounding), alpha 0 every group equally, 0.5 in between; each group holds its type only."""
+    types = {r["id"]: r["type"] for r in json.loads((data / "instruct.json").read_text())}
+    sizes: dict[str, int] = {}
+    for t in types.values():
+        sizes[t] = sizes.get(t, 0) + 1
+    assert len(sizes) >= 5  # colour, shape, position, exist, count, ... in the test's small data set
+    doc = recipe_doc(data)
+    tok = Tokenizer.from_dir(data / "tokenizer")
+
+    def draws(alpha):
+        src = {"path": str(data / "instruct.json"), "balance": {"by": "type", "alpha": alpha}}
+        recipe = load_recipe(doc, sets=[f"stages.instruct.data.sources=[{json.dumps(src)}]"])
+        _, ds, _, _ = setup_stage(recipe, 1, MLLM(recipe.model.build_config()), tok)
+        names = sorted(sizes)
+        assert [sorted({types[s.id] for s in d.samples}) for d in ds.datasets] == [[n] for n in names]
+        counts = [0] * len(names)
+        for k, _ in ds.pairs:
+            counts[k] += 1
+        assert sum(counts) == len(types)  # an epoch is still the file's size
+        return dict(zip(names, counts, strict=True)), ds
+
+    one = draws(1.0)[0]
+    assert all(abs(one[t] - n) <= 1 for t, n in sizes.items())
+    equal = draws(0.0)[0]
+    assert max(equal.values()) - min(equal.values()) <= 1
+    half = draws(0.5)[0]
+    norm = sum(math.sqrt(n) for n in sizes.values())
+    assert all(abs(half[t] - len(types) * math.sqrt(n) / norm) <= 1 for t, n in sizes.items())
+    with pytest.raises(
+        ConfigError, match=r"sources\[0\]\.balance: instruct\.json:0: record .* no field 'kind'"
+    ):
+        src = {"path": str(data / "instruct.json"), "balance": {"by": "kind"}}
+        recipe = load_recipe(doc, sets=[f"stages.instruct.data.sources=[{json.dumps(src)}]"])
+        setup_stage(recipe, 1, MLLM(recipe.model.build_config()), tok)
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.balance\.alpha: expected a finite number >= 0"):
+        load_recipe(doc, sets=["stages.instruct.data.sources.0.balance={by: type, alpha: -1}"])
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.balance: needs .*mix: sample"):
+        load_recipe(doc, sets=["stages.instruct.data.sources.0.balance={by: type}", "stages.instruct.data.mix=batch",
+                               "stages.instruct.data.sources.0.weight=1.0"])  # fmt: skip
+
+
 def test_a_recipe_in_the_flat_layout_says_where_each_key_went(data):
     """Recipes written before the sections existed get an error naming the new place of a key."""
     doc = recipe_doc(data)
