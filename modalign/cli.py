@@ -87,7 +87,7 @@ def _data_shapes(args) -> int:
 
     meta = shapes.generate(args.out, num_train=args.train, num_eval=args.eval, seed=args.seed,
                            image_size=args.image_size, num_text=args.text, image_placement=args.image_placement,
-                           layout=args.layout, turns=args.turns)  # fmt: skip
+                           layout=args.layout, turns=args.turns, short_references=args.short_references)  # fmt: skip
     print(json.dumps(meta, indent=2))
     return 0
 
@@ -236,6 +236,9 @@ def _add_data(sub) -> None:
     s.add_argument("--layout", choices=("single", "conversation"), default="single",
                    help="instruct.json: each question its own sample, or --turns questions per conversation")  # fmt: skip
     s.add_argument("--turns", type=int, default=4, help="questions per conversation (--layout conversation)")
+    s.add_argument("--short-references", type=float, default=0.0, metavar="SHARE",
+                   help="share of training position questions asked by the one attribute that singles "
+                        "the object out (\"Where is the star?\"); 0: all by colour and shape")  # fmt: skip
     s.set_defaults(func=_data_shapes)
     sy = dsub.add_parser(
         "synthesize", help="write LLaVA-style instruction data with an OpenAI-compatible LLM"

@@ -278,6 +278,21 @@ def _one_turn(
     return rec if qtype is None else {**rec, "type": qtype}
 
 
+def _shorten(q: dict, scene: Scene, rng: random.Random, share: float) -> dict:
+    """A position question asked by the one attribute that singles its object out in ``scene``
+    (its shape or its colour, drawn where both do), with probability ``share``; the question as
+    it was otherwise. ``rng`` is drawn only where a shorter reference exists and ``share`` > 0."""
+    if q["type"] != "position" or share <= 0:
+        return q
+    (o,) = q["objects"]
+    short = [f"Where is the {o.shape}?"] if sum(x.shape == o.shape for x in scene.objects) == 1 else []
+    if sum(x.colour == o.colour for x in scene.objects) == 1:
+        short.append(f"Where is the {o.colour} object?")
+    if not short or rng.random() >= share:
+        return q
+    return {**q, "question": short[rng.randrange(len(short))]}
+
+
 def _is_unseen(q: dict) -> bool:
     return any((o.colour, o.shape) in UNSEEN_PAIRS for o in q["objects"])
 
@@ -295,6 +310,7 @@ def generate(
     num_text: int = 4000,
     image_placement: str = "after",
     layout: str = "single",
+    short_references: float = 0.0,
 ) -> dict:
     """Write the data set to ``out``; returns the meta record (counts, files, unseen pairs).
 
@@ -309,7 +325,14 @@ def generate(
     of them, drawn at random, in one multi-turn conversation (the image in the first turn only).
     Either way a quarter of the scenes are also described in full. The scenes do not depend on the
     layout or the placement.
+
+    ``short_references`` is the share of training position questions that name their object by
+    the one attribute that singles it out in its scene, where one does ("Where is the star?",
+    "Where is the red object?"; held-out questions always name colour and shape). 0, the default,
+    asks every one by both (measured at 0.5: docs/experiments.md, "Question mix").
     """
+    if not 0.0 <= short_references <= 1.0:
+        raise ValueError(f"short_references must be a share in [0, 1], got {short_references}")
     if image_placement not in IMAGE_PLACEMENTS:
         raise ValueError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {image_placement!r}")
     if layout not in LAYOUTS:
@@ -321,6 +344,7 @@ def generate(
         return image_placement == "after" or (image_placement == "mixed" and gen.random() < 0.5)
 
     rel_prng = random.Random(seed + 6)  # the relation questions' placements: the other files' draws as in v3
+    ref_prng = random.Random(seed + 9)  # which position questions are asked by one attribute
 
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -333,7 +357,10 @@ def generate(
         captions.append(
             _one_turn(f"{sid}-cap", name, "Describe the image briefly.", caption(scene), after=False)
         )
-        qs = questions(scene, rng, allow_unseen_absent=False)
+        qs = [
+            _shorten(q, scene, ref_prng, short_references)
+            for q in questions(scene, rng, allow_unseen_absent=False)
+        ]
         for k, q in enumerate(q for q in qs if q["type"] in BASIC_TYPES):
             basic.append(_one_turn(f"{sid}-b{k}", name, q["question"], q["answer"], after(), q["type"]))
         # each grounding question is one sample in both grounding files (its own id in each)
@@ -406,7 +433,7 @@ def generate(
     meta = {"version": DATA_VERSION, "seed": seed, "image_size": image_size, "train_images": num_train, "eval_images": num_eval,
             "captions": len(captions), "instruct": len(instruct), "instruct_basic": len(basic),
             "instruct_ground": len(ground), "instruct_ground_relation": len(ground_relation), "eval_questions": len(evals),
-            "text": len(text), "image_placement": image_placement, "layout": layout, "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
+            "text": len(text), "image_placement": image_placement, "layout": layout, "short_references": short_references, "unseen_pairs": [list(p) for p in UNSEEN_PAIRS]}  # fmt: skip
     _write_json(out / "meta.json", meta)
     return meta
 

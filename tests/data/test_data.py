@@ -545,8 +545,10 @@ def test_a_mixture_draws_the_next_samples_of_each_source_every_epoch():
 def test_cli_data_shapes_and_inspect(tmp_path, capsys):
     from modalign.cli import main
 
-    args = ["--train", "20", "--eval", "4", "--text", "10", "--layout", "conversation", "--turns", "3"]
+    args = ["--train", "20", "--eval", "4", "--text", "10", "--layout", "conversation", "--turns", "3",
+            "--short-references", "0.5"]  # fmt: skip
     assert main(["data", "shapes", str(tmp_path / "sw"), *args]) == 0
+    assert json.loads((tmp_path / "sw" / "meta.json").read_text())["short_references"] == 0.5
     rows = json.loads((tmp_path / "sw" / "instruct.json").read_text())
     rows[1]["image"] = "images/nope.png"
     rows[2]["conversations"][0]["from"] = "robot"

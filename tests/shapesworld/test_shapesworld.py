@@ -55,6 +55,15 @@ def test_deterministic_for_a_seed(big_world, tmp_path):
     )
 
 
+def referred(objs, words: list[str]) -> list:
+    """The objects a reference names: "red star" (colour and shape), "star", "red object"."""
+    if len(words) == 2 and words[1] != "object":
+        return [o for o in objs if o.colour == words[0] and o.shape == words[1]]
+    if len(words) == 2:
+        return [o for o in objs if o.colour == words[0]]
+    return [o for o in objs if o.shape == words[0]]
+
+
 def answer(scene: Scene, q: str) -> str:
     """An independent reading of the question against the scene description."""
     objs = scene.objects
@@ -66,7 +75,8 @@ def answer(scene: Scene, q: str) -> str:
     if q.startswith("How many"):
         return shapes.NUMBERS[len(objs)]
     if q.startswith("Where is the"):
-        return next(POSITIONS[o.cell] for o in objs if o.colour == words[3] and o.shape == words[4])
+        (o,) = referred(objs, words[3:])  # exactly one object fits the reference
+        return POSITIONS[o.cell]
     if q.startswith("Is there a"):
         return "yes" if any(o.colour == words[3] and o.shape == words[4] for o in objs) else "no"
     if q.startswith("What word"):
@@ -165,6 +175,52 @@ def test_answers_match_the_scenes(big_world):
         assert sum(q.startswith("Is there a") for q in qs) == len(objs) + 1, sid  # and one absent object
     described = sum("Describe the image." in qs for qs in per_scene.values()) / len(per_scene)
     assert 0.15 < described < 0.35
+    # by default every position question names its object by colour and shape
+    where = [q for qs in per_scene.values() for q in qs if q.startswith("Where is the")]
+    assert where and all(len(q.split()) == 5 and not q.endswith(" object?") for q in where)
+
+
+def test_short_references_name_the_one_attribute_that_singles_an_object_out(big_world, tmp_path):
+    """``short_references=0.5``: about half of the training position questions name their object by
+    the one attribute that singles it out (answered right, the reference fitting one object), the
+    same question in every file; the scenes, the other questions and the held-out split unchanged."""
+    out = tmp_path / "short"
+    shapes.generate(out, num_train=300, num_eval=60, seed=3, num_text=100, short_references=0.5)
+    for name in ("scenes.jsonl", "captions.json", "instruct_basic.json", "eval.json", "text.jsonl"):
+        assert (out / name).read_bytes() == (big_world / name).read_bytes(), name
+    scenes = {
+        json.loads(line)["id"]: json.loads(line)["scene"]
+        for line in (out / "scenes.jsonl").read_text().splitlines()
+    }
+    asked = {}
+    for name, sep in (
+        ("instruct.json", "-q"),
+        ("instruct_ground.json", "-g"),
+        ("instruct_ground_relation.json", "-g"),
+    ):
+        before = json.loads((big_world / name).read_text())
+        after = json.loads((out / name).read_text())
+        assert [r["id"] for r in after] == [r["id"] for r in before], name
+        for r, b in zip(after, before, strict=True):
+            q = question_of(r["conversations"][0]["value"])
+            if r["type"] != "position":
+                assert r == b, r["id"]
+                continue
+            scene = Scene.from_dict(scenes[r["id"].rsplit(sep, 1)[0]])
+            assert r["conversations"][1]["value"] == answer(scene, q) == b["conversations"][1]["value"]
+            asked.setdefault(name, []).append((r["id"].rsplit(sep, 1)[0], b["conversations"][0]["value"], q))
+    # one question per object: the same reference in the full mixture and both grounding files
+    assert (
+        sorted(asked["instruct.json"])
+        == sorted(asked["instruct_ground.json"])
+        == sorted(asked["instruct_ground_relation.json"])
+    )
+    short = [q for _, _, q in asked["instruct.json"] if len(q.split()) == 4 or q.endswith(" object?")]
+    assert {q.split()[-1] for q in short} == {f"{s}?" for s in shapes.SHAPES} | {"object?"}
+    assert 0.3 < len(short) / len(asked["instruct.json"]) < 0.5
+    assert json.loads((out / "meta.json").read_text())["short_references"] == 0.5
+    with pytest.raises(ValueError, match=r"short_references must be a share in \[0, 1\], got 1.5"):
+        shapes.generate(tmp_path / "x", num_train=1, num_eval=1, short_references=1.5)
 
 
 def test_conversation_layout(big_world, tmp_path):
